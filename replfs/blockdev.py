@@ -1,0 +1,109 @@
+"""The block-device interface shared by every layer above the mirror.
+
+The filesystem, the single-file device export, the disk heartbeat, the
+benchmarks and the tests all talk to storage through this small async
+interface.  Implementations: FileBlockDevice (a plain file or a block
+device node, used for images and tests) and the daemon client for a
+replicated resource (replfs.ipc client), which gives the resource's
+protocol semantics: a write returns when the protocol counts it complete.
+
+Offsets and lengths are bytes.  Reads past the end return what exists
+up to the end (short read), writes past the end raise BlockDeviceError.
+"""
+from __future__ import annotations
+
+import errno
+import os
+from typing import Protocol, runtime_checkable
+
+import trio
+
+
+class BlockDeviceError(OSError):
+    """An I/O error from a block device; carries an errno like OSError."""
+
+
+@runtime_checkable
+class BlockDevice(Protocol):
+    @property
+    def size(self) -> int:
+        """Usable size in bytes."""
+
+    async def read(self, offset: int, length: int) -> bytes: ...
+
+    async def write(self, offset: int, data: bytes) -> None: ...
+
+    async def flush(self) -> None:
+        """Make every completed write durable (fdatasync semantics)."""
+
+    async def discard(self, offset: int, length: int) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class FileBlockDevice:
+    """A BlockDevice over a regular file or device node, using pread/pwrite.
+
+    Blocking system calls run in worker threads so the trio loop keeps
+    serving; a CapacityLimiter bounds the number of threads per device.
+    ``size`` may be given to expose only a prefix of the file (the rest
+    holding internal meta-data, for example).
+    """
+
+    def __init__(self, path: str, size: int | None = None, *, readonly: bool = False,
+                 threads: int = 4):
+        flags = os.O_RDONLY if readonly else os.O_RDWR
+        self.path = path
+        self._fd = os.open(path, flags | os.O_CLOEXEC)
+        real = os.lseek(self._fd, 0, os.SEEK_END)
+        self._size = real if size is None else min(size, real)
+        self.readonly = readonly
+        self._limiter = trio.CapacityLimiter(threads)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def _check(self, offset: int, length: int, *, write: bool) -> None:
+        if offset < 0 or length < 0:
+            raise BlockDeviceError(errno.EINVAL, "negative offset or length")
+        if write and offset + length > self._size:
+            raise BlockDeviceError(errno.ENOSPC, f"write beyond end of device "
+                                   f"({offset}+{length} > {self._size})")
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length, write=False)
+        length = max(0, min(length, self._size - offset))
+        if length == 0:
+            return b""
+        return await trio.to_thread.run_sync(os.pread, self._fd, length, offset,
+                                             limiter=self._limiter)
+
+    async def write(self, offset: int, data: bytes) -> None:
+        if self.readonly:
+            raise BlockDeviceError(errno.EROFS, "device is read-only")
+        self._check(offset, len(data), write=True)
+
+        def _pwrite_all() -> None:
+            view = memoryview(data)
+            pos = offset
+            while view:
+                n = os.pwrite(self._fd, view, pos)
+                view = view[n:]
+                pos += n
+
+        await trio.to_thread.run_sync(_pwrite_all, limiter=self._limiter)
+
+    async def flush(self) -> None:
+        await trio.to_thread.run_sync(os.fdatasync, self._fd, limiter=self._limiter)
+
+    async def discard(self, offset: int, length: int) -> None:
+        # Zeroing keeps the contract "discarded blocks read back as zeros"
+        # without depending on the backing filesystem's hole punching.
+        self._check(offset, length, write=True)
+        await self.write(offset, bytes(length))
+
+    async def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

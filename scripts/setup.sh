@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs everything replfs needs on a fresh Debian machine (run as root):
+# system packages, then a virtualenv at .venv with the project in it.
+# Safe to run again: each step is skipped when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES="fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv e2fsprogs fio"
+
+missing=""
+for p in $APT_PACKAGES; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    echo "setup: installing system packages:$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # python3-dev/python3-venv may not match a non-Debian Python; they are
+    # best-effort, the rest is required.
+    apt-get install -y -qq $missing >/dev/null || apt-get install -y -qq fuse3 libfuse3-dev pkg-config gcc e2fsprogs fio >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating virtualenv .venv"
+    "$PY" -m venv .venv
+fi
+stamp=.venv/.replfs-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
+    echo "setup: installing replfs and its dependencies into .venv"
+    .venv/bin/pip install -q --upgrade pip setuptools wheel
+    .venv/bin/pip install -q -e '.[test]'
+    touch "$stamp"
+fi
