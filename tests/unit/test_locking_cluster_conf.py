@@ -86,10 +86,10 @@ def test_unknown_cluster():
 def test_unknown_key_bad_number_missing_key():
     expect_error(WALKTHROUGH.replace(" number = 1\n", " number = 1\n colour = red\n"), 12, "colour")
     expect_error(WALKTHROUGH.replace("ip_port = 7777\n ip_address = 192.168.222.4",
-                                     "ip_port = 77x7\n ip_address = 192.168.222.4"), 8, "ip_port")
+                                     "ip_port = 77x7\n ip_address = 192.168.222.4"), 9, "ip_port")
     expect_error(WALKTHROUGH.replace("number = 1", "number = 300"), 11, "out of range")
-    expect_error(WALKTHROUGH.replace(" name = o2host2\n", ""), 7, "missing name")
-    expect_error(WALKTHROUGH.replace("192.168.222.4", "192.168.222"), 9, "IPv4")
+    expect_error(WALKTHROUGH.replace(" name = o2host2\n", ""), 8, "missing name")
+    expect_error(WALKTHROUGH.replace("192.168.222.4", "192.168.222"), 10, "IPv4")
 
 
 def test_syntax_errors():
