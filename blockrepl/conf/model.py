@@ -1,0 +1,165 @@
+"""The parsed, post-processed configuration of the block mirror.
+
+This is what every other part of replfs sees of replfs.conf: plain frozen
+dataclasses, no parsing concerns.  Option sections (net, disk, syncer,
+startup, handlers, options) keep every option as written in
+``options`` (name -> value string, or "" for flags like
+``allow-two-primaries;``) so that dump can print them back; the typed
+properties below give the values the engine uses, with DRBD's defaults.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where an item came from, for file:line messages."""
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class Section:
+    """An option section such as ``net { ... }``: options in file order."""
+    options: tuple[tuple[str, str], ...] = ()
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        for key, value in reversed(self.options):
+            if key == name:
+                return value
+        return default
+
+    def has(self, name: str) -> bool:
+        return any(key == name for key, _ in self.options)
+
+    def merged_over(self, base: "Section") -> "Section":
+        """Options of self override those of base (resource over common)."""
+        mine = {k for k, _ in self.options}
+        return Section(tuple((k, v) for k, v in base.options if k not in mine) + self.options)
+
+
+@dataclass(frozen=True)
+class MetaDisk:
+    """``meta-disk internal;`` or ``meta-disk PATH [INDEX];``"""
+    internal: bool = True
+    path: str | None = None
+    index: int | None = None
+
+
+@dataclass(frozen=True)
+class Host:
+    """One ``on NAME { ... }`` section."""
+    name: str
+    device: str
+    minor: int
+    disk: str
+    address: str          # IPv4 or IPv6 literal, without brackets
+    port: int
+    meta_disk: MetaDisk = MetaDisk()
+    node_id: int | None = None
+    where: Location | None = field(default=None, compare=False)
+
+
+def _size(text: str | None, default: int) -> int:
+    """Parse DRBD sizes: plain numbers are KiB for rates; suffix k/M/G."""
+    if text is None:
+        return default
+    units = {"k": 1, "K": 1, "m": 1024, "M": 1024, "g": 1024 ** 2, "G": 1024 ** 2}
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+@dataclass(frozen=True)
+class Resource:
+    name: str
+    protocol: str                     # "A", "B" or "C"
+    hosts: tuple[Host, ...]
+    net: Section = Section()
+    disk: Section = Section()
+    syncer: Section = Section()
+    startup: Section = Section()
+    handlers: Section = Section()
+    options: Section = Section()
+    where: Location | None = field(default=None, compare=False)
+
+    def host(self, name: str) -> Host | None:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        return None
+
+    def peer_of(self, name: str) -> Host | None:
+        others = [h for h in self.hosts if h.name != name]
+        return others[0] if others else None
+
+    # --- typed option values (DRBD 8.4 defaults) ---
+    @property
+    def allow_two_primaries(self) -> bool:
+        value = self.net.get("allow-two-primaries")
+        return value is not None and value in ("", "yes")
+
+    @property
+    def shared_secret(self) -> str | None:
+        return self.net.get("shared-secret")
+
+    @property
+    def ping_int_s(self) -> float:
+        return float(self.net.get("ping-int", "10"))
+
+    @property
+    def ping_timeout_s(self) -> float:
+        # DRBD expresses ping-timeout and timeout in tenths of a second.
+        return float(self.net.get("ping-timeout", "5")) / 10
+
+    @property
+    def timeout_s(self) -> float:
+        return float(self.net.get("timeout", "60")) / 10
+
+    @property
+    def connect_int_s(self) -> float:
+        return float(self.net.get("connect-int", "10"))
+
+    @property
+    def resync_rate_kib(self) -> int:
+        return _size(self.disk.get("resync-rate", self.syncer.get("rate")), 250 * 1024)
+
+    @property
+    def al_extents(self) -> int:
+        return int(self.disk.get("al-extents", self.syncer.get("al-extents", "1237")) or 1237)
+
+    @property
+    def after_sb_0pri(self) -> str:
+        return self.net.get("after-sb-0pri", "disconnect") or "disconnect"
+
+    @property
+    def after_sb_1pri(self) -> str:
+        return self.net.get("after-sb-1pri", "disconnect") or "disconnect"
+
+    @property
+    def after_sb_2pri(self) -> str:
+        return self.net.get("after-sb-2pri", "disconnect") or "disconnect"
+
+    @property
+    def verify_alg(self) -> str | None:
+        return self.net.get("verify-alg", self.syncer.get("verify-alg"))
+
+    @property
+    def on_io_error(self) -> str:
+        return self.disk.get("on-io-error", "detach") or "detach"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    resources: dict[str, Resource]
+    global_: Section = Section()
+    common: dict[str, Section] = field(default_factory=dict)  # section name -> Section
+    warnings: tuple[str, ...] = ()
+
+    def resource(self, name: str) -> Resource:
+        return self.resources[name]

@@ -1,0 +1,187 @@
+"""The local backing disk and its meta-data, as the resource driver uses them.
+
+``LocalDisk`` owns the data area (a FileBlockDevice limited to the usable
+size), the meta-data area (internal or external), the superblock, the
+bitmap and the activity log, and knows how to persist each of them.
+``create_md`` writes fresh meta-data (replfsadm create-md).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+
+from replfs.blockdev import FileBlockDevice
+from replfs.errors import EXIT_CONFIG, EXIT_EXEC, ReplfsError
+
+from ..conf.model import Host
+from ..core.actlog import BLOCKS_PER_EXTENT, ActivityLog
+from ..core.bitmap import Bitmap
+from ..core.uuids import Uuids
+from ..meta import format as md
+
+log = logging.getLogger("replfs.blockrepl")
+
+
+def _size_of(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def layout_for(host: Host) -> tuple[str, md.Layout]:
+    """(meta-data path, layout) for a host section, from the disk sizes."""
+    if not os.path.exists(host.disk):
+        raise ReplfsError(f"{host.disk}: backing disk does not exist", EXIT_CONFIG)
+    size = _size_of(host.disk)
+    try:
+        if host.meta_disk.internal:
+            return host.disk, md.internal_layout(size)
+        assert host.meta_disk.path is not None
+        return host.meta_disk.path, md.external_layout(size, host.meta_disk.index)
+    except md.MetaDataError as e:
+        raise ReplfsError(f"{host.disk}: {e}", EXIT_CONFIG) from None
+
+
+def read_superblock(host: Host) -> md.Superblock:
+    path, lay = layout_for(host)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        raw = os.pread(fd, md.SUPERBLOCK_SIZE, lay.sb_offset)
+    finally:
+        os.close(fd)
+    return md.decode_superblock(raw, internal=lay.internal)
+
+
+def create_md(host: Host, *, force: bool = False, al_extents: int = 1237) -> list[str]:
+    """Write fresh meta-data for ``host``; returns the lines to print.
+
+    Refuses to overwrite valid meta-data or a disk holding a filesystem
+    unless ``force``; the message says what was found and how to override.
+    """
+    path, lay = layout_for(host)
+    lines = []
+    try:
+        old = read_superblock(host)
+    except md.MetaDataError:
+        old = None
+        lines.append("replfs meta-data magic number not found")
+    if old is not None and not force:
+        raise ReplfsError(
+            f"{host.disk}: valid replfs meta-data found (current UUID "
+            f"{old.uuids.current:016X}); refusing to overwrite it.\n"
+            f"Use 'replfsadm create-md --force' to destroy it.", EXIT_EXEC)
+    if host.meta_disk.internal and old is None:
+        fd = os.open(host.disk, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            head = os.pread(fd, 65536 + 128, 0)
+            tail_area = os.pread(fd, lay.md_size, lay.bm_offset)
+        finally:
+            os.close(fd)
+        fs = md.filesystem_signature(head)
+        if fs and not force:
+            raise ReplfsError(
+                f"{host.disk}: the device holds a {fs} filesystem at its start.\n"
+                f"Internal meta-data would overwrite its last "
+                f"{lay.md_size // 1024} KiB and shrink it to {lay.data_size // 1024} KiB.\n"
+                f"Use 'replfsadm create-md --force' if you are sure.", EXIT_EXEC)
+        if fs and any(tail_area):
+            lines.append(f"warning: overwriting the end of a {fs} filesystem")
+    sb = md.Superblock(lay.data_size, Uuids(), 0, secrets.randbits(63) << 1,
+                       al_extents, lay)
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        lines.append("Writing meta data...")
+        os.pwrite(fd, bytes(md.AL_AREA), lay.al_offset)
+        lines.append("initializing activity log")
+        zero = bytes(md.BLOCK * 16)
+        for off in range(0, lay.bm_bytes, len(zero)):
+            os.pwrite(fd, zero[:min(len(zero), lay.bm_bytes - off)], lay.bm_offset + off)
+        lines.append("initializing bitmap (%d KB) to all zero" % (lay.bm_bytes // 1024))
+        os.pwrite(fd, md.encode_superblock(sb), lay.sb_offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    lines.append("New replfs meta data block successfully created.")
+    lines.append("success")
+    return lines
+
+
+class LocalDisk:
+    """An attached backing disk: data, superblock, bitmap and activity log."""
+
+    def __init__(self, host: Host, al_extents: int):
+        self.host = host
+        self.md_path, self.layout = layout_for(host)
+        try:
+            self.sb = read_superblock(host)
+        except md.MetaDataError as e:
+            raise ReplfsError(
+                f"{host.disk}: {e}\nRun 'replfsadm create-md' first.", EXIT_EXEC) from None
+        if self.sb.data_size != self.layout.data_size:
+            raise ReplfsError(
+                f"{host.disk}: meta-data says {self.sb.data_size} bytes but the disk "
+                f"now gives {self.layout.data_size}; resizing is not supported", EXIT_EXEC)
+        self.data = FileBlockDevice(host.disk, self.layout.data_size)
+        self.meta = FileBlockDevice(self.md_path)
+        self.bitmap: Bitmap | None = None
+        self.al = ActivityLog(min(al_extents, 3000))
+        self._al_seq = 0
+        self.crashed_primary = False
+        # Counters for the al and bm fields of /proc/drbd.
+        self.al_writes = 0
+        self.bm_writes = 0
+
+    async def load(self) -> None:
+        lay = self.layout
+        raw = await self.meta.read(lay.bm_offset, lay.bm_bytes)
+        self.bitmap = Bitmap(lay.nblocks, raw)
+        seq, extents = md.decode_al_area(await self.meta.read(lay.al_offset, md.AL_AREA))
+        self._al_seq = seq
+        if self.sb.has(md.F_PRIMARY):
+            # We went down while Primary: blocks of every hot extent may
+            # differ from the peer's copy.
+            self.crashed_primary = True
+            for e in extents:
+                first = e * BLOCKS_PER_EXTENT
+                if first < lay.nblocks:
+                    self.bitmap.set_range(first, min(BLOCKS_PER_EXTENT, lay.nblocks - first))
+            if extents:
+                log.warning("%s: was Primary when it went down; marking %d activity-log "
+                            "extents out of sync", self.host.disk, len(extents))
+            await self.write_bitmap()
+
+    async def write_superblock(self, sb: md.Superblock | None = None) -> None:
+        if sb is not None:
+            self.sb = sb
+        await self.meta.write(self.layout.sb_offset, md.encode_superblock(self.sb))
+        await self.meta.flush()
+
+    async def write_bitmap(self, *, flush: bool = True) -> None:
+        assert self.bitmap is not None
+        pages = self.bitmap.take_dirty_pages()
+        for index, data in pages:
+            await self.meta.write(self.layout.bm_offset + index * md.BLOCK, data)
+            self.bm_writes += 1
+        if pages and flush:
+            await self.meta.flush()
+
+    async def write_al(self) -> None:
+        """Persist the hot extent set (one AL transaction).
+
+        The bitmap goes first: an extent that just left the hot set is no
+        longer covered by the activity log after a crash, so its bits must
+        already be on disk.
+        """
+        await self.write_bitmap(flush=False)
+        self._al_seq += 1
+        offset, rec = md.encode_al_record(self._al_seq, self.al.extents)
+        await self.meta.write(self.layout.al_offset + offset, rec)
+        await self.meta.flush()
+        self.al_writes += 1
+
+    async def close(self) -> None:
+        await self.data.close()
+        await self.meta.close()

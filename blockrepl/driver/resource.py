@@ -1,0 +1,1327 @@
+"""One replicated resource, driven by trio: role, disk, peer link, resync.
+
+The decisions (which state changes are allowed, which way to sync, how a
+packet is framed) come from the pure modules in core/, meta/ and proto/;
+this module does the waiting, the sockets and the disk I/O around them.
+
+Task tree (each owned by the resource's nursery, cancelled by its owner):
+
+    Resource.run
+      └─ connection loop          (while connect is wanted)
+           ├─ accept / connect    (until one handshake succeeds)
+           └─ session             (one per established connection)
+                ├─ receiver       (every packet from the peer)
+                ├─ pinger         (keepalive + ack timeout watchdog)
+                └─ resync/verify  (as source)
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import hmac
+import logging
+import math
+import secrets
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import trio
+
+from replfs.blockdev import BlockDeviceError
+from replfs.errors import EXIT_CONFIG, EXIT_NO_LOCAL_DISK, EXIT_STATE, ReplfsError
+
+from ..conf.model import Host, Resource as ResourceConf
+from ..core.actlog import ActivityLogFull, extents_of
+from ..core.bitmap import BLOCK, blocks_of
+from ..core.intervals import IntervalSet
+from ..core.progress import progress_line
+from ..core.states import (SS_IS_DISKLESS, SS_NEED_CONNECTION, SS_RESYNC_RUNNING,
+                           ConnState, DiskState, Role, StateChangeRefused, View,
+                           check_outdate, check_promote, refuse)
+from ..core.uuids import JUST_CREATED, Decision, Side, Uuids, compare
+from ..meta import format as md
+from ..proto import packets as P
+from .disk import LocalDisk
+
+log = logging.getLogger("replfs.blockrepl")
+
+RESYNC_CHUNK = 256 * 1024
+RESYNC_WINDOW = 8 * 1024 * 1024
+RECV_PARALLEL = 32
+
+
+class _Fatal(Exception):
+    """The connection must not be retried (split brain, unrelated data...)."""
+
+
+class _Drop(Exception):
+    """Drop this connection and go back to WFConnection."""
+
+    def __init__(self, msg: str, state: ConnState = ConnState.NetworkFailure):
+        super().__init__(msg)
+        self.state = state
+
+
+@dataclass
+class _Pending:
+    offset: int
+    length: int
+    done: trio.Event = field(default_factory=trio.Event)
+    received: trio.Event = field(default_factory=trio.Event)
+    error: int = 0
+
+
+class _Channel:
+    """A connected stream with framing and a send lock."""
+
+    def __init__(self, stream: trio.SocketStream):
+        self.stream = stream
+        self.decoder = P.Decoder()
+        self.send_lock = trio.Lock()
+        self.bytes_sent = 0
+        self.last_heard = time.monotonic()
+
+    async def send(self, pkt: P.Packet) -> None:
+        data = P.encode(pkt)
+        async with self.send_lock:
+            await self.stream.send_all(data)
+        self.bytes_sent += len(data)
+
+    async def recv(self) -> P.Packet:
+        while True:
+            pkt = self.decoder.next_packet()
+            if pkt is not None:
+                self.last_heard = time.monotonic()
+                return pkt
+            data = await self.stream.receive_some(256 * 1024)
+            if not data:
+                self.decoder.receive_data(b"")
+                self.decoder.next_packet()  # raises if closed mid-packet
+                raise _Drop("peer closed the connection", ConnState.BrokenPipe)
+            self.decoder.receive_data(data)
+
+    async def aclose(self) -> None:
+        with trio.move_on_after(1) as scope:
+            scope.shielded = True
+            await self.stream.aclose()
+
+
+async def _unwrapped(coro):
+    """Await ``coro``; if it fails with an exception group from a nursery,
+    raise the first real (non-Cancelled) exception in it instead.
+
+    The connection code reacts to *why* a connection ended (split brain,
+    timeout, reset); that reason is one exception from one of the session's
+    tasks, the others are just cancelled siblings.
+    """
+    try:
+        return await coro
+    except BaseExceptionGroup as eg:
+        raise _first_real(eg) from None
+
+
+def _first_real(eg: BaseExceptionGroup) -> BaseException:
+    for exc in eg.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first_real(exc)
+        if not isinstance(exc, trio.Cancelled):
+            return exc
+    return eg.exceptions[0]
+
+
+def _role_code(r: Role) -> int:
+    return P.ROLE_CODES.index(r.value)
+
+
+def _disk_code(d: DiskState) -> int:
+    return P.DISK_CODES.index(d.value)
+
+
+class Resource:
+    """The live state of one resource on this node."""
+
+    def __init__(self, conf: ResourceConf, node: str):
+        self.conf = conf
+        self.node = node
+        me = conf.host(node)
+        peer = conf.peer_of(node)
+        if me is None or peer is None:
+            raise ReplfsError(f"resource {conf.name} has no 'on {node}' section for this "
+                              f"node (use --node or REPLFS_NODE to override)", EXIT_CONFIG)
+        self.me: Host = me
+        self.peer: Host = peer
+        self.role = Role.Secondary
+        self.peer_role = Role.Unknown
+        self.cstate = ConnState.StandAlone
+        self.dstate = DiskState.Diskless
+        self.pdsk = DiskState.DUnknown
+        self.disk: LocalDisk | None = None
+        self.want_connect = False
+        self.discard_my_data = False
+        self._nursery: trio.Nursery | None = None
+        self._conn_scope: trio.CancelScope | None = None
+        self._chan: _Channel | None = None
+        self._seq = 0
+        self._pending: dict[int, _Pending] = {}
+        self._flushes: dict[int, trio.Event] = {}
+        self._role_replies: dict[int, trio.MemorySendChannel] = {}
+        self._ranges = IntervalSet()
+        self._ranges_changed = trio.Event()
+        self._recv_ranges = IntervalSet()
+        self._recv_changed = trio.Event()
+        self._state_changed = trio.Event()
+        self._sync: dict | None = None
+        self._verify: dict | None = None
+        self._uuid_lock = trio.Lock()
+        self.open_count = 0
+        self.last_event = ""
+        self.split_brain = False
+        self.devfile_proc = None
+        self._session_nursery: trio.Nursery | None = None
+        self._peer_bitmap_done = trio.Event()
+        self._peer_params: P.Params | None = None
+        # /proc/drbd counters (KiB or counts).
+        self.ns = self.nr = self.dw = self.dr = 0
+        self.lo = self.ap = self.ua = 0
+
+    # ------------------------------------------------------------ plumbing
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._shutdown()
+
+    def _set(self, *, cstate=None, dstate=None, role=None, pdsk=None, peer_role=None):
+        if cstate is not None and cstate is not self.cstate:
+            log.info("%s: conn( %s -> %s )", self.conf.name, self.cstate.value, cstate.value)
+            self.cstate = cstate
+        if dstate is not None and dstate is not self.dstate:
+            log.info("%s: disk( %s -> %s )", self.conf.name, self.dstate.value, dstate.value)
+            self.dstate = dstate
+        if role is not None and role is not self.role:
+            log.info("%s: role( %s -> %s )", self.conf.name, self.role.value, role.value)
+            self.role = role
+        if pdsk is not None and pdsk is not self.pdsk:
+            log.info("%s: pdsk( %s -> %s )", self.conf.name, self.pdsk.value, pdsk.value)
+            self.pdsk = pdsk
+        if peer_role is not None and peer_role is not self.peer_role:
+            log.info("%s: peer( %s -> %s )", self.conf.name, self.peer_role.value, peer_role.value)
+            self.peer_role = peer_role
+        self._state_changed.set()
+        self._state_changed = trio.Event()
+
+    async def wait_state_change(self) -> None:
+        await self._state_changed.wait()
+
+    def _view(self) -> View:
+        return View(self.role, self.peer_role, self.dstate, self.pdsk, self.cstate,
+                    self.conf.allow_two_primaries)
+
+    async def _tell_peer_state(self) -> None:
+        chan = self._chan
+        if chan is not None and self.cstate.is_connected:
+            try:
+                await chan.send(P.StateUpdate(_role_code(self.role), _disk_code(self.dstate)))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+
+    # ------------------------------------------------------------ disk
+    async def attach(self) -> None:
+        if self.disk is not None:
+            return
+        self._set(dstate=DiskState.Attaching)
+        try:
+            disk = LocalDisk(self.me, self.conf.al_extents)
+            await disk.load()
+        except BaseException:
+            self._set(dstate=DiskState.Diskless)
+            raise
+        self.disk = disk
+        sb = disk.sb
+        if not sb.has(md.F_CONSISTENT):
+            ds = DiskState.Inconsistent
+        elif sb.has(md.F_OUTDATED):
+            ds = DiskState.Outdated
+        elif sb.has(md.F_WAS_UP_TO_DATE):
+            ds = DiskState.UpToDate
+        else:
+            ds = DiskState.Consistent
+        self._set(dstate=ds)
+        await self._tell_peer_state()
+
+    async def detach(self) -> None:
+        if self.disk is None:
+            return
+        if self.role is Role.Primary:
+            raise ReplfsError(f"{self.conf.name}: State change failed: (-2) Refusing to "
+                              f"detach the disk of a Primary", EXIT_STATE)
+        if self.cstate.is_syncing:
+            raise refuse(SS_RESYNC_RUNNING)
+        await self._drain_local_io()
+        disk, self.disk = self.disk, None
+        await disk.write_bitmap()
+        await disk.close()
+        self._set(dstate=DiskState.Diskless)
+        await self._tell_peer_state()
+
+    async def _drain_local_io(self) -> None:
+        while len(self._ranges) or self.lo:
+            await self._ranges_changed.wait()
+
+    # ------------------------------------------------------------ roles
+    async def primary(self, *, force: bool = False) -> None:
+        if self.role is Role.Primary:
+            return
+        try:
+            check_promote(self._view(), force=force)
+        except StateChangeRefused:
+            raise
+        if self.disk is None:
+            raise refuse(SS_IS_DISKLESS, EXIT_NO_LOCAL_DISK)
+        if self.cstate.is_connected and self._chan is not None:
+            # Ask the peer: it may have become Primary a moment ago.
+            token = secrets.randbits(62)
+            send, recv = trio.open_memory_channel(1)
+            self._role_replies[token] = send
+            try:
+                await self._chan.send(P.RoleRequest(token, _role_code(Role.Primary)))
+                with trio.move_on_after(self.conf.timeout_s + 1):
+                    result = await recv.receive()
+                    if result:
+                        raise StateChangeRefused(result, dict(
+                            [(-1, "Multiple primaries not allowed by config")]).get(
+                                result, "Refused by peer"))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+            finally:
+                self._role_replies.pop(token, None)
+        if force and self.dstate is not DiskState.UpToDate:
+            await self._force_uptodate()
+        disk = self.disk
+        await disk.write_superblock(disk.sb.with_flags(set_=md.F_PRIMARY))
+        self._set(role=Role.Primary)
+        await self._tell_peer_state()
+        if force and self.cstate is ConnState.Connected and self.pdsk in (
+                DiskState.Inconsistent, DiskState.Outdated, DiskState.Consistent):
+            # Connected fresh pair: the forced node's data wins, full sync now.
+            self._start_full_sync_as_source()
+
+    async def _force_uptodate(self) -> None:
+        """`primary --force`: declare the local data good (a new generation)."""
+        disk = self.disk
+        uuids = disk.sb.uuids
+        if uuids.current == JUST_CREATED:
+            uuids = Uuids(secrets.randbits(63) << 1, 0, uuids.history)
+        else:
+            uuids = uuids.with_new_current(secrets.randbits(63) << 1)
+        sb = disk.sb.with_flags(set_=md.F_CONSISTENT | md.F_WAS_UP_TO_DATE,
+                                clear=md.F_OUTDATED)
+        await disk.write_superblock(md.Superblock(sb.data_size, uuids, sb.flags,
+                                                  sb.device_uuid, sb.al_extents, sb.layout))
+        if self.pdsk is not DiskState.UpToDate:
+            disk.bitmap.set_all()
+            await disk.write_bitmap()
+        self._set(dstate=DiskState.UpToDate)
+
+    async def secondary(self) -> None:
+        if self.role is Role.Secondary:
+            return
+        if self.open_count:
+            raise ReplfsError(f"{self.conf.name}: State change failed: (-12) Device is held "
+                              f"open by someone", EXIT_STATE)
+        await self._drain_local_io()
+        if self.disk is not None:
+            await self.disk.write_bitmap()
+            await self.disk.write_superblock(self.disk.sb.with_flags(clear=md.F_PRIMARY))
+        self._set(role=Role.Secondary)
+        await self._tell_peer_state()
+
+    async def outdate(self) -> None:
+        check_outdate(self._view())
+        if self.cstate.is_connected:
+            raise ReplfsError(f"{self.conf.name}: State change failed: (-10) Refusing to "
+                              f"outdate a connected disk", EXIT_STATE)
+        if self.dstate is DiskState.Outdated:
+            return
+        await self.disk.write_superblock(self.disk.sb.with_flags(set_=md.F_OUTDATED))
+        self._set(dstate=DiskState.Outdated)
+
+    async def new_current_uuid(self) -> None:
+        if self.disk is None:
+            raise refuse(SS_IS_DISKLESS, EXIT_NO_LOCAL_DISK)
+        await self._new_generation(force=True)
+
+    async def _new_generation(self, *, force: bool = False) -> None:
+        """Start a new data generation: writes from here on are not on the peer."""
+        async with self._uuid_lock:
+            disk = self.disk
+            uuids = disk.sb.uuids
+            if uuids.bitmap and not force:
+                return
+            sb = disk.sb
+            await disk.write_superblock(md.Superblock(
+                sb.data_size, uuids.with_new_current(secrets.randbits(63) << 1),
+                sb.flags, sb.device_uuid, sb.al_extents, sb.layout))
+            log.info("%s: new current UUID %016X (bitmap UUID %016X)", self.conf.name,
+                     disk.sb.uuids.current, disk.sb.uuids.bitmap)
+
+    async def invalidate(self) -> None:
+        """Discard local data; full sync from the peer (now, or on connect)."""
+        if self.disk is None:
+            raise refuse(SS_IS_DISKLESS, EXIT_NO_LOCAL_DISK)
+        if self.role is Role.Primary:
+            raise ReplfsError(f"{self.conf.name}: State change failed: (-2) Refusing to "
+                              f"invalidate the data of a Primary", EXIT_STATE)
+        if self.cstate.is_syncing:
+            raise refuse(SS_RESYNC_RUNNING)
+        disk = self.disk
+        disk.bitmap.set_all()
+        await disk.write_bitmap()
+        await disk.write_superblock(disk.sb.with_flags(clear=md.F_CONSISTENT | md.F_WAS_UP_TO_DATE))
+        self._set(dstate=DiskState.Inconsistent)
+        await self._tell_peer_state()
+        if self.cstate is ConnState.Connected:
+            await self._reconnect_for_sync()
+
+    async def invalidate_remote(self) -> None:
+        if self.disk is None:
+            raise refuse(SS_IS_DISKLESS, EXIT_NO_LOCAL_DISK)
+        if not self.cstate is ConnState.Connected:
+            raise refuse(SS_NEED_CONNECTION)
+        if self.dstate is not DiskState.UpToDate:
+            raise refuse((-2, "Refusing to be SyncSource without an UpToDate disk"))
+        self._start_full_sync_as_source()
+
+    async def _reconnect_for_sync(self) -> None:
+        chan = self._chan
+        if chan is not None:
+            await chan.aclose()
+
+    # ------------------------------------------------------------ application I/O
+    def _require_io(self, write: bool) -> LocalDisk:
+        if self.role is not Role.Primary:
+            raise BlockDeviceError(errno.EMEDIUMTYPE,
+                                   f"{self.conf.name} is Secondary: no application I/O")
+        if self.disk is None or self.dstate not in (DiskState.UpToDate, DiskState.Consistent):
+            raise BlockDeviceError(errno.EIO, f"{self.conf.name}: no UpToDate local disk")
+        return self.disk
+
+    @property
+    def size(self) -> int:
+        return self.disk.layout.data_size if self.disk else 0
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0:
+            raise BlockDeviceError(errno.EINVAL, "negative offset or length")
+        if offset + length > self.size:
+            raise BlockDeviceError(errno.ENOSPC, f"I/O beyond end of device "
+                                   f"({offset}+{length} > {self.size})")
+
+    async def _lock_range(self, start: int, end: int) -> int:
+        while self._ranges.overlaps(start, end):
+            await self._ranges_changed.wait()
+        return self._ranges.add(start, end)
+
+    def _unlock_range(self, token: int) -> None:
+        self._ranges.remove(token)
+        self._ranges_changed.set()
+        self._ranges_changed = trio.Event()
+
+    def _replicating(self) -> bool:
+        return (self._chan is not None and self.cstate.is_connected
+                and self.pdsk in (DiskState.UpToDate, DiskState.Inconsistent,
+                                  DiskState.Consistent, DiskState.Outdated))
+
+    async def read(self, offset: int, length: int) -> bytes:
+        disk = self._require_io(write=False)
+        length = max(0, min(length, self.size - offset))
+        self.lo += 1
+        try:
+            data = await disk.data.read(offset, length)
+        finally:
+            self.lo -= 1
+        self.dr += len(data)
+        return data
+
+    async def write(self, offset: int, data: bytes) -> None:
+        disk = self._require_io(write=True)
+        self._check_range(offset, len(data))
+        if not data:
+            return
+        while self.cstate in (ConnState.WFReportParams, ConnState.WFBitMapS,
+                              ConnState.StartingSyncS):
+            # Replication parameters are being agreed: hold new writes so
+            # the generation and bitmap the peer was told stay true.
+            await self._state_changed.wait()
+        self.ap += 1
+        token = await self._lock_range(offset, offset + len(data))
+        e_first, e_last = extents_of(offset, len(data))
+        try:
+            await self._al_begin(e_first, e_last)
+            try:
+                await self._replicated_write(disk, offset, data)
+            finally:
+                disk.al.end(e_first, e_last)
+        finally:
+            self._unlock_range(token)
+            self.ap -= 1
+
+    async def _al_begin(self, first: int, last: int) -> None:
+        disk = self.disk
+        while True:
+            try:
+                changed = disk.al.begin(first, last)
+                break
+            except ActivityLogFull:
+                await self._ranges_changed.wait()
+        if changed:
+            await disk.write_al()
+
+    async def _replicated_write(self, disk: LocalDisk, offset: int, data: bytes) -> None:
+        pending = None
+        if self._replicating():
+            self._seq += 1
+            seq = self._seq
+            pending = _Pending(offset, len(data))
+            self._pending[seq] = pending
+        else:
+            await self._mark_unreplicated(offset, len(data))
+
+        async def local() -> None:
+            self.lo += 1
+            try:
+                await disk.data.write(offset, data)
+                self.dw += len(data)
+            finally:
+                self.lo -= 1
+
+        async def remote() -> None:
+            try:
+                await self._chan.send(P.Data(seq, offset, data))
+                self.ns += len(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, AttributeError):
+                # The connection teardown marks this write out of sync.
+                await pending.done.wait()
+                return
+            proto = self.conf.protocol
+            if proto == "A":
+                return
+            if proto == "B":
+                await pending.received.wait()
+                return
+            await pending.done.wait()
+
+        if pending is None:
+            await local()
+            return
+
+        async def both() -> None:
+            async with trio.open_nursery() as n:
+                n.start_soon(local)
+                n.start_soon(remote)
+        await _unwrapped(both())
+
+    async def _mark_unreplicated(self, offset: int, length: int) -> None:
+        """This write will not reach the peer: remember it in the bitmap."""
+        disk = self.disk
+        if not disk.sb.uuids.bitmap and self.role is Role.Primary:
+            await self._new_generation()
+        first, count = blocks_of(offset, length)
+        disk.bitmap.set_range(first, count)
+
+    async def flush(self) -> None:
+        disk = self._require_io(write=True)
+        waiter = None
+        if self._replicating() and self.conf.protocol != "A":
+            self._seq += 1
+            seq = self._seq
+            waiter = trio.Event()
+            self._flushes[seq] = waiter
+            try:
+                await self._chan.send(P.Flush(seq))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, AttributeError):
+                waiter = None
+        await disk.data.flush()
+        await disk.write_bitmap()
+        if waiter is not None:
+            await waiter.wait()
+
+    async def discard(self, offset: int, length: int) -> None:
+        # Zeroes travel like a write; simple and keeps both copies equal.
+        self._check_range(offset, length)
+        step = 1024 * 1024
+        pos = offset
+        while pos < offset + length:
+            n = min(step, offset + length - pos)
+            await self.write(pos, bytes(n))
+            pos += n
+
+    # ------------------------------------------------------------ connection
+    def connect(self, *, discard_my_data: bool = False) -> None:
+        if self.want_connect and self._conn_scope is not None:
+            if discard_my_data:
+                self.discard_my_data = True
+            return
+        if discard_my_data and self.role is Role.Primary and not self.conf.allow_two_primaries:
+            raise ReplfsError(f"{self.conf.name}: --discard-my-data is refused on a Primary; "
+                              f"run 'replfsadm secondary {self.conf.name}' first", EXIT_STATE)
+        self.want_connect = True
+        self.discard_my_data = discard_my_data
+        self.split_brain = False
+        self._nursery.start_soon(self._connection_loop)
+
+    async def disconnect(self) -> None:
+        self.want_connect = False
+        scope = self._conn_scope
+        if scope is None:
+            self._set(cstate=ConnState.StandAlone)
+            return
+        self._set(cstate=ConnState.Disconnecting)
+        chan = self._chan
+        if chan is not None:
+            with trio.move_on_after(1):
+                try:
+                    await chan.send(P.Goodbye())
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+        scope.cancel()
+        while self._conn_scope is scope:
+            await self._state_changed.wait()
+        self._set(cstate=ConnState.StandAlone, pdsk=DiskState.DUnknown, peer_role=Role.Unknown)
+
+    async def _connection_loop(self) -> None:
+        with trio.CancelScope() as scope:
+            self._conn_scope = scope
+            try:
+                await self._connection_loop_inner()
+            finally:
+                self._conn_scope = None
+                self._set()
+        if not self.want_connect and self.cstate is not ConnState.StandAlone:
+            self._set(cstate=ConnState.StandAlone)
+
+    async def _connection_loop_inner(self) -> None:
+        name = self.conf.name
+        self._set(cstate=ConnState.Unconnected)
+        try:
+            listeners = await trio.open_tcp_listeners(self.me.port, host=self.me.address)
+        except OSError as e:
+            log.error("%s: cannot listen on %s:%d: %s", name, self.me.address, self.me.port, e)
+            self.last_event = f"cannot listen on {self.me.address}:{self.me.port}: {e.strerror}"
+            self.want_connect = False
+            self._set(cstate=ConnState.StandAlone)
+            return
+        try:
+            while self.want_connect:
+                self._set(cstate=ConnState.WFConnection)
+                try:
+                    chan = await _unwrapped(self._establish(listeners))
+                except _Fatal as e:
+                    log.error("%s: %s", name, e)
+                    self.last_event = str(e)
+                    self.want_connect = False
+                    self._set(cstate=ConnState.StandAlone)
+                    return
+                try:
+                    await _unwrapped(self._session(chan))
+                    next_state = ConnState.TearDown
+                except _Fatal as e:
+                    log.error("%s: %s", name, e)
+                    self.last_event = str(e)
+                    self.want_connect = False
+                    next_state = ConnState.StandAlone
+                except _Drop as e:
+                    log.warning("%s: %s", name, e)
+                    next_state = e.state
+                except P.RemoteProtocolError as e:
+                    log.error("%s: protocol error from peer: %s", name, e)
+                    next_state = ConnState.ProtocolError
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                    log.warning("%s: connection lost: %s", name, e)
+                    next_state = ConnState.NetworkFailure
+                finally:
+                    self._chan = None
+                    with trio.CancelScope(shield=True):
+                        await chan.aclose()
+                        await self._connection_lost()
+                self._set(cstate=next_state, pdsk=DiskState.DUnknown, peer_role=Role.Unknown)
+                if next_state is ConnState.StandAlone:
+                    return
+                self._set(cstate=ConnState.Unconnected)
+                await trio.sleep(min(self.conf.connect_int_s, 1.0))
+        finally:
+            with trio.CancelScope(shield=True):
+                for lst in listeners:
+                    await lst.aclose()
+                if self._chan is not None:
+                    await self._chan.aclose()
+                    self._chan = None
+                await self._connection_lost()
+
+    async def _connection_lost(self) -> None:
+        """Every write the peer has not confirmed is now out of sync."""
+        if self._sync is not None:
+            self._sync = None
+        self._verify = None
+        pendings = list(self._pending.values())
+        self._pending.clear()
+        if pendings and self.disk is not None:
+            if self.role is Role.Primary:
+                await self._new_generation()
+            for p in pendings:
+                first, count = blocks_of(p.offset, p.length)
+                self.disk.bitmap.set_range(first, count)
+            await self.disk.write_bitmap()
+        for p in pendings:
+            p.received.set()
+            p.done.set()
+        for ev in self._flushes.values():
+            ev.set()
+        self._flushes.clear()
+        for send in self._role_replies.values():
+            send.send_nowait(0)
+        self._role_replies.clear()
+        if self.disk is not None:
+            await self.disk.write_bitmap()
+
+    async def _establish(self, listeners) -> _Channel:
+        """Accept or connect until one handshake succeeds."""
+        result: list[tuple[_Channel, P.Params]] = []
+        i_connect = self.node < self.peer.name
+        async with trio.open_nursery() as n:
+            async def accept_loop():
+                while True:
+                    stream = await listeners[0].accept()
+                    chan = _Channel(stream)
+                    if await self._try_handshake(chan, result):
+                        n.cancel_scope.cancel()
+                        return
+
+            async def connect_loop():
+                while True:
+                    try:
+                        with trio.fail_after(self.conf.connect_int_s + 5):
+                            stream = await trio.open_tcp_stream(self.peer.address, self.peer.port)
+                    except (OSError, trio.TooSlowError):
+                        await trio.sleep(min(self.conf.connect_int_s, 0.5))
+                        continue
+                    chan = _Channel(stream)
+                    if await self._try_handshake(chan, result):
+                        n.cancel_scope.cancel()
+                        return
+                    await trio.sleep(min(self.conf.connect_int_s, 1.0))
+
+            n.start_soon(accept_loop)
+            if i_connect:
+                n.start_soon(connect_loop)
+        return result[0][0]
+
+    async def _try_handshake(self, chan: _Channel, result: list) -> bool:
+        try:
+            with trio.fail_after(max(self.conf.timeout_s, 5)):
+                await self._handshake(chan)
+            result.append((chan, None))
+            return True
+        except _Fatal:
+            await chan.aclose()
+            raise
+        except (_Drop, P.RemoteProtocolError, trio.TooSlowError, trio.BrokenResourceError,
+                trio.ClosedResourceError, OSError) as e:
+            log.warning("%s: handshake failed: %s", self.conf.name, e)
+            self.last_event = f"handshake failed: {e}"
+            await chan.aclose()
+            return False
+
+    def _my_params(self) -> P.Params:
+        disk = self.disk
+        if disk is not None:
+            u = disk.sb.uuids
+            flags = 0
+            if self.dstate is DiskState.Inconsistent:
+                flags |= P.PF_INCONSISTENT
+            if disk.crashed_primary:
+                flags |= P.PF_CRASHED_PRIMARY
+            return P.Params(self.conf.protocol.encode(), int(self.conf.allow_two_primaries),
+                            int(self.discard_my_data), _role_code(self.role),
+                            _disk_code(self.dstate), flags, disk.layout.data_size,
+                            disk.sb.device_uuid, u.current, u.bitmap, u.history[0],
+                            u.history[1], disk.bitmap.count)
+        return P.Params(self.conf.protocol.encode(), int(self.conf.allow_two_primaries),
+                        int(self.discard_my_data), _role_code(self.role),
+                        _disk_code(self.dstate), 0, 0, 0, 0, 0, 0, 0, 0)
+
+    async def _handshake(self, chan: _Channel) -> None:
+        self._set(cstate=ConnState.WFReportParams)
+        nonce = secrets.token_bytes(16)
+        await chan.send(P.Hello.make(P.PROTOCOL_VERSION, nonce, self.conf.name, self.node))
+        hello = await chan.recv()
+        if isinstance(hello, P.Refuse):
+            raise _Drop(f"peer refused the connection: {hello.reason.decode(errors='replace')}")
+        if not isinstance(hello, P.Hello):
+            raise P.RemoteProtocolError(f"expected Hello, got {type(hello).__name__}")
+        res, node = hello.split_names()
+        if hello.version != P.PROTOCOL_VERSION:
+            await chan.send(P.Refuse(b"incompatible protocol version"))
+            raise _Drop(f"peer speaks protocol version {hello.version}, we speak "
+                        f"{P.PROTOCOL_VERSION}", ConnState.ProtocolError)
+        if res != self.conf.name or node != self.peer.name:
+            await chan.send(P.Refuse(f"expected resource {self.conf.name} node "
+                                     f"{self.node}".encode()))
+            raise _Drop(f"wrong peer: connection presented resource '{res}' node '{node}', "
+                        f"expected resource '{self.conf.name}' node '{self.peer.name}'",
+                        ConnState.ProtocolError)
+        secret = (self.conf.shared_secret or "").encode()
+        await chan.send(P.Auth(hmac.new(secret, hello.nonce, hashlib.sha256).digest()))
+        auth = await chan.recv()
+        if not isinstance(auth, P.Auth):
+            raise P.RemoteProtocolError(f"expected Auth, got {type(auth).__name__}")
+        want = hmac.new(secret, nonce, hashlib.sha256).digest()
+        if not hmac.compare_digest(auth.mac, want):
+            raise _Drop("Authentication of peer failed (shared-secret mismatch)",
+                        ConnState.ProtocolError)
+        await chan.send(self._my_params())
+        params = await chan.recv()
+        if not isinstance(params, P.Params):
+            raise P.RemoteProtocolError(f"expected Params, got {type(params).__name__}")
+        self._peer_params = params
+        if params.protocol.decode(errors="replace") != self.conf.protocol:
+            raise _Fatal(f"incompatible protocol settings (we use {self.conf.protocol}, "
+                         f"peer uses {params.protocol.decode(errors='replace')})")
+        if bool(params.two_primaries) != self.conf.allow_two_primaries:
+            raise _Fatal("incompatible allow-two-primaries settings")
+        if self.disk is not None and params.data_size and params.data_size != self.size:
+            raise _Fatal(f"the peer's disk size ({params.data_size} bytes) differs from "
+                         f"ours ({self.size} bytes); resizing is not supported")
+        peer_role = Role(P.ROLE_CODES[params.role]) if params.role < 3 else Role.Unknown
+        if (peer_role is Role.Primary and self.role is Role.Primary
+                and not self.conf.allow_two_primaries):
+            raise _Fatal("both nodes are Primary and allow-two-primaries is not set; "
+                         "demote one with 'replfsadm secondary'")
+        self._chan = chan
+        self._set(peer_role=peer_role,
+                  pdsk=DiskState(P.DISK_CODES[params.disk]) if params.disk < 9 else DiskState.DUnknown)
+
+    def _decide(self, params: P.Params) -> Decision:
+        disk = self.disk
+        if disk is None or params.data_size == 0:
+            return Decision.NO_SYNC
+        me = Side(disk.sb.uuids, self.dstate is DiskState.Inconsistent, disk.crashed_primary,
+                  self.role is Role.Primary, disk.bitmap.count, self.node)
+        peer = Side(Uuids(params.current, params.bitmap, (params.history1, params.history2)),
+                    bool(params.flags & P.PF_INCONSISTENT),
+                    bool(params.flags & P.PF_CRASHED_PRIMARY),
+                    params.role == _role_code(Role.Primary), params.oos_blocks,
+                    self.peer.name)
+        decision = compare(me, peer)
+        log.info("%s: uuid_compare: %s (me %s, peer %s)", self.conf.name, decision.value,
+                 me.uuids.show(), peer.uuids.show())
+        if decision is Decision.SPLIT_BRAIN:
+            mine, theirs = self.discard_my_data, bool(params.discard_my_data)
+            if mine and not theirs:
+                log.warning("%s: Split-Brain detected, manually solved. Sync from peer node",
+                            self.conf.name)
+                return Decision.BITMAP_TARGET
+            if theirs and not mine:
+                log.warning("%s: Split-Brain detected, manually solved. Sync from this node",
+                            self.conf.name)
+                return Decision.BITMAP_SOURCE
+            auto = self._after_split_brain(me, peer)
+            if auto is not None:
+                return auto
+        return decision
+
+    def _after_split_brain(self, me: Side, peer: Side) -> Decision | None:
+        """The after-sb-0pri automatic recovery policies (no Primary involved)."""
+        if me.primary or peer.primary:
+            return None
+        policy = self.conf.after_sb_0pri
+        if policy == "discard-zero-changes":
+            if me.oos_blocks == 0 and peer.oos_blocks:
+                return Decision.BITMAP_TARGET
+            if peer.oos_blocks == 0 and me.oos_blocks:
+                return Decision.BITMAP_SOURCE
+        elif policy == "discard-least-changes":
+            if me.oos_blocks != peer.oos_blocks:
+                return (Decision.BITMAP_TARGET if me.oos_blocks < peer.oos_blocks
+                        else Decision.BITMAP_SOURCE)
+        elif policy.startswith("discard-node-"):
+            victim = policy[len("discard-node-"):]
+            if victim == me.name:
+                return Decision.BITMAP_TARGET
+            if victim == peer.name:
+                return Decision.BITMAP_SOURCE
+        return None
+
+    async def _session(self, chan: _Channel) -> None:
+        params = self._peer_params
+        decision = self._decide(params)
+        name = self.conf.name
+        if decision is Decision.SPLIT_BRAIN:
+            self.split_brain = True
+            raise _Fatal("Split-Brain detected, dropping connection!")
+        if decision is Decision.UNRELATED:
+            raise _Fatal("Unrelated data, aborting!")
+        if decision.i_am_target and self.role is Role.Primary and not self.conf.allow_two_primaries:
+            raise _Fatal("I shall become SyncTarget, but I am primary!")
+        if decision.i_am_target and self.role is Role.Primary:
+            raise _Fatal("I shall become SyncTarget, but I am primary!")
+        self.discard_my_data = False
+        self._peer_bitmap_done = trio.Event()
+        try:
+            await self._run_session(chan, params, decision)
+        finally:
+            self._session_nursery = None
+
+    async def _run_session(self, chan: _Channel, params: P.Params, decision: Decision) -> None:
+        name = self.conf.name
+        async with trio.open_nursery() as n:
+            self._session_nursery = n
+            n.start_soon(self._receiver, chan)
+            n.start_soon(self._pinger, chan)
+            self._set(cstate=ConnState.Connected)
+            if decision is Decision.NO_SYNC and self.disk is not None:
+                await self._connected_in_sync(params)
+            elif decision.i_am_source:
+                await self._begin_sync_as_source(chan, full=decision.full)
+            elif decision.i_am_target:
+                self._set(cstate=ConnState.WFBitMapT if not decision.full else ConnState.StartingSyncT)
+                if not decision.full:
+                    await self._send_bitmap(chan)
+            elif decision is Decision.BOTH_FRESH:
+                log.info("%s: both disks are fresh (just created): no sync until one node "
+                         "is made Primary with --force", name)
+        # The nursery ends when the receiver ends: connection over.
+
+    async def _connected_in_sync(self, params: P.Params) -> None:
+        disk = self.disk
+        peer_disk = DiskState(P.DISK_CODES[params.disk])
+        if self.dstate in (DiskState.Consistent, DiskState.Outdated) and \
+                peer_disk in (DiskState.UpToDate, DiskState.Consistent, DiskState.Outdated):
+            await disk.write_superblock(disk.sb.with_flags(
+                set_=md.F_CONSISTENT | md.F_WAS_UP_TO_DATE, clear=md.F_OUTDATED))
+            self._set(dstate=DiskState.UpToDate)
+            await self._tell_peer_state()
+        await self._forget_crash()
+
+    async def _forget_crash(self) -> None:
+        """The peer has what we had: a past crash as Primary no longer matters."""
+        disk = self.disk
+        if disk is not None and disk.crashed_primary:
+            disk.crashed_primary = False
+            if self.role is not Role.Primary and disk.sb.has(md.F_PRIMARY):
+                await disk.write_superblock(disk.sb.with_flags(clear=md.F_PRIMARY))
+
+    # ------------------------------------------------------------ resync
+    def _start_full_sync_as_source(self) -> None:
+        chan = self._chan
+        if chan is None:
+            return
+        self._session_nursery.start_soon(self._begin_sync_as_source, chan, True)
+
+    async def _send_bitmap(self, chan: _Channel) -> None:
+        raw = self.disk.bitmap.to_bytes()
+        step = 1024 * 1024
+        for off in range(0, max(len(raw), 1), step):
+            last = int(off + step >= len(raw))
+            await chan.send(P.BitmapChunk(off, last, zlib.compress(raw[off:off + step], 1)))
+
+    async def _begin_sync_as_source(self, chan: _Channel, full: bool) -> None:
+        disk = self.disk
+        if full:
+            self._set(cstate=ConnState.StartingSyncS)
+            disk.bitmap.set_all()
+            await disk.write_bitmap()
+        else:
+            self._set(cstate=ConnState.WFBitMapS)
+            await self._send_bitmap(chan)
+            await self._peer_bitmap_done.wait()
+        total = disk.bitmap.count
+        await chan.send(P.SyncStart(disk.sb.uuids.current, total, int(full)))
+        self._sync = {"role": "source", "total": total, "start": time.monotonic(),
+                      "window": trio.Semaphore(RESYNC_WINDOW // RESYNC_CHUNK),
+                      "recent": [], "acked": 0}
+        self._set(cstate=ConnState.SyncSource, pdsk=DiskState.Inconsistent)
+        self._session_nursery.start_soon(self._resync_sender, chan)
+
+    async def _resync_sender(self, chan: _Channel) -> None:
+        disk = self.disk
+        sync = self._sync
+        rate = self.conf.resync_rate_kib * 1024
+        started = time.monotonic()
+        sent = 0
+        chunk_blocks = RESYNC_CHUNK // BLOCK
+        for first, count in disk.bitmap.runs():
+            pos = first
+            while pos < first + count:
+                n = min(chunk_blocks, first + count - pos)
+                await sync["window"].acquire()
+                off = pos * BLOCK
+                token = await self._lock_range(off, off + n * BLOCK)
+                try:
+                    data = await disk.data.read(off, n * BLOCK)
+                    self.dr += len(data)
+                    await chan.send(P.ResyncData(off, data))
+                    self.ns += len(data)
+                finally:
+                    self._unlock_range(token)
+                sent += len(data)
+                pos += n
+                # Rate limit: sleep until we are back under the configured rate.
+                ahead = sent / rate - (time.monotonic() - started)
+                if ahead > 0:
+                    await trio.sleep(ahead)
+        # Wait until every chunk is acknowledged, then finish.
+        for _ in range(RESYNC_WINDOW // RESYNC_CHUNK):
+            await sync["window"].acquire()
+        if disk.bitmap.count:
+            # Blocks marked again while we were syncing: go round once more.
+            for _ in range(RESYNC_WINDOW // RESYNC_CHUNK):
+                sync["window"].release()
+            self._session_nursery.start_soon(self._resync_sender, chan)
+            return
+        await chan.send(P.SyncDone(disk.sb.uuids.current))
+
+    async def _finish_sync_as_source(self) -> None:
+        disk = self.disk
+        sb = disk.sb
+        await disk.write_superblock(md.Superblock(sb.data_size, sb.uuids.retire_bitmap(),
+                                                  sb.flags, sb.device_uuid, sb.al_extents,
+                                                  sb.layout))
+        await disk.write_bitmap()
+        await self._forget_crash()
+        elapsed = time.monotonic() - self._sync["start"] if self._sync else 0
+        log.info("%s: Resync done (total %d sec; paused 0 sec; %d K/sec)", self.conf.name,
+                 elapsed, (self._sync["total"] * 4 / elapsed) if elapsed else 0)
+        self._sync = None
+        self._set(cstate=ConnState.Connected, pdsk=DiskState.UpToDate)
+
+    # ------------------------------------------------------------ receiving
+    async def _receiver(self, chan: _Channel) -> None:
+        async with trio.open_nursery() as writers:
+            slots = trio.Semaphore(RECV_PARALLEL)
+            while True:
+                pkt = await chan.recv()
+                await self._dispatch(chan, pkt, writers, slots)
+
+    async def _recv_lock(self, start: int, end: int) -> int:
+        while self._recv_ranges.overlaps(start, end):
+            await self._recv_changed.wait()
+        return self._recv_ranges.add(start, end)
+
+    def _recv_unlock(self, token: int) -> None:
+        self._recv_ranges.remove(token)
+        self._recv_changed.set()
+        self._recv_changed = trio.Event()
+
+    async def _recv_drain(self) -> None:
+        while len(self._recv_ranges):
+            await self._recv_changed.wait()
+
+    async def _dispatch(self, chan: _Channel, pkt: P.Packet, writers, slots) -> None:
+        t = type(pkt)
+        if t is P.Data:
+            self.nr += len(pkt.data)
+            if self.disk is None:
+                await chan.send(P.NegAck(pkt.seq, errno.EIO))
+                return
+            self._check_peer_range(pkt.offset, len(pkt.data))
+            await slots.acquire()
+            token = await self._recv_lock(pkt.offset, pkt.offset + len(pkt.data))
+            self.ua += 1
+            if self.conf.protocol == "B":
+                await chan.send(P.RecvAck(pkt.seq))
+            writers.start_soon(self._apply_peer_write, chan, pkt, token, slots)
+        elif t is P.WriteAck or t is P.NegAck:
+            p = self._pending.pop(pkt.seq, None)
+            if p is not None:
+                if t is P.NegAck:
+                    log.error("%s: peer failed to write %d bytes at %d (errno %d); "
+                              "marking out of sync", self.conf.name, p.length, p.offset, pkt.errno)
+                    first, count = blocks_of(p.offset, p.length)
+                    self.disk.bitmap.set_range(first, count)
+                p.received.set()
+                p.done.set()
+        elif t is P.RecvAck:
+            p = self._pending.get(pkt.seq)
+            if p is not None:
+                p.received.set()
+        elif t is P.Flush:
+            await self._recv_drain()
+            if self.disk is not None:
+                await self.disk.data.flush()
+            await chan.send(P.FlushAck(pkt.seq))
+        elif t is P.FlushAck:
+            ev = self._flushes.pop(pkt.seq, None)
+            if ev is not None:
+                ev.set()
+        elif t is P.Ping:
+            await chan.send(P.PingAck(pkt.token))
+        elif t is P.PingAck:
+            pass
+        elif t is P.StateUpdate:
+            self._set(peer_role=Role(P.ROLE_CODES[pkt.role % 3]),
+                      pdsk=DiskState(P.DISK_CODES[pkt.disk % 9]))
+        elif t is P.RoleRequest:
+            result = 0
+            if (self.role is Role.Primary and not self.conf.allow_two_primaries
+                    and pkt.role == _role_code(Role.Primary)):
+                result = -1
+            await chan.send(P.RoleReply(pkt.token, result))
+        elif t is P.RoleReply:
+            send = self._role_replies.get(pkt.token)
+            if send is not None:
+                send.send_nowait(pkt.result)
+        elif t is P.BitmapChunk:
+            try:
+                bits = zlib.decompress(pkt.data)
+            except zlib.error:
+                raise P.RemoteProtocolError("corrupt bitmap chunk") from None
+            self.disk.bitmap.merge(bits, pkt.offset)
+            if pkt.last:
+                self._peer_bitmap_done.set()
+        elif t is P.SyncStart:
+            await self._begin_sync_as_target(pkt)
+        elif t is P.ResyncData:
+            self.nr += len(pkt.data)
+            self._check_peer_range(pkt.offset, len(pkt.data))
+            await slots.acquire()
+            token = await self._recv_lock(pkt.offset, pkt.offset + len(pkt.data))
+            writers.start_soon(self._apply_resync, chan, pkt, token, slots)
+        elif t is P.ResyncAck:
+            first, count = blocks_of(pkt.offset, pkt.length)
+            self.disk.bitmap.clear_range(first, count)
+            if self._sync is not None:
+                self._sync["acked"] += pkt.length
+                self._sync["window"].release()
+        elif t is P.SyncDone:
+            await self._recv_drain()
+            await self._finish_sync_as_target(pkt)
+            await chan.send(P.SyncDoneAck())
+        elif t is P.SyncDoneAck:
+            await self._finish_sync_as_source()
+        elif t is P.VerifyRequest:
+            await self._verify_answer(chan, pkt)
+        elif t is P.VerifyReply:
+            self._verify_reply(pkt)
+        elif t is P.VerifyDone:
+            self._set(cstate=ConnState.Connected)
+            if pkt.oos_blocks:
+                log.warning("%s: Online verify found %d 4k block out of sync!",
+                            self.conf.name, pkt.oos_blocks)
+        elif t is P.Goodbye:
+            raise _Drop("peer disconnected", ConnState.TearDown)
+        else:
+            raise P.RemoteProtocolError(f"unexpected {t.__name__} on an established connection")
+
+    def _check_peer_range(self, offset: int, length: int) -> None:
+        if self.disk is None or offset < 0 or offset + length > self.size:
+            raise P.RemoteProtocolError(f"peer wrote outside the device ({offset}+{length})")
+
+    async def _apply_peer_write(self, chan: _Channel, pkt: P.Data, token: int, slots) -> None:
+        try:
+            try:
+                await self.disk.data.write(pkt.offset, pkt.data)
+                self.dw += len(pkt.data)
+                reply: P.Packet = P.WriteAck(pkt.seq)
+            except OSError as e:
+                log.error("%s: local write failed for peer data at %d: %s",
+                          self.conf.name, pkt.offset, e)
+                reply = P.NegAck(pkt.seq, e.errno or errno.EIO)
+        finally:
+            self._recv_unlock(token)
+            slots.release()
+            self.ua -= 1
+        try:
+            await chan.send(reply)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+    async def _begin_sync_as_target(self, pkt: P.SyncStart) -> None:
+        disk = self.disk
+        if pkt.full:
+            disk.bitmap.set_all()
+        await disk.write_bitmap()
+        await disk.write_superblock(disk.sb.with_flags(clear=md.F_CONSISTENT))
+        self._sync = {"role": "target", "total": disk.bitmap.count, "start": time.monotonic(),
+                      "recent": [], "acked": 0}
+        self._set(cstate=ConnState.SyncTarget, dstate=DiskState.Inconsistent)
+
+    async def _apply_resync(self, chan: _Channel, pkt: P.ResyncData, token: int, slots) -> None:
+        try:
+            await self.disk.data.write(pkt.offset, pkt.data)
+            self.dw += len(pkt.data)
+            first, count = blocks_of(pkt.offset, len(pkt.data))
+            self.disk.bitmap.clear_range(first, count)
+        finally:
+            self._recv_unlock(token)
+            slots.release()
+        if self._sync is not None:
+            self._sync["acked"] += len(pkt.data)
+        try:
+            await chan.send(P.ResyncAck(pkt.offset, len(pkt.data)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+    async def _finish_sync_as_target(self, pkt: P.SyncDone) -> None:
+        disk = self.disk
+        await disk.data.flush()
+        disk.bitmap.clear_all()
+        await disk.write_bitmap()
+        sb = disk.sb
+        flags = (sb.flags | md.F_CONSISTENT | md.F_WAS_UP_TO_DATE) & ~md.F_OUTDATED
+        await disk.write_superblock(md.Superblock(sb.data_size, sb.uuids.adopt(pkt.source_current),
+                                                  flags, sb.device_uuid, sb.al_extents, sb.layout))
+        await self._forget_crash()
+        elapsed = time.monotonic() - self._sync["start"] if self._sync else 0
+        log.info("%s: Resync done (total %d sec; paused 0 sec)", self.conf.name, elapsed)
+        self._sync = None
+        self._set(cstate=ConnState.Connected, dstate=DiskState.UpToDate)
+
+    # ------------------------------------------------------------ keepalive
+    async def _pinger(self, chan: _Channel) -> None:
+        ping_int = self.conf.ping_int_s
+        ping_timeout = self.conf.ping_timeout_s
+        ack_timeout = self.conf.timeout_s
+        token = 0
+        while True:
+            await trio.sleep(min(ping_int, ping_timeout, 1.0))
+            now = time.monotonic()
+            if now - chan.last_heard > ping_int + ping_timeout:
+                raise _Drop("PingAck did not arrive in time.", ConnState.Timeout)
+            if now - chan.last_heard > ping_int / 2:
+                token += 1
+                await chan.send(P.Ping(token))
+            if self._pending and now - chan.last_heard > max(ack_timeout, ping_timeout):
+                raise _Drop("peer did not acknowledge writes in time", ConnState.Timeout)
+
+    # ------------------------------------------------------------ verify
+    async def verify(self) -> None:
+        if self.cstate is not ConnState.Connected or self._chan is None:
+            raise refuse(SS_NEED_CONNECTION)
+        if self.disk is None or self.dstate is not DiskState.UpToDate:
+            raise refuse(SS_IS_DISKLESS, EXIT_NO_LOCAL_DISK)
+        self._verify = {"start": time.monotonic(), "oos": 0, "done": 0,
+                        "total": self.size, "window": trio.Semaphore(8)}
+        self._set(cstate=ConnState.VerifyS)
+        self._session_nursery.start_soon(self._verify_sender, self._chan)
+
+    async def _verify_sender(self, chan: _Channel) -> None:
+        v = self._verify
+        step = RESYNC_CHUNK
+        rate = self.conf.resync_rate_kib * 1024
+        for off in range(0, self.size, step):
+            n = min(step, self.size - off)
+            await v["window"].acquire()
+            token = await self._lock_range(off, off + n)
+            try:
+                data = await self.disk.data.read(off, n)
+            finally:
+                self._unlock_range(token)
+            await chan.send(P.VerifyRequest(off, n, hashlib.sha256(data).digest()))
+            ahead = (off + n) / rate - (time.monotonic() - v["start"])
+            if ahead > 0:
+                await trio.sleep(ahead)
+        for _ in range(8):
+            await v["window"].acquire()
+        await self.disk.write_bitmap()
+        await chan.send(P.VerifyDone(v["oos"]))
+        elapsed = time.monotonic() - v["start"]
+        log.info("%s: Online verify done (total %d sec; paused 0 sec; %d K/sec)",
+                 self.conf.name, elapsed, self.size / 1024 / max(elapsed, 0.001))
+        if v["oos"]:
+            log.warning("%s: Online verify found %d 4k block out of sync!", self.conf.name, v["oos"])
+        self.last_event = f"online verify found {v['oos']} 4k blocks out of sync"
+        self._set(cstate=ConnState.Connected)
+
+    async def _verify_answer(self, chan: _Channel, pkt: P.VerifyRequest) -> None:
+        if self.cstate is ConnState.Connected:
+            self._set(cstate=ConnState.VerifyT)
+        data = await self.disk.data.read(pkt.offset, pkt.length)
+        equal = hmac.compare_digest(hashlib.sha256(data).digest(), pkt.digest)
+        if not equal:
+            self._mark_verify_oos(pkt.offset, data, None)
+        await chan.send(P.VerifyReply(pkt.offset, pkt.length, int(equal)))
+
+    def _mark_verify_oos(self, offset: int, data: bytes, _other) -> None:
+        first, count = blocks_of(offset, len(data))
+        self.disk.bitmap.set_range(first, count)
+        log.warning("%s: Out of sync: start=%d, size=%d (sectors)", self.conf.name,
+                    offset // 512, len(data) // 512)
+
+    def _verify_reply(self, pkt: P.VerifyReply) -> None:
+        v = self._verify
+        if v is None:
+            return
+        v["done"] += pkt.length
+        if not pkt.equal:
+            first, count = blocks_of(pkt.offset, pkt.length)
+            v["oos"] += count
+            self.disk.bitmap.set_range(first, count)
+        v["window"].release()
+
+    # ------------------------------------------------------------ teardown
+    async def down(self) -> None:
+        if self.role is Role.Primary:
+            await self.secondary()
+        await self.disconnect()
+        await self.detach()
+
+    async def _shutdown(self) -> None:
+        if self.disk is not None:
+            try:
+                await self.disk.write_bitmap()
+            except OSError:
+                pass
+            await self.disk.close()
+            self.disk = None
+
+    # ------------------------------------------------------------ status
+    def status(self) -> dict:
+        disk = self.disk
+        oos_kib = disk.bitmap.count * 4 if disk else 0
+        st = {
+            "name": self.conf.name,
+            "minor": self.me.minor,
+            "device": self.me.device,
+            "disk_path": self.me.disk,
+            "node": self.node,
+            "peer": self.peer.name,
+            "protocol": self.conf.protocol,
+            "role": self.role.value,
+            "peer_role": self.peer_role.value,
+            "cstate": self.cstate.value,
+            "dstate": self.dstate.value,
+            "pdsk": self.pdsk.value,
+            "size": self.size,
+            "split_brain": self.split_brain,
+            "last_event": self.last_event,
+            "open_count": self.open_count,
+            "counters": {
+                "ns": self.ns // 1024, "nr": self.nr // 1024, "dw": self.dw // 1024,
+                "dr": self.dr // 1024, "al": disk.al_writes if disk else 0,
+                "bm": disk.bm_writes if disk else 0, "lo": self.lo,
+                "pe": len(self._pending), "ua": self.ua, "ap": self.ap, "ep": 1,
+                "wo": "f", "oos": oos_kib,
+            },
+        }
+        if disk is not None:
+            st["uuids"] = disk.sb.uuids.show()
+            st["out_of_sync_kib"] = oos_kib
+        sync = self._sync
+        if sync is not None and self.cstate.is_syncing:
+            total = sync["total"] * 4
+            elapsed = time.monotonic() - sync["start"]
+            st["sync"] = {
+                "role": sync["role"], "total_kib": total, "left_kib": oos_kib,
+                "percent": round(100.0 * (total - oos_kib) / total, 1) if total else 100.0,
+                "line": progress_line(total, oos_kib, elapsed, 0.0),
+            }
+        if self._verify is not None and self.cstate in (ConnState.VerifyS,):
+            v = self._verify
+            st["verify"] = {"done": v["done"], "total": v["total"], "oos_blocks": v["oos"]}
+        return st

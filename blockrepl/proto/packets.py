@@ -1,0 +1,371 @@
+"""Replication packets and their byte encoding.  No I/O here.
+
+Every packet travels in a frame:
+
+    magic u16 = 0x5246 ("RF")   type u8   reserved u8   length u32   payload
+
+Payloads are fixed little-endian fields, then for some types a trailing
+byte string (block data, bitmap chunk, names).  ``Decoder`` takes bytes
+as they arrive, in any split, and yields whole packets; anything that is
+not a well-formed packet raises RemoteProtocolError so the driver can drop
+that connection (the daemon itself never dies of a bad packet).
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+PROTOCOL_VERSION = 1
+MAGIC = 0x5246
+HEADER = struct.Struct("<HBBI")
+MAX_PAYLOAD = 16 * 1024 * 1024 + 64
+
+
+class RemoteProtocolError(Exception):
+    """The peer sent something that is not a valid packet."""
+
+
+class LocalProtocolError(Exception):
+    """We tried to encode something invalid (a bug on our side)."""
+
+
+_REGISTRY: dict[int, type["Packet"]] = {}
+
+
+@dataclass(frozen=True)
+class Packet:
+    TYPE: ClassVar[int] = 0
+    FIXED: ClassVar[str] = ""          # struct format of the fixed fields
+    TAIL: ClassVar[str | None] = None  # name of a trailing bytes field, if any
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.TYPE in _REGISTRY:
+            raise LocalProtocolError(f"duplicate packet type {cls.TYPE}")
+        _REGISTRY[cls.TYPE] = cls
+        cls._fixed = struct.Struct("<" + cls.FIXED)
+
+    def payload(self) -> bytes:
+        names = [f.name for f in fields(self)]
+        fixed_names = [n for n in names if n != self.TAIL]
+        try:
+            out = self._fixed.pack(*(getattr(self, n) for n in fixed_names))
+        except struct.error as e:
+            raise LocalProtocolError(f"cannot encode {type(self).__name__}: {e}") from None
+        if self.TAIL:
+            out += bytes(getattr(self, self.TAIL))
+        return out
+
+    @classmethod
+    def from_payload(cls, data: bytes) -> "Packet":
+        fx = cls._fixed
+        if len(data) < fx.size or (not cls.TAIL and len(data) != fx.size):
+            raise RemoteProtocolError(f"{cls.__name__}: payload of {len(data)} bytes, "
+                                      f"expected {'at least ' if cls.TAIL else ''}{fx.size}")
+        values = list(fx.unpack_from(data))
+        if cls.TAIL:
+            values.append(bytes(data[fx.size:]))
+        try:
+            return cls(*values)
+        except (TypeError, ValueError) as e:
+            raise RemoteProtocolError(f"{cls.__name__}: {e}") from None
+
+
+def encode(pkt: Packet) -> bytes:
+    body = pkt.payload()
+    if len(body) > MAX_PAYLOAD:
+        raise LocalProtocolError(f"packet payload too large ({len(body)} bytes)")
+    return HEADER.pack(MAGIC, pkt.TYPE, 0, len(body)) + body
+
+
+class Decoder:
+    """Incremental frame decoder: feed bytes, take packets."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._closed = False
+
+    def receive_data(self, data: bytes) -> None:
+        if not data:
+            self._closed = True
+        self._buf += data
+
+    def next_packet(self) -> Packet | None:
+        """The next whole packet, or None if more bytes are needed."""
+        buf = self._buf
+        if len(buf) < HEADER.size:
+            if self._closed and buf:
+                raise RemoteProtocolError("connection closed inside a packet header")
+            return None
+        magic, ptype, _res, length = HEADER.unpack_from(buf)
+        if magic != MAGIC:
+            raise RemoteProtocolError(f"bad packet magic 0x{magic:04x}")
+        if length > MAX_PAYLOAD:
+            raise RemoteProtocolError(f"packet length {length} exceeds limit")
+        cls = _REGISTRY.get(ptype)
+        if cls is None:
+            raise RemoteProtocolError(f"unknown packet type {ptype}")
+        end = HEADER.size + length
+        if len(buf) < end:
+            if self._closed:
+                raise RemoteProtocolError("connection closed inside a packet")
+            return None
+        payload = bytes(buf[HEADER.size:end])
+        del buf[:end]
+        return cls.from_payload(payload)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+
+# ---------------------------------------------------------------- handshake
+@dataclass(frozen=True)
+class Hello(Packet):
+    """First packet both ways: who am I, which resource, a challenge nonce."""
+    TYPE = 1
+    FIXED = "I16s"
+    TAIL = "names"
+    version: int
+    nonce: bytes
+    names: bytes      # b"resource\0node"
+
+    @staticmethod
+    def make(version: int, nonce: bytes, resource: str, node: str) -> "Hello":
+        return Hello(version, nonce, resource.encode() + b"\0" + node.encode())
+
+    def split_names(self) -> tuple[str, str]:
+        try:
+            res, node = self.names.decode().split("\0")
+        except (UnicodeDecodeError, ValueError):
+            raise RemoteProtocolError("malformed names in Hello") from None
+        return res, node
+
+
+@dataclass(frozen=True)
+class Auth(Packet):
+    """HMAC-SHA256 of the peer's nonce with the shared secret (or zeros)."""
+    TYPE = 2
+    FIXED = "32s"
+    mac: bytes
+
+
+@dataclass(frozen=True)
+class Params(Packet):
+    """Everything the sync decision and the compatibility checks need."""
+    TYPE = 3
+    FIXED = "cBBBBBQQQQQQQ"
+    protocol: bytes          # b"A" / b"B" / b"C"
+    two_primaries: int
+    discard_my_data: int
+    role: int                # index into ROLE_CODES
+    disk: int                # index into DISK_CODES
+    flags: int               # PF_* below
+    data_size: int
+    device_uuid: int
+    current: int
+    bitmap: int
+    history1: int
+    history2: int
+    oos_blocks: int          # bits set in my bitmap
+
+
+PF_INCONSISTENT = 1
+PF_CRASHED_PRIMARY = 2
+
+
+@dataclass(frozen=True)
+class StateUpdate(Packet):
+    """A change of my role or disk state, for the peer's status display."""
+    TYPE = 4
+    FIXED = "BB"
+    role: int
+    disk: int
+
+
+@dataclass(frozen=True)
+class Refuse(Packet):
+    """Connection refused; the text says why (logged by the receiver)."""
+    TYPE = 5
+    FIXED = ""
+    TAIL = "reason"
+    reason: bytes
+
+
+# ---------------------------------------------------------------- replication
+@dataclass(frozen=True)
+class Data(Packet):
+    TYPE = 10
+    FIXED = "QQ"
+    TAIL = "data"
+    seq: int
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class RecvAck(Packet):      # protocol B: the peer has received it
+    TYPE = 11
+    FIXED = "Q"
+    seq: int
+
+
+@dataclass(frozen=True)
+class WriteAck(Packet):     # protocol C: the peer's disk has it
+    TYPE = 12
+    FIXED = "Q"
+    seq: int
+
+
+@dataclass(frozen=True)
+class NegAck(Packet):       # the peer failed to write it
+    TYPE = 13
+    FIXED = "Qi"
+    seq: int
+    errno: int
+
+
+@dataclass(frozen=True)
+class Flush(Packet):        # peer: make everything received so far durable
+    TYPE = 14
+    FIXED = "Q"
+    seq: int
+
+
+@dataclass(frozen=True)
+class FlushAck(Packet):
+    TYPE = 15
+    FIXED = "Q"
+    seq: int
+
+
+@dataclass(frozen=True)
+class Discard(Packet):
+    TYPE = 16
+    FIXED = "QQQ"
+    seq: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Ping(Packet):
+    TYPE = 20
+    FIXED = "Q"
+    token: int
+
+
+@dataclass(frozen=True)
+class PingAck(Packet):
+    TYPE = 21
+    FIXED = "Q"
+    token: int
+
+
+# ---------------------------------------------------------------- role changes
+@dataclass(frozen=True)
+class RoleRequest(Packet):
+    """Ask the peer before becoming Primary (it may already be Primary)."""
+    TYPE = 25
+    FIXED = "QB"
+    token: int
+    role: int
+
+
+@dataclass(frozen=True)
+class RoleReply(Packet):
+    TYPE = 26
+    FIXED = "Qi"
+    token: int
+    result: int          # 0 ok, else a negative DRBD state-change code
+
+
+# ---------------------------------------------------------------- resync
+@dataclass(frozen=True)
+class BitmapChunk(Packet):
+    """Part of the sender's out-of-sync bitmap (zlib-compressed bytes)."""
+    TYPE = 30
+    FIXED = "QB"
+    TAIL = "data"
+    offset: int          # byte offset into the bitmap
+    last: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SyncStart(Packet):
+    """Source -> target: resync begins; the target becomes Inconsistent."""
+    TYPE = 31
+    FIXED = "QQB"
+    sync_uuid: int
+    total_blocks: int
+    full: int
+
+
+@dataclass(frozen=True)
+class ResyncData(Packet):
+    TYPE = 32
+    FIXED = "Q"
+    TAIL = "data"
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ResyncAck(Packet):
+    TYPE = 33
+    FIXED = "QQ"
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class SyncDone(Packet):
+    TYPE = 34
+    FIXED = "Q"
+    source_current: int
+
+
+@dataclass(frozen=True)
+class SyncDoneAck(Packet):
+    TYPE = 35
+    FIXED = ""
+
+
+@dataclass(frozen=True)
+class VerifyRequest(Packet):
+    """Online verify: compare a digest of the range with the peer's."""
+    TYPE = 40
+    FIXED = "QQ32s"
+    offset: int
+    length: int
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class VerifyReply(Packet):
+    TYPE = 41
+    FIXED = "QQB"
+    offset: int
+    length: int
+    equal: int
+
+
+@dataclass(frozen=True)
+class VerifyDone(Packet):
+    TYPE = 42
+    FIXED = "Q"
+    oos_blocks: int
+
+
+@dataclass(frozen=True)
+class Goodbye(Packet):
+    """Orderly disconnect (drbdadm disconnect/down on the peer)."""
+    TYPE = 50
+    FIXED = ""
+
+
+ROLE_CODES = ("Unknown", "Primary", "Secondary")
+DISK_CODES = ("Diskless", "Attaching", "Failed", "Negotiating", "Inconsistent",
+              "Outdated", "DUnknown", "Consistent", "UpToDate")
