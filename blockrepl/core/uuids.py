@@ -160,18 +160,26 @@ def compare(me: Side, peer: Side) -> Decision:
         return Decision.NO_SYNC
 
     mb, pb = mine.bitmap & MASK, theirs.bitmap & MASK
-    if mb and mb == pc:
+    ahead, behind = bool(mb and mb == pc), bool(pb and pb == mc)
+    if ahead and behind:
+        # Each claims to have moved on from the other's current data: a
+        # history no real pair can produce.  Touch nothing.
+        return Decision.SPLIT_BRAIN
+    if ahead:
         return Decision.BITMAP_SOURCE
-    if pb and pb == mc:
+    if behind:
         return Decision.BITMAP_TARGET
     if mb and pb and mb == pb:
         return Decision.SPLIT_BRAIN
 
     mh = {h & MASK for h in mine.history if h}
     ph = {h & MASK for h in theirs.history if h}
-    if pc in mh:
+    ahead, behind = pc in mh, mc in ph
+    if ahead and behind:
+        return Decision.SPLIT_BRAIN
+    if ahead:
         return Decision.FULL_SOURCE
-    if mc in ph:
+    if behind:
         return Decision.FULL_TARGET
     # A shared ancestor anywhere means both sides moved on from it.
     mine_all = mh | ({mb} if mb else set())

@@ -38,7 +38,7 @@ F_OUTDATED = 1 << 3          # data is known to be older than the peer's
 F_FULL_SYNC = 1 << 4         # the next connection must do a full sync
 F_PEER_OUTDATED = 1 << 5
 
-_HEAD = struct.Struct("<8sIIQQQQQ" + "Q" * HISTORY_LEN + "QQQIQ")
+_HEAD = struct.Struct("<8sIIQQQQ" + "Q" * HISTORY_LEN + "QQQIQ")
 # magic, version, flags, data_size(bytes), device_uuid, current, bitmap,
 # history..., bm_offset, al_offset, sb_offset, al_extents, total_size
 

@@ -1,0 +1,503 @@
+"""replfsadm: drbdadm's verbs for replfs resources.
+
+One table (VERBS) drives argument parsing, --help, dispatch and dry-run.
+The command line follows drbdadm's:
+
+    replfsadm [-c FILE] [--node NAME] [--rundir DIR] [-d] [--] [VERB-OPTIONS] VERB RESOURCE|all
+
+Verb options may stand before the verb (after ``--``, the DRBD 8 way:
+``replfsadm -- --overwrite-data-of-peer primary r0``) or after it
+(``replfsadm primary --force r0``, ``replfsadm primary r1 -o``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from replfs.errors import (EXIT_CONFIG, EXIT_EXEC, EXIT_USAGE, ReplfsError)
+from replfs.ipc.client import DaemonNotRunning, SyncClient, rundir_from_env, socket_path
+
+from . import render
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class Ctx:
+    config_path: str
+    node: str
+    rundir: str
+    dry_run: bool
+    opts: dict
+    out: Callable[[str], None]
+    err: Callable[[str], None]
+    _config: object = None
+
+    def config(self):
+        if self._config is None:
+            from replfs.blockrepl import conf as confmod
+            if not os.path.exists(self.config_path):
+                raise ReplfsError(f"Can not open '{self.config_path}': No such file or directory",
+                                  EXIT_CONFIG)
+            self._config = confmod.load(self.config_path)
+            for w in self._config.warnings:
+                self.err(w)
+        return self._config
+
+    def client(self) -> SyncClient:
+        return SyncClient(socket_path(self.rundir))
+
+
+@dataclass(frozen=True)
+class Verb:
+    name: str
+    handler: Callable[[Ctx, str | None], None]
+    needs_res: bool = True          # takes RESOURCE|all
+    res_optional: bool = False
+    summary: str = ""
+    options: tuple[str, ...] = ()   # verb options it accepts
+    group: str = "resource"
+
+
+# ------------------------------------------------------------------ helpers
+def _resources(ctx: Ctx, arg: str | None) -> list[str]:
+    from replfs.blockrepl import conf as confmod
+    config = ctx.config()
+    if arg == "all":
+        return [r.name for r in confmod.for_node(config, ctx.node)]
+    if arg not in config.resources:
+        raise ReplfsError(f"'{arg}' not defined in your config (for this host).", EXIT_CONFIG)
+    confmod.check_node(config, config.resources[arg], ctx.node)
+    return [arg]
+
+
+def _daemon_call(ctx: Ctx, op: str, res: str | None = None, **args) -> dict:
+    if ctx.dry_run:
+        extra = " ".join(f"--{k.replace('_', '-')}" for k, v in args.items() if v is True)
+        ctx.out(f"replfsd {op}{' ' + extra if extra else ''}{' ' + res if res else ''}")
+        return {}
+    with ctx.client() as c:
+        reply, _ = c.call(op, res=res, conf=os.path.abspath(ctx.config_path), **args)
+        return reply
+
+
+def _start_daemon(ctx: Ctx) -> None:
+    """Start replfsd for this node if it is not answering yet."""
+    try:
+        with ctx.client() as c:
+            c.call("ping")
+        return
+    except DaemonNotRunning:
+        pass
+    if ctx.dry_run:
+        ctx.out(f"replfsd --node {ctx.node} --rundir {ctx.rundir} -c {ctx.config_path}")
+        return
+    cmd = [sys.executable, "-m", "replfs.daemon.main", "--node", ctx.node,
+           "--rundir", ctx.rundir, "-c", os.path.abspath(ctx.config_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ReplfsError(f"could not start replfsd: {proc.stderr.strip()}", EXIT_EXEC)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            with ctx.client() as c:
+                c.call("ping")
+            return
+        except (DaemonNotRunning, OSError):
+            time.sleep(0.05)
+    raise ReplfsError(f"replfsd did not come up (see {ctx.rundir}/replfsd.log)", EXIT_EXEC)
+
+
+def _status(ctx: Ctx, res: str | None = None) -> list[dict]:
+    try:
+        with ctx.client() as c:
+            reply, _ = c.call("status", res=res)
+            return reply["resources"]
+    except DaemonNotRunning:
+        return []
+
+
+def _one_status(ctx: Ctx, res: str) -> dict | None:
+    for st in _status(ctx):
+        if st["name"] == res:
+            return st
+    return None
+
+
+def _for_each(fn):
+    """Make a per-resource handler accept RESOURCE|all."""
+    def run(ctx: Ctx, arg: str | None) -> None:
+        for res in _resources(ctx, arg):
+            fn(ctx, res)
+    run.__doc__ = fn.__doc__
+    return run
+
+
+# ------------------------------------------------------------------ verbs
+@_for_each
+def v_create_md(ctx: Ctx, res: str) -> None:
+    from replfs.blockrepl.driver.disk import create_md
+    st = _one_status(ctx, res)
+    if st and st["dstate"] != "Diskless":
+        raise ReplfsError(f"{res}: device is attached; 'replfsadm down {res}' first", EXIT_EXEC)
+    rconf = ctx.config().resources[res]
+    host = rconf.host(ctx.node)
+    if ctx.dry_run:
+        ctx.out(f"create-md {res} on {host.disk}")
+        return
+    for line in create_md(host, force=bool(ctx.opts.get("force")), al_extents=rconf.al_extents):
+        ctx.out(line)
+
+
+@_for_each
+def v_dump_md(ctx: Ctx, res: str) -> None:
+    from replfs.blockrepl.driver.disk import layout_for, read_superblock
+    from replfs.blockrepl.meta import format as md
+    st = _one_status(ctx, res)
+    if st and st["dstate"] != "Diskless":
+        raise ReplfsError(f"{res}: device is attached; 'replfsadm down {res}' before dump-md",
+                          EXIT_EXEC)
+    host = ctx.config().resources[res].host(ctx.node)
+    try:
+        sb = read_superblock(host)
+    except md.MetaDataError as e:
+        raise ReplfsError(f"{res}: {e}", EXIT_EXEC) from None
+    path, lay = layout_for(host)
+    with open(path, "rb") as f:
+        f.seek(lay.bm_offset)
+        bits = f.read(lay.bm_bytes)
+    from replfs.blockrepl.core.bitmap import Bitmap
+    bm = Bitmap(lay.nblocks, bits)
+    ctx.out(render.dump_md(res, host, sb, lay, bm))
+
+
+@_for_each
+def v_show_gi(ctx: Ctx, res: str) -> None:
+    ctx.out(render.show_gi(res, _gi(ctx, res)))
+
+
+@_for_each
+def v_get_gi(ctx: Ctx, res: str) -> None:
+    u, flags = _gi(ctx, res)
+    ctx.out(f"{u}:{flags}")
+
+
+def _gi(ctx: Ctx, res: str) -> tuple[str, str]:
+    st = _one_status(ctx, res)
+    if st and "uuids" in st:
+        return st["uuids"], st["dstate"]
+    from replfs.blockrepl.driver.disk import read_superblock
+    from replfs.blockrepl.meta import format as md
+    try:
+        sb = read_superblock(ctx.config().resources[res].host(ctx.node))
+    except md.MetaDataError as e:
+        raise ReplfsError(f"{res}: {e}", EXIT_EXEC) from None
+    state = ("Inconsistent" if not sb.has(md.F_CONSISTENT) else
+             "Outdated" if sb.has(md.F_OUTDATED) else "UpToDate")
+    return sb.uuids.show(), state
+
+
+@_for_each
+def v_up(ctx: Ctx, res: str) -> None:
+    _start_daemon(ctx)
+    _daemon_call(ctx, "up", res)
+
+
+@_for_each
+def v_down(ctx: Ctx, res: str) -> None:
+    try:
+        _daemon_call(ctx, "down", res)
+    except DaemonNotRunning:
+        pass
+    except ReplfsError as e:
+        if "no such resource is up" not in e.message:
+            raise
+
+
+def _simple(op: str, **fixed):
+    @_for_each
+    def handler(ctx: Ctx, res: str) -> None:
+        args = {k: ctx.opts.get(v, False) for k, v in fixed.items()}
+        if op in ("attach", "connect", "adjust"):
+            _start_daemon(ctx)
+        _daemon_call(ctx, op, res, **args)
+    return handler
+
+
+def v_primary(ctx: Ctx, arg: str | None) -> None:
+    for res in _resources(ctx, arg):
+        _daemon_call(ctx, "primary", res, force=bool(ctx.opts.get("force")))
+
+
+def v_connect(ctx: Ctx, arg: str | None) -> None:
+    for res in _resources(ctx, arg):
+        _start_daemon(ctx)
+        _daemon_call(ctx, "connect", res, discard_my_data=bool(ctx.opts.get("discard_my_data")))
+
+
+def _state_field(fn):
+    @_for_each
+    def handler(ctx: Ctx, res: str) -> None:
+        st = _one_status(ctx, res)
+        ctx.out(fn(st))
+    return handler
+
+
+v_role = _state_field(lambda st: f"{st['role']}/{st['peer_role']}" if st else "Unconfigured")
+v_cstate = _state_field(lambda st: st["cstate"] if st else "Unconfigured")
+v_dstate = _state_field(lambda st: f"{st['dstate']}/{st['pdsk']}" if st else "Unconfigured")
+
+
+def v_status(ctx: Ctx, arg: str | None) -> None:
+    names = _resources(ctx, arg or "all")
+    sts = {st["name"]: st for st in _status(ctx)}
+    if ctx.opts.get("json"):
+        ctx.out(json.dumps([render.status_json(sts.get(n), n) for n in names], indent=2))
+        return
+    for n in names:
+        ctx.out(render.status_text(sts.get(n), n, verbose=bool(ctx.opts.get("verbose"))))
+
+
+def v_overview(ctx: Ctx, arg: str | None) -> None:
+    names = _resources(ctx, arg or "all")
+    sts = {st["name"]: st for st in _status(ctx)}
+    ctx.out(render.overview([(n, sts.get(n), ctx.config().resources[n]) for n in names], ctx.node))
+
+
+def v_proc(ctx: Ctx, arg: str | None) -> None:
+    sts = _status(ctx)
+    ctx.out(render.proc_drbd(sts))
+
+
+def v_wait_connect(ctx: Ctx, arg: str | None) -> None:
+    for res in _resources(ctx, arg):
+        _daemon_call(ctx, "wait-connect", res, timeout=ctx.opts.get("timeout") or 0)
+
+
+def v_wait_sync(ctx: Ctx, arg: str | None) -> None:
+    for res in _resources(ctx, arg):
+        _daemon_call(ctx, "wait-sync", res, timeout=ctx.opts.get("timeout") or 0)
+
+
+def v_dump(ctx: Ctx, arg: str | None) -> None:
+    from replfs.blockrepl import conf as confmod
+    config = ctx.config()
+    if arg and arg != "all":
+        if arg not in config.resources:
+            raise ReplfsError(f"'{arg}' not defined in your config.", EXIT_CONFIG)
+        ctx.out(confmod.dump(config, arg).rstrip("\n"))
+    else:
+        ctx.out(confmod.dump(config).rstrip("\n"))
+
+
+def v_shutdown(ctx: Ctx, arg: str | None) -> None:
+    try:
+        _daemon_call(ctx, "shutdown")
+    except DaemonNotRunning:
+        pass
+
+
+VERBS: dict[str, Verb] = {v.name: v for v in [
+    Verb("create-md", v_create_md, summary="write fresh meta-data on the backing disk",
+         options=("force",)),
+    Verb("dump-md", v_dump_md, summary="print the on-disk meta-data (resource must be down)"),
+    Verb("show-gi", v_show_gi, summary="show the generation identifiers, explained"),
+    Verb("get-gi", v_get_gi, summary="print the generation identifiers on one line"),
+    Verb("up", v_up, summary="start replfsd if needed, attach the disk and connect"),
+    Verb("down", v_down, summary="demote, disconnect and detach"),
+    Verb("attach", _simple("attach"), summary="attach the backing disk and its meta-data"),
+    Verb("detach", _simple("detach"), summary="detach the backing disk (becomes Diskless)"),
+    Verb("connect", v_connect, summary="connect to the peer",
+         options=("discard-my-data",)),
+    Verb("disconnect", _simple("disconnect"), summary="drop the connection (StandAlone)"),
+    Verb("primary", v_primary, summary="promote this node to Primary",
+         options=("force",)),
+    Verb("secondary", _simple("secondary"), summary="demote this node to Secondary"),
+    Verb("invalidate", _simple("invalidate"),
+         summary="discard local data, full sync from the peer"),
+    Verb("invalidate-remote", _simple("invalidate-remote"),
+         summary="discard the peer's data, full sync to the peer"),
+    Verb("outdate", _simple("outdate"), summary="mark local data as outdated"),
+    Verb("new-current-uuid", _simple("new-current-uuid"),
+         summary="start a new data generation"),
+    Verb("verify", _simple("verify"), summary="online verify against the peer"),
+    Verb("adjust", _simple("adjust"),
+         summary="bring the running resource in line with the config"),
+    Verb("role", v_role, summary="print local/peer role"),
+    Verb("cstate", v_cstate, summary="print the connection state"),
+    Verb("dstate", v_dstate, summary="print local/peer disk states"),
+    Verb("status", v_status, res_optional=True, summary="show resource status",
+         options=("json", "verbose")),
+    Verb("overview", v_overview, res_optional=True,
+         summary="one line per resource, like drbd-overview"),
+    Verb("proc", v_proc, needs_res=False, summary="print status in the /proc/drbd format"),
+    Verb("wait-connect", v_wait_connect, summary="wait until connected",
+         options=("timeout",)),
+    Verb("wait-sync", v_wait_sync, summary="wait until connected and both disks UpToDate",
+         options=("timeout",)),
+    Verb("dump", v_dump, res_optional=True, summary="print the configuration, canonical form"),
+    Verb("shutdown", v_shutdown, needs_res=False, summary="stop replfsd (downs every resource)"),
+]}
+
+# Option spellings -> (canonical name, takes a value)
+OPTION_SPELLINGS = {
+    "--force": ("force", False),
+    "-o": ("force", False),
+    "--overwrite-data-of-peer": ("force", False),
+    "--discard-my-data": ("discard_my_data", False),
+    "--json": ("json", False),
+    "--verbose": ("verbose", False),
+    "-v": ("verbose", False),
+    "-t": ("timeout", True),
+    "--timeout": ("timeout", True),
+    "--wfc-timeout": ("timeout", True),
+}
+_OPT_VERB_NAME = {"force": "force", "discard_my_data": "discard-my-data", "json": "json",
+                  "verbose": "verbose", "timeout": "timeout"}
+
+
+def usage() -> str:
+    lines = [
+        "USAGE: replfsadm [OPTIONS] [--] [VERB-OPTIONS] VERB {RESOURCE|all}",
+        "",
+        "Drives replfs resources with drbdadm's verbs, states and messages.",
+        "",
+        "OPTIONS:",
+        "  -c, --config FILE   resource configuration (default $REPLFS_CONF, else /etc/replfs/replfs.conf)",
+        "  --node NAME         this node's name (default $REPLFS_NODE, else uname -n)",
+        "  --rundir DIR        replfsd's socket directory (default $REPLFS_RUNDIR, else /run/replfs)",
+        "  -d, --dry-run       print what would be done, do nothing",
+        "  -h, --help          this text; 'replfsadm VERB --help' for one verb",
+        "  --version           print the version",
+        "",
+        "VERB-OPTIONS:",
+        "  --force, -o, --overwrite-data-of-peer   (primary, create-md) override the safety checks",
+        "  --discard-my-data                       (connect) become SyncTarget after a split brain",
+        "  --json, --verbose                       (status)",
+        "  -t, --timeout SECONDS                   (wait-connect, wait-sync)",
+        "",
+        "VERBS:",
+    ]
+    for v in VERBS.values():
+        arg = "" if not v.needs_res else (" [RES]" if v.res_optional else " RES")
+        lines.append(f"  {v.name + arg:<24} {v.summary}")
+    lines += ["", "Cluster stack and filesystem verbs: see replfsadm(8).",
+              "Exit codes: 0 ok, 1 usage, 2 config syntax, 10 config, 11 state change,",
+              "16 no local disk, 17 no UpToDate disk, 20 daemon/exec."]
+    return "\n".join(lines)
+
+
+def parse(argv: list[str]) -> tuple[dict, str | None, str | None, dict]:
+    """Split argv into (globals, verb, resource, verb options)."""
+    g = {"config": None, "node": None, "rundir": None, "dry_run": False, "help": False}
+    opts: dict = {}
+    positional: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            i += 1
+            continue
+        if a in ("-c", "--config", "--node", "--rundir"):
+            if i + 1 >= len(argv):
+                raise ReplfsError(f"option {a} needs an argument", EXIT_USAGE)
+            g[{"-c": "config", "--config": "config"}.get(a, a[2:])] = argv[i + 1]
+            i += 2
+            continue
+        if a.startswith("--config=") or a.startswith("--node=") or a.startswith("--rundir="):
+            k, v = a[2:].split("=", 1)
+            g[k] = v
+            i += 1
+            continue
+        if a in ("-d", "--dry-run"):
+            g["dry_run"] = True
+            i += 1
+            continue
+        if a in ("-h", "--help"):
+            g["help"] = True
+            i += 1
+            continue
+        if a == "--version":
+            g["version"] = True
+            i += 1
+            continue
+        name = a.split("=", 1)[0]
+        if name in OPTION_SPELLINGS:
+            key, takes = OPTION_SPELLINGS[name]
+            if takes:
+                if "=" in a:
+                    opts[key] = a.split("=", 1)[1]
+                elif i + 1 < len(argv):
+                    opts[key] = argv[i + 1]
+                    i += 1
+                else:
+                    raise ReplfsError(f"option {a} needs a value", EXIT_USAGE)
+            else:
+                opts[key] = True
+            i += 1
+            continue
+        if a.startswith("-") and a != "-":
+            raise ReplfsError(f"unknown option '{a}'\n{usage()}", EXIT_USAGE)
+        positional.append(a)
+        i += 1
+    verb = positional[0] if positional else None
+    res = positional[1] if len(positional) > 1 else None
+    if len(positional) > 2:
+        raise ReplfsError(f"too many arguments: {' '.join(positional[2:])}", EXIT_USAGE)
+    return g, verb, res, opts
+
+
+def main(argv: list[str] | None = None, *, out=None, err=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    out = out or (lambda s: print(s))
+    err = err or (lambda s: print(s, file=sys.stderr))
+    try:
+        g, verb, res, opts = parse(argv)
+        if g.get("version"):
+            out(f"replfsadm {VERSION}")
+            return 0
+        if verb == "cluster":
+            from replfs.cli import cluster
+            return cluster.main(argv, out=out, err=err)
+        if verb is None:
+            if g["help"]:
+                out(usage())
+                return 0
+            err(usage())
+            return EXIT_USAGE
+        v = VERBS.get(verb)
+        if v is None:
+            raise ReplfsError(f"Unknown command '{verb}'\n{usage()}", EXIT_USAGE)
+        if g["help"]:
+            arg = "" if not v.needs_res else (" [RES|all]" if v.res_optional else " RES|all")
+            o = " ".join(f"[--{x}]" for x in v.options)
+            out(f"USAGE: replfsadm {v.name}{' ' + o if o else ''}{arg}\n\n{v.summary}")
+            return 0
+        for key in opts:
+            if _OPT_VERB_NAME[key] not in v.options:
+                raise ReplfsError(f"'{verb}' does not take --{_OPT_VERB_NAME[key]}", EXIT_USAGE)
+        if v.needs_res and not v.res_optional and res is None:
+            raise ReplfsError(f"USAGE: replfsadm {v.name} RESOURCE|all", EXIT_USAGE)
+        from replfs.daemon.main import node_name
+        ctx = Ctx(config_path=g["config"] or os.environ.get("REPLFS_CONF")
+                  or "/etc/replfs/replfs.conf",
+                  node=node_name(g["node"]), rundir=rundir_from_env(g["rundir"]),
+                  dry_run=g["dry_run"], opts=opts, out=out, err=err)
+        v.handler(ctx, res)
+        return 0
+    except ReplfsError as e:
+        err(e.message)
+        if "State change failed" in e.message:
+            err(f"Command 'replfsadm {verb} {res}' terminated with exit code {e.exit_code}")
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

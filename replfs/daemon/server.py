@@ -1,0 +1,368 @@
+"""replfsd: the node daemon.  It is "the kernel" of a replfs node.
+
+It hosts every resource's replication driver and answers the admin socket
+(a Unix socket, mode 0600) for replfsadm, the mount process, the device
+file and the benchmarks.  Each request is handled in its own task, so a
+slow resync or a waiting `wait-connect` never blocks block I/O.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import sys
+from typing import Awaitable, Callable
+
+import trio
+
+from replfs.blockdev import BlockDeviceError
+from replfs.errors import EXIT_CONFIG, EXIT_EXEC, EXIT_USAGE, ReplfsError
+from replfs.ipc import frames
+from replfs.ipc.client import SOCKET_NAME
+
+from replfs.blockrepl import conf as confmod
+from replfs.blockrepl.core.states import StateChangeRefused
+from replfs.blockrepl.driver.resource import Resource
+
+log = logging.getLogger("replfs.daemon")
+
+VERSION = "0.1.0"
+
+
+class Daemon:
+    def __init__(self, node: str, rundir: str, conf_path: str | None = None):
+        self.node = node
+        self.rundir = rundir
+        self.conf_path = conf_path
+        self.resources: dict[str, Resource] = {}
+        self._nursery: trio.Nursery | None = None
+        self._res_scopes: dict[str, trio.CancelScope] = {}
+        self._stop = trio.Event()
+        self._devfiles: dict[str, trio.Process] = {}
+
+    @property
+    def socket_path(self) -> str:
+        return os.path.join(self.rundir, SOCKET_NAME)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        os.makedirs(self.rundir, mode=0o700, exist_ok=True)
+        path = self.socket_path
+        if os.path.exists(path):
+            os.unlink(path)
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        old_umask = os.umask(0o177)
+        try:
+            await sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+        sock.listen(64)
+        listener = trio.SocketListener(sock)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(trio.serve_listeners, self._serve_conn, [listener])
+                task_status.started()
+                log.info("replfsd %s started on node %s (socket %s)", VERSION, self.node, path)
+                await self._stop.wait()
+                log.info("replfsd shutting down")
+                with trio.move_on_after(30) as cleanup:
+                    cleanup.shield = True
+                    for name in list(self.resources):
+                        try:
+                            await self._down(name)
+                        except (ReplfsError, StateChangeRefused, OSError) as e:
+                            log.warning("%s: down at shutdown: %s", name, e)
+                nursery.cancel_scope.cancel()
+        finally:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # ------------------------------------------------------------ connections
+    async def _serve_conn(self, stream: trio.SocketStream) -> None:
+        dec = frames.FrameDecoder()
+        send_lock = trio.Lock()
+        handles: dict[int, str] = {}
+
+        async def reply(header: dict, body: bytes = b"") -> None:
+            async with send_lock:
+                await stream.send_all(frames.encode(header, body))
+
+        async def handle(req: dict, body: bytes) -> None:
+            rid = req.get("id")
+            try:
+                out, data = await self._dispatch(req, body, handles)
+                await reply({"id": rid, "ok": True, **out}, data)
+            except BlockDeviceError as e:
+                await reply({"id": rid, "ok": False, "errno": e.errno or errno.EIO,
+                             "error": str(e.strerror or e)})
+            except StateChangeRefused as e:
+                res = req.get("res", "")
+                await reply({"id": rid, "ok": False, "exit": e.exit_code,
+                             "error": f"{res}: {e}" if res else str(e)})
+            except ReplfsError as e:
+                await reply({"id": rid, "ok": False, "exit": e.exit_code, "error": e.message})
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise
+            except Exception as e:  # a bug: report it, keep the daemon alive
+                log.exception("internal error handling %r", req.get("op"))
+                await reply({"id": rid, "ok": False, "exit": EXIT_EXEC,
+                             "error": f"internal error in replfsd: {type(e).__name__}: {e}"})
+
+        try:
+            async with trio.open_nursery() as n:
+                while True:
+                    data = await stream.receive_some(1 << 20)
+                    if not data:
+                        break
+                    dec.receive_data(data)
+                    while (fr := dec.next_frame()) is not None:
+                        n.start_soon(handle, *fr)
+        except frames.FrameError as e:
+            log.warning("admin socket: dropping client: %s", e)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            for _handle, name in handles.items():
+                res = self.resources.get(name)
+                if res is not None and res.open_count > 0:
+                    res.open_count -= 1
+            await stream.aclose()
+
+    # ------------------------------------------------------------ dispatch
+    async def _dispatch(self, req: dict, body: bytes, handles: dict) -> tuple[dict, bytes]:
+        op = req.get("op")
+        fn: Callable[..., Awaitable] | None = getattr(self, "op_" + str(op).replace("-", "_"), None)
+        if fn is None:
+            raise ReplfsError(f"replfsd: unknown request '{op}'", EXIT_USAGE)
+        result = await fn(req, body, handles)
+        if isinstance(result, tuple):
+            return result
+        return (result or {}), b""
+
+    def _res(self, req: dict) -> Resource:
+        name = req.get("res")
+        res = self.resources.get(name)
+        if res is None:
+            raise ReplfsError(f"{name}: no such resource is up on this node "
+                              f"(run 'replfsadm up {name}')", EXIT_CONFIG)
+        return res
+
+    def _load_conf(self, req: dict):
+        path = req.get("conf") or self.conf_path or confmod.DEFAULT_PATH
+        self.conf_path = path
+        return confmod.load(path)
+
+    async def _ensure(self, req: dict) -> Resource:
+        """The resource, created from the config if it is not hosted yet."""
+        name = req.get("res")
+        if name in self.resources:
+            return self.resources[name]
+        config = self._load_conf(req)
+        if name not in config.resources:
+            raise ReplfsError(f"'{name}' not defined in your config (for this host).",
+                              EXIT_CONFIG)
+        rconf = config.resources[name]
+        confmod.check_node(config, rconf, self.node)
+        res = Resource(rconf, self.node)
+        scope_holder: list[trio.CancelScope] = []
+
+        async def host(task_status=trio.TASK_STATUS_IGNORED):
+            with trio.CancelScope() as scope:
+                scope_holder.append(scope)
+                await res.run(task_status=task_status)
+
+        await self._nursery.start(host)
+        self._res_scopes[name] = scope_holder[0]
+        self.resources[name] = res
+        return res
+
+    # ------------------------------------------------------------ admin ops
+    async def op_ping(self, req, body, handles):
+        return {"node": self.node, "pid": os.getpid(), "version": VERSION,
+                "resources": sorted(self.resources)}
+
+    async def op_shutdown(self, req, body, handles):
+        self.stop()
+        return {}
+
+    async def op_up(self, req, body, handles):
+        res = await self._ensure(req)
+        await res.attach()
+        res.connect()
+        return {}
+
+    async def op_attach(self, req, body, handles):
+        res = await self._ensure(req)
+        await res.attach()
+        return {}
+
+    async def op_detach(self, req, body, handles):
+        await self._res(req).detach()
+        return {}
+
+    async def op_connect(self, req, body, handles):
+        res = await self._ensure(req)
+        res.connect(discard_my_data=bool(req.get("discard_my_data")))
+        return {}
+
+    async def op_disconnect(self, req, body, handles):
+        await self._res(req).disconnect()
+        return {}
+
+    async def op_primary(self, req, body, handles):
+        await self._res(req).primary(force=bool(req.get("force")))
+        return {}
+
+    async def op_secondary(self, req, body, handles):
+        await self._res(req).secondary()
+        return {}
+
+    async def op_down(self, req, body, handles):
+        await self._down(req.get("res"))
+        return {}
+
+    async def _down(self, name: str) -> None:
+        res = self.resources.get(name)
+        if res is None:
+            return
+        await res.down()
+        scope = self._res_scopes.pop(name, None)
+        del self.resources[name]
+        if scope is not None:
+            scope.cancel()
+
+    async def op_invalidate(self, req, body, handles):
+        await self._res(req).invalidate()
+        return {}
+
+    async def op_invalidate_remote(self, req, body, handles):
+        await self._res(req).invalidate_remote()
+        return {}
+
+    async def op_outdate(self, req, body, handles):
+        await self._res(req).outdate()
+        return {}
+
+    async def op_new_current_uuid(self, req, body, handles):
+        await self._res(req).new_current_uuid()
+        return {}
+
+    async def op_verify(self, req, body, handles):
+        await self._res(req).verify()
+        return {}
+
+    async def op_adjust(self, req, body, handles):
+        """Bring a resource in line with the config: up, attach, connect."""
+        res = await self._ensure(req)
+        config = self._load_conf(req)
+        new = config.resources.get(res.conf.name)
+        if new is not None and new != res.conf:
+            if res.cstate.value == "StandAlone" or not res.cstate.is_connected:
+                res.conf = new
+            else:
+                log.info("%s: config changed; new network options apply at the next "
+                         "connect", res.conf.name)
+                res.conf = new
+        if res.disk is None:
+            await res.attach()
+        if not res.want_connect and not res.split_brain:
+            res.connect()
+        return {}
+
+    async def op_status(self, req, body, handles):
+        names = [req["res"]] if req.get("res") else sorted(self.resources)
+        out = []
+        for name in names:
+            res = self.resources.get(name)
+            if res is None:
+                raise ReplfsError(f"{name}: no such resource is up on this node", EXIT_CONFIG)
+            out.append(res.status())
+        return {"resources": out, "node": self.node}
+
+    async def op_wait_connect(self, req, body, handles):
+        res = self._res(req)
+        timeout = float(req.get("timeout") or 0) or float("inf")
+        with trio.move_on_after(timeout):
+            while not res.cstate.is_connected:
+                await res.wait_state_change()
+            return {"cstate": res.cstate.value}
+        raise ReplfsError(f"{res.conf.name}: timed out waiting for the connection "
+                          f"(cstate {res.cstate.value})", EXIT_EXEC)
+
+    async def op_wait_sync(self, req, body, handles):
+        """Wait until the resource is Connected with both disks UpToDate."""
+        res = self._res(req)
+        timeout = float(req.get("timeout") or 0) or float("inf")
+        with trio.move_on_after(timeout):
+            while not (res.cstate.value == "Connected" and res.dstate.value == "UpToDate"
+                       and res.pdsk.value == "UpToDate"):
+                await res.wait_state_change()
+            return {}
+        raise ReplfsError(f"{res.conf.name}: timed out waiting for sync "
+                          f"({res.cstate.value} {res.dstate.value}/{res.pdsk.value})", EXIT_EXEC)
+
+    # ------------------------------------------------------------ block I/O
+    async def op_open(self, req, body, handles):
+        res = self._res(req)
+        if req.get("write", True):
+            res._require_io(write=True)
+        res.open_count += 1
+        handle = len(handles) + 1
+        while handle in handles:
+            handle += 1
+        handles[handle] = res.conf.name
+        return {"size": res.size, "handle": handle}
+
+    async def op_close(self, req, body, handles):
+        name = handles.pop(req.get("handle"), None)
+        if name is not None and name in self.resources:
+            self.resources[name].open_count = max(0, self.resources[name].open_count - 1)
+        return {}
+
+    async def op_read(self, req, body, handles):
+        data = await self._res(req).read(int(req["off"]), int(req["len"]))
+        return {}, data
+
+    async def op_write(self, req, body, handles):
+        await self._res(req).write(int(req["off"]), body)
+        return {}
+
+    async def op_flush(self, req, body, handles):
+        await self._res(req).flush()
+        return {}
+
+    async def op_discard(self, req, body, handles):
+        await self._res(req).discard(int(req["off"]), int(req["len"]))
+        return {}
+
+
+def setup_logging(rundir: str, foreground: bool, level: int = logging.INFO) -> None:
+    fmt = logging.Formatter("%(asctime)s %(name)s: %(message)s")
+    root = logging.getLogger("replfs")
+    root.setLevel(level)
+    fh = logging.FileHandler(os.path.join(rundir, "replfsd.log"))
+    fh.setFormatter(fmt)
+    root.addHandler(fh)
+    if foreground:
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setFormatter(fmt)
+        root.addHandler(sh)
+
+
+async def serve(daemon: Daemon) -> None:
+    """Run the daemon until SIGTERM/SIGINT or a shutdown request."""
+    async with trio.open_nursery() as n:
+        async def signals():
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                async for _ in sigs:
+                    daemon.stop()
+        n.start_soon(signals)
+        await daemon.run()
+        n.cancel_scope.cancel()

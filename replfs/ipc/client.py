@@ -1,0 +1,190 @@
+"""Clients of replfsd's admin socket: a blocking one for the CLI and an
+async (trio) one for the mount process, the device file and benchmarks.
+
+``DaemonBlockDevice`` is the BlockDevice of a replicated resource: every
+write returns when the resource's protocol counts it complete.
+"""
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import socket
+
+import trio
+
+from replfs.blockdev import BlockDeviceError
+from replfs.errors import EXIT_EXEC, ReplfsError
+
+from . import frames
+
+DEFAULT_RUNDIR = "/run/replfs"
+SOCKET_NAME = "replfsd.sock"
+
+
+def rundir_from_env(rundir: str | None = None) -> str:
+    return rundir or os.environ.get("REPLFS_RUNDIR") or DEFAULT_RUNDIR
+
+
+def socket_path(rundir: str | None = None) -> str:
+    return os.path.join(rundir_from_env(rundir), SOCKET_NAME)
+
+
+class DaemonNotRunning(ReplfsError):
+    def __init__(self, path: str):
+        super().__init__(f"replfsd is not running (no answer on {path}); "
+                         f"start it with 'replfsadm up RESOURCE' or 'replfsd'", EXIT_EXEC)
+
+
+def _raise_reply(reply: dict) -> None:
+    if reply.get("ok"):
+        return
+    if "errno" in reply:
+        raise BlockDeviceError(reply["errno"], reply.get("error", os.strerror(reply["errno"])))
+    raise ReplfsError(reply.get("error", "replfsd refused the request"),
+                      reply.get("exit", EXIT_EXEC))
+
+
+class SyncClient:
+    """One request at a time over a blocking socket (the CLI)."""
+
+    def __init__(self, path: str, timeout: float | None = 120.0):
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            self._sock.close()
+            raise DaemonNotRunning(path) from None
+        self._dec = frames.FrameDecoder()
+        self._ids = itertools.count(1)
+
+    def call(self, op: str, body: bytes = b"", **args) -> tuple[dict, bytes]:
+        rid = next(self._ids)
+        self._sock.sendall(frames.encode({"id": rid, "op": op, **args}, body))
+        while True:
+            fr = self._dec.next_frame()
+            if fr is not None:
+                header, data = fr
+                if header.get("id") != rid:
+                    continue
+                _raise_reply(header)
+                return header, data
+            chunk = self._sock.recv(1 << 20)
+            if not chunk:
+                raise ReplfsError("replfsd closed the connection", EXIT_EXEC)
+            self._dec.receive_data(chunk)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class AsyncClient:
+    """Many requests in flight over one connection (trio)."""
+
+    def __init__(self, stream: trio.abc.Stream):
+        self._stream = stream
+        self._dec = frames.FrameDecoder()
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, trio.MemorySendChannel] = {}
+        self._send_lock = trio.Lock()
+        self._closed = False
+
+    @classmethod
+    async def connect(cls, path: str, nursery: trio.Nursery) -> "AsyncClient":
+        try:
+            stream = await trio.open_unix_socket(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise DaemonNotRunning(path) from None
+        client = cls(stream)
+        nursery.start_soon(client._reader)
+        return client
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                data = await self._stream.receive_some(1 << 20)
+                if not data:
+                    break
+                self._dec.receive_data(data)
+                while (fr := self._dec.next_frame()) is not None:
+                    send = self._waiting.pop(fr[0].get("id"), None)
+                    if send is not None:
+                        send.send_nowait(fr)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._closed = True
+            for send in self._waiting.values():
+                send.close()
+            self._waiting.clear()
+
+    async def call(self, op: str, body: bytes = b"", **args) -> tuple[dict, bytes]:
+        if self._closed:
+            raise BlockDeviceError(errno.EIO, "connection to replfsd is closed")
+        rid = next(self._ids)
+        send, recv = trio.open_memory_channel(1)
+        self._waiting[rid] = send
+        try:
+            async with self._send_lock:
+                await self._stream.send_all(frames.encode({"id": rid, "op": op, **args}, body))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._waiting.pop(rid, None)
+            raise BlockDeviceError(errno.EIO, "connection to replfsd lost") from None
+        try:
+            header, data = await recv.receive()
+        except trio.EndOfChannel:
+            raise BlockDeviceError(errno.EIO, "replfsd went away") from None
+        _raise_reply(header)
+        return header, data
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class DaemonBlockDevice:
+    """The BlockDevice of a replicated resource, served by replfsd."""
+
+    def __init__(self, client: AsyncClient, resource: str, size: int, handle: int):
+        self._c = client
+        self.resource = resource
+        self._size = size
+        self._handle = handle
+
+    @classmethod
+    async def open(cls, nursery: trio.Nursery, resource: str, *, rundir: str | None = None,
+                   write: bool = True) -> "DaemonBlockDevice":
+        client = await AsyncClient.connect(socket_path(rundir), nursery)
+        reply, _ = await client.call("open", res=resource, write=write)
+        return cls(client, resource, reply["size"], reply["handle"])
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    async def read(self, offset: int, length: int) -> bytes:
+        _, data = await self._c.call("read", res=self.resource, off=offset, len=length)
+        return data
+
+    async def write(self, offset: int, data: bytes) -> None:
+        await self._c.call("write", bytes(data), res=self.resource, off=offset)
+
+    async def flush(self) -> None:
+        await self._c.call("flush", res=self.resource)
+
+    async def discard(self, offset: int, length: int) -> None:
+        await self._c.call("discard", res=self.resource, off=offset, len=length)
+
+    async def close(self) -> None:
+        try:
+            await self._c.call("close", res=self.resource, handle=self._handle)
+        except (BlockDeviceError, ReplfsError):
+            pass
+        await self._c.aclose()
