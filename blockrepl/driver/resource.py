@@ -103,7 +103,7 @@ class _Channel:
 
     async def aclose(self) -> None:
         with trio.move_on_after(1) as scope:
-            scope.shielded = True
+            scope.shield = True
             await self.stream.aclose()
 
 
@@ -798,10 +798,6 @@ class Resource:
             raise _Fatal(f"the peer's disk size ({params.data_size} bytes) differs from "
                          f"ours ({self.size} bytes); resizing is not supported")
         peer_role = Role(P.ROLE_CODES[params.role]) if params.role < 3 else Role.Unknown
-        if (peer_role is Role.Primary and self.role is Role.Primary
-                and not self.conf.allow_two_primaries):
-            raise _Fatal("both nodes are Primary and allow-two-primaries is not set; "
-                         "demote one with 'replfsadm secondary'")
         self._chan = chan
         self._set(peer_role=peer_role,
                   pdsk=DiskState(P.DISK_CODES[params.disk]) if params.disk < 9 else DiskState.DUnknown)
@@ -866,10 +862,12 @@ class Resource:
             raise _Fatal("Split-Brain detected, dropping connection!")
         if decision is Decision.UNRELATED:
             raise _Fatal("Unrelated data, aborting!")
-        if decision.i_am_target and self.role is Role.Primary and not self.conf.allow_two_primaries:
-            raise _Fatal("I shall become SyncTarget, but I am primary!")
         if decision.i_am_target and self.role is Role.Primary:
             raise _Fatal("I shall become SyncTarget, but I am primary!")
+        if (self.role is Role.Primary and self.peer_role is Role.Primary
+                and not self.conf.allow_two_primaries):
+            raise _Fatal("both nodes are Primary and allow-two-primaries is not set; "
+                         "demote one with 'replfsadm secondary'")
         self.discard_my_data = False
         self._peer_bitmap_done = trio.Event()
         try:
