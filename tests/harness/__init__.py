@@ -1,0 +1,1 @@
+"""Test harness: fault-injecting TCP proxy and helpers for real node daemons."""
