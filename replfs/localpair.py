@@ -1,0 +1,210 @@
+"""Two replfs nodes on one machine: alpha on 127.0.0.1, beta on 127.0.0.2.
+
+Used by `make demo`, the benchmarks and the integration tests.  Each node
+gets its own directory with a backing file, a config, and a run directory
+for its replfsd; replfsadm is run as a subprocess exactly as an admin
+would run it.  Optionally alpha reaches beta through a fault proxy.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from replfs.ipc.client import SyncClient, socket_path
+
+PY = sys.executable
+
+
+class PairError(AssertionError):
+    """A node of the local pair did not do what was asked."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+SIZE = 32 * 1024 * 1024
+
+
+CONF = """\
+global {{ usage-count no; }}
+common {{
+	net {{
+		connect-int 1;
+		ping-int 1;
+		ping-timeout 20;
+		timeout 30;{extra_net}
+	}}
+}}
+resource r0 {{
+	protocol {protocol};
+	on alpha {{
+		device    {alpha_dev};
+		disk      {alpha_disk};
+		address   {alpha_addr};
+		meta-disk internal;
+	}}
+	on beta {{
+		device    {beta_dev};
+		disk      {beta_disk};
+		address   {beta_addr};
+		meta-disk internal;
+	}}
+}}
+"""
+
+
+@dataclass
+class Node:
+    name: str
+    addr: str
+    root: str
+    conf: str = ""
+    disk: str = ""
+    proc: subprocess.Popen | None = None
+    env: dict = field(default_factory=dict)
+
+    @property
+    def rundir(self) -> str:
+        return os.path.join(self.root, "run")
+
+    def adm(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        cmd = [PY, "-m", "replfs.cli.main", "-c", self.conf, "--node", self.name,
+               "--rundir", self.rundir, *args]
+        cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self.env)
+        if check and cp.returncode != 0:
+            raise PairError(f"replfsadm {' '.join(args)} on {self.name} failed "
+                                 f"({cp.returncode}):\n{cp.stdout}{cp.stderr}")
+        return cp
+
+    def start(self) -> None:
+        """Start replfsd in the foreground as a child (so kill9 can reach it)."""
+        os.makedirs(self.rundir, exist_ok=True)
+        log = open(os.path.join(self.root, "replfsd.out"), "ab")
+        self.proc = subprocess.Popen(
+            [PY, "-m", "replfs.daemon.main", "-f", "--node", self.name, "--rundir",
+             self.rundir, "-c", self.conf], stdout=log, stderr=log, env=self.env)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise PairError(f"replfsd {self.name} exited: {self.log()}")
+            try:
+                with SyncClient(socket_path(self.rundir), timeout=2) as c:
+                    c.call("ping")
+                return
+            except Exception:
+                time.sleep(0.05)
+        raise PairError(f"replfsd {self.name} did not start")
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        self.proc = None
+
+    def client(self) -> SyncClient:
+        return SyncClient(socket_path(self.rundir))
+
+    def status(self) -> dict:
+        with self.client() as c:
+            reply, _ = c.call("status", res="r0")
+            return reply["resources"][0]
+
+    def wait(self, pred, timeout: float = 30, what: str = "condition") -> dict:
+        deadline = time.monotonic() + timeout
+        st = None
+        while time.monotonic() < deadline:
+            try:
+                st = self.status()
+                if pred(st):
+                    return st
+            except Exception:
+                pass
+            time.sleep(0.05)
+        raise PairError(f"{self.name}: timed out waiting for {what}; last status {st}")
+
+    def log(self) -> str:
+        text = ""
+        for name in ("run/replfsd.log", "replfsd.out"):
+            try:
+                with open(os.path.join(self.root, name)) as f:
+                    text += f.read()
+            except OSError:
+                pass
+        return text
+
+
+class LocalPair:
+    def __init__(self, root, protocol="C", extra_net="", proxy_port=None, size=SIZE):
+        self.root = str(root)
+        port = free_port("127.0.0.1")
+        self.port = port
+        self.alpha = Node("alpha", "127.0.0.1", os.path.join(self.root, "alpha"))
+        self.beta = Node("beta", "127.0.0.2", os.path.join(self.root, "beta"))
+        env = dict(os.environ)
+        env.pop("REPLFS_NODE", None)
+        for n in self.nodes:
+            os.makedirs(n.root, exist_ok=True)
+            n.env = env
+            n.disk = os.path.join(n.root, "disk.img")
+            with open(n.disk, "wb") as f:
+                f.truncate(size)
+        fields = dict(protocol=protocol, extra_net=extra_net,
+                      alpha_dev=os.path.join(self.alpha.root, "drbd0"),
+                      beta_dev=os.path.join(self.beta.root, "drbd0"),
+                      alpha_disk=self.alpha.disk, beta_disk=self.beta.disk,
+                      alpha_addr=f"127.0.0.1:{port}", beta_addr=f"127.0.0.2:{port}")
+        for n in self.nodes:
+            f = dict(fields)
+            if proxy_port and n is self.alpha:
+                # alpha connects to beta through the proxy.
+                f["beta_addr"] = f"127.0.0.3:{proxy_port}"
+            n.conf = os.path.join(n.root, "replfs.conf")
+            with open(n.conf, "w") as fh:
+                fh.write(CONF.format(**f))
+
+    @property
+    def nodes(self):
+        return (self.alpha, self.beta)
+
+    def up_fresh(self):
+        """create-md, start daemons, up, force alpha Primary, wait for sync."""
+        for n in self.nodes:
+            n.adm("create-md", "r0")
+            n.start()
+            n.adm("up", "r0")
+        self.alpha.wait(lambda s: s["cstate"] == "Connected", what="connection")
+        self.alpha.adm("primary", "--force", "r0")
+        self.wait_synced()
+
+    def wait_synced(self, timeout=60):
+        for n in self.nodes:
+            n.wait(lambda s: s["cstate"] == "Connected" and s["dstate"] == "UpToDate"
+                   and s["pdsk"] == "UpToDate", timeout, what="both disks UpToDate")
+
+    def teardown(self):
+        for n in self.nodes:
+            n.stop()
+
+
+
+
+def read_data(path: str, size: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(size)

@@ -1,0 +1,172 @@
+"""The block mirror through real replfsd daemons and replfsadm, on loopback."""
+import errno
+import hashlib
+import os
+import threading
+import time
+
+import pytest
+
+from replfs.blockdev import BlockDeviceError
+from replfs.ipc.client import SyncClient, socket_path
+
+from replfs.localpair import read_data
+
+
+def data_md5(node, size):
+    return hashlib.md5(read_data(node.disk, size)).hexdigest()
+
+
+def test_full_sync_makes_backing_disks_identical(cluster):
+    a, b = cluster.alpha, cluster.beta
+    for n in cluster.nodes:
+        n.adm("create-md", "r0")
+        n.start()
+    # Fill alpha's disk with data that must travel.
+    with open(a.disk, "r+b") as f:
+        for i in range(0, 24 * 1024 * 1024, 1024 * 1024):
+            f.seek(i)
+            f.write(os.urandom(64 * 1024))
+    for n in cluster.nodes:
+        n.adm("up", "r0")
+    st = a.wait(lambda s: s["cstate"] == "Connected", what="connection")
+    assert st["dstate"] == "Inconsistent" and st["pdsk"] == "Inconsistent"
+    # The walkthrough's refusal, word for word, with exit code 17.
+    cp = a.adm("primary", "r0", check=False)
+    assert cp.returncode == 17
+    assert "State change failed: (-2) Refusing to be Primary without at least one UpToDate disk" in cp.stderr
+    # The DRBD 8 spelling of the override.
+    a.adm("--", "--overwrite-data-of-peer", "primary", "r0")
+    cluster.wait_synced()
+    size = a.status()["size"]
+    assert data_md5(a, size) == data_md5(b, size)
+    assert a.adm("role", "r0").stdout.strip() == "Primary/Secondary"
+    assert b.adm("role", "r0").stdout.strip() == "Secondary/Primary"
+    assert a.adm("cstate", "r0").stdout.strip() == "Connected"
+    assert a.adm("dstate", "r0").stdout.strip() == "UpToDate/UpToDate"
+    proc = a.adm("proc").stdout
+    assert "cs:Connected ro:Primary/Secondary ds:UpToDate/UpToDate C r-----" in proc
+    ns = int(proc.split("ns:")[1].split()[0])
+    assert ns >= size // 1024   # the full sync went over the wire
+
+
+def test_refusals(cluster):
+    cluster.up_fresh()
+    a, b = cluster.alpha, cluster.beta
+    # A second Primary without allow-two-primaries.
+    cp = b.adm("primary", "r0", check=False)
+    assert cp.returncode != 0
+    assert "Multiple primaries not allowed by config" in cp.stderr
+    # A Secondary refuses application I/O.
+    with SyncClient(socket_path(b.rundir)) as c:
+        with pytest.raises(BlockDeviceError) as e:
+            c.call("open", res="r0", write=True)
+        assert e.value.errno == errno.EMEDIUMTYPE
+    # Unknown resource, bad usage.
+    cp = a.adm("primary", "nosuch", check=False)
+    assert cp.returncode == 10 and "'nosuch' not defined in your config" in cp.stderr
+    cp = a.adm("frobnicate", "r0", check=False)
+    assert cp.returncode == 1 and "Unknown command 'frobnicate'" in cp.stderr
+    # create-md refuses to overwrite live meta-data.
+    cp = a.adm("create-md", "r0", check=False)
+    assert cp.returncode != 0 and "attached" in cp.stderr
+
+
+def _writer(node, blocks, acked, stop):
+    """Write 4 KiB blocks with unique content; record each acknowledged one."""
+    try:
+        with SyncClient(socket_path(node.rundir), timeout=10) as c:
+            c.call("open", res="r0", write=True)
+            for i in range(blocks):
+                if stop.is_set():
+                    return
+                payload = (b"%08d" % i) * 512
+                c.call("write", payload, res="r0", off=i * 4096)
+                acked.append(i)
+    except Exception:
+        return
+
+
+def test_protocol_c_kill9_primary_loses_no_acknowledged_write(cluster):
+    cluster.up_fresh()
+    a, b = cluster.alpha, cluster.beta
+    acked: list[int] = []
+    stop = threading.Event()
+    t = threading.Thread(target=_writer, args=(a, 4000, acked, stop))
+    t.start()
+    deadline = time.monotonic() + 20
+    while len(acked) < 300 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    a.kill9()
+    stop.set()
+    t.join(20)
+    assert len(acked) >= 300, "the write stream did not get going"
+    b.wait(lambda s: s["cstate"] != "Connected", what="beta noticing the loss")
+    b.adm("primary", "r0")
+    with SyncClient(socket_path(b.rundir)) as c:
+        for i in acked:
+            _, data = c.call("read", res="r0", off=i * 4096, len=4096)
+            assert data == (b"%08d" % i) * 512, f"acknowledged block {i} lost"
+
+
+def test_bitmap_resync_after_disconnect_moves_only_dirty_blocks(cluster):
+    cluster.up_fresh()
+    a, b = cluster.alpha, cluster.beta
+    b.adm("disconnect", "r0")
+    a.wait(lambda s: s["cstate"] != "Connected", what="alpha disconnected")
+    with SyncClient(socket_path(a.rundir)) as c:
+        for i in range(7):
+            c.call("write", os.urandom(4096), res="r0", off=i * 2 * 1024 * 1024)
+    st = a.status()
+    assert st["counters"]["oos"] == 7 * 4
+    ns_before = st["counters"]["ns"]
+    b.adm("connect", "r0")
+    cluster.wait_synced()
+    st = a.status()
+    assert st["counters"]["oos"] == 0
+    assert st["counters"]["ns"] - ns_before == 7 * 4  # KiB: only the dirty blocks
+    size = st["size"]
+    assert data_md5(a, size) == data_md5(b, size)
+
+
+def test_split_brain_detected_and_manual_recovery(cluster):
+    cluster.up_fresh()
+    a, b = cluster.alpha, cluster.beta
+    a.adm("disconnect", "r0")
+    b.adm("disconnect", "r0")
+    b.adm("primary", "r0")
+    with SyncClient(socket_path(a.rundir)) as c:
+        c.call("write", b"a" * 4096, res="r0", off=0)
+    with SyncClient(socket_path(b.rundir)) as c:
+        c.call("write", b"b" * 4096, res="r0", off=4096)
+    b.adm("secondary", "r0")
+    a.adm("connect", "r0")
+    b.adm("connect", "r0")
+    for n in cluster.nodes:
+        n.wait(lambda s: s["cstate"] == "StandAlone" and s["split_brain"], what="split brain")
+        assert "Split-Brain detected, dropping connection!" in n.log()
+    # Nothing was overwritten on either side.
+    assert read_data(a.disk, 4096) == b"a" * 4096
+    assert read_data(b.disk, 8192)[4096:] == b"b" * 4096
+    # The walkthrough's recovery: beta is the victim.
+    b.adm("secondary", "r0")
+    b.adm("--", "--discard-my-data", "connect", "r0")
+    a.adm("connect", "r0")
+    cluster.wait_synced()
+    size = a.status()["size"]
+    assert data_md5(a, size) == data_md5(b, size)
+    assert read_data(b.disk, 8192)[4096:] == bytes(4096)
+
+
+def test_status_views(cluster):
+    cluster.up_fresh()
+    a = cluster.alpha
+    out = a.adm("status", "r0").stdout
+    assert out.startswith("r0 role:Primary\n  disk:UpToDate\n  beta connection:Connected role:Secondary\n")
+    import json
+    js = json.loads(a.adm("status", "--json", "r0").stdout)
+    assert js[0]["connection"]["peer-disk-state"] == "UpToDate"
+    ov = a.adm("overview").stdout
+    assert "0:r0" in ov and "Connected" in ov and "Primary/Secondary" in ov
+    gi = a.adm("show-gi", "r0").stdout
+    assert "Current data generation UUID" in gi
