@@ -41,7 +41,9 @@ catches up.  On a new epoch every node:
 2. as an owner, resolves its pending cancels locally, then reports every
    lock (granted mode, requested mode, its LVB copy) and the last LVB it
    wrote on each resource to that resource's master;
-3. sends RecoveryDone to every live node.
+3. sends RecoveryDone to every live node, saying whether its previous
+   recovery had finished (if not, its silence about a resource proves
+   nothing and the LVBs it mastered count as lost).
 
 A master serves nothing until it has RecoveryDone from every live node;
 then it rebuilds each resource from the reports (the LVB with the highest
@@ -156,6 +158,7 @@ class DlmNode:
         self._held: list[tuple[int, Message]] = []
         self._rebuild: dict[str, _Rebuild] = {}
         self._done_from: set[int] = set()
+        self._incomplete_from: set[int] = set()
         self.dropped_stale = 0
 
     # ============================================================ local API
@@ -248,6 +251,7 @@ class DlmNode:
         self.prev_members = self.members - {self.node_id}
         self.recovering = True
         self._done_from = set()
+        self._incomplete_from = set()
         for m in sorted(self.members):
             self._send(m, RecoveryDone(self.epoch))
         return self._flush()
@@ -324,6 +328,8 @@ class DlmNode:
             self._rebuild_for(msg.resource).lvbs.append(msg)
         elif isinstance(msg, RecoveryDone):
             self._done_from.add(src)
+            if not msg.complete:
+                self._incomplete_from.add(src)
             self._maybe_finish_recovery()
 
     # ------------------------------------------------------------ owner side
@@ -358,6 +364,9 @@ class DlmNode:
         res = self.mastered.get(name)
         if res is None:
             res = self.mastered[name] = LockResource(name)
+            # Never written as far as we know; start its sequence in this
+            # epoch so that no write from an earlier era can look newer.
+            res.lvb_seq = self.epoch << 32
         return res
 
     def _serve(self, src: int, msg: Message) -> None:
@@ -395,6 +404,7 @@ class DlmNode:
         return rb
 
     def _new_epoch(self, members: frozenset) -> None:
+        complete = not self.recovering
         if self.recovering:
             # A second change before the first recovery ended.  The reports
             # heard so far are incomplete, so no lock state may come of them
@@ -410,6 +420,7 @@ class DlmNode:
         self._held = []
         self._rebuild = {}
         self._done_from = set()
+        self._incomplete_from = set()
         dead = self.prev_members - self.members
 
         old_mastered, self.mastered = self.mastered, {}
@@ -431,7 +442,7 @@ class DlmNode:
         for name, (seq, lvb) in self._last_write.items():
             self._to_master(name, LvbReport(self.epoch, name, lvb, seq, True, False))
         for m in sorted(self.members):
-            self._send(m, RecoveryDone(self.epoch))
+            self._send(m, RecoveryDone(self.epoch, complete))
         future, self._future = self._future, []
         for src, msg in future:
             if msg.epoch == self.epoch:
@@ -463,7 +474,8 @@ class DlmNode:
         cands += [(rep.lvb_seq, rep.lvb, rep.lvb_valid) for _, rep in rb.locks
                   if rep.granted is not None]
         heard_master = any(r.from_master for r in rb.lvbs)
-        old_master_alive = master_of(res.name, self.prev_members) in self.members
+        old_master = master_of(res.name, self.prev_members)
+        old_master_alive = old_master in self.members and old_master not in self._incomplete_from
         if cands:
             seq = max(c[0] for c in cands)
             best = [c for c in cands if c[0] == seq]
@@ -476,4 +488,10 @@ class DlmNode:
             valid = valid and any(rep.granted in _EXCLUDES_WRITERS for _, rep in rb.locks)
         if not trust_lvb:
             valid = False
+        if not valid:
+            # The real newest value may be lost together with its sequence
+            # number, so jump the sequence past anything written in earlier
+            # epochs: an old write a survivor reports later must not pass
+            # for a newer one.  (Epoch in the high 32 bits, writes below.)
+            seq = max(seq, self.epoch << 32)
         res.lvb, res.lvb_seq, res.lvb_valid = lvb, seq, valid

@@ -148,8 +148,11 @@ class LvbReport:
 
 @dataclass(frozen=True)
 class RecoveryDone:
-    """To every live node: all my reports for ``epoch`` have been sent."""
+    """To every live node: all my reports for ``epoch`` have been sent.
+    ``complete`` is False when the sender's previous recovery was cut short,
+    so its silence about a resource it mastered proves nothing."""
     epoch: int
+    complete: bool = True
 
 
 Message = Union[LockRequest, ConvertRequest, UnlockRequest, CancelRequest, GrantMsg,
@@ -166,7 +169,7 @@ _SCHEMA = {
     7: (RefuseMsg, ("u64", "str", "u64", "u8")),
     8: (LockReport, ("u64", "str", "u64", "optmode", "optmode", "u8", "lvb", "u64", "bool")),
     9: (LvbReport, ("u64", "str", "lvb", "u64", "bool", "bool")),
-    10: (RecoveryDone, ("u64",)),
+    10: (RecoveryDone, ("u64", "bool")),
 }
 _TYPE_OF = {cls: code for code, (cls, _) in _SCHEMA.items()}
 for _code, (_cls, _kinds) in _SCHEMA.items():
