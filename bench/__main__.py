@@ -1,0 +1,16 @@
+"""`make bench`: run every benchmark in turn."""
+import sys
+
+from . import block
+
+
+def main() -> int:
+    rc = 0
+    for mod in (block,):
+        print(f"\n######## {mod.__name__}", flush=True)
+        rc |= mod.main([])
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

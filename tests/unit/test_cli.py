@@ -1,0 +1,59 @@
+"""replfsadm argument handling, in-process (no daemon needed)."""
+import os
+import re
+
+import pytest
+
+from replfs.cli.main import VERBS, main, parse
+from replfs.errors import ReplfsError
+
+MAN = os.path.join(os.path.dirname(__file__), "..", "..", "man", "replfsadm.8")
+
+
+def run(argv):
+    out, err = [], []
+    rc = main(argv, out=out.append, err=err.append)
+    return rc, "\n".join(out), "\n".join(err)
+
+
+def test_drbd8_and_modern_option_placements_parse_the_same():
+    for argv in (["--", "--overwrite-data-of-peer", "primary", "r0"],
+                 ["--", "-o", "primary", "r0"],
+                 ["primary", "r0", "-o"],
+                 ["primary", "--force", "r0"]):
+        g, verb, res, opts = parse(argv)
+        assert (verb, res, opts) == ("primary", "r0", {"force": True}), argv
+    g, verb, res, opts = parse(["--", "--discard-my-data", "connect", "r1"])
+    assert (verb, res, opts) == ("connect", "r1", {"discard_my_data": True})
+
+
+def test_usage_errors_exit_1_with_a_message():
+    rc, out, err = run(["frobnicate", "r0"])
+    assert rc == 1 and "Unknown command 'frobnicate'" in err
+    rc, out, err = run(["primary"])
+    assert rc == 1 and "USAGE: replfsadm primary" in err
+    rc, out, err = run(["connect", "--force", "r0"])
+    assert rc == 1 and "does not take --force" in err
+    rc, out, err = run(["--bogus", "up", "r0"])
+    assert rc == 1 and "unknown option '--bogus'" in err
+    with pytest.raises(ReplfsError):
+        parse(["up", "r0", "extra"])
+
+
+def test_help_lists_every_verb():
+    rc, out, err = run(["--help"])
+    assert rc == 0
+    for name in VERBS:
+        assert f"  {name}" in out
+
+
+def test_missing_config_is_a_config_error(tmp_path):
+    rc, out, err = run(["-c", str(tmp_path / "none.conf"), "up", "r0"])
+    assert rc == 10 and "Can not open" in err
+
+
+def test_man_page_documents_exactly_the_verbs():
+    text = open(MAN).read().replace("\\-", "-")
+    section = text.split(".SH VERBS")[1].split(".SH ")[0]
+    documented = set(re.findall(r"^\.TP\n\.B ([a-z][a-z-]*)", section, re.M))
+    assert documented == set(VERBS)
