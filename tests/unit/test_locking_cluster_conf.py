@@ -129,3 +129,17 @@ def test_timeouts():
 
 def test_load_timeouts_missing_is_default(tmp_path):
     assert cc.load_timeouts(str(tmp_path / "none")) == cc.Timeouts()
+
+
+def test_man_page_examples_parse():
+    import pathlib
+    import re
+    page = pathlib.Path(__file__).resolve().parents[2] / "man" / "cluster.conf.5"
+    blocks = re.findall(r"^\.nf\n(.*?)^\.fi$", page.read_text(), re.S | re.M)
+    tables = [b for b in blocks if b.startswith("node:")]
+    assert len(tables) == 2
+    walkthrough, loopback = (cc.parse(b.replace("\\-", "-")) for b in tables)
+    assert walkthrough == cc.parse(WALKTHROUGH)
+    assert [n.ip_address for n in loopback.nodes] == ["127.0.0.1", "127.0.0.2"]
+    timeouts = [b for b in blocks if b.startswith("O2CB_")]
+    assert cc.parse_timeouts(timeouts[0]).dead_after_seconds == 120
