@@ -308,11 +308,12 @@ class Sim:
             core = self.nodes[node]
             if core.recovering:
                 self.fail(f"node {node} still recovering after all traffic was delivered")
-            stuck = {lid: lk for lid, lk in core.locks.items() if lk.requested is not None}
+            stuck = {lid: (lk.resource, lk.granted, lk.requested)
+                     for lid, lk in core.locks.items() if lk.requested is not None}
             if stuck:
                 self.fail(f"lost grant: node {node} still waits on {stuck}")
             if core.locks:
-                self.fail(f"node {node} still holds {core.locks} after draining")
+                self.fail(f"node {node} still holds {sorted(core.locks)} after draining")
 
     def run(self) -> "Sim":
         for _ in range(self.steps):
