@@ -160,10 +160,14 @@ class DlmNode:
         self._done_from: set[int] = set()
         self._incomplete_from: set[int] = set()
         self.dropped_stale = 0
+        self._master_cache: dict[str, int] = {}
 
     # ============================================================ local API
     def master_of(self, resource: str) -> int:
-        return master_of(resource, self.members)
+        m = self._master_cache.get(resource)
+        if m is None:
+            m = self._master_cache[resource] = master_of(resource, self.members)
+        return m
 
     def lock(self, lockid: int, resource: str, mode: Mode, *, noqueue: bool = False,
              timeout: Optional[float] = None) -> list[Action]:
@@ -415,6 +419,7 @@ class DlmNode:
                 self._settle_lvb(res, rb, trust_lvb=False)
             self.recovering = False
         self.prev_members, self.members = self.members, frozenset(members)
+        self._master_cache = {}
         self.epoch += 1
         self.recovering = True
         self._held = []

@@ -140,6 +140,12 @@ class HeartbeatMonitor:
         self.last_ping: dict[int, float] = {}
         self.connected: set[int] = set()
 
+    @classmethod
+    def from_timeouts(cls, my_number: int, numbers: Iterable[int], timeouts) -> "HeartbeatMonitor":
+        """Build from a cluster_conf.Timeouts (anything with its two fields)."""
+        return cls(my_number, numbers, heartbeat_threshold=timeouts.heartbeat_threshold,
+                   idle_timeout_ms=timeouts.idle_timeout_ms)
+
     @property
     def live(self) -> frozenset[int]:
         """Nodes whose disk heartbeat is alive, this node included."""

@@ -103,3 +103,10 @@ def test_monitor_decides_with_o2quo():
     mon.check(33.0)                   # network silent 31 s, disk still beating
     assert 0 not in mon.connected
     assert mon.decide() == "fence"
+
+
+def test_monitor_from_o2cb_timeouts():
+    from replfs.locking.cluster_conf import Timeouts
+    mon = HeartbeatMonitor.from_timeouts(0, [0, 1], Timeouts(heartbeat_threshold=11,
+                                                             idle_timeout_ms=5000))
+    assert mon.dead_after == 20.0 and mon.idle_timeout == 5.0
