@@ -46,13 +46,13 @@ common {{
 resource r0 {{
 	protocol {protocol};
 	on alpha {{
-		device    {alpha_dev};
+		device    {alpha_dev} minor 0;
 		disk      {alpha_disk};
 		address   {alpha_addr};
 		meta-disk internal;
 	}}
 	on beta {{
-		device    {beta_dev};
+		device    {beta_dev} minor 0;
 		disk      {beta_disk};
 		address   {beta_addr};
 		meta-disk internal;
