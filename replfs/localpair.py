@@ -34,7 +34,6 @@ SIZE = 32 * 1024 * 1024
 
 
 CONF = """\
-global {{ usage-count no; }}
 common {{
 	net {{
 		connect-int 1;

@@ -299,7 +299,11 @@ def v_shutdown(ctx: Ctx, arg: str | None) -> None:
     try:
         _daemon_call(ctx, "shutdown")
     except DaemonNotRunning:
-        pass
+        return
+    # Wait for the daemon to finish taking resources down and exit.
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline and os.path.exists(socket_path(ctx.rundir)):
+        time.sleep(0.05)
 
 
 VERBS: dict[str, Verb] = {v.name: v for v in [

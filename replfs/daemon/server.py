@@ -99,6 +99,8 @@ class Daemon:
             try:
                 out, data = await self._dispatch(req, body, handles)
                 await reply({"id": rid, "ok": True, **out}, data)
+                if req.get("op") == "shutdown":
+                    self.stop()  # only now: the caller has its answer
             except BlockDeviceError as e:
                 await reply({"id": rid, "ok": False, "errno": e.errno or errno.EIO,
                              "error": str(e.strerror or e)})
@@ -189,7 +191,6 @@ class Daemon:
                 "resources": sorted(self.resources)}
 
     async def op_shutdown(self, req, body, handles):
-        self.stop()
         return {}
 
     async def op_up(self, req, body, handles):
