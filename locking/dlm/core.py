@@ -63,7 +63,7 @@ from .messages import (
     BastMsg, CancelRequest, ConvertRequest, GrantMsg, LocalProtocolError, LockReport,
     LockRequest, LvbReport, Message, RecoveryDone, RefuseMsg, UnlockRequest,
 )
-from .modes import CW, EX, LVB_WRITER_MODES, PR, PW, Mode, covers
+from .modes import CW, EX, LVB_WRITER_MODES, PR, PW, Mode, covers, meet
 
 
 # ------------------------------------------------------------------ actions
@@ -188,7 +188,9 @@ class DlmNode:
                 lvb: Optional[bytes] = None, timeout: Optional[float] = None) -> list[Action]:
         """Change a granted lock's mode.  A down-conversion is granted at
         once (a Grant comes back in the returned actions); ``lvb`` may be
-        given only when leaving PW/EX for a weaker mode."""
+        given only when leaving PW/EX for a weaker mode.  Between CW and PR,
+        which do not cover each other, the lock drops to CR at once and
+        stays there if the conversion is refused or cancelled."""
         lk = self._idle_lock(lockid, "convert")
         mode = Mode(mode)
         flags = FLAG_NOQUEUE if noqueue else 0
@@ -199,6 +201,8 @@ class DlmNode:
             lk.granted = mode
             self._out.append(Grant(lockid, mode, lk.lvb, lk.lvb_valid))
         else:
+            if not covers(mode, lk.granted):
+                lk.granted = meet(lk.granted, mode)
             lk.requested = mode
             lk.flags = flags
             if timeout is not None:

@@ -7,12 +7,20 @@ Queue rules (o2dlm's, kept deliberately simple):
 * ``converting`` is served before ``waiting``, and each queue in strict
   FIFO order: processing stops at the first request that cannot be
   granted, so a stream of compatible newcomers cannot starve a request.
+* A sideways conversion (CW <-> PR, neither mode covers the other) is a
+  down-conversion to their meet (CR) followed by an up-conversion.
 * A down-conversion (the new mode conflicts with nothing the old one did
   not, see ``modes.covers``) never waits; the owner already treats it as
   done when it asks (see core.py), so the master sends no grant for it.
 * A new request is granted at once only when both queues are empty and no
   granted lock conflicts; an up-conversion only when nothing else is
   converting and no other granted lock conflicts.
+* Conversion deadlock: when the head of the conversion queue is blocked
+  only by locks that are themselves queued to convert, nobody can move
+  (they wait behind the head, the head waits for their current modes).
+  Those later conversions are refused with EDEADLK; the locks keep their
+  granted modes and their owners, who also got a BAST, are expected to
+  give way.
 * NOQUEUE: a request that cannot be granted at once is refused instead
   of queued, and sends no blocking callbacks.
 * Every granted lock that blocks a queued request gets one BAST per
@@ -29,8 +37,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .messages import FLAG_NOQUEUE, LVB_LEN, REASON_CANCELLED, REASON_WOULD_BLOCK
-from .modes import LVB_WRITER_MODES, Mode, compatible, covers
+from .messages import (FLAG_NOQUEUE, LVB_LEN, REASON_CANCELLED, REASON_DEADLOCK,
+                       REASON_WOULD_BLOCK)
+from .modes import LVB_WRITER_MODES, Mode, compatible, covers, meet
 
 ZERO_LVB = bytes(LVB_LEN)
 
@@ -121,6 +130,11 @@ class LockResource:
             lock.granted = mode
             lock.basted.clear()
             return self.process()
+        if not covers(mode, lock.granted):
+            # Sideways (CW <-> PR): the owner already stepped down to the
+            # meet of both modes when it asked (see core.DlmNode.convert).
+            lock.granted = meet(lock.granted, mode)
+            lock.basted.clear()
         lock.requested = mode
         lock.flags = flags
         if not self.converting and not self.blockers(lock, mode):
@@ -205,6 +219,14 @@ class LockResource:
                 break
             self.converting.pop(0)
             out.append(self._grant(head))
+        if self.converting:
+            head = self.converting[0]
+            stuck = self.blockers(head, head.requested)
+            if all(b in self.converting for b in stuck):
+                for b in stuck:
+                    self.converting.remove(b)
+                    b.requested = None
+                    out.append(Refused(b, REASON_DEADLOCK))
         if not self.converting:
             while self.waiting:
                 head = self.waiting[0]

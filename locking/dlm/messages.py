@@ -44,8 +44,9 @@ FLAG_NOQUEUE = 0x01
 REASON_WOULD_BLOCK = 1   # NOQUEUE request that could not be granted at once (EAGAIN)
 REASON_CANCELLED = 2     # the request was cancelled before it was granted
 REASON_TIMEOUT = 3       # cancelled because the caller's timeout passed (local only)
+REASON_DEADLOCK = 4      # conversion refused to break a conversion deadlock
 REASON_NAMES = {REASON_WOULD_BLOCK: "EAGAIN", REASON_CANCELLED: "CANCELLED",
-                REASON_TIMEOUT: "ETIMEDOUT"}
+                REASON_TIMEOUT: "ETIMEDOUT", REASON_DEADLOCK: "EDEADLK"}
 
 
 @dataclass(frozen=True)

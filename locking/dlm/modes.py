@@ -49,3 +49,15 @@ def covers(stronger: Mode, weaker: Mode) -> bool:
     """True when every mode compatible with ``stronger`` is compatible with
     ``weaker``: converting from ``stronger`` to ``weaker`` can never block."""
     return all(compatible(m, weaker) for m in Mode if compatible(m, stronger))
+
+
+def meet(a: Mode, b: Mode) -> Mode:
+    """The strongest mode that both ``a`` and ``b`` cover (CR for CW and PR).
+
+    A conversion between incomparable modes passes through it: the holder
+    gives up what the new mode does not allow before it asks, so nobody
+    can be granted something that conflicts with the old mode while the
+    grant of the new one is still on its way.
+    """
+    common = [m for m in Mode if covers(a, m) and covers(b, m)]
+    return next(m for m in common if all(covers(m, o) for o in common))

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from replfs.locking.dlm.core import Bast, DlmNode, Grant, Refuse, SendMessage
 from replfs.locking.dlm.messages import LVB_LEN, FrameDecoder, encode
-from replfs.locking.dlm.modes import CR, CW, EX, NL, PR, PW, Mode, compatible, covers
+from replfs.locking.dlm.modes import CR, CW, EX, NL, PR, PW, Mode, compatible, covers, meet
 
 
 def short(msg) -> str:
@@ -92,7 +92,8 @@ class Sim:
         self.increments = {r: 0 for r in self.resources}
         self.crashes = 0
         self.now = 0.0
-        self.stats = {"grants": 0, "refusals": 0, "basts": 0, "frames": 0, "ex_checks": 0}
+        self.stats = {"grants": 0, "refusals": 0, "basts": 0, "frames": 0, "ex_checks": 0,
+                      "deadlocks": 0}
         self.log: deque = deque(maxlen=40)
 
     # ---------------------------------------------------------- plumbing
@@ -115,12 +116,15 @@ class Sim:
                 cl.asked_to_release = True
             elif isinstance(act, Refuse):
                 self.stats["refusals"] += 1
+                self.stats["deadlocks"] += act.reason == "EDEADLK"
                 cl = self.clients[node].get(act.lockid)
                 if cl is None or cl.pending is None:
                     self.fail(f"Refuse for lock {node}/{act.lockid} with nothing pending")
                 cl.pending = None
                 if cl.held is None:
                     del self.clients[node][act.lockid]
+                elif act.reason == "EDEADLK":
+                    cl.asked_to_release = True
             else:
                 self.fail(f"unknown action {act!r}")
 
@@ -198,11 +202,15 @@ class Sim:
             lid = self.rng.choice(sorted(asked or idle))
             cl = mine[lid]
             choice = self.rng.random()
-            if cl.held == NL and choice < 0.5:
-                mode = self.rng.choice([EX, PR, PW, CR])
+            upward = [m for m in Mode if not covers(cl.held, m)]
+            if upward and choice < (0.5 if cl.held == NL else 0.2):
+                mode = self.rng.choice(upward)
                 noqueue = self.rng.random() < 0.2
                 cl.pending = mode
-                self.log.append(f"node {node} upconvert {lid} NL->{mode.name} nq={noqueue}")
+                if not covers(mode, cl.held):
+                    cl.held = meet(cl.held, mode)   # sideways: step down first
+                self.log.append(f"node {node} upconvert {lid} {cl.held.name}->{mode.name} "
+                                f"nq={noqueue}")
                 self.handle(node, core.convert(lid, mode, noqueue=noqueue))
             elif cl.held != NL and choice < 0.35:
                 lower = [m for m in Mode if m != cl.held and covers(cl.held, m)]

@@ -339,3 +339,50 @@ def test_rejoined_node_takes_part_in_recovery():
     assert [e.lockid for e in net.take(3)] == [7]
     net(2, "lock", 8, res, PR).settle()
     assert net.take(1) == [Bast(1, PR)]
+
+
+def test_conversion_deadlock_refuses_the_later_converter():
+    n = DlmNode(1, [1])
+    n.lock(1, "a", PR)
+    n.lock(2, "a", PR)
+    assert n.convert(1, EX) == [Bast(2, EX)]
+    acts = n.convert(2, EX)          # would wait behind 1 while 1 waits for it
+    assert Refuse(2, "EDEADLK") in acts
+    assert n.held_mode(2) == PR and n.locks[2].requested is None
+    acts = n.unlock(2)               # the owner gives way, as the BAST asked
+    assert Grant(1, EX, bytes(LVB_LEN), False) in acts
+
+
+def test_no_deadlock_refusal_while_a_plain_holder_blocks():
+    n = DlmNode(1, [1])
+    n.lock(1, "a", PR)
+    n.lock(2, "a", PR)
+    n.lock(3, "a", CR)
+    n.convert(1, EX)                 # blocked by 2 (PR) and 3 (CR)
+    n.convert(3, PR)                 # queued behind 1; 2 may still let go
+    assert n.locks[1].requested == EX and n.locks[3].requested == PR
+    acts = n.unlock(2)               # now only the converter 3 blocks 1
+    assert Refuse(3, "EDEADLK") in acts
+    assert n.held_mode(3) == CR and n.locks[1].requested == EX
+
+
+def test_meet_of_modes():
+    from replfs.locking.dlm.modes import meet
+    assert meet(CW, PR) == CR and meet(PR, CW) == CR
+    assert meet(EX, PR) == PR and meet(NL, EX) == NL and meet(PW, CW) == CW
+
+
+def test_sideways_conversion_steps_down_to_cr_first():
+    net = Net([1, 2])
+    res = named(2, [1, 2])
+    net(1, "lock", 1, res, CW).settle()
+    net.take(1)
+    net(1, "convert", 1, PR)
+    assert net.nodes[1].held_mode(1) == CR      # CW protection is gone at once
+    # node 2 masters res: its PR request is served before node 1's convert
+    # arrives, so it waits for the CW the master still sees, then both get PR.
+    net(2, "lock", 2, res, PR).settle()
+    assert [(e.lockid, e.mode) for e in net.take(2)] == [(2, PR)]
+    evs = net.take(1)
+    assert evs[0] == Bast(1, PR)
+    assert [(type(e), e.lockid, e.mode) for e in evs[1:]] == [(Grant, 1, PR)]
