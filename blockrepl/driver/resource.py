@@ -735,6 +735,7 @@ class Resource:
             log.warning("%s: handshake failed: %s", self.conf.name, e)
             self.last_event = f"handshake failed: {e}"
             await chan.aclose()
+            self._set(cstate=ConnState.WFConnection)
             return False
 
     def _my_params(self) -> P.Params:
