@@ -159,7 +159,11 @@ class Config:
     resources: dict[str, Resource]
     global_: Section = Section()
     common: dict[str, Section] = field(default_factory=dict)  # section name -> Section
-    warnings: tuple[str, ...] = ()
+    # Diagnostics carry file:line, so like Location they take no part in ==.
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+    # ``protocol X;`` (or ``net { protocol X; }``) in the common section, as
+    # written; every Resource.protocol already has it applied.
+    common_protocol: str | None = None
 
     def resource(self, name: str) -> Resource:
         return self.resources[name]
