@@ -51,13 +51,31 @@ sequence wins; if the old master died and no survivor holds a mode that
 excludes writers, the LVB is marked invalid), grants what it can and
 serves requests that arrived meanwhile.  Requests lost with the old epoch
 are not resent: their owners reported them as still pending.
+
+Driver contract (what a trio host must provide):
+
+* Between two live members every message arrives, once and in order
+  (one TCP connection per pair).  If a connection breaks and cannot be
+  resumed without loss, the membership layer must declare one side dead
+  (heartbeat + quorum, see heartbeat/core.py); the core never retries.
+* Every node sees the same membership changes in the same order; a node
+  that joins is built with the epoch the others reach on its node_up and
+  then calls ``join()``.
+* Messages from one connection go through one messages.FrameDecoder; a
+  RemoteProtocolError means: drop that connection (and so, that peer).
+* Actions are carried out in the order returned.
+
+Known limits: masters keep every resource they ever saw (no purge yet),
+owners remember the last LVB they wrote on every resource, and recovery
+rebuilds every resource on every membership change, which is fine for
+the two- to four-node clusters replfs targets.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
-from .lockres import Blocking, Granted, LockResource, Refused, ZERO_LVB
+from .lockres import Blocking, Granted, LockResource, ZERO_LVB
 from .messages import (
     FLAG_NOQUEUE, LVB_LEN, REASON_CANCELLED, REASON_NAMES, REASON_TIMEOUT,
     BastMsg, CancelRequest, ConvertRequest, GrantMsg, LocalProtocolError, LockReport,
