@@ -154,3 +154,24 @@ async def test_second_primary_refused_without_allow_two_primaries(pair):
     with pytest.raises(StateChangeRefused) as e:
         await b.primary()
     assert "Multiple primaries" in str(e.value)
+
+
+async def test_sync_progress_is_reported_like_proc_drbd(tmp_path, nursery):
+    conf = make_conf(tmp_path, net=())
+    import dataclasses
+    conf = dataclasses.replace(conf, disk=Section((("resync-rate", "4M"),)))
+    p = Pair(conf)
+    await p.start(nursery)
+    p.a.connect(); p.b.connect()
+    await wait_for(p.connected)
+    await p.a.primary(force=True)
+    await wait_for(lambda: p.a.cstate is ConnState.SyncSource)
+    await trio.sleep(1.0)
+    st = p.a.status()
+    assert st["cstate"] == "SyncSource" and st["pdsk"] == "Inconsistent"
+    line = st["sync"]["line"]
+    assert "sync'ed:" in line and "finish:" in line and "K/sec" in line
+    assert 5.0 < st["sync"]["percent"] < 95.0
+    tgt = p.b.status()
+    assert tgt["cstate"] == "SyncTarget" and tgt["dstate"] == "Inconsistent"
+    await wait_for(p.in_sync, 30)
