@@ -50,6 +50,12 @@ class FileBlockDevice:
     holding internal meta-data, for example).
     """
 
+    # Reads and writes up to this size are done inline on the event loop: a
+    # page-cache copy of a few KiB takes microseconds, a hop to a worker
+    # thread and back costs far more.  Larger transfers and every fdatasync
+    # go to a thread so the loop keeps serving.
+    INLINE_MAX = 64 * 1024
+
     def __init__(self, path: str, size: int | None = None, *, readonly: bool = False,
                  threads: int = 4):
         flags = os.O_RDONLY if readonly else os.O_RDWR
@@ -76,6 +82,9 @@ class FileBlockDevice:
         length = max(0, min(length, self._size - offset))
         if length == 0:
             return b""
+        if length <= self.INLINE_MAX:
+            await trio.lowlevel.checkpoint()
+            return os.pread(self._fd, length, offset)
         return await trio.to_thread.run_sync(os.pread, self._fd, length, offset,
                                              limiter=self._limiter)
 
@@ -92,6 +101,10 @@ class FileBlockDevice:
                 view = view[n:]
                 pos += n
 
+        if len(data) <= self.INLINE_MAX:
+            await trio.lowlevel.checkpoint()
+            _pwrite_all()
+            return
         await trio.to_thread.run_sync(_pwrite_all, limiter=self._limiter)
 
     async def flush(self) -> None:
