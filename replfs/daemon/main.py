@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         f.write(f"{os.getpid()}\n")
     setup_logging(rundir, args.foreground)
     daemon = Daemon(node, rundir, os.path.abspath(args.config) if args.config else None)
+    from .components import default_components
+    daemon.components = default_components()
     try:
         trio.run(serve, daemon)
     except ReplfsError as e:

@@ -40,6 +40,11 @@ class Daemon:
         self._res_scopes: dict[str, trio.CancelScope] = {}
         self._stop = trio.Event()
         self._devfiles: dict[str, trio.Process] = {}
+        # Components hosted beside the resources (the cluster stack, ...).
+        # Each has `ops: dict[str, handler]` (handler(req, body, handles)
+        # -> dict | (dict, bytes)), `async run(daemon, *, task_status)`
+        # and `async shutdown()`; see replfs/daemon/components.py.
+        self.components: list = []
 
     @property
     def socket_path(self) -> str:
@@ -63,6 +68,8 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(trio.serve_listeners, self._serve_conn, [listener])
+                for comp in self.components:
+                    await nursery.start(comp.run, self)
                 task_status.started()
                 log.info("replfsd %s started on node %s (socket %s)", VERSION, self.node, path)
                 await self._stop.wait()
@@ -74,6 +81,11 @@ class Daemon:
                             await self._down(name)
                         except (ReplfsError, StateChangeRefused, OSError) as e:
                             log.warning("%s: down at shutdown: %s", name, e)
+                    for comp in reversed(self.components):
+                        try:
+                            await comp.shutdown()
+                        except Exception:
+                            log.exception("component shutdown failed")
                 nursery.cancel_scope.cancel()
         finally:
             try:
@@ -141,6 +153,11 @@ class Daemon:
     async def _dispatch(self, req: dict, body: bytes, handles: dict) -> tuple[dict, bytes]:
         op = req.get("op")
         fn: Callable[..., Awaitable] | None = getattr(self, "op_" + str(op).replace("-", "_"), None)
+        if fn is None:
+            for comp in self.components:
+                fn = comp.ops.get(op)
+                if fn is not None:
+                    break
         if fn is None:
             raise ReplfsError(f"replfsd: unknown request '{op}'", EXIT_USAGE)
         result = await fn(req, body, handles)

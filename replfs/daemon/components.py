@@ -1,0 +1,42 @@
+"""Components the node daemon hosts beside the replicated resources.
+
+A component is an object with:
+
+* ``ops``: a dict from request name (as sent on the admin socket) to an
+  async handler ``handler(req: dict, body: bytes, handles: dict)`` that
+  returns a reply dict, or ``(reply dict, body bytes)``, or raises
+  ReplfsError / BlockDeviceError like the daemon's own handlers;
+* ``async run(daemon, *, task_status)``: started in the daemon's nursery
+  before the socket serves requests; calls ``task_status.started()`` once
+  ready and runs until cancelled;
+* ``async shutdown()``: called at daemon shutdown, after every resource
+  is down.
+
+``default_components()`` lists what a production replfsd hosts; it
+imports lazily so the block mirror works even if a component fails to
+import (the failure is logged).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+
+log = logging.getLogger("replfs.daemon")
+
+# (module, factory) pairs; the factory takes no arguments.
+DEFAULT = [
+    ("replfs.locking.service", "ClusterService"),
+]
+
+
+def default_components() -> list:
+    comps = []
+    for module, factory in DEFAULT:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:
+                continue  # not built yet
+            raise
+        comps.append(getattr(mod, factory)())
+    return comps
