@@ -18,3 +18,15 @@ def test_random_cluster(seed):
 def test_random_cluster_soak(seed):
     Sim(seed, n_nodes=2 + seed % 4, n_resources=2 + seed % 3, steps=2000,
         crash_rate=0.002, max_crashes=4).run()
+
+
+@pytest.mark.parametrize("seed", range(10_000, 10_050))
+def test_crash_heavy_cluster(seed):
+    # Frequent crashes and rejoins, so recoveries overlap and get cut short.
+    Sim(seed, n_nodes=2 + seed % 3, steps=300, crash_rate=0.03, max_crashes=8).run()
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("seed", range(20_000, 21_000))
+def test_crash_heavy_cluster_soak(seed):
+    Sim(seed, n_nodes=2 + seed % 4, steps=1500, crash_rate=0.02, max_crashes=12).run()
