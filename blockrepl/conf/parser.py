@@ -82,6 +82,7 @@ class RawConfig:
     path: str
     global_: RawSection | None = None
     common_protocol: RawStatement | None = None
+    common_where: Location | None = None
     common: dict[str, RawSection] = field(default_factory=dict)
     resources: list[RawResource] = field(default_factory=list)
 
@@ -194,6 +195,10 @@ class _Parser:
         self.raw.global_ = self.option_section("global", start)
 
     def common(self, start: Token) -> None:
+        if self.raw.common_where is not None:
+            raise syntax_error(start.where, f"second 'common' section (the first is at "
+                                            f"{self.raw.common_where})")
+        self.raw.common_where = start.where
         self.expect(Kind.LBRACE, "common")
         while True:
             tok = self.next()
@@ -211,6 +216,8 @@ class _Parser:
 
     def resource(self, start: Token) -> None:
         name = self.word("a resource name", "resource")
+        if not name.text:
+            raise syntax_error(name.where, "a resource name may not be empty")
         res = RawResource(name.text, start.where)
         context = f"resource {name.text}"
         self.expect(Kind.LBRACE, context)
@@ -253,6 +260,8 @@ class _Parser:
 
     def on(self, start: Token) -> RawHost:
         name = self.word("a host name", "on")
+        if not name.text:
+            raise syntax_error(name.where, "a host name may not be empty")
         host = RawHost(name.text, start.where)
         context = f"on {name.text}"
         self.expect(Kind.LBRACE, context)

@@ -344,6 +344,8 @@ def test_drbd_83_style_options_accepted():
     ("resource { }\n", "t.conf:1: expected a resource name after 'resource', found '{'"),
     ("resource r0 {\n on a {\n  disk;\n }\n}\n", "t.conf:3: 'disk' needs a value"),
     ("global { }\nglobal { }\n", "t.conf:2: second 'global' section (the first is at t.conf:1)"),
+    ("common { }\n\ncommon { }\n", "t.conf:3: second 'common' section (the first is at t.conf:1)"),
+    ('resource "" { }\n', "t.conf:1: a resource name may not be empty"),
     ("resource r0 {\n net { ping-int 3 }\n}\n", "t.conf:2: expected ';' after 'ping-int 3', found '}'"),
 ])
 def test_syntax_errors(text, message):

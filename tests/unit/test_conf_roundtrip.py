@@ -99,21 +99,21 @@ def configs(draw) -> Config:
                   common=common, common_protocol=draw(st.sampled_from([None, "A", "B", "C"])))
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(configs())
 def test_parse_of_dump_is_identity(config):
     text = dump(config)
     assert parse_text(text, config.path) == config
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(configs())
 def test_dump_is_canonical(config):
     text = dump(config)
     assert dump(parse_text(text, config.path)) == text
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(configs())
 def test_dump_of_one_resource_parses_alone(config):
     for res in config.resources.values():
