@@ -3,12 +3,16 @@
 A component is an object with:
 
 * ``ops``: a dict from request name (as sent on the admin socket) to an
-  async handler ``handler(req: dict, body: bytes, handles: dict)`` that
+  async handler ``handler(req: dict, body: bytes, conn: ClientConn)`` that
   returns a reply dict, or ``(reply dict, body bytes)``, or raises
   ReplfsError / BlockDeviceError like the daemon's own handlers;
 * ``async run(daemon, *, task_status)``: started in the daemon's nursery
   before the socket serves requests; calls ``task_status.started()`` once
   ready and runs until cancelled;
+  ``conn`` (replfs.daemon.server.ClientConn) is the requesting client:
+  ``conn.push(event, body, **fields)`` sends it an unsolicited event frame
+  and ``conn.on_close`` takes async callbacks run when it disconnects
+  (drop its locks there);
 * ``async shutdown()``: called at daemon shutdown, after every resource
   is down.
 

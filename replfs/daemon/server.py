@@ -30,6 +30,38 @@ log = logging.getLogger("replfs.daemon")
 VERSION = "0.1.0"
 
 
+class ClientConn:
+    """One admin-socket client, as request handlers see it.
+
+    ``handles`` holds what the client opened (released when it goes away);
+    ``push`` sends an unsolicited event frame (``{"event": ...}``) to the
+    client, for example a lock manager's blocking callback;
+    ``on_close`` callbacks (async, no arguments) run when it disconnects.
+    """
+
+    def __init__(self, stream: trio.SocketStream):
+        self.stream = stream
+        self.handles: dict[int, str] = {}
+        self.on_close: list = []
+        self.send_lock = trio.Lock()
+        self.closed = False
+
+    async def send(self, header: dict, body: bytes = b"") -> None:
+        async with self.send_lock:
+            await self.stream.send_all(frames.encode(header, body))
+
+    async def push(self, event: str, body: bytes = b"", **fields) -> bool:
+        """Send an event; False if the client is gone."""
+        if self.closed:
+            return False
+        try:
+            await self.send({"event": event, **fields}, body)
+            return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.closed = True
+            return False
+
+
 class Daemon:
     def __init__(self, node: str, rundir: str, conf_path: str | None = None):
         self.node = node
@@ -99,35 +131,31 @@ class Daemon:
     # ------------------------------------------------------------ connections
     async def _serve_conn(self, stream: trio.SocketStream) -> None:
         dec = frames.FrameDecoder()
-        send_lock = trio.Lock()
-        handles: dict[int, str] = {}
-
-        async def reply(header: dict, body: bytes = b"") -> None:
-            async with send_lock:
-                await stream.send_all(frames.encode(header, body))
+        conn = ClientConn(stream)
 
         async def handle(req: dict, body: bytes) -> None:
             rid = req.get("id")
             try:
-                out, data = await self._dispatch(req, body, handles)
-                await reply({"id": rid, "ok": True, **out}, data)
+                out, data = await self._dispatch(req, body, conn)
+                await conn.send({"id": rid, "ok": True, **out}, data)
                 if req.get("op") == "shutdown":
                     self.stop()  # only now: the caller has its answer
             except BlockDeviceError as e:
-                await reply({"id": rid, "ok": False, "errno": e.errno or errno.EIO,
-                             "error": str(e.strerror or e)})
+                await conn.send({"id": rid, "ok": False, "errno": e.errno or errno.EIO,
+                                 "error": str(e.strerror or e)})
             except StateChangeRefused as e:
-                res = req.get("res", "")
-                await reply({"id": rid, "ok": False, "exit": e.exit_code,
-                             "error": f"{res}: {e}" if res else str(e)})
+                res = self.resources.get(req.get("res", ""))
+                where = res.me.device if res is not None else req.get("res", "")
+                await conn.send({"id": rid, "ok": False, "exit": e.exit_code,
+                                 "error": f"{where}: {e}" if where else str(e)})
             except ReplfsError as e:
-                await reply({"id": rid, "ok": False, "exit": e.exit_code, "error": e.message})
+                await conn.send({"id": rid, "ok": False, "exit": e.exit_code, "error": e.message})
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 raise
             except Exception as e:  # a bug: report it, keep the daemon alive
                 log.exception("internal error handling %r", req.get("op"))
-                await reply({"id": rid, "ok": False, "exit": EXIT_EXEC,
-                             "error": f"internal error in replfsd: {type(e).__name__}: {e}"})
+                await conn.send({"id": rid, "ok": False, "exit": EXIT_EXEC,
+                                 "error": f"internal error in replfsd: {type(e).__name__}: {e}"})
 
         try:
             async with trio.open_nursery() as n:
@@ -143,14 +171,21 @@ class Daemon:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
-            for _handle, name in handles.items():
-                res = self.resources.get(name)
-                if res is not None and res.open_count > 0:
-                    res.open_count -= 1
-            await stream.aclose()
+            conn.closed = True
+            with trio.CancelScope(shield=True):
+                for name in conn.handles.values():
+                    res = self.resources.get(name)
+                    if res is not None and res.open_count > 0:
+                        res.open_count -= 1
+                for cb in conn.on_close:
+                    try:
+                        await cb()
+                    except Exception:
+                        log.exception("admin socket: close callback failed")
+                await stream.aclose()
 
     # ------------------------------------------------------------ dispatch
-    async def _dispatch(self, req: dict, body: bytes, handles: dict) -> tuple[dict, bytes]:
+    async def _dispatch(self, req: dict, body: bytes, conn: ClientConn) -> tuple[dict, bytes]:
         op = req.get("op")
         fn: Callable[..., Awaitable] | None = getattr(self, "op_" + str(op).replace("-", "_"), None)
         if fn is None:
@@ -160,7 +195,7 @@ class Daemon:
                     break
         if fn is None:
             raise ReplfsError(f"replfsd: unknown request '{op}'", EXIT_USAGE)
-        result = await fn(req, body, handles)
+        result = await fn(req, body, conn)
         if isinstance(result, tuple):
             return result
         return (result or {}), b""
@@ -203,46 +238,46 @@ class Daemon:
         return res
 
     # ------------------------------------------------------------ admin ops
-    async def op_ping(self, req, body, handles):
+    async def op_ping(self, req, body, conn):
         return {"node": self.node, "pid": os.getpid(), "version": VERSION,
                 "resources": sorted(self.resources)}
 
-    async def op_shutdown(self, req, body, handles):
+    async def op_shutdown(self, req, body, conn):
         return {}
 
-    async def op_up(self, req, body, handles):
+    async def op_up(self, req, body, conn):
         res = await self._ensure(req)
         await res.attach()
         res.connect()
         return {}
 
-    async def op_attach(self, req, body, handles):
+    async def op_attach(self, req, body, conn):
         res = await self._ensure(req)
         await res.attach()
         return {}
 
-    async def op_detach(self, req, body, handles):
+    async def op_detach(self, req, body, conn):
         await self._res(req).detach()
         return {}
 
-    async def op_connect(self, req, body, handles):
+    async def op_connect(self, req, body, conn):
         res = await self._ensure(req)
         res.connect(discard_my_data=bool(req.get("discard_my_data")))
         return {}
 
-    async def op_disconnect(self, req, body, handles):
+    async def op_disconnect(self, req, body, conn):
         await self._res(req).disconnect()
         return {}
 
-    async def op_primary(self, req, body, handles):
+    async def op_primary(self, req, body, conn):
         await self._res(req).primary(force=bool(req.get("force")))
         return {}
 
-    async def op_secondary(self, req, body, handles):
+    async def op_secondary(self, req, body, conn):
         await self._res(req).secondary()
         return {}
 
-    async def op_down(self, req, body, handles):
+    async def op_down(self, req, body, conn):
         await self._down(req.get("res"))
         return {}
 
@@ -256,27 +291,27 @@ class Daemon:
         if scope is not None:
             scope.cancel()
 
-    async def op_invalidate(self, req, body, handles):
+    async def op_invalidate(self, req, body, conn):
         await self._res(req).invalidate()
         return {}
 
-    async def op_invalidate_remote(self, req, body, handles):
+    async def op_invalidate_remote(self, req, body, conn):
         await self._res(req).invalidate_remote()
         return {}
 
-    async def op_outdate(self, req, body, handles):
+    async def op_outdate(self, req, body, conn):
         await self._res(req).outdate()
         return {}
 
-    async def op_new_current_uuid(self, req, body, handles):
+    async def op_new_current_uuid(self, req, body, conn):
         await self._res(req).new_current_uuid()
         return {}
 
-    async def op_verify(self, req, body, handles):
+    async def op_verify(self, req, body, conn):
         await self._res(req).verify()
         return {}
 
-    async def op_adjust(self, req, body, handles):
+    async def op_adjust(self, req, body, conn):
         """Bring a resource in line with the config: up, attach, connect."""
         res = await self._ensure(req)
         config = self._load_conf(req)
@@ -294,7 +329,7 @@ class Daemon:
             res.connect()
         return {}
 
-    async def op_status(self, req, body, handles):
+    async def op_status(self, req, body, conn):
         names = [req["res"]] if req.get("res") else sorted(self.resources)
         out = []
         for name in names:
@@ -304,7 +339,7 @@ class Daemon:
             out.append(res.status())
         return {"resources": out, "node": self.node}
 
-    async def op_wait_connect(self, req, body, handles):
+    async def op_wait_connect(self, req, body, conn):
         res = self._res(req)
         timeout = float(req.get("timeout") or 0) or float("inf")
         with trio.move_on_after(timeout):
@@ -314,7 +349,7 @@ class Daemon:
         raise ReplfsError(f"{res.conf.name}: timed out waiting for the connection "
                           f"(cstate {res.cstate.value})", EXIT_EXEC)
 
-    async def op_wait_sync(self, req, body, handles):
+    async def op_wait_sync(self, req, body, conn):
         """Wait until the resource is Connected with both disks UpToDate."""
         res = self._res(req)
         timeout = float(req.get("timeout") or 0) or float("inf")
@@ -327,36 +362,36 @@ class Daemon:
                           f"({res.cstate.value} {res.dstate.value}/{res.pdsk.value})", EXIT_EXEC)
 
     # ------------------------------------------------------------ block I/O
-    async def op_open(self, req, body, handles):
+    async def op_open(self, req, body, conn):
         res = self._res(req)
         if req.get("write", True):
             res._require_io(write=True)
         res.open_count += 1
-        handle = len(handles) + 1
-        while handle in handles:
+        handle = len(conn.handles) + 1
+        while handle in conn.handles:
             handle += 1
-        handles[handle] = res.conf.name
+        conn.handles[handle] = res.conf.name
         return {"size": res.size, "handle": handle}
 
-    async def op_close(self, req, body, handles):
-        name = handles.pop(req.get("handle"), None)
+    async def op_close(self, req, body, conn):
+        name = conn.handles.pop(req.get("handle"), None)
         if name is not None and name in self.resources:
             self.resources[name].open_count = max(0, self.resources[name].open_count - 1)
         return {}
 
-    async def op_read(self, req, body, handles):
+    async def op_read(self, req, body, conn):
         data = await self._res(req).read(int(req["off"]), int(req["len"]))
         return {}, data
 
-    async def op_write(self, req, body, handles):
+    async def op_write(self, req, body, conn):
         await self._res(req).write(int(req["off"]), body)
         return {}
 
-    async def op_flush(self, req, body, handles):
+    async def op_flush(self, req, body, conn):
         await self._res(req).flush()
         return {}
 
-    async def op_discard(self, req, body, handles):
+    async def op_discard(self, req, body, conn):
         await self._res(req).discard(int(req["off"]), int(req["len"]))
         return {}
 

@@ -96,6 +96,8 @@ class AsyncClient:
         self._waiting: dict[int, trio.MemorySendChannel] = {}
         self._send_lock = trio.Lock()
         self._closed = False
+        # Unsolicited frames from the daemon ({"event": ...}), in order.
+        self._events_send, self.events = trio.open_memory_channel(float("inf"))
 
     @classmethod
     async def connect(cls, path: str, nursery: trio.Nursery) -> "AsyncClient":
@@ -115,6 +117,9 @@ class AsyncClient:
                     break
                 self._dec.receive_data(data)
                 while (fr := self._dec.next_frame()) is not None:
+                    if "event" in fr[0]:
+                        self._events_send.send_nowait(fr)
+                        continue
                     send = self._waiting.pop(fr[0].get("id"), None)
                     if send is not None:
                         send.send_nowait(fr)
@@ -122,6 +127,7 @@ class AsyncClient:
             pass
         finally:
             self._closed = True
+            self._events_send.close()
             for send in self._waiting.values():
                 send.close()
             self._waiting.clear()
