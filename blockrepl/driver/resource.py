@@ -67,6 +67,7 @@ class _Drop(Exception):
 class _Pending:
     offset: int
     length: int
+    epoch: int = 0
     done: trio.Event = field(default_factory=trio.Event)
     received: trio.Event = field(default_factory=trio.Event)
     error: int = 0
@@ -179,6 +180,9 @@ class Resource:
         self.split_brain = False
         self.devfile_proc = None
         self._session_nursery: trio.Nursery | None = None
+        self._epoch = 0              # epoch of the writes being sent
+        self._epoch_closed = False   # a write completed since the last send
+        self._recv_epoch = 0         # newest epoch the receiver has started
         self._peer_bitmap_done = trio.Event()
         self._peer_params: P.Params | None = None
         # /proc/drbd counters (KiB or counts).
@@ -487,7 +491,13 @@ class Resource:
         if self._replicating():
             self._seq += 1
             seq = self._seq
-            pending = _Pending(offset, len(data))
+            if self._epoch_closed:
+                # Some write completed since the last one was sent: this one
+                # may depend on it, so it starts a new epoch.
+                self._epoch += 1
+                self._epoch_closed = False
+            epoch = self._epoch
+            pending = _Pending(offset, len(data), epoch)
             self._pending[seq] = pending
         else:
             await self._mark_unreplicated(offset, len(data))
@@ -502,7 +512,7 @@ class Resource:
 
         async def remote() -> None:
             try:
-                await self._chan.send(P.Data(seq, offset, data))
+                await self._chan.send(P.Data(seq, epoch, offset, data))
                 self.ns += len(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, AttributeError):
                 # The connection teardown marks this write out of sync.
@@ -525,6 +535,7 @@ class Resource:
                 n.start_soon(local)
                 n.start_soon(remote)
         await _unwrapped(both())
+        self._epoch_closed = True
 
     async def _mark_unreplicated(self, offset: int, length: int) -> None:
         """This write will not reach the peer: remember it in the bitmap."""
@@ -1029,6 +1040,10 @@ class Resource:
                 await chan.send(P.NegAck(pkt.seq, errno.EIO))
                 return
             self._check_peer_range(pkt.offset, len(pkt.data))
+            if pkt.epoch != self._recv_epoch:
+                # Barrier: everything of the earlier epochs lands first.
+                await self._recv_drain()
+                self._recv_epoch = pkt.epoch
             await slots.acquire()
             token = await self._recv_lock(pkt.offset, pkt.offset + len(pkt.data))
             self.ua += 1
@@ -1304,7 +1319,8 @@ class Resource:
                 "ns": self.ns // 1024, "nr": self.nr // 1024, "dw": self.dw // 1024,
                 "dr": self.dr // 1024, "al": disk.al_writes if disk else 0,
                 "bm": disk.bm_writes if disk else 0, "lo": self.lo,
-                "pe": len(self._pending), "ua": self.ua, "ap": self.ap, "ep": 1,
+                "pe": len(self._pending), "ua": self.ua, "ap": self.ap,
+                "ep": max(1, len({p.epoch for p in self._pending.values()})),
                 "wo": "f", "oos": oos_kib,
             },
         }

@@ -196,10 +196,15 @@ class Refuse(Packet):
 # ---------------------------------------------------------------- replication
 @dataclass(frozen=True)
 class Data(Packet):
+    """An application write.  ``epoch`` orders writes across the link: a
+    write issued after another one completed carries a higher epoch, and
+    the receiver starts no write of epoch e before every write of earlier
+    epochs is done (DRBD's write barriers)."""
     TYPE = 10
-    FIXED = "QQ"
+    FIXED = "QQQ"
     TAIL = "data"
     seq: int
+    epoch: int
     offset: int
     data: bytes
 

@@ -145,3 +145,28 @@ async def test_protocols_a_and_b_replicate(tmp_path, nursery, protocol):
     # Every write is on the peer once the pending acks have drained.
     await wait_for(lambda: not a._pending)
     assert md5(a.me.disk, a.size) == md5(b.me.disk, b.size)
+
+
+async def test_epochs_keep_dependent_writes_in_order_on_the_peer(tmp_path, nursery):
+    """Protocol A: write 2 is issued after write 1 completed on the Primary,
+    so the peer must not let write 2 land before write 1, however slow
+    write 1 is there."""
+    conf = make_conf(tmp_path, protocol="A")
+    a, b = await start_pair(nursery, conf, conf)
+    a.connect(); b.connect()
+    await wait_for(lambda: a.cstate is ConnState.Connected)
+    await a.primary(force=True)
+    await wait_for(lambda: synced(a, b), 30)
+    landed = []
+    real_write = b.disk.data.write
+
+    async def slow_large_writes(offset, data):
+        if len(data) > 64 * 1024:
+            await trio.sleep(0.3)
+        await real_write(offset, data)
+        landed.append(offset)
+    b.disk.data.write = slow_large_writes
+    await a.write(0, os.urandom(1024 * 1024))        # epoch n, slow on beta
+    await a.write(2 * 1024 * 1024, os.urandom(4096))  # epoch n+1, fast
+    await wait_for(lambda: len(landed) == 2)
+    assert landed == [0, 2 * 1024 * 1024]

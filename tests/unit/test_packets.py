@@ -10,7 +10,7 @@ SAMPLES = [
     P.Hello.make(1, b"n" * 16, "r0", "alpha"),
     P.Auth(b"m" * 32),
     P.Params(b"C", 1, 0, 1, 8, 3, 1 << 30, 7, 11, 12, 13, 14, 15),
-    P.Data(5, 8192, b"x" * 5000),
+    P.Data(5, 2, 8192, b"x" * 5000),
     P.WriteAck(5), P.RecvAck(6), P.NegAck(7, 5), P.Flush(1), P.FlushAck(1),
     P.Ping(3), P.PingAck(3), P.BitmapChunk(0, 1, b"abc"), P.SyncStart(9, 100, 1),
     P.ResyncData(4096, b"y" * 4096), P.ResyncAck(4096, 4096), P.SyncDone(9),
@@ -36,7 +36,7 @@ def test_every_packet_round_trips_through_any_split():
 
 
 def test_split_at_every_point():
-    data = P.encode(P.Data(1, 0, b"abc")) + P.encode(P.Ping(2))
+    data = P.encode(P.Data(1, 1, 0, b"abc")) + P.encode(P.Ping(2))
     for cut in range(len(data) + 1):
         dec = P.Decoder()
         dec.receive_data(data[:cut])
@@ -45,7 +45,7 @@ def test_split_at_every_point():
         rest = []
         while (p := dec.next_packet()) is not None:
             rest.append(p)
-        assert ([first] if first else []) + rest == [P.Data(1, 0, b"abc"), P.Ping(2)]
+        assert ([first] if first else []) + rest == [P.Data(1, 1, 0, b"abc"), P.Ping(2)]
 
 
 def test_malformed_input_raises_remote_protocol_error_only():
