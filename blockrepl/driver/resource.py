@@ -131,6 +131,12 @@ def _first_real(eg: BaseExceptionGroup) -> BaseException:
     return eg.exceptions[0]
 
 
+def _block_digests(data: bytes) -> bytes:
+    """16-byte digests of each 4 KiB block (online verify compares these)."""
+    return b"".join(hashlib.blake2b(data[i:i + BLOCK], digest_size=16).digest()
+                    for i in range(0, len(data), BLOCK))
+
+
 def _role_code(r: Role) -> int:
     return P.ROLE_CODES.index(r.value)
 
@@ -1236,7 +1242,8 @@ class Resource:
                 data = await self.disk.data.read(off, n)
             finally:
                 self._unlock_range(token)
-            await chan.send(P.VerifyRequest(off, n, hashlib.sha256(data).digest()))
+            self.dr += len(data)
+            await chan.send(P.VerifyRequest(off, n, _block_digests(data)))
             ahead = (off + n) / rate - (time.monotonic() - v["start"])
             if ahead > 0:
                 await trio.sleep(ahead)
@@ -1256,26 +1263,36 @@ class Resource:
         if self.cstate is ConnState.Connected:
             self._set(cstate=ConnState.VerifyT)
         data = await self.disk.data.read(pkt.offset, pkt.length)
-        equal = hmac.compare_digest(hashlib.sha256(data).digest(), pkt.digest)
-        if not equal:
-            self._mark_verify_oos(pkt.offset, data, None)
-        await chan.send(P.VerifyReply(pkt.offset, pkt.length, int(equal)))
-
-    def _mark_verify_oos(self, offset: int, data: bytes, _other) -> None:
-        first, count = blocks_of(offset, len(data))
-        self.disk.bitmap.set_range(first, count)
-        log.warning("%s: Out of sync: start=%d, size=%d (sectors)", self.conf.name,
-                    offset // 512, len(data) // 512)
+        self.dr += len(data)
+        mine = _block_digests(data)
+        nblocks = (pkt.length + BLOCK - 1) // BLOCK
+        mismatch = bytearray((nblocks + 7) // 8)
+        for i in range(nblocks):
+            if mine[i * 16:(i + 1) * 16] != pkt.digests[i * 16:(i + 1) * 16]:
+                mismatch[i >> 3] |= 1 << (i & 7)
+                self.disk.bitmap.set_range(pkt.offset // BLOCK + i, 1)
+        await chan.send(P.VerifyReply(pkt.offset, pkt.length, bytes(mismatch)))
 
     def _verify_reply(self, pkt: P.VerifyReply) -> None:
         v = self._verify
         if v is None:
             return
         v["done"] += pkt.length
-        if not pkt.equal:
-            first, count = blocks_of(pkt.offset, pkt.length)
-            v["oos"] += count
-            self.disk.bitmap.set_range(first, count)
+        first = pkt.offset // BLOCK
+        nblocks = (pkt.length + BLOCK - 1) // BLOCK
+        run_start = None
+        for i in range(nblocks + 1):
+            differs = i < nblocks and bool(pkt.mismatch[i >> 3] & (1 << (i & 7))) \
+                if (i >> 3) < len(pkt.mismatch) else False
+            if differs and run_start is None:
+                run_start = i
+            elif not differs and run_start is not None:
+                count = i - run_start
+                v["oos"] += count
+                self.disk.bitmap.set_range(first + run_start, count)
+                log.warning("%s: Out of sync: start=%d, size=%d (sectors)", self.conf.name,
+                            (first + run_start) * BLOCK // 512, count * BLOCK // 512)
+                run_start = None
         v["window"].release()
 
     # ------------------------------------------------------------ teardown

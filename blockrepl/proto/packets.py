@@ -340,21 +340,23 @@ class SyncDoneAck(Packet):
 
 @dataclass(frozen=True)
 class VerifyRequest(Packet):
-    """Online verify: compare a digest of the range with the peer's."""
+    """Online verify: per-4 KiB digests of a range, to compare with the peer's."""
     TYPE = 40
-    FIXED = "QQ32s"
+    FIXED = "QQ"
+    TAIL = "digests"
     offset: int
     length: int
-    digest: bytes
+    digests: bytes       # 16 bytes per 4 KiB block
 
 
 @dataclass(frozen=True)
 class VerifyReply(Packet):
     TYPE = 41
-    FIXED = "QQB"
+    FIXED = "QQ"
+    TAIL = "mismatch"
     offset: int
     length: int
-    equal: int
+    mismatch: bytes      # one bit per 4 KiB block of the range, set = differs
 
 
 @dataclass(frozen=True)

@@ -199,3 +199,38 @@ def test_crashed_primary_restarts_and_resyncs_its_activity_log(cluster):
         for i in acked:
             _, data = c.call("read", res="r0", off=i * 4096, len=4096)
             assert data == (b"%08d" % i) * 512
+
+
+def test_outdate_invalidate_and_verify_verbs(cluster):
+    cluster.up_fresh()
+    a, b = cluster.alpha, cluster.beta
+    # outdate: only on a disconnected Secondary; an Outdated disk may not be promoted.
+    cp = b.adm("outdate", "r0", check=False)
+    assert cp.returncode != 0
+    b.adm("disconnect", "r0")
+    b.adm("outdate", "r0")
+    assert b.adm("dstate", "r0").stdout.strip() == "Outdated/DUnknown"
+    cp = b.adm("primary", "r0", check=False)
+    assert cp.returncode == 17
+    assert "Refusing to be Primary without at least one UpToDate disk" in cp.stderr
+    b.adm("connect", "r0")
+    cluster.wait_synced()
+    # invalidate: beta throws its data away and gets all of it again.
+    with open(b.disk, "r+b") as f:
+        f.seek(3 * 4096)
+        f.write(b"garbage!")
+    ns_before = a.status()["counters"]["ns"]
+    b.adm("invalidate", "r0")
+    cluster.wait_synced()
+    size = a.status()["size"]
+    assert a.status()["counters"]["ns"] - ns_before >= size // 1024
+    assert data_md5(a, size) == data_md5(b, size)
+    # verify: silent corruption on beta is found and logged.
+    with open(b.disk, "r+b") as f:
+        f.seek(7 * 4096)
+        f.write(b"bitrot")
+    a.adm("verify", "r0")
+    a.wait(lambda s: s["cstate"] == "Connected" and "online verify found" in s["last_event"],
+           what="verify to finish")
+    assert "Out of sync: start=56, size=" in a.log()
+    assert a.status()["counters"]["oos"] == 4   # exactly the one 4 KiB block

@@ -14,7 +14,7 @@ SAMPLES = [
     P.WriteAck(5), P.RecvAck(6), P.NegAck(7, 5), P.Flush(1), P.FlushAck(1),
     P.Ping(3), P.PingAck(3), P.BitmapChunk(0, 1, b"abc"), P.SyncStart(9, 100, 1),
     P.ResyncData(4096, b"y" * 4096), P.ResyncAck(4096, 4096), P.SyncDone(9),
-    P.SyncDoneAck(), P.VerifyRequest(0, 4096, b"d" * 32), P.VerifyReply(0, 4096, 1),
+    P.SyncDoneAck(), P.VerifyRequest(0, 8192, b"d" * 32), P.VerifyReply(0, 8192, b"\x02"),
     P.Goodbye(), P.Refuse(b"no"), P.RoleRequest(1, 1), P.RoleReply(1, -1),
 ]
 
