@@ -17,13 +17,15 @@ from typing import Awaitable, Callable
 import trio
 
 from replfs.blockdev import BlockDeviceError
-from replfs.errors import EXIT_CONFIG, EXIT_EXEC, EXIT_USAGE, ReplfsError
+from replfs.errors import EXIT_CONFIG, EXIT_EXEC, EXIT_STATE, EXIT_USAGE, ReplfsError
 from replfs.ipc import frames
 from replfs.ipc.client import SOCKET_NAME
 
 from replfs.blockrepl import conf as confmod
 from replfs.blockrepl.core.states import StateChangeRefused
 from replfs.blockrepl.driver.resource import Resource
+
+from .devices import DeviceFiles
 
 log = logging.getLogger("replfs.daemon")
 
@@ -71,7 +73,7 @@ class Daemon:
         self._nursery: trio.Nursery | None = None
         self._res_scopes: dict[str, trio.CancelScope] = {}
         self._stop = trio.Event()
-        self._devfiles: dict[str, trio.Process] = {}
+        self.devices = DeviceFiles(rundir)
         # Components hosted beside the resources (the cluster stack, ...).
         # Each has `ops: dict[str, handler]` (handler(req, body, handles)
         # -> dict | (dict, bytes)), `async run(daemon, *, task_status)`
@@ -113,6 +115,7 @@ class Daemon:
                             await self._down(name)
                         except (ReplfsError, StateChangeRefused, OSError) as e:
                             log.warning("%s: down at shutdown: %s", name, e)
+                    await self.devices.stop_all()
                     for comp in reversed(self.components):
                         try:
                             await comp.shutdown()
@@ -247,17 +250,25 @@ class Daemon:
 
     async def op_up(self, req, body, conn):
         res = await self._ensure(req)
-        await res.attach()
+        await self._attach(res)
         res.connect()
         return {}
 
     async def op_attach(self, req, body, conn):
-        res = await self._ensure(req)
-        await res.attach()
+        await self._attach(await self._ensure(req))
         return {}
 
+    async def _attach(self, res: Resource) -> None:
+        await res.attach()
+        await self.devices.start(self._nursery, res.conf.name, res.me.device)
+
     async def op_detach(self, req, body, conn):
-        await self._res(req).detach()
+        res = self._res(req)
+        if res.open_count:
+            raise ReplfsError(f"{res.me.device}: State change failed: (-12) Device is held "
+                              f"open by someone", EXIT_STATE)
+        await self.devices.stop(res.conf.name)
+        await res.detach()
         return {}
 
     async def op_connect(self, req, body, conn):
@@ -285,6 +296,10 @@ class Daemon:
         res = self.resources.get(name)
         if res is None:
             return
+        if res.open_count:
+            raise ReplfsError(f"{res.me.device}: State change failed: (-12) Device is held "
+                              f"open by someone", EXIT_STATE)
+        await self.devices.stop(name)
         await res.down()
         scope = self._res_scopes.pop(name, None)
         del self.resources[name]
@@ -324,7 +339,7 @@ class Daemon:
                          "connect", res.conf.name)
                 res.conf = new
         if res.disk is None:
-            await res.attach()
+            await self._attach(res)
         if not res.want_connect and not res.split_brain:
             res.connect()
         return {}
@@ -364,8 +379,8 @@ class Daemon:
     # ------------------------------------------------------------ block I/O
     async def op_open(self, req, body, conn):
         res = self._res(req)
-        if req.get("write", True):
-            res._require_io(write=True)
+        # As in DRBD 8: a Secondary cannot be opened at all.
+        res._require_io(write=bool(req.get("write", True)))
         res.open_count += 1
         handle = len(conn.handles) + 1
         while handle in conn.handles:

@@ -98,6 +98,7 @@ class AsyncClient:
         self._closed = False
         # Unsolicited frames from the daemon ({"event": ...}), in order.
         self._events_send, self.events = trio.open_memory_channel(float("inf"))
+        self.closed_event = trio.Event()   # set when the daemon connection ends
 
     @classmethod
     async def connect(cls, path: str, nursery: trio.Nursery) -> "AsyncClient":
@@ -127,6 +128,7 @@ class AsyncClient:
             pass
         finally:
             self._closed = True
+            self.closed_event.set()
             self._events_send.close()
             for send in self._waiting.values():
                 send.close()
