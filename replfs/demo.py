@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 
+from replfs.ipc.client import SyncClient, socket_path
 from replfs.localpair import LocalPair, Node
 
 BOLD = "\033[1m" if sys.stdout.isatty() else ""
