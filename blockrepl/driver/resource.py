@@ -68,6 +68,7 @@ class _Pending:
     offset: int
     length: int
     epoch: int = 0
+    acked: bool = False        # the peer's disk has it
     done: trio.Event = field(default_factory=trio.Event)
     received: trio.Event = field(default_factory=trio.Event)
     error: int = 0
@@ -186,6 +187,8 @@ class Resource:
         self.split_brain = False
         self.devfile_proc = None
         self._session_nursery: trio.Nursery | None = None
+        self._reads: dict[int, tuple[trio.Event, list]] = {}
+        self._size = 0               # agreed device size (kept while Diskless)
         self._epoch = 0              # epoch of the writes being sent
         self._epoch_closed = False   # a write completed since the last send
         self._recv_epoch = 0         # newest epoch the receiver has started
@@ -252,6 +255,7 @@ class Resource:
             self._set(dstate=DiskState.Diskless)
             raise
         self.disk = disk
+        self._size = disk.layout.data_size
         sb = disk.sb
         if not sb.has(md.F_CONSISTENT):
             ds = DiskState.Inconsistent
@@ -261,15 +265,22 @@ class Resource:
             ds = DiskState.UpToDate
         else:
             ds = DiskState.Consistent
+        if self.role is Role.Primary:
+            await disk.write_superblock(disk.sb.with_flags(set_=md.F_PRIMARY))
         self._set(dstate=ds)
         await self._tell_peer_state()
+        if self.cstate.is_connected and self._chan is not None:
+            # A disk attached under a live connection: agree on it afresh
+            # (the handshake decides whether and which way to resync).
+            await self._reconnect_for_sync()
 
     async def detach(self) -> None:
         if self.disk is None:
             return
-        if self.role is Role.Primary:
+        if self.role is Role.Primary and not self._peer_serves():
             raise ReplfsError(f"{self.conf.name}: State change failed: (-2) Refusing to "
-                              f"detach the disk of a Primary", EXIT_STATE)
+                              f"detach the disk of a Primary without an UpToDate peer",
+                              EXIT_STATE)
         if self.cstate.is_syncing:
             raise refuse(SS_RESYNC_RUNNING)
         await self._drain_local_io()
@@ -291,7 +302,7 @@ class Resource:
             check_promote(self._view(), force=force)
         except StateChangeRefused:
             raise
-        if self.disk is None:
+        if self.disk is None and not self._peer_serves():
             raise refuse(SS_IS_DISKLESS, EXIT_NO_LOCAL_DISK)
         if self.cstate.is_connected and self._chan is not None:
             # Ask the peer: it may have become Primary a moment ago.
@@ -313,7 +324,8 @@ class Resource:
         if force and self.dstate is not DiskState.UpToDate:
             await self._force_uptodate()
         disk = self.disk
-        await disk.write_superblock(disk.sb.with_flags(set_=md.F_PRIMARY))
+        if disk is not None:
+            await disk.write_superblock(disk.sb.with_flags(set_=md.F_PRIMARY))
         self._set(role=Role.Primary)
         await self._tell_peer_state()
         if force and self.cstate is ConnState.Connected and self.pdsk in (
@@ -413,17 +425,27 @@ class Resource:
             await chan.aclose()
 
     # ------------------------------------------------------------ application I/O
-    def _require_io(self, write: bool) -> LocalDisk:
+    def _require_io(self, write: bool) -> LocalDisk | None:
+        """The local disk to use, or None when the peer serves the I/O."""
         if self.role is not Role.Primary:
             raise BlockDeviceError(errno.EMEDIUMTYPE,
                                    f"{self.conf.name} is Secondary: no application I/O")
-        if self.disk is None or self.dstate not in (DiskState.UpToDate, DiskState.Consistent):
-            raise BlockDeviceError(errno.EIO, f"{self.conf.name}: no UpToDate local disk")
-        return self.disk
+        if self.disk is not None and self.dstate in (DiskState.UpToDate, DiskState.Consistent):
+            return self.disk
+        if self.disk is not None and self.dstate is DiskState.Inconsistent \
+                and self._peer_serves():
+            return self.disk     # SyncTarget while Primary: stale blocks come from the peer
+        if self.disk is None and self._peer_serves():
+            return None          # Diskless Primary
+        raise BlockDeviceError(errno.EIO, f"{self.conf.name}: no UpToDate disk reachable")
+
+    def _peer_serves(self) -> bool:
+        return (self._chan is not None and self.cstate.is_connected
+                and self.pdsk is DiskState.UpToDate)
 
     @property
     def size(self) -> int:
-        return self.disk.layout.data_size if self.disk else 0
+        return self.disk.layout.data_size if self.disk else self._size
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0:
@@ -450,13 +472,47 @@ class Resource:
     async def read(self, offset: int, length: int) -> bytes:
         disk = self._require_io(write=False)
         length = max(0, min(length, self.size - offset))
+        if disk is not None and self.dstate is DiskState.Inconsistent:
+            first, count = blocks_of(offset, length)
+            if any(disk.bitmap.test(b) for b in range(first, first + count)):
+                return await self._remote_read(offset, length)
+        if disk is None:
+            return await self._remote_read(offset, length)
         self.lo += 1
         try:
             data = await disk.data.read(offset, length)
+        except OSError as e:
+            await self._local_io_error("read", e, offset, length)
+            if self._peer_serves():
+                return await self._remote_read(offset, length)
+            raise BlockDeviceError(errno.EIO, f"{self.conf.name}: local read failed and "
+                                   f"no peer has the data") from None
         finally:
             self.lo -= 1
         self.dr += len(data)
         return data
+
+    async def _remote_read(self, offset: int, length: int) -> bytes:
+        chan = self._chan
+        if chan is None or not self._peer_serves():
+            raise BlockDeviceError(errno.EIO, f"{self.conf.name}: no UpToDate disk reachable")
+        self._seq += 1
+        seq = self._seq
+        ev, box = trio.Event(), []
+        self._reads[seq] = (ev, box)
+        try:
+            await chan.send(P.ReadRequest(seq, offset, length))
+            await ev.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            self._reads.pop(seq, None)
+        if not box or isinstance(box[0], int):
+            code = box[0] if box else errno.EIO
+            raise BlockDeviceError(code or errno.EIO, f"{self.conf.name}: read through the "
+                                   f"peer failed")
+        self.nr += len(box[0])
+        return box[0]
 
     async def write(self, offset: int, data: bytes) -> None:
         disk = self._require_io(write=True)
@@ -472,6 +528,10 @@ class Resource:
         token = await self._lock_range(offset, offset + len(data))
         e_first, e_last = extents_of(offset, len(data))
         try:
+            disk = self._require_io(write=True)   # may have changed while we waited
+            if disk is None:
+                await self._replicated_write(None, offset, data)
+                return
             await self._al_begin(e_first, e_last)
             try:
                 await self._replicated_write(disk, offset, data)
@@ -492,8 +552,11 @@ class Resource:
         if changed:
             await disk.write_al()
 
-    async def _replicated_write(self, disk: LocalDisk, offset: int, data: bytes) -> None:
+    async def _replicated_write(self, disk: LocalDisk | None, offset: int, data: bytes) -> None:
         pending = None
+        local_error: list[OSError] = []
+        if disk is None and not self._replicating():
+            raise BlockDeviceError(errno.EIO, f"{self.conf.name}: no UpToDate disk reachable")
         if self._replicating():
             self._seq += 1
             seq = self._seq
@@ -509,10 +572,14 @@ class Resource:
             await self._mark_unreplicated(offset, len(data))
 
         async def local() -> None:
+            if disk is None:
+                return
             self.lo += 1
             try:
                 await disk.data.write(offset, data)
                 self.dw += len(data)
+            except OSError as e:
+                local_error.append(e)
             finally:
                 self.lo -= 1
 
@@ -525,23 +592,71 @@ class Resource:
                 await pending.done.wait()
                 return
             proto = self.conf.protocol
-            if proto == "A":
+            if proto == "A" and disk is not None:
                 return
-            if proto == "B":
+            if proto == "B" and disk is not None:
                 await pending.received.wait()
                 return
+            # Protocol C, or no local disk: the peer's disk is the only copy.
             await pending.done.wait()
 
         if pending is None:
             await local()
-            return
+        else:
+            async def both() -> None:
+                async with trio.open_nursery() as n:
+                    n.start_soon(local)
+                    n.start_soon(remote)
+            await _unwrapped(both())
+            self._epoch_closed = True
+        if local_error:
+            await self._local_io_error("write", local_error[0], offset, len(data))
+            # The write still counts if the peer's disk has it.
+            if pending is None:
+                raise BlockDeviceError(errno.EIO, f"{self.conf.name}: local write failed "
+                                       f"and there is no peer to hold it")
+            await pending.done.wait()
+        if (local_error or disk is None) and not pending.acked:
+            raise BlockDeviceError(errno.EIO, f"{self.conf.name}: the write reached no disk")
 
-        async def both() -> None:
-            async with trio.open_nursery() as n:
-                n.start_soon(local)
-                n.start_soon(remote)
-        await _unwrapped(both())
-        self._epoch_closed = True
+    async def _local_io_error(self, what: str, exc: OSError, offset: int, length: int) -> None:
+        """A local read or write failed: apply the on-io-error policy."""
+        policy = self.conf.on_io_error
+        log.error("%s: Local IO failed in %s at %d+%d: %s. %s", self.conf.name, what, offset,
+                  length, exc, "Passing the error on." if policy == "pass_on" else "Detaching...")
+        if policy == "pass_on" or self.disk is None:
+            return
+        # The peer must resync this range (and everything the disk misses
+        # from now on) into this disk should it come back.
+        chan = self._chan
+        if chan is not None and self.cstate.is_connected:
+            try:
+                await chan.send(P.OutOfSync(offset, length))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+        disk, self.disk = self.disk, None
+        self._set(dstate=DiskState.Failed)
+        try:
+            with trio.move_on_after(2):
+                await disk.write_superblock(disk.sb.with_flags(clear=md.F_CONSISTENT))
+        except OSError:
+            log.error("%s: could not mark the failed disk inconsistent", self.conf.name)
+        try:
+            await disk.close()
+        except OSError:
+            pass
+        self._set(dstate=DiskState.Diskless)
+        await self._tell_peer_state()
+
+    async def _peer_lacks(self, offset: int, length: int) -> None:
+        """The peer's disk does not have this range (it failed or is gone)."""
+        disk = self.disk
+        if disk is None:
+            return
+        if not disk.sb.uuids.bitmap:
+            await self._new_generation()
+        first, count = blocks_of(offset, length)
+        disk.bitmap.set_range(first, count)
 
     async def _mark_unreplicated(self, offset: int, length: int) -> None:
         """This write will not reach the peer: remember it in the bitmap."""
@@ -554,7 +669,7 @@ class Resource:
     async def flush(self) -> None:
         disk = self._require_io(write=True)
         waiter = None
-        if self._replicating() and self.conf.protocol != "A":
+        if self._replicating() and (self.conf.protocol != "A" or disk is None):
             self._seq += 1
             seq = self._seq
             waiter = trio.Event()
@@ -563,8 +678,17 @@ class Resource:
                 await self._chan.send(P.Flush(seq))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, AttributeError):
                 waiter = None
-        await disk.data.flush()
-        await disk.write_bitmap()
+        if disk is not None:
+            try:
+                await disk.data.flush()
+                await disk.write_bitmap()
+            except OSError as e:
+                await self._local_io_error("flush", e, 0, 0)
+                if waiter is None:
+                    raise BlockDeviceError(errno.EIO, f"{self.conf.name}: flush failed and "
+                                           f"no peer holds the data") from None
+        elif waiter is None:
+            raise BlockDeviceError(errno.EIO, f"{self.conf.name}: no UpToDate disk reachable")
         if waiter is not None:
             await waiter.wait()
 
@@ -700,6 +824,9 @@ class Resource:
         for ev in self._flushes.values():
             ev.set()
         self._flushes.clear()
+        for ev, _box in self._reads.values():
+            ev.set()
+        self._reads.clear()
         for send in self._role_replies.values():
             send.send_nowait(0)
         self._role_replies.clear()
@@ -807,6 +934,8 @@ class Resource:
         if not isinstance(params, P.Params):
             raise P.RemoteProtocolError(f"expected Params, got {type(params).__name__}")
         self._peer_params = params
+        if self.disk is None and params.data_size:
+            self._size = params.data_size
         if params.protocol.decode(errors="replace") != self.conf.protocol:
             raise _Fatal(f"incompatible protocol settings (we use {self.conf.protocol}, "
                          f"peer uses {params.protocol.decode(errors='replace')})")
@@ -880,7 +1009,8 @@ class Resource:
             raise _Fatal("Split-Brain detected, dropping connection!")
         if decision is Decision.UNRELATED:
             raise _Fatal("Unrelated data, aborting!")
-        if decision.i_am_target and self.role is Role.Primary:
+        if decision.i_am_target and self.role is Role.Primary and \
+                self.dstate is not DiskState.Inconsistent:
             raise _Fatal("I shall become SyncTarget, but I am primary!")
         if (self.role is Role.Primary and self.peer_role is Role.Primary
                 and not self.conf.allow_two_primaries):
@@ -1057,8 +1187,14 @@ class Resource:
                 await chan.send(P.RecvAck(pkt.seq))
             writers.start_soon(self._apply_peer_write, chan, pkt, token, slots)
         elif t is P.WriteAck or t is P.NegAck:
+            read = self._reads.get(pkt.seq)
+            if read is not None and t is P.NegAck:
+                read[1].append(pkt.errno or errno.EIO)
+                read[0].set()
+                return
             p = self._pending.pop(pkt.seq, None)
             if p is not None:
+                p.acked = t is P.WriteAck
                 if t is P.NegAck:
                     log.error("%s: peer failed to write %d bytes at %d (errno %d); "
                               "marking out of sync", self.conf.name, p.length, p.offset, pkt.errno)
@@ -1079,6 +1215,28 @@ class Resource:
             ev = self._flushes.pop(pkt.seq, None)
             if ev is not None:
                 ev.set()
+        elif t is P.ReadRequest:
+            if self.disk is None or self.dstate is not DiskState.UpToDate:
+                await chan.send(P.NegAck(pkt.seq, errno.EIO))
+                return
+            self._check_peer_range(pkt.offset, pkt.length)
+            try:
+                data = await self.disk.data.read(pkt.offset, pkt.length)
+            except OSError as e:
+                await chan.send(P.NegAck(pkt.seq, e.errno or errno.EIO))
+                await self._local_io_error("read", e, pkt.offset, pkt.length)
+                return
+            self.dr += len(data)
+            await chan.send(P.ReadReply(pkt.seq, data))
+            self.ns += len(data)
+        elif t is P.ReadReply:
+            read = self._reads.get(pkt.seq)
+            if read is not None:
+                read[1].append(pkt.data)
+                read[0].set()
+        elif t is P.OutOfSync:
+            self._check_peer_range(pkt.offset, pkt.length)
+            await self._peer_lacks(pkt.offset, pkt.length)
         elif t is P.Ping:
             await chan.send(P.PingAck(pkt.token))
         elif t is P.PingAck:
@@ -1143,19 +1301,27 @@ class Resource:
             raise P.RemoteProtocolError(f"peer wrote outside the device ({offset}+{length})")
 
     async def _apply_peer_write(self, chan: _Channel, pkt: P.Data, token: int, slots) -> None:
+        failed = None
         try:
             try:
-                await self.disk.data.write(pkt.offset, pkt.data)
+                disk = self.disk
+                if disk is None:
+                    raise BlockDeviceError(errno.EIO, "no local disk")
+                await disk.data.write(pkt.offset, pkt.data)
                 self.dw += len(pkt.data)
+                if self.pdsk in (DiskState.Diskless, DiskState.Failed):
+                    # The sender has no disk: this is the only copy.
+                    await self._peer_lacks(pkt.offset, len(pkt.data))
                 reply: P.Packet = P.WriteAck(pkt.seq)
             except OSError as e:
-                log.error("%s: local write failed for peer data at %d: %s",
-                          self.conf.name, pkt.offset, e)
+                failed = e
                 reply = P.NegAck(pkt.seq, e.errno or errno.EIO)
         finally:
             self._recv_unlock(token)
             slots.release()
             self.ua -= 1
+        if failed is not None and self.disk is not None:
+            await self._local_io_error("write (peer data)", failed, pkt.offset, len(pkt.data))
         try:
             await chan.send(reply)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):

@@ -255,6 +255,36 @@ class Discard(Packet):
 
 
 @dataclass(frozen=True)
+class ReadRequest(Packet):
+    """A Diskless Primary (or a SyncTarget for an out-of-sync block) reads
+    through the peer."""
+    TYPE = 17
+    FIXED = "QQQ"
+    seq: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class ReadReply(Packet):
+    TYPE = 18
+    FIXED = "Q"
+    TAIL = "data"
+    seq: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class OutOfSync(Packet):
+    """The sender's copy of this range is bad (a local I/O error): the
+    receiver must remember to resync it."""
+    TYPE = 19
+    FIXED = "QQ"
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
 class Ping(Packet):
     TYPE = 20
     FIXED = "Q"

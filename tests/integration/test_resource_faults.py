@@ -170,3 +170,56 @@ async def test_epochs_keep_dependent_writes_in_order_on_the_peer(tmp_path, nurse
     await a.write(2 * 1024 * 1024, os.urandom(4096))  # epoch n+1, fast
     await wait_for(lambda: len(landed) == 2)
     assert landed == [0, 2 * 1024 * 1024]
+
+
+async def test_io_error_on_primary_detaches_and_peer_serves_then_reattach_resyncs(
+        tmp_path, nursery, caplog):
+    caplog.set_level(logging.WARNING, logger="replfs")
+    conf = make_conf(tmp_path)
+    a, b = await start_pair(nursery, conf, conf)
+    a.connect(); b.connect()
+    await wait_for(lambda: a.cstate is ConnState.Connected)
+    await a.primary(force=True)
+    await wait_for(lambda: synced(a, b), 30)
+    written = {}
+    for i in range(4):
+        written[i * 4096] = os.urandom(4096)
+        await a.write(i * 4096, written[i * 4096])
+
+    async def failing_write(offset, data):
+        raise OSError(5, "Input/output error")
+    a.disk.data.write = failing_write
+    # The failing write still succeeds: the peer's disk has it (protocol C).
+    written[8 * 4096] = os.urandom(4096)
+    await a.write(8 * 4096, written[8 * 4096])
+    assert "Local IO failed in write" in caplog.text
+    await wait_for(lambda: a.dstate is DiskState.Diskless and b.pdsk is DiskState.Diskless)
+    # Diskless Primary: writes and reads go through the peer.
+    written[9 * 4096] = os.urandom(4096)
+    await a.write(9 * 4096, written[9 * 4096])
+    await a.flush()
+    for off, data in written.items():
+        assert await a.read(off, 4096) == data
+    assert b.disk.bitmap.test(8) and b.disk.bitmap.test(9)
+    # The disk comes back (replaced): attach, resync as SyncTarget while Primary.
+    await a.attach()
+    assert a.dstate is DiskState.Inconsistent
+    await wait_for(lambda: synced(a, b), 30)
+    assert a.role.value == "Primary"
+    assert md5(a.me.disk, a.size) == md5(b.me.disk, b.size)
+    for off, data in written.items():
+        assert await a.read(off, 4096) == data
+
+
+async def test_io_error_without_peer_fails_the_write_with_eio(tmp_path, nursery):
+    conf = make_conf(tmp_path)
+    a, b = await start_pair(nursery, conf, conf)
+    await a.primary(force=True)
+
+    async def failing_write(offset, data):
+        raise OSError(5, "Input/output error")
+    a.disk.data.write = failing_write
+    with pytest.raises(OSError) as e:
+        await a.write(0, b"x" * 4096)
+    assert e.value.errno == 5
+    assert a.dstate is DiskState.Diskless

@@ -15,7 +15,8 @@ SAMPLES = [
     P.Ping(3), P.PingAck(3), P.BitmapChunk(0, 1, b"abc"), P.SyncStart(9, 100, 1),
     P.ResyncData(4096, b"y" * 4096), P.ResyncAck(4096, 4096), P.SyncDone(9),
     P.SyncDoneAck(), P.VerifyRequest(0, 8192, b"d" * 32), P.VerifyReply(0, 8192, b"\x02"),
-    P.Goodbye(), P.Refuse(b"no"), P.RoleRequest(1, 1), P.RoleReply(1, -1),
+    P.Goodbye(), P.Refuse(b"no"), P.ReadRequest(1, 4096, 8192), P.ReadReply(1, b"z" * 10),
+    P.OutOfSync(0, 4096), P.RoleRequest(1, 1), P.RoleReply(1, -1),
 ]
 
 
