@@ -298,29 +298,17 @@ class Resource:
     async def primary(self, *, force: bool = False) -> None:
         if self.role is Role.Primary:
             return
-        try:
-            check_promote(self._view(), force=force)
-        except StateChangeRefused:
-            raise
+        if self.cstate.is_connected and self._chan is not None:
+            # Ask the peer first: its reply travels behind any role change
+            # it made a moment ago, so the check below sees its real role.
+            result = await self._ask_peer_role(Role.Primary)
+            if result:
+                raise StateChangeRefused(result, dict(
+                    [(-1, "Multiple primaries not allowed by config")]).get(
+                        result, "Refused by peer"))
+        check_promote(self._view(), force=force)
         if self.disk is None and not self._peer_serves():
             raise refuse(SS_IS_DISKLESS, EXIT_NO_LOCAL_DISK)
-        if self.cstate.is_connected and self._chan is not None:
-            # Ask the peer: it may have become Primary a moment ago.
-            token = secrets.randbits(62)
-            send, recv = trio.open_memory_channel(1)
-            self._role_replies[token] = send
-            try:
-                await self._chan.send(P.RoleRequest(token, _role_code(Role.Primary)))
-                with trio.move_on_after(self.conf.timeout_s + 1):
-                    result = await recv.receive()
-                    if result:
-                        raise StateChangeRefused(result, dict(
-                            [(-1, "Multiple primaries not allowed by config")]).get(
-                                result, "Refused by peer"))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
-            finally:
-                self._role_replies.pop(token, None)
         if force and self.dstate is not DiskState.UpToDate:
             await self._force_uptodate()
         disk = self.disk
@@ -332,6 +320,21 @@ class Resource:
                 DiskState.Inconsistent, DiskState.Outdated, DiskState.Consistent):
             # Connected fresh pair: the forced node's data wins, full sync now.
             self._start_full_sync_as_source()
+
+    async def _ask_peer_role(self, role: Role) -> int:
+        """Ask the connected peer whether we may take ``role``; 0 means yes."""
+        token = secrets.randbits(62)
+        send, recv = trio.open_memory_channel(1)
+        self._role_replies[token] = send
+        try:
+            await self._chan.send(P.RoleRequest(token, _role_code(role)))
+            with trio.move_on_after(self.conf.timeout_s + 1):
+                return await recv.receive()
+            return 0   # no answer: the connection is going away anyway
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, AttributeError):
+            return 0
+        finally:
+            self._role_replies.pop(token, None)
 
     async def _force_uptodate(self) -> None:
         """`primary --force`: declare the local data good (a new generation)."""
@@ -1027,9 +1030,17 @@ class Resource:
         name = self.conf.name
         async with trio.open_nursery() as n:
             self._session_nursery = n
+            # Go straight to the state the decision calls for: showing
+            # "Connected" first would tell wait-sync (and admins) that the
+            # disks agree before the resync has even started.
+            if decision.i_am_source:
+                self._set(cstate=ConnState.StartingSyncS if decision.full else ConnState.WFBitMapS)
+            elif decision.i_am_target:
+                self._set(cstate=ConnState.StartingSyncT if decision.full else ConnState.WFBitMapT)
+            else:
+                self._set(cstate=ConnState.Connected)
             n.start_soon(self._receiver, chan)
             n.start_soon(self._pinger, chan)
-            self._set(cstate=ConnState.Connected)
             if decision is Decision.NO_SYNC and self.disk is not None:
                 await self._connected_in_sync(params)
             elif decision.i_am_source:
