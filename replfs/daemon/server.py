@@ -49,8 +49,13 @@ class ClientConn:
         self.closed = False
 
     async def send(self, header: dict, body: bytes = b"") -> None:
+        prefix, body = frames.encode_parts(header, body)
         async with self.send_lock:
-            await self.stream.send_all(frames.encode(header, body))
+            if len(body) < 65536:
+                await self.stream.send_all(prefix + body)
+            else:
+                await self.stream.send_all(prefix)
+                await self.stream.send_all(body)
 
     async def push(self, event: str, body: bytes = b"", **fields) -> bool:
         """Send an event; False if the client is gone."""
@@ -97,6 +102,8 @@ class Daemon:
             os.umask(old_umask)
         os.chmod(path, 0o600)
         sock.listen(64)
+        for opt in (trio.socket.SO_SNDBUF, trio.socket.SO_RCVBUF):
+            sock.setsockopt(trio.socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
         listener = trio.SocketListener(sock)
         try:
             async with trio.open_nursery() as nursery:

@@ -62,7 +62,10 @@ class SyncClient:
 
     def call(self, op: str, body: bytes = b"", **args) -> tuple[dict, bytes]:
         rid = next(self._ids)
-        self._sock.sendall(frames.encode({"id": rid, "op": op, **args}, body))
+        prefix, body = frames.encode_parts({"id": rid, "op": op, **args}, body)
+        self._sock.sendall(prefix)
+        if body:
+            self._sock.sendall(body)
         while True:
             fr = self._dec.next_frame()
             if fr is not None:
@@ -106,6 +109,8 @@ class AsyncClient:
             stream = await trio.open_unix_socket(path)
         except (FileNotFoundError, ConnectionRefusedError):
             raise DaemonNotRunning(path) from None
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            stream.socket.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
         client = cls(stream)
         nursery.start_soon(client._reader)
         return client
@@ -140,9 +145,14 @@ class AsyncClient:
         rid = next(self._ids)
         send, recv = trio.open_memory_channel(1)
         self._waiting[rid] = send
+        prefix, body = frames.encode_parts({"id": rid, "op": op, **args}, body)
         try:
             async with self._send_lock:
-                await self._stream.send_all(frames.encode({"id": rid, "op": op, **args}, body))
+                if len(body) < 65536:
+                    await self._stream.send_all(prefix + body)
+                else:
+                    await self._stream.send_all(prefix)
+                    await self._stream.send_all(body)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._waiting.pop(rid, None)
             raise BlockDeviceError(errno.EIO, "connection to replfsd lost") from None

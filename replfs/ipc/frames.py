@@ -8,7 +8,11 @@ Requests carry an integer ``id`` and an ``op``; the reply to a request
 carries the same ``id`` and ``ok`` (true/false).  A client may send many
 requests before reading replies; the server answers each as soon as it
 is done, so replies can come back in another order.  Block data (reads,
-writes) travels in the body, never inside JSON.
+writes) travels in the body, never inside JSON.  Frames without an ``id``
+and with an ``event`` are unsolicited notifications from the daemon.
+
+Bodies are often 1 MiB; the decoder keeps incoming chunks in a list and
+joins them once per frame, so a body is copied once, not once per chunk.
 """
 from __future__ import annotations
 
@@ -24,34 +28,65 @@ class FrameError(Exception):
     """The other side sent bytes that are not a valid frame."""
 
 
-def encode(header: dict, body: bytes = b"") -> bytes:
+def encode_parts(header: dict, body: bytes = b"") -> tuple[bytes, bytes]:
+    """(prefix, body): send both, in order; the body is not copied."""
     h = json.dumps(header, separators=(",", ":")).encode()
-    return HEAD.pack(len(h), len(body)) + h + body
+    return HEAD.pack(len(h), len(body)) + h, body
+
+
+def encode(header: dict, body: bytes = b"") -> bytes:
+    prefix, body = encode_parts(header, body)
+    return prefix + body
 
 
 class FrameDecoder:
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._chunks: list[bytes] = []
+        self._size = 0
 
     def receive_data(self, data: bytes) -> None:
-        self._buf += data
+        if data:
+            self._chunks.append(bytes(data))
+            self._size += len(data)
+
+    def _peek(self, n: int) -> bytes:
+        """The first n buffered bytes (joining chunks only as needed)."""
+        if len(self._chunks[0]) < n:
+            joined = b"".join(self._chunks)
+            self._chunks = [joined]
+        return self._chunks[0][:n]
+
+    def _take(self, n: int) -> bytes:
+        out = []
+        need = n
+        while need:
+            chunk = self._chunks[0]
+            if len(chunk) <= need:
+                out.append(chunk)
+                self._chunks.pop(0)
+                need -= len(chunk)
+            else:
+                out.append(chunk[:need])
+                self._chunks[0] = chunk[need:]
+                need = 0
+        self._size -= n
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def next_frame(self) -> tuple[dict, bytes] | None:
-        buf = self._buf
-        if len(buf) < HEAD.size:
+        if self._size < HEAD.size:
             return None
-        hlen, blen = HEAD.unpack_from(buf)
+        hlen, blen = HEAD.unpack(self._peek(HEAD.size))
         if hlen > MAX_HEADER or blen > MAX_BODY:
             raise FrameError(f"frame too large (header {hlen}, body {blen})")
-        end = HEAD.size + hlen + blen
-        if len(buf) < end:
+        if self._size < HEAD.size + hlen + blen:
             return None
+        self._take(HEAD.size)
+        raw = self._take(hlen)
         try:
-            header = json.loads(bytes(buf[HEAD.size:HEAD.size + hlen]))
+            header = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise FrameError(f"bad frame header: {e}") from None
         if not isinstance(header, dict):
             raise FrameError("frame header is not a JSON object")
-        body = bytes(buf[HEAD.size + hlen:end])
-        del buf[:end]
+        body = self._take(blen) if blen else b""
         return header, body
