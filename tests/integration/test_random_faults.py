@@ -59,8 +59,10 @@ class Node:
         self.nursery, self.conf, self.name = nursery, conf, name
         self.res: Resource | None = None
         self.scope: trio.CancelScope | None = None
+        self.crashing = False
 
     async def start(self):
+        self.crashing = False
         self.res = Resource(self.conf, self.name)
         done = trio.Event()
 
@@ -77,7 +79,10 @@ class Node:
         self.res.connect()
 
     async def crash(self):
-        """kill -9: no more disk writes, no more packets, no cleanup."""
+        """kill -9: no more disk writes, no more packets, no cleanup, and no
+        completion reaches an application any more (its connection to the
+        daemon died with it)."""
+        self.crashing = True
         res = self.res
         if res.disk is not None:
             res.disk.data = DeadDevice()
@@ -150,6 +155,8 @@ async def run_seed(seed, tmp_path, steps):
                         await res.write(block * 4096, value)
                 except OSError:
                     continue
+                if nodes[node].crashing:
+                    continue   # completed inside a dead process: nobody saw it
                 model.acked(block, value)
                 print(f"  acked {counter}")
 
