@@ -88,8 +88,9 @@ def test_fio_verified_writes_on_the_device_file(cluster):
     wait_mounted(dev)
     cp = subprocess.run(["fio", "--name=v", f"--filename={dev}", "--rw=randwrite",
                          "--bs=4k", "--size=8M", "--direct=1", "--ioengine=psync",
-                         "--verify=crc32c", "--do_verify=1", "--output-format=terse"],
-                        capture_output=True, text=True, timeout=300)
+                         "--verify=crc32c", "--do_verify=1", "--verify_state_save=0",
+                         "--output-format=terse"],
+                        capture_output=True, text=True, timeout=300, cwd=a.root)
     assert cp.returncode == 0, cp.stdout + cp.stderr
     size = a.status()["size"]
     assert read_data(a.disk, size) == read_data(b.disk, size)
