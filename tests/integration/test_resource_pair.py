@@ -175,3 +175,22 @@ async def test_sync_progress_is_reported_like_proc_drbd(tmp_path, nursery):
     tgt = p.b.status()
     assert tgt["cstate"] == "SyncTarget" and tgt["dstate"] == "Inconsistent"
     await wait_for(p.in_sync, 30)
+
+
+async def test_dual_primary_with_allow_two_primaries(tmp_path, nursery):
+    conf = make_conf(tmp_path, net=(("allow-two-primaries", ""),))
+    assert conf.allow_two_primaries
+    p = Pair(conf)
+    await p.start(nursery)
+    p.a.connect(); p.b.connect()
+    await wait_for(p.connected)
+    await p.a.primary(force=True)
+    await wait_for(p.in_sync, 30)
+    await p.b.primary()
+    assert p.a.role is Role.Primary and p.b.role is Role.Primary
+    await wait_for(lambda: p.a.peer_role is Role.Primary and p.b.peer_role is Role.Primary)
+    await p.a.write(0, b"a" * 4096)
+    await p.b.write(8192, b"b" * 4096)
+    assert await p.b.read(0, 4096) == b"a" * 4096
+    assert await p.a.read(8192, 4096) == b"b" * 4096
+    assert md5(p.a.me.disk, p.a.size) == md5(p.b.me.disk, p.b.size)
