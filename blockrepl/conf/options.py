@@ -63,13 +63,14 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
     "net": frozenset({
         "protocol", "allow-two-primaries", "shared-secret", "ping-int",
         "ping-timeout", "timeout", "connect-int", "after-sb-0pri",
-        "after-sb-1pri", "after-sb-2pri", "verify-alg",
+        "after-sb-1pri", "after-sb-2pri", "verify-alg", "fencing",
     }),
-    "disk": frozenset({"resync-rate", "al-extents", "on-io-error"}),
+    "disk": frozenset({"resync-rate", "al-extents", "on-io-error", "fencing"}),
     "syncer": frozenset({"rate", "verify-alg", "al-extents"}),
     "startup": frozenset({"wfc-timeout"}),
     "options": frozenset(),
-    "handlers": frozenset(),
+    "handlers": frozenset({"split-brain", "local-io-error", "fence-peer",
+                           "before-resync-target", "after-resync-target"}),
 }
 
 SECTIONS = ("net", "disk", "syncer", "startup", "handlers", "options")
@@ -97,6 +98,7 @@ AFTER_SB = {
     "after-sb-2pri": ("disconnect", "violently-as0p", "call-pri-lost-after-sb"),
 }
 ON_IO_ERROR = ("pass_on", "call-local-io-error", "detach")
+FENCING = ("dont-care", "resource-only", "resource-and-stonith")
 YES_NO = ("", "yes", "no")
 # Options whose value is a whole number (seconds, tenths of seconds, counts).
 INTEGER = {

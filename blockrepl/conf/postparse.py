@@ -98,6 +98,9 @@ def _check_value(section: str, name: str, value: str, where: Location) -> None:
     elif name == "on-io-error":
         if value not in opts.ON_IO_ERROR:
             raise bad(", ".join(opts.ON_IO_ERROR))
+    elif name == "fencing":
+        if value not in opts.FENCING:
+            raise bad(", ".join(opts.FENCING))
     elif name in opts.INTEGER.get(section, ()):
         if not _INT.fullmatch(value):
             raise bad("a whole number")

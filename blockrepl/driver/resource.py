@@ -43,6 +43,7 @@ from ..core.uuids import JUST_CREATED, Decision, Side, Uuids, compare
 from ..meta import format as md
 from ..proto import packets as P
 from .disk import LocalDisk
+from .handlers import handler_env, run_handler
 
 log = logging.getLogger("replfs.blockrepl")
 
@@ -188,6 +189,9 @@ class Resource:
         self.devfile_proc = None
         self._session_nursery: trio.Nursery | None = None
         self._reads: dict[int, tuple[trio.Event, list]] = {}
+        self.conf_path: str | None = None   # for handlers' DRBD_CONF
+        self.io_suspended = False           # fencing: writes wait for resume
+        self._io_resumed = trio.Event()
         self._size = 0               # agreed device size (kept while Diskless)
         self._epoch = 0              # epoch of the writes being sent
         self._epoch_closed = False   # a write completed since the last send
@@ -522,6 +526,8 @@ class Resource:
         self._check_range(offset, len(data))
         if not data:
             return
+        while self.io_suspended:
+            await self._io_resumed.wait()
         while self.cstate in (ConnState.WFReportParams, ConnState.WFBitMapS,
                               ConnState.StartingSyncS):
             # Replication parameters are being agreed: hold new writes so
@@ -627,6 +633,8 @@ class Resource:
         policy = self.conf.on_io_error
         log.error("%s: Local IO failed in %s at %d+%d: %s. %s", self.conf.name, what, offset,
                   length, exc, "Passing the error on." if policy == "pass_on" else "Detaching...")
+        if policy == "call-local-io-error":
+            await self.handler("local-io-error")
         if policy == "pass_on" or self.disk is None:
             return
         # The peer must resync this range (and everything the disk misses
@@ -807,11 +815,69 @@ class Resource:
                     self._chan = None
                 await self._connection_lost()
 
+    async def handler(self, name: str) -> int | None:
+        """Run the configured handler ``name``; None if none is configured."""
+        command = self.conf.handlers.get(name)
+        if not command:
+            return None
+        env = handler_env(self.conf, self.me, self.peer, self.node, self.conf_path)
+        return await run_handler(name, command, env, resource=self.conf.name)
+
+    @property
+    def fencing(self) -> str:
+        return (self.conf.disk.get("fencing") or self.conf.net.get("fencing")
+                or "dont-care")
+
+    async def _fence_peer(self) -> None:
+        """A Primary lost an UpToDate peer: make sure the peer cannot be
+        promoted with old data before anything more is acknowledged.
+
+        With `fencing resource-and-stonith` application writes are held
+        (I/O suspended) while the fence-peer handler runs; exit codes 3
+        (peer already outdated), 4 (outdated), 5 (peer down), 7 (peer
+        fenced) let I/O resume.  Anything else leaves I/O suspended until
+        `replfsadm resume-io`.  `resource-only` runs the handler without
+        holding I/O.
+        """
+        if self.fencing == "dont-care" or self.role is not Role.Primary:
+            return
+        stonith = self.fencing == "resource-and-stonith"
+        if stonith:
+            self.io_suspended = True
+            self._io_resumed = trio.Event()
+            log.warning("%s: susp( 0 -> 1 ) fencing the peer", self.conf.name)
+        code = await self.handler("fence-peer")
+        if code in (3, 4, 5, 7):
+            what = {3: "peer is inconsistent or outdated already", 4: "peer was fenced",
+                    5: "peer is unreachable, assumed to be dead",
+                    7: "peer was stonithed"}[code]
+            log.warning("%s: fence-peer helper returned %d (%s)", self.conf.name, code, what)
+            self._set(pdsk=DiskState.Outdated)
+            self.resume_io()
+        else:
+            log.error("%s: fence-peer helper %s (returned %s); %s", self.conf.name,
+                      "missing" if code is None and not self.conf.handlers.get("fence-peer")
+                      else "broken", code,
+                      "I/O stays suspended until 'replfsadm resume-io'" if stonith
+                      else "continuing without fencing")
+            self.last_event = f"fence-peer failed ({code})"
+
+    def resume_io(self) -> None:
+        if self.io_suspended:
+            log.warning("%s: susp( 1 -> 0 )", self.conf.name)
+        self.io_suspended = False
+        self._io_resumed.set()
+        self._set()
+
     async def _connection_lost(self) -> None:
         """Every write the peer has not confirmed is now out of sync."""
         if self._sync is not None:
             self._sync = None
         self._verify = None
+        if self.role is Role.Primary and self.pdsk is DiskState.UpToDate \
+                and self.disk is not None and self.want_connect:
+            # Not an orderly disconnect: fence before completing anything.
+            await self._fence_peer()
         pendings = list(self._pending.values())
         self._pending.clear()
         if pendings and self.disk is not None:
@@ -1009,6 +1075,7 @@ class Resource:
         name = self.conf.name
         if decision is Decision.SPLIT_BRAIN:
             self.split_brain = True
+            await self.handler("split-brain")
             raise _Fatal("Split-Brain detected, dropping connection!")
         if decision is Decision.UNRELATED:
             raise _Fatal("Unrelated data, aborting!")
@@ -1074,6 +1141,11 @@ class Resource:
                 await disk.write_superblock(disk.sb.with_flags(clear=md.F_PRIMARY))
 
     # ------------------------------------------------------------ resync
+    def _session_nursery_start(self, fn, *args) -> None:
+        n = self._session_nursery or self._nursery
+        if n is not None:
+            n.start_soon(fn, *args)
+
     def _start_full_sync_as_source(self) -> None:
         chan = self._chan
         if chan is None:
@@ -1339,6 +1411,7 @@ class Resource:
             pass
 
     async def _begin_sync_as_target(self, pkt: P.SyncStart) -> None:
+        await self.handler("before-resync-target")
         disk = self.disk
         if pkt.full:
             disk.bitmap.set_all()
@@ -1378,6 +1451,7 @@ class Resource:
         log.info("%s: Resync done (total %d sec; paused 0 sec)", self.conf.name, elapsed)
         self._sync = None
         self._set(cstate=ConnState.Connected, dstate=DiskState.UpToDate)
+        self._session_nursery_start(self.handler, "after-resync-target")
 
     # ------------------------------------------------------------ keepalive
     async def _pinger(self, chan: _Channel) -> None:
@@ -1509,6 +1583,7 @@ class Resource:
             "split_brain": self.split_brain,
             "last_event": self.last_event,
             "open_count": self.open_count,
+            "io_suspended": self.io_suspended,
             "counters": {
                 "ns": self.ns // 1024, "nr": self.nr // 1024, "dw": self.dw // 1024,
                 "dr": self.dr // 1024, "al": disk.al_writes if disk else 0,

@@ -330,6 +330,8 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
     Verb("new-current-uuid", _simple("new-current-uuid"),
          summary="start a new data generation"),
     Verb("verify", _simple("verify"), summary="online verify against the peer"),
+    Verb("resume-io", _simple("resume-io"),
+         summary="resume application I/O suspended by fencing"),
     Verb("adjust", _simple("adjust"),
          summary="bring the running resource in line with the config"),
     Verb("role", v_role, summary="print local/peer role"),

@@ -235,6 +235,7 @@ class Daemon:
         rconf = config.resources[name]
         confmod.check_node(config, rconf, self.node)
         res = Resource(rconf, self.node)
+        res.conf_path = self.conf_path
         scope_holder: list[trio.CancelScope] = []
 
         async def host(task_status=trio.TASK_STATUS_IGNORED):
@@ -327,6 +328,10 @@ class Daemon:
 
     async def op_new_current_uuid(self, req, body, conn):
         await self._res(req).new_current_uuid()
+        return {}
+
+    async def op_resume_io(self, req, body, conn):
+        self._res(req).resume_io()
         return {}
 
     async def op_verify(self, req, body, conn):

@@ -29,6 +29,8 @@ def implemented_value(section: str, name: str) -> st.SearchStrategy[str]:
         return st.sampled_from(opts.AFTER_SB[name])
     if name == "on-io-error":
         return st.sampled_from(opts.ON_IO_ERROR)
+    if name == "fencing":
+        return st.sampled_from(opts.FENCING)
     if name in opts.INTEGER.get(section, ()):
         return st.integers(0, 10**6).map(str)
     if name in opts.SIZE.get(section, ()):
