@@ -175,7 +175,7 @@ class LocalDisk:
         longer covered by the activity log after a crash, so its bits must
         already be on disk.
         """
-        await self.write_bitmap(flush=False)
+        await self.write_bitmap(flush=True)
         self._al_seq += 1
         offset, rec = md.encode_al_record(self._al_seq, self.al.extents)
         await self.meta.write(self.layout.al_offset + offset, rec)

@@ -69,6 +69,9 @@ class _Pending:
     offset: int
     length: int
     epoch: int = 0
+    t0: float = 0.0            # when it was sent (for the ack timeout)
+    disk: "LocalDisk | None" = None   # whose activity log still covers it
+    extents: tuple = (0, -1)
     acked: bool = False        # the peer's disk has it
     done: trio.Event = field(default_factory=trio.Event)
     received: trio.Event = field(default_factory=trio.Event)
@@ -84,6 +87,7 @@ class _Channel:
         self.send_lock = trio.Lock()
         self.bytes_sent = 0
         self.last_heard = time.monotonic()
+        self.quiesced = False   # holds unreplicated writes (see Resource._handshake)
 
     async def send(self, pkt: P.Packet) -> None:
         data = P.encode(pkt)
@@ -125,18 +129,41 @@ async def _unwrapped(coro):
 
 
 def _first_real(eg: BaseExceptionGroup) -> BaseException:
-    for exc in eg.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            return _first_real(exc)
-        if not isinstance(exc, trio.Cancelled):
-            return exc
-    return eg.exceptions[0]
+    """The first exception in the (nested) group that is not Cancelled."""
+    def real(g):
+        for exc in g.exceptions:
+            if isinstance(exc, BaseExceptionGroup):
+                found = real(exc)
+                if found is not None:
+                    return found
+            elif not isinstance(exc, trio.Cancelled):
+                return exc
+        return None
+    found = real(eg)
+    if found is not None:
+        return found
+    first = eg.exceptions[0]
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
 
 
 def _block_digests(data: bytes) -> bytes:
     """16-byte digests of each 4 KiB block (online verify compares these)."""
     return b"".join(hashlib.blake2b(data[i:i + BLOCK], digest_size=16).digest()
                     for i in range(0, len(data), BLOCK))
+
+
+def _peer_role(code: int) -> Role:
+    if not 0 <= code < len(P.ROLE_CODES):
+        raise P.RemoteProtocolError(f"bad role code {code}")
+    return Role(P.ROLE_CODES[code])
+
+
+def _peer_disk(code: int) -> DiskState:
+    if not 0 <= code < len(P.DISK_CODES):
+        raise P.RemoteProtocolError(f"bad disk state code {code}")
+    return DiskState(P.DISK_CODES[code])
 
 
 def _role_code(r: Role) -> int:
@@ -189,6 +216,11 @@ class Resource:
         self.devfile_proc = None
         self._session_nursery: trio.Nursery | None = None
         self._reads: dict[int, tuple[trio.Event, list]] = {}
+        self._quiesce = 0                   # handshakes agreeing generation/bitmap
+        self._handshake_over = trio.Event()
+        self._unrepl_inflight = 0           # unreplicated writes in progress
+        self._unrepl_changed = trio.Event()
+        self._sent_params: P.Params | None = None
         self.conf_path: str | None = None   # for handlers' DRBD_CONF
         self.io_suspended = False           # fencing: writes wait for resume
         self._io_resumed = trio.Event()
@@ -534,21 +566,51 @@ class Resource:
             # the generation and bitmap the peer was told stay true.
             await self._state_changed.wait()
         self.ap += 1
-        token = await self._lock_range(offset, offset + len(data))
-        e_first, e_last = extents_of(offset, len(data))
+        # Ranges are locked in whole 4 KiB blocks: the unit of the bitmap,
+        # of resync, and of a read-modify-write below.
+        lock_start = offset - offset % BLOCK
+        lock_end = -(-(offset + len(data)) // BLOCK) * BLOCK
+        token = await self._lock_range(lock_start, lock_end)
         try:
             disk = self._require_io(write=True)   # may have changed while we waited
             if disk is None:
                 await self._replicated_write(None, offset, data)
                 return
+            target = self.dstate is DiskState.Inconsistent
+            if target:
+                offset, data = await self._fill_stale_blocks(disk, offset, data)
+            e_first, e_last = extents_of(offset, len(data))
             await self._al_begin(e_first, e_last)
             try:
                 await self._replicated_write(disk, offset, data)
             finally:
                 disk.al.end(e_first, e_last)
+            if target and self.disk is disk:
+                # These blocks are now current here and on the peer: a resync
+                # chunk for them still in flight must not overwrite them.
+                first = -(-offset // BLOCK)
+                last = (offset + len(data)) // BLOCK
+                if last > first:
+                    disk.bitmap.clear_range(first, last - first)
         finally:
             self._unlock_range(token)
             self.ap -= 1
+
+    async def _fill_stale_blocks(self, disk: LocalDisk, offset: int,
+                                 data: bytes) -> tuple[int, bytes]:
+        """A Primary that is SyncTarget writes part of a block this disk does
+        not have yet: complete the block from the peer's copy first, so the
+        whole block is written here (and can be marked in sync)."""
+        first, count = blocks_of(offset, len(data))
+        head_stale = offset % BLOCK and disk.bitmap.test(first)
+        end = offset + len(data)
+        tail_stale = end % BLOCK and disk.bitmap.test(first + count - 1)
+        if not (head_stale or tail_stale):
+            return offset, data
+        start = first * BLOCK
+        current = bytearray(await self._remote_read(start, count * BLOCK))
+        current[offset - start:end - start] = data
+        return start, bytes(current)
 
     async def _al_begin(self, first: int, last: int) -> None:
         disk = self.disk
@@ -564,8 +626,11 @@ class Resource:
     async def _replicated_write(self, disk: LocalDisk | None, offset: int, data: bytes) -> None:
         pending = None
         local_error: list[OSError] = []
+        while not self._replicating() and self._handshaking:
+            await self._handshake_over.wait()
         if disk is None and not self._replicating():
             raise BlockDeviceError(errno.EIO, f"{self.conf.name}: no UpToDate disk reachable")
+        unreplicated = False
         if self._replicating():
             self._seq += 1
             seq = self._seq
@@ -575,10 +640,18 @@ class Resource:
                 self._epoch += 1
                 self._epoch_closed = False
             epoch = self._epoch
-            pending = _Pending(offset, len(data), epoch)
+            pending = _Pending(offset, len(data), epoch, time.monotonic())
+            if disk is not None:
+                # The activity log covers this write until the peer has it
+                # (WriteAck) or the bitmap records that it does not; with
+                # protocols A and B that is after the caller's completion.
+                pending.disk = disk
+                pending.extents = extents_of(offset, len(data))
+                disk.al.begin(*pending.extents)   # hot already: no transaction
             self._pending[seq] = pending
         else:
-            await self._mark_unreplicated(offset, len(data))
+            unreplicated = True
+            self._unrepl_inflight += 1
 
         async def local() -> None:
             if disk is None:
@@ -610,7 +683,14 @@ class Resource:
             await pending.done.wait()
 
         if pending is None:
-            await local()
+            try:
+                await self._mark_unreplicated(offset, len(data))
+                await local()
+            finally:
+                if unreplicated:
+                    self._unrepl_inflight -= 1
+                    self._unrepl_changed.set()
+                    self._unrepl_changed = trio.Event()
         else:
             async def both() -> None:
                 async with trio.open_nursery() as n:
@@ -667,7 +747,10 @@ class Resource:
         if not disk.sb.uuids.bitmap:
             await self._new_generation()
         first, count = blocks_of(offset, length)
-        disk.bitmap.set_range(first, count)
+        if disk.bitmap.set_range(first, count):
+            # This node may be the only one that knows: persist before the
+            # write that made it so is acknowledged.
+            await disk.write_bitmap()
 
     async def _mark_unreplicated(self, offset: int, length: int) -> None:
         """This write will not reach the peer: remember it in the bitmap."""
@@ -796,8 +879,15 @@ class Resource:
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
                     log.warning("%s: connection lost: %s", name, e)
                     next_state = ConnState.NetworkFailure
+                except Exception:
+                    # Whatever the peer sent, or whatever went wrong handling
+                    # it, costs this connection, never the resource.
+                    log.exception("%s: error handling the peer's data; dropping the "
+                                  "connection", name)
+                    next_state = ConnState.ProtocolError
                 finally:
                     self._chan = None
+                    self._end_handshake(chan)
                     with trio.CancelScope(shield=True):
                         await chan.aclose()
                         await self._connection_lost()
@@ -880,40 +970,67 @@ class Resource:
             await self._fence_peer()
         pendings = list(self._pending.values())
         self._pending.clear()
-        if pendings and self.disk is not None:
-            if self.role is Role.Primary:
-                await self._new_generation()
+        try:
+            if pendings and self.disk is not None:
+                if self.role is Role.Primary:
+                    await self._new_generation()
+                for p in pendings:
+                    first, count = blocks_of(p.offset, p.length)
+                    self.disk.bitmap.set_range(first, count)
+                await self.disk.write_bitmap()
+            if self.disk is not None:
+                await self.disk.write_bitmap()
+        except OSError as e:
+            # The meta-data cannot record what the peer misses: this disk
+            # can no longer be trusted to know; give it up.
+            await self._local_io_error("meta-data write", e, 0, 0)
+        finally:
             for p in pendings:
-                first, count = blocks_of(p.offset, p.length)
-                self.disk.bitmap.set_range(first, count)
-            await self.disk.write_bitmap()
-        for p in pendings:
-            p.received.set()
-            p.done.set()
-        for ev in self._flushes.values():
-            ev.set()
-        self._flushes.clear()
-        for ev, _box in self._reads.values():
-            ev.set()
-        self._reads.clear()
-        for send in self._role_replies.values():
-            send.send_nowait(0)
-        self._role_replies.clear()
-        if self.disk is not None:
-            await self.disk.write_bitmap()
+                self._al_release(p)
+                p.received.set()
+                p.done.set()
+            for ev in self._flushes.values():
+                ev.set()
+            self._flushes.clear()
+            for ev, _box in self._reads.values():
+                ev.set()
+            self._reads.clear()
+            for send in self._role_replies.values():
+                try:
+                    send.send_nowait(0)
+                except trio.WouldBlock:
+                    pass
+            self._role_replies.clear()
 
     async def _establish(self, listeners) -> _Channel:
-        """Accept or connect until one handshake succeeds."""
-        result: list[tuple[_Channel, P.Params]] = []
+        """Accept or connect until one handshake succeeds.
+
+        Each accepted connection is handshaken in its own task, so a silent
+        stranger cannot hold up the real peer.  The first connection to
+        authenticate and agree wins; any other is closed.
+        """
+        won: list[tuple[_Channel, P.Params]] = []
         i_connect = self.node < self.peer.name
         async with trio.open_nursery() as n:
+            async def attempt(stream) -> bool:
+                chan = _Channel(stream)
+                ok = False
+                try:
+                    params = await self._try_handshake(chan)
+                    if params is not None and not won:
+                        won.append((chan, params))
+                        ok = True
+                        n.cancel_scope.cancel()
+                finally:
+                    if not ok:
+                        self._end_handshake(chan)
+                        await chan.aclose()
+                return ok
+
             async def accept_loop():
                 while True:
                     stream = await listeners[0].accept()
-                    chan = _Channel(stream)
-                    if await self._try_handshake(chan, result):
-                        n.cancel_scope.cancel()
-                        return
+                    n.start_soon(attempt, stream)
 
             async def connect_loop():
                 while True:
@@ -923,33 +1040,53 @@ class Resource:
                     except (OSError, trio.TooSlowError):
                         await trio.sleep(min(self.conf.connect_int_s, 0.5))
                         continue
-                    chan = _Channel(stream)
-                    if await self._try_handshake(chan, result):
-                        n.cancel_scope.cancel()
+                    if await attempt(stream):
                         return
                     await trio.sleep(min(self.conf.connect_int_s, 1.0))
 
             n.start_soon(accept_loop)
             if i_connect:
                 n.start_soon(connect_loop)
-        return result[0][0]
+        chan, params = won[0]
+        self._peer_params = params
+        self._chan = chan
+        self._set(peer_role=_peer_role(params.role), pdsk=_peer_disk(params.disk))
+        return chan
 
-    async def _try_handshake(self, chan: _Channel, result: list) -> bool:
+    async def _try_handshake(self, chan: _Channel) -> P.Params | None:
+        """The peer's Params if the handshake succeeds, else None (logged)."""
         try:
             with trio.fail_after(max(self.conf.timeout_s, 5)):
-                await self._handshake(chan)
-            result.append((chan, None))
-            return True
+                return await self._handshake(chan)
         except _Fatal:
-            await chan.aclose()
             raise
         except (_Drop, P.RemoteProtocolError, trio.TooSlowError, trio.BrokenResourceError,
-                trio.ClosedResourceError, OSError) as e:
+                trio.ClosedResourceError, OSError, ValueError, IndexError, KeyError) as e:
             log.warning("%s: handshake failed: %s", self.conf.name, e)
             self.last_event = f"handshake failed: {e}"
-            await chan.aclose()
-            self._set(cstate=ConnState.WFConnection)
-            return False
+            self._end_handshake(chan)
+            if self.cstate is ConnState.WFReportParams:
+                self._set(cstate=ConnState.WFConnection)
+            return None
+
+    @property
+    def _handshaking(self) -> bool:
+        return self._quiesce > 0
+
+    def _hold_unreplicated(self, chan: _Channel) -> None:
+        if not chan.quiesced:
+            chan.quiesced = True
+            if self._quiesce == 0:
+                self._handshake_over = trio.Event()
+            self._quiesce += 1
+
+    def _end_handshake(self, chan: _Channel) -> None:
+        """This handshake no longer holds writes that cannot be replicated."""
+        if chan.quiesced:
+            chan.quiesced = False
+            self._quiesce -= 1
+            if self._quiesce == 0:
+                self._handshake_over.set()
 
     def _my_params(self) -> P.Params:
         disk = self.disk
@@ -969,8 +1106,7 @@ class Resource:
                         int(self.discard_my_data), _role_code(self.role),
                         _disk_code(self.dstate), 0, 0, 0, 0, 0, 0, 0, 0)
 
-    async def _handshake(self, chan: _Channel) -> None:
-        self._set(cstate=ConnState.WFReportParams)
+    async def _handshake(self, chan: _Channel) -> P.Params:
         nonce = secrets.token_bytes(16)
         await chan.send(P.Hello.make(P.PROTOCOL_VERSION, nonce, self.conf.name, self.node))
         hello = await chan.recv()
@@ -998,11 +1134,18 @@ class Resource:
         if not hmac.compare_digest(auth.mac, want):
             raise _Drop("Authentication of peer failed (shared-secret mismatch)",
                         ConnState.ProtocolError)
-        await chan.send(self._my_params())
+        self._set(cstate=ConnState.WFReportParams)
+        # From here until the sync decision is made, nothing may change the
+        # generation or the bitmap we tell the peer about: writes that
+        # cannot be replicated wait, and those already running finish first.
+        self._hold_unreplicated(chan)
+        while self._unrepl_inflight:
+            await self._unrepl_changed.wait()
+        self._sent_params = self._my_params()
+        await chan.send(self._sent_params)
         params = await chan.recv()
         if not isinstance(params, P.Params):
             raise P.RemoteProtocolError(f"expected Params, got {type(params).__name__}")
-        self._peer_params = params
         if self.disk is None and params.data_size:
             self._size = params.data_size
         if params.protocol.decode(errors="replace") != self.conf.protocol:
@@ -1013,17 +1156,18 @@ class Resource:
         if self.disk is not None and params.data_size and params.data_size != self.size:
             raise _Fatal(f"the peer's disk size ({params.data_size} bytes) differs from "
                          f"ours ({self.size} bytes); resizing is not supported")
-        peer_role = Role(P.ROLE_CODES[params.role]) if params.role < 3 else Role.Unknown
-        self._chan = chan
-        self._set(peer_role=peer_role,
-                  pdsk=DiskState(P.DISK_CODES[params.disk]) if params.disk < 9 else DiskState.DUnknown)
+        _peer_role(params.role), _peer_disk(params.disk)   # validate
+        return params
 
     def _decide(self, params: P.Params) -> Decision:
-        disk = self.disk
-        if disk is None or params.data_size == 0:
+        # Decide from exactly what we told the peer, so both sides reach
+        # mirror-image decisions even if something changed meanwhile.
+        sp = self._sent_params
+        if self.disk is None or sp.data_size == 0 or params.data_size == 0:
             return Decision.NO_SYNC
-        me = Side(disk.sb.uuids, self.dstate is DiskState.Inconsistent, disk.crashed_primary,
-                  self.role is Role.Primary, disk.bitmap.count, self.node)
+        me = Side(Uuids(sp.current, sp.bitmap, (sp.history1, sp.history2)),
+                  bool(sp.flags & P.PF_INCONSISTENT), bool(sp.flags & P.PF_CRASHED_PRIMARY),
+                  sp.role == _role_code(Role.Primary), sp.oos_blocks, self.node)
         peer = Side(Uuids(params.current, params.bitmap, (params.history1, params.history2)),
                     bool(params.flags & P.PF_INCONSISTENT),
                     bool(params.flags & P.PF_CRASHED_PRIMARY),
@@ -1106,6 +1250,7 @@ class Resource:
                 self._set(cstate=ConnState.StartingSyncT if decision.full else ConnState.WFBitMapT)
             else:
                 self._set(cstate=ConnState.Connected)
+            self._end_handshake(chan)
             n.start_soon(self._receiver, chan)
             n.start_soon(self._pinger, chan)
             if decision is Decision.NO_SYNC and self.disk is not None:
@@ -1123,7 +1268,7 @@ class Resource:
 
     async def _connected_in_sync(self, params: P.Params) -> None:
         disk = self.disk
-        peer_disk = DiskState(P.DISK_CODES[params.disk])
+        peer_disk = _peer_disk(params.disk)
         if self.dstate in (DiskState.Consistent, DiskState.Outdated) and \
                 peer_disk in (DiskState.UpToDate, DiskState.Consistent, DiskState.Outdated):
             await disk.write_superblock(disk.sb.with_flags(
@@ -1168,7 +1313,10 @@ class Resource:
         else:
             self._set(cstate=ConnState.WFBitMapS)
             await self._send_bitmap(chan)
-            await self._peer_bitmap_done.wait()
+            with trio.move_on_after(max(self.conf.timeout_s * 3, 30)) as waited:
+                await self._peer_bitmap_done.wait()
+            if waited.cancelled_caught:
+                raise _Drop("the peer's bitmap did not arrive in time", ConnState.Timeout)
         total = disk.bitmap.count
         await chan.send(P.SyncStart(disk.sb.uuids.current, total, int(full)))
         self._sync = {"role": "source", "total": total, "start": time.monotonic(),
@@ -1278,11 +1426,12 @@ class Resource:
             p = self._pending.pop(pkt.seq, None)
             if p is not None:
                 p.acked = t is P.WriteAck
-                if t is P.NegAck:
+                if t is P.NegAck and self.disk is not None:
                     log.error("%s: peer failed to write %d bytes at %d (errno %d); "
                               "marking out of sync", self.conf.name, p.length, p.offset, pkt.errno)
-                    first, count = blocks_of(p.offset, p.length)
-                    self.disk.bitmap.set_range(first, count)
+                    await self._mark_unreplicated(p.offset, p.length)
+                    await self.disk.write_bitmap()
+                self._al_release(p)
                 p.received.set()
                 p.done.set()
         elif t is P.RecvAck:
@@ -1325,8 +1474,7 @@ class Resource:
         elif t is P.PingAck:
             pass
         elif t is P.StateUpdate:
-            self._set(peer_role=Role(P.ROLE_CODES[pkt.role % 3]),
-                      pdsk=DiskState(P.DISK_CODES[pkt.disk % 9]))
+            self._set(peer_role=_peer_role(pkt.role), pdsk=_peer_disk(pkt.disk))
         elif t is P.RoleRequest:
             result = 0
             if (self.role is Role.Primary and not self.conf.allow_two_primaries
@@ -1334,18 +1482,26 @@ class Resource:
                 result = -1
             await chan.send(P.RoleReply(pkt.token, result))
         elif t is P.RoleReply:
-            send = self._role_replies.get(pkt.token)
+            send = self._role_replies.pop(pkt.token, None)
             if send is not None:
                 send.send_nowait(pkt.result)
         elif t is P.BitmapChunk:
+            disk = self._need_disk("BitmapChunk")
+            limit = (disk.bitmap.nblocks + 7) // 8
+            if pkt.offset > limit:
+                raise P.RemoteProtocolError("bitmap chunk beyond the bitmap")
             try:
-                bits = zlib.decompress(pkt.data)
+                dec = zlib.decompressobj()
+                bits = dec.decompress(pkt.data, limit - pkt.offset + 1)
             except zlib.error:
                 raise P.RemoteProtocolError("corrupt bitmap chunk") from None
-            self.disk.bitmap.merge(bits, pkt.offset)
+            if len(bits) > limit - pkt.offset:
+                raise P.RemoteProtocolError("bitmap chunk larger than the bitmap")
+            disk.bitmap.merge(bits, pkt.offset)
             if pkt.last:
                 self._peer_bitmap_done.set()
         elif t is P.SyncStart:
+            self._need_disk("SyncStart")
             await self._begin_sync_as_target(pkt)
         elif t is P.ResyncData:
             self.nr += len(pkt.data)
@@ -1354,20 +1510,31 @@ class Resource:
             token = await self._recv_lock(pkt.offset, pkt.offset + len(pkt.data))
             writers.start_soon(self._apply_resync, chan, pkt, token, slots)
         elif t is P.ResyncAck:
+            self._check_peer_range(pkt.offset, pkt.length)
+            if self._sync is None or self._sync["role"] != "source":
+                raise P.RemoteProtocolError("ResyncAck while not SyncSource")
             first, count = blocks_of(pkt.offset, pkt.length)
             self.disk.bitmap.clear_range(first, count)
             if self._sync is not None:
                 self._sync["acked"] += pkt.length
                 self._sync["window"].release()
         elif t is P.SyncDone:
+            if self._sync is None or self._sync["role"] != "target":
+                raise P.RemoteProtocolError("SyncDone while not SyncTarget")
             await self._recv_drain()
             await self._finish_sync_as_target(pkt)
             await chan.send(P.SyncDoneAck())
         elif t is P.SyncDoneAck:
+            if self._sync is None or self._sync["role"] != "source":
+                raise P.RemoteProtocolError("SyncDoneAck while not SyncSource")
             await self._finish_sync_as_source()
         elif t is P.VerifyRequest:
+            self._check_peer_range(pkt.offset, pkt.length)
+            if len(pkt.digests) != 16 * ((pkt.length + BLOCK - 1) // BLOCK):
+                raise P.RemoteProtocolError("VerifyRequest digest count does not match")
             await self._verify_answer(chan, pkt)
         elif t is P.VerifyReply:
+            self._check_peer_range(pkt.offset, pkt.length)
             self._verify_reply(pkt)
         elif t is P.VerifyDone:
             self._set(cstate=ConnState.Connected)
@@ -1378,6 +1545,20 @@ class Resource:
             raise _Drop("peer disconnected", ConnState.TearDown)
         else:
             raise P.RemoteProtocolError(f"unexpected {t.__name__} on an established connection")
+
+    def _al_release(self, p: _Pending) -> None:
+        """The peer has the write, or the bitmap says it lacks it."""
+        if p.disk is not None:
+            p.disk.al.end(*p.extents)
+            p.disk = None
+            # Writes waiting for room in the activity log may go on.
+            self._ranges_changed.set()
+            self._ranges_changed = trio.Event()
+
+    def _need_disk(self, what: str) -> LocalDisk:
+        if self.disk is None:
+            raise P.RemoteProtocolError(f"{what} received but this node has no disk")
+        return self.disk
 
     def _check_peer_range(self, offset: int, length: int) -> None:
         if self.disk is None or offset < 0 or offset + length > self.size:
@@ -1423,10 +1604,28 @@ class Resource:
 
     async def _apply_resync(self, chan: _Channel, pkt: P.ResyncData, token: int, slots) -> None:
         try:
-            await self.disk.data.write(pkt.offset, pkt.data)
-            self.dw += len(pkt.data)
-            first, count = blocks_of(pkt.offset, len(pkt.data))
-            self.disk.bitmap.clear_range(first, count)
+            disk = self._need_disk("ResyncData")
+            # Under the application range lock, and only into blocks still
+            # marked: a Primary that is SyncTarget may have written newer
+            # data into some of them since the peer read this chunk.
+            app = await self._lock_range(pkt.offset, pkt.offset + len(pkt.data))
+            try:
+                first, count = blocks_of(pkt.offset, len(pkt.data))
+                blk = first
+                while blk < first + count:
+                    if not disk.bitmap.test(blk):
+                        blk += 1
+                        continue
+                    run = blk
+                    while run < first + count and disk.bitmap.test(run):
+                        run += 1
+                    lo, hi = (blk - first) * BLOCK, (run - first) * BLOCK
+                    await disk.data.write(pkt.offset + lo, pkt.data[lo:hi])
+                    self.dw += hi - lo
+                    disk.bitmap.clear_range(blk, run - blk)
+                    blk = run
+            finally:
+                self._unlock_range(app)
         finally:
             self._recv_unlock(token)
             slots.release()
@@ -1467,7 +1666,8 @@ class Resource:
             if now - chan.last_heard > ping_int / 2:
                 token += 1
                 await chan.send(P.Ping(token))
-            if self._pending and now - chan.last_heard > max(ack_timeout, ping_timeout):
+            oldest = min((p.t0 for p in self._pending.values()), default=now)
+            if now - oldest > max(ack_timeout, ping_timeout):
                 raise _Drop("peer did not acknowledge writes in time", ConnState.Timeout)
 
     # ------------------------------------------------------------ verify
