@@ -207,7 +207,9 @@ async def test_cut_resets_connections_and_can_refuse_new_ones():
                 assert proxy.stats()["refused"] == 1
                 proxy.heal()
                 d = await connect(proxy.listen_address)
-                await peer.next()
+                db = await peer.next()
+                await d.send_all(b"back")
+                assert await receive_exactly(db, 4) == b"back"
                 assert proxy.stats()["connections"] == 1
                 await d.aclose()
             nursery.cancel_scope.cancel()
