@@ -698,6 +698,11 @@ class Resource:
                     n.start_soon(remote)
             await _unwrapped(both())
             self._epoch_closed = True
+            # Completed by a connection loss rather than by the peer: with
+            # fencing that failed, nothing more is acknowledged until the
+            # admin resumes I/O.
+            while not pending.acked and self.io_suspended:
+                await self._io_resumed.wait()
         if local_error:
             await self._local_io_error("write", local_error[0], offset, len(data))
             # The write still counts if the peer's disk has it.
@@ -891,7 +896,10 @@ class Resource:
                     with trio.CancelScope(shield=True):
                         await chan.aclose()
                         await self._connection_lost()
-                self._set(cstate=next_state, pdsk=DiskState.DUnknown, peer_role=Role.Unknown)
+                # A fenced peer is known to be Outdated (ds:UpToDate/Outdated).
+                self._set(cstate=next_state, peer_role=Role.Unknown,
+                          pdsk=DiskState.Outdated if self.pdsk is DiskState.Outdated
+                          else DiskState.DUnknown)
                 if next_state is ConnState.StandAlone:
                     return
                 self._set(cstate=ConnState.Unconnected)

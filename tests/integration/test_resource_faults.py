@@ -12,6 +12,7 @@ import os
 import pytest
 import trio
 
+from replfs.blockrepl.conf.model import Section
 from replfs.blockrepl.core.states import ConnState, DiskState
 from replfs.blockrepl.driver.disk import create_md
 from replfs.blockrepl.driver.resource import Resource
@@ -223,3 +224,46 @@ async def test_io_error_without_peer_fails_the_write_with_eio(tmp_path, nursery)
         await a.write(0, b"x" * 4096)
     assert e.value.errno == 5
     assert a.dstate is DiskState.Diskless
+
+
+def fencing_conf(tmp_path, handler_exit: int):
+    conf = make_conf(tmp_path, net=(("timeout", "10"),))
+    marker = tmp_path / "fenced"
+    script = (f"echo \"$DRBD_RESOURCE $DRBD_PEERS\" > {marker}; sleep 0.3; "
+              f"exit {handler_exit}")
+    return dataclasses.replace(
+        conf, disk=Section((("fencing", "resource-and-stonith"),)),
+        handlers=Section((("fence-peer", script),))), marker
+
+
+@pytest.mark.parametrize("handler_exit", [4, 1])
+async def test_fencing_holds_writes_until_the_peer_is_fenced(tmp_path, nursery, handler_exit):
+    conf, marker = fencing_conf(tmp_path, handler_exit)
+    beta = conf.host("beta")
+    proxy = await nursery.start(FaultProxy(("127.0.0.3", 0), (beta.address, beta.port)).run)
+    a, b = await start_pair(nursery, with_peer_address(conf, "beta", *proxy.listen_address), conf)
+    a.connect(); b.connect()
+    await wait_for(lambda: a.cstate is ConnState.Connected)
+    await a.primary(force=True)
+    await wait_for(lambda: synced(a, b), 30)
+    proxy.partition("both")
+    done = trio.Event()
+
+    async def writer():
+        await a.write(0, b"f" * 4096)
+        done.set()
+    nursery.start_soon(writer)
+    await wait_for(lambda: marker.exists(), 20)
+    assert marker.read_text().split() == ["r0", "beta"]
+    if handler_exit == 4:
+        # Peer fenced: the write completes (marked out of sync) and the peer
+        # is known to be Outdated.
+        await wait_for(done.is_set, 20)
+        assert a.pdsk is DiskState.Outdated and not a.io_suspended
+    else:
+        # Fencing failed: I/O stays suspended until the admin says so.
+        await trio.sleep(1.0)
+        assert a.io_suspended and not done.is_set()
+        a.resume_io()
+        await wait_for(done.is_set, 20)
+    assert a.disk.bitmap.test(0)
