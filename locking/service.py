@@ -1,0 +1,359 @@
+"""ClusterService: the o2cb cluster stack as a replfsd component.
+
+``cluster-online`` reads cluster.conf (and the optional o2cb timeouts file
+and shared ``key`` next to cluster.conf), finds this node by the daemon's
+node name, and starts o2net.  Membership is the network heartbeat: a peer
+is up while its o2net connection is (keepalives every
+O2CB_KEEPALIVE_DELAY_MS, dropped after O2CB_IDLE_TIMEOUT_MS of silence).
+When a peer is lost, o2quo's rule decides (heartbeat/core.quorum_decision
+with every configured node counted as still heartbeating, since there is
+no disk heartbeat yet): in a two-node cluster node with the lowest number
+survives and recovers the peer's locks, the other fences itself: every
+lock holder and waiter gets EPERM "fenced" and the node grants nothing
+until it goes offline and online again.
+
+Lock domains: one DlmDomain (locking/dlm/driver.py) per domain, created by
+``dlm-join`` or by the first message a peer sends for it.  o2net payloads
+are ``u8 kind | u8 len | domain | data``: kind 0 carries DLM frames, kind
+1 announces "I have this domain at epoch e" right after a connection comes
+up, so both sides bring the domain to the same epoch (the DLM core's
+driver contract) before exchanging lock traffic.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from typing import Optional
+
+import trio
+
+from ..errors import EXIT_CONFIG, EXIT_STATE, EXIT_USAGE, ReplfsError
+from ..blockdev import BlockDeviceError
+from . import cluster_conf as cc
+from .dlm.driver import DlmDomain, HeldLock, LockRefused
+from .dlm.messages import decode as decode_dlm
+from .dlm.modes import Mode
+from .heartbeat.core import quorum_decision
+from .net.driver import O2Net, load_key
+
+log = logging.getLogger("replfs.locking")
+
+KIND_DLM, KIND_EPOCH = 0, 1
+_REFUSAL_ERRNO = {"EAGAIN": errno.EAGAIN, "ETIMEDOUT": errno.ETIMEDOUT,
+                  "CANCELLED": errno.ECANCELED, "FENCED": errno.EPERM}
+
+
+def _pack(kind: int, domain: str, data: bytes) -> bytes:
+    d = domain.encode()
+    return bytes([kind, len(d)]) + d + data
+
+
+def _unpack(payload: bytes) -> tuple[int, str, bytes]:
+    if len(payload) < 2 or len(payload) < 2 + payload[1]:
+        raise ValueError("short cluster payload")
+    n = payload[1]
+    return payload[0], payload[2:2 + n].decode(), payload[2 + n:]
+
+
+class _Online:
+    def __init__(self, conf_path, conf, cluster, me, nodes, timeouts, key):
+        self.conf_path, self.conf, self.cluster = conf_path, conf, cluster
+        self.me, self.nodes, self.timeouts, self.key = me, nodes, timeouts, key
+        self.net: Optional[O2Net] = None
+        self.scope = trio.CancelScope()
+        self.domains: dict[str, DlmDomain] = {}
+        self.nursery: Optional[trio.Nursery] = None
+        self.fenced: Optional[str] = None
+
+
+class ClusterService:
+    def __init__(self) -> None:
+        self.daemon = None
+        self.online: Optional[_Online] = None
+        self._nursery: Optional[trio.Nursery] = None
+        self.ops = {
+            "cluster-load": self.op_load,
+            "cluster-online": self.op_online,
+            "cluster-offline": self.op_offline,
+            "cluster-status": self.op_status,
+            "cluster-nodes": self.op_nodes,
+            "dlm-join": self.op_join,
+            "dlm-leave": self.op_leave,
+            "dlm-lock": self.op_lock,
+            "dlm-convert": self.op_convert,
+            "dlm-unlock": self.op_unlock,
+            "dlm-locks": self.op_locks,
+        }
+        self._handles: dict[int, tuple[str, HeldLock]] = {}
+        self._next_handle = 1
+
+    # ------------------------------------------------------------ component
+    async def run(self, daemon, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.daemon = daemon
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def shutdown(self) -> None:
+        if self.online is not None:
+            self.online.scope.cancel()
+
+    # ------------------------------------------------------------ cluster ops
+    async def op_load(self, req, body, conn):
+        return {"loaded": True}
+
+    async def op_online(self, req, body, conn):
+        path = req.get("conf") or cc.DEFAULT_PATH
+        conf = cc.load(path)
+        tpath = req.get("timeouts") or os.path.join(os.path.dirname(os.path.abspath(path)), "o2cb")
+        timeouts = cc.load_timeouts(tpath)
+        names = [c.name for c in conf.clusters]
+        cluster = req.get("cluster") or (names[0] if len(names) == 1 else None)
+        if cluster is None or cluster not in names:
+            raise ReplfsError(f"{path}: cluster {cluster!r} is not configured "
+                              f"(configured: {', '.join(names) or 'none'})", EXIT_CONFIG)
+        if self.online is not None:
+            if self.online.cluster == cluster:
+                return {"already": True, "cluster": cluster}
+            raise ReplfsError(f"cluster {self.online.cluster} is already online on this node; "
+                              f"take it offline first", EXIT_STATE)
+        me = cc.this_node(conf, self.daemon.node)
+        if me.cluster != cluster:
+            raise ReplfsError(f"node {me.name} belongs to cluster {me.cluster}, not {cluster}",
+                              EXIT_CONFIG)
+        on = _Online(path, conf, cluster, me, conf.nodes_of(cluster), timeouts, load_key(path))
+        on.net = O2Net(me=me, nodes=on.nodes, cluster=cluster, timeouts=timeouts, key=on.key,
+                       on_message=self._on_message, on_up=self._on_up, on_down=self._on_down)
+        self.online = on
+        try:
+            await self._nursery.start(self._run_online, on)
+        except BaseException:
+            self.online = None
+            raise
+        log.info("cluster %s online: node %s (%d) on %s:%d", cluster, me.name, me.number,
+                 me.ip_address, me.ip_port)
+        return {"cluster": cluster, "node": me.name, "number": me.number}
+
+    async def _run_online(self, on: _Online, *, task_status=trio.TASK_STATUS_IGNORED):
+        try:
+            with on.scope:
+                async with trio.open_nursery() as nursery:
+                    on.nursery = nursery
+                    try:
+                        await nursery.start(on.net.run)
+                    except OSError as e:
+                        raise ReplfsError(f"cannot listen on {on.me.ip_address}:{on.me.ip_port}: "
+                                          f"{e.strerror or e}", EXIT_CONFIG) from None
+                    task_status.started()
+        finally:
+            if self.online is on:
+                self.online = None
+
+    def _need_online(self) -> _Online:
+        if self.online is None:
+            raise ReplfsError("the cluster stack is offline on this node "
+                              "(run 'replfsadm cluster online CLUSTER')", EXIT_STATE)
+        return self.online
+
+    async def op_offline(self, req, body, conn):
+        on = self.online
+        if on is None:
+            return {"already": True}
+        if req.get("cluster") and req["cluster"] != on.cluster:
+            raise ReplfsError(f"cluster {req['cluster']} is not online (online: {on.cluster})",
+                              EXIT_STATE)
+        busy = [d for d, dom in on.domains.items() if dom.core.locks]
+        if busy and not req.get("force"):
+            raise ReplfsError(f"cluster {on.cluster} is in use: lock domain(s) "
+                              f"{', '.join(sorted(busy))} hold locks", EXIT_STATE)
+        on.scope.cancel()
+        self.online = None
+        return {"cluster": on.cluster}
+
+    async def op_status(self, req, body, conn):
+        on = self.online
+        if on is None:
+            return {"online": False}
+        return {"online": True, "cluster": on.cluster, "node": on.me.name,
+                "number": on.me.number, "fenced": on.fenced,
+                "connected": sorted(on.net.connected()),
+                "domains": sorted(on.domains)}
+
+    async def op_nodes(self, req, body, conn):
+        on = self._need_online()
+        up = on.net.connected() | {on.me.number}
+        return {"nodes": [{"name": n.name, "number": n.number, "ip_address": n.ip_address,
+                           "ip_port": n.ip_port, "up": n.number in up} for n in on.nodes]}
+
+    # ------------------------------------------------------------ membership
+    async def _on_up(self, node: int) -> None:
+        on = self.online
+        if on is None:
+            return
+        for name, dom in list(on.domains.items()):
+            await on.net.send(node, _pack(KIND_EPOCH, name, dom.core.epoch.to_bytes(8, "big")))
+        # Let the peer know even when we have no domains, so the exchange is complete.
+        await on.net.send(node, _pack(KIND_EPOCH, "", b""))
+
+    async def _on_down(self, node: int) -> None:
+        on = self.online
+        if on is None or on.fenced:
+            return
+        everyone = {n.number for n in on.nodes}
+        reach = on.net.connected() | {on.me.number}
+        verdict = quorum_decision(on.me.number, reach, everyone)
+        if verdict == "fence":
+            why = (f"lost node {node}; quorum rule: this node ({on.me.number}) cannot reach "
+                   f"the lowest-numbered half of the cluster")
+            on.fenced = why
+            log.critical("*** FENCING node %s (%d): %s ***", on.me.name, on.me.number, why)
+            for dom in on.domains.values():
+                await dom.fence(why)
+            return
+        log.warning("node %d is gone; recovering its locks", node)
+        for dom in on.domains.values():
+            await dom.node_down(node)
+
+    async def _on_message(self, src: int, payload: bytes) -> None:
+        on = self.online
+        if on is None or on.fenced:
+            return
+        try:
+            kind, name, data = _unpack(payload)
+        except (ValueError, UnicodeDecodeError):
+            log.warning("malformed cluster message from node %d, dropping the connection", src)
+            await on.net.disconnect(src)
+            return
+        if kind == KIND_EPOCH:
+            if not name:
+                # End of the peer's list: domains it did not mention are new to it.
+                for dname, dom in on.domains.items():
+                    if src not in dom.core.members:
+                        await dom.node_up(src)
+                return
+            theirs = int.from_bytes(data, "big")
+            dom = on.domains.get(name)
+            if dom is not None and src not in dom.core.members:
+                dom.core.epoch = max(dom.core.epoch, theirs)
+                await dom.node_up(src)
+            return
+        dom = on.domains.get(name)
+        try:
+            if dom is None:
+                # A peer brought us into its domain: build the node at the
+                # epoch it reached on node_up for us and join (core contract).
+                epoch = decode_dlm(data).epoch
+                dom = await self._make_domain(on, name, members=[on.me.number, src], epoch=epoch)
+                await dom._apply(dom.core.join())
+            await dom.receive(src, data)
+        except Exception as e:
+            log.warning("bad DLM message from node %d (%s), dropping the connection", src, e)
+            await on.net.disconnect(src)
+
+    async def _make_domain(self, on: _Online, name: str, members, epoch: int = 0) -> DlmDomain:
+        async def send(node, data, name=name):
+            await on.net.send(node, _pack(KIND_DLM, name, data))
+        dom = DlmDomain(name, on.me.number, members, send, epoch=epoch)
+        on.domains[name] = dom
+        await on.nursery.start(dom.run)
+        log.info("joined lock domain %s", name)
+        return dom
+
+    # ------------------------------------------------------------ DLM ops
+    def _domain(self, req) -> DlmDomain:
+        on = self._need_online()
+        if on.fenced:
+            raise BlockDeviceError(errno.EPERM, f"this node is fenced: {on.fenced}")
+        name = req.get("domain")
+        dom = on.domains.get(name)
+        if dom is None:
+            raise ReplfsError(f"lock domain {name!r} is not joined (dlm-join first)", EXIT_STATE)
+        return dom
+
+    async def op_join(self, req, body, conn):
+        on = self._need_online()
+        name = req.get("domain") or ""
+        if not name or len(name.encode()) > 64 or "/" in name:
+            raise ReplfsError(f"bad lock domain name {name!r}", EXIT_USAGE)
+        if name not in on.domains:
+            dom = await self._make_domain(on, name, members=[on.me.number])
+            for peer in sorted(on.net.connected()):
+                await dom.node_up(peer)
+        return {"domain": name}
+
+    async def op_leave(self, req, body, conn):
+        dom = self._domain(req)
+        if dom.core.locks:
+            raise ReplfsError(f"lock domain {dom.name} still has locks", EXIT_STATE)
+        return {"domain": dom.name}
+
+    def _mode(self, req) -> Mode:
+        try:
+            return Mode[str(req.get("mode", "")).upper()]
+        except KeyError:
+            raise ReplfsError(f"bad lock mode {req.get('mode')!r} "
+                              f"(one of {', '.join(m.name for m in Mode)})", EXIT_USAGE) from None
+
+    async def op_lock(self, req, body, conn):
+        dom = self._domain(req)
+        mode = self._mode(req)
+        handle = self._next_handle
+        self._next_handle += 1
+
+        async def on_bast(lk, blocked):
+            await conn.push("bast", handle=handle, domain=dom.name, name=lk.resource,
+                            blocked=Mode(blocked).name)
+
+        try:
+            lk = await dom.lock(req["name"], mode, noqueue=bool(req.get("noqueue")),
+                                timeout=req.get("timeout"), on_bast=on_bast, owner=conn)
+        except LockRefused as e:
+            raise BlockDeviceError(_REFUSAL_ERRNO.get(e.reason, errno.EIO),
+                                   f"{dom.name}/{req['name']}: lock refused: {e.reason}") from None
+        self._handles[handle] = (dom.name, lk)
+        if not getattr(conn, "_dlm_cleanup", False):
+            conn._dlm_cleanup = True
+            conn.on_close.append(lambda: self._drop_client(conn))
+        return {"handle": handle, "mode": lk.mode.name, "lvb_valid": lk.lvb_valid}, lk.lvb
+
+    def _lock(self, req):
+        item = self._handles.get(req.get("handle"))
+        if item is None:
+            raise BlockDeviceError(errno.EINVAL, f"no such lock handle {req.get('handle')}")
+        dom = self._domain({"domain": item[0]})
+        return dom, item[1]
+
+    async def op_convert(self, req, body, conn):
+        dom, lk = self._lock(req)
+        try:
+            await dom.convert(lk, self._mode(req), noqueue=bool(req.get("noqueue")),
+                              lvb=body or None, timeout=req.get("timeout"))
+        except LockRefused as e:
+            raise BlockDeviceError(_REFUSAL_ERRNO.get(e.reason, errno.EIO),
+                                   f"{dom.name}/{lk.resource}: convert refused: {e.reason}") from None
+        return {"mode": lk.mode.name, "lvb_valid": lk.lvb_valid}, lk.lvb
+
+    async def op_unlock(self, req, body, conn):
+        dom, lk = self._lock(req)
+        del self._handles[req["handle"]]
+        await dom.unlock(lk, lvb=body or None)
+        return {}
+
+    async def _drop_client(self, conn) -> None:
+        on = self.online
+        for handle, (dname, lk) in list(self._handles.items()):
+            if lk.owner is conn:
+                del self._handles[handle]
+                dom = on.domains.get(dname) if on else None
+                if dom is not None and not dom.fenced:
+                    try:
+                        await dom.unlock(lk)
+                    except Exception as e:  # pending request: nothing to unlock yet
+                        log.debug("dropping lock %s/%s: %s", dname, lk.resource, e)
+
+    async def op_locks(self, req, body, conn):
+        on = self._need_online()
+        names = [req["domain"]] if req.get("domain") else sorted(on.domains)
+        return {"locks": {d: on.domains[d].lockdump() for d in names if d in on.domains}}

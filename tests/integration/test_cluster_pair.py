@@ -1,0 +1,129 @@
+"""Cluster stack on two real replfsd daemons (alpha 127.0.0.1, beta 127.0.0.2)."""
+from __future__ import annotations
+
+import struct
+
+import pytest
+import trio
+
+from replfs.ipc.client import AsyncClient, SyncClient, socket_path
+from replfs.blockdev import BlockDeviceError
+from replfs.localpair import Node, free_port
+
+CLUSTER_CONF = """\
+cluster:
+\tnode_count = 2
+\tname = tc
+
+node:
+\tip_port = {p0}
+\tip_address = 127.0.0.1
+\tnumber = 0
+\tname = alpha
+\tcluster = tc
+
+node:
+\tip_port = {p1}
+\tip_address = 127.0.0.2
+\tnumber = 1
+\tname = beta
+\tcluster = tc
+"""
+TIMEOUTS = "O2CB_IDLE_TIMEOUT_MS=1500\nO2CB_KEEPALIVE_DELAY_MS=300\nO2CB_RECONNECT_DELAY_MS=200\n"
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    cdir = tmp_path / "etc"
+    cdir.mkdir()
+    (cdir / "cluster.conf").write_text(CLUSTER_CONF.format(p0=free_port("127.0.0.1"),
+                                                          p1=free_port("127.0.0.2")))
+    (cdir / "o2cb").write_text(TIMEOUTS)
+    (cdir / "key").write_text("test-cluster-key\n")
+    nodes = []
+    for name, addr in (("alpha", "127.0.0.1"), ("beta", "127.0.0.2")):
+        n = Node(name, addr, str(tmp_path / name), conf=str(tmp_path / "replfs.conf"))
+        n.start()
+        nodes.append(n)
+    for n in nodes:
+        with SyncClient(socket_path(n.rundir), timeout=10) as c:
+            c.call("cluster-online", cluster="tc", conf=str(cdir / "cluster.conf"))
+    try:
+        yield nodes
+    finally:
+        for n in nodes:
+            n.kill9()
+
+
+async def clients(nursery, nodes):
+    out = [await AsyncClient.connect(socket_path(n.rundir), nursery) for n in nodes]
+    with trio.fail_after(10):
+        while True:
+            st = [(await c.call("cluster-status"))[0] for c in out]
+            if all(s["connected"] for s in st):
+                break
+            await trio.sleep(0.05)
+    for c in out:
+        await c.call("dlm-join", domain="d1")
+    return out
+
+
+async def test_counter_under_ex_exact_from_both_nodes(cluster, nursery):
+    cs = await clients(nursery, cluster)
+    n = 30
+
+    async def worker(c):
+        for _ in range(n):
+            rep, lvb = await c.call("dlm-lock", domain="d1", name="counter", mode="EX")
+            v = struct.unpack_from(">Q", lvb)[0] if rep["lvb_valid"] and lvb else 0
+            await c.call("dlm-unlock", struct.pack(">Q", v + 1).ljust(len(lvb), b"\0"),
+                         handle=rep["handle"])
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as n2:
+            for c in cs:
+                n2.start_soon(worker, c)
+        rep, lvb = await cs[1].call("dlm-lock", domain="d1", name="counter", mode="PR")
+    assert struct.unpack_from(">Q", lvb)[0] == 2 * n
+
+
+async def test_bast_pushed_and_downconvert_unblocks(cluster, nursery):
+    a, b = await clients(nursery, cluster)
+    with trio.fail_after(15):
+        rep, _ = await a.call("dlm-lock", domain="d1", name="r", mode="EX")
+        with pytest.raises(BlockDeviceError) as e:
+            await b.call("dlm-lock", domain="d1", name="r", mode="PR", noqueue=True)
+        assert e.value.errno == 11  # EAGAIN
+        got = []
+
+        async def want():
+            got.append(await b.call("dlm-lock", domain="d1", name="r", mode="PR"))
+        nursery.start_soon(want)
+        header, _ = await a.events.receive()
+        assert header["event"] == "bast" and header["blocked"] == "PR"
+        await a.call("dlm-convert", handle=rep["handle"], mode="PR")
+        while not got:
+            await trio.sleep(0.02)
+    assert got[0][0]["mode"] == "PR"
+
+
+async def test_kill9_peer_survivor_gets_locks(cluster, nursery):
+    a, b = await clients(nursery, cluster)
+    with trio.fail_after(15):
+        await b.call("dlm-lock", domain="d1", name="x", mode="EX")
+        cluster[1].kill9()
+        t0 = trio.current_time()
+        rep, _ = await a.call("dlm-lock", domain="d1", name="x", mode="EX")
+    assert rep["mode"] == "EX"
+    assert trio.current_time() - t0 < 3  # within the 1.5 s idle timeout (+ slack)
+    st, _ = await a.call("cluster-status")
+    assert st["connected"] == [] and not st["fenced"]
+
+
+async def test_client_disconnect_drops_its_locks(cluster, nursery):
+    a, b = await clients(nursery, cluster)
+    with trio.fail_after(15):
+        await a.call("dlm-lock", domain="d1", name="y", mode="EX")
+        await a.aclose()
+        rep, _ = await b.call("dlm-lock", domain="d1", name="y", mode="EX")
+    assert rep["mode"] == "EX"
