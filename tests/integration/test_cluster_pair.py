@@ -127,3 +127,48 @@ async def test_client_disconnect_drops_its_locks(cluster, nursery):
         await a.aclose()
         rep, _ = await b.call("dlm-lock", domain="d1", name="y", mode="EX")
     assert rep["mode"] == "EX"
+
+
+def run_cli(*argv):
+    from replfs.cli.cluster import main
+    out, err = [], []
+    rc = main(list(argv), out=out.append, err=err.append)
+    return rc, "\n".join(out), "\n".join(err)
+
+
+def test_cli_verbs(cluster, tmp_path):
+    alpha = cluster[0]
+    conf = str(tmp_path / "etc" / "cluster.conf")
+    g = ["--node", "alpha", "--rundir", alpha.rundir, "cluster", "-C", conf]
+    rc, out, _ = run_cli(*g, "status")
+    assert rc == 0 and "Cluster tc: Online" in out
+    rc, out, _ = run_cli(*g, "list-nodes")
+    assert rc == 0 and "alpha" in out and "beta" in out
+    rc, out, _ = run_cli(*g, "online", "tc")
+    assert rc == 0 and "already online" in out
+    rc, out, err = run_cli(*g, "online", "nosuch")
+    assert rc == 10 and "not configured" in err
+    rc, out, _ = run_cli(*g, "offline", "tc")
+    assert rc == 0 and "Stopping O2CB cluster tc: OK" in out
+    rc, out, err = run_cli(*g, "list-nodes")
+    assert rc == 11 and "offline" in err
+    rc, out, _ = run_cli(*g, "online", "tc")
+    assert rc == 0 and "Starting O2CB cluster tc: OK" in out
+    rc, out, _ = run_cli(*g, "bogus")
+    assert rc == 1
+    rc, out, _ = run_cli("cluster", "--help")
+    assert rc == 0 and "list-nodes" in out
+
+
+def test_cli_add_remove_node(tmp_path):
+    conf = str(tmp_path / "cluster.conf")
+    g = ["cluster", "-C", conf]
+    assert run_cli(*g, "add-node", "n0", "0", "10.0.0.1", "7777", "ocfs2")[0] == 0
+    assert run_cli(*g, "add-node", "n1", "1", "10.0.0.2", "7777")[0] == 0
+    from replfs.locking import cluster_conf as cc
+    c = cc.load(conf)
+    assert [n.name for n in c.nodes] == ["n0", "n1"] and c.clusters[0].node_count == 2
+    rc, _, err = run_cli(*g, "add-node", "n2", "1", "10.0.0.3", "7777")
+    assert rc != 0 and err
+    assert run_cli(*g, "remove-node", "n1")[0] == 0
+    assert [n.name for n in cc.load(conf).nodes] == ["n0"]

@@ -1,0 +1,245 @@
+"""``replfsadm cluster ...``: the o2cb init script's verbs for replfs.
+
+Talks to the local replfsd (its ClusterService component) over the admin
+socket; add-node/remove-node edit cluster.conf itself (like o2cb_ctl).
+``main(argv, out, err) -> int`` so tests can run it in-process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+from replfs.errors import EXIT_CONFIG, EXIT_USAGE, ReplfsError
+from replfs.ipc.client import SyncClient, rundir_from_env, socket_path
+from replfs.locking import cluster_conf as cc
+
+ALT_PATH = "/etc/ocfs2/cluster.conf"
+
+VERBS = [
+    ("load", "", "check that this replfsd hosts the cluster stack"),
+    ("online", "CLUSTER", "bring the cluster online on this node (o2net + DLM)"),
+    ("offline", "CLUSTER", "take the cluster offline on this node"),
+    ("status", "", "show whether the cluster is online, this node, connected peers"),
+    ("list-nodes", "", "list the cluster's nodes and whether each is up"),
+    ("add-node", "NAME NUMBER IP PORT [CLUSTER]", "add a node stanza to cluster.conf"),
+    ("remove-node", "NAME", "remove a node stanza from cluster.conf"),
+    ("heartbeat", "", "show the heartbeat (membership) view"),
+    ("locks", "[DOMAIN]", "dump the locks this node holds or waits for"),
+]
+
+
+def usage() -> str:
+    lines = ["USAGE: replfsadm [--node NAME] [--rundir DIR] cluster [-C FILE] VERB [ARGS]", "",
+             "Verbs:"]
+    lines += [f"  {v:<12} {a:<32} {s}" for v, a, s in VERBS]
+    lines += ["", "Options:", "  -C, --conf FILE   cluster.conf (default /etc/replfs/cluster.conf, "
+              "then /etc/ocfs2/cluster.conf)",
+              "  --node NAME       this node's name (default $REPLFS_NODE or uname -n)",
+              "  --rundir DIR      replfsd's run directory (default $REPLFS_RUNDIR)",
+              "", "Exit codes: 0 ok, 1 usage, 2 syntax, 10 config, 11 state, 20 exec/daemon."]
+    return "\n".join(lines)
+
+
+def _parse(argv: list[str]):
+    g = {"node": None, "rundir": None, "conf": None, "help": False}
+    pos: list[str] = []
+    i = 0
+    takes = {"--node": "node", "--rundir": "rundir", "-C": "conf", "--conf": "conf",
+             "-c": None, "--config": None}
+    while i < len(argv):
+        a = argv[i]
+        key = a.split("=", 1)[0]
+        if key in takes:
+            if "=" in a:
+                val = a.split("=", 1)[1]
+            elif i + 1 < len(argv):
+                i += 1
+                val = argv[i]
+            else:
+                raise ReplfsError(f"option {a} needs a value", EXIT_USAGE)
+            if takes[key]:
+                g[takes[key]] = val
+        elif a in ("-h", "--help"):
+            g["help"] = True
+        elif a in ("-d", "--dry-run"):
+            pass
+        elif a.startswith("-") and a != "-":
+            raise ReplfsError(f"unknown option '{a}'\n{usage()}", EXIT_USAGE)
+        else:
+            pos.append(a)
+        i += 1
+    if pos and pos[0] == "cluster":
+        pos = pos[1:]
+    return g, pos
+
+
+def _conf_path(g) -> str:
+    if g["conf"]:
+        return os.path.abspath(g["conf"])
+    if os.environ.get("REPLFS_CLUSTER_CONF"):
+        return os.environ["REPLFS_CLUSTER_CONF"]
+    if not os.path.exists(cc.DEFAULT_PATH) and os.path.exists(ALT_PATH):
+        return ALT_PATH
+    return cc.DEFAULT_PATH
+
+
+def _call(g, op, **args) -> dict:
+    with SyncClient(socket_path(rundir_from_env(g["rundir"])), timeout=30) as c:
+        reply, _ = c.call(op, **args)
+    return reply
+
+
+def main(argv: list[str], *, out=None, err=None) -> int:
+    out = out or (lambda s: print(s))
+    err = err or (lambda s: print(s, file=sys.stderr))
+    try:
+        g, pos = _parse(list(argv))
+        if g["help"] or not pos:
+            (out if g["help"] else err)(usage())
+            return 0 if g["help"] else EXIT_USAGE
+        verb, args = pos[0], pos[1:]
+        fn = _HANDLERS.get(verb)
+        if fn is None:
+            raise ReplfsError(f"Unknown cluster command '{verb}'\n{usage()}", EXIT_USAGE)
+        return fn(g, args, out) or 0
+    except ReplfsError as e:
+        err(e.message)
+        return e.exit_code
+
+
+def _nargs(args, lo, hi, what):
+    if not lo <= len(args) <= hi:
+        raise ReplfsError(f"USAGE: replfsadm cluster {what}", EXIT_USAGE)
+
+
+def cmd_load(g, args, out):
+    _call(g, "cluster-load")
+    out("Loading replfs cluster stack: OK")
+
+
+def cmd_online(g, args, out):
+    _nargs(args, 0, 1, "online CLUSTER")
+    path = _conf_path(g)
+    conf = cc.load(path)
+    cluster = args[0] if args else (conf.clusters[0].name if len(conf.clusters) == 1 else None)
+    if cluster is None:
+        raise ReplfsError("USAGE: replfsadm cluster online CLUSTER", EXIT_USAGE)
+    try:
+        reply = _call(g, "cluster-online", cluster=cluster, conf=path)
+    except ReplfsError as e:
+        out(f"Starting O2CB cluster {cluster}: Failed")
+        raise e
+    if reply.get("already"):
+        out(f"Cluster {cluster} already online")
+    else:
+        out(f"Starting O2CB cluster {cluster}: OK")
+
+
+def cmd_offline(g, args, out):
+    _nargs(args, 0, 1, "offline CLUSTER")
+    try:
+        reply = _call(g, "cluster-offline", **({"cluster": args[0]} if args else {}))
+    except ReplfsError as e:
+        out(f"Stopping O2CB cluster {args[0] if args else ''}: Failed".replace("  ", " "))
+        raise e
+    if reply.get("already"):
+        out("Cluster not online")
+    else:
+        out(f"Stopping O2CB cluster {reply['cluster']}: OK")
+
+
+def cmd_status(g, args, out):
+    st = _call(g, "cluster-status")
+    out("Driver for \"replfs cluster stack\": Loaded")
+    if not st.get("online"):
+        out("Cluster: Offline")
+        return 0
+    out(f"Cluster {st['cluster']}: Online")
+    out(f"  Node: {st['node']} (number {st['number']})")
+    out(f"  Connected peers: {', '.join(map(str, st['connected'])) or 'none'}")
+    out(f"  Lock domains: {', '.join(st['domains']) or 'none'}")
+    if st.get("fenced"):
+        out(f"  FENCED: {st['fenced']}")
+    return 0
+
+
+def cmd_list_nodes(g, args, out):
+    reply = _call(g, "cluster-nodes")
+    out(f"{'NUMBER':<7} {'NAME':<16} {'ADDRESS':<22} STATE")
+    for n in reply["nodes"]:
+        out(f"{n['number']:<7} {n['name']:<16} {n['ip_address'] + ':' + str(n['ip_port']):<22} "
+            f"{'up' if n['up'] else 'down'}")
+
+
+cmd_heartbeat = cmd_list_nodes
+
+
+def cmd_locks(g, args, out):
+    _nargs(args, 0, 1, "locks [DOMAIN]")
+    reply = _call(g, "dlm-locks", **({"domain": args[0]} if args else {}))
+    out(f"{'DOMAIN':<12} {'RESOURCE':<24} {'GRANTED':<8} {'WANTED':<8} MASTER")
+    for dom, locks in reply["locks"].items():
+        for lk in locks:
+            out(f"{dom:<12} {lk['resource']:<24} {lk['granted'] or '-':<8} "
+                f"{lk['requested'] or '-':<8} {lk['master']}")
+
+
+def _rewrite(path, conf):
+    text = cc.dump(conf)
+    cc.parse(text, path)  # validate before writing
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def cmd_add_node(g, args, out):
+    _nargs(args, 4, 5, "add-node NAME NUMBER IP PORT [CLUSTER]")
+    path = _conf_path(g)
+    conf = cc.load(path) if os.path.exists(path) else cc.ClusterConf()
+    name, number, ip, port = args[:4]
+    if not number.isdigit() or not port.isdigit():
+        raise ReplfsError("NUMBER and PORT must be whole numbers", EXIT_USAGE)
+    if len(args) == 5:
+        cluster = args[4]
+    elif len(conf.clusters) == 1:
+        cluster = conf.clusters[0].name
+    else:
+        raise ReplfsError("name the CLUSTER to add the node to", EXIT_USAGE)
+    clusters = list(conf.clusters)
+    if cluster not in [c.name for c in clusters]:
+        clusters.append(cc.Cluster(cluster, 0))
+    nodes = list(conf.nodes) + [cc.Node(name, int(number), ip, int(port), cluster)]
+    clusters = [dataclasses.replace(c, node_count=sum(n.cluster == c.name for n in nodes))
+                for c in clusters]
+    _rewrite(path, dataclasses.replace(conf, nodes=tuple(nodes), clusters=tuple(clusters)))
+    out(f"Node {name} added to cluster {cluster} in {path}")
+
+
+def cmd_remove_node(g, args, out):
+    _nargs(args, 1, 1, "remove-node NAME")
+    path = _conf_path(g)
+    conf = cc.load(path)
+    if args[0] not in [n.name for n in conf.nodes]:
+        raise ReplfsError(f"{path}: no node named {args[0]}", EXIT_CONFIG)
+    nodes = [n for n in conf.nodes if n.name != args[0]]
+    clusters = [dataclasses.replace(c, node_count=sum(n.cluster == c.name for n in nodes))
+                for c in conf.clusters]
+    _rewrite(path, dataclasses.replace(conf, nodes=tuple(nodes), clusters=tuple(clusters)))
+    out(f"Node {args[0]} removed from {path}")
+
+
+def cmd_dlmfs(g, args, out):
+    _nargs(args, 1, 1, "dlmfs MOUNTPOINT")
+    raise ReplfsError("dlmfs is not implemented yet in this version", EXIT_USAGE)
+
+
+_HANDLERS = {
+    "load": cmd_load, "online": cmd_online, "offline": cmd_offline, "status": cmd_status,
+    "list-nodes": cmd_list_nodes, "heartbeat": cmd_heartbeat, "locks": cmd_locks,
+    "add-node": cmd_add_node, "remove-node": cmd_remove_node, "dlmfs": cmd_dlmfs,
+}
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
