@@ -172,3 +172,31 @@ def test_cli_add_remove_node(tmp_path):
     assert rc != 0 and err
     assert run_cli(*g, "remove-node", "n1")[0] == 0
     assert [n.name for n in cc.load(conf).nodes] == ["n0"]
+
+
+async def test_dlm_client_api(cluster, nursery):
+    from replfs.locking.client import DlmClient
+    from replfs.locking.dlm.modes import Mode
+    from replfs.blockdev import BlockDeviceError as BDE
+    async with DlmClient.connect(nursery, cluster[0].rundir) as a, \
+            DlmClient.connect(nursery, cluster[1].rundir) as b:
+        with trio.fail_after(15):
+            while not (await a.ipc.call("cluster-status"))[0]["connected"]:
+                await trio.sleep(0.05)
+            await a.join("fs")
+            await b.join("fs")
+            basts = []
+
+            async def on_bast(lk, blocked):
+                basts.append(blocked)
+                await lk.convert(Mode.NL, lvb=b"v1".ljust(len(lk.lvb), b"\0"))
+
+            lk = await a.lock("fs", "inode-1", Mode.PR, on_bast=on_bast)
+            await lk.convert(Mode.EX)
+            with pytest.raises(BDE):
+                await b.lock("fs", "inode-1", Mode.EX, noqueue=True)
+            async with b.locked("fs", "inode-1", Mode.EX) as lb:
+                assert lb.mode == Mode.EX and lb.lvb.startswith(b"v1")
+            assert basts == [Mode.EX] and lk.mode == Mode.NL
+            dump = await a.lockdump("fs")
+            assert dump["fs"][0]["resource"] == "inode-1"
