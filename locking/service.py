@@ -65,6 +65,7 @@ class _Online:
         self.domains: dict[str, DlmDomain] = {}
         self.nursery: Optional[trio.Nursery] = None
         self.fenced: Optional[str] = None
+        self.net_scope = trio.CancelScope()
 
 
 class ClusterService:
@@ -124,8 +125,18 @@ class ClusterService:
             raise ReplfsError(f"node {me.name} belongs to cluster {me.cluster}, not {cluster}",
                               EXIT_CONFIG)
         on = _Online(path, conf, cluster, me, conf.nodes_of(cluster), timeouts, load_key(path))
+        # connect_via {node name: "host:port"}: reach a peer through another
+        # address (a fault-injecting proxy in tests).
+        via = {}
+        for name, hp in (req.get("connect_via") or {}).items():
+            node = next((n for n in on.nodes if n.name == name), None)
+            if node is None:
+                raise ReplfsError(f"connect_via: no node {name!r} in cluster {cluster}", EXIT_USAGE)
+            host, _, port = hp.rpartition(":")
+            via[node.number] = (host, int(port))
         on.net = O2Net(me=me, nodes=on.nodes, cluster=cluster, timeouts=timeouts, key=on.key,
-                       on_message=self._on_message, on_up=self._on_up, on_down=self._on_down)
+                       on_message=self._on_message, on_up=self._on_up, on_down=self._on_down,
+                       connect_to=via)
         self.online = on
         try:
             await self._nursery.start(self._run_online, on)
@@ -142,7 +153,7 @@ class ClusterService:
                 async with trio.open_nursery() as nursery:
                     on.nursery = nursery
                     try:
-                        await nursery.start(on.net.run)
+                        await nursery.start(self._run_net, on)
                     except OSError as e:
                         raise ReplfsError(f"cannot listen on {on.me.ip_address}:{on.me.ip_port}: "
                                           f"{e.strerror or e}", EXIT_CONFIG) from None
@@ -150,6 +161,10 @@ class ClusterService:
         finally:
             if self.online is on:
                 self.online = None
+
+    async def _run_net(self, on: _Online, *, task_status=trio.TASK_STATUS_IGNORED):
+        with on.net_scope:
+            await on.net.run(task_status=task_status)
 
     def _need_online(self) -> _Online:
         if self.online is None:
@@ -211,6 +226,9 @@ class ClusterService:
             log.critical("*** FENCING node %s (%d): %s ***", on.me.name, on.me.number, why)
             for dom in on.domains.values():
                 await dom.fence(why)
+            # A fenced node must not rejoin on its own: it leaves the network
+            # until an admin takes the cluster offline and online again.
+            on.net_scope.cancel()
             return
         log.warning("node %d is gone; recovering its locks", node)
         for dom in on.domains.values():

@@ -61,8 +61,12 @@ class O2Net:
     def __init__(self, *, me: Node, nodes: tuple[Node, ...], cluster: str,
                  timeouts: Timeouts, key: bytes = b"",
                  on_message: Callback = _nothing, on_up: Callback = _nothing,
-                 on_down: Callback = _nothing) -> None:
+                 on_down: Callback = _nothing,
+                 connect_to: Optional[dict[int, tuple[str, int]]] = None) -> None:
         self.me = me
+        # Where to connect to each peer, when not its cluster.conf address
+        # (a fault proxy in tests).
+        self.connect_to = dict(connect_to or {})
         self.peers = {n.number: n for n in nodes if n.number != me.number}
         self.cluster = cluster
         self.timeouts = timeouts
@@ -113,13 +117,14 @@ class O2Net:
 
     async def _connect_loop(self, peer: Node) -> None:
         delay = self.timeouts.reconnect_delay_ms / 1000
+        host, port = self.connect_to.get(peer.number, (peer.ip_address, peer.ip_port))
         while True:
             try:
-                stream = await trio.open_tcp_stream(peer.ip_address, peer.ip_port)
+                stream = await trio.open_tcp_stream(host, port)
             except OSError:
                 await trio.sleep(delay)
                 continue
-            await self._serve(stream, expected={peer.number}, where=f"{peer.ip_address}:{peer.ip_port}")
+            await self._serve(stream, expected={peer.number}, where=f"{host}:{port}")
             await trio.sleep(delay)
 
     async def _accepted(self, stream: trio.SocketStream) -> None:

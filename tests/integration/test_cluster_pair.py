@@ -200,3 +200,55 @@ async def test_dlm_client_api(cluster, nursery):
             assert basts == [Mode.EX] and lk.mode == Mode.NL
             dump = await a.lockdump("fs")
             assert dump["fs"][0]["resource"] == "inode-1"
+
+
+@pytest.fixture
+def offline_pair(tmp_path):
+    """Two daemons with cluster.conf written but the cluster not online."""
+    cdir = tmp_path / "etc"
+    cdir.mkdir()
+    p0, p1 = free_port("127.0.0.1"), free_port("127.0.0.2")
+    (cdir / "cluster.conf").write_text(CLUSTER_CONF.format(p0=p0, p1=p1))
+    (cdir / "o2cb").write_text(TIMEOUTS)
+    nodes = []
+    for name, addr in (("alpha", "127.0.0.1"), ("beta", "127.0.0.2")):
+        n = Node(name, addr, str(tmp_path / name), conf=str(tmp_path / "replfs.conf"))
+        n.start()
+        nodes.append(n)
+    try:
+        yield nodes, str(cdir / "cluster.conf"), p1
+    finally:
+        for n in nodes:
+            n.kill9()
+
+
+async def test_partition_lower_node_survives_other_fences(offline_pair, nursery):
+    from tests.harness.proxy import FaultProxy
+    nodes, conf, beta_port = offline_pair
+    proxy = await nursery.start(FaultProxy(listen=("127.0.0.3", 0),
+                                           target=("127.0.0.2", beta_port)).run)
+    host, port = proxy.listen_address
+    a = await AsyncClient.connect(socket_path(nodes[0].rundir), nursery)
+    b = await AsyncClient.connect(socket_path(nodes[1].rundir), nursery)
+    await b.call("cluster-online", cluster="tc", conf=conf)
+    await a.call("cluster-online", cluster="tc", conf=conf, connect_via={"beta": f"{host}:{port}"})
+    with trio.fail_after(10):
+        while not (await a.call("cluster-status"))[0]["connected"]:
+            await trio.sleep(0.05)
+    for c in (a, b):
+        await c.call("dlm-join", domain="d1")
+    await b.call("dlm-lock", domain="d1", name="p", mode="EX")
+    proxy.partition("both")
+    t0 = trio.current_time()
+    with trio.fail_after(10):
+        rep, _ = await a.call("dlm-lock", domain="d1", name="p", mode="EX")
+    assert rep["mode"] == "EX" and trio.current_time() - t0 < 5
+    with trio.fail_after(10):
+        while not (await b.call("cluster-status"))[0]["fenced"]:
+            await trio.sleep(0.05)
+    with pytest.raises(BlockDeviceError) as e:
+        await b.call("dlm-lock", domain="d1", name="q", mode="PR")
+    assert e.value.errno == 1  # EPERM: fenced
+    assert "FENCING" in nodes[1].log()
+    st, _ = await a.call("cluster-status")
+    assert not st["fenced"]
