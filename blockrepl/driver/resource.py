@@ -245,22 +245,20 @@ class Resource:
                 with trio.CancelScope(shield=True):
                     await self._shutdown()
 
-    def _set(self, *, cstate=None, dstate=None, role=None, pdsk=None, peer_role=None):
-        if cstate is not None and cstate is not self.cstate:
-            log.info("%s: conn( %s -> %s )", self.conf.name, self.cstate.value, cstate.value)
-            self.cstate = cstate
-        if dstate is not None and dstate is not self.dstate:
-            log.info("%s: disk( %s -> %s )", self.conf.name, self.dstate.value, dstate.value)
-            self.dstate = dstate
-        if role is not None and role is not self.role:
-            log.info("%s: role( %s -> %s )", self.conf.name, self.role.value, role.value)
-            self.role = role
-        if pdsk is not None and pdsk is not self.pdsk:
-            log.info("%s: pdsk( %s -> %s )", self.conf.name, self.pdsk.value, pdsk.value)
-            self.pdsk = pdsk
-        if peer_role is not None and peer_role is not self.peer_role:
-            log.info("%s: peer( %s -> %s )", self.conf.name, self.peer_role.value, peer_role.value)
-            self.peer_role = peer_role
+    # State attribute -> the word DRBD logs its changes under.
+    _STATE_WORDS = (("cstate", "conn"), ("dstate", "disk"), ("role", "role"),
+                    ("pdsk", "pdsk"), ("peer_role", "peer"))
+
+    def _set(self, **changes) -> None:
+        """Change state (cstate, dstate, role, pdsk, peer_role), log each
+        change the way DRBD does, and wake everyone waiting for a change."""
+        for attr, word in self._STATE_WORDS:
+            new = changes.pop(attr, None)
+            old = getattr(self, attr)
+            if new is not None and new is not old:
+                log.info("%s: %s( %s -> %s )", self.conf.name, word, old.value, new.value)
+                setattr(self, attr, new)
+        assert not changes, f"unknown state fields {sorted(changes)}"
         self._state_changed.set()
         self._state_changed = trio.Event()
 

@@ -87,20 +87,28 @@ def _writer(node, blocks, acked, stop):
         return
 
 
-def test_protocol_c_kill9_primary_loses_no_acknowledged_write(cluster):
-    cluster.up_fresh()
-    a, b = cluster.alpha, cluster.beta
+def _kill9_primary_mid_stream(cluster, blocks: int, at_least: int) -> list[int]:
+    """Stream writes on alpha and kill -9 its daemon once ``at_least`` are
+    acknowledged; the numbers of the acknowledged blocks."""
+    a = cluster.alpha
     acked: list[int] = []
     stop = threading.Event()
-    t = threading.Thread(target=_writer, args=(a, 4000, acked, stop))
+    t = threading.Thread(target=_writer, args=(a, blocks, acked, stop))
     t.start()
     deadline = time.monotonic() + 20
-    while len(acked) < 300 and time.monotonic() < deadline:
+    while len(acked) < at_least and time.monotonic() < deadline:
         time.sleep(0.01)
     a.kill9()
     stop.set()
     t.join(20)
-    assert len(acked) >= 300, "the write stream did not get going"
+    assert len(acked) >= at_least, "the write stream did not get going"
+    return acked
+
+
+def test_protocol_c_kill9_primary_loses_no_acknowledged_write(cluster):
+    cluster.up_fresh()
+    a, b = cluster.alpha, cluster.beta
+    acked = _kill9_primary_mid_stream(cluster, 4000, 300)
     b.wait(lambda s: s["cstate"] != "Connected", what="beta noticing the loss")
     b.adm("primary", "r0")
     with SyncClient(socket_path(b.rundir)) as c:
@@ -175,16 +183,7 @@ def test_status_views(cluster):
 def test_crashed_primary_restarts_and_resyncs_its_activity_log(cluster):
     cluster.up_fresh()
     a, b = cluster.alpha, cluster.beta
-    acked: list[int] = []
-    stop = threading.Event()
-    t = threading.Thread(target=_writer, args=(a, 3000, acked, stop))
-    t.start()
-    deadline = time.monotonic() + 20
-    while len(acked) < 200 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    a.kill9()
-    stop.set()
-    t.join(20)
+    acked = _kill9_primary_mid_stream(cluster, 3000, 200)
     # alpha comes back (beta was never promoted): alpha's hot extents are
     # resynced from alpha, since writes in flight may have reached only it.
     a.start()
