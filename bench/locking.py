@@ -1,0 +1,169 @@
+"""Cluster lock benchmark: two real replfsd daemons (127.0.0.1, 127.0.0.2).
+
+Rows, measured in this one run:
+
+* tcp rtt        — raw TCP loopback round trip (64 bytes), the baseline;
+* ipc rtt        — a no-op request to the local replfsd (the daemon hop);
+* local master   — lock+unlock EX of a resource this node masters
+                   (no network message: the DLM has no client-side cache,
+                   so this is the cheapest a lock gets);
+* remote master  — lock+unlock EX of an uncontended resource mastered by
+                   the other node (one round trip each for lock and unlock);
+* EX ping-pong   — both nodes take turns: each lock needs the other node's
+                   unlock first (time per hand-over).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import trio
+
+from replfs.ipc.client import SyncClient, socket_path
+from replfs.localpair import Node, free_port
+from replfs.locking.client import DlmClient
+from replfs.locking.dlm.core import master_of
+from replfs.locking.dlm.modes import Mode
+
+from .common import lat_summary, table, write_json
+
+CONF = """\
+cluster:
+\tnode_count = 2
+\tname = bench
+
+node:
+\tip_port = {p0}
+\tip_address = 127.0.0.1
+\tnumber = 0
+\tname = alpha
+\tcluster = bench
+
+node:
+\tip_port = {p1}
+\tip_address = 127.0.0.2
+\tnumber = 1
+\tname = beta
+\tcluster = bench
+"""
+
+
+async def tcp_rtt(n: int) -> list[float]:
+    async def echo(stream):
+        while data := await stream.receive_some(1024):
+            await stream.send_all(data)
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            lambda task_status: trio.serve_tcp(echo, 0, host="127.0.0.1", task_status=task_status))
+        port = listeners[0].socket.getsockname()[1]
+        s = await trio.open_tcp_stream("127.0.0.1", port)
+        out = []
+        msg = b"x" * 64
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await s.send_all(msg)
+            got = 0
+            while got < len(msg):
+                got += len(await s.receive_some(1024))
+            out.append(time.perf_counter() - t0)
+        await s.aclose()
+        nursery.cancel_scope.cancel()
+    return out
+
+
+def name_mastered_by(node: int, prefix: str) -> str:
+    i = 0
+    while master_of(f"{prefix}{i}", frozenset({0, 1})) != node:
+        i += 1
+    return f"{prefix}{i}"
+
+
+async def run(nodes, n: int) -> dict:
+    res = {}
+    res["tcp rtt"] = await tcp_rtt(n)
+    async with trio.open_nursery() as nursery:
+        async with DlmClient.connect(nursery, nodes[0].rundir) as a, \
+                DlmClient.connect(nursery, nodes[1].rundir) as b:
+            while not (await a.ipc.call("cluster-status"))[0]["connected"]:
+                await trio.sleep(0.05)
+            await a.join("bench")
+            await b.join("bench")
+            samples = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                await a.ipc.call("cluster-status")
+                samples.append(time.perf_counter() - t0)
+            res["ipc rtt"] = samples
+            for label, node in (("local master", 0), ("remote master", 1)):
+                name = name_mastered_by(node, "r")
+                samples = []
+                for _ in range(n):
+                    t0 = time.perf_counter()
+                    lk = await a.lock("bench", name, Mode.EX)
+                    await lk.unlock()
+                    samples.append(time.perf_counter() - t0)
+                res[label + " lock+unlock"] = samples
+            # ping-pong: a turn token in each client; each waits for its turn
+            samples = []
+            turn = {"who": 0, "ev": trio.Event()}
+
+            async def player(me, c):
+                for i in range(n):
+                    while turn["who"] != me:
+                        await turn["ev"].wait()
+                    t0 = time.perf_counter()
+                    lk = await c.lock("bench", "pingpong", Mode.EX)
+                    samples.append(time.perf_counter() - t0)
+                    await lk.unlock()
+                    turn["who"] = 1 - me
+                    ev, turn["ev"] = turn["ev"], trio.Event()
+                    ev.set()
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(player, 0, a)
+                inner.start_soon(player, 1, b)
+            res["EX ping-pong (lock)"] = samples
+        nursery.cancel_scope.cancel()
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="bench.locking", description=__doc__.splitlines()[0])
+    ap.add_argument("-n", type=int, default=500, help="operations per row (default 500)")
+    ap.add_argument("--no-json", action="store_true")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="replfs-bench-lock-") as tmp:
+        conf = os.path.join(tmp, "cluster.conf")
+        with open(conf, "w") as f:
+            f.write(CONF.format(p0=free_port("127.0.0.1"), p1=free_port("127.0.0.2")))
+        nodes = [Node(nm, ad, os.path.join(tmp, nm), conf=os.path.join(tmp, "replfs.conf"))
+                 for nm, ad in (("alpha", "127.0.0.1"), ("beta", "127.0.0.2"))]
+        try:
+            for nd in nodes:
+                nd.start()
+            for nd in nodes:
+                with SyncClient(socket_path(nd.rundir), timeout=10) as c:
+                    c.call("cluster-online", cluster="bench", conf=conf)
+            res = trio.run(run, nodes, args.n)
+        finally:
+            for nd in nodes:
+                nd.kill9()
+    base = lat_summary(res["tcp rtt"])["p50_us"]
+    rows, out = [], {}
+    for label, samples in res.items():
+        s = lat_summary(samples)
+        s["ops_per_s"] = len(samples) / sum(samples) if samples else 0.0
+        out[label] = s
+        rows.append([label, s["p50_us"], s["p99_us"], s["ops_per_s"], s["p50_us"] / base])
+    print(table(rows, ["row", "p50 us", "p99 us", "ops/s", "p50 x tcp rtt"]))
+    if not args.no_json:
+        print("wrote", write_json("locking", {"n": args.n, "rows": out}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
