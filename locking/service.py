@@ -35,6 +35,7 @@ from .dlm.driver import DlmDomain, HeldLock, LockRefused
 from .dlm.messages import decode as decode_dlm
 from .dlm.modes import Mode
 from .heartbeat.core import quorum_decision
+from .heartbeat.disk import DiskHeartbeat
 from .net.driver import O2Net, load_key
 
 log = logging.getLogger("replfs.locking")
@@ -66,6 +67,7 @@ class _Online:
         self.nursery: Optional[trio.Nursery] = None
         self.fenced: Optional[str] = None
         self.net_scope = trio.CancelScope()
+        self.hb = None   # DiskHeartbeat, when a heartbeat region is configured
 
 
 class ClusterService:
@@ -137,6 +139,12 @@ class ClusterService:
         on.net = O2Net(me=me, nodes=on.nodes, cluster=cluster, timeouts=timeouts, key=on.key,
                        on_message=self._on_message, on_up=self._on_up, on_down=self._on_down,
                        connect_to=via)
+        region = req.get("heartbeat") or next(
+            (h.region for h in conf.heartbeats if h.cluster == cluster and h.region.startswith("/")),
+            None)
+        if region:
+            on.hb = DiskHeartbeat(region, me.number, [n.number for n in on.nodes], timeouts,
+                                  interval=float(req.get("heartbeat_interval") or 2.0))
         self.online = on
         try:
             await self._nursery.start(self._run_online, on)
@@ -157,6 +165,8 @@ class ClusterService:
                     except OSError as e:
                         raise ReplfsError(f"cannot listen on {on.me.ip_address}:{on.me.ip_port}: "
                                           f"{e.strerror or e}", EXIT_CONFIG) from None
+                    if on.hb is not None:
+                        await nursery.start(on.hb.run)
                     task_status.started()
         finally:
             if self.online is on:
@@ -192,6 +202,8 @@ class ClusterService:
         if on is None:
             return {"online": False}
         return {"online": True, "cluster": on.cluster, "node": on.me.name,
+                "heartbeat": ({"region": on.hb.path, "live": sorted(on.hb.monitor.live)}
+                              if on.hb else None),
                 "number": on.me.number, "fenced": on.fenced,
                 "connected": sorted(on.net.connected()),
                 "domains": sorted(on.domains)}
@@ -216,7 +228,24 @@ class ClusterService:
         on = self.online
         if on is None or on.fenced:
             return
-        everyone = {n.number for n in on.nodes}
+        if on.hb is not None:
+            on.nursery.start_soon(self._decide_with_disk, on, node)
+            return
+        await self._decide(on, node, {n.number for n in on.nodes})
+
+    async def _decide_with_disk(self, on: _Online, node: int) -> None:
+        """Network lost: a node whose disk heartbeat also stops is dead (no
+        quorum question); one still heartbeating after the dead time is
+        on the other side of a partition, and o2quo decides."""
+        log.warning("network connection to node %d lost; watching its disk heartbeat", node)
+        with trio.move_on_after(on.hb.monitor.dead_after + 2 * on.hb.interval):
+            while node in on.hb.monitor.live:
+                await on.hb.changed.wait()
+        if on.fenced or self.online is not on:
+            return
+        await self._decide(on, node, set(on.hb.monitor.live))
+
+    async def _decide(self, on: _Online, node: int, everyone: set[int]) -> None:
         reach = on.net.connected() | {on.me.number}
         verdict = quorum_decision(on.me.number, reach, everyone)
         if verdict == "fence":
@@ -230,6 +259,8 @@ class ClusterService:
             # until an admin takes the cluster offline and online again.
             on.net_scope.cancel()
             return
+        if on.hb is not None and node in everyone and node in on.net.connected():
+            return  # it came back before we had to decide
         log.warning("node %d is gone; recovering its locks", node)
         for dom in on.domains.values():
             await dom.node_down(node)

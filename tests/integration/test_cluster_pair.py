@@ -29,7 +29,7 @@ node:
 \tname = beta
 \tcluster = tc
 """
-TIMEOUTS = "O2CB_IDLE_TIMEOUT_MS=1500\nO2CB_KEEPALIVE_DELAY_MS=300\nO2CB_RECONNECT_DELAY_MS=200\n"
+TIMEOUTS = "O2CB_HEARTBEAT_THRESHOLD=3\nO2CB_IDLE_TIMEOUT_MS=1500\nO2CB_KEEPALIVE_DELAY_MS=300\nO2CB_RECONNECT_DELAY_MS=200\n"
 
 
 @pytest.fixture
@@ -252,3 +252,32 @@ async def test_partition_lower_node_survives_other_fences(offline_pair, nursery)
     assert "FENCING" in nodes[1].log()
     st, _ = await a.call("cluster-status")
     assert not st["fenced"]
+
+
+async def test_disk_heartbeat_kill9_of_lowest_node_survivor_recovers(offline_pair, nursery, tmp_path):
+    """With a disk heartbeat the survivor of node 0's crash is node 1: node 0's
+    slot stops changing, so it is dead rather than partitioned (no fencing)."""
+    nodes, conf, _ = offline_pair
+    region = str(tmp_path / "hb-region")
+    a = await AsyncClient.connect(socket_path(nodes[0].rundir), nursery)
+    b = await AsyncClient.connect(socket_path(nodes[1].rundir), nursery)
+    for c in (a, b):
+        await c.call("cluster-online", cluster="tc", conf=conf, heartbeat=region,
+                     heartbeat_interval=0.25)
+    with trio.fail_after(10):
+        while (await b.call("cluster-status"))[0]["heartbeat"]["live"] != [0, 1]:
+            await trio.sleep(0.05)
+        while not (await a.call("cluster-status"))[0]["connected"]:
+            await trio.sleep(0.05)
+    for c in (a, b):
+        await c.call("dlm-join", domain="d1")
+    await a.call("dlm-lock", domain="d1", name="z", mode="EX")
+    nodes[0].kill9()
+    t0 = trio.current_time()
+    with trio.fail_after(15):
+        rep, _ = await b.call("dlm-lock", domain="d1", name="z", mode="EX")
+    elapsed = trio.current_time() - t0
+    # (O2CB_HEARTBEAT_THRESHOLD 3 - 1) * 2 s = 4 s dead time, plus two beats of slack
+    assert rep["mode"] == "EX" and 3 < elapsed < 6, elapsed
+    st, _ = await b.call("cluster-status")
+    assert not st["fenced"] and st["heartbeat"]["live"] == [1]
