@@ -26,6 +26,7 @@ VERBS = [
     ("remove-node", "NAME", "remove a node stanza from cluster.conf"),
     ("heartbeat", "", "show the heartbeat (membership) view"),
     ("locks", "[DOMAIN]", "dump the locks this node holds or waits for"),
+    ("dlmfs", "MOUNTPOINT", "mount a dlmfs (ocfs2_dlmfs semantics) for shell scripts"),
 ]
 
 
@@ -232,7 +233,19 @@ def cmd_remove_node(g, args, out):
 
 def cmd_dlmfs(g, args, out):
     _nargs(args, 1, 1, "dlmfs MOUNTPOINT")
-    raise ReplfsError("dlmfs is not implemented yet in this version", EXIT_USAGE)
+    import subprocess
+    rundir = rundir_from_env(g["rundir"])
+    os.makedirs(args[0], exist_ok=True)
+    logf = open(os.path.join(rundir, "dlmfs.log"), "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "replfs.locking.dlmfs", args[0],
+                             "--rundir", rundir], stdout=subprocess.PIPE, stderr=logf,
+                            start_new_session=True)
+    line = proc.stdout.readline().decode()
+    if not line.startswith("READY"):
+        proc.wait(10)
+        raise ReplfsError(f"dlmfs: mounting {args[0]} failed (see {rundir}/dlmfs.log)", 20)
+    out(f"Mounting dlmfs filesystem at {args[0]}: OK (pid {proc.pid}; "
+        f"umount {args[0]} or kill {proc.pid} to stop)")
 
 
 _HANDLERS = {

@@ -281,3 +281,40 @@ async def test_disk_heartbeat_kill9_of_lowest_node_survivor_recovers(offline_pai
     assert rep["mode"] == "EX" and 3 < elapsed < 6, elapsed
     st, _ = await b.call("cluster-status")
     assert not st["fenced"] and st["heartbeat"]["live"] == [1]
+
+
+def test_dlmfs_from_shell(cluster, tmp_path):
+    import subprocess
+    a, b = cluster
+    mnts = []
+    try:
+        for n in cluster:
+            mnt = str(tmp_path / f"dlm-{n.name}")
+            rc, out, err = run_cli("--rundir", n.rundir, "cluster", "dlmfs", mnt)
+            assert rc == 0, err
+            mnts.append(mnt)
+        ma, mb = mnts
+        script = f"""
+set -e
+mkdir {ma}/dom
+mkdir {mb}/dom
+exec 3<>{ma}/dom/lk
+echo -n 42 >&3
+if (exec 4<>{mb}/dom/lk) 2>/dev/null; then echo "unexpected"; fi
+exec 3>&-
+exec 4<{mb}/dom/lk
+cat <&4; echo
+exec 4<&-
+ls {ma}/dom
+"""
+        # the middle open must fail fast: use O_NONBLOCK via python for the trylock
+        cp = subprocess.run(["bash", "-c", script.replace(
+            f"if (exec 4<>{mb}/dom/lk) 2>/dev/null; then echo \"unexpected\"; fi",
+            f"python3 -c \"import os,errno\ntry:\n os.open('{mb}/dom/lk', os.O_RDWR|os.O_NONBLOCK)\n"
+            f" print('unexpected')\nexcept OSError as e:\n print(errno.errorcode[e.errno])\"")],
+            capture_output=True, text=True, timeout=30)
+        assert cp.returncode == 0, cp.stderr
+        assert cp.stdout.split() == ["EAGAIN", "42", "lk"], cp.stdout
+    finally:
+        for m in mnts:
+            subprocess.run(["umount", "-l", m], capture_output=True)

@@ -1,0 +1,1 @@
+"""dlmfs: ocfs2_dlmfs semantics over FUSE (see fs.py)."""

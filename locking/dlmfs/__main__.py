@@ -1,0 +1,5 @@
+import sys
+
+from .fs import main
+
+sys.exit(main())

@@ -1,0 +1,229 @@
+"""A FUSE filesystem with ocfs2_dlmfs semantics, for shell scripts.
+
+    mkdir /dlm/DOMAIN          join the lock domain
+    open  /dlm/DOMAIN/NAME     takes the lock (every name exists; lock names
+                               are cluster-wide):
+                               O_RDONLY -> PR, O_WRONLY/O_RDWR -> EX,
+                               O_NONBLOCK -> trylock, failing with EAGAIN
+    read                       the lock value block (trailing NULs stripped)
+    write                      sets the LVB, written back when the EX lock drops
+    close                      drops the lock
+    rm NAME / rmdir DOMAIN     forget the file / leave the domain
+
+One mount per process (pyfuse3); run as ``python -m replfs.locking.dlmfs
+MOUNTPOINT [--rundir DIR]``.  Every open is one lock held through the local
+replfsd (locking/client.py), so a dying mount process drops its locks.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import signal
+import stat
+import sys
+
+import pyfuse3
+import trio
+
+from replfs.blockdev import BlockDeviceError
+from replfs.errors import ReplfsError
+
+from ..client import DlmClient
+from ..dlm.modes import Mode
+
+log = logging.getLogger("replfs.locking.dlmfs")
+ROOT = pyfuse3.ROOT_INODE
+
+
+class DlmfsOps(pyfuse3.Operations):
+    def __init__(self, dlm: DlmClient):
+        super().__init__()
+        self.dlm = dlm
+        self.names: dict[int, tuple[str, str | None]] = {}   # inode -> (domain, lock or None)
+        self.inodes: dict[tuple[str, str | None], int] = {}
+        self.children: dict[str, set[str]] = {}
+        self.next_inode = ROOT + 1
+        self.handles: dict[int, tuple[object, bytearray | None]] = {}
+        self.next_fh = 1
+
+    def _ino(self, key) -> int:
+        ino = self.inodes.get(key)
+        if ino is None:
+            ino = self.inodes[key] = self.next_inode
+            self.names[ino] = key
+            self.next_inode += 1
+        return ino
+
+    def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        key = self.names.get(ino)
+        if ino == ROOT or (key and key[1] is None):
+            a.st_mode = stat.S_IFDIR | 0o755
+            a.st_nlink = 2
+        else:
+            a.st_mode = stat.S_IFREG | 0o600
+            a.st_nlink = 1
+        a.st_size = 0
+        a.entry_timeout = a.attr_timeout = 0
+        return a
+
+    def _key(self, ino):
+        key = self.names.get(ino)
+        if key is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return key
+
+    async def getattr(self, inode, ctx=None):
+        if inode != ROOT:
+            self._key(inode)
+        return self._attr(inode)
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        return await self.getattr(inode)
+
+    async def lookup(self, parent, name, ctx=None):
+        name = os.fsdecode(name)
+        if parent == ROOT:
+            if name not in self.children:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self._attr(self._ino((name, None)))
+        domain, lock = self._key(parent)
+        if lock is not None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        # Lock names are cluster-wide: a name another node created exists
+        # here too, so every name in a joined domain resolves.
+        self.children[domain].add(name)
+        return self._attr(self._ino((domain, name)))
+
+    async def mkdir(self, parent, name, mode, ctx):
+        if parent != ROOT:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        name = os.fsdecode(name)
+        if name in self.children:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        await self._call(self.dlm.join(name))
+        self.children[name] = set()
+        return self._attr(self._ino((name, None)))
+
+    async def rmdir(self, parent, name, ctx):
+        name = os.fsdecode(name)
+        if parent != ROOT or name not in self.children:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if self.children[name]:
+            raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+        await self._call(self.dlm.leave(name))
+        del self.children[name]
+
+    async def unlink(self, parent, name, ctx):
+        domain, _ = self._key(parent)
+        name = os.fsdecode(name)
+        if name not in self.children.get(domain, ()):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        self.children[domain].discard(name)
+
+    async def opendir(self, inode, ctx):
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        if fh == ROOT:
+            entries = [(n, self._ino((n, None))) for n in sorted(self.children)]
+        else:
+            domain, _ = self._key(fh)
+            entries = [(n, self._ino((domain, n))) for n in sorted(self.children.get(domain, ()))]
+        for i, (n, ino) in enumerate(entries[start_id:], start=start_id + 1):
+            if not pyfuse3.readdir_reply(token, os.fsencode(n), self._attr(ino), i):
+                break
+
+    async def create(self, parent, name, mode, flags, ctx):
+        domain, lock = self._key(parent)
+        if lock is not None:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        self.children[domain].add(os.fsdecode(name))
+        ino = self._ino((domain, os.fsdecode(name)))
+        fi = await self.open(ino, flags, ctx)
+        return fi, self._attr(ino)
+
+    async def _call(self, coro):
+        try:
+            return await coro
+        except BlockDeviceError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except ReplfsError as e:
+            log.warning("%s", e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def open(self, inode, flags, ctx):
+        domain, name = self._key(inode)
+        if name is None:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        write = (flags & os.O_ACCMODE) != os.O_RDONLY
+        lk = await self._call(self.dlm.lock(domain, name, Mode.EX if write else Mode.PR,
+                                            noqueue=bool(flags & os.O_NONBLOCK)))
+        fh = self.next_fh
+        self.next_fh += 1
+        self.handles[fh] = (lk, bytearray(lk.lvb) if write else None)
+        return pyfuse3.FileInfo(fh=fh, direct_io=True)
+
+    async def read(self, fh, off, size):
+        lk, pending = self.handles[fh]
+        data = bytes(pending) if pending is not None else lk.lvb
+        if not lk.lvb_valid and pending is None:
+            data = b""
+        return data.rstrip(b"\0")[off:off + size]
+
+    async def write(self, fh, off, buf):
+        lk, pending = self.handles[fh]
+        if pending is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        end = off + len(buf)
+        if end > len(pending):
+            raise pyfuse3.FUSEError(errno.ENOSPC)  # the LVB is fixed-size
+        pending[off:end] = buf
+        return len(buf)
+
+    async def release(self, fh):
+        lk, pending = self.handles.pop(fh)
+        await self._call(lk.unlock(lvb=bytes(pending) if pending is not None else None))
+
+
+async def _main(args) -> None:
+    async with trio.open_nursery() as nursery:
+        async with DlmClient.connect(nursery, args.rundir) as dlm:
+            ops = DlmfsOps(dlm)
+            options = set(pyfuse3.default_options) | {"fsname=dlmfs", "subtype=dlmfs"}
+            pyfuse3.init(ops, args.mountpoint, options)
+            print(f"READY {args.mountpoint}", flush=True)
+            try:
+                async with trio.open_nursery() as inner:
+                    async def stop():
+                        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                            async for _ in sigs:
+                                inner.cancel_scope.cancel()
+                                return
+                    inner.start_soon(stop)
+                    await pyfuse3.main(min_tasks=2, max_tasks=32)
+                    inner.cancel_scope.cancel()
+            finally:
+                pyfuse3.close(unmount=True)
+        nursery.cancel_scope.cancel()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m replfs.locking.dlmfs",
+                                 description="Mount a dlmfs (ocfs2_dlmfs semantics) until SIGTERM.")
+    ap.add_argument("mountpoint")
+    ap.add_argument("--rundir", help="replfsd run directory (default $REPLFS_RUNDIR)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        trio.run(_main, args)
+    except ReplfsError as e:
+        print(e.message, file=sys.stderr)
+        return e.exit_code
+    except (OSError, RuntimeError) as e:
+        print(f"dlmfs: cannot mount {args.mountpoint}: {e}", file=sys.stderr)
+        return 20
+    return 0
