@@ -111,6 +111,8 @@ class ClusterService:
         path = req.get("conf") or cc.DEFAULT_PATH
         conf = cc.load(path)
         tpath = req.get("timeouts") or os.path.join(os.path.dirname(os.path.abspath(path)), "o2cb")
+        if not req.get("timeouts") and not os.path.exists(tpath):
+            tpath = cc.DEFAULT_TIMEOUTS_PATH
         timeouts = cc.load_timeouts(tpath)
         names = [c.name for c in conf.clusters]
         cluster = req.get("cluster") or (names[0] if len(names) == 1 else None)
