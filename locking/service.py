@@ -12,7 +12,7 @@ survives and recovers the peer's locks, the other fences itself: every
 lock holder and waiter gets EPERM "fenced" and the node grants nothing
 until it goes offline and online again.
 
-Lock domains: one DlmDomain (locking/dlm/driver.py) per domain, created by
+Lock domains: one DlmDomain (locking/dlmdriver.py) per domain, created by
 ``dlm-join`` or by the first message a peer sends for it.  o2net payloads
 are ``u8 kind | u8 len | domain | data``: kind 0 carries DLM frames, kind
 1 announces "I have this domain at epoch e" right after a connection comes
@@ -31,7 +31,7 @@ import trio
 from ..errors import EXIT_CONFIG, EXIT_STATE, EXIT_USAGE, ReplfsError
 from ..blockdev import BlockDeviceError
 from . import cluster_conf as cc
-from .dlm.driver import DlmDomain, HeldLock, LockRefused
+from .dlmdriver import DlmDomain, HeldLock, LockRefused
 from .dlm.messages import decode as decode_dlm
 from .dlm.modes import Mode
 from .heartbeat.core import quorum_decision

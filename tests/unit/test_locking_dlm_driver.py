@@ -7,7 +7,7 @@ import pytest
 import trio
 
 from replfs.locking.cluster_conf import Timeouts
-from replfs.locking.dlm.driver import DlmDomain, LockRefused
+from replfs.locking.dlmdriver import DlmDomain, LockRefused
 from replfs.locking.dlm.modes import EX, NL, PR
 from replfs.locking.net.driver import O2Net
 from replfs.locking.cluster_conf import Node

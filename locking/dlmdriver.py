@@ -22,9 +22,9 @@ from typing import Awaitable, Callable, Optional
 
 import trio
 
-from .core import Bast, DlmNode, Grant, Refuse, SendMessage
-from .messages import FrameDecoder, RemoteProtocolError, encode
-from .modes import Mode
+from .dlm.core import Bast, DlmNode, Grant, Refuse, SendMessage
+from .dlm.messages import FrameDecoder, RemoteProtocolError, encode
+from .dlm.modes import Mode
 
 log = logging.getLogger("replfs.locking.dlm")
 
