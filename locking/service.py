@@ -141,9 +141,15 @@ class ClusterService:
         on.net = O2Net(me=me, nodes=on.nodes, cluster=cluster, timeouts=timeouts, key=on.key,
                        on_message=self._on_message, on_up=self._on_up, on_down=self._on_down,
                        connect_to=via)
-        region = req.get("heartbeat") or next(
-            (h.region for h in conf.heartbeats if h.cluster == cluster and h.region.startswith("/")),
-            None)
+        # The disk heartbeat region: given explicitly, or for a heartbeat:
+        # stanza REGION, the file heartbeat/REGION next to cluster.conf.
+        region = req.get("heartbeat")
+        if not region:
+            for h in conf.heartbeats:
+                cand = os.path.join(os.path.dirname(os.path.abspath(path)), "heartbeat", h.region)
+                if h.cluster == cluster and os.path.exists(cand):
+                    region = cand
+                    break
         if region:
             on.hb = DiskHeartbeat(region, me.number, [n.number for n in on.nodes], timeouts,
                                   interval=float(req.get("heartbeat_interval") or 2.0))

@@ -36,6 +36,7 @@ def usage() -> str:
     lines += [f"  {v:<12} {a:<32} {s}" for v, a, s in VERBS]
     lines += ["", "Options:", "  -C, --conf FILE   cluster.conf (default /etc/replfs/cluster.conf, "
               "then /etc/ocfs2/cluster.conf)",
+              "  -H, --heartbeat FILE  (online) disk heartbeat region file, shared by the nodes",
               "  --node NAME       this node's name (default $REPLFS_NODE or uname -n)",
               "  --rundir DIR      replfsd's run directory (default $REPLFS_RUNDIR)",
               "", "Exit codes: 0 ok, 1 usage, 2 syntax, 10 config, 11 state, 20 exec/daemon."]
@@ -43,10 +44,11 @@ def usage() -> str:
 
 
 def _parse(argv: list[str]):
-    g = {"node": None, "rundir": None, "conf": None, "help": False}
+    g = {"node": None, "rundir": None, "conf": None, "help": False, "heartbeat": None}
     pos: list[str] = []
     i = 0
     takes = {"--node": "node", "--rundir": "rundir", "-C": "conf", "--conf": "conf",
+             "-H": "heartbeat", "--heartbeat": "heartbeat",
              "-c": None, "--config": None}
     while i < len(argv):
         a = argv[i]
@@ -127,7 +129,8 @@ def cmd_online(g, args, out):
     if cluster is None:
         raise ReplfsError("USAGE: replfsadm cluster online CLUSTER", EXIT_USAGE)
     try:
-        reply = _call(g, "cluster-online", cluster=cluster, conf=path)
+        extra = {"heartbeat": os.path.abspath(g["heartbeat"])} if g["heartbeat"] else {}
+        reply = _call(g, "cluster-online", cluster=cluster, conf=path, **extra)
     except ReplfsError as e:
         out(f"Starting O2CB cluster {cluster}: Failed")
         raise e
@@ -160,6 +163,9 @@ def cmd_status(g, args, out):
     out(f"  Node: {st['node']} (number {st['number']})")
     out(f"  Connected peers: {', '.join(map(str, st['connected'])) or 'none'}")
     out(f"  Lock domains: {', '.join(st['domains']) or 'none'}")
+    if st.get("heartbeat"):
+        hb = st["heartbeat"]
+        out(f"  Heartbeat region: {hb['region']} (live: {', '.join(map(str, hb['live']))})")
     if st.get("fenced"):
         out(f"  FENCED: {st['fenced']}")
     return 0

@@ -152,8 +152,10 @@ def test_cli_verbs(cluster, tmp_path):
     assert rc == 0 and "Stopping O2CB cluster tc: OK" in out
     rc, out, err = run_cli(*g, "list-nodes")
     assert rc == 11 and "offline" in err
-    rc, out, _ = run_cli(*g, "online", "tc")
+    rc, out, _ = run_cli(*g, "-H", str(tmp_path / "hb"), "online", "tc")
     assert rc == 0 and "Starting O2CB cluster tc: OK" in out
+    rc, out, _ = run_cli(*g, "status")
+    assert "Heartbeat region" in out
     rc, out, _ = run_cli(*g, "bogus")
     assert rc == 1
     rc, out, _ = run_cli("cluster", "--help")
