@@ -46,6 +46,7 @@ class HeldLock:
     _waiter: Optional[trio.Event] = None
     _result: object = None
     owner: object = field(default=None, repr=False)
+    abandoned: bool = False
 
 
 class DlmDomain:
@@ -82,6 +83,9 @@ class DlmDomain:
                 if lk is None:
                     continue
                 lk.mode, lk.lvb, lk.lvb_valid = a.mode, a.lvb, a.lvb_valid
+                if lk.abandoned and self._idle(lk):
+                    await self.unlock(lk)
+                    continue
                 self._wake(lk, a)
             elif isinstance(a, Refuse):
                 lk = self.held.get(a.lockid)
@@ -148,6 +152,22 @@ class DlmDomain:
         if lk.lockid in self.core.locks:
             await self._apply(self.core.unlock(lk.lockid, lvb))
         lk.mode = None
+
+    def _idle(self, lk: HeldLock) -> bool:
+        owned = self.core.locks.get(lk.lockid)
+        return owned is not None and owned.requested is None
+
+    async def abandon(self, lk: HeldLock) -> None:
+        """Its owner is gone: unlock it now, or as soon as a pending
+        request is granted (a cancel is sent; the grant may still win)."""
+        lk.abandoned = True
+        owned = self.core.locks.get(lk.lockid)
+        if owned is None:
+            self.held.pop(lk.lockid, None)
+        elif owned.requested is None:
+            await self.unlock(lk)
+        elif owned.cancel_reason is None:
+            await self._apply(self.core.cancel(lk.lockid))
 
     # ------------------------------------------------------------ host
     async def receive(self, src: int, data: bytes) -> None:

@@ -369,6 +369,9 @@ class ClusterService:
         except LockRefused as e:
             raise BlockDeviceError(_REFUSAL_ERRNO.get(e.reason, errno.EIO),
                                    f"{dom.name}/{req['name']}: lock refused: {e.reason}") from None
+        if conn.closed:  # the client went away while it waited
+            await dom.abandon(lk)
+            return {"handle": handle, "mode": lk.mode.name, "lvb_valid": lk.lvb_valid}, lk.lvb
         self._handles[handle] = (dom.name, lk)
         if not getattr(conn, "_dlm_cleanup", False):
             conn._dlm_cleanup = True
@@ -405,10 +408,7 @@ class ClusterService:
                 del self._handles[handle]
                 dom = on.domains.get(dname) if on else None
                 if dom is not None and not dom.fenced:
-                    try:
-                        await dom.unlock(lk)
-                    except Exception as e:  # pending request: nothing to unlock yet
-                        log.debug("dropping lock %s/%s: %s", dname, lk.resource, e)
+                    await dom.abandon(lk)
 
     async def op_locks(self, req, body, conn):
         on = self._need_online()

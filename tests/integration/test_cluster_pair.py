@@ -320,3 +320,21 @@ ls {ma}/dom
     finally:
         for m in mnts:
             subprocess.run(["umount", "-l", m], capture_output=True)
+
+
+async def test_waiting_client_disconnect_does_not_leak_lock(cluster, nursery):
+    a, b = await clients(nursery, cluster)
+    b2 = await AsyncClient.connect(socket_path(cluster[1].rundir), nursery)
+    with trio.fail_after(15):
+        rep, _ = await a.call("dlm-lock", domain="d1", name="w", mode="EX")
+        async def doomed():
+            with pytest.raises(BlockDeviceError):
+                await b2.call("dlm-lock", domain="d1", name="w", mode="EX")
+        nursery.start_soon(doomed)
+        await trio.sleep(0.3)  # b2's request is queued behind a's EX
+        await b2.aclose()
+        await trio.sleep(0.3)
+        await a.call("dlm-unlock", handle=rep["handle"])
+        # the abandoned request must not keep the lock: b gets it
+        rep2, _ = await b.call("dlm-lock", domain="d1", name="w", mode="EX", timeout=5)
+    assert rep2["mode"] == "EX"
