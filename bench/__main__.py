@@ -1,12 +1,12 @@
 """`make bench`: run every benchmark in turn."""
 import sys
 
-from . import block
+from . import block, locking
 
 
 def main() -> int:
     rc = 0
-    for mod in (block,):
+    for mod in (block, locking):
         print(f"\n######## {mod.__name__}", flush=True)
         rc |= mod.main([])
     return rc

@@ -398,6 +398,20 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _first_word(argv: list[str]) -> str | None:
+    """The first word that is neither an option nor a global option's value."""
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-c", "--config", "--node", "--rundir"):
+            i += 2
+            continue
+        if not a.startswith("-"):
+            return a
+        i += 1
+    return None
+
+
 def parse(argv: list[str]) -> tuple[dict, str | None, str | None, dict]:
     """Split argv into (globals, verb, resource, verb options)."""
     g = {"config": None, "node": None, "rundir": None, "dry_run": False, "help": False}
@@ -463,6 +477,10 @@ def main(argv: list[str] | None = None, *, out=None, err=None) -> int:
     out = out or (lambda s: print(s))
     err = err or (lambda s: print(s, file=sys.stderr))
     try:
+        if _first_word(argv) == "cluster":
+            # The cluster verbs have their own options (-C, -H, ...).
+            from replfs.cli import cluster
+            return cluster.main(argv, out=out, err=err)
         g, verb, res, opts = parse(argv)
         if g.get("version"):
             out(f"replfsadm {VERSION}")

@@ -144,6 +144,14 @@ class Daemon:
         conn = ClientConn(stream)
 
         async def handle(req: dict, body: bytes) -> None:
+            try:
+                await answer(req, body)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                # The client went away before its answer: nothing to tell,
+                # and never a reason to take the daemon down.
+                log.debug("admin socket: client gone before the answer to %r", req.get("op"))
+
+        async def answer(req: dict, body: bytes) -> None:
             rid = req.get("id")
             try:
                 out, data = await self._dispatch(req, body, conn)
@@ -169,17 +177,23 @@ class Daemon:
 
         try:
             async with trio.open_nursery() as n:
-                while True:
-                    data = await stream.receive_some(1 << 20)
-                    if not data:
-                        break
-                    dec.receive_data(data)
-                    while (fr := dec.next_frame()) is not None:
-                        n.start_soon(handle, *fr)
-        except frames.FrameError as e:
-            log.warning("admin socket: dropping client: %s", e)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+                try:
+                    while True:
+                        data = await stream.receive_some(1 << 20)
+                        if not data:
+                            break
+                        dec.receive_data(data)
+                        while (fr := dec.next_frame()) is not None:
+                            n.start_soon(handle, *fr)
+                except frames.FrameError as e:
+                    log.warning("admin socket: dropping client: %s", e)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                finally:
+                    # Requests still running (a lock that waits, a write in
+                    # flight) finish on their own and see that nobody is
+                    # left to answer.
+                    conn.closed = True
         finally:
             conn.closed = True
             with trio.CancelScope(shield=True):

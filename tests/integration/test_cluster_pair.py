@@ -338,3 +338,19 @@ async def test_waiting_client_disconnect_does_not_leak_lock(cluster, nursery):
         # the abandoned request must not keep the lock: b gets it
         rep2, _ = await b.call("dlm-lock", domain="d1", name="w", mode="EX", timeout=5)
     assert rep2["mode"] == "EX"
+
+
+def test_cluster_verbs_through_replfsadm(cluster, tmp_path):
+    """`replfsadm [-c F --node N --rundir D] cluster -C FILE VERB` reaches the
+    cluster verbs with their own options (global options come first)."""
+    conf = str(tmp_path / "etc" / "cluster.conf")
+    a = cluster[0]
+    st = a.adm("cluster", "-C", conf, "status")
+    assert "Cluster tc: Online" in st.stdout
+    assert "Node: alpha (number 0)" in st.stdout
+    nodes = a.adm("cluster", "-C", conf, "list-nodes").stdout.splitlines()
+    assert [ln.split()[1] for ln in nodes[1:]] == ["alpha", "beta"]
+    bad = a.adm("cluster", "-C", conf, "no-such-verb", check=False)
+    assert bad.returncode != 0 and "no-such-verb" in bad.stderr
+    helped = a.adm("cluster", "--help")
+    assert helped.returncode == 0 and "USAGE: replfsadm" in helped.stdout
