@@ -32,3 +32,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stam
     .venv/bin/pip install -q -e '.[test]'
     touch "$stamp"
 fi
+
+# mount(8) reaches the `replfs` mount program through mount.fuse3, which
+# looks it up on PATH; put the project's commands where root's PATH finds
+# them (the venv's own bin directory stays the source of truth).
+if [ "$(id -u)" = 0 ] && [ -d /usr/local/sbin ]; then
+    for t in replfs mkfs.replfs fsck.replfs replfsadm replfsd; do
+        [ -e ".venv/bin/$t" ] && ln -sf "$PWD/.venv/bin/$t" "/usr/local/sbin/$t"
+    done
+fi

@@ -1,0 +1,148 @@
+"""Cluster allocation: the global bitmap and this slot's local window.
+
+The global bitmap is split into groups, one descriptor block each.  A
+mounted slot reserves a window of contiguous clusters from the global
+bitmap (marked used there) and hands out clusters from the window's own
+bitmap in its local-alloc block; only refilling the window touches the
+global bitmap, which later needs the cluster-wide bitmap lock.
+
+Frees are deferred to commit time: a cluster released by the running
+transaction must not be reused (and overwritten by direct data writes)
+before that transaction is durable, or a crash would leave the old owner
+pointing at foreign data.
+"""
+from __future__ import annotations
+
+import errno
+
+from . import format as F
+
+
+class Allocator:
+    def __init__(self, cache, sb: F.Superblock, slot: int, window: int | None = None):
+        self.cache = cache
+        self.sb = sb
+        self.slot = slot
+        self.groups: list[F.GroupDesc] = []
+        self.gfree = 0
+        self.local: F.LocalAlloc | None = None
+        self.local_blk = sb.slots[slot].localalloc_blk
+        self.pending: list[tuple[int, int]] = []
+        if window is None:
+            window = max(8, min(2048, sb.total_clusters // (sb.slot_count * 8)))
+        self.window = min(window, F.local_window_max(sb.block_size))
+
+    async def load(self) -> None:
+        self.groups = []
+        for g in range(self.sb.group_count):
+            self.groups.append(await self.cache.get(F.group_desc_blkno(self.sb, g), "group", "bitmap"))
+        self.gfree = sum(g.free for g in self.groups)
+        self.local = await self.cache.get(self.local_blk, "local", "local")
+
+    def window_free(self) -> int:
+        la = self.local
+        if not la.length:
+            return 0
+        return la.length - F.count_bits(la.bitmap, la.length)
+
+    def free_clusters(self) -> int:
+        return self.gfree + self.window_free()
+
+    def _group_of(self, cl: int) -> tuple[F.GroupDesc, int]:
+        return self.groups[cl // self.sb.cpg], cl % self.sb.cpg
+
+    def _mark_global(self, start: int, n: int, used: bool) -> None:
+        for cl in range(start, start + n):
+            g, bit = self._group_of(cl)
+            if g.test(bit) == used:
+                raise OSError(errno.EIO, f"cluster {cl} already {'used' if used else 'free'} "
+                              "in the global bitmap")
+            if used:
+                g.set(bit)
+                g.free -= 1
+                self.gfree -= 1
+            else:
+                g.clear(bit)
+                g.free += 1
+                self.gfree += 1
+            self.cache.mark(F.group_desc_blkno(self.sb, g.group), g)
+
+    def _find_global_run(self, want: int) -> tuple[int, int]:
+        for g in self.groups:
+            if g.free == 0:
+                continue
+            bm = g.bitmap
+            bit = 0
+            while bit < g.nbits:
+                byte = bm[bit >> 3]
+                if byte == 0xFF and bit & 7 == 0:
+                    bit += 8
+                    continue
+                if not g.test(bit):
+                    run = 0
+                    while bit + run < g.nbits and run < want and not g.test(bit + run):
+                        run += 1
+                    return g.group * self.sb.cpg + bit, run
+                bit += 1
+        return 0, 0
+
+    def release_window(self) -> None:
+        la = self.local
+        if la.length:
+            for i in range(la.length):
+                if not la.test(i):
+                    self._mark_global(la.start + i, 1, False)
+        la.start = la.length = 0
+        la.bitmap = bytearray()
+        self.cache.mark(la.blkno, la)
+
+    def _refill(self) -> None:
+        self.release_window()
+        start, n = self._find_global_run(self.window)
+        if n == 0:
+            raise OSError(errno.ENOSPC, "no free clusters")
+        self._mark_global(start, n, True)
+        la = self.local
+        la.start, la.length = start, n
+        la.bitmap = bytearray((n + 7) // 8)
+        self.cache.mark(la.blkno, la)
+
+    def alloc(self, want: int, goal: int | None = None) -> tuple[int, int]:
+        """Allocate up to ``want`` contiguous clusters, preferring ``goal``."""
+        la = self.local
+        if self.window_free() == 0:
+            self._refill()
+        first = 0
+        if goal is not None and la.start <= goal < la.start + la.length and not la.test(goal - la.start):
+            first = goal - la.start
+        else:
+            while la.test(first):
+                first += 1
+        n = 0
+        while first + n < la.length and n < want and not la.test(first + n):
+            la.bitmap[(first + n) >> 3] |= 1 << ((first + n) & 7)
+            n += 1
+        self.cache.mark(la.blkno, la)
+        return la.start + first, n
+
+    def free(self, start: int, n: int) -> None:
+        if n:
+            self.pending.append((start, n))
+
+    def apply_pending(self) -> None:
+        """Apply deferred frees to the bitmaps of the transaction about to
+        commit, and revoke the freed blocks in the journal."""
+        la = self.local
+        shift = self.sb.cluster_bits - self.sb.block_bits
+        for start, n in self.pending:
+            for cl in range(start, start + n):
+                if la.length and la.start <= cl < la.start + la.length:
+                    i = cl - la.start
+                    if not la.test(i):
+                        raise OSError(errno.EIO, f"double free of cluster {cl}")
+                    la.bitmap[i >> 3] &= ~(1 << (i & 7)) & 0xFF
+                    self.cache.mark(la.blkno, la)
+                else:
+                    self._mark_global(cl, 1, False)
+            self.cache.revokes.append((start << shift, n << shift))
+        self.pending = []

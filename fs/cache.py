@@ -1,0 +1,116 @@
+"""Metadata block cache and the running transaction.
+
+Decoded metadata objects are cached by block number.  A change marks the
+object dirty; dirty objects belong to the running transaction and stay
+pinned until it commits.  Clean objects are evicted in LRU order.  Each
+cached block remembers the inode (or allocator) that owns it, so a
+cluster lock downconversion can drop exactly that owner's blocks.
+"""
+from __future__ import annotations
+
+import errno
+from collections import OrderedDict
+
+from . import format as F
+
+DECODERS = {
+    "inode": F.Inode.decode,
+    "extent": F.ExtentLeaf.decode,
+    "group": F.GroupDesc.decode,
+    "dirleaf": F.DirLeaf.decode,
+    "dirtable": F.DirTable.decode,
+    "local": F.LocalAlloc.decode,
+    "slotmap": F.SlotMap.decode,
+    "xattr": F.XattrBlock.decode,
+}
+
+
+class MetaCache:
+    def __init__(self, dev, sb: F.Superblock, limit: int = 20000):
+        self.dev = dev
+        self.sb = sb
+        self.bs = sb.block_size
+        self.objs: OrderedDict[int, object] = OrderedDict()
+        self.owner: dict[int, object] = {}
+        self.dirty: dict[int, object] = {}
+        self.revokes: list[tuple[int, int]] = []
+        self.limit = limit
+        self.reads = 0            # block reads issued, for tests
+        self.op_dirtied = False   # set when the current operation changed something
+
+    def encode(self, blkno: int, obj) -> bytes:
+        if isinstance(obj, F.GroupDesc):
+            return obj.encode(self.bs, self.sb.volid, blkno)
+        return obj.encode(self.bs, self.sb.volid)
+
+    async def get(self, blkno: int, kind: str, owner=None):
+        obj = self.objs.get(blkno)
+        if obj is not None:
+            self.objs.move_to_end(blkno)
+            return obj
+        if blkno <= 0 or blkno >= self.sb.total_blocks:
+            raise OSError(errno.EIO, f"metadata block {blkno} out of range")
+        self.reads += 1
+        raw = await self.dev.read(blkno * self.bs, self.bs)
+        try:
+            obj = DECODERS[kind](raw, self.sb.volid, blkno)
+        except F.FormatError as e:
+            raise OSError(errno.EIO, f"corrupt {kind} block: {e}") from None
+        self._insert(blkno, obj, owner)
+        return obj
+
+    def _insert(self, blkno: int, obj, owner) -> None:
+        self.objs[blkno] = obj
+        self.objs.move_to_end(blkno)
+        if owner is not None:
+            self.owner[blkno] = owner
+        if len(self.objs) > self.limit:
+            self._evict()
+
+    def _evict(self) -> None:
+        for blkno in list(self.objs):
+            if len(self.objs) <= self.limit * 3 // 4:
+                break
+            if blkno not in self.dirty:
+                del self.objs[blkno]
+                self.owner.pop(blkno, None)
+
+    def new(self, blkno: int, obj, owner=None) -> None:
+        """A freshly allocated block: cached and dirty, never read."""
+        self._insert(blkno, obj, owner)
+        self.mark(blkno, obj)
+
+    def mark(self, blkno: int, obj) -> None:
+        self.dirty[blkno] = obj
+        self.op_dirtied = True
+
+    def forget(self, blkno: int) -> None:
+        self.objs.pop(blkno, None)
+        self.dirty.pop(blkno, None)
+        self.owner.pop(blkno, None)
+
+    def drop_owner(self, owner) -> None:
+        for blkno in [b for b, o in self.owner.items() if o == owner]:
+            if blkno not in self.dirty:
+                self.objs.pop(blkno, None)
+                self.owner.pop(blkno, None)
+
+    def drop_clean(self) -> None:
+        for blkno in list(self.objs):
+            if blkno not in self.dirty:
+                del self.objs[blkno]
+                self.owner.pop(blkno, None)
+
+    def take_transaction(self) -> tuple[dict[int, bytes], list[tuple[int, int]]]:
+        images = {b: self.encode(b, o) for b, o in self.dirty.items()}
+        revokes = self.revokes
+        self.dirty = {}
+        self.revokes = []
+        return images, revokes
+
+    def discard_transaction(self) -> None:
+        for blkno in self.dirty:
+            self.objs.pop(blkno, None)
+            self.owner.pop(blkno, None)
+        self.dirty = {}
+        self.revokes = []

@@ -1,0 +1,955 @@
+"""The filesystem core: POSIX operations on a replfs volume.
+
+``Filesystem`` is opened on a BlockDevice and a node slot.  Its methods
+take and return on-disk inode numbers (the block number of the inode), so
+a thin pyfuse3 ``Operations`` class can sit on top: inode numbers are the
+FUSE inode numbers, the root is ``fs.root_ino``, errors are OSError with
+an errno.
+
+Concurrency: one trio lock serialises the operations of this mount (the
+code between awaits is not written to interleave); every inode touched is
+also taken through the lock manager, which is the seam for cluster locks.
+
+Durability: metadata changes gather in the running transaction, which
+commits to the slot's journal on fsync, sync, unmount, when it grows
+large, and from ``commit_loop``.  File data is written in place before the
+commit that makes it reachable (ordered mode).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import random
+import stat
+import time
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from . import format as F
+from . import journal as J
+from .alloc import Allocator
+from .cache import MetaCache
+from .dirs import Directories
+from .extents import ExtentMaps, cut_extents, insert_extent
+from .locks import LocalLockManager
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+MAX_LINKS = 65000
+MAX_FILE_SIZE = 1 << 60
+MAX_SYMLINK = 4095
+WRITE_CHUNK_CLUSTERS = 256
+
+
+@dataclass
+class Attr:
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int          # 512-byte units
+    blksize: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    generation: int
+
+
+@dataclass
+class StatFs:
+    bsize: int
+    frsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    namemax: int
+
+
+@dataclass
+class _Handle:
+    ino: int
+    flags: int
+
+
+class FilesystemFailed(OSError):
+    pass
+
+
+async def read_superblock(dev) -> F.Superblock:
+    for bs in F.BLOCK_SIZES:
+        raw = await dev.read(F.SB_OFFSET, bs)
+        if len(raw) == bs and raw[:8] == F.SIG_SUPER:
+            try:
+                sb = F.Superblock.decode(raw, F.sb_blkno(bs))
+            except F.FormatError:
+                continue
+            if sb.block_size == bs:
+                return sb
+    raise OSError(errno.EINVAL, "no replfs superblock found (not formatted with mkfs.replfs?)")
+
+
+def _now() -> int:
+    return time.time_ns()
+
+
+def _check_name(name) -> bytes:
+    if isinstance(name, str):
+        name = os.fsencode(name)
+    if not name:
+        raise OSError(errno.ENOENT, "empty name")
+    if len(name) > F.MAX_NAME:
+        raise OSError(errno.ENAMETOOLONG, "name longer than 255 bytes")
+    if b"/" in name or b"\0" in name:
+        raise OSError(errno.EINVAL, "name contains '/' or NUL")
+    return name
+
+
+class Filesystem:
+    def __init__(self, dev, sb: F.Superblock, slot: int, locks, node: int):
+        self.dev = dev
+        self.sb = sb
+        self.slot = slot
+        self.node = node
+        self.locks = locks
+        self.bs = sb.block_size
+        self.cs = sb.cluster_size
+        self.shift = sb.cluster_bits - sb.block_bits
+        self.cache = MetaCache(dev, sb)
+        self.alloc = Allocator(self.cache, sb, slot)
+        self.ext = ExtentMaps(self.cache, self.alloc, sb)
+        self.dirs = Directories(self.cache, self.alloc, self.ext, sb)
+        self.journal = J.Journal(dev, sb, slot)
+        self.root_ino = sb.root_ino
+        self.orphan_ino = sb.slots[slot].orphan_ino
+        self._big = trio.Lock()
+        self._handles: dict[int, _Handle] = {}
+        self._opens: dict[int, int] = {}
+        self._next_fh = 1
+        self.failed: str | None = None
+        self.commit_threshold = max(16, self.journal.capacity() // 4)
+        self.mounted = False
+        self.recovered_slots: list[int] = []
+
+    # ------------------------------------------------------------ mount
+
+    @classmethod
+    async def mount(cls, dev, slot: int = 0, *, locks=None, node: int = 0,
+                    recover_dirty_slots: bool = True) -> "Filesystem":
+        """Open the volume in ``slot``.  A dirty journal in that slot is
+        replayed first.  With ``recover_dirty_slots`` (single-node use) the
+        journals of other slots left dirty are replayed too; a cluster
+        mount passes False and recovers a slot only when its node is dead."""
+        sb = await read_superblock(dev)
+        if sb.feat_incompat & ~F.FEATURE_INCOMPAT_KNOWN:
+            raise OSError(errno.EINVAL, "volume uses features this replfs does not know")
+        if not 0 <= slot < sb.slot_count:
+            raise OSError(errno.EINVAL, f"slot {slot} out of range (volume has {sb.slot_count})")
+        fs = cls(dev, sb, slot, locks or LocalLockManager(), node)
+        fs.locks.set_invalidate_hook(fs.invalidate)
+        own_dirty = (await J.journal_state(dev, sb, slot)).flags & F.JSB_DIRTY
+        if own_dirty:
+            await J.replay(dev, sb, slot)
+        await fs.alloc.load()
+        await fs.journal.open()
+        fs.mounted = True
+        async with fs._op():
+            sm = await fs.cache.get(sb.slotmap_blk, "slotmap", "slotmap")
+            sm.slots[slot] = (F.SLOT_IN_USE, node, sm.slots[slot][2] + 1)
+            fs.cache.mark(sm.blkno, sm)
+            if own_dirty:
+                await fs._recover_orphans(slot)
+                fs.recovered_slots.append(slot)
+        if recover_dirty_slots:
+            for other in range(sb.slot_count):
+                if other != slot and (await J.journal_state(dev, sb, other)).flags & F.JSB_DIRTY:
+                    await fs.recover_slot(other)
+        await fs.sync()
+        return fs
+
+    async def recover_slot(self, slot: int) -> None:
+        """Replay a (dead) slot's journal, return its allocation window and
+        free its orphans.  Runs under the global bitmap lock."""
+        async with self._op(), self.locks.global_bitmap():
+            await self._commit()
+            await J.replay(self.dev, self.sb, slot)
+            self.cache.drop_clean()
+            await self.alloc.load()
+            la = await self.cache.get(self.sb.slots[slot].localalloc_blk, "local", "local")
+            for i in range(la.length):
+                if not la.test(i):
+                    self.alloc._mark_global(la.start + i, 1, False)
+            la.start = la.length = 0
+            la.bitmap = bytearray()
+            self.cache.mark(la.blkno, la)
+            sm = await self.cache.get(self.sb.slotmap_blk, "slotmap", "slotmap")
+            sm.slots[slot] = (F.SLOT_FREE, 0, sm.slots[slot][2])
+            self.cache.mark(sm.blkno, sm)
+            await self._recover_orphans(slot)
+            self.recovered_slots.append(slot)
+        await self.sync()
+
+    async def _recover_orphans(self, slot: int) -> None:
+        od = await self._inode(self.sb.slots[slot].orphan_ino)
+        victims = [e async for e in self.dirs.entries(od)]
+        for e in victims:
+            await self.dirs.remove(od, e.name)
+            ino = await self._inode(e.ino)
+            if ino.nlink == 0:
+                await self._destroy(ino)
+
+    async def unmount(self) -> None:
+        if not self.mounted:
+            return
+        if self.failed is None:
+            async with self._op():
+                for ino in list(self._opens):
+                    inode = await self._inode(ino)
+                    if inode.nlink == 0:
+                        await self._drop_orphan(inode)
+                self._opens.clear()
+                self._handles.clear()
+                self.alloc.release_window()
+                sm = await self.cache.get(self.sb.slotmap_blk, "slotmap", "slotmap")
+                sm.slots[self.slot] = (F.SLOT_FREE, 0, sm.slots[self.slot][2])
+                self.cache.mark(sm.blkno, sm)
+            async with self._big:
+                await self._commit()
+                await self.journal.close()
+        self.mounted = False
+
+    # ------------------------------------------------------------ plumbing
+
+    def _fail(self, why: str) -> None:
+        if self.failed is None:
+            self.failed = why
+            self.cache.discard_transaction()
+            self.alloc.pending = []
+
+    @asynccontextmanager
+    async def _op(self):
+        if self.failed is not None:
+            raise FilesystemFailed(errno.EROFS, f"filesystem failed, read-only: {self.failed}")
+        async with self._big:
+            self.cache.op_dirtied = False
+            try:
+                yield
+            except BaseException as e:
+                if self.cache.op_dirtied:
+                    self._fail(f"{type(e).__name__}: {e} in the middle of an update")
+                raise
+            if len(self.cache.dirty) >= self.commit_threshold:
+                await self._commit()
+
+    @asynccontextmanager
+    async def _locked(self, *inos: int, shared: bool = False):
+        async with AsyncExitStack() as stack:
+            for ino in sorted(set(inos)):
+                await stack.enter_async_context(self.locks.inode(ino, shared=shared))
+            yield
+
+    async def _commit(self) -> None:
+        if not self.cache.dirty and not self.alloc.pending:
+            return
+        self.alloc.apply_pending()
+        images, revokes = self.cache.take_transaction()
+        await self.journal.commit(images, revokes)
+        # Home writes, coalescing runs of adjacent blocks.
+        blks = sorted(images)
+        i = 0
+        while i < len(blks):
+            j = i + 1
+            while j < len(blks) and blks[j] == blks[j - 1] + 1 and j - i < 256:
+                j += 1
+            await self.dev.write(blks[i] * self.bs, b"".join(images[b] for b in blks[i:j]))
+            i = j
+
+    async def sync(self) -> None:
+        async with self._op():
+            await self._commit()
+
+    async def checkpoint(self) -> None:
+        async with self._op():
+            await self._commit()
+            await self.journal.checkpoint()
+
+    async def commit_loop(self, interval: float = 5.0, *, task_status=trio.TASK_STATUS_IGNORED):
+        """Background commit every ``interval`` seconds (run in a nursery)."""
+        task_status.started()
+        while True:
+            await trio.sleep(interval)
+            if self.failed is None and self.mounted:
+                await self.sync()
+
+    async def invalidate(self, kind: str, ident: int) -> None:
+        """Called by the lock manager before it gives a lock to another
+        node: make our changes durable, then forget what we cached."""
+        async with self._big:
+            if self.failed is None:
+                await self._commit()
+            if kind == "inode":
+                self.cache.drop_owner(ident)
+                if ident not in self.cache.dirty:
+                    self.cache.forget(ident)
+            elif kind == "bitmap":
+                self.cache.drop_owner("bitmap")
+                await self.alloc.load()
+
+    async def _inode(self, ino: int) -> F.Inode:
+        if not isinstance(ino, int) or ino <= 0 or ino >= self.sb.total_blocks:
+            raise OSError(errno.ENOENT, f"no inode {ino}")
+        inode = await self.cache.get(ino, "inode", ino)
+        if not inode.flags & F.INODE_FLAG_VALID:
+            raise OSError(errno.ESTALE, f"inode {ino} was deleted")
+        return inode
+
+    async def _dir(self, ino: int) -> F.Inode:
+        d = await self._inode(ino)
+        if not d.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        return d
+
+    def _dirty(self, inode: F.Inode) -> None:
+        self.cache.mark(inode.ino, inode)
+
+    async def _reserve(self, n: int) -> None:
+        if self.alloc.free_clusters() >= n:
+            return
+        if self.alloc.pending:
+            await self._commit()
+        if self.alloc.free_clusters() < n:
+            raise OSError(errno.ENOSPC, "no space left on device")
+
+    def _attr(self, i: F.Inode) -> Attr:
+        return Attr(i.ino, i.mode, i.nlink, i.uid, i.gid, i.rdev, i.size,
+                    i.clusters * (self.cs // 512), self.cs, i.atime_ns, i.mtime_ns,
+                    i.ctime_ns, i.generation)
+
+    def _new_inode(self, mode: int, uid: int, gid: int, rdev: int = 0) -> F.Inode:
+        cl, _ = self.alloc.alloc(1)
+        now = _now()
+        inode = F.Inode(cl << self.shift, mode=mode, uid=uid, gid=gid, nlink=1,
+                        generation=random.getrandbits(32), atime_ns=now, mtime_ns=now,
+                        ctime_ns=now, rdev=rdev)
+        self.cache.new(inode.ino, inode, inode.ino)
+        return inode
+
+    async def _destroy(self, inode: F.Inode) -> None:
+        """Free an inode and everything it owns."""
+        exts = await self.ext.load(inode)
+        if inode.is_dir:
+            for _, p, n in exts:
+                for b in range(p << self.shift, (p + n) << self.shift):
+                    self.cache.forget(b)
+        for _, p, n in exts:
+            self.alloc.free(p, n)
+        await self.ext.store(inode, [])
+        if inode.xattr_blk:
+            self.alloc.free(inode.xattr_blk >> self.shift, 1)
+            self.cache.forget(inode.xattr_blk)
+            inode.xattr_blk = 0
+        self.alloc.free(inode.ino >> self.shift, 1)
+        self.cache.forget(inode.ino)
+        self._opens.pop(inode.ino, None)
+
+    async def _drop_link(self, inode: F.Inode) -> None:
+        """The last name of ``inode`` went away (nlink already 0)."""
+        if self._opens.get(inode.ino):
+            inode.flags |= F.INODE_FLAG_ORPHAN
+            self._dirty(inode)
+            od = await self._inode(self.orphan_ino)
+            await self.dirs.insert(od, b"%016x" % inode.ino, inode.ino, F.ftype_of(inode.mode))
+        else:
+            await self._destroy(inode)
+
+    async def _drop_orphan(self, inode: F.Inode) -> None:
+        od = await self._inode(self.orphan_ino)
+        await self.dirs.remove(od, b"%016x" % inode.ino)
+        await self._destroy(inode)
+
+    # ------------------------------------------------------------ names
+
+    async def lookup(self, parent: int, name) -> Attr:
+        name = _check_name(name)
+        async with self._op(), self._locked(parent, shared=True):
+            d = await self._dir(parent)
+            if name == b".":
+                return self._attr(d)
+            if name == b"..":
+                return self._attr(await self._inode(d.parent))
+            e = await self.dirs.lookup(d, name)
+            if e is None:
+                raise OSError(errno.ENOENT, "no such file or directory")
+            return self._attr(await self._inode(e.ino))
+
+    async def getattr(self, ino: int) -> Attr:
+        async with self._op(), self._locked(ino, shared=True):
+            return self._attr(await self._inode(ino))
+
+    async def _make(self, parent: int, name, mode: int, uid: int, gid: int,
+                    rdev: int = 0, data: bytes | None = None) -> F.Inode:
+        name = _check_name(name)
+        if name in (b".", b".."):
+            raise OSError(errno.EEXIST, "file exists")
+        d = await self._dir(parent)
+        if d.nlink == 0:
+            raise OSError(errno.ENOENT, "directory was removed")
+        if await self.dirs.lookup(d, name) is not None:
+            raise OSError(errno.EEXIST, "file exists")
+        is_dir = stat.S_ISDIR(mode)
+        if is_dir and d.nlink >= MAX_LINKS:
+            raise OSError(errno.EMLINK, "too many links")
+        need = 1 + self.dirs.reserve_estimate(d) + (3 if is_dir else 0)
+        if data:
+            need += -(-len(data) // self.cs) + 2
+        await self._reserve(need)
+        inode = self._new_inode(mode, uid, gid, rdev)
+        if is_dir:
+            inode.nlink = 2
+            inode.parent = d.ino
+            await self.dirs.init(inode)
+            d.nlink += 1
+        if data:
+            await self._write_data(inode, 0, data)
+        await self.dirs.insert(d, name, inode.ino, F.ftype_of(mode))
+        d.mtime_ns = d.ctime_ns = _now()
+        self._dirty(d)
+        return inode
+
+    async def mknod(self, parent: int, name, mode: int, rdev: int = 0,
+                    uid: int = 0, gid: int = 0) -> Attr:
+        if stat.S_IFMT(mode) == 0:
+            mode |= stat.S_IFREG
+        if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+            raise OSError(errno.EINVAL, "use mkdir/symlink")
+        async with self._op(), self._locked(parent):
+            return self._attr(await self._make(parent, name, mode, uid, gid, rdev))
+
+    async def mkdir(self, parent: int, name, mode: int = 0o755, uid: int = 0,
+                    gid: int = 0) -> Attr:
+        mode = stat.S_IMODE(mode) | stat.S_IFDIR
+        async with self._op(), self._locked(parent):
+            return self._attr(await self._make(parent, name, mode, uid, gid))
+
+    async def create(self, parent: int, name, mode: int = 0o644, flags: int = os.O_RDWR,
+                     uid: int = 0, gid: int = 0) -> tuple[int, Attr]:
+        mode = stat.S_IMODE(mode) | stat.S_IFREG
+        async with self._op(), self._locked(parent):
+            inode = await self._make(parent, name, mode, uid, gid)
+            return self._open_handle(inode, flags), self._attr(inode)
+
+    async def symlink(self, parent: int, name, target, uid: int = 0, gid: int = 0) -> Attr:
+        if isinstance(target, str):
+            target = os.fsencode(target)
+        if not target:
+            raise OSError(errno.ENOENT, "empty symlink target")
+        if len(target) > MAX_SYMLINK:
+            raise OSError(errno.ENAMETOOLONG, "symlink target too long")
+        async with self._op(), self._locked(parent):
+            return self._attr(await self._make(parent, name, stat.S_IFLNK | 0o777, uid, gid,
+                                               data=target))
+
+    async def readlink(self, ino: int) -> bytes:
+        async with self._op(), self._locked(ino, shared=True):
+            inode = await self._inode(ino)
+            if not stat.S_ISLNK(inode.mode):
+                raise OSError(errno.EINVAL, "not a symbolic link")
+            return await self._read_data(inode, 0, inode.size)
+
+    async def link(self, ino: int, new_parent: int, new_name) -> Attr:
+        new_name = _check_name(new_name)
+        async with self._op(), self._locked(ino, new_parent):
+            inode = await self._inode(ino)
+            if inode.is_dir:
+                raise OSError(errno.EPERM, "hard link to a directory")
+            if inode.nlink == 0:
+                raise OSError(errno.ENOENT, "file was removed")
+            if inode.nlink >= MAX_LINKS:
+                raise OSError(errno.EMLINK, "too many links")
+            d = await self._dir(new_parent)
+            if d.nlink == 0:
+                raise OSError(errno.ENOENT, "directory was removed")
+            if new_name in (b".", b"..") or await self.dirs.lookup(d, new_name) is not None:
+                raise OSError(errno.EEXIST, "file exists")
+            await self._reserve(self.dirs.reserve_estimate(d))
+            await self.dirs.insert(d, new_name, ino, F.ftype_of(inode.mode))
+            inode.nlink += 1
+            now = _now()
+            inode.ctime_ns = d.mtime_ns = d.ctime_ns = now
+            self._dirty(inode)
+            self._dirty(d)
+            return self._attr(inode)
+
+    async def unlink(self, parent: int, name) -> None:
+        name = _check_name(name)
+        async with self._op(), self._locked(parent):
+            d = await self._dir(parent)
+            if name in (b".", b".."):
+                raise OSError(errno.EISDIR, "is a directory")
+            e = await self.dirs.lookup(d, name)
+            if e is None:
+                raise OSError(errno.ENOENT, "no such file or directory")
+            async with self._locked(e.ino):
+                inode = await self._inode(e.ino)
+                if inode.is_dir:
+                    raise OSError(errno.EISDIR, "is a directory")
+                await self.dirs.remove(d, name)
+                now = _now()
+                d.mtime_ns = d.ctime_ns = inode.ctime_ns = now
+                self._dirty(d)
+                inode.nlink -= 1
+                self._dirty(inode)
+                if inode.nlink == 0:
+                    await self._drop_link(inode)
+
+    async def rmdir(self, parent: int, name) -> None:
+        name = _check_name(name)
+        async with self._op(), self._locked(parent):
+            d = await self._dir(parent)
+            if name == b".":
+                raise OSError(errno.EINVAL, "cannot remove '.'")
+            if name == b"..":
+                raise OSError(errno.ENOTEMPTY, "directory not empty")
+            e = await self.dirs.lookup(d, name)
+            if e is None:
+                raise OSError(errno.ENOENT, "no such file or directory")
+            async with self._locked(e.ino):
+                child = await self._inode(e.ino)
+                if not child.is_dir:
+                    raise OSError(errno.ENOTDIR, "not a directory")
+                if not await self.dirs.is_empty(child):
+                    raise OSError(errno.ENOTEMPTY, "directory not empty")
+                await self.dirs.remove(d, name)
+                d.nlink -= 1
+                d.mtime_ns = d.ctime_ns = _now()
+                self._dirty(d)
+                child.nlink = 0
+                self._dirty(child)
+                await self._drop_link(child)
+
+    async def _is_ancestor(self, anc: int, ino: int) -> bool:
+        """Is directory ``anc`` equal to or above directory ``ino``?"""
+        seen = 0
+        while True:
+            if ino == anc:
+                return True
+            if ino == self.root_ino or seen > 100000:
+                return False
+            ino = (await self._inode(ino)).parent
+            seen += 1
+
+    async def rename(self, old_parent: int, old_name, new_parent: int, new_name,
+                     flags: int = 0) -> None:
+        old_name = _check_name(old_name)
+        new_name = _check_name(new_name)
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise OSError(errno.EINVAL, "bad rename flags")
+        if old_name in (b".", b"..") or new_name in (b".", b".."):
+            raise OSError(errno.EBUSY, "cannot rename '.' or '..'")
+        async with self._op(), self._locked(old_parent, new_parent):
+            od = await self._dir(old_parent)
+            nd = await self._dir(new_parent)
+            se = await self.dirs.lookup(od, old_name)
+            if se is None:
+                raise OSError(errno.ENOENT, "no such file or directory")
+            de = await self.dirs.lookup(nd, new_name)
+            if nd.nlink == 0:
+                raise OSError(errno.ENOENT, "directory was removed")
+            async with self._locked(se.ino, *( [de.ino] if de else [])):
+                src = await self._inode(se.ino)
+                dst = await self._inode(de.ino) if de else None
+                if flags & RENAME_EXCHANGE:
+                    if dst is None:
+                        raise OSError(errno.ENOENT, "no such file or directory")
+                    await self._exchange(od, old_name, src, nd, new_name, dst)
+                    return
+                if dst is not None and flags & RENAME_NOREPLACE:
+                    raise OSError(errno.EEXIST, "file exists")
+                if src.is_dir and od.ino != nd.ino and await self._is_ancestor(src.ino, nd.ino):
+                    raise OSError(errno.EINVAL, "cannot move a directory into itself")
+                if dst is not None:
+                    if dst.ino == src.ino:
+                        return
+                    if src.is_dir and not dst.is_dir:
+                        raise OSError(errno.ENOTDIR, "not a directory")
+                    if dst.is_dir and not src.is_dir:
+                        raise OSError(errno.EISDIR, "is a directory")
+                    if dst.is_dir and not await self.dirs.is_empty(dst):
+                        raise OSError(errno.ENOTEMPTY, "directory not empty")
+                else:
+                    await self._reserve(self.dirs.reserve_estimate(nd))
+                now = _now()
+                if dst is not None:
+                    await self.dirs.retarget(nd, new_name, src.ino, F.ftype_of(src.mode))
+                    dst.ctime_ns = now
+                    if dst.is_dir:
+                        dst.nlink = 0
+                        nd.nlink -= 1
+                    else:
+                        dst.nlink -= 1
+                    self._dirty(dst)
+                else:
+                    await self.dirs.insert(nd, new_name, src.ino, F.ftype_of(src.mode))
+                await self.dirs.remove(od, old_name)
+                if src.is_dir and od.ino != nd.ino:
+                    src.parent = nd.ino
+                    od.nlink -= 1
+                    nd.nlink += 1
+                src.ctime_ns = od.mtime_ns = od.ctime_ns = nd.mtime_ns = nd.ctime_ns = now
+                self._dirty(src)
+                self._dirty(od)
+                self._dirty(nd)
+                if dst is not None and dst.nlink == 0:
+                    await self._drop_link(dst)
+
+    async def _exchange(self, od, old_name, src, nd, new_name, dst) -> None:
+        if od.ino != nd.ino:
+            if src.is_dir and await self._is_ancestor(src.ino, nd.ino):
+                raise OSError(errno.EINVAL, "cannot move a directory into itself")
+            if dst.is_dir and await self._is_ancestor(dst.ino, od.ino):
+                raise OSError(errno.EINVAL, "cannot move a directory into itself")
+        if src.ino == dst.ino:
+            return
+        await self.dirs.retarget(od, old_name, dst.ino, F.ftype_of(dst.mode))
+        await self.dirs.retarget(nd, new_name, src.ino, F.ftype_of(src.mode))
+        if od.ino != nd.ino:
+            if src.is_dir:
+                src.parent = nd.ino
+                od.nlink -= 1
+                nd.nlink += 1
+            if dst.is_dir:
+                dst.parent = od.ino
+                nd.nlink -= 1
+                od.nlink += 1
+        now = _now()
+        src.ctime_ns = dst.ctime_ns = od.mtime_ns = od.ctime_ns = nd.mtime_ns = nd.ctime_ns = now
+        for i in (src, dst, od, nd):
+            self._dirty(i)
+
+    async def readdir(self, ino: int, start_id: int = 0, limit: int | None = None
+                      ) -> list[tuple[bytes, int, int]]:
+        """Entries after cookie ``start_id`` as (name, inode, next cookie);
+        '.' and '..' are not included.  Cookies are name hashes, stable
+        across inserts and removals."""
+        async with self._op(), self._locked(ino, shared=True):
+            d = await self._dir(ino)
+            out = []
+            async for e in self.dirs.entries(d, start_id):
+                out.append((e.name, e.ino, e.key))
+                if limit is not None and len(out) >= limit:
+                    break
+            return out
+
+    # ------------------------------------------------------------ attributes
+
+    async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
+                      gid: int | None = None, size: int | None = None,
+                      atime_ns: int | None = None, mtime_ns: int | None = None,
+                      ctime_ns: int | None = None) -> Attr:
+        async with self._op(), self._locked(ino):
+            inode = await self._inode(ino)
+            now = _now()
+            if size is not None:
+                if inode.is_dir:
+                    raise OSError(errno.EISDIR, "is a directory")
+                if not stat.S_ISREG(inode.mode):
+                    raise OSError(errno.EINVAL, "not a regular file")
+                if size < 0:
+                    raise OSError(errno.EINVAL, "negative size")
+                if size > MAX_FILE_SIZE:
+                    raise OSError(errno.EFBIG, "file too large")
+                await self._reserve(4)
+                await self._truncate(inode, size)
+                inode.mtime_ns = now
+            if mode is not None:
+                inode.mode = (inode.mode & F.S_IFMT) | stat.S_IMODE(mode)
+            if uid is not None:
+                inode.uid = uid
+            if gid is not None:
+                inode.gid = gid
+            if atime_ns is not None:
+                inode.atime_ns = atime_ns
+            if mtime_ns is not None:
+                inode.mtime_ns = mtime_ns
+            inode.ctime_ns = now if ctime_ns is None else ctime_ns
+            self._dirty(inode)
+            return self._attr(inode)
+
+    async def _truncate(self, inode: F.Inode, size: int) -> None:
+        if size < inode.size:
+            keep = -(-size // self.cs)
+            exts = await self.ext.load(inode)
+            kept, freed = cut_extents(exts, keep)
+            if freed:
+                await self.ext.store(inode, kept)
+                for p, n in freed:
+                    self.alloc.free(p, n)
+            # Bytes past EOF in the last cluster must read back as zeros if
+            # the file grows again.
+            if size % self.cs:
+                pcl, _ = await self.ext.lookup(inode, size // self.cs)
+                if pcl is not None:
+                    tail = self.cs - size % self.cs
+                    await self.dev.write(pcl * self.cs + size % self.cs, bytes(tail))
+        inode.size = size
+        self._dirty(inode)
+
+    # ------------------------------------------------------------ file data
+
+    def _open_handle(self, inode: F.Inode, flags: int) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = _Handle(inode.ino, flags)
+        self._opens[inode.ino] = self._opens.get(inode.ino, 0) + 1
+        return fh
+
+    async def open(self, ino: int, flags: int = os.O_RDONLY) -> int:
+        async with self._op(), self._locked(ino):
+            inode = await self._inode(ino)
+            acc = flags & os.O_ACCMODE
+            if inode.is_dir and acc != os.O_RDONLY:
+                raise OSError(errno.EISDIR, "is a directory")
+            if flags & os.O_TRUNC and acc != os.O_RDONLY and stat.S_ISREG(inode.mode):
+                await self._reserve(4)
+                await self._truncate(inode, 0)
+                inode.mtime_ns = inode.ctime_ns = _now()
+            return self._open_handle(inode, flags)
+
+    async def release(self, fh: int) -> None:
+        async with self._op():
+            h = self._handles.pop(fh, None)
+            if h is None:
+                raise OSError(errno.EBADF, "bad file handle")
+            left = self._opens.get(h.ino, 0) - 1
+            if left > 0:
+                self._opens[h.ino] = left
+                return
+            self._opens.pop(h.ino, None)
+            async with self._locked(h.ino):
+                inode = await self._inode(h.ino)
+                if inode.nlink == 0:
+                    await self._drop_orphan(inode)
+
+    def _handle(self, fh: int) -> _Handle:
+        h = self._handles.get(fh)
+        if h is None:
+            raise OSError(errno.EBADF, "bad file handle")
+        return h
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        h = self._handle(fh)
+        if h.flags & os.O_ACCMODE == os.O_WRONLY:
+            raise OSError(errno.EBADF, "not open for reading")
+        if offset < 0 or size < 0:
+            raise OSError(errno.EINVAL, "negative offset or size")
+        async with self._op(), self._locked(h.ino, shared=True):
+            inode = await self._inode(h.ino)
+            if inode.is_dir:
+                raise OSError(errno.EISDIR, "is a directory")
+            return await self._read_data(inode, offset, size)
+
+    async def _read_data(self, inode: F.Inode, offset: int, size: int) -> bytes:
+        end = min(inode.size, offset + size)
+        if offset >= end:
+            return b""
+        out = bytearray()
+        pos = offset
+        while pos < end:
+            lcl, within = divmod(pos, self.cs)
+            pcl, run = await self.ext.lookup(inode, lcl)
+            avail = end - pos if run < 0 else min(end - pos, run * self.cs - within)
+            if pcl is None:
+                out += bytes(avail)
+            else:
+                out += await self.dev.read(pcl * self.cs + within, avail)
+            pos += avail
+        return bytes(out)
+
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        h = self._handle(fh)
+        if h.flags & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "not open for writing")
+        if offset < 0:
+            raise OSError(errno.EINVAL, "negative offset")
+        async with self._op(), self._locked(h.ino):
+            inode = await self._inode(h.ino)
+            if h.flags & os.O_APPEND:
+                offset = inode.size
+            if offset + len(data) > MAX_FILE_SIZE:
+                raise OSError(errno.EFBIG, "file too large")
+            n = await self._write_data(inode, offset, bytes(data))
+            inode.mtime_ns = inode.ctime_ns = _now()
+            self._dirty(inode)
+            return n
+
+    async def _holes(self, inode: F.Inode, first: int, end: int) -> int:
+        n = 0
+        lcl = first
+        while lcl < end:
+            pcl, run = await self.ext.lookup(inode, lcl)
+            step = end - lcl if run < 0 else min(run, end - lcl)
+            if pcl is None:
+                n += step
+            lcl += step
+        return n
+
+    async def _write_data(self, inode: F.Inode, offset: int, data: bytes) -> int:
+        """Write data in chunks; returns bytes written (short on ENOSPC)."""
+        done = 0
+        cs = self.cs
+        while done < len(data):
+            pos = offset + done
+            first = pos // cs
+            chunk_end = min(offset + len(data), (first + WRITE_CHUNK_CLUSTERS) * cs)
+            while True:
+                end_cl = -(-chunk_end // cs)
+                holes = await self._holes(inode, first, end_cl)
+                nexts = len(await self.ext.load(inode)) if holes else 0
+                leaves = self.ext.leaves_needed(nexts + holes) + 1 if holes else 0
+                if holes and nexts + holes > self.ext.max_extents:
+                    if chunk_end - pos > cs:
+                        chunk_end = pos + max(cs - pos % cs, (chunk_end - pos) // 2)
+                        continue
+                    raise OSError(errno.EFBIG, "file too fragmented")
+                if self.alloc.free_clusters() < holes + leaves and self.alloc.pending:
+                    await self._commit()
+                if self.alloc.free_clusters() >= holes + leaves:
+                    break
+                if chunk_end - pos > cs - pos % cs:
+                    chunk_end = pos + max(cs - pos % cs, (chunk_end - pos) // 2)
+                    continue
+                if done:
+                    return done
+                raise OSError(errno.ENOSPC, "no space left on device")
+            await self._write_chunk(inode, pos, data[done:done + chunk_end - pos])
+            done += chunk_end - pos
+            if len(self.cache.dirty) >= self.commit_threshold:
+                await self._commit()
+        return done
+
+    async def _write_chunk(self, inode: F.Inode, pos: int, data: bytes) -> None:
+        cs = self.cs
+        end = pos + len(data)
+        lcl = pos // cs
+        end_cl = -(-end // cs)
+        exts = None
+        while lcl < end_cl:
+            pcl, run = await self.ext.lookup(inode, lcl)
+            step = end_cl - lcl if run < 0 else min(run, end_cl - lcl)
+            if pcl is None:
+                if exts is None:
+                    exts = await self.ext.load(inode)
+                goal = None
+                prev = [e for e in exts if e[0] + e[2] == lcl]
+                if prev:
+                    goal = prev[0][1] + prev[0][2]
+                pcl, step = self.alloc.alloc(step, goal)
+                exts = insert_extent(exts, lcl, pcl, step)
+                # A fresh cluster is written whole: zeros around the data.
+                lo = max(pos, lcl * cs)
+                hi = min(end, (lcl + step) * cs)
+                buf = bytes(lo - lcl * cs) + data[lo - pos:hi - pos] + bytes((lcl + step) * cs - hi)
+                await self.dev.write(pcl * cs, buf)
+            else:
+                lo = max(pos, lcl * cs)
+                hi = min(end, (lcl + step) * cs)
+                await self.dev.write(pcl * cs + (lo - lcl * cs), data[lo - pos:hi - pos])
+            lcl += step
+        if exts is not None:
+            await self.ext.store(inode, exts)
+        if end > inode.size:
+            inode.size = end
+        self._dirty(inode)
+
+    async def fsync(self, fh: int | None = None, datasync: bool = False) -> None:
+        if fh is not None:
+            self._handle(fh)
+        async with self._op():
+            await self._commit()
+            await self.dev.flush()
+
+    async def statfs(self) -> StatFs:
+        async with self._op():
+            free = self.alloc.free_clusters()
+            return StatFs(self.cs, self.cs, self.sb.total_clusters, free, free,
+                          self.sb.total_clusters, free, F.MAX_NAME)
+
+    # ------------------------------------------------------------ xattrs
+
+    async def _xattrs(self, inode: F.Inode) -> F.XattrBlock | None:
+        if not inode.xattr_blk:
+            return None
+        return await self.cache.get(inode.xattr_blk, "xattr", inode.ino)
+
+    @staticmethod
+    def _xname(name) -> bytes:
+        if isinstance(name, str):
+            name = name.encode()
+        if not name or len(name) > 255:
+            raise OSError(errno.ERANGE, "bad xattr name length")
+        return name
+
+    async def getxattr(self, ino: int, name) -> bytes:
+        name = self._xname(name)
+        async with self._op(), self._locked(ino, shared=True):
+            xb = await self._xattrs(await self._inode(ino))
+            if xb is None or name not in xb.attrs:
+                raise OSError(errno.ENODATA, "no such attribute")
+            return xb.attrs[name]
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        async with self._op(), self._locked(ino, shared=True):
+            xb = await self._xattrs(await self._inode(ino))
+            return sorted(xb.attrs) if xb else []
+
+    async def setxattr(self, ino: int, name, value: bytes, flags: int = 0) -> None:
+        name = self._xname(name)
+        value = bytes(value)
+        async with self._op(), self._locked(ino):
+            inode = await self._inode(ino)
+            xb = await self._xattrs(inode)
+            exists = xb is not None and name in xb.attrs
+            if flags & XATTR_CREATE and exists:
+                raise OSError(errno.EEXIST, "attribute exists")
+            if flags & XATTR_REPLACE and not exists:
+                raise OSError(errno.ENODATA, "no such attribute")
+            attrs = dict(xb.attrs) if xb else {}
+            attrs[name] = value
+            if F.XattrBlock(0, attrs).used() > self.bs:
+                raise OSError(errno.ENOSPC, "no room for the extended attribute")
+            if xb is None:
+                await self._reserve(1)
+                cl, _ = self.alloc.alloc(1)
+                xb = F.XattrBlock(cl << self.shift, attrs)
+                self.cache.new(xb.blkno, xb, ino)
+                inode.xattr_blk = xb.blkno
+            else:
+                xb.attrs = attrs
+                self.cache.mark(xb.blkno, xb)
+            inode.ctime_ns = _now()
+            self._dirty(inode)
+
+    async def removexattr(self, ino: int, name) -> None:
+        name = self._xname(name)
+        async with self._op(), self._locked(ino):
+            inode = await self._inode(ino)
+            xb = await self._xattrs(inode)
+            if xb is None or name not in xb.attrs:
+                raise OSError(errno.ENODATA, "no such attribute")
+            del xb.attrs[name]
+            if xb.attrs:
+                self.cache.mark(xb.blkno, xb)
+            else:
+                self.alloc.free(xb.blkno >> self.shift, 1)
+                self.cache.forget(xb.blkno)
+                inode.xattr_blk = 0
+            inode.ctime_ns = _now()
+            self._dirty(inode)

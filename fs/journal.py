@@ -1,0 +1,193 @@
+"""Per-slot metadata journal: write-ahead log of full block images.
+
+A transaction is written as descriptor blocks (each followed by the
+images of the blocks it lists), revoke blocks (block ranges freed by the
+transaction, so that older images of them are never replayed over data),
+and a commit block carrying the transaction's sequence number and a CRC
+over every block before it.  The device is flushed after the commit
+block; only then are the images written to their home locations.
+
+The log is linear: it starts right after the journal superblock and is
+reset (checkpointed) when the next transaction would not fit.  A
+checkpoint flushes the device, so every home write made so far is
+durable, then bumps ``first_seq`` in the journal superblock; records left
+from before carry older sequence numbers and stop a replay.
+"""
+from __future__ import annotations
+
+import zlib
+
+from . import format as F
+
+
+class Journal:
+    def __init__(self, dev, sb: F.Superblock, slot: int):
+        self.dev = dev
+        self.sb = sb
+        self.bs = sb.block_size
+        self.slot = slot
+        info = sb.slots[slot]
+        self.start = info.journal_start
+        self.nblocks = info.journal_blocks
+        self.head = 1            # next free journal block (relative)
+        self.seq = 1             # sequence of the next transaction
+        self.first_seq = 1
+
+    async def _write_super(self, flags: int) -> None:
+        js = F.JournalSuper(self.start, flags, self.first_seq, self.nblocks)
+        await self.dev.write(self.start * self.bs, js.encode(self.bs, self.sb.volid))
+
+    async def open(self) -> None:
+        """Mark the journal in use (dirty); call only after replay."""
+        js = await journal_state(self.dev, self.sb, self.slot)
+        self.seq = self.first_seq = js.first_seq
+        self.head = 1
+        await self._write_super(F.JSB_DIRTY)
+        await self.dev.flush()
+
+    async def close(self) -> None:
+        await self.dev.flush()
+        self.first_seq = self.seq
+        self.head = 1
+        await self._write_super(0)
+        await self.dev.flush()
+
+    def capacity(self) -> int:
+        return self.nblocks - 1
+
+    @staticmethod
+    def blocks_needed(bs: int, nimages: int, nrevokes: int) -> int:
+        dcap = F.journal_desc_capacity(bs)
+        rcap = F.journal_revoke_capacity(bs)
+        return (nimages + (nimages + dcap - 1) // dcap + (nrevokes + rcap - 1) // rcap + 1)
+
+    async def checkpoint(self) -> None:
+        await self.dev.flush()
+        self.first_seq = self.seq
+        self.head = 1
+        await self._write_super(F.JSB_DIRTY)
+        await self.dev.flush()
+
+    async def commit(self, images: dict[int, bytes], revokes: list[tuple[int, int]]) -> None:
+        """Log one transaction and make it durable.  The caller writes the
+        images home afterwards."""
+        need = self.blocks_needed(self.bs, len(images), len(revokes))
+        if need > self.capacity():
+            raise OSError(28, f"transaction of {need} blocks exceeds the journal")
+        if self.head + need > self.nblocks:
+            await self.checkpoint()
+        seq = self.seq
+        volid = self.sb.volid
+        out: list[bytes] = []
+        pos = self.start + self.head
+        targets = sorted(images)
+        dcap = F.journal_desc_capacity(self.bs)
+        for i in range(0, len(targets), dcap):
+            chunk = targets[i:i + dcap]
+            out.append(F.encode_jdesc(self.bs, volid, pos + len(out), seq, chunk))
+            out.extend(images[t] for t in chunk)
+        rcap = F.journal_revoke_capacity(self.bs)
+        for i in range(0, len(revokes), rcap):
+            out.append(F.encode_jrevoke(self.bs, volid, pos + len(out), seq,
+                                        revokes[i:i + rcap]))
+        crc = 0
+        for b in out:
+            crc = zlib.crc32(b, crc)
+        out.append(F.encode_jcommit(self.bs, volid, pos + len(out), seq, len(out), crc))
+        # One write for the whole record keeps the number of device calls low.
+        await self.dev.write(pos * self.bs, b"".join(out))
+        await self.dev.flush()
+        self.head += len(out)
+        self.seq += 1
+
+
+async def read_transactions(dev, sb: F.Superblock, slot: int):
+    """Return (journal super, list of committed transactions), each
+    transaction being (seq, {blkno: image}, [revoke ranges])."""
+    bs = sb.block_size
+    info = sb.slots[slot]
+    start, n = info.journal_start, info.journal_blocks
+    raw = await dev.read(start * bs, bs)
+    js = F.JournalSuper.decode(raw, sb.volid, start)
+    txns = []
+    expect = js.first_seq
+    pos = 1
+    while pos < n:
+        images: dict[int, bytes] = {}
+        revokes: list[tuple[int, int]] = []
+        crc = 0
+        count = 0
+        p = pos
+        ok = False
+        while p < n:
+            blk = await dev.read((start + p) * bs, bs)
+            sig = F.signature_of(blk)
+            try:
+                if sig == F.SIG_JDESC:
+                    seq, targets = F.decode_jdesc(blk, sb.volid, start + p)
+                    if seq != expect or p + 1 + len(targets) > n:
+                        break
+                    crc = zlib.crc32(blk, crc)
+                    data = await dev.read((start + p + 1) * bs, bs * len(targets))
+                    for i, t in enumerate(targets):
+                        img = data[i * bs:(i + 1) * bs]
+                        crc = zlib.crc32(img, crc)
+                        images[t] = img
+                    count += 1 + len(targets)
+                    p += 1 + len(targets)
+                elif sig == F.SIG_JREVOKE:
+                    seq, ranges = F.decode_jrevoke(blk, sb.volid, start + p)
+                    if seq != expect:
+                        break
+                    crc = zlib.crc32(blk, crc)
+                    revokes.extend(ranges)
+                    count += 1
+                    p += 1
+                elif sig == F.SIG_JCOMMIT:
+                    seq, nb, ccrc = F.decode_jcommit(blk, sb.volid, start + p)
+                    ok = seq == expect and nb == count and ccrc == crc
+                    p += 1
+                    break
+                else:
+                    break
+            except F.FormatError:
+                break
+        if not ok:
+            break
+        txns.append((expect, images, revokes))
+        expect += 1
+        pos = p
+    return js, txns, expect, pos
+
+
+async def replay(dev, sb: F.Superblock, slot: int) -> int:
+    """Apply every committed transaction of a slot's journal to the home
+    locations, honouring revokes, then mark the journal clean.  Returns the
+    number of transactions replayed."""
+    bs = sb.block_size
+    js, txns, next_seq, _ = await read_transactions(dev, sb, slot)
+    revoked_upto: dict[int, int] = {}
+    for seq, _, revokes in txns:
+        for a, cnt in revokes:
+            for b in range(a, a + cnt):
+                revoked_upto[b] = seq
+    final: dict[int, bytes] = {}
+    for seq, images, _ in txns:
+        for blk, img in images.items():
+            if revoked_upto.get(blk, 0) >= seq:
+                continue
+            final[blk] = img
+    for blk in sorted(final):
+        await dev.write(blk * bs, final[blk])
+    await dev.flush()
+    info = sb.slots[slot]
+    js2 = F.JournalSuper(info.journal_start, 0, next_seq, info.journal_blocks)
+    await dev.write(info.journal_start * bs, js2.encode(bs, sb.volid))
+    await dev.flush()
+    return len(txns)
+
+
+async def journal_state(dev, sb: F.Superblock, slot: int) -> F.JournalSuper:
+    info = sb.slots[slot]
+    raw = await dev.read(info.journal_start * sb.block_size, sb.block_size)
+    return F.JournalSuper.decode(raw, sb.volid, info.journal_start)
