@@ -4,9 +4,11 @@ Rows, measured in this one run:
 
 * tcp rtt        — raw TCP loopback round trip (64 bytes), the baseline;
 * ipc rtt        — a no-op request to the local replfsd (the daemon hop);
-* local master   — lock+unlock EX of a resource this node masters
-                   (no network message: the DLM has no client-side cache,
-                   so this is the cheapest a lock gets);
+* cached         — hold+release EX of a lock this node already holds,
+                   through the node-local LockCache (locking/cache.py):
+                   the filesystem's common case, no daemon call;
+* local master   — lock+unlock EX through the daemon of a resource this
+                   node masters (no network message);
 * remote master  — lock+unlock EX of an uncontended resource mastered by
                    the other node (one round trip each for lock and unlock);
 * EX ping-pong   — both nodes take turns: each lock needs the other node's
@@ -24,6 +26,7 @@ import trio
 
 from replfs.ipc.client import SyncClient, socket_path
 from replfs.localpair import Node, free_port
+from replfs.locking.cache import LockCache
 from replfs.locking.client import DlmClient
 from replfs.locking.dlm.core import master_of
 from replfs.locking.dlm.modes import Mode
@@ -98,6 +101,19 @@ async def run(nodes, n: int) -> dict:
                 await a.ipc.call("cluster-status")
                 samples.append(time.perf_counter() - t0)
             res["ipc rtt"] = samples
+            # an already-held lock through the node-local cache (the path the
+            # filesystem takes): no daemon call once the lock is cached
+            cache = LockCache(a, "bench")
+            async with cache.hold("cached", Mode.EX):
+                pass
+            samples = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                async with cache.hold("cached", Mode.EX):
+                    pass
+                samples.append(time.perf_counter() - t0)
+            res["cached lock+unlock"] = samples
+            await cache.drop_all()
             for label, node in (("local master", 0), ("remote master", 1)):
                 name = name_mastered_by(node, "r")
                 samples = []

@@ -53,6 +53,7 @@ class Lock:
 
     async def unlock(self, lvb: Optional[bytes] = None) -> None:
         self._client._locks.pop(self.handle, None)
+        self._client._early_basts.pop(self.handle, None)
         await self._client.ipc.call("dlm-unlock", lvb or b"", handle=self.handle)
         self.mode = None
 
@@ -65,6 +66,7 @@ class DlmClient:
         self.ipc = ipc
         self._nursery = nursery
         self._locks: dict[int, Lock] = {}
+        self._early_basts: dict[int, Mode] = {}
 
     @classmethod
     @asynccontextmanager
@@ -84,7 +86,11 @@ class DlmClient:
             if header.get("event") != "bast":
                 continue
             lk = self._locks.get(header.get("handle"))
-            if lk is not None and lk.on_bast is not None:
+            if lk is None:
+                # The BAST can overtake the task that is still registering
+                # the lock it is about: keep it for lock() to deliver.
+                self._early_basts[header.get("handle")] = Mode[header["blocked"]]
+            elif lk.on_bast is not None:
                 self._nursery.start_soon(lk.on_bast, lk, Mode[header["blocked"]])
 
     async def join(self, domain: str) -> None:
@@ -103,6 +109,9 @@ class DlmClient:
         lk = Lock(self, domain, name, reply["handle"], Mode[reply["mode"]], body,
                   reply["lvb_valid"], on_bast)
         self._locks[lk.handle] = lk
+        early = self._early_basts.pop(lk.handle, None)
+        if early is not None and on_bast is not None:
+            self._nursery.start_soon(on_bast, lk, early)
         return lk
 
     @asynccontextmanager
