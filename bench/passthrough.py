@@ -1,0 +1,168 @@
+"""A minimal FUSE passthrough of a local directory, the FUSE baseline.
+
+It forwards every request to the directory below with plain os calls, in
+the same pyfuse3 + trio stack the replfs mount uses, so the ratio of
+replfs to this mount is the cost of replfs itself and the ratio of this
+mount to the plain directory is the cost of FUSE and Python.
+
+    python -m bench.passthrough SOURCE_DIR MOUNTPOINT      (foreground)
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import sys
+
+import pyfuse3
+import trio
+
+
+class Passthrough(pyfuse3.Operations):
+    enable_writeback_cache = False
+
+    def __init__(self, source: str):
+        super().__init__()
+        self.paths: dict[int, str] = {pyfuse3.ROOT_INODE: source}
+        self.lookups: dict[int, int] = {}
+
+    def _path(self, ino: int) -> str:
+        try:
+            return self.paths[ino]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
+
+    def _attr(self, st: os.stat_result, ino: int | None = None) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino if ino is not None else st.st_ino
+        for name in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size",
+                     "st_atime_ns", "st_mtime_ns", "st_ctime_ns", "st_blocks"):
+            setattr(a, name, getattr(st, name))
+        a.st_blksize = 4096
+        a.attr_timeout = a.entry_timeout = 1.0
+        return a
+
+    def _remember(self, path: str, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        if st.st_ino == pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.EIO)   # would collide with our root
+        self.paths[st.st_ino] = path
+        self.lookups[st.st_ino] = self.lookups.get(st.st_ino, 0) + 1
+        return self._attr(st)
+
+    @staticmethod
+    def _os(fn, *args):
+        try:
+            return fn(*args)
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+
+    async def lookup(self, parent, name, ctx=None):
+        path = os.path.join(self._path(parent), os.fsdecode(name))
+        return self._remember(path, self._os(os.lstat, path))
+
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            left = self.lookups.get(ino, 0) - n
+            if left <= 0:
+                self.lookups.pop(ino, None)
+                if ino != pyfuse3.ROOT_INODE:
+                    self.paths.pop(ino, None)
+            else:
+                self.lookups[ino] = left
+
+    async def getattr(self, ino, ctx=None):
+        st = self._os(os.lstat, self._path(ino))
+        return self._attr(st, ino if ino == pyfuse3.ROOT_INODE else None)
+
+    async def setattr(self, ino, attr, fields, fh, ctx):
+        path = self._path(ino)
+        if fields.update_size:
+            self._os(os.truncate, path, attr.st_size)
+        if fields.update_mode:
+            self._os(os.chmod, path, stat.S_IMODE(attr.st_mode))
+        if fields.update_uid or fields.update_gid:
+            self._os(os.lchown, path, attr.st_uid if fields.update_uid else -1,
+                     attr.st_gid if fields.update_gid else -1)
+        if fields.update_atime or fields.update_mtime:
+            st = self._os(os.lstat, path)
+            self._os(os.utime, path, None, (
+                attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
+                attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns))
+        return await self.getattr(ino)
+
+    async def opendir(self, ino, ctx):
+        return ino
+
+    async def readdir(self, fh, start_id, token):
+        path = self._path(fh)
+        names = sorted(os.listdir(path))
+        for i, name in enumerate(names[start_id:], start_id):
+            st = self._os(os.lstat, os.path.join(path, name))
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(st), i + 1):
+                break
+
+    async def mkdir(self, parent, name, mode, ctx):
+        path = os.path.join(self._path(parent), os.fsdecode(name))
+        self._os(os.mkdir, path, mode)
+        return self._remember(path, self._os(os.lstat, path))
+
+    async def rmdir(self, parent, name, ctx):
+        self._os(os.rmdir, os.path.join(self._path(parent), os.fsdecode(name)))
+
+    async def unlink(self, parent, name, ctx):
+        self._os(os.unlink, os.path.join(self._path(parent), os.fsdecode(name)))
+
+    async def rename(self, p_old, n_old, p_new, n_new, flags, ctx):
+        if flags:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        self._os(os.rename, os.path.join(self._path(p_old), os.fsdecode(n_old)),
+                 os.path.join(self._path(p_new), os.fsdecode(n_new)))
+
+    async def open(self, ino, flags, ctx):
+        fd = self._os(os.open, self._path(ino), flags & ~os.O_CREAT)
+        return pyfuse3.FileInfo(fh=fd)
+
+    async def create(self, parent, name, mode, flags, ctx):
+        path = os.path.join(self._path(parent), os.fsdecode(name))
+        fd = self._os(os.open, path, flags | os.O_CREAT | os.O_TRUNC, mode)
+        return pyfuse3.FileInfo(fh=fd), self._remember(path, self._os(os.fstat, fd))
+
+    async def read(self, fh, off, size):
+        return self._os(os.pread, fh, size, off)
+
+    async def write(self, fh, off, buf):
+        return self._os(os.pwrite, fh, buf, off)
+
+    async def fsync(self, fh, datasync):
+        self._os(os.fdatasync if datasync else os.fsync, fh)
+
+    async def release(self, fh):
+        os.close(fh)
+
+    async def statfs(self, ctx):
+        st = os.statvfs(self.paths[pyfuse3.ROOT_INODE])
+        out = pyfuse3.StatvfsData()
+        for name in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                     "f_ffree", "f_favail", "f_namemax"):
+            setattr(out, name, getattr(st, name))
+        return out
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    source, mnt = argv
+    ops = Passthrough(os.path.abspath(source))
+    opts = set(pyfuse3.default_options) | {"fsname=passthrough", "default_permissions"}
+    pyfuse3.init(ops, mnt, opts)
+    try:
+        trio.run(pyfuse3.main)
+    finally:
+        pyfuse3.close(unmount=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
