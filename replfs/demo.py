@@ -62,6 +62,61 @@ def wait(node: Node, pred, what: str, timeout: float = 60) -> None:
     node.wait(pred, timeout, what=what)
 
 
+def fs_env(node: Node) -> dict:
+    """What mkfs.replfs, mount(8) and the replfs mount program need to find
+    this node's config and daemon (a real node uses the defaults)."""
+    env = dict(os.environ)
+    env.update(REPLFS_CONF=node.conf, REPLFS_NODE=node.name, REPLFS_RUNDIR=node.rundir)
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def fs_shell(node: Node, cmd: list[str], check: bool = True) -> str:
+    print(f"[{node.name}]# {' '.join(cmd)}", flush=True)
+    cp = subprocess.run(cmd, capture_output=True, text=True, env=fs_env(node), timeout=120)
+    out = (cp.stdout + cp.stderr).rstrip()
+    if out:
+        print("    " + out.replace("\n", "\n    "), flush=True)
+    if check and cp.returncode != 0:
+        raise SystemExit(f"demo: '{' '.join(cmd)}' failed on {node.name} ({cp.returncode})")
+    return cp.stdout
+
+
+def fs_demo(a: Node, b: Node) -> None:
+    """The cluster filesystem on r0: mkfs, mount(8), write, fail over, read."""
+    amnt, bmnt = (os.path.join(n.root, "ha") for n in (a, b))
+    for m in (amnt, bmnt):
+        os.makedirs(m, exist_ok=True)
+    say("The cluster filesystem: mkfs.replfs on r0 (alpha is Primary)")
+    fs_shell(a, ["mkfs.replfs", "-N", "2", "-L", "demo", "r0"], check=False)
+    say("r0 held a filesystem already, so mkfs.replfs wanted -F")
+    fs_shell(a, ["mkfs.replfs", "-F", "-N", "2", "-L", "demo", "r0"])
+    fs_shell(a, ["mount", "-t", "fuse.replfs", "r0", amnt])
+    try:
+        os.makedirs(os.path.join(amnt, "exports/home"))
+        with open(os.path.join(amnt, "exports/home/notes.txt"), "w") as f:
+            f.write("written on alpha through mount -t fuse.replfs\n")
+            f.flush()
+            os.fsync(f.fileno())
+        print(f"[alpha]# mkdir -p {amnt}/exports/home; echo ... > {amnt}/exports/home/notes.txt")
+        fs_shell(a, ["ls", "-lR", amnt])
+        run(a, "overview")
+    finally:
+        fs_shell(a, ["umount", amnt])
+    say("Fail over: alpha steps down, beta is promoted and mounts r0")
+    run(a, "secondary", "r0")
+    run(b, "primary", "r0")
+    fs_shell(b, ["fsck.replfs", "-n", "r0"])
+    fs_shell(b, ["mount", "-t", "fuse.replfs", "r0", bmnt])
+    try:
+        fs_shell(b, ["cat", os.path.join(bmnt, "exports/home/notes.txt")])
+        run(b, "overview")
+        fs_shell(b, ["df", "-h", bmnt])
+    finally:
+        fs_shell(b, ["umount", bmnt])
+    run(b, "secondary", "r0")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m replfs.demo",
                                  description="Two-node replfs demo on this machine.")
@@ -172,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         run(a, "connect", "r0")
         run(a, "wait-sync", "r0")
         run(a, "overview")
+
+        fs_demo(a, b)
 
         say("Tear down")
         if not args.keep:

@@ -176,6 +176,57 @@ def v_dump_md(ctx: Ctx, res: str) -> None:
     ctx.out(render.dump_md(res, host, sb, lay, bm))
 
 
+def v_mounted(ctx: Ctx, arg: str | None) -> None:
+    """Like mounted.ocfs2: read each resource's local backing disk (no
+    daemon needed, works on a Secondary) and show the replfs volumes on it
+    and which node holds which slot."""
+    from replfs.fs import format as F
+    full = ctx.opts.get("full", False)
+    names = _resources(ctx, arg or "all")
+    rows = []
+    for res in names:
+        host = ctx.config().resources[res].host(ctx.node)
+        try:
+            with open(host.disk, "rb") as f:
+                sb = None
+                for bs in F.BLOCK_SIZES:
+                    f.seek(F.SB_OFFSET)
+                    raw = f.read(bs)
+                    if raw[:8] == F.SIG_SUPER and len(raw) == bs:
+                        try:
+                            cand = F.Superblock.decode(raw, F.sb_blkno(bs))
+                        except F.FormatError:
+                            continue
+                        if cand.block_size == bs:
+                            sb = cand
+                            break
+                slots = None
+                if sb is not None:
+                    f.seek(sb.slotmap_blk * sb.block_size)
+                    slots = F.SlotMap.decode(f.read(sb.block_size), sb.volid, sb.slotmap_blk).slots
+        except OSError as e:
+            rows.append((res, host.disk, "?", f"cannot read: {e.strerror}", "", ""))
+            continue
+        except F.FormatError as e:
+            rows.append((res, host.disk, "replfs", f"damaged: {e}", "", ""))
+            continue
+        if sb is None:
+            rows.append((res, host.disk, "-", "", "", ""))
+            continue
+        used = [f"node {node} (slot {i})" for i, (state, node, _gen) in enumerate(slots)
+                if state == F.SLOT_IN_USE]
+        rows.append((res, host.disk, "replfs", ", ".join(used) or "Not mounted",
+                     sb.uuid.hex().upper(), sb.label))
+    if full:
+        ctx.out(f"{'Device':<24} {'FS':<7} Nodes")
+        for res, disk, fs, nodes, _u, _l in rows:
+            ctx.out(f"{res:<24} {fs:<7} {nodes}")
+    else:
+        ctx.out(f"{'Device':<24} {'FS':<7} {'UUID':<33} Label")
+        for res, disk, fs, nodes, uuid, label in rows:
+            ctx.out(f"{res:<24} {fs:<7} {uuid or nodes:<33} {label}".rstrip())
+
+
 @_for_each
 def v_show_gi(ctx: Ctx, res: str) -> None:
     ctx.out(render.show_gi(res, _gi(ctx, res)))
@@ -310,6 +361,8 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
     Verb("create-md", v_create_md, summary="write fresh meta-data on the backing disk",
          options=("force",)),
     Verb("dump-md", v_dump_md, summary="print the on-disk meta-data (resource must be down)"),
+    Verb("mounted", v_mounted, res_optional=True, options=("full",),
+         summary="list replfs volumes on the resources and the nodes that mount them"),
     Verb("show-gi", v_show_gi, summary="show the generation identifiers, explained"),
     Verb("get-gi", v_get_gi, summary="print the generation identifiers on one line"),
     Verb("up", v_up, summary="start replfsd if needed, attach the disk and connect"),
@@ -362,9 +415,12 @@ OPTION_SPELLINGS = {
     "-t": ("timeout", True),
     "--timeout": ("timeout", True),
     "--wfc-timeout": ("timeout", True),
+    "-f": ("full", False),
+    "--full": ("full", False),
 }
 _OPT_VERB_NAME = {"force": "force", "discard_my_data": "discard-my-data", "json": "json",
-                  "verbose": "verbose", "timeout": "timeout"}
+                  "verbose": "verbose", "timeout": "timeout",
+                  "full": "full"}
 
 
 def usage() -> str:
