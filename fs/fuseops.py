@@ -1,0 +1,361 @@
+"""The FUSE face of a replfs volume: pyfuse3 operations over ``Filesystem``.
+
+This class only translates.  It maps FUSE inode numbers to on-disk inode
+numbers (the root is FUSE inode 1, ``fs.root_ino`` on disk; every other
+inode keeps its on-disk number, so ``st_ino`` is persistent), turns core
+``Attr``/``StatFs`` into pyfuse3 structures, and maps every failure to an
+errno in one place (``_call``):
+
+* ``OSError`` keeps its errno (BlockDeviceError is an OSError);
+* ``FilesystemFailed`` (the core's read-only latch after an I/O error in
+  the middle of an update) answers EROFS to changes and EIO to reads;
+* an operation that does not finish within ``op_timeout`` seconds (the
+  node daemon hangs) or that runs after the daemon connection was lost
+  answers EIO instead of blocking the caller forever;
+* anything else is a bug: logged with its traceback, answered EIO, and the
+  FUSE loop keeps serving.
+
+Attribute and entry timeouts are short (1 s by default): another node may
+change the volume, and the cluster-lock invalidation hooks do not reach
+the kernel's caches yet.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+
+import pyfuse3
+import trio
+
+from .core import Attr, FilesystemFailed
+
+log = logging.getLogger(__name__)
+
+ROOT = pyfuse3.ROOT_INODE
+
+# readdir cookies: "." and ".." take 1 and 2; entries use the core's name
+# keys, which are 63-bit hashes in [1, 2**63) (a key of 1 or 2 has a
+# probability of 2**-62 per name; such an entry would be listed twice).
+_DOT_COOKIE = 1
+_DOTDOT_COOKIE = 2
+_READDIR_BATCH = 256
+
+
+class ReplfsOperations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs, *, readonly: bool = False, entry_timeout: float = 1.0,
+                 attr_timeout: float = 1.0, op_timeout: float | None = None):
+        super().__init__()
+        self.fs = fs
+        self.readonly = readonly
+        self.entry_timeout = entry_timeout
+        self.attr_timeout = attr_timeout
+        self.op_timeout = op_timeout
+        self.lookup_counts: dict[int, int] = {}
+        self._dirs: dict[int, int] = {}      # directory handle -> FUSE inode
+        self._next_dir_fh = 1
+        self.dead: str | None = None         # set when the block device went away
+        self.counters = {"ops": 0, "errors": 0, "timeouts": 0}
+
+    # ---------------------------------------------------------------- mapping
+
+    def _disk(self, ino: int) -> int:
+        """FUSE inode -> on-disk inode."""
+        return self.fs.root_ino if ino == ROOT else ino
+
+    def _fuse(self, ino: int) -> int:
+        """On-disk inode -> FUSE inode."""
+        if ino == self.fs.root_ino:
+            return ROOT
+        if ino == ROOT:
+            # Block 1 lies in front of the superblock and never holds an
+            # inode; seeing it means the volume is damaged.
+            raise OSError(errno.EIO, "on-disk inode 1 collides with the FUSE root")
+        return ino
+
+    def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = self._fuse(a.ino)
+        e.generation = a.generation
+        e.entry_timeout = self.entry_timeout
+        e.attr_timeout = self.attr_timeout
+        e.st_mode = a.mode
+        e.st_nlink = a.nlink
+        e.st_uid = a.uid
+        e.st_gid = a.gid
+        e.st_rdev = a.rdev
+        e.st_size = a.size
+        e.st_blksize = a.blksize
+        e.st_blocks = a.blocks
+        e.st_atime_ns = a.atime_ns
+        e.st_mtime_ns = a.mtime_ns
+        e.st_ctime_ns = a.ctime_ns
+        return e
+
+    def _looked_up(self, e: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
+        self.lookup_counts[e.st_ino] = self.lookup_counts.get(e.st_ino, 0) + 1
+        return e
+
+    # ---------------------------------------------------------------- errors
+
+    async def _call(self, what: str, func, *args, changes: bool = False, **kw):
+        """Run one core operation; every failure becomes a FUSEError."""
+        self.counters["ops"] += 1
+        if changes and self.readonly:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if self.dead is not None:
+            raise pyfuse3.FUSEError(errno.EIO)
+        try:
+            if self.op_timeout:
+                with trio.move_on_after(self.op_timeout) as scope:
+                    return await func(*args, **kw)
+                self.counters["timeouts"] += 1
+                log.error("%s did not finish within %.0f s (is replfsd hanging?); "
+                          "answering EIO", what, self.op_timeout)
+                raise pyfuse3.FUSEError(errno.EIO)
+            return await func(*args, **kw)
+        except pyfuse3.FUSEError:
+            raise
+        except FilesystemFailed as exc:
+            self.counters["errors"] += 1
+            log.debug("%s refused: %s", what, exc)
+            raise pyfuse3.FUSEError(errno.EROFS if changes else errno.EIO) from None
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            if code in (errno.EIO, errno.ENOSPC, errno.ESTALE):
+                self.counters["errors"] += 1
+                log.warning("%s failed: %s", what, exc)
+            else:
+                log.debug("%s: %s", what, exc)
+            raise pyfuse3.FUSEError(code) from None
+        except Exception:
+            self.counters["errors"] += 1
+            log.exception("unexpected error in %s; answering EIO", what)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    def device_lost(self, why: str) -> None:
+        """The block device is gone for good (replfsd died): fail fast."""
+        if self.dead is None:
+            self.dead = why
+            log.error("block device lost: %s; every operation now fails with EIO", why)
+
+    # ---------------------------------------------------------------- names
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        a = await self._call("lookup", self.fs.lookup, self._disk(parent_inode), name)
+        return self._looked_up(self._entry(a))
+
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            left = self.lookup_counts.get(ino, 0) - n
+            if left > 0:
+                self.lookup_counts[ino] = left
+            else:
+                self.lookup_counts.pop(ino, None)
+
+    async def getattr(self, inode, ctx=None):
+        return self._entry(await self._call("getattr", self.fs.getattr, self._disk(inode)))
+
+    async def _owner(self, parent: int, ctx) -> tuple[int, int, bool]:
+        """uid, gid of a new inode, and whether the parent is setgid (BSD
+        group semantics for setgid directories, as ext4 does)."""
+        pa = await self._call("getattr", self.fs.getattr, parent)
+        if pa.mode & stat.S_ISGID:
+            return ctx.uid, pa.gid, True
+        return ctx.uid, ctx.gid, False
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        parent = self._disk(parent_inode)
+        uid, gid, _ = await self._owner(parent, ctx)
+        a = await self._call("mknod", self.fs.mknod, parent, name, mode, rdev, uid, gid,
+                             changes=True)
+        return self._looked_up(self._entry(a))
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        parent = self._disk(parent_inode)
+        uid, gid, sgid = await self._owner(parent, ctx)
+        if sgid:
+            mode |= stat.S_ISGID
+        a = await self._call("mkdir", self.fs.mkdir, parent, name, mode, uid, gid,
+                             changes=True)
+        return self._looked_up(self._entry(a))
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        parent = self._disk(parent_inode)
+        uid, gid, _ = await self._owner(parent, ctx)
+        a = await self._call("symlink", self.fs.symlink, parent, name, target, uid, gid,
+                             changes=True)
+        return self._looked_up(self._entry(a))
+
+    async def readlink(self, inode, ctx):
+        return await self._call("readlink", self.fs.readlink, self._disk(inode))
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        a = await self._call("link", self.fs.link, self._disk(inode),
+                             self._disk(new_parent_inode), new_name, changes=True)
+        return self._looked_up(self._entry(a))
+
+    async def unlink(self, parent_inode, name, ctx):
+        await self._call("unlink", self.fs.unlink, self._disk(parent_inode), name,
+                         changes=True)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        await self._call("rmdir", self.fs.rmdir, self._disk(parent_inode), name,
+                         changes=True)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new,
+                     flags, ctx):
+        await self._call("rename", self.fs.rename, self._disk(parent_inode_old), name_old,
+                         self._disk(parent_inode_new), name_new, flags, changes=True)
+
+    # ---------------------------------------------------------------- attributes
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        kw = {}
+        if fields.update_mode:
+            kw["mode"] = attr.st_mode
+        if fields.update_uid:
+            kw["uid"] = attr.st_uid
+        if fields.update_gid:
+            kw["gid"] = attr.st_gid
+        if fields.update_size:
+            kw["size"] = attr.st_size
+        if fields.update_atime:
+            kw["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            kw["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_ctime:
+            kw["ctime_ns"] = attr.st_ctime_ns
+        a = await self._call("setattr", self.fs.setattr, self._disk(inode), changes=True, **kw)
+        return self._entry(a)
+
+    async def statfs(self, ctx):
+        s = await self._call("statfs", self.fs.statfs)
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = s.bsize
+        out.f_frsize = s.frsize
+        out.f_blocks = s.blocks
+        out.f_bfree = s.bfree
+        out.f_bavail = s.bavail
+        out.f_files = s.files
+        out.f_ffree = s.ffree
+        out.f_favail = s.ffree
+        out.f_namemax = s.namemax
+        return out
+
+    # ---------------------------------------------------------------- files
+
+    def _file_info(self, fh: int, flags: int) -> pyfuse3.FileInfo:
+        # keep_cache=False: every open drops the kernel's cached pages of
+        # the file, so an open after another node wrote sees the new data.
+        # O_DIRECT bypasses the page cache here too.
+        return pyfuse3.FileInfo(fh=fh, direct_io=bool(flags & os.O_DIRECT), keep_cache=False)
+
+    async def open(self, inode, flags, ctx):
+        changes = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        core_flags = flags & ~os.O_DIRECT
+        fh = await self._call("open", self.fs.open, self._disk(inode), core_flags,
+                              changes=changes)
+        return self._file_info(fh, flags)
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        parent = self._disk(parent_inode)
+        uid, gid, _ = await self._owner(parent, ctx)
+        fh, a = await self._call("create", self.fs.create, parent, name, mode,
+                                 flags & ~(os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_TRUNC),
+                                 uid, gid, changes=True)
+        return self._file_info(fh, flags), self._looked_up(self._entry(a))
+
+    async def read(self, fh, off, size):
+        return await self._call("read", self.fs.read, fh, off, size)
+
+    async def write(self, fh, off, buf):
+        return await self._call("write", self.fs.write, fh, off, buf, changes=True)
+
+    async def flush(self, fh):
+        # close(2): nothing to do; data is written through and metadata
+        # commits on fsync or from the commit loop.
+        pass
+
+    async def fsync(self, fh, datasync):
+        await self._call("fsync", self.fs.fsync, fh, bool(datasync))
+
+    async def release(self, fh):
+        # Not "changes": a read-only mount still has to drop the handle.
+        await self._call("release", self.fs.release, fh)
+
+    # ---------------------------------------------------------------- directories
+
+    async def opendir(self, inode, ctx):
+        a = await self._call("opendir", self.fs.getattr, self._disk(inode))
+        if not stat.S_ISDIR(a.mode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        fh = self._next_dir_fh
+        self._next_dir_fh += 1
+        self._dirs[fh] = inode
+        return fh
+
+    async def readdir(self, fh, start_id, token):
+        inode = self._dirs.get(fh)
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        ino = self._disk(inode)
+        if start_id < _DOT_COOKIE:
+            a = await self._call("readdir", self.fs.getattr, ino)
+            if not pyfuse3.readdir_reply(token, b".", self._entry(a), _DOT_COOKIE):
+                return
+            start_id = _DOT_COOKIE
+        if start_id < _DOTDOT_COOKIE:
+            a = await self._call("readdir", self.fs.lookup, ino, b"..")
+            if not pyfuse3.readdir_reply(token, b"..", self._entry(a), _DOTDOT_COOKIE):
+                return
+            start_id = _DOTDOT_COOKIE
+        cookie = 0 if start_id == _DOTDOT_COOKIE else start_id
+        while True:
+            batch = await self._call("readdir", self.fs.readdir, ino, cookie, _READDIR_BATCH)
+            for name, child, key in batch:
+                try:
+                    a = await self._call("readdir", self.fs.getattr, child)
+                except pyfuse3.FUSEError as exc:
+                    if exc.errno in (errno.ENOENT, errno.ESTALE):
+                        continue        # removed since the batch was read
+                    raise
+                entry = self._entry(a)
+                if not pyfuse3.readdir_reply(token, name, entry, key):
+                    return
+                self._looked_up(entry)
+                cookie = key
+            if len(batch) < _READDIR_BATCH:
+                return
+
+    async def releasedir(self, fh):
+        self._dirs.pop(fh, None)
+
+    async def fsyncdir(self, fh, datasync):
+        await self._call("fsyncdir", self.fs.fsync, None, bool(datasync))
+
+    # ---------------------------------------------------------------- xattrs
+
+    async def setxattr(self, inode, name, value, ctx):
+        await self._call("setxattr", self.fs.setxattr, self._disk(inode), name, value,
+                         changes=True)
+
+    async def getxattr(self, inode, name, ctx):
+        return await self._call("getxattr", self.fs.getxattr, self._disk(inode), name)
+
+    async def listxattr(self, inode, ctx):
+        return await self._call("listxattr", self.fs.listxattr, self._disk(inode))
+
+    async def removexattr(self, inode, name, ctx):
+        await self._call("removexattr", self.fs.removexattr, self._disk(inode), name,
+                         changes=True)
+
+    async def access(self, inode, mode, ctx):
+        # Only called without default_permissions; the core keeps no ACLs.
+        await self._call("access", self.fs.getattr, self._disk(inode))
+        return True

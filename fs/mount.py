@@ -1,0 +1,632 @@
+"""replfs: the FUSE mount program (``mount -t fuse.replfs SOURCE DIR``).
+
+mount(8) hands a ``fuse.replfs`` mount to mount.fuse3, which runs
+``replfs SOURCE DIR -o OPTIONS`` (mount(8) has already dropped its own
+options such as ``defaults``, ``_netdev``, ``nofail`` and ``x-*``, and
+mount.fuse3 appends ``dev,suid`` unless told otherwise).  SOURCE is either
+an image file made by mkfs.replfs (no replication) or the name of a
+resource of replfs.conf, whose blocks then go through the local replfsd.
+
+Everything that can be refused is checked before the program detaches
+(the source, the superblock, the node's role, the mount point, the
+options), so ``mount`` prints the reason and fails.  Then the program
+forks: the child mounts the filesystem and reports "mounted" or the error
+through a pipe; the parent waits for that report and exits with its
+status.  ``-f`` keeps everything in the foreground.
+
+Exit status (as mount(8) reads it): 0 mounted, 1 bad command line or
+options, 32 mount failure.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import stat
+import sys
+import time
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from . import format as F
+from .core import Filesystem, read_superblock
+from .fuseops import ReplfsOperations
+
+PROG = "replfs"
+EXIT_OK = 0
+EXIT_USAGE = 1
+EXIT_FAIL = 32
+
+log = logging.getLogger("replfs.mount")
+
+DEFAULT_LOG = "/var/log/replfs-mount.log"
+LOCK_WAIT = 15.0       # seconds to wait for a previous mount of an image to finish
+
+# Options that belong to mount(8) and mean nothing here; mount(8) normally
+# drops them itself, but `replfs` may be run by hand with an fstab line's
+# options.
+_MOUNT8_ONLY = {"defaults", "auto", "noauto", "nofail", "user", "users", "nouser",
+                "owner", "group", "_netdev", "netdev", "nousers", "loud", "silent"}
+_MOUNT8_PREFIXES = ("x-", "comment=", "X-", "helper=")
+# Generic mount flags passed to the kernel mount as they are.
+_KERNEL_FLAGS = {"suid", "nosuid", "dev", "nodev", "exec", "noexec", "sync", "async",
+                 "dirsync", "noatime", "nodiratime", "relatime", "norelatime",
+                 "strictatime"}
+# Accepted and ignored: the kernel keeps no atime policy for FUSE beyond
+# what the filesystem implements, and replfs updates atime only on setattr.
+_IGNORED = {"atime", "diratime", "lazytime", "nolazytime", "default_permissions"}
+
+
+class MountError(Exception):
+    def __init__(self, message: str, exit_code: int = EXIT_FAIL):
+        super().__init__(message)
+        self.message = message
+        self.exit_code = exit_code
+
+
+@dataclass
+class Options:
+    readonly: bool = False
+    allow_other: bool | None = None       # None: on when root
+    fsname: str | None = None
+    subtype: str = "replfs"
+    slot: int | None = None
+    commit: float = 5.0
+    cache_mb: int | None = None
+    conf: str | None = None
+    node: str | None = None
+    rundir: str | None = None
+    logfile: str | None = None
+    debug: bool = False
+    timeout: float | None = None          # None: 0 for images, 120 s for resources
+    kernel: list[str] = field(default_factory=list)
+
+
+def _number(key: str, value: str, kind=float, minimum=0):
+    try:
+        v = kind(value)
+    except ValueError:
+        raise MountError(f"bad value for mount option {key}: '{value}' is not a number",
+                         EXIT_USAGE) from None
+    if v < minimum:
+        raise MountError(f"bad value for mount option {key}: must be at least {minimum}",
+                         EXIT_USAGE)
+    return v
+
+
+def parse_options(items: list[str]) -> Options:
+    """Parse the -o option strings (each a comma-separated list)."""
+    o = Options()
+    for item in items:
+        for opt in item.split(","):
+            opt = opt.strip()
+            if not opt or opt in _MOUNT8_ONLY or opt.startswith(_MOUNT8_PREFIXES):
+                continue
+            key, eq, value = opt.partition("=")
+            if opt == "ro":
+                o.readonly = True
+            elif opt == "rw":
+                o.readonly = False
+            elif opt == "allow_other":
+                o.allow_other = True
+            elif opt == "noallow_other":
+                o.allow_other = False
+            elif opt == "debug":
+                o.debug = True
+            elif opt in _KERNEL_FLAGS:
+                o.kernel.append(opt)
+            elif opt in _IGNORED:
+                pass
+            elif not eq and key in ("fsname", "subtype", "slot", "commit", "cache_size",
+                                    "conf", "node", "rundir", "logfile", "timeout"):
+                raise MountError(f"mount option {key} needs a value ({key}=...)", EXIT_USAGE)
+            elif key == "fsname":
+                o.fsname = value
+            elif key == "subtype":
+                o.subtype = value
+            elif key == "slot":
+                o.slot = _number(key, value, int)
+            elif key == "commit":
+                o.commit = _number(key, value) or 5.0
+            elif key == "cache_size":
+                o.cache_mb = _number(key, value, int, 1)
+            elif key == "conf":
+                o.conf = value
+            elif key == "node":
+                o.node = value
+            elif key == "rundir":
+                o.rundir = value
+            elif key == "logfile":
+                o.logfile = value
+            elif key == "timeout":
+                o.timeout = _number(key, value)
+            else:
+                raise MountError(f"unknown mount option '{opt}' (see mount.replfs(8))",
+                                 EXIT_USAGE)
+    return o
+
+
+# ------------------------------------------------------------------ sources
+
+@dataclass
+class Source:
+    name: str
+    kind: str                      # "image" or "resource"
+    path: str | None = None        # image file
+    rundir: str | None = None      # resource: replfsd's run directory
+    exclusive: bool = True         # no other node can have the volume mounted
+    lock_fd: int | None = None     # image: flock held for the mount's lifetime
+    slot: int = 0
+    sb: F.Superblock | None = None
+
+
+def _lock_image(path: str) -> int:
+    """An exclusive flock on the image, so two mount processes never share
+    it.  Waits a little for a mount that is still finishing its unmount
+    (umount(8) returns before the mount process has written its journal)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise MountError(f"{path}: the image is in use by another replfs mount "
+                                 f"process") from None
+            time.sleep(0.05)
+
+
+def _resource_source(name: str, o: Options) -> Source:
+    from replfs.errors import ReplfsError
+    from replfs.ipc.client import SyncClient, rundir_from_env, socket_path
+    conf_path = o.conf or os.environ.get("REPLFS_CONF") or "/etc/replfs/replfs.conf"
+    if os.path.exists(conf_path):
+        from replfs.blockrepl import conf
+        try:
+            cfg = conf.load(conf_path)
+        except ReplfsError as e:
+            raise MountError(f"cannot read {conf_path}: {e.message}") from None
+        if name not in cfg.resources:
+            raise MountError(f"{name}: no such file, and no resource of that name in "
+                             f"{conf_path}")
+        node = o.node or os.environ.get("REPLFS_NODE") or os.uname().nodename
+        if cfg.resources[name].host(node) is None:
+            raise MountError(f"resource {name} in {conf_path} has no 'on {node}' section "
+                             f"(node name '{node}'; use -o node=NAME or REPLFS_NODE)")
+    elif o.conf:
+        raise MountError(f"{o.conf}: configuration file not found")
+    rundir = rundir_from_env(o.rundir)
+    try:
+        with SyncClient(socket_path(rundir), timeout=30) as c:
+            reply, _ = c.call("status", res=name)
+    except ReplfsError as e:
+        raise MountError(f"cannot mount resource {name}: {e.message}") from None
+    except OSError as e:
+        raise MountError(f"cannot mount resource {name}: replfsd in {rundir}: "
+                         f"{e.strerror or e}") from None
+    st = reply["resources"][0]
+    if st["role"] != "Primary":
+        raise MountError(f"cannot mount resource {name}: this node ({st.get('node', '?')}) "
+                         f"is {st['role']}, not Primary; make it Primary first "
+                         f"('replfsadm primary {name}')")
+    exclusive = st.get("peer_role") != "Primary"
+    return Source(name, "resource", rundir=rundir, exclusive=exclusive)
+
+
+def resolve_source(name: str, o: Options) -> Source:
+    if os.path.exists(name):
+        st = os.stat(name)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise MountError(f"{name}: not an image file or block device")
+        path = os.path.abspath(name)
+        return Source(name, "image", path=path, lock_fd=_lock_image(path))
+    if "/" in name:
+        raise MountError(f"{name}: no such file or directory")
+    return _resource_source(name, o)
+
+
+async def open_device(nursery: trio.Nursery, src: Source):
+    if src.kind == "image":
+        from replfs.blockdev import FileBlockDevice
+        try:
+            return FileBlockDevice(src.path)
+        except OSError as e:
+            raise MountError(f"{src.path}: {e.strerror or e}") from None
+    from replfs.errors import ReplfsError
+    from replfs.ipc.client import DaemonBlockDevice
+    try:
+        return await DaemonBlockDevice.open(nursery, src.name, rundir=src.rundir)
+    except (ReplfsError, OSError) as e:
+        raise MountError(f"cannot open resource {src.name}: {e}") from None
+
+
+async def _read_slotmap(dev, sb: F.Superblock) -> F.SlotMap:
+    raw = await dev.read(sb.slotmap_blk * sb.block_size, sb.block_size)
+    return F.SlotMap.decode(raw, sb.volid, sb.slotmap_blk)
+
+
+async def _probe(src: Source, o: Options) -> None:
+    """Check the superblock and choose the slot, before detaching."""
+    async with trio.open_nursery() as nursery:
+        dev = await open_device(nursery, src)
+        try:
+            try:
+                src.sb = sb = await read_superblock(dev)
+            except OSError as e:
+                raise MountError(f"{src.name}: {e.strerror or e}; not a replfs volume "
+                                 f"(make one with mkfs.replfs)") from None
+            if o.slot is not None:
+                if not 0 <= o.slot < sb.slot_count:
+                    raise MountError(f"slot={o.slot} is out of range: the volume has "
+                                     f"{sb.slot_count} slots (0-{sb.slot_count - 1})",
+                                     EXIT_USAGE)
+                src.slot = o.slot
+            elif src.exclusive:
+                # Nobody else can have it mounted: stale "in use" records are
+                # left by crashed mounts, and slot 0 is ours.
+                src.slot = 0
+            else:
+                try:
+                    sm = await _read_slotmap(dev, sb)
+                except F.FormatError as e:
+                    raise MountError(f"{src.name}: damaged slot map: {e}; run "
+                                     f"fsck.replfs") from None
+                free = [i for i, (state, _, _) in enumerate(sm.slots)
+                        if state == F.SLOT_FREE]
+                if not free:
+                    raise MountError(f"{src.name}: all {sb.slot_count} node slots are in "
+                                     f"use (mkfs.replfs -N sets the number of slots)")
+                src.slot = free[0]
+        finally:
+            with trio.CancelScope(shield=True):
+                await dev.close()
+            nursery.cancel_scope.cancel()
+
+
+def check_mountpoint(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MountError(f"mount point {path} does not exist") from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise MountError(f"mount point {path}: a dead replfs mount is still there "
+                             f"(its process was killed); detach it with 'umount -l {path}'"
+                             ) from None
+        raise MountError(f"mount point {path}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"mount point {path} is not a directory")
+    return os.path.abspath(path)
+
+
+# ------------------------------------------------------------------ serving
+
+def fuse_options(src: Source, o: Options) -> set[str]:
+    opts = set(pyfuse3.default_options)          # default_permissions
+    opts.add(f"fsname={o.fsname or src.name}")
+    opts.add(f"subtype={o.subtype}")
+    allow_other = o.allow_other if o.allow_other is not None else os.geteuid() == 0
+    if allow_other:
+        opts.add("allow_other")
+    opts.add("ro" if o.readonly else "rw")
+    opts.update(o.kernel)
+    return opts
+
+
+def _setup_logging(src: Source, o: Options, foreground: bool) -> str | None:
+    root = logging.getLogger("replfs")
+    root.setLevel(logging.DEBUG if o.debug else logging.INFO)
+    fmt = logging.Formatter(f"%(asctime)s replfs[%(process)d] {src.name}: "
+                            f"%(levelname)s %(name)s: %(message)s")
+    path = o.logfile
+    if path is None:
+        path = (os.path.join(src.rundir, f"mount-{src.name}.log") if src.kind == "resource"
+                else DEFAULT_LOG)
+    try:
+        handler = logging.FileHandler(path)
+    except OSError:
+        path = None
+    else:
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    if foreground:
+        sh = logging.StreamHandler(sys.stderr)
+        sh.setFormatter(fmt)
+        root.addHandler(sh)
+    return path
+
+
+async def _committer(fs: Filesystem, interval: float) -> None:
+    """fs.commit_loop, restarted after a failed commit (the core latches
+    read-only on its own; the loop must not take the mount down)."""
+    while True:
+        try:
+            await fs.commit_loop(interval)
+        except OSError as e:
+            log.error("background commit failed: %s", e)
+            await trio.sleep(interval)
+
+
+async def _watch_signals(stop) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        async for signum in sigs:
+            log.info("signal %s: unmounting", signal.Signals(signum).name)
+            stop()
+            return
+
+
+async def _watch_daemon(dev, ops: ReplfsOperations) -> None:
+    client = getattr(dev, "_c", None)           # DaemonBlockDevice's AsyncClient
+    closed = getattr(client, "closed_event", None)
+    if closed is None:
+        return
+    await closed.wait()
+    ops.device_lost("the connection to replfsd was lost")
+
+
+async def serve(src: Source, mountpoint: str, o: Options, ready) -> None:
+    """Mount and serve until unmounted or signalled.  ``ready(None)`` is
+    called once the mount is live, ``ready(message)`` if it failed."""
+    async with trio.open_nursery() as outer:
+        dev = await open_device(outer, src)
+        fs = None
+        mounted = False
+        try:
+            try:
+                fs = await Filesystem.mount(dev, src.slot, recover_dirty_slots=src.exclusive)
+            except OSError as e:
+                raise MountError(f"{src.name}: cannot mount: {e.strerror or e}") from None
+            if fs.recovered_slots:
+                log.info("replayed the journals of slots %s", fs.recovered_slots)
+            if o.cache_mb:
+                fs.cache.limit = max(256, o.cache_mb * (1 << 20) // fs.bs)
+            timeout = o.timeout if o.timeout is not None else (
+                120.0 if src.kind == "resource" else 0)
+            ops = ReplfsOperations(fs, readonly=o.readonly, op_timeout=timeout or None)
+            try:
+                pyfuse3.init(ops, mountpoint, fuse_options(src, o))
+            except RuntimeError as e:
+                raise MountError(f"cannot mount on {mountpoint}: {e} (see the log)") from None
+            mounted = True
+            log.info("mounted %s on %s (slot %d%s)", src.name, mountpoint, src.slot,
+                     ", read-only" if o.readonly else "")
+            ready(None)
+            async with trio.open_nursery() as inner:
+                inner.start_soon(_committer, fs, o.commit)
+                inner.start_soon(_watch_signals, pyfuse3.terminate)
+                inner.start_soon(_watch_daemon, dev, ops)
+                await pyfuse3.main(min_tasks=1, max_tasks=16)
+                inner.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                if mounted:
+                    # Detaches the kernel mount if it is still there (after
+                    # a signal); a no-op after umount(8).
+                    with contextlib.suppress(Exception):
+                        pyfuse3.close(unmount=True)
+                if fs is not None:
+                    try:
+                        with trio.move_on_after(60):
+                            await fs.unmount()
+                        if fs.mounted:
+                            log.error("unmount did not finish in 60 s; the journal of "
+                                      "slot %d stays dirty and is replayed at the next "
+                                      "mount", src.slot)
+                        elif fs.failed:
+                            log.error("the filesystem had failed (%s); the journal is "
+                                      "replayed at the next mount", fs.failed)
+                        else:
+                            log.info("unmounted cleanly")
+                    except Exception as e:
+                        log.error("unmount failed: %s; the journal is replayed at the "
+                                  "next mount", e)
+                with trio.move_on_after(10):
+                    with contextlib.suppress(Exception):
+                        await dev.close()
+            outer.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------ process
+
+USAGE = f"""\
+usage: {PROG} SOURCE MOUNTPOINT [-o OPTIONS] [-f] [-d] [--help] [--version]
+
+Mount a replfs volume with FUSE (what 'mount -t fuse.replfs' runs).
+
+SOURCE      an image file made by mkfs.replfs, or a resource name of
+            replfs.conf (block I/O then goes through the local replfsd;
+            this node must be Primary)
+
+  -o OPTS   comma-separated mount options:
+              ro, rw                  read-only / read-write (default rw)
+              slot=N                  node slot (default 0 when no other
+                                      node can have the volume mounted,
+                                      else the first free slot)
+              commit=SECONDS          journal commit interval (default 5)
+              cache_size=MB           metadata cache limit
+              timeout=SECONDS         answer EIO when an operation waits
+                                      longer (0 = never; default 120 for
+                                      resources, 0 for images)
+              conf=FILE, node=NAME, rundir=DIR
+                                      resource lookup ($REPLFS_CONF,
+                                      $REPLFS_NODE, $REPLFS_RUNDIR)
+              fsname=NAME, subtype=NAME, allow_other, default_permissions,
+              noatime, relatime, nodev, nosuid, noexec, ...
+              logfile=FILE, debug
+            mount(8) options (defaults, _netdev, nofail, auto, noauto,
+            user, users, x-*) are ignored.
+  -f        stay in the foreground (log to stderr as well)
+  -d        debug logging; implies -f
+  -h, --help     show this help
+  -V, --version  show the version
+
+Exit status: 0 mounted, 1 bad command line or options, 32 mount failure.
+See mount.replfs(8)."""
+
+
+class _ArgParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise MountError(f"{message}\n{USAGE}", EXIT_USAGE)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("replfs")
+    except Exception:
+        return "0.1.0"
+
+
+def _parse_argv(argv):
+    p = _ArgParser(prog=PROG, add_help=False)
+    p.add_argument("source", nargs="?")
+    p.add_argument("mountpoint", nargs="?")
+    p.add_argument("-o", dest="options", action="append", default=[])
+    p.add_argument("-f", dest="foreground", action="store_true")
+    p.add_argument("-d", dest="debug", action="store_true")
+    p.add_argument("-s", dest="single", action="store_true")   # fuse convention; ignored
+    p.add_argument("-h", "--help", action="store_true")
+    p.add_argument("-V", "--version", action="store_true")
+    args, rest = p.parse_known_args(argv)
+    if rest:
+        raise MountError(f"unexpected arguments: {' '.join(rest)}\n{USAGE}", EXIT_USAGE)
+    return args
+
+
+def _daemonize(work) -> int:
+    """Fork; the child runs ``work(report)`` detached, the parent returns
+    the status the child reports through a pipe."""
+    rfd, wfd = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        os.close(wfd)
+        chunks = []
+        while chunk := os.read(rfd, 65536):
+            chunks.append(chunk)
+        os.close(rfd)
+        msg = b"".join(chunks).decode(errors="replace")
+        if msg.startswith("OK"):
+            return EXIT_OK
+        if msg.startswith("ERR "):
+            code, _, text = msg[4:].partition(" ")
+            print(f"{PROG}: {text}", file=sys.stderr)
+            return int(code)
+        # The child died without a word.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        print(f"{PROG}: the mount process exited before the mount was ready "
+              f"(see its log)", file=sys.stderr)
+        return EXIT_FAIL
+    # Child.
+    os.close(rfd)
+    os.setsid()
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    reported = False
+
+    def report(message: str | None, code: int = EXIT_FAIL) -> None:
+        nonlocal reported
+        if reported:
+            return
+        reported = True
+        data = b"OK\n" if message is None else f"ERR {code} {message}".encode()
+        with contextlib.suppress(OSError):
+            os.write(wfd, data)
+            os.close(wfd)
+
+    status = work(report)
+    report("the mount process ended before the mount was ready", status or EXIT_FAIL)
+    os._exit(status)
+
+
+def _trio_run(func, *args):
+    """trio.run, with a lone exception out of a nursery's group unwrapped
+    (a MountError keeps its message and exit code)."""
+    try:
+        return trio.run(func, *args)
+    except BaseExceptionGroup as group:
+        leaves = []
+
+        def walk(g):
+            for e in g.exceptions:
+                walk(e) if isinstance(e, BaseExceptionGroup) else leaves.append(e)
+        walk(group)
+        for e in leaves:
+            if isinstance(e, MountError):
+                raise e from None
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+
+
+def _run(src: Source, mountpoint: str, o: Options, report) -> int:
+    def ready(message):
+        report(message)
+    try:
+        _trio_run(serve, src, mountpoint, o, ready)
+        return EXIT_OK
+    except MountError as e:
+        log.error("%s", e.message)
+        report(e.message, e.exit_code)
+        return e.exit_code
+    except BaseException as e:          # noqa: BLE001  (a crash must still report)
+        log.exception("mount process failed")
+        report(f"internal error: {type(e).__name__}: {e}")
+        return EXIT_FAIL
+
+
+def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    try:
+        args = _parse_argv(argv)
+        if args.help:
+            print(USAGE)
+            return EXIT_OK
+        if args.version:
+            print(f"{PROG} {_version()}")
+            return EXIT_OK
+        if not args.source or not args.mountpoint:
+            raise MountError(f"SOURCE and MOUNTPOINT are required\n{USAGE}", EXIT_USAGE)
+        o = parse_options(args.options)
+        if args.debug:
+            o.debug = True
+            args.foreground = True
+        mountpoint = check_mountpoint(args.mountpoint)
+        src = resolve_source(args.source, o)
+        _trio_run(_probe, src, o)
+    except MountError as e:
+        print(f"{PROG}: {e.message}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+    if args.foreground:
+        logpath = _setup_logging(src, o, foreground=True)
+        log.debug("logging to %s", logpath)
+
+        def report(message, code=EXIT_FAIL):
+            pass            # errors reach stderr through the log handler
+        return _run(src, mountpoint, o, report)
+
+    def work(report):
+        _setup_logging(src, o, foreground=False)
+        return _run(src, mountpoint, o, report)
+    return _daemonize(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
