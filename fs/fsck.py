@@ -1,0 +1,1820 @@
+"""fsck.replfs: check and repair an unmounted replfs volume.
+
+The checker works like e2fsck / fsck.ocfs2, in passes:
+
+0. superblock (falling back to a backup), slot map, journals (a dirty
+   journal is replayed first);
+1. inodes, extent trees, xattr blocks and cluster ownership;
+2. directory structure (hash table, leaves, entries);
+3. connectivity (unattached inodes go to lost+found, orphans are freed);
+4. link counts;
+5. cluster allocation bitmaps (group descriptors and local windows).
+
+Everything is read through an in-memory overlay of the device: writes
+(journal replay, repairs) land in the overlay and reach the device only
+at the end, and only when repairing.  So ``-n`` can replay a dirty journal
+and check the replayed view without writing a byte.
+
+Metadata is found by walking the tree from the root, the orphan
+directories and, for inodes nothing points at, by probing clusters the
+bitmaps call used that no walked structure claims.  Each wave of the walk
+reads its blocks in a few large, coalesced, concurrent reads.
+
+Repairs that need new space (rebuilding a directory, reconnecting into
+lost+found) reuse the filesystem's own directory and extent code on a
+private cache, with an allocator that hands out clusters nothing claims;
+the bitmaps are then rebuilt from what the final tree references.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+import struct
+import sys
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from . import format as F
+from . import journal as J
+from .cache import MetaCache
+from .dirs import Directories
+from .extents import ExtentMaps
+
+PROG = "fsck.replfs"
+
+EXIT_OK = 0
+EXIT_FIXED = 1
+EXIT_REBOOT = 2
+EXIT_UNCORRECTED = 4
+EXIT_OPERATIONAL = 8
+EXIT_USAGE = 16
+EXIT_CANCELLED = 32
+
+_DECODE_ERRORS = (F.FormatError, struct.error, ValueError, UnicodeError, IndexError)
+_VALID_TYPES = {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
+                stat.S_IFIFO, stat.S_IFSOCK}
+MAX_SYMLINK = 4095
+MAX_REPORTED_RUNS = 8
+
+
+class FsckError(Exception):
+    """The check cannot go on (exit code 8)."""
+
+
+class Cancelled(Exception):
+    """The user quit at a question (exit code 32)."""
+
+
+@dataclass
+class Result:
+    errors_found: int = 0
+    errors_fixed: int = 0
+    operational_error: str | None = None
+    cancelled: bool = False
+    label: str = ""
+    files: int = 0
+    directories: int = 0
+    clusters_used: int = 0
+    total_clusters: int = 0
+    journals_replayed: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def errors_left(self) -> int:
+        return self.errors_found - self.errors_fixed
+
+    @property
+    def exit_code(self) -> int:
+        if self.cancelled:
+            return EXIT_CANCELLED | (EXIT_FIXED if self.errors_fixed else 0)
+        if self.operational_error is not None:
+            return EXIT_OPERATIONAL
+        code = EXIT_OK
+        if self.errors_fixed:
+            code |= EXIT_FIXED
+        if self.errors_left:
+            code |= EXIT_UNCORRECTED
+        return code
+
+    @property
+    def clean(self) -> bool:
+        return self.exit_code == EXIT_OK
+
+
+# ------------------------------------------------------------------ devices
+
+class OverlayDevice:
+    """A BlockDevice that keeps writes in memory, block by block, over a
+    base device; ``commit`` writes them through."""
+
+    def __init__(self, base, bs: int):
+        self.base = base
+        self.bs = bs
+        self.blocks: dict[int, bytes] = {}
+
+    @property
+    def size(self) -> int:
+        return self.base.size
+
+    async def read(self, offset: int, length: int) -> bytes:
+        data = await self.base.read(offset, length)
+        if not self.blocks or not data:
+            return data
+        bs = self.bs
+        end = offset + len(data)
+        first, last = offset // bs, (end - 1) // bs
+        if last - first + 1 <= len(self.blocks):
+            hits = [b for b in range(first, last + 1) if b in self.blocks]
+        else:
+            hits = [b for b in self.blocks if first <= b <= last]
+        if not hits:
+            return data
+        buf = bytearray(data)
+        for b in hits:
+            img = self.blocks[b]
+            lo, hi = max(offset, b * bs), min(end, (b + 1) * bs)
+            buf[lo - offset:hi - offset] = img[lo - b * bs:hi - b * bs]
+        return bytes(buf)
+
+    async def write(self, offset: int, data: bytes) -> None:
+        bs = self.bs
+        if offset + len(data) > self.size:
+            raise OSError(28, "write beyond the end of the device")
+        pos = 0
+        while pos < len(data):
+            b, within = divmod(offset + pos, bs)
+            n = min(bs - within, len(data) - pos)
+            if n == bs:
+                self.blocks[b] = bytes(data[pos:pos + bs])
+            else:
+                cur = bytearray(await self.read(b * bs, bs))
+                cur[within:within + n] = data[pos:pos + n]
+                self.blocks[b] = bytes(cur)
+            pos += n
+
+    async def flush(self) -> None:
+        pass
+
+    async def discard(self, offset: int, length: int) -> None:
+        await self.write(offset, bytes(length))
+
+    async def close(self) -> None:
+        pass
+
+    async def commit(self) -> int:
+        """Write every held block to the base device (coalesced), flush."""
+        blks = sorted(self.blocks)
+        i = 0
+        while i < len(blks):
+            j = i + 1
+            while j < len(blks) and blks[j] == blks[j - 1] + 1 and j - i < 256:
+                j += 1
+            await self.base.write(blks[i] * self.bs,
+                                  b"".join(self.blocks[b] for b in blks[i:j]))
+            i = j
+        if blks:
+            await self.base.flush()
+        n = len(blks)
+        self.blocks.clear()
+        return n
+
+
+async def read_blocks(dev, bs: int, blknos, *, gap: int = 16, maxrun: int = 256,
+                      parallel: int = 8) -> dict[int, bytes]:
+    """Read many blocks in a few large reads: sorted, merged across small
+    gaps, issued concurrently."""
+    blks = sorted(set(blknos))
+    runs: list[list[int]] = []
+    for b in blks:
+        if runs and b - runs[-1][1] <= gap and b + 1 - runs[-1][0] <= maxrun:
+            runs[-1][1] = b + 1
+        else:
+            runs.append([b, b + 1])
+    out: dict[int, bytes] = {}
+    want = set(blks)
+    limiter = trio.CapacityLimiter(parallel)
+
+    async def one(a: int, e: int) -> None:
+        async with limiter:
+            data = await dev.read(a * bs, (e - a) * bs)
+        for b in range(a, e):
+            if b in want:
+                out[b] = data[(b - a) * bs:(b - a + 1) * bs]
+
+    if len(runs) == 1:
+        await one(*runs[0])
+    elif runs:
+        async with trio.open_nursery() as n:
+            for a, e in runs:
+                n.start_soon(one, a, e)
+    return out
+
+
+# ------------------------------------------------------------------ model
+
+@dataclass
+class Ent:
+    """A directory entry as found on disk."""
+    dir: int
+    name: bytes
+    ino: int
+    ftype: int
+    key: int
+    leaf_blk: int
+
+
+@dataclass
+class Node:
+    ino: int
+    inode: F.Inode | None = None
+    error: str | None = None          # why the inode is unusable
+    exts: list = field(default_factory=list)
+    leaf_blks: list = field(default_factory=list)
+    tree_errors: list = field(default_factory=list)
+    refs: list = field(default_factory=list)        # Ents naming this inode
+    unattached: bool = False
+    # directories
+    entries: list = field(default_factory=list)     # Ents in this directory
+    dir_errors: list = field(default_factory=list)  # structural: needs a rebuild
+    # symlinks
+    target: bytes | None = None
+    xattr_error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.inode is not None and self.error is None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.ok and self.inode.is_dir
+
+
+def _runs(clusters) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for c in sorted(clusters):
+        if out and c == out[-1][1]:
+            out[-1][1] += 1
+        else:
+            out.append([c, c + 1])
+    return [(a, e) for a, e in out]
+
+
+def _fmt_runs(runs: list[tuple[int, int]]) -> str:
+    parts = [f"{a}" if e == a + 1 else f"{a}-{e - 1}" for a, e in runs[:MAX_REPORTED_RUNS]]
+    if len(runs) > MAX_REPORTED_RUNS:
+        parts.append(f"... ({len(runs) - MAX_REPORTED_RUNS} more runs)")
+    return ", ".join(parts)
+
+
+def _mask_runs(mask: int, base: int) -> list[tuple[int, int]]:
+    """Runs of set bits of ``mask`` as absolute (start, end) clusters."""
+    out = []
+    pos = 0
+    while mask:
+        low = (mask & -mask).bit_length() - 1
+        mask >>= low
+        pos += low
+        inv = ~mask
+        run = (inv & -inv).bit_length() - 1
+        out.append((base + pos, base + pos + run))
+        mask >>= run
+        pos += run
+    return out
+
+
+def _valid_name(name: bytes) -> bool:
+    return (0 < len(name) <= F.MAX_NAME and b"/" not in name and b"\0" not in name
+            and name not in (b".", b".."))
+
+
+class _RepairAlloc:
+    """Allocator for repairs: hands out clusters that nothing claims, the
+    bitmaps call free and no local window holds."""
+
+    def __init__(self, checker: "Checker"):
+        self.c = checker
+        self.forbidden: dict[int, int] | None = None
+        self.pending: list = []
+
+    def _build(self, strict: bool) -> dict[int, int]:
+        c = self.c
+        masks = c.claimed_masks()
+        for g, gd in enumerate(c.groups):
+            if strict and gd is not None:
+                masks[g] = masks.get(g, 0) | int.from_bytes(gd.bitmap, "little")
+        for start, n in c.window_ranges():
+            c.or_range(masks, start, n)
+        for cl in c.repair_allocated:
+            c.or_range(masks, cl, 1)
+        return masks
+
+    def alloc(self, want: int, goal: int | None = None) -> tuple[int, int]:
+        c = self.c
+        sb = c.sb
+        for strict in (True, False):
+            masks = self._build(strict)
+            for g in range(sb.group_count):
+                nbits = min(sb.cpg, sb.total_clusters - g * sb.cpg)
+                m = masks.get(g, 0)
+                free = ~m & ((1 << nbits) - 1)
+                if not free:
+                    continue
+                bit = (free & -free).bit_length() - 1
+                cl = g * sb.cpg + bit
+                c.repair_allocated.add(cl)
+                return cl, 1
+        raise OSError(28, "no free cluster left for the repair")
+
+    def free(self, start: int, n: int) -> None:
+        pass          # the bitmaps are rebuilt from the final tree
+
+    def release_window(self) -> None:
+        pass
+
+
+# ------------------------------------------------------------------ checker
+
+class Checker:
+    def __init__(self, dev, *, repair: bool, answer, out, verbose: bool = False,
+                 force: bool = False, mounted: str | None = None, err=None):
+        self.base = dev
+        self.err = err or out or (lambda *_: None)
+        self.repair = repair
+        self.answer = answer           # async (question) -> bool
+        self.out = out or (lambda *_: None)
+        self.verbose = verbose
+        self.force = force
+        self.mounted = mounted
+        self.res = Result()
+        self.sb: F.Superblock | None = None
+        self.view: OverlayDevice | None = None
+        self.modified = False
+        self.repair_allocated: set[int] = set()
+        self.groups: list[F.GroupDesc | None] = []
+        self.locals: dict[int, F.LocalAlloc | None] = {}
+        self.nodes: dict[int, Node] = {}
+        self.slots_in_use: list = []
+        self.overlap_msgs: dict[int, list[str]] = {}
+        self.pending_checksums: list = []
+        self._replayed_in_memory = False
+
+    # -------------------------------------------------- reporting
+
+    def say(self, msg: str) -> None:
+        self.out(msg)
+
+    def info(self, msg: str) -> None:
+        if self.verbose:
+            self.out(msg)
+
+    async def problem(self, msg: str, question: str | None = None) -> bool:
+        """Report an error; ask whether to fix it.  True means fix it now."""
+        self.res.errors_found += 1
+        self.res.problems.append(msg)
+        if question is None:
+            self.say(msg)
+            return False
+        self.say(msg)
+        yes = await self.answer(question)
+        if yes:
+            self.res.errors_fixed += 1
+        return yes
+
+    # -------------------------------------------------- geometry helpers
+
+    @property
+    def bs(self) -> int:
+        return self.sb.block_size
+
+    @property
+    def shift(self) -> int:
+        return self.sb.cluster_bits - self.sb.block_bits
+
+    def or_range(self, masks: dict[int, int], start: int, n: int) -> None:
+        cpg = self.sb.cpg
+        end = min(start + n, self.sb.total_clusters)
+        while start < end:
+            g, bit = divmod(start, cpg)
+            k = min(end - start, cpg - bit)
+            masks[g] = masks.get(g, 0) | (((1 << k) - 1) << bit)
+            start += k
+
+    def window_ranges(self) -> list[tuple[int, int]]:
+        return [(la.start, la.length) for la in self.locals.values()
+                if la is not None and la.length]
+
+    def metadata_claims(self) -> list[tuple[int, int, str]]:
+        sb = self.sb
+        bpc = sb.bpc
+        out = [(0, sb.reserved_clusters, "reserved area")]
+        for g in range(1, sb.group_count):
+            out.append((g * sb.cpg, 1, f"group {g} descriptor"))
+        for blk in F.backup_sb_blknos(sb.block_size, sb.total_blocks):
+            out.append((blk // bpc, 1, "backup superblock"))
+        for i, s in enumerate(sb.slots):
+            out.append((s.journal_start // bpc, -(-s.journal_blocks // bpc), f"journal of slot {i}"))
+            out.append((s.localalloc_blk // bpc, 1, f"local allocation block of slot {i}"))
+        out.append((sb.slotmap_blk // bpc, 1, "slot map"))
+        return out
+
+    def node_claims(self, node: Node) -> list[tuple[int, int, str]]:
+        """(first cluster, count, what) for everything an inode owns."""
+        if not node.ok:
+            return []
+        shift = self.shift
+        out = [(node.ino >> shift, 1, "inode")]
+        for blk in node.leaf_blks:
+            out.append((blk >> shift, 1, "extent leaf"))
+        for l, p, n in node.exts:
+            out.append((p, n, f"logical cluster {l}"))
+        if node.inode.xattr_blk and node.xattr_error is None:
+            out.append((node.inode.xattr_blk >> shift, 1, "xattr block"))
+        return out
+
+    def claimed_masks(self) -> dict[int, int]:
+        masks: dict[int, int] = {}
+        for start, n, _ in self.metadata_claims():
+            self.or_range(masks, start, n)
+        for node in self.nodes.values():
+            for start, n, _ in self.node_claims(node):
+                self.or_range(masks, start, n)
+        return masks
+
+    # -------------------------------------------------- block decoding
+
+    def decode(self, decoder, sig: bytes, raw: bytes, blkno: int):
+        """Decode a metadata block.  Returns (object, error, fixed image):
+        a block whose only fault is its checksum decodes from a resealed
+        copy, returned as the fixed image."""
+        try:
+            return decoder(raw, self.sb.volid, blkno), None, None
+        except _DECODE_ERRORS as e:
+            err = str(e) or type(e).__name__
+        if len(raw) != self.bs or raw[:8] != sig:
+            return None, err, None
+        _, crc, vol, blk, _ = F.HDR.unpack_from(raw, 0)
+        if vol != self.sb.volid or blk != blkno or crc == F.block_crc(raw):
+            return None, err, None
+        fixed = bytearray(raw)
+        struct.pack_into("<I", fixed, 8, F.block_crc(fixed))
+        try:
+            return decoder(bytes(fixed), self.sb.volid, blkno), err, bytes(fixed)
+        except _DECODE_ERRORS:
+            return None, err, None
+
+    async def fix_checksum(self, what: str, blkno: int, fixed: bytes) -> bool:
+        if await self.problem(f"{what} (block {blkno}) has a bad checksum.",
+                              "Recompute the checksum"):
+            await self.view.write(blkno * self.bs, fixed)
+            self.modified = True
+            return True
+        return False
+
+    # -------------------------------------------------- editing
+
+    @asynccontextmanager
+    async def edit(self):
+        """A private cache + the core's extent and directory code for a
+        repair; dirty blocks are written home (to the overlay) at the end."""
+        cache = MetaCache(self.view, self.sb)
+        alloc = _RepairAlloc(self)
+        ext = ExtentMaps(cache, alloc, self.sb)
+        dirs = Directories(cache, alloc, ext, self.sb)
+        yield cache, ext, dirs
+        images, _ = cache.take_transaction()
+        for blk in sorted(images):
+            await self.view.write(blk * self.bs, images[blk])
+        if images:
+            self.modified = True
+
+    async def put(self, blkno: int, obj) -> None:
+        if isinstance(obj, F.GroupDesc):
+            img = obj.encode(self.bs, self.sb.volid, blkno)
+        else:
+            img = obj.encode(self.bs, self.sb.volid)
+        await self.view.write(blkno * self.bs, img)
+        self.modified = True
+
+    # ================================================== pass 0
+
+    async def find_superblock(self) -> F.Superblock:
+        dev = self.base
+        primary_err = "no replfs signature"
+        for bs in F.BLOCK_SIZES:
+            raw = await dev.read(F.SB_OFFSET, bs)
+            if len(raw) < bs or raw[:8] != F.SIG_SUPER:
+                continue
+            try:
+                sb = F.Superblock.decode(raw, F.sb_blkno(bs))
+            except _DECODE_ERRORS as e:
+                primary_err = str(e)
+                continue
+            if sb.block_size != bs:
+                continue
+            why = self.superblock_insane(sb)
+            if why is None:
+                return sb
+            primary_err = why
+        # The primary is unusable: look for a backup.
+        for off in F.BACKUP_SB_OFFSETS:
+            for bs in F.BLOCK_SIZES:
+                if off + bs > dev.size:
+                    continue
+                raw = await dev.read(off, bs)
+                if raw[:8] != F.SIG_SUPER:
+                    continue
+                try:
+                    sb = F.Superblock.decode(raw, off // bs)
+                except _DECODE_ERRORS:
+                    continue
+                if sb.block_size != bs or self.superblock_insane(sb):
+                    continue
+                self.sb = sb
+                self.view = OverlayDevice(dev, bs)
+                if await self.problem(
+                        f"Primary superblock is damaged ({primary_err}); "
+                        f"using the backup superblock at byte {off}.",
+                        "Restore the primary superblock from the backup"):
+                    await self.view.write(F.SB_OFFSET, sb.encode(F.sb_blkno(bs)))
+                    self.modified = True
+                return sb
+        raise FsckError(f"no usable replfs superblock ({primary_err}) and no backup "
+                        f"superblock found (not formatted with mkfs.replfs?)")
+
+    def superblock_insane(self, sb: F.Superblock) -> str | None:
+        bs = sb.block_size
+        if sb.version_major != F.VERSION_MAJOR:
+            return f"unknown format version {sb.version_major}.{sb.version_minor}"
+        if sb.feat_incompat & ~F.FEATURE_INCOMPAT_KNOWN:
+            return f"unknown incompatible features {sb.feat_incompat:#x}"
+        if not sb.block_bits <= sb.cluster_bits <= 20:
+            return f"bad cluster size 2^{sb.cluster_bits}"
+        if sb.total_clusters <= 0 or sb.total_blocks != sb.total_clusters << (sb.cluster_bits - sb.block_bits):
+            return "block and cluster counts disagree"
+        if sb.total_blocks * bs > self.base.size:
+            return (f"volume of {sb.total_blocks * bs} bytes is larger than the device "
+                    f"({self.base.size} bytes)")
+        if not 0 < sb.cpg <= F.clusters_per_group(bs):
+            return f"bad clusters per group {sb.cpg}"
+        if sb.group_count != -(-sb.total_clusters // sb.cpg):
+            return f"group count {sb.group_count} does not match the volume size"
+        if not 1 <= sb.slot_count <= F.max_slots_for(bs) or len(sb.slots) != sb.slot_count:
+            return f"bad slot count {sb.slot_count}"
+        if not 0 < sb.reserved_clusters < sb.total_clusters:
+            return "bad reserved area"
+        for blk in [sb.root_ino, sb.slotmap_blk] + [s.localalloc_blk for s in sb.slots] + \
+                [s.orphan_ino for s in sb.slots]:
+            if not 0 < blk < sb.total_blocks:
+                return f"system block {blk} outside the volume"
+        for s in sb.slots:
+            if s.journal_blocks < 2 or s.journal_start + s.journal_blocks > sb.total_blocks:
+                return "journal outside the volume"
+        if sb.lostfound_ino >= sb.total_blocks:
+            return "lost+found outside the volume"
+        return None
+
+    async def pass0(self) -> None:
+        self.say("Pass 0: Checking superblock and journals")
+        if self.sb is None:
+            self.sb = await self.find_superblock()
+        sb = self.sb
+        if self.view is None:
+            self.view = OverlayDevice(self.base, sb.block_size)
+        self.res.label = sb.label
+        self.res.total_clusters = sb.total_clusters
+        self.info(f"  block size {sb.block_size}, cluster size {sb.cluster_size}, "
+                  f"{sb.total_clusters} clusters in {sb.group_count} groups, "
+                  f"{sb.slot_count} slots")
+        # Backups must match the superblock in use.
+        want = sb.encode(0)[F.HDR_SIZE:]
+        for blk in F.backup_sb_blknos(sb.block_size, sb.total_blocks):
+            raw = await self.view.read(blk * self.bs, self.bs)
+            try:
+                F.Superblock.decode(raw, blk)
+                same = raw[F.HDR_SIZE:] == want
+                why = "is out of date"
+            except _DECODE_ERRORS as e:
+                same, why = False, f"is damaged ({e})"
+            if not same and await self.problem(
+                    f"Backup superblock at block {blk} {why}.", "Rewrite it"):
+                await self.view.write(blk * self.bs, sb.encode(blk))
+                self.modified = True
+        await self.check_slotmap()
+        await self.check_journals()
+
+    async def check_slotmap(self) -> None:
+        sb = self.sb
+        raw = await self.view.read(sb.slotmap_blk * self.bs, self.bs)
+        sm, err, fixed = self.decode(F.SlotMap.decode, F.SIG_SLOTMAP, raw, sb.slotmap_blk)
+        if fixed is not None:
+            await self.fix_checksum("Slot map", sb.slotmap_blk, fixed)
+        ok = sm is not None and len(sm.slots) == sb.slot_count and \
+            all(st in (F.SLOT_FREE, F.SLOT_IN_USE) for st, _, _ in sm.slots)
+        if not ok:
+            if await self.problem(f"Slot map (block {sb.slotmap_blk}) is damaged"
+                                  f"{': ' + err if err else ''}.", "Rewrite it with every slot free"):
+                await self.put(sb.slotmap_blk, F.SlotMap(sb.slotmap_blk,
+                                                         [(F.SLOT_FREE, 0, 0)] * sb.slot_count))
+            return
+        in_use = [(i, node) for i, (st, node, _) in enumerate(sm.slots) if st == F.SLOT_IN_USE]
+        self.slots_in_use = in_use
+        if in_use:
+            who = ", ".join(f"slot {i} (node {n})" for i, n in in_use)
+            self.say(f"WARNING: the slot map shows the volume in use: {who}.")
+            if self.repair:
+                if await self.problem("Slot map entries left by nodes that are not running "
+                                      "(checked with -f).", "Mark those slots free"):
+                    sm.slots = [(F.SLOT_FREE, 0, gen) for _, _, gen in sm.slots]
+                    await self.put(sm.blkno, sm)
+
+    async def check_journals(self) -> None:
+        sb = self.sb
+        for slot, info in enumerate(sb.slots):
+            raw = await self.view.read(info.journal_start * self.bs, self.bs)
+            js, err, fixed = self.decode(F.JournalSuper.decode, F.SIG_JSUPER, raw,
+                                         info.journal_start)
+            if fixed is not None:
+                await self.fix_checksum(f"Journal superblock of slot {slot}",
+                                        info.journal_start, fixed)
+            if js is None or js.nblocks != info.journal_blocks:
+                why = err or f"says {js.nblocks} blocks, the superblock {info.journal_blocks}"
+                if await self.problem(f"Journal superblock of slot {slot} is damaged ({why}).",
+                                      "Reset the journal (its contents are lost)"):
+                    seq = await self._max_journal_seq(slot) + 1
+                    await self.put(info.journal_start, F.JournalSuper(
+                        info.journal_start, 0, seq, info.journal_blocks))
+                continue
+            if not js.flags & F.JSB_DIRTY:
+                continue
+            _, txns, _, _ = await J.read_transactions(self.view, sb, slot)
+            msg = (f"Journal of slot {slot} needs recovery "
+                   f"({len(txns)} committed transaction(s)).")
+            if self.repair:
+                fixed_it = await self.problem(msg, "Replay it")
+            else:
+                self.say(msg)
+                self.res.errors_found += 1
+                self.res.problems.append(msg)
+                fixed_it = False
+                self.say(f"  Replaying it in memory only (nothing is written); "
+                         f"checking the replayed view.")
+            # Either way the rest of the check looks at the replayed view;
+            # without -y it stays in memory.
+            await J.replay(self.view, sb, slot)
+            self.res.journals_replayed += 1
+            self.modified = self.modified or fixed_it
+            if not fixed_it:
+                self._replayed_in_memory = True
+
+    async def _max_journal_seq(self, slot: int) -> int:
+        info = self.sb.slots[slot]
+        blks = range(info.journal_start + 1, info.journal_start + info.journal_blocks)
+        raws = await read_blocks(self.view, self.bs, blks, maxrun=1024)
+        best = 0
+        for blk, raw in raws.items():
+            if raw[:8] in (F.SIG_JDESC, F.SIG_JREVOKE, F.SIG_JCOMMIT):
+                best = max(best, struct.unpack_from("<Q", raw, F.HDR_SIZE)[0])
+        return best
+
+    # ================================================== scanning
+
+    async def load_allocators(self) -> None:
+        sb = self.sb
+        blks = [F.group_desc_blkno(sb, g) for g in range(sb.group_count)]
+        raws = await read_blocks(self.view, self.bs, blks)
+        self.groups = []
+        self.group_errors: dict[int, str] = {}
+        for g, blk in enumerate(blks):
+            gd, err, fixed = self.decode(F.GroupDesc.decode, F.SIG_GROUP, raws[blk], blk)
+            nbits = min(sb.cpg, sb.total_clusters - g * sb.cpg)
+            if gd is not None and (gd.group != g or gd.nbits != nbits):
+                gd, err = None, f"describes group {gd.group} of {gd.nbits} clusters"
+            if fixed is not None and gd is not None:
+                self.pending_checksums.append((f"Group descriptor {g}", blk, fixed))
+            if gd is None:
+                self.group_errors[g] = err
+            self.groups.append(gd)
+        self.locals = {}
+        self.local_errors: dict[int, str] = {}
+        for slot, info in enumerate(sb.slots):
+            raw = await self.view.read(info.localalloc_blk * self.bs, self.bs)
+            la, err, fixed = self.decode(F.LocalAlloc.decode, F.SIG_LOCALALLOC, raw,
+                                         info.localalloc_blk)
+            if fixed is not None and la is not None:
+                self.pending_checksums.append((f"Local allocation block of slot {slot}",
+                                               info.localalloc_blk, fixed))
+            if la is not None and la.length and (
+                    la.start < sb.reserved_clusters or la.start + la.length > sb.total_clusters):
+                la, err = None, f"window {la.start}+{la.length} outside the volume"
+            if la is None:
+                self.local_errors[slot] = err
+            self.locals[slot] = la
+        # Windows must not overlap each other.
+        seen: list[tuple[int, int, int]] = []
+        for slot, la in sorted(self.locals.items()):
+            if la is None or not la.length:
+                continue
+            for s2, a, e in seen:
+                if la.start < e and a < la.start + la.length:
+                    self.local_errors[slot] = f"window overlaps the window of slot {s2}"
+                    self.locals[slot] = None
+                    break
+            else:
+                seen.append((slot, la.start, la.start + la.length))
+
+    def inode_insane(self, ino: F.Inode) -> str | None:
+        if not ino.flags & F.INODE_FLAG_VALID:
+            return "not in use"
+        if ino.mode & F.S_IFMT not in _VALID_TYPES:
+            return f"bad file type {ino.mode & F.S_IFMT:o}"
+        if ino.ext_depth not in (0, 1):
+            return f"bad extent tree depth {ino.ext_depth}"
+        if len(ino.root) > F.inode_root_capacity(self.bs):
+            return "too many extent records"
+        return None
+
+    async def scan(self, anchors: list[int], *, unattached: bool = False) -> None:
+        """Walk the tree from ``anchors``, adding nodes to self.nodes."""
+        sb = self.sb
+        bs, shift = self.bs, self.shift
+        wave = [a for a in anchors if a not in self.nodes]
+        while wave:
+            wave = sorted(set(wave))
+            raws = await read_blocks(self.view, bs, [i for i in wave if self.plausible_ino(i)])
+            fresh: list[Node] = []
+            for ino in wave:
+                node = Node(ino, unattached=unattached)
+                self.nodes[ino] = node
+                if ino not in raws:
+                    node.error = "not an inode location"
+                    continue
+                inode, err, fixed = self.decode(F.Inode.decode, F.SIG_INODE, raws[ino], ino)
+                if inode is not None:
+                    why = self.inode_insane(inode)
+                    if why is not None:
+                        node.inode, node.error = inode, why
+                        continue
+                    if fixed is not None:
+                        self.pending_checksums.append((f"Inode {ino}", ino, fixed))
+                    node.inode = inode
+                    fresh.append(node)
+                else:
+                    node.error = err
+            # Extent leaves.
+            leafs = {}
+            for node in fresh:
+                if node.inode.ext_depth == 1:
+                    for first, blk, n in node.inode.root:
+                        if 0 < blk < sb.total_blocks and blk % sb.bpc == 0:
+                            leafs[blk] = node
+                        else:
+                            node.tree_errors.append(f"extent leaf pointer {blk} is invalid")
+            lraws = await read_blocks(self.view, bs, leafs)
+            for node in fresh:
+                inode = node.inode
+                if inode.ext_depth == 0:
+                    node.exts = [tuple(r) for r in inode.root]
+                    continue
+                for first, blk, n in inode.root:
+                    if blk not in lraws:
+                        continue
+                    leaf, err, fixed = self.decode(F.ExtentLeaf.decode, F.SIG_EXTENT,
+                                                   lraws[blk], blk)
+                    if leaf is None:
+                        node.tree_errors.append(f"extent leaf {blk}: {err}")
+                        continue
+                    if fixed is not None:
+                        self.pending_checksums.append((f"Extent leaf of inode {node.ino}", blk,
+                                                       fixed))
+                    node.leaf_blks.append(blk)
+                    if len(leaf.recs) != n or not leaf.recs or leaf.recs[0][0] != first:
+                        node.tree_errors.append(f"extent leaf {blk} does not match its "
+                                                f"index record")
+                    node.exts.extend(tuple(r) for r in leaf.recs)
+            # Xattr blocks.
+            xblks = {}
+            for node in fresh:
+                xb = node.inode.xattr_blk
+                if xb:
+                    if 0 < xb < sb.total_blocks and xb % sb.bpc == 0:
+                        xblks[xb] = node
+                    else:
+                        node.xattr_error = f"xattr block pointer {xb} is invalid"
+            xraws = await read_blocks(self.view, bs, xblks)
+            for xb, node in xblks.items():
+                x, err, fixed = self.decode(F.XattrBlock.decode, F.SIG_XATTR, xraws[xb], xb)
+                if x is None:
+                    node.xattr_error = f"xattr block {xb}: {err}"
+                elif fixed is not None:
+                    self.pending_checksums.append((f"Xattr block of inode {node.ino}", xb, fixed))
+                elif any(not k for k in x.attrs):
+                    node.xattr_error = f"xattr block {xb} holds an empty name"
+            # Directory blocks and symlink targets.
+            want: dict[int, tuple[Node, str, int]] = {}
+            for node in fresh:
+                if node.inode.is_dir:
+                    self.plan_dir(node, want)
+                elif stat.S_ISLNK(node.inode.mode):
+                    self.plan_symlink(node, want)
+            draws = await read_blocks(self.view, bs, want)
+            nxt = set()
+            for node in fresh:
+                if node.inode.is_dir:
+                    self.parse_dir(node, draws)
+                    for e in node.entries:
+                        self.early_refs.setdefault(e.ino, []).append(e)
+                        if e.ino not in self.nodes:
+                            nxt.add(e.ino)
+                elif stat.S_ISLNK(node.inode.mode):
+                    self.parse_symlink(node, draws)
+            # Each entry becomes a ref of its target once the target is a node.
+            for ino in [i for i in self.early_refs if i in self.nodes]:
+                self.nodes[ino].refs.extend(self.early_refs.pop(ino))
+            wave = sorted(nxt)
+            if not wave:
+                break
+            # Targets of the next wave get their refs when they are created.
+
+    def plausible_ino(self, ino: int) -> bool:
+        return 0 < ino < self.sb.total_blocks and ino % self.sb.bpc == 0
+
+    def map_lblk(self, node: Node, lblk: int) -> int | None:
+        shift = self.shift
+        lcl = lblk >> shift
+        for l, p, n in node.exts:
+            if l <= lcl < l + n:
+                if not 0 <= p + (lcl - l) < self.sb.total_clusters:
+                    return None
+                return ((p + lcl - l) << shift) + (lblk & ((1 << shift) - 1))
+        return None
+
+    def plan_dir(self, node: Node, want) -> None:
+        d = node.inode
+        if d.dir_depth > F.MAX_DIR_DEPTH:
+            node.dir_errors.append(f"hash table depth {d.dir_depth} too large")
+            return
+        mapped = sum(n for _, _, n in node.exts) * self.sb.bpc
+        if d.dir_leaves < 1 or d.dir_leaves > mapped:
+            node.dir_errors.append(f"leaf count {d.dir_leaves} impossible")
+            return
+        tblocks = -(-(1 << d.dir_depth) // F.dirtable_slots(self.bs))
+        for i in range(tblocks):
+            blk = self.map_lblk(node, F.DIR_TABLE_LBLK + i)
+            if blk is None:
+                node.dir_errors.append(f"hash table block {i} unmapped")
+            else:
+                want[blk] = (node, "table", i)
+        for i in range(d.dir_leaves):
+            blk = self.map_lblk(node, i)
+            if blk is None:
+                node.dir_errors.append(f"leaf {i} unmapped")
+            else:
+                want[blk] = (node, "leaf", i)
+        node._plan = {v[1:]: k for k, v in want.items() if v[0] is node}
+
+    def parse_dir(self, node: Node, raws) -> None:
+        d = node.inode
+        plan = getattr(node, "_plan", None)
+        node.entries = []
+        if plan is None:
+            return
+        seed = self.sb.uuid
+        tables: dict[int, F.DirTable] = {}
+        leaves: dict[int, F.DirLeaf] = {}
+        for (kind, i), blk in plan.items():
+            if kind == "table":
+                t, err, fixed = self.decode(F.DirTable.decode, F.SIG_DIRTABLE, raws[blk], blk)
+                if t is None:
+                    node.dir_errors.append(f"hash table block {i}: {err}")
+                    continue
+                if fixed is not None:
+                    self.pending_checksums.append((f"Hash table of directory {node.ino}", blk, fixed))
+                if t.index != i:
+                    node.dir_errors.append(f"hash table block {i} says it is block {t.index}")
+                tables[i] = t
+            else:
+                lf, err, fixed = self.decode(F.DirLeaf.decode, F.SIG_DIRLEAF, raws[blk], blk)
+                if lf is None:
+                    node.dir_errors.append(f"leaf {i}: {err}")
+                    continue
+                if fixed is not None:
+                    self.pending_checksums.append((f"Leaf of directory {node.ino}", blk, fixed))
+                if lf.index != i:
+                    node.dir_errors.append(f"leaf {i} says it is leaf {lf.index}")
+                if lf.depth > d.dir_depth:
+                    node.dir_errors.append(f"leaf {i} deeper than the table")
+                leaves[i] = lf
+        # Entries: everything decodable (a rebuild keeps them all).
+        seen: set[bytes] = set()
+        for i in sorted(leaves):
+            lf = leaves[i]
+            keys = [e.key for e in lf.entries]
+            if keys != sorted(keys):
+                node.dir_errors.append(f"leaf {i} is not sorted")
+            for e in lf.entries:
+                ent = Ent(node.ino, e.name, e.ino, e.ftype, e.key, lf.blkno)
+                if not _valid_name(e.name):
+                    node._bad_names = getattr(node, "_bad_names", []) + [ent]
+                    continue
+                if e.name in seen:
+                    node._dups = getattr(node, "_dups", []) + [ent]
+                    continue
+                seen.add(e.name)
+                if e.key != F.name_key(seed, e.name):
+                    node.dir_errors.append(f"entry '{e.name.decode(errors='replace')}' "
+                                           f"has a wrong hash")
+                node.entries.append(ent)
+        if node.dir_errors or len(tables) * F.dirtable_slots(self.bs) < (1 << d.dir_depth):
+            return
+        # Table <-> leaves: each leaf of local depth k owns one aligned
+        # run of 2**(D-k) slots, and its keys carry that prefix.
+        D = d.dir_depth
+        ts = F.dirtable_slots(self.bs)
+        slots_of: dict[int, list[int]] = {}
+        for s in range(1 << D):
+            p = tables[s // ts].ptrs[s % ts]
+            if p not in leaves:
+                node.dir_errors.append(f"table slot {s} points at leaf {p}, which does not exist")
+                return
+            slots_of.setdefault(p, []).append(s)
+        for i, lf in leaves.items():
+            sl = slots_of.get(i)
+            if not sl:
+                node.dir_errors.append(f"leaf {i} is not in the hash table")
+                continue
+            span = 1 << (D - lf.depth)
+            if len(sl) != span or sl[0] % span or sl[-1] != sl[0] + span - 1:
+                node.dir_errors.append(f"leaf {i} (depth {lf.depth}) owns the wrong table slots")
+                continue
+            prefix = sl[0] >> (D - lf.depth)
+            for e in lf.entries:
+                if lf.depth and e.key >> (F.KEY_BITS - lf.depth) != prefix:
+                    node.dir_errors.append(f"entry '{e.name.decode(errors='replace')}' is in "
+                                           f"the wrong leaf")
+                    break
+
+    def plan_symlink(self, node: Node, want) -> None:
+        size = node.inode.size
+        if not 0 < size <= MAX_SYMLINK:
+            return
+        cs = self.sb.cluster_size
+        for off in range(0, size, self.bs):
+            blk = self.map_lblk(node, off // self.bs)
+            if blk is None:
+                return
+            want[blk] = (node, "symlink", off)
+
+    def parse_symlink(self, node: Node, raws) -> None:
+        size = node.inode.size
+        if not 0 < size <= MAX_SYMLINK:
+            return
+        data = b""
+        for off in range(0, size, self.bs):
+            blk = self.map_lblk(node, off // self.bs)
+            if blk is None or blk not in raws:
+                return
+            data += raws[blk]
+        node.target = data[:size]
+
+    async def probe_unattached(self) -> list[int]:
+        """Inodes in clusters the bitmaps call used that nothing walked
+        claims."""
+        sb = self.sb
+        masks = self.claimed_masks()
+        used: dict[int, int] = {}
+        for g, gd in enumerate(self.groups):
+            if gd is not None:
+                used[g] = int.from_bytes(gd.bitmap, "little") & ((1 << gd.nbits) - 1)
+        win: dict[int, int] = {}
+        for start, n in self.window_ranges():
+            self.or_range(win, start, n)
+        for la in self.locals.values():
+            if la is None or not la.length:
+                continue
+            for i in range(la.length):
+                if la.test(i):
+                    self.or_range(used, la.start + i, 1)
+        cands = []
+        for g in range(sb.group_count):
+            m = used.get(g, 0) & ~masks.get(g, 0)
+            for a, e in _mask_runs(m, g * sb.cpg):
+                cands.extend(range(a, e))
+        blks = [cl << self.shift for cl in cands]
+        raws = await read_blocks(self.view, self.bs, blks)
+        found = []
+        for blk, raw in raws.items():
+            if raw[:8] != F.SIG_INODE:
+                continue
+            inode, err, fixed = self.decode(F.Inode.decode, F.SIG_INODE, raw, blk)
+            if inode is None or self.inode_insane(inode) is not None:
+                continue
+            if inode.flags & F.INODE_FLAG_SYSTEM:
+                continue
+            found.append(blk)
+        return sorted(found)
+
+    async def full_scan(self) -> None:
+        sb = self.sb
+        self.nodes = {}
+        self.early_refs: dict[int, list[Ent]] = {}
+        self.pending_checksums: list[tuple[str, int, bytes]] = []
+        await self.load_allocators()
+        anchors = [sb.root_ino] + [s.orphan_ino for s in sb.slots]
+        await self.scan(anchors)
+        found = await self.probe_unattached()
+        self.unattached_roots: list[int] = []
+        if found:
+            await self.scan(found, unattached=True)
+            self.unattached_roots = [i for i in found if not self.nodes[i].refs]
+        for ino, refs in self.early_refs.items():
+            if ino in self.nodes:
+                self.nodes[ino].refs.extend(refs)
+        self.early_refs = {}
+        self.modified = False
+
+    # ================================================== pass 1
+
+    async def pass1(self) -> None:
+        self.say("Pass 1: Checking inodes, extent trees and allocation")
+        for what, blk, fixed in self.pending_checksums:
+            await self.fix_checksum(what, blk, fixed)
+        self.pending_checksums = []
+        for g, err in sorted(self.group_errors.items()):
+            await self.problem(f"Group descriptor {g} is damaged ({err}); it will be "
+                               f"rebuilt in pass 5.")
+            self.res.errors_found -= 1          # counted once, in pass 5
+            self.res.problems.pop()
+        sb = self.sb
+        cs = sb.cluster_size
+        special = (F.INODE_FLAG_VALID | F.INODE_FLAG_ORPHAN | F.INODE_FLAG_SYSTEM)
+        # Per-inode structure.
+        bad_exts: dict[int, set] = {}
+        for ino in sorted(self.nodes):
+            node = self.nodes[ino]
+            if not node.ok:
+                continue
+            inode = node.inode
+            drop = set()
+            prev_end = -1
+            for rec in sorted(node.exts):
+                l, p, n = rec
+                if n <= 0 or p < sb.reserved_clusters or p + n > sb.total_clusters or l < 0:
+                    drop.add(rec)
+                elif l < prev_end:
+                    drop.add(rec)
+                else:
+                    prev_end = l + n
+            if drop:
+                bad_exts[ino] = drop
+            if inode.flags & ~special:
+                if await self.problem(f"Inode {ino} has unknown flags {inode.flags:#x}.",
+                                      "Clear them"):
+                    await self.patch_inode(ino, flags=inode.flags & special)
+        # Ownership: every cluster has at most one owner.
+        claims = [(a, n, "meta", what) for a, n, what in self.metadata_claims()]
+        for ino, node in self.nodes.items():
+            drop = bad_exts.get(ino, set())
+            for a, n, what in self.node_claims(node):
+                if what.startswith("logical") and any(d[1] == a and d[2] == n for d in drop):
+                    continue
+                claims.append((a, n, ino, what))
+        claims.sort(key=lambda c: (c[0], 0 if c[2] == "meta" else 1))
+        cur_end, cur = -1, None
+        lost_xattr: set[int] = set()
+        for c in claims:
+            a, n, owner, what = c
+            if cur is not None and a < cur_end and owner != "meta":
+                other = cur
+                o_desc = (other[3] if other[2] == "meta" else f"inode {other[2]} ({other[3]})")
+                msg = (f"Inode {owner} ({what}, clusters {a}-{a + n - 1}) overlaps {o_desc}.")
+                if what.startswith("logical"):
+                    lcl = int(what.split()[-1])
+                    bad_exts.setdefault(owner, set()).update(
+                        r for r in self.nodes[owner].exts if r[0] == lcl)
+                    self.overlap_msgs.setdefault(owner, []).append(msg)
+                    continue
+                if what == "xattr block":
+                    lost_xattr.add(owner)
+                    self.overlap_msgs.setdefault(owner, []).append(msg)
+                    continue
+                await self.problem(msg + " Cannot repair this (the inode or its extent "
+                                   "tree shares space); it is left as is.")
+            if a + n > cur_end:
+                cur_end, cur = a + n, c
+        # Apply extent and xattr repairs, check sizes.
+        for ino in sorted(self.nodes):
+            node = self.nodes[ino]
+            if not node.ok:
+                continue
+            inode = node.inode
+            for msg in self.overlap_msgs.get(ino, []):
+                self.say(msg)
+            drop = bad_exts.get(ino)
+            if drop or node.tree_errors:
+                why = "; ".join(node.tree_errors + [
+                    f"bad or shared extent (logical {l}, physical {p}, {n} clusters)"
+                    for l, p, n in sorted(drop or ())])
+                if await self.problem(f"Inode {ino} has a damaged extent map: {why}.",
+                                      "Remove the bad extents"):
+                    keep = sorted(r for r in node.exts if r not in (drop or ()))
+                    await self.store_extents(ino, keep, reset=bool(node.tree_errors))
+                    node.exts = keep
+            if node.xattr_error or ino in lost_xattr:
+                why = node.xattr_error or "xattr block shared with another owner"
+                if await self.problem(f"Inode {ino}: {why}.", "Drop its extended attributes"):
+                    await self.patch_inode(ino, xattr_blk=0)
+            total = sum(n for _, _, n in node.exts)
+            if total != inode.clusters and not drop and not node.tree_errors:
+                if await self.problem(f"Inode {ino} counts {inode.clusters} clusters, its "
+                                      f"extents hold {total}.", "Fix the count"):
+                    await self.patch_inode(ino, clusters=total)
+            mode = inode.mode & F.S_IFMT
+            end = max((l + n for l, _, n in node.exts), default=0)
+            if mode == stat.S_IFREG:
+                if end > -(-inode.size // cs):
+                    if await self.problem(f"Inode {ino}: size {inode.size} but clusters "
+                                          f"mapped up to {end * cs}.", "Set the size to cover them"):
+                        await self.patch_inode(ino, size=end * cs)
+            elif mode == stat.S_IFLNK:
+                bad = None
+                if not 0 < inode.size <= MAX_SYMLINK:
+                    bad = f"bad target length {inode.size}"
+                elif node.target is None or len(node.target) != inode.size:
+                    bad = "target not stored in its clusters"
+                elif b"\0" in node.target:
+                    bad = "target contains a NUL byte"
+                elif end > -(-inode.size // cs):
+                    bad = "clusters mapped past the target"
+                if bad:
+                    node.error = f"symbolic link with {bad}"
+            elif mode != stat.S_IFDIR:
+                if node.exts or inode.size:
+                    if await self.problem(f"Inode {ino} (a special file) has size {inode.size} "
+                                          f"and {len(node.exts)} extents.", "Clear them"):
+                        await self.store_extents(ino, [], reset=False)
+                        await self.patch_inode(ino, size=0)
+                        node.exts = []
+
+    async def patch_inode(self, ino: int, **fields) -> None:
+        async with self.edit() as (cache, ext, dirs):
+            inode = await cache.get(ino, "inode", ino)
+            for k, v in fields.items():
+                setattr(inode, k, v)
+            cache.mark(ino, inode)
+        node = self.nodes.get(ino)
+        if node is not None and node.inode is not None:
+            for k, v in fields.items():
+                setattr(node.inode, k, v)
+
+    async def store_extents(self, ino: int, exts, *, reset: bool) -> None:
+        async with self.edit() as (cache, ext, dirs):
+            inode = await cache.get(ino, "inode", ino)
+            if reset:
+                inode.root, inode.ext_depth = [], 0
+            await ext.store(inode, list(exts))
+
+    # ================================================== pass 2
+
+    async def pass2(self) -> None:
+        self.say("Pass 2: Checking directory structure")
+        sb = self.sb
+        system = {s.orphan_ino for s in sb.slots} | {sb.root_ino}
+        for ino in sorted(self.nodes):
+            d = self.nodes[ino]
+            if not d.is_dir:
+                continue
+            removed: list[Ent] = []
+            for ent in getattr(d, "_bad_names", []):
+                if await self.problem(f"Directory {ino} has an entry with an invalid name "
+                                      f"{ent.name!r}.", "Remove it"):
+                    removed.append(ent)
+            for ent in getattr(d, "_dups", []):
+                if await self.problem(f"Directory {ino} has a second entry named "
+                                      f"'{self.nm(ent.name)}'.", "Remove it"):
+                    removed.append(ent)
+            for ent in list(d.entries):
+                t = self.nodes.get(ent.ino)
+                where = f"Entry '{self.nm(ent.name)}' in directory {ino}"
+                if t is None or not t.ok:
+                    why = "an invalid inode" if t is None else f"inode {ent.ino} ({t.error})"
+                    if await self.problem(f"{where} points to {why}.", "Clear the entry"):
+                        removed.append(ent)
+                    continue
+                if ent.ino in system:
+                    if await self.problem(f"{where} points to system directory {ent.ino}.",
+                                          "Clear the entry"):
+                        removed.append(ent)
+                    continue
+                ft = F.ftype_of(t.inode.mode)
+                if ent.ftype != ft:
+                    if await self.problem(f"{where} has file type {ent.ftype}, the inode "
+                                          f"is type {ft}.", "Fix the type"):
+                        await self.set_entry_type(ent, ft)
+                        ent.ftype = ft
+            if removed:
+                await self.remove_entries(removed)
+            if d.dir_errors and d.ok:
+                if await self.problem(f"Directory {ino} is damaged: "
+                                      f"{'; '.join(d.dir_errors[:4])}.",
+                                      "Rebuild its hash table and leaves"):
+                    await self.rebuild_dir(d)
+        # Directories with more than one name.
+        for ino in sorted(self.nodes):
+            t = self.nodes[ino]
+            if not t.is_dir:
+                continue
+            live = [e for e in t.refs if e in self.nodes[e.dir].entries]
+            if len(live) <= 1:
+                continue
+            keep = next((e for e in live if e.dir == t.inode.parent), live[0])
+            extra = [e for e in live if e is not keep]
+            for e in extra:
+                if await self.problem(f"Directory {ino} also appears as '{self.nm(e.name)}' "
+                                      f"in directory {e.dir} (directories have one name).",
+                                      "Remove that entry"):
+                    await self.remove_entries([e])
+
+    @staticmethod
+    def nm(name: bytes) -> str:
+        return name.decode(errors="backslashreplace")
+
+    async def remove_entries(self, ents: list[Ent]) -> None:
+        async with self.edit() as (cache, ext, dirs):
+            for ent in ents:
+                lf = await cache.get(ent.leaf_blk, "dirleaf", ent.dir)
+                for i, e in enumerate(lf.entries):
+                    if e.key == ent.key and e.name == ent.name and e.ino == ent.ino:
+                        del lf.entries[i]
+                        cache.mark(lf.blkno, lf)
+                        break
+        for ent in ents:
+            d = self.nodes.get(ent.dir)
+            if d is not None and ent in d.entries:
+                d.entries.remove(ent)
+            t = self.nodes.get(ent.ino)
+            if t is not None and ent in t.refs:
+                t.refs.remove(ent)
+
+    async def set_entry_type(self, ent: Ent, ft: int) -> None:
+        async with self.edit() as (cache, ext, dirs):
+            lf = await cache.get(ent.leaf_blk, "dirleaf", ent.dir)
+            for e in lf.entries:
+                if e.key == ent.key and e.name == ent.name:
+                    e.ftype = ft
+                    cache.mark(lf.blkno, lf)
+
+    async def rebuild_dir(self, d: Node) -> None:
+        async with self.edit() as (cache, ext, dirs):
+            inode = await cache.get(d.ino, "inode", d.ino)
+            inode.root, inode.ext_depth, inode.clusters = [], 0, 0
+            await dirs.init(inode)
+            for e in d.entries:
+                await dirs.insert(inode, e.name, e.ino, e.ftype)
+            cache.mark(d.ino, inode)
+        d.dir_errors = []
+
+    # ================================================== pass 3
+
+    async def pass3(self) -> None:
+        self.say("Pass 3: Checking directory connectivity")
+        sb = self.sb
+        root = self.nodes.get(sb.root_ino)
+        if root is None or not root.is_dir:
+            why = root.error if root is not None else "missing"
+            await self.problem(f"Root directory (inode {sb.root_ino}) is unusable ({why}). "
+                               f"Cannot repair this.")
+            raise FsckError("the root directory is lost; the check cannot go on")
+        if root.inode.parent != sb.root_ino:
+            if await self.problem(f"Root directory's '..' is {root.inode.parent}, not itself.",
+                                  "Fix it"):
+                await self.patch_inode(sb.root_ino, parent=sb.root_ino)
+        for slot, s in enumerate(sb.slots):
+            od = self.nodes.get(s.orphan_ino)
+            if od is None or not od.is_dir:
+                await self.problem(f"Orphan directory of slot {slot} (inode {s.orphan_ino}) is "
+                                   f"unusable. Cannot repair this.")
+        # '..' of each directory names the directory holding it.
+        for ino in sorted(self.nodes):
+            t = self.nodes[ino]
+            if not t.is_dir or ino == sb.root_ino or t.unattached:
+                continue
+            live = [e for e in t.refs if e in self.nodes[e.dir].entries]
+            if len(live) == 1 and t.inode.parent != live[0].dir:
+                if await self.problem(f"Directory {ino}: '..' is {t.inode.parent}, should be "
+                                      f"{live[0].dir}.", "Fix it"):
+                    await self.patch_inode(ino, parent=live[0].dir)
+        # Orphans: legitimately unreachable, freed when nothing holds them
+        # open -- and nothing does on an unmounted volume.
+        orphan_dirs = {s.orphan_ino for s in sb.slots}
+        for od_ino in sorted(orphan_dirs):
+            od = self.nodes.get(od_ino)
+            if od is None or not od.is_dir:
+                continue
+            for ent in list(od.entries):
+                t = self.nodes.get(ent.ino)
+                if t is None or not t.ok:
+                    continue
+                others = [e for e in t.refs if e.dir not in orphan_dirs]
+                if others:
+                    msg = (f"Inode {ent.ino} is listed as an orphan but still has a name.")
+                    if await self.problem(msg, "Remove it from the orphan directory"):
+                        await self.remove_entries([ent])
+                        if t.inode.flags & F.INODE_FLAG_ORPHAN:
+                            await self.patch_inode(ent.ino, flags=t.inode.flags & ~F.INODE_FLAG_ORPHAN)
+                    continue
+                if await self.problem(f"Orphan inode {ent.ino} (deleted while open) still "
+                                      f"holds {t.inode.clusters} clusters.", "Free it"):
+                    await self.remove_entries([ent])
+                    await self.free_inode(t)
+        # Unattached inodes.
+        roots = [i for i in self.unattached_roots if self.nodes[i].ok]
+        if not roots:
+            return
+        lf = await self.lost_and_found()
+        for ino in roots:
+            t = self.nodes[ino]
+            kind = "directory" if t.is_dir else "inode"
+            if not await self.problem(f"Unattached {kind} {ino} (nlink {t.inode.nlink}).",
+                                      "Connect it to /lost+found"):
+                continue
+            if lf is None:
+                self.res.errors_fixed -= 1
+                self.say("  No usable /lost+found; cannot reconnect.")
+                continue
+            name = b"#%d" % ino
+            async with self.edit() as (cache, ext, dirs):
+                d = await cache.get(lf, "inode", lf)
+                if await dirs.lookup(d, name) is not None:
+                    name = b"#%d.%d" % (ino, time.time_ns())
+                await dirs.insert(d, name, ino, F.ftype_of(t.inode.mode))
+                if t.is_dir:
+                    child = await cache.get(ino, "inode", ino)
+                    child.parent = lf
+                    cache.mark(ino, child)
+                cache.mark(lf, d)
+
+    async def lost_and_found(self) -> int | None:
+        sb = self.sb
+        root = self.nodes[sb.root_ino]
+        cand = sb.lostfound_ino
+        named = next((e.ino for e in root.entries if e.name == b"lost+found"), None)
+        for ino in (cand, named):
+            n = self.nodes.get(ino)
+            if n is not None and n.is_dir and not n.dir_errors:
+                return ino
+        if not await self.problem("/lost+found is missing.", "Create it"):
+            return None
+        async with self.edit() as (cache, ext, dirs):
+            r = await cache.get(sb.root_ino, "inode", sb.root_ino)
+            if await dirs.lookup(r, b"lost+found") is not None:
+                await dirs.remove(r, b"lost+found")
+            cl, _ = ext.alloc.alloc(1)
+            now = time.time_ns()
+            lf = F.Inode(cl << self.shift, mode=stat.S_IFDIR | 0o700, nlink=2,
+                         atime_ns=now, mtime_ns=now, ctime_ns=now, parent=sb.root_ino)
+            cache.new(lf.ino, lf, lf.ino)
+            await dirs.init(lf)
+            await dirs.insert(r, b"lost+found", lf.ino, F.FT_DIR)
+            r.nlink += 1
+            cache.mark(r.ino, r)
+        sb.lostfound_ino = lf.ino
+        await self.view.write(F.SB_OFFSET, sb.encode(F.sb_blkno(self.bs)))
+        for blk in F.backup_sb_blknos(self.bs, sb.total_blocks):
+            await self.view.write(blk * self.bs, sb.encode(blk))
+        return lf.ino
+
+    async def free_inode(self, t: Node) -> None:
+        """Mark an inode unused; its clusters are freed by pass 5."""
+        await self.patch_inode(t.ino, flags=0, nlink=0)
+
+    # ================================================== pass 4
+
+    async def pass4(self) -> None:
+        self.say("Pass 4: Checking reference counts")
+        sb = self.sb
+        orphan_dirs = {s.orphan_ino for s in sb.slots}
+        files = dirs = 0
+        for ino in sorted(self.nodes):
+            t = self.nodes[ino]
+            if not t.ok:
+                continue
+            if t.unattached and not t.refs:
+                continue                 # reported in pass 3, left where it was
+            named = [e for e in t.refs if e.dir not in orphan_dirs]
+            if t.is_dir:
+                subdirs = sum(1 for e in t.entries
+                              if (c := self.nodes.get(e.ino)) is not None and c.is_dir
+                              and c.inode.parent == ino)
+                want = 2 + subdirs if ino not in orphan_dirs else t.inode.nlink
+                if ino not in orphan_dirs:
+                    dirs += 1
+            else:
+                want = len(named)
+                if not named:
+                    continue             # an orphan: its count is 0 or pass 3 frees it
+                files += 1
+            if t.inode.nlink != want:
+                if await self.problem(f"Inode {ino} has link count {t.inode.nlink}, "
+                                      f"should be {want}.", "Fix it"):
+                    await self.patch_inode(ino, nlink=want)
+            if t.inode.flags & F.INODE_FLAG_ORPHAN and named:
+                if await self.problem(f"Inode {ino} is flagged orphan but has a name.",
+                                      "Clear the flag"):
+                    await self.patch_inode(ino, flags=t.inode.flags & ~F.INODE_FLAG_ORPHAN)
+        self.res.files, self.res.directories = files, dirs
+
+    # ================================================== pass 5
+
+    async def pass5(self) -> None:
+        self.say("Pass 5: Checking cluster allocation bitmaps")
+        sb = self.sb
+        claimed = self.claimed_masks()
+        # Windows that are damaged are dropped: their clusters go back to
+        # the global bitmap.
+        for slot, err in sorted(self.local_errors.items()):
+            if await self.problem(f"Local allocation block of slot {slot} is damaged ({err}).",
+                                  "Reset it to an empty window"):
+                blk = sb.slots[slot].localalloc_blk
+                await self.put(blk, F.LocalAlloc(blk))
+                self.locals[slot] = F.LocalAlloc(blk)
+        expect = dict(claimed)
+        for start, n in self.window_ranges():
+            self.or_range(expect, start, n)
+        used = 0
+        for g in range(sb.group_count):
+            used += claimed.get(g, 0).bit_count()
+        self.res.clusters_used = used
+        for g in range(sb.group_count):
+            nbits = min(sb.cpg, sb.total_clusters - g * sb.cpg)
+            want = expect.get(g, 0) & ((1 << nbits) - 1)
+            gd = self.groups[g]
+            blk = F.group_desc_blkno(sb, g)
+            if gd is None:
+                if await self.problem(f"Group descriptor {g} (block {blk}) is damaged "
+                                      f"({self.group_errors.get(g)}).", "Rebuild it"):
+                    await self.write_group(g, nbits, want)
+                continue
+            have = int.from_bytes(gd.bitmap, "little")
+            if have != want:
+                missing = _mask_runs(want & ~have, g * sb.cpg)
+                extra = _mask_runs(have & ~want, g * sb.cpg)
+                msgs = []
+                if missing:
+                    msgs.append(f"in use but marked free: {_fmt_runs(missing)}")
+                if extra:
+                    msgs.append(f"marked in use but free: {_fmt_runs(extra)}")
+                if have >> nbits:
+                    msgs.append("bits set past the end of the group")
+                if await self.problem(f"Cluster bitmap differences in group {g}: "
+                                      f"{'; '.join(msgs)}.", "Fix the bitmap"):
+                    await self.write_group(g, nbits, want)
+                    continue
+            free = nbits - (have & ((1 << nbits) - 1)).bit_count()
+            if gd.free != free:
+                if await self.problem(f"Group {g} counts {gd.free} free clusters, its bitmap "
+                                      f"{free}.", "Fix the count"):
+                    await self.write_group(g, nbits, have & ((1 << nbits) - 1))
+        for slot, la in sorted(self.locals.items()):
+            if la is None or not la.length:
+                continue
+            want = 0
+            for i in range(la.length):
+                cl = la.start + i
+                g, bit = divmod(cl, sb.cpg)
+                if claimed.get(g, 0) >> bit & 1:
+                    want |= 1 << i
+            have = int.from_bytes(la.bitmap, "little") & ((1 << la.length) - 1)
+            if have != want:
+                missing = _mask_runs(want & ~have, la.start)
+                extra = _mask_runs(have & ~want, la.start)
+                msgs = []
+                if missing:
+                    msgs.append(f"in use but marked free: {_fmt_runs(missing)}")
+                if extra:
+                    msgs.append(f"marked in use but free: {_fmt_runs(extra)}")
+                if await self.problem(f"Local allocation window of slot {slot} differs: "
+                                      f"{'; '.join(msgs)}.", "Fix the window bitmap"):
+                    la.bitmap = bytearray(want.to_bytes((la.length + 7) // 8, "little"))
+                    await self.put(la.blkno, la)
+            else:
+                raw = await self.view.read(la.blkno * self.bs, self.bs)
+                count = F.LOCAL_HDR.unpack_from(raw, F.HDR_SIZE)[2]
+                if count != have.bit_count():
+                    if await self.problem(f"Local allocation window of slot {slot} counts "
+                                          f"{count} used, its bitmap {have.bit_count()}.",
+                                          "Fix the count"):
+                        await self.put(la.blkno, la)
+
+    async def write_group(self, g: int, nbits: int, bits: int) -> None:
+        bm = bytearray(bits.to_bytes((nbits + 7) // 8, "little"))
+        gd = F.GroupDesc(g, nbits, nbits - bits.bit_count(), bm)
+        self.groups[g] = gd
+        await self.put(F.group_desc_blkno(self.sb, g), gd)
+
+    # ================================================== driver
+
+    async def run(self) -> Result:
+        res = self.res
+        t0 = time.monotonic()
+        try:
+            await self.pass0()
+            await self.full_scan()
+            await self.pass1()
+            await self.pass2()
+            await self.pass3()
+            if self.modified:
+                self.info("  (re-reading the repaired tree)")
+                await self.full_scan()
+            await self.pass4()
+            if self.modified:
+                await self.full_scan()
+            await self.pass5()
+        except FsckError as e:
+            res.operational_error = str(e)
+            self.err(f"{PROG}: {e}")
+        except Cancelled:
+            res.cancelled = True
+            self.err(f"{PROG}: cancelled.")
+        if self.view is not None and self.repair and self.view.blocks \
+                and res.operational_error is None:
+            n = await self.view.commit()
+            self.info(f"  wrote {n} block(s)")
+        if self.sb is not None and res.operational_error is None and not res.cancelled:
+            label = self.sb.label or "replfs"
+            self.say(f"{label}: {res.files} files, {res.directories} directories, "
+                     f"{res.clusters_used}/{res.total_clusters} clusters used")
+            if res.errors_fixed:
+                self.say(f"\n***** FILE SYSTEM WAS MODIFIED ({res.errors_fixed} "
+                         f"error(s) corrected) *****")
+            if res.errors_left:
+                self.say(f"\n***** {res.errors_left} ERROR(S) LEFT UNCORRECTED *****")
+        self.info(f"  checked in {time.monotonic() - t0:.2f}s")
+        return res
+
+
+# ------------------------------------------------------------------ library API
+
+def _answerer(mode: str, out):
+    async def yes(q):
+        out(f"{q}? yes")
+        return True
+
+    async def no(q):
+        out(f"{q}? no")
+        return False
+
+    state = {"all": False}
+
+    async def ask(q):
+        if state["all"]:
+            out(f"{q}? yes")
+            return True
+        while True:
+            try:
+                a = await trio.to_thread.run_sync(input, f"{q} (y/n/a=yes to all/q=quit)? ")
+            except EOFError:
+                raise Cancelled() from None
+            a = a.strip().lower()
+            if a in ("y", "yes"):
+                return True
+            if a in ("n", "no"):
+                return False
+            if a in ("a", "all"):
+                state["all"] = True
+                return True
+            if a in ("q", "quit"):
+                raise Cancelled()
+
+    return {"yes": yes, "no": no, "ask": ask}[mode]
+
+
+async def check(dev, *, repair: bool = False, out=print, answer: str | None = None,
+                verbose: bool = False, force: bool = False,
+                mounted: str | None = None, err=None) -> Result:
+    """Check (and with ``repair`` fix) the replfs volume on BlockDevice
+    ``dev``.  Nothing is written unless ``repair``."""
+    say = out or (lambda *_: None)
+    mode = answer or ("yes" if repair else "no")
+    c = Checker(dev, repair=repair and mode != "no", answer=_answerer(mode, say), out=say,
+                verbose=verbose, force=force, mounted=mounted, err=err)
+    return await c.run()
+
+
+def check_image(path: str, *, repair: bool = False, out=None) -> Result:
+    """Synchronous check of an image file (for tests: an fsck oracle)."""
+    from replfs.blockdev import FileBlockDevice
+
+    async def go():
+        dev = FileBlockDevice(path, readonly=not repair)
+        try:
+            return await check(dev, repair=repair, out=out)
+        finally:
+            await dev.close()
+    return trio.run(go)
+
+
+def assert_clean(path: str) -> Result:
+    """Raise AssertionError listing the problems when the image is not clean."""
+    lines: list[str] = []
+    res = check_image(path, out=lines.append)
+    if not res.clean:
+        raise AssertionError(f"fsck.replfs found problems in {path} (exit {res.exit_code}):\n"
+                             + "\n".join(lines))
+    return res
+
+
+# ------------------------------------------------------------------ command line
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("replfs")
+    except Exception:
+        return "0.1.0"
+
+
+USAGE = f"usage: {PROG} [-n|-y|-p] [-f] [-v] [-c CONF] [--node NAME] [--rundir DIR] TARGET"
+
+HELP = f"""{USAGE}
+
+Check and repair a replfs filesystem (offline: the volume must not be mounted).
+
+TARGET is an image file or device, or a resource name of replfs.conf
+(opened through replfsd; the node must be Primary to repair).
+
+options:
+  -n, --no           open read-only and answer 'no' to every question
+  -y, --yes          answer 'yes' to every question (repair everything)
+  -p, -a             the same as -y (as fsck(8) passes them)
+  -f, --force        check even if the volume looks mounted (slot map in use)
+  -v, --verbose      say more
+  -c, --config FILE  resource configuration (default $REPLFS_CONF, else
+                     /etc/replfs/replfs.conf)
+  --node NAME        this node's name (default $REPLFS_NODE, else uname -n)
+  --rundir DIR       replfsd's socket directory (default $REPLFS_RUNDIR, else
+                     /run/replfs)
+  -h, --help         show this help and exit
+  --version          print the version and exit
+
+Without -n or -y, questions are asked on the terminal; with no terminal
+fsck.replfs answers 'no' to everything, as with -n.
+
+Exit status (bits, as e2fsck): 0 no errors, 1 errors corrected, 4 errors
+left uncorrected, 8 operational error, 16 usage error, 32 cancelled.
+"""
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, add_help=False)
+    p.add_argument("-n", "--no", action="store_true")
+    p.add_argument("-y", "--yes", action="store_true")
+    p.add_argument("-p", "-a", dest="preen", action="store_true")
+    p.add_argument("-f", "--force", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-h", "--help", action="store_true")
+    p.add_argument("--version", action="store_true")
+    p.add_argument("-c", "--config")
+    p.add_argument("--node")
+    p.add_argument("--rundir")
+    p.add_argument("target", nargs="?")
+    return p
+
+
+def _mounted_where(target: str) -> str | None:
+    try:
+        from .mkfs import mounted_source
+    except ImportError:
+        return None
+    return mounted_source(target)
+
+
+async def _open_and_check(args, mode: str, out, err) -> Result:
+    target = args.target
+    readonly = mode == "no"
+    if os.path.exists(target):
+        from replfs.blockdev import FileBlockDevice
+        where = _mounted_where(target)
+        if where is not None:
+            if not readonly and not args.force:
+                raise FsckError(f"{target} is mounted on {where}; cannot repair a mounted "
+                                f"volume (unmount it first)")
+            err(f"WARNING: {target} is mounted on {where}; results may be inconsistent.")
+        try:
+            dev = FileBlockDevice(target, readonly=readonly)
+        except OSError as e:
+            raise FsckError(f"{target}: {e.strerror or e}") from None
+        try:
+            return await _check_refusing_in_use(dev, args, mode, out, err)
+        finally:
+            await dev.close()
+    conf_path = args.config or os.environ.get("REPLFS_CONF") or "/etc/replfs/replfs.conf"
+    try:
+        from replfs.blockrepl import conf
+        cfg = conf.load(conf_path)
+    except Exception as e:
+        raise FsckError(f"{target}: no such file or device, and {conf_path} cannot be "
+                        f"read ({e})") from None
+    if target not in cfg.resources:
+        raise FsckError(f"{target}: no such file or device, and no resource of that name "
+                        f"in {conf_path}")
+    from replfs.errors import ReplfsError
+    from replfs.ipc.client import DaemonBlockDevice, rundir_from_env
+    async with trio.open_nursery() as nursery:
+        try:
+            dev = await DaemonBlockDevice.open(nursery, target, write=not readonly,
+                                               rundir=rundir_from_env(args.rundir))
+        except (ReplfsError, OSError) as e:
+            nursery.cancel_scope.cancel()
+            raise FsckError(f"cannot open resource {target}: {e}") from None
+        try:
+            return await _check_refusing_in_use(dev, args, mode, out, err)
+        finally:
+            with trio.CancelScope(shield=True):
+                await dev.close()
+            nursery.cancel_scope.cancel()
+
+
+async def _check_refusing_in_use(dev, args, mode, out, err) -> Result:
+    if mode != "no" and not args.force:
+        # Peek at the slot map before changing anything.
+        probe = Checker(dev, repair=False, answer=_answerer("no", lambda *_: None),
+                        out=None)
+        try:
+            probe.sb = await probe.find_superblock()
+            probe.view = OverlayDevice(dev, probe.sb.block_size)
+            await probe.check_slotmap()
+        except FsckError:
+            pass
+        if probe.slots_in_use:
+            who = ", ".join(f"slot {i} (node {n})" for i, n in probe.slots_in_use)
+            raise FsckError(f"{args.target} is in use ({who} in the slot map); refusing to "
+                            f"repair a mounted volume. Unmount it everywhere, or use -f if "
+                            f"the nodes are known to be down.")
+    return await check(dev, repair=mode != "no", out=out, answer=mode,
+                       verbose=args.verbose, force=args.force, err=err)
+
+
+def main(argv=None) -> int:
+    out = print
+
+    def err(msg):
+        print(msg, file=sys.stderr)
+
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as e:
+        err(f"{PROG}: {e}\n{USAGE}")
+        return EXIT_USAGE
+    if args.help:
+        out(HELP)
+        return EXIT_OK
+    if args.version:
+        out(f"{PROG} {_version()}")
+        return EXIT_OK
+    if not args.target:
+        err(f"{PROG}: no TARGET given\n{USAGE}")
+        return EXIT_USAGE
+    yes = args.yes or args.preen
+    if args.no and yes:
+        err(f"{PROG}: -n and -y/-p are mutually exclusive\n{USAGE}")
+        return EXIT_USAGE
+    if args.no:
+        mode = "no"
+    elif yes:
+        mode = "yes"
+    elif sys.stdin.isatty() and sys.stdout.isatty():
+        mode = "ask"
+    else:
+        mode = "no"
+        err(f"{PROG}: no terminal to ask questions on; answering 'no' to all (as -n).")
+    out(f"{PROG} {_version()}")
+    out(f"Checking {args.target}" + (" (read-only)" if mode == "no" else ""))
+    try:
+        res = trio.run(_open_and_check, args, mode, out, err)
+    except FsckError as e:
+        err(f"{PROG}: {e}")
+        return EXIT_OPERATIONAL
+    except KeyboardInterrupt:
+        err(f"{PROG}: interrupted")
+        return EXIT_CANCELLED
+    except OSError as e:
+        err(f"{PROG}: I/O error: {e}")
+        return EXIT_OPERATIONAL
+    return res.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
