@@ -341,11 +341,22 @@ class ReplfsOperations(pyfuse3.Operations):
 
     # ---------------------------------------------------------------- xattrs
 
+    @staticmethod
+    def _no_acl(name) -> None:
+        # Without FUSE's POSIX ACL support the kernel hands ACLs over as
+        # plain xattrs.  Storing them would make cp -a, tar and setfacl
+        # believe permissions were set while the mode stays unchanged;
+        # EOPNOTSUPP makes them fall back to chmod.
+        if bytes(name).startswith(b"system.posix_acl_"):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+
     async def setxattr(self, inode, name, value, ctx):
+        self._no_acl(name)
         await self._call("setxattr", self.fs.setxattr, self._disk(inode), name, value,
                          changes=True)
 
     async def getxattr(self, inode, name, ctx):
+        self._no_acl(name)
         return await self._call("getxattr", self.fs.getxattr, self._disk(inode), name)
 
     async def listxattr(self, inode, ctx):
