@@ -378,9 +378,22 @@ def test_resource_of_a_replfsd_pair(tmp_path):
         # Fail over: beta Primary sees the file.
         a.adm("secondary", "r0")
         b.adm("primary", "r0")
-        run("mount", "-t", "fuse.replfs", "r0", mnt, "-o", bopts + ",timeout=5")
+        run("mount", "-t", "fuse.replfs", "r0", mnt, "-o", bopts + ",timeout=2")
         with open(os.path.join(mnt, "blob"), "rb") as f:
             assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
+        # A daemon that hangs: the read gives up with EIO after timeout=2.
+        b.proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(OSError) as e:
+                with open(os.path.join(mnt, "blob"), "rb") as f:
+                    f.read()
+            assert e.value.errno == errno.EIO
+            assert 1.5 < time.monotonic() - t0 < 15
+        finally:
+            b.proc.send_signal(signal.SIGCONT)
+        with open(os.path.join(mnt, "blob"), "rb") as f:
+            assert f.read(10) == data[:10]
         # The daemon dies under the mount: operations fail fast with EIO.
         b.kill9()
         t0 = time.monotonic()

@@ -388,6 +388,34 @@ def test_truncate(d):
         os.truncate(d, 0)
 
 
+def test_o_direct_and_copy_file_range(d):
+    import mmap
+    p = os.path.join(d, "direct")
+    buf = mmap.mmap(-1, 8192)                          # page-aligned for O_DIRECT
+    buf.write(b"D" * 8192)
+    fd = os.open(p, os.O_CREAT | os.O_RDWR | os.O_DIRECT, 0o644)
+    try:
+        assert os.pwrite(fd, buf, 4096) == 8192
+        back = mmap.mmap(-1, 12288)
+        assert os.preadv(fd, [back], 0) == 12288
+        assert back[:] == bytes(4096) + b"D" * 8192
+    finally:
+        os.close(fd)
+    src = os.open(p, os.O_RDONLY)
+    dst = os.open(os.path.join(d, "copy"), os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        done = 0
+        while done < 12288:
+            n = os.copy_file_range(src, dst, 12288 - done)
+            assert n > 0
+            done += n
+    finally:
+        os.close(src)
+        os.close(dst)
+    with open(os.path.join(d, "copy"), "rb") as f:
+        assert f.read() == bytes(4096) + b"D" * 8192
+
+
 def test_large_file_checksum(d):
     p = os.path.join(d, "big")
     h = hashlib.sha256()
