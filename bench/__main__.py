@@ -1,12 +1,12 @@
 """`make bench`: run every benchmark in turn."""
 import sys
 
-from . import block, locking
+from . import block, fs, locking
 
 
 def main() -> int:
     rc = 0
-    for mod in (block, locking):
+    for mod in (block, locking, fs):
         print(f"\n######## {mod.__name__}", flush=True)
         rc |= mod.main([])
     return rc

@@ -252,22 +252,24 @@ class ReplfsResource(Target):
         from replfs.localpair import LocalPair
         self.pair = LocalPair(os.path.join(self.root, "pair"), size=self.size_mb << 20,
                               protocol="C")
-        self.pair.start()
-        a = self.pair.nodes[0]
-        a.adm("primary", "--force", "r0")
-        a.adm("wait-sync", "r0", timeout=600)
+        self.pair.up_fresh()
+        self.pair.wait_synced(timeout=600)
+        a = self.pair.alpha
         env = _env()
         env.update(REPLFS_CONF=a.conf, REPLFS_NODE=a.name, REPLFS_RUNDIR=a.rundir)
         subprocess.run([os.path.join(BIN, "mkfs.replfs"), "-q", "-N", "2", "r0"], check=True,
                        env=env)
         self.path = os.path.join(self.root, "res-mnt")
         os.mkdir(self.path)
-        subprocess.run(["mount", "-t", "fuse.replfs", "r0", self.path], check=True, env=env)
+        # mount(8) gives the helper no environment: say where things are
+        subprocess.run(["mount", "-t", "fuse.replfs", "-o",
+                        f"conf={a.conf},node={a.name},rundir={a.rundir}", "r0", self.path],
+                       check=True, env=env)
         _wait_mounted(self.path)
 
     def stop(self):
         _umount(self.path)
-        self.pair.stop()
+        self.pair.teardown()
 
 
 # ---------------------------------------------------------------- main
