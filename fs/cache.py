@@ -52,6 +52,10 @@ class MetaCache:
             raise OSError(errno.EIO, f"metadata block {blkno} out of range")
         self.reads += 1
         raw = await self.dev.read(blkno * self.bs, self.bs)
+        if kind == "inode" and F.signature_of(raw) != F.SIG_INODE:
+            # An inode number that does not lead to an inode: the file was
+            # deleted and its block reused (or never was an inode).
+            raise OSError(errno.ESTALE, f"block {blkno} is not an inode")
         try:
             obj = DECODERS[kind](raw, self.sb.volid, blkno)
         except F.FormatError as e:

@@ -131,6 +131,7 @@ class Filesystem:
         self.root_ino = sb.root_ino
         self.orphan_ino = sb.slots[slot].orphan_ino
         self._big = trio.Lock()
+        self._held: set[int] = set()
         self._handles: dict[int, _Handle] = {}
         self._opens: dict[int, int] = {}
         self._next_fh = 1
@@ -251,9 +252,14 @@ class Filesystem:
 
     @asynccontextmanager
     async def _locked(self, *inos: int, shared: bool = False):
+        # Inodes already held by this operation (rename locks the parents,
+        # then the children, and a child may be one of the parents) are
+        # not taken again: the lock manager's locks are not re-entrant.
         async with AsyncExitStack() as stack:
-            for ino in sorted(set(inos)):
+            for ino in sorted(set(inos) - self._held):
                 await stack.enter_async_context(self.locks.inode(ino, shared=shared))
+                self._held.add(ino)
+                stack.callback(self._held.discard, ino)
             yield
 
     async def _commit(self) -> None:
@@ -357,7 +363,11 @@ class Filesystem:
             self.cache.forget(inode.xattr_blk)
             inode.xattr_blk = 0
         self.alloc.free(inode.ino >> self.shift, 1)
-        self.cache.forget(inode.ino)
+        # A tombstone, not just a forgotten block: a stale inode number
+        # (FUSE, NFS handle) must find an invalid inode, not the old one.
+        inode.flags = 0
+        inode.nlink = 0
+        self._dirty(inode)
         self._opens.pop(inode.ino, None)
 
     async def _drop_link(self, inode: F.Inode) -> None:
