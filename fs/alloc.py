@@ -14,8 +14,43 @@ pointing at foreign data.
 from __future__ import annotations
 
 import errno
+import re
 
 from . import format as F
+
+
+_NOT_FULL = re.compile(rb"[^\xff]")
+
+
+def first_free(bitmap: bytes | bytearray, nbits: int, start: int) -> int | None:
+    """Index of the first clear bit at or after ``start``, or None."""
+    i = start
+    while i < nbits:
+        if i & 7 == 0:
+            m = _NOT_FULL.search(bitmap, i >> 3)
+            if m is None:
+                return None
+            i = m.start() << 3
+            if i >= nbits:
+                return None
+        if not bitmap[i >> 3] & (1 << (i & 7)):
+            return i
+        i += 1
+    return None
+
+
+def free_run(bitmap: bytes | bytearray, start: int, limit: int) -> int:
+    """Number of clear bits from ``start`` on, at most ``limit``."""
+    n = 0
+    while n < limit:
+        j = start + n
+        if j & 7 == 0 and limit - n >= 8 and bitmap[j >> 3] == 0:
+            n += 8
+            continue
+        if bitmap[j >> 3] & (1 << (j & 7)):
+            break
+        n += 1
+    return n
 
 
 class Allocator:
@@ -28,6 +63,7 @@ class Allocator:
         self.local: F.LocalAlloc | None = None
         self.local_blk = sb.slots[slot].localalloc_blk
         self.pending: list[tuple[int, int]] = []
+        self.hint = 0          # where the next search of the window starts
         if window is None:
             window = max(8, min(2048, sb.total_clusters // (sb.slot_count * 8)))
         self.window = min(window, F.local_window_max(sb.block_size))
@@ -68,23 +104,23 @@ class Allocator:
             self.cache.mark(F.group_desc_blkno(self.sb, g.group), g)
 
     def _find_global_run(self, want: int) -> tuple[int, int]:
+        """First free run of ``want`` clusters, else the longest one."""
+        best = (0, 0)
         for g in self.groups:
             if g.free == 0:
                 continue
-            bm = g.bitmap
             bit = 0
-            while bit < g.nbits:
-                byte = bm[bit >> 3]
-                if byte == 0xFF and bit & 7 == 0:
-                    bit += 8
-                    continue
-                if not g.test(bit):
-                    run = 0
-                    while bit + run < g.nbits and run < want and not g.test(bit + run):
-                        run += 1
+            while True:
+                bit = first_free(g.bitmap, g.nbits, bit)
+                if bit is None:
+                    break
+                run = free_run(g.bitmap, bit, min(want, g.nbits - bit))
+                if run >= want:
                     return g.group * self.sb.cpg + bit, run
-                bit += 1
-        return 0, 0
+                if run > best[1]:
+                    best = (g.group * self.sb.cpg + bit, run)
+                bit += run
+        return best
 
     def release_window(self) -> None:
         la = self.local
@@ -105,6 +141,7 @@ class Allocator:
         la = self.local
         la.start, la.length = start, n
         la.bitmap = bytearray((n + 7) // 8)
+        self.hint = 0
         self.cache.mark(la.blkno, la)
 
     def alloc(self, want: int, goal: int | None = None) -> tuple[int, int]:
@@ -112,16 +149,16 @@ class Allocator:
         la = self.local
         if self.window_free() == 0:
             self._refill()
-        first = 0
         if goal is not None and la.start <= goal < la.start + la.length and not la.test(goal - la.start):
             first = goal - la.start
         else:
-            while la.test(first):
-                first += 1
-        n = 0
-        while first + n < la.length and n < want and not la.test(first + n):
-            la.bitmap[(first + n) >> 3] |= 1 << ((first + n) & 7)
-            n += 1
+            first = first_free(la.bitmap, la.length, self.hint if self.hint < la.length else 0)
+            if first is None:
+                first = first_free(la.bitmap, la.length, 0)
+        n = free_run(la.bitmap, first, min(want, la.length - first))
+        for i in range(first, first + n):
+            la.bitmap[i >> 3] |= 1 << (i & 7)
+        self.hint = first + n
         self.cache.mark(la.blkno, la)
         return la.start + first, n
 

@@ -265,18 +265,27 @@ class Filesystem:
     async def _commit(self) -> None:
         if not self.cache.dirty and not self.alloc.pending:
             return
-        self.alloc.apply_pending()
-        images, revokes = self.cache.take_transaction()
-        await self.journal.commit(images, revokes)
-        # Home writes, coalescing runs of adjacent blocks.
-        blks = sorted(images)
-        i = 0
-        while i < len(blks):
-            j = i + 1
-            while j < len(blks) and blks[j] == blks[j - 1] + 1 and j - i < 256:
-                j += 1
-            await self.dev.write(blks[i] * self.bs, b"".join(images[b] for b in blks[i:j]))
-            i = j
+        try:
+            self.alloc.apply_pending()
+            images, revokes = self.cache.take_transaction()
+            await self.journal.commit(images, revokes)
+            # Home writes, coalescing runs of adjacent blocks.
+            blks = sorted(images)
+            i = 0
+            while i < len(blks):
+                j = i + 1
+                while j < len(blks) and blks[j] == blks[j - 1] + 1 and j - i < 256:
+                    j += 1
+                await self.dev.write(blks[i] * self.bs, b"".join(images[b] for b in blks[i:j]))
+                i = j
+        except BaseException as e:
+            # The transaction has left the cache; whether or not it reached
+            # the journal, memory and disk no longer agree.  Only a replay
+            # at the next mount can tell what survived.
+            self._fail(f"commit failed: {type(e).__name__}: {e}")
+            if isinstance(e, OSError):
+                raise OSError(errno.EIO, f"journal commit failed: {e}") from e
+            raise
 
     async def sync(self) -> None:
         async with self._op():

@@ -105,9 +105,11 @@ class Directories:
         while True:
             slot = key >> (F.KEY_BITS - d.dir_depth)
             leaf = await self._leaf(d, await self._ptr(d, slot))
-            if leaf.used() + ent.size <= self.bs:
+            used = leaf.used()
+            if used + ent.size <= self.bs:
                 i = bisect.bisect_right(leaf.entries, key, key=lambda e: e.key)
                 leaf.entries.insert(i, ent)
+                leaf.nbytes = used + ent.size
                 self.cache.mark(leaf.blkno, leaf)
                 return
             await self._split(d, leaf)
@@ -143,6 +145,7 @@ class Directories:
         keep = [e for e in leaf.entries if not (e.key >> bitpos) & 1]
         sib.entries = [e for e in leaf.entries if (e.key >> bitpos) & 1]
         leaf.entries = keep
+        leaf.nbytes = sib.nbytes = -1
         leaf.depth = nd
         self.cache.mark(leaf.blkno, leaf)
         self.cache.mark(sib.blkno, sib)
@@ -170,6 +173,7 @@ class Directories:
         for i, e in enumerate(leaf.entries):
             if e.key == key and e.name == name:
                 del leaf.entries[i]
+                leaf.nbytes = -1
                 self.cache.mark(leaf.blkno, leaf)
                 return e
         raise OSError(errno.ENOENT, "no such entry")

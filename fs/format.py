@@ -390,9 +390,14 @@ class DirLeaf:
     index: int
     depth: int
     entries: list[DirEntry]    # sorted by key
+    # Bytes in use, cached; whoever edits ``entries`` resets it to -1.
+    nbytes: int = field(default=-1, repr=False, compare=False)
 
     def used(self) -> int:
-        return DIRLEAF_OFF + sum(e.size for e in self.entries)
+        if self.nbytes < 0:
+            self.nbytes = (DIRLEAF_OFF + DIRENT.size * len(self.entries)
+                           + sum(len(e.name) for e in self.entries))
+        return self.nbytes
 
     def encode(self, bs: int, volid: int) -> bytes:
         buf = bytearray(bs)

@@ -94,7 +94,13 @@ class Journal:
         for b in out:
             crc = zlib.crc32(b, crc)
         out.append(F.encode_jcommit(self.bs, volid, pos + len(out), seq, len(out), crc))
-        # One write for the whole record keeps the number of device calls low.
+        # Ordered mode: file data written in place, and home writes of
+        # earlier transactions, must be durable before a commit that makes
+        # them reachable can be: a disk may reorder writes between flushes.
+        await self.dev.flush()
+        # One write for the whole record keeps the number of device calls
+        # low; the commit block's CRC over everything before it makes a
+        # torn record fail replay instead of replaying garbage.
         await self.dev.write(pos * self.bs, b"".join(out))
         await self.dev.flush()
         self.head += len(out)
