@@ -1732,19 +1732,28 @@ async def _open_and_check(args, mode: str, out, err) -> Result:
                         f"in {conf_path}")
     from replfs.errors import ReplfsError
     from replfs.ipc.client import DaemonBlockDevice, rundir_from_env
+    failure: BaseException | None = None
+    result = None
+    # Errors are carried out of the nursery so that they are not wrapped
+    # in an ExceptionGroup.
     async with trio.open_nursery() as nursery:
         try:
             dev = await DaemonBlockDevice.open(nursery, target, write=not readonly,
                                                rundir=rundir_from_env(args.rundir))
         except (ReplfsError, OSError) as e:
-            nursery.cancel_scope.cancel()
-            raise FsckError(f"cannot open resource {target}: {e}") from None
-        try:
-            return await _check_refusing_in_use(dev, args, mode, out, err)
-        finally:
-            with trio.CancelScope(shield=True):
-                await dev.close()
-            nursery.cancel_scope.cancel()
+            failure = FsckError(f"cannot open resource {target}: {e}")
+        else:
+            try:
+                result = await _check_refusing_in_use(dev, args, mode, out, err)
+            except (FsckError, OSError, ReplfsError) as e:
+                failure = e if not isinstance(e, ReplfsError) else FsckError(str(e))
+            finally:
+                with trio.CancelScope(shield=True):
+                    await dev.close()
+        nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    return result
 
 
 async def _check_refusing_in_use(dev, args, mode, out, err) -> Result:

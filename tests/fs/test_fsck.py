@@ -73,7 +73,12 @@ async def _populate(vol: Vol) -> None:
             await fs.write(fh, 0, bytes([i]) * (i * 37))
             await fs.release(fh)
         await fs.mknod(root, "fifo", stat.S_IFIFO | 0o644)
-        vol.ino.update(dir=d.ino, file=a.ino, sym=s.ino, sparse=b.ino, lonely=c.ino,
+        # every other cluster: more extents than the inode holds -> leaves
+        fh, fr = await fs.create(root, "fragmented")
+        for i in range(400):
+            await fs.write(fh, 2 * i * 4096, b"f" * 4096)
+        await fs.release(fh)
+        vol.ino.update(frag=fr.ino, dir=d.ino, file=a.ino, sym=s.ino, sparse=b.ino, lonely=c.ino,
                        sub=sub.ino, root=root)
     finally:
         await fs.unmount()
@@ -252,7 +257,7 @@ def test_fresh_volume_is_clean(fresh):
 def test_populated_volume_is_clean(populated):
     res, lines = check(populated.path)
     assert res.exit_code == 0, "\n".join(lines)
-    assert res.files == 205 and res.directories == 4
+    assert res.files == 206 and res.directories == 4
     # repair mode on a clean volume changes nothing
     before = open(populated.path, "rb").read()
     res, lines = check(populated.path, repair=True)
@@ -349,7 +354,7 @@ def test_unreachable_directory_tree_reconnected(populated):
     assert sub.parent == sb_of(populated.path).lostfound_ino
     # its 200 files came along (+1 made by assert_mounts)
     res, _ = check(populated.path)
-    assert res.files == 206
+    assert res.files == 207
 
 
 def test_inode_checksum_flip(populated):
@@ -408,6 +413,24 @@ def test_cluster_shared_by_two_files(populated):
     a.size = 101 * sb_of(populated.path).cluster_size
     put_inode(populated.path, a)
     damage_cycle(populated.path, "overlaps")
+
+
+def test_extent_leaf_damage(populated):
+    ino = inode_of(populated.path, populated.ino["frag"])
+    assert ino.ext_depth == 1 and len(ino.root) >= 2
+    sb = sb_of(populated.path)
+    blk = ino.root[1][1]
+    raw = bytearray(read_block(populated.path, blk, sb.block_size))
+    raw[F.EXTLEAF_OFF + 5] ^= 0x10                    # body flip: a checksum error
+    write_block(populated.path, blk, sb.block_size, bytes(raw))
+    damage_cycle(populated.path, "bad checksum")
+
+
+def test_extent_leaf_lost(populated):
+    ino = inode_of(populated.path, populated.ino["frag"])
+    sb = sb_of(populated.path)
+    write_block(populated.path, ino.root[0][1], sb.block_size, bytes(sb.block_size))
+    damage_cycle(populated.path, "damaged extent map")
 
 
 def test_size_smaller_than_extents(populated):
@@ -523,7 +546,7 @@ def test_cli_clean_and_repair(populated):
     r = subprocess.run([FSCK, "-n", populated.path], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Pass 3: Checking directory connectivity" in r.stdout
-    assert "t: 205 files, 4 directories" in r.stdout
+    assert "t: 206 files, 4 directories" in r.stdout
     ino = inode_of(populated.path, populated.ino["file"])
     ino.nlink = 9
     put_inode(populated.path, ino)
@@ -592,3 +615,41 @@ def test_speed_many_files(tmp_path):
     assert res.exit_code == 0, "\n".join(lines)
     assert res.files == 3000
     assert took < 10, took
+
+
+def test_resource_through_the_daemon(tmp_path):
+    """TARGET as a resource name of replfs.conf, opened through replfsd."""
+    from replfs.localpair import LocalPair
+    pair = LocalPair(tmp_path, size=96 * MiB)
+    try:
+        pair.up_fresh()
+        a = pair.alpha
+        common = ["-c", a.conf, "--rundir", a.rundir]
+        env = dict(a.env, REPLFS_NODE=a.name)
+        mkfs = os.path.join(os.path.dirname(sys.executable), "mkfs.replfs")
+        r = subprocess.run([mkfs, "-q", *common, "r0"], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = subprocess.run([FSCK, "-n", *common, "r0"], capture_output=True, text=True,
+                           env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "Pass 5" in r.stdout
+        r = subprocess.run([FSCK, "-y", *common, "--node", a.name, "r0"],
+                           capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = subprocess.run([FSCK, "-n", *common, "nosuch"], capture_output=True, text=True,
+                           env=env)
+        assert r.returncode == 8 and "no resource" in r.stderr, r.stderr
+    finally:
+        pair.teardown()
+
+
+def test_help_options_are_in_the_man_page():
+    here = os.path.dirname(os.path.abspath(__file__))
+    page = open(os.path.join(here, "..", "..", "man", "fsck.replfs.8")).read()
+    page = page.replace("\\-", "-")
+    for opt in ("-n", "--no", "-y", "--yes", "-p", "-a", "-f", "--force", "-v", "--verbose",
+                "-c", "--config", "--node", "--rundir", "--help", "--version"):
+        assert opt in fsck.HELP, opt
+        assert opt in page, opt
+    for code in ("0", "1", "2", "4", "8", "16", "32"):
+        assert f".B {code}\n" in page
