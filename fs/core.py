@@ -255,8 +255,12 @@ class Filesystem:
         # Inodes already held by this operation (rename locks the parents,
         # then the children, and a child may be one of the parents) are
         # not taken again: the lock manager's locks are not re-entrant.
+        todo = set(inos) - self._held
+        if not todo:
+            yield
+            return
         async with AsyncExitStack() as stack:
-            for ino in sorted(set(inos) - self._held):
+            for ino in sorted(todo):
                 await stack.enter_async_context(self.locks.inode(ino, shared=shared))
                 self._held.add(ino)
                 stack.callback(self._held.discard, ino)

@@ -25,30 +25,30 @@ class LockManager(Protocol):
 
 
 class _RWLock:
+    """Readers-writer lock.  Taking a free lock does not yield to the
+    scheduler: operations take several inode locks each, and a trip
+    through the event loop per lock was most of the cost of a create."""
+
     def __init__(self) -> None:
         self.readers = 0
         self.writer = False
-        self.cond = trio.Condition()
+        self.lot = trio.lowlevel.ParkingLot()
 
-    @asynccontextmanager
-    async def hold(self, shared: bool):
-        async with self.cond:
-            while self.writer or (not shared and self.readers):
-                await self.cond.wait()
-            if shared:
-                self.readers += 1
-            else:
-                self.writer = True
-        try:
-            yield
-        finally:
-            with trio.CancelScope(shield=True):
-                async with self.cond:
-                    if shared:
-                        self.readers -= 1
-                    else:
-                        self.writer = False
-                    self.cond.notify_all()
+    async def acquire(self, shared: bool) -> None:
+        while self.writer or (not shared and self.readers):
+            await self.lot.park()
+        if shared:
+            self.readers += 1
+        else:
+            self.writer = True
+
+    def release(self, shared: bool) -> None:
+        if shared:
+            self.readers -= 1
+        else:
+            self.writer = False
+        if self.lot:
+            self.lot.unpark_all()
 
 
 class LocalLockManager:
@@ -69,8 +69,11 @@ class LocalLockManager:
         lock = self._locks.setdefault(k, _RWLock())
         self._users[k] = self._users.get(k, 0) + 1
         try:
-            async with lock.hold(shared):
+            await lock.acquire(shared)
+            try:
                 yield
+            finally:
+                lock.release(shared)
         finally:
             self._users[k] -= 1
             if not self._users[k]:
