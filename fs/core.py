@@ -976,3 +976,68 @@ class Filesystem:
                 inode.xattr_blk = 0
             inode.ctime_ns = _now()
             self._dirty(inode)
+
+    # ------------------------------------------------------------ additions
+
+    async def lookup_dotdot(self, ino: int) -> Attr:
+        """Attributes of the parent of directory ``ino`` (NFS export asks
+        this with nothing but a directory's handle)."""
+        async with self._op(), self._locked(ino, shared=True):
+            d = await self._dir(ino)
+            return self._attr(await self._inode(d.parent))
+
+    async def fallocate(self, fh: int, offset: int, length: int, mode: int = 0) -> None:
+        """posix_fallocate: back [offset, offset+length) with clusters
+        (holes become zero-filled clusters, existing data is kept) and
+        grow the file to cover it.  Other modes: EOPNOTSUPP."""
+        if mode:
+            raise OSError(errno.EOPNOTSUPP, "only plain allocation is supported")
+        h = self._handle(fh)
+        if h.flags & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "not open for writing")
+        if offset < 0 or length <= 0:
+            raise OSError(errno.EINVAL, "bad offset or length")
+        if offset + length > MAX_FILE_SIZE:
+            raise OSError(errno.EFBIG, "file too large")
+        async with self._op(), self._locked(h.ino):
+            inode = await self._inode(h.ino)
+            if not stat.S_ISREG(inode.mode):
+                raise OSError(errno.ENODEV, "not a regular file")
+            end = offset + length
+            lcl, end_cl = offset // self.cs, -(-end // self.cs)
+            await self._reserve(await self._holes(inode, lcl, end_cl) + 2)
+            while lcl < end_cl:
+                pcl, run = await self.ext.lookup(inode, lcl)
+                step = end_cl - lcl if run < 0 else min(run, end_cl - lcl)
+                if pcl is None:
+                    lo = lcl * self.cs
+                    hi = min((lcl + step) * self.cs, max(end, inode.size))
+                    hi = max(hi, lo + 1)
+                    size = inode.size
+                    done = await self._write_data(inode, lo, bytes(hi - lo))
+                    if done < hi - lo:
+                        inode.size = max(size, lo + done)
+                        raise OSError(errno.ENOSPC, "no space left on device")
+                    # a hole inside the file must not move EOF past ``end``
+                    inode.size = max(size, min(hi, end))
+                lcl += step
+            if end > inode.size:
+                inode.size = end
+            inode.ctime_ns = _now()
+            self._dirty(inode)
+
+    async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int,
+                              length: int) -> int:
+        """Copy bytes between two open files; returns the number copied
+        (short at the source's EOF)."""
+        done = 0
+        step = WRITE_CHUNK_CLUSTERS * self.cs
+        while done < length:
+            data = await self.read(fh_in, off_in + done, min(step, length - done))
+            if not data:
+                break
+            n = await self.write(fh_out, off_out + done, data)
+            done += n
+            if n < len(data):
+                break
+        return done

@@ -659,3 +659,39 @@ async def test_failed_latch(fs):
     fs._test_mounts.append(fs2)
     assert fs2.recovered_slots == [0]
     assert (await fs2.getattr(ino)).nlink == 1
+
+
+# ---------------------------------------------------------------- additions
+
+async def test_lookup_dotdot(fs):
+    d = await fs.mkdir(fs.root_ino, "d")
+    e = await fs.mkdir(d.ino, "e")
+    assert (await fs.lookup_dotdot(e.ino)).ino == d.ino
+    assert (await fs.lookup_dotdot(fs.root_ino)).ino == fs.root_ino
+    ino = await mkfile(fs, "f")
+    await expect_errno(errno.ENOTDIR, fs.lookup_dotdot(ino))
+
+
+async def test_fallocate(fs):
+    fh, a = await fs.create(fs.root_ino, "f")
+    await fs.write(fh, 2 * fs.cs, b"keep")
+    await fs.fallocate(fh, 0, 5 * fs.cs)
+    at = await fs.getattr(a.ino)
+    assert at.size == 5 * fs.cs and at.blocks == 5 * fs.cs // 512
+    assert await fs.read(fh, 2 * fs.cs, 4) == b"keep"
+    assert await fs.read(fh, 0, 10) == bytes(10)
+    await fs.fallocate(fh, 0, 10)          # inside the file: size unchanged
+    assert (await fs.getattr(a.ino)).size == 5 * fs.cs
+    await expect_errno(errno.EOPNOTSUPP, fs.fallocate(fh, 0, 10, mode=1))
+    await fs.release(fh)
+
+
+async def test_copy_file_range(fs):
+    data = os.urandom(300000)
+    src = await mkfile(fs, "src", data)
+    fi = await fs.open(src)
+    fo, b = await fs.create(fs.root_ino, "dst")
+    assert await fs.copy_file_range(fi, 1000, fo, 5, 400000) == len(data) - 1000
+    assert await fs.read(fo, 0, 400000) == bytes(5) + data[1000:]
+    await fs.release(fi)
+    await fs.release(fo)

@@ -66,8 +66,8 @@ async def run_crash(path: str, seed: int, crash_after: int | None) -> tuple[int,
     await format_image(path, slots=2)
     dev = CrashDevice(path, crash_after)
     durable: dict[str, bytes] = {}
-    fs = await Filesystem.mount(dev)
     try:
+        fs = await Filesystem.mount(dev)
         await workload(fs, random.Random(seed), durable, [])
         await fs.unmount()
     except PowerCut:
