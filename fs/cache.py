@@ -46,6 +46,9 @@ class MetaCache:
     async def get(self, blkno: int, kind: str, owner=None):
         obj = self.objs.get(blkno)
         if obj is not None:
+            if kind == "inode" and not isinstance(obj, F.Inode):
+                # a stale inode number whose block now holds other metadata
+                raise OSError(errno.ESTALE, f"block {blkno} is not an inode")
             self.objs.move_to_end(blkno)
             return obj
         if blkno <= 0 or blkno >= self.sb.total_blocks:

@@ -458,29 +458,38 @@ async def _run(args, kw) -> None:
                         f"in {conf_path}")
     from replfs.errors import ReplfsError
     from replfs.ipc.client import DaemonBlockDevice, rundir_from_env
+    # Errors are carried out of the nursery: raised inside it they would
+    # reach the user as an ExceptionGroup traceback instead of a message.
+    error: MkfsError | None = None
     async with trio.open_nursery() as nursery:
         try:
             dev = await DaemonBlockDevice.open(nursery, target,
                                                rundir=rundir_from_env(args.rundir))
         except (ReplfsError, OSError) as e:
             nursery.cancel_scope.cancel()
-            raise MkfsError(f"cannot open resource {target}: {e} "
-                            f"(is this node Primary? 'replfsadm primary {target}')") from None
-        try:
-            if not args.force:
-                head = await dev.read(0, F.SB_OFFSET + 8192)
-                found = detect_signature(head, lambda o, n: head[o:o + n] if o + n <= len(head)
-                                         else b"")
-                if found:
-                    raise MkfsError(f"resource {target} appears to contain {found}; "
-                                    f"refusing to overwrite it (-F overrides)")
-            await make_filesystem(dev, **kw)
-        except (ReplfsError, OSError) as e:
-            raise MkfsError(f"resource {target}: {e}") from None
-        finally:
-            with trio.CancelScope(shield=True):
-                await dev.close()
-            nursery.cancel_scope.cancel()
+            error = MkfsError(f"cannot open resource {target}: {e} "
+                              f"(is this node Primary? 'replfsadm primary {target}')")
+            dev = None
+        if dev is not None:
+            try:
+                if not args.force:
+                    head = await dev.read(0, F.SB_OFFSET + 8192)
+                    found = detect_signature(
+                        head, lambda o, n: head[o:o + n] if o + n <= len(head) else b"")
+                    if found:
+                        raise MkfsError(f"resource {target} appears to contain {found}; "
+                                        f"refusing to overwrite it (-F overrides)")
+                await make_filesystem(dev, **kw)
+            except MkfsError as e:
+                error = e
+            except (ReplfsError, OSError) as e:
+                error = MkfsError(f"resource {target}: {e}")
+            finally:
+                with trio.CancelScope(shield=True):
+                    await dev.close()
+                nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
 
 
 def main(argv=None) -> int:

@@ -695,3 +695,15 @@ async def test_copy_file_range(fs):
     assert await fs.read(fo, 0, 400000) == bytes(5) + data[1000:]
     await fs.release(fi)
     await fs.release(fo)
+
+
+async def test_inode_number_of_other_cached_metadata_is_stale(fs):
+    """An inode number that names a block cached as something else (an
+    xattr block here) is ESTALE, not a Python error from the cache."""
+    fh, a = await fs.create(fs.root_ino, "g")
+    await fs.release(fh)
+    await fs.setxattr(a.ino, "user.x", b"1")
+    xblk = (await fs._inode(a.ino)).xattr_blk
+    assert xblk
+    await expect_errno(errno.ESTALE, fs.getattr(xblk))
+    await expect_errno(errno.ESTALE, fs.lookup(xblk, "x"))
