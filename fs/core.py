@@ -138,17 +138,22 @@ class Filesystem:
         self.failed: str | None = None
         self.commit_threshold = max(16, self.journal.capacity() // 4)
         self.mounted = False
+        self.readonly = False
         self.recovered_slots: list[int] = []
 
     # ------------------------------------------------------------ mount
 
     @classmethod
     async def mount(cls, dev, slot: int = 0, *, locks=None, node: int = 0,
-                    recover_dirty_slots: bool = True) -> "Filesystem":
+                    recover_dirty_slots: bool = True, readonly: bool = False) -> "Filesystem":
         """Open the volume in ``slot``.  A dirty journal in that slot is
         replayed first.  With ``recover_dirty_slots`` (single-node use) the
         journals of other slots left dirty are replayed too; a cluster
-        mount passes False and recovers a slot only when its node is dead."""
+        mount passes False and recovers a slot only when its node is dead.
+
+        ``readonly`` writes nothing at all, not even the slot map; a
+        volume whose journals need recovery is refused then, since the
+        replay would have to write."""
         sb = await read_superblock(dev)
         if sb.feat_incompat & ~F.FEATURE_INCOMPAT_KNOWN:
             raise OSError(errno.EINVAL, "volume uses features this replfs does not know")
@@ -156,6 +161,17 @@ class Filesystem:
             raise OSError(errno.EINVAL, f"slot {slot} out of range (volume has {sb.slot_count})")
         fs = cls(dev, sb, slot, locks or LocalLockManager(), node)
         fs.locks.set_invalidate_hook(fs.invalidate)
+        if readonly:
+            dirty = [s for s in range(sb.slot_count)
+                     if (await J.journal_state(dev, sb, s)).flags & F.JSB_DIRTY]
+            if dirty:
+                raise OSError(errno.EROFS, "journal of slot(s) "
+                              f"{', '.join(map(str, dirty))} needs recovery: mount read-write "
+                              "once, or run fsck.replfs -y, before a read-only mount")
+            await fs.alloc.load()
+            fs.readonly = True
+            fs.mounted = True
+            return fs
         own_dirty = (await J.journal_state(dev, sb, slot)).flags & F.JSB_DIRTY
         if own_dirty:
             await J.replay(dev, sb, slot)
@@ -210,7 +226,7 @@ class Filesystem:
     async def unmount(self) -> None:
         if not self.mounted:
             return
-        if self.failed is None:
+        if self.failed is None and not self.readonly:
             async with self._op():
                 for ino in list(self._opens):
                     inode = await self._inode(ino)
@@ -245,8 +261,20 @@ class Filesystem:
                 yield
             except BaseException as e:
                 if self.cache.op_dirtied:
-                    self._fail(f"{type(e).__name__}: {e} in the middle of an update")
+                    if self.readonly:
+                        self.cache.discard_transaction()
+                        self.alloc.pending = []
+                    else:
+                        self._fail(f"{type(e).__name__}: {e} in the middle of an update")
                 raise
+            if self.readonly and (self.cache.op_dirtied or self.cache.dirty):
+                # Nothing may reach the disk: undo what the operation did
+                # in memory and refuse it.
+                self.cache.discard_transaction()
+                self.alloc.pending = []
+                self.cache.drop_clean()
+                await self.alloc.load()
+                raise OSError(errno.EROFS, "read-only mount")
             if len(self.cache.dirty) >= self.commit_threshold:
                 await self._commit()
 
@@ -296,6 +324,8 @@ class Filesystem:
             await self._commit()
 
     async def checkpoint(self) -> None:
+        if self.readonly:
+            return
         async with self._op():
             await self._commit()
             await self.journal.checkpoint()

@@ -381,7 +381,8 @@ async def serve(src: Source, mountpoint: str, o: Options, ready) -> None:
         mounted = False
         try:
             try:
-                fs = await Filesystem.mount(dev, src.slot, recover_dirty_slots=src.exclusive)
+                fs = await Filesystem.mount(dev, src.slot, recover_dirty_slots=src.exclusive,
+                                            readonly=o.readonly)
             except OSError as e:
                 raise MountError(f"{src.name}: cannot mount: {e.strerror or e}") from None
             if fs.recovered_slots:

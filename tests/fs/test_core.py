@@ -707,3 +707,42 @@ async def test_inode_number_of_other_cached_metadata_is_stale(fs):
     assert xblk
     await expect_errno(errno.ESTALE, fs.getattr(xblk))
     await expect_errno(errno.ESTALE, fs.lookup(xblk, "x"))
+
+
+async def test_readonly_mount_writes_nothing(image):
+    dev = CountingDevice(image)
+    fs = await Filesystem.mount(dev)
+    ino = await mkfile(fs, "f", b"before")
+    await fs.unmount()
+    with open(image, "rb") as f:
+        before = f.read()
+    dev = CountingDevice(image)
+    ro = await Filesystem.mount(dev, readonly=True)
+    assert (await ro.lookup(ro.root_ino, "f")).ino == ino
+    fh = await ro.open(ino)
+    assert await ro.read(fh, 0, 100) == b"before"
+    await ro.release(fh)
+    await expect_errno(errno.EROFS, ro.mkdir(ro.root_ino, "d"))
+    await expect_errno(errno.EROFS, ro.unlink(ro.root_ino, "f"))
+    await expect_errno(errno.EROFS, ro.setattr(ino, size=0))
+    # the refused changes left no trace in memory either
+    assert (await ro.getattr(ino)).size == 6
+    assert [e[0] for e in await ro.readdir(ro.root_ino)].count(b"f") == 1
+    await ro.sync()
+    await ro.unmount()
+    assert dev.writes == 0
+    with open(image, "rb") as f:
+        assert f.read() == before
+    await dev.close()
+
+
+async def test_readonly_mount_refuses_a_volume_needing_recovery(image):
+    dev = CountingDevice(image)
+    fs = await Filesystem.mount(dev)
+    await mkfile(fs, "f", b"x")
+    await fs.sync()                    # committed; never unmounted: journal dirty
+    dev2 = CountingDevice(image)
+    await expect_errno(errno.EROFS, Filesystem.mount(dev2, 1, readonly=True))
+    assert dev2.writes == 0
+    await dev2.close()
+    await dev.close()
