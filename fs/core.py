@@ -18,6 +18,7 @@ commit that makes it reachable (ordered mode).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import random
 import stat
@@ -34,6 +35,8 @@ from .cache import MetaCache
 from .dirs import Directories
 from .extents import ExtentMaps, cut_extents, insert_extent
 from .locks import LocalLockManager
+
+log = logging.getLogger("replfs.fs")
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -247,6 +250,8 @@ class Filesystem:
 
     def _fail(self, why: str) -> None:
         if self.failed is None:
+            log.error("filesystem error, now read-only until remounted (the next mount "
+                      "replays the journal): %s", why)
             self.failed = why
             self.cache.discard_transaction()
             self.alloc.pending = []

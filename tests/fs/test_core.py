@@ -746,3 +746,55 @@ async def test_readonly_mount_refuses_a_volume_needing_recovery(image):
     assert dev2.writes == 0
     await dev2.close()
     await dev.close()
+
+
+class FailingWrites(CountingDevice):
+    fail = False
+
+    async def write(self, off, data):
+        if self.fail:
+            raise OSError(errno.EIO, "Input/output error")
+        return await super().write(off, data)
+
+
+async def test_io_error_below_gives_eio_and_latches_read_only(image, caplog):
+    import logging
+    caplog.set_level(logging.ERROR, logger="replfs.fs")
+    dev = FailingWrites(image)
+    fs = await Filesystem.mount(dev)
+    ino = await mkfile(fs, "kept", b"durable")
+    await fs.sync()
+    dev.fail = True
+    await expect_errno(errno.EIO, mkfile(fs, "lost", b"never acknowledged"))
+    assert fs.failed is not None
+    assert "read-only" in caplog.text
+    await expect_errno(errno.EROFS, fs.mkdir(fs.root_ino, "d"))
+    await fs.unmount()
+    dev.fail = False
+    from replfs.blockdev import FileBlockDevice
+    fs2 = await Filesystem.mount(FileBlockDevice(image))
+    assert (await fs2.lookup(fs2.root_ino, "kept")).ino == ino
+    await fs2.unmount()
+    await fs2.dev.close()
+    await dev.close()
+    assert await check_image(image) == []
+
+
+async def test_io_error_during_commit_gives_eio_and_latches(image, caplog):
+    import logging
+    from replfs.blockdev import FileBlockDevice
+    caplog.set_level(logging.ERROR, logger="replfs.fs")
+    dev = FailingWrites(image)
+    fs = await Filesystem.mount(dev)
+    await fs.sync()
+    await fs.mkdir(fs.root_ino, "pending")      # metadata only, not committed yet
+    dev.fail = True
+    await expect_errno(errno.EIO, fs.sync())
+    assert fs.failed is not None and "read-only" in caplog.text
+    await expect_errno(errno.EROFS, fs.mkdir(fs.root_ino, "more"))
+    await fs.unmount()
+    await dev.close()
+    fs2 = await Filesystem.mount(FileBlockDevice(image))
+    await fs2.unmount()
+    await fs2.dev.close()
+    assert await check_image(image) == []
