@@ -25,6 +25,8 @@ class Passthrough(pyfuse3.Operations):
         super().__init__()
         self.paths: dict[int, str] = {pyfuse3.ROOT_INODE: source}
         self.lookups: dict[int, int] = {}
+        self.dirs: dict[int, tuple[str, list[str]]] = {}
+        self._next_dir = 0
 
     def _path(self, ino: int) -> str:
         try:
@@ -91,15 +93,22 @@ class Passthrough(pyfuse3.Operations):
         return await self.getattr(ino)
 
     async def opendir(self, ino, ctx):
-        return ino
+        # One listing per open directory, so that a big directory read in
+        # many batches is listed once, not once per batch.
+        self._next_dir += 1
+        path = self._path(ino)
+        self.dirs[self._next_dir] = (path, sorted(self._os(os.listdir, path)))
+        return self._next_dir
 
     async def readdir(self, fh, start_id, token):
-        path = self._path(fh)
-        names = sorted(os.listdir(path))
-        for i, name in enumerate(names[start_id:], start_id):
-            st = self._os(os.lstat, os.path.join(path, name))
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attr(st), i + 1):
+        path, names = self.dirs[fh]
+        for i in range(start_id, len(names)):
+            st = self._os(os.lstat, os.path.join(path, names[i]))
+            if not pyfuse3.readdir_reply(token, os.fsencode(names[i]), self._attr(st), i + 1):
                 break
+
+    async def releasedir(self, fh):
+        self.dirs.pop(fh, None)
 
     async def mkdir(self, parent, name, mode, ctx):
         path = os.path.join(self._path(parent), os.fsdecode(name))
