@@ -775,7 +775,9 @@ class Filesystem:
             acc = flags & os.O_ACCMODE
             if inode.is_dir and acc != os.O_RDONLY:
                 raise OSError(errno.EISDIR, "is a directory")
-            if flags & os.O_TRUNC and acc != os.O_RDONLY and stat.S_ISREG(inode.mode):
+            # O_TRUNC truncates whatever the access mode (Linux does so for
+            # O_RDONLY too; the kernel has checked write permission).
+            if flags & os.O_TRUNC and stat.S_ISREG(inode.mode):
                 await self._reserve(4)
                 await self._truncate(inode, 0)
                 inode.mtime_ns = inode.ctime_ns = _now()

@@ -57,8 +57,7 @@ class ReplfsOperations(pyfuse3.Operations):
         self.attr_timeout = attr_timeout
         self.op_timeout = op_timeout
         self.lookup_counts: dict[int, int] = {}
-        self._dirs: dict[int, int] = {}      # directory handle -> FUSE inode
-        self._next_dir_fh = 1
+        self._dirs: dict[int, int] = {}      # directory handle (a core handle) -> FUSE inode
         self.dead: str | None = None         # set when the block device went away
         self.counters = {"ops": 0, "errors": 0, "timeouts": 0}
 
@@ -295,8 +294,11 @@ class ReplfsOperations(pyfuse3.Operations):
         a = await self._call("opendir", self.fs.getattr, self._disk(inode))
         if not stat.S_ISDIR(a.mode):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        fh = self._next_dir_fh
-        self._next_dir_fh += 1
+        # A core handle: a directory removed while open lives (nlink 0,
+        # empty) until releasedir, as on a local filesystem, instead of
+        # answering ESTALE to fstat/fchdir'd callers.
+        fh = await self._call("opendir", self.fs.open, self._disk(inode),
+                              os.O_RDONLY | os.O_DIRECTORY)
         self._dirs[fh] = inode
         return fh
 
@@ -334,20 +336,25 @@ class ReplfsOperations(pyfuse3.Operations):
                 return
 
     async def releasedir(self, fh):
-        self._dirs.pop(fh, None)
+        if self._dirs.pop(fh, None) is not None:
+            await self._call("releasedir", self.fs.release, fh)
 
     async def fsyncdir(self, fh, datasync):
         await self._call("fsyncdir", self.fs.fsync, None, bool(datasync))
 
     # ---------------------------------------------------------------- xattrs
 
-    @staticmethod
-    def _no_acl(name) -> None:
+    _XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+
+    @classmethod
+    def _no_acl(cls, name) -> None:
         # Without FUSE's POSIX ACL support the kernel hands ACLs over as
         # plain xattrs.  Storing them would make cp -a, tar and setfacl
         # believe permissions were set while the mode stays unchanged;
-        # EOPNOTSUPP makes them fall back to chmod.
-        if bytes(name).startswith(b"system.posix_acl_"):
+        # EOPNOTSUPP makes them fall back to chmod.  Names outside the
+        # namespaces a local filesystem knows are refused the same way
+        # (the kernel passes any prefix through to FUSE).
+        if not bytes(name).startswith(cls._XATTR_NAMESPACES):
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
 
     async def setxattr(self, inode, name, value, ctx):
