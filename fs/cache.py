@@ -5,10 +5,18 @@ object dirty; dirty objects belong to the running transaction and stay
 pinned until it commits.  Clean objects are evicted in LRU order.  Each
 cached block remembers the inode (or allocator) that owns it, so a
 cluster lock downconversion can drop exactly that owner's blocks.
+
+There is only ever one live object per block.  An operation holds the
+objects it fetched across awaits and changes them before it marks them;
+eviction only drops the cache's own reference, and an evicted object that
+someone still holds is found again (weakly referenced) instead of being
+decoded afresh from disk -- two copies of a block would each collect half
+of the changes, and the one marked last would win.
 """
 from __future__ import annotations
 
 import errno
+import weakref
 from collections import OrderedDict
 
 from . import format as F
@@ -33,6 +41,8 @@ class MetaCache:
         self.objs: OrderedDict[int, object] = OrderedDict()
         self.owner: dict[int, object] = {}
         self.dirty: dict[int, object] = {}
+        # evicted objects that may still be held by a running operation
+        self.evicted: weakref.WeakValueDictionary[int, object] = weakref.WeakValueDictionary()
         self.revokes: list[tuple[int, int]] = []
         self.limit = limit
         self.reads = 0            # block reads issued, for tests
@@ -45,6 +55,10 @@ class MetaCache:
 
     async def get(self, blkno: int, kind: str, owner=None):
         obj = self.objs.get(blkno)
+        if obj is None:
+            obj = self.evicted.pop(blkno, None)
+            if obj is not None:
+                self._insert(blkno, obj, owner)
         if obj is not None:
             if kind == "inode" and not isinstance(obj, F.Inode):
                 # a stale inode number whose block now holds other metadata
@@ -79,20 +93,32 @@ class MetaCache:
             if len(self.objs) <= self.limit * 3 // 4:
                 break
             if blkno not in self.dirty:
-                del self.objs[blkno]
-                self.owner.pop(blkno, None)
+                # the owner stays: the object may come back from ``evicted``
+                self.evicted[blkno] = self.objs.pop(blkno)
+        if len(self.owner) > 2 * self.limit:
+            self.owner = {b: o for b, o in self.owner.items()
+                          if b in self.objs or b in self.evicted}
 
     def new(self, blkno: int, obj, owner=None) -> None:
         """A freshly allocated block: cached and dirty, never read."""
+        self.evicted.pop(blkno, None)
+        self.dirty[blkno] = obj
         self._insert(blkno, obj, owner)
-        self.mark(blkno, obj)
+        self.op_dirtied = True
 
     def mark(self, blkno: int, obj) -> None:
         self.dirty[blkno] = obj
         self.op_dirtied = True
+        if self.objs.get(blkno) is not obj:
+            # evicted while its holder was changing it: cached again, so
+            # the next get finds this object and not the older disk copy
+            self.evicted.pop(blkno, None)
+            self.objs[blkno] = obj
+        self.objs.move_to_end(blkno)
 
     def forget(self, blkno: int) -> None:
         self.objs.pop(blkno, None)
+        self.evicted.pop(blkno, None)
         self.dirty.pop(blkno, None)
         self.owner.pop(blkno, None)
 
@@ -100,6 +126,7 @@ class MetaCache:
         for blkno in [b for b, o in self.owner.items() if o == owner]:
             if blkno not in self.dirty:
                 self.objs.pop(blkno, None)
+                self.evicted.pop(blkno, None)
                 self.owner.pop(blkno, None)
 
     def drop_clean(self) -> None:
@@ -107,17 +134,28 @@ class MetaCache:
             if blkno not in self.dirty:
                 del self.objs[blkno]
                 self.owner.pop(blkno, None)
+        for blkno in list(self.evicted.keys()):
+            self.evicted.pop(blkno, None)
+            if blkno not in self.dirty:
+                self.owner.pop(blkno, None)
 
     def take_transaction(self) -> tuple[dict[int, bytes], list[tuple[int, int]]]:
         images = {b: self.encode(b, o) for b, o in self.dirty.items()}
         revokes = self.revokes
         self.dirty = {}
         self.revokes = []
+        # What the running operation changed so far leaves with this
+        # transaction (and a commit that fails latches by itself): an error
+        # the operation raises after a mid-operation commit -- ENOSPC once
+        # committing the deferred frees did not make enough room -- leaves
+        # nothing half done in memory and must not latch the filesystem.
+        self.op_dirtied = False
         return images, revokes
 
     def discard_transaction(self) -> None:
         for blkno in self.dirty:
             self.objs.pop(blkno, None)
+            self.evicted.pop(blkno, None)
             self.owner.pop(blkno, None)
         self.dirty = {}
         self.revokes = []

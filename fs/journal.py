@@ -177,10 +177,17 @@ async def replay(dev, sb: F.Superblock, slot: int) -> int:
         for a, cnt in revokes:
             for b in range(a, a + cnt):
                 revoked_upto[b] = seq
+    # An image is not replayed when a transaction at least as new revoked
+    # its block: the block was freed, and after that commit it may hold
+    # file data made reachable by a later transaction -- of this slot, or,
+    # when the block went back to the global bitmap, of another node.
+    last = txns[-1][0] if txns else None
+    keep = _own_tombstones(sb, slot, txns[-1], revoked_upto) if txns else set()
     final: dict[int, bytes] = {}
     for seq, images, _ in txns:
         for blk, img in images.items():
-            if revoked_upto.get(blk, 0) >= seq:
+            r = revoked_upto.get(blk, 0)
+            if r >= seq and not (seq == last and blk in keep):
                 continue
             final[blk] = img
     for blk in sorted(final):
@@ -191,6 +198,36 @@ async def replay(dev, sb: F.Superblock, slot: int) -> int:
     await dev.write(info.journal_start * bs, js2.encode(bs, sb.volid))
     await dev.flush()
     return len(txns)
+
+
+def _own_tombstones(sb: F.Superblock, slot: int, txn, revoked_upto: dict[int, int]) -> set[int]:
+    """Blocks of the newest transaction ``txn`` that it both wrote and
+    revoked, and may be replayed all the same.
+
+    That is a deleted inode's tombstone: the transaction rewrites the
+    inode with flags 0 and frees its cluster.  Skipping it would bring
+    the old inode back, valid, behind a stale inode number, with extents
+    into freed clusters.  Writing it is safe when the cluster went back
+    into this slot's own allocation window: nobody else allocates from
+    that window, and a reuse by this slot becomes reachable only through
+    a later commit, which does not exist (and whose leading flush would
+    have made the tombstone's home write durable anyway)."""
+    seq, images, _ = txn
+    same = [b for b in images if revoked_upto.get(b) == seq]
+    la_blk = sb.slots[slot].localalloc_blk
+    if not same or la_blk not in images:
+        return set()
+    try:
+        la = F.LocalAlloc.decode(images[la_blk], sb.volid, la_blk)
+    except F.FormatError:
+        return set()
+    shift = sb.cluster_bits - sb.block_bits
+    keep = set()
+    for b in same:
+        i = (b >> shift) - la.start
+        if 0 <= i < la.length and not la.test(i):
+            keep.add(b)
+    return keep
 
 
 async def journal_state(dev, sb: F.Superblock, slot: int) -> F.JournalSuper:
