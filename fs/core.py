@@ -136,6 +136,8 @@ class Filesystem:
         self._big = trio.Lock()
         self._held: set[int] = set()
         self._handles: dict[int, _Handle] = {}
+        # References that keep an unlinked inode alive (as an orphan): open
+        # handles, and the kernel's lookup references (``hold``/``unhold``).
         self._opens: dict[int, int] = {}
         self._next_fh = 1
         self.failed: str | None = None
@@ -231,11 +233,11 @@ class Filesystem:
             return
         if self.failed is None and not self.readonly:
             async with self._op():
-                for ino in list(self._opens):
-                    inode = await self._inode(ino)
-                    if inode.nlink == 0:
-                        await self._drop_orphan(inode)
+                # Nothing holds an inode once the mount goes away: free
+                # every orphan of this slot (unlinked while open or while
+                # the kernel still knew it).
                 self._opens.clear()
+                await self._recover_orphans(self.slot)
                 self._handles.clear()
                 self.alloc.release_window()
                 sm = await self.cache.get(self.sb.slotmap_blk, "slotmap", "slotmap")
@@ -788,15 +790,33 @@ class Filesystem:
             h = self._handles.pop(fh, None)
             if h is None:
                 raise OSError(errno.EBADF, "bad file handle")
-            left = self._opens.get(h.ino, 0) - 1
-            if left > 0:
-                self._opens[h.ino] = left
-                return
-            self._opens.pop(h.ino, None)
-            async with self._locked(h.ino):
-                inode = await self._inode(h.ino)
-                if inode.nlink == 0:
-                    await self._drop_orphan(inode)
+            await self._unref(h.ino)
+
+    def hold(self, ino: int) -> None:
+        """Someone above (the kernel, through a FUSE lookup reference)
+        still knows inode ``ino``: if its last name goes, it stays as an
+        orphan until ``unhold``, as an open file does until release.
+        No I/O, so it cannot race with an operation."""
+        self._opens[ino] = self._opens.get(ino, 0) + 1
+
+    async def unhold(self, ino: int) -> None:
+        """Drop a ``hold``; frees the inode if that was its last reference
+        and it has no name left."""
+        async with self._op():
+            await self._unref(ino)
+
+    async def _unref(self, ino: int) -> None:
+        left = self._opens.get(ino, 0) - 1
+        if left > 0:
+            self._opens[ino] = left
+            return
+        self._opens.pop(ino, None)
+        if left < 0:
+            return                  # not referenced (freed already)
+        async with self._locked(ino):
+            inode = await self._inode(ino)
+            if inode.nlink == 0:
+                await self._drop_orphan(inode)
 
     def _handle(self, fh: int) -> _Handle:
         h = self._handles.get(fh)

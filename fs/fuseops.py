@@ -97,7 +97,14 @@ class ReplfsOperations(pyfuse3.Operations):
         return e
 
     def _looked_up(self, e: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
-        self.lookup_counts[e.st_ino] = self.lookup_counts.get(e.st_ino, 0) + 1
+        # The kernel now holds a reference until it forgets the inode; the
+        # core keeps an unlinked inode (as an orphan) while one is held,
+        # so fstat of an O_PATH descriptor or stat of a removed current
+        # directory sees nlink 0 rather than ESTALE.
+        n = self.lookup_counts.get(e.st_ino, 0)
+        if n == 0 and e.st_ino != ROOT:
+            self.fs.hold(e.st_ino)
+        self.lookup_counts[e.st_ino] = n + 1
         return e
 
     # ---------------------------------------------------------------- errors
@@ -154,8 +161,14 @@ class ReplfsOperations(pyfuse3.Operations):
             left = self.lookup_counts.get(ino, 0) - n
             if left > 0:
                 self.lookup_counts[ino] = left
-            else:
-                self.lookup_counts.pop(ino, None)
+                continue
+            if self.lookup_counts.pop(ino, None) is None or ino == ROOT:
+                continue
+            # forget has no reply: a failure here is only logged.
+            try:
+                await self._call("forget", self.fs.unhold, ino)
+            except pyfuse3.FUSEError:
+                pass
 
     async def getattr(self, inode, ctx=None):
         return self._entry(await self._call("getattr", self.fs.getattr, self._disk(inode)))

@@ -1108,8 +1108,29 @@ def sc_removed_but_referenced(b):
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="the core frees an unlinked inode that is not open "
-                   "at once; the kernel may still hold it (ESTALE)")
 def test_removed_but_still_referenced(pair):
     r = same_as_linux(sc_removed_but_referenced, pair)
     assert r["nlink"] == 0
+
+
+def test_space_of_an_unlinked_file_comes_back(volume, pair):
+    """An unlinked inode the kernel still knows stays as an orphan until
+    the kernel forgets it (promptly, once the last dentry goes): the
+    clusters must come back without an unmount."""
+    d = pair[0]
+    f = touch(os.path.join(d, "big"), bytes(8 << 20))
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        before = os.statvfs(volume["mnt"]).f_bfree
+        os.unlink(f)
+        deadline = time.monotonic() + 5
+        while True:
+            os.fsync(fd)
+            freed = (os.statvfs(volume["mnt"]).f_bfree - before) * os.statvfs(volume["mnt"]).f_frsize
+            if freed >= 8 << 20 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        os.close(fd)
+    assert freed >= 8 << 20
