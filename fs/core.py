@@ -440,9 +440,11 @@ class Filesystem:
     async def lookup(self, parent: int, name) -> Attr:
         name = _check_name(name)
         async with self._op(), self._locked(parent, shared=True):
-            d = await self._dir(parent)
             if name == b".":
-                return self._attr(d)
+                # any inode, not only a directory: the kernel asks this to
+                # turn a file handle (NFS export) back into an inode
+                return self._attr(await self._inode(parent))
+            d = await self._dir(parent)
             if name == b"..":
                 return self._attr(await self._inode(d.parent))
             e = await self.dirs.lookup(d, name)
