@@ -333,6 +333,7 @@ class ReplfsOperations(pyfuse3.Operations):
         cookie = 0 if start_id == _DOTDOT_COOKIE else start_id
         while True:
             batch = await self._call("readdir", self.fs.readdir, ino, cookie, _READDIR_BATCH)
+            await self._call("readdir", self.fs.prefetch_inodes, [c for _, c, _ in batch])
             for name, child, key in batch:
                 try:
                     a = await self._call("readdir", self.fs.getattr, child)

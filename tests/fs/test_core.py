@@ -798,3 +798,29 @@ async def test_io_error_during_commit_gives_eio_and_latches(image, caplog):
     await fs2.unmount()
     await fs2.dev.close()
     assert await check_image(image) == []
+
+
+async def test_prefetch_reads_adjacent_inodes_in_few_requests(image):
+    dev = CountingDevice(image)
+    fs = await Filesystem.mount(dev)
+    d = await fs.mkdir(fs.root_ino, "many")
+    for i in range(300):
+        await mkfile(fs, f"f{i}", parent=d.ino)
+    await fs.unmount()
+    dev2 = CountingDevice(image)
+    fs2 = await Filesystem.mount(dev2)
+    try:
+        entries = await fs2.readdir(d.ino)
+        assert len(entries) == 300
+        before = dev2.reads
+        await fs2.prefetch_inodes([ino for _, ino, _ in entries])
+        used = dev2.reads - before
+        assert used <= 10, f"{used} reads to prefetch 300 adjacent inodes"
+        for _, ino, _ in entries:
+            await fs2.getattr(ino)
+        assert dev2.reads - before == used      # every getattr was a cache hit
+        await fs2.prefetch_inodes([10 ** 12, -1, d.ino])   # nonsense is ignored
+    finally:
+        await fs2.unmount()
+        await dev2.close()
+        await dev.close()
