@@ -62,6 +62,13 @@ class Journal:
         return (nimages + (nimages + dcap - 1) // dcap + (nrevokes + rcap - 1) // rcap + 1)
 
     async def checkpoint(self) -> None:
+        """Make every home write durable and retire the log.  Cheap when
+        nothing was logged since the last checkpoint (so it can be called
+        before every cluster lock hand-over: a log that still held images
+        of blocks another node then changes would write them back over the
+        newer ones when this slot is recovered)."""
+        if self.head == 1:
+            return
         await self.dev.flush()
         self.first_seq = self.seq
         self.head = 1

@@ -116,3 +116,71 @@ async def test_huge_sparse_volume(size, bs, cs):
     assert (await fs.getattr(a.ino)).size == off + len(data)
     await fs.unmount()
     assert not await check_volume(dev)
+
+
+async def _fill_small(fs: Filesystem, rng: random.Random, live: dict) -> None:
+    """Create files until ENOSPC, delete about half, write again."""
+    for rnd in range(2):
+        i = 0
+        while True:
+            name = f"r{rnd}f{i}"
+            i += 1
+            data = rng.randbytes(rng.choice([1, 3000, 30000, 200000]))
+            try:
+                fh, a = await fs.create(fs.root_ino, name)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+                break
+            try:
+                n = await fs.write(fh, 0, data)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+                n = 0
+            await fs.release(fh)
+            live[name] = data[:n]
+            if n < len(data):
+                break
+        for name in rng.sample(sorted(live), len(live) // 2):
+            await fs.unlink(fs.root_ino, name)
+            del live[name]
+        await fs.fsync()
+    assert fs.failed is None
+
+
+@pytest.mark.parametrize("bs,slots", [(512, 1), (1024, 4), (2048, 3), (4096, 2)])
+async def test_smallest_volume_fills_and_empties_cleanly(tmp_path, bs, slots):
+    path = make_image(tmp_path / "v.img", 16 << 20)
+    sb = await format_image(path, slots=slots, block_size=bs)
+    dev = FileBlockDevice(path)
+    fs = await Filesystem.mount(dev)
+    live: dict[str, bytes] = {}
+    await _fill_small(fs, random.Random(bs + slots), live)
+    st = await fs.statfs()
+    assert st.bfree < sb.total_clusters
+    await fs.unmount()
+    problems = await check_volume(dev)
+    assert not problems, problems
+    fs = await Filesystem.mount(dev)
+    for name, data in live.items():
+        ino = (await fs.lookup(fs.root_ino, name)).ino
+        fh = await fs.open(ino)
+        assert await fs.read(fh, 0, len(data) + 1) == data
+        await fs.release(fh)
+    for name in live:
+        await fs.unlink(fs.root_ino, name)
+    await fs.unmount()
+    fs = await Filesystem.mount(dev)
+    # everything back but the root directory's leaves (they never shrink)
+    free_empty = (await fs.statfs()).bfree
+    root_cl = (await fs.getattr(fs.root_ino)).blocks
+    await fs.unmount()
+    assert not await check_volume(dev)
+    await dev.close()
+    path2 = make_image(tmp_path / "fresh.img", 16 << 20)
+    await format_image(path2, slots=slots, block_size=bs)
+    dev2 = FileBlockDevice(path2)
+    fs2 = await Filesystem.mount(dev2)
+    grown = (root_cl - (await fs2.getattr(fs2.root_ino)).blocks) // (fs2.cs // 512)
+    assert (await fs2.statfs()).bfree == free_empty + grown
+    await fs2.unmount()
+    await dev2.close()

@@ -346,3 +346,99 @@ async def test_more_orphans_than_the_journal_holds(tmp_path):
     problems = await check_volume(dev)
     await dev.close()
     assert not problems, problems
+
+
+# ------------------------------------------------------------ power cuts, small volume
+
+async def _small_workload(fs: Filesystem, rng: random.Random, snap: dict, gone: set) -> None:
+    """Fill a small volume to ENOSPC, delete half, fill again, fsync now
+    and then.  ``snap`` is what the last fsync made durable, ``gone`` the
+    names unlinked since."""
+    live: dict[str, bytes] = {}
+    for rnd in range(2):
+        i = 0
+        while True:
+            name = f"r{rnd}f{i}"
+            i += 1
+            data = rng.randbytes(rng.choice([1, 3000, 30000, 200000]))
+            try:
+                fh, _ = await fs.create(fs.root_ino, name)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+                break
+            try:
+                n = await fs.write(fh, 0, data)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+                n = 0
+            await fs.release(fh)
+            live[name] = data[:n]
+            if rng.random() < 0.1:
+                await fs.fsync()
+                snap.clear()
+                snap.update(live)
+                gone.clear()
+            if n < len(data):
+                break
+        for name in rng.sample(sorted(live), len(live) // 2):
+            await fs.unlink(fs.root_ino, name)
+            del live[name]
+            gone.add(name)
+    await fs.fsync()
+    snap.clear()
+    snap.update(live)
+    gone.clear()
+
+
+async def _small_crash_run(path: str, seed: int, crash_after: int | None) -> int:
+    make_image(path, 16 << 20)
+    await format_image(path, slots=1, block_size=512)
+    dev = CrashDevice(path, crash_after)
+    snap: dict[str, bytes] = {}
+    gone: set[str] = set()
+    try:
+        fs = await Filesystem.mount(dev)
+        await _small_workload(fs, random.Random(seed), snap, gone)
+        await fs.unmount()
+    except PowerCut:
+        pass
+    except OSError as e:
+        assert dev.dead, e
+    await dev.settle(random.Random(seed * 31 + (crash_after or 0)))
+    await dev.inner.close()
+    if crash_after is None:
+        return dev.writes
+    dev = FileBlockDevice(path)
+    fs = await Filesystem.mount(dev)
+    names = {n.decode(): i for n, i, _ in await fs.readdir(fs.root_ino)}
+    for name, data in snap.items():
+        if name in gone and name not in names:
+            continue
+        assert name in names, name
+        assert await _read_all(fs, names[name]) == data, name
+    await fs.unmount()
+    problems = await check_volume(dev)
+    await dev.close()
+    assert not problems, problems
+    return 0
+
+
+@pytest.mark.parametrize("seed", [1])
+async def test_power_cuts_on_a_full_small_volume(tmp_path, seed):
+    """512-byte blocks: the 1024-block journal wraps (checkpoints) many
+    times; the volume runs full twice; power cuts at random writes."""
+    path = str(tmp_path / "s.img")
+    total = await _small_crash_run(path, seed, None)
+    rng = random.Random(seed)
+    for n in sorted(rng.sample(range(1, total), 12)):
+        await _small_crash_run(path, seed, n)
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("seed", range(2, 12))
+async def test_power_cuts_on_a_full_small_volume_soak(tmp_path, seed):
+    path = str(tmp_path / "s.img")
+    total = await _small_crash_run(path, seed, None)
+    rng = random.Random(seed)
+    for n in sorted(rng.sample(range(1, total), 60)):
+        await _small_crash_run(path, seed, n)
