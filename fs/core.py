@@ -227,6 +227,10 @@ class Filesystem:
             ino = await self._inode(e.ino)
             if ino.nlink == 0:
                 await self._destroy(ino)
+            # many orphans must not pile up into one transaction bigger
+            # than the journal: the volume could never be mounted again
+            if len(self.cache.dirty) >= self.commit_threshold:
+                await self._commit()
 
     async def unmount(self) -> None:
         if not self.mounted:
@@ -351,6 +355,10 @@ class Filesystem:
         async with self._big:
             if self.failed is None:
                 await self._commit()
+                # Checkpoint too (as OCFS2 does on a down-conversion): images
+                # left in this slot's log would be replayed over the other
+                # node's newer blocks if this slot is ever recovered.
+                await self.journal.checkpoint()
             if kind == "inode":
                 self.cache.drop_owner(ident)
                 if ident not in self.cache.dirty:

@@ -1,6 +1,5 @@
 """Adversarial review of crash safety and allocation (journal, cache,
-allocator, replay).  Each test names the failure it guards against; the
-ones marked xfail need a change in fs/core.py, described in the reason."""
+allocator, replay).  Each test names the failure it guards against."""
 from __future__ import annotations
 
 import errno
@@ -274,14 +273,8 @@ async def test_enospc_in_reserve_after_a_deferred_free_is_clean(tmp_path):
     await dev.close()
 
 
-# ------------------------------------------------------------ needs fs/core.py
+# ------------------------------------------------------------ fixed in fs/core.py
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fs/core.py Filesystem.invalidate only commits before a lock is given to "
-    "another node; the committed images stay in this slot's log, and replaying "
-    "that log when the slot is recovered writes them over the newer blocks the "
-    "other node wrote since.  Fix: after self._commit(), await "
-    "self.journal.checkpoint() (OCFS2 checkpoints on downconvert)"))
 async def test_recovering_a_dead_slot_keeps_the_other_nodes_newer_blocks(tmp_path):
     """Two mounts of one volume (slots 0 and 1), the lock hand-overs done
     by hand as the cluster lock manager would: A changes the root
@@ -314,14 +307,6 @@ async def test_recovering_a_dead_slot_keeps_the_other_nodes_newer_blocks(tmp_pat
     assert not problems, problems
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "fs/core.py Filesystem.unmount and _recover_orphans free every orphan in "
-    "one operation, so one transaction: with more orphans than the journal "
-    "holds blocks the commit is refused (ENOSPC 'exceeds the journal'), the "
-    "filesystem latches, and every later mount fails the same way in "
-    "_recover_orphans.  Fix: after each orphan's _drop_orphan/_destroy in "
-    "those loops, await self._commit() when len(self.cache.dirty) >= "
-    "self.commit_threshold (each orphan is a self-contained step)"))
 async def test_more_orphans_than_the_journal_holds(tmp_path):
     path = make_image(tmp_path / "v.img", 64 << 20)
     await format_image(path, slots=2)
