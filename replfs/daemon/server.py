@@ -30,6 +30,8 @@ from .devices import DeviceFiles
 log = logging.getLogger("replfs.daemon")
 
 VERSION = "0.1.0"
+# How long secondary/down wait for openers that are closing (seconds).
+OPENER_GRACE = 5.0
 
 
 class ClientConn:
@@ -306,8 +308,19 @@ class Daemon:
         await self._res(req).primary(force=bool(req.get("force")))
         return {}
 
+    async def _wait_openers(self, res: Resource) -> None:
+        """Give openers that are closing a moment to go.  umount(8) of a
+        replfs mount returns before the mount process has written its
+        journal and closed the resource, so `umount; replfsadm secondary`
+        (which DRBD users type as one step) would race with it."""
+        with trio.move_on_after(OPENER_GRACE):
+            while res.open_count:
+                await trio.sleep(0.05)
+
     async def op_secondary(self, req, body, conn):
-        await self._res(req).secondary()
+        res = self._res(req)
+        await self._wait_openers(res)
+        await res.secondary()
         return {}
 
     async def op_down(self, req, body, conn):
@@ -318,6 +331,7 @@ class Daemon:
         res = self.resources.get(name)
         if res is None:
             return
+        await self._wait_openers(res)
         if res.open_count:
             raise ReplfsError(f"{res.me.device}: State change failed: (-12) Device is held "
                               f"open by someone", EXIT_STATE)

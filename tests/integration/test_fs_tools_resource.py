@@ -37,13 +37,21 @@ def test_mkfs_refusals_and_mounted_on_a_pair(tmp_path):
             assert "pairvol" in out and "replfs" in out, out
             assert "Not mounted" in n.adm("mounted", "-f", "r0").stdout
         run("mount", "-t", "fuse.replfs", "-o",
-            f"conf={a.conf},node=alpha,rundir={a.rundir}", "r0", mnt)
+            f"conf={a.conf},node=alpha,rundir={a.rundir},commit=3600", "r0", mnt)
         with open(os.path.join(mnt, "f"), "wb") as f:
             f.write(b"x")
             os.fsync(f.fileno())
         # beta reads its own replica of the slot map: protocol C put it there
         held = b.adm("mounted", "-f", "r0").stdout
         assert "(slot 0)" in held, held
+        # the walkthrough's switchover, typed as one step: the mount process
+        # is still closing when umount(8) returns, and secondary waits for it
+        for i in range(300):                  # a transaction left for umount
+            os.mkdir(os.path.join(mnt, f"d{i}"))
+        run("umount", mnt)
+        a.adm("secondary", "r0")
+        b.adm("primary", "r0")
+        assert "Not mounted" in b.adm("mounted", "-f", "r0").stdout
     finally:
         force_unmount(mnt)
         pair.teardown()
