@@ -25,7 +25,7 @@ import time
 import trio
 
 from replfs.ipc.client import SyncClient, socket_path
-from replfs.localpair import Node, free_port
+from replfs.localpair import Node, cluster_conf, free_port
 from replfs.locking.cache import LockCache
 from replfs.locking.client import DlmClient
 from replfs.locking.dlm.core import master_of
@@ -33,25 +33,6 @@ from replfs.locking.dlm.modes import Mode
 
 from .common import lat_summary, table, write_json
 
-CONF = """\
-cluster:
-\tnode_count = 2
-\tname = bench
-
-node:
-\tip_port = {p0}
-\tip_address = 127.0.0.1
-\tnumber = 0
-\tname = alpha
-\tcluster = bench
-
-node:
-\tip_port = {p1}
-\tip_address = 127.0.0.2
-\tnumber = 1
-\tname = beta
-\tcluster = bench
-"""
 
 
 async def tcp_rtt(n: int) -> list[float]:
@@ -155,7 +136,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="replfs-bench-lock-") as tmp:
         conf = os.path.join(tmp, "cluster.conf")
         with open(conf, "w") as f:
-            f.write(CONF.format(p0=free_port("127.0.0.1"), p1=free_port("127.0.0.2")))
+            f.write(cluster_conf("bench", free_port("127.0.0.1"), free_port("127.0.0.2")))
         nodes = [Node(nm, ad, os.path.join(tmp, nm), conf=os.path.join(tmp, "replfs.conf"))
                  for nm, ad in (("alpha", "127.0.0.1"), ("beta", "127.0.0.2"))]
         try:

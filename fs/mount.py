@@ -100,6 +100,17 @@ def _number(key: str, value: str, kind=float, minimum=0):
     return v
 
 
+# Options that take a value: key -> (Options field, converter or None).
+_VALUED = {
+    "fsname": ("fsname", None), "subtype": ("subtype", None), "conf": ("conf", None),
+    "node": ("node", None), "rundir": ("rundir", None), "logfile": ("logfile", None),
+    "slot": ("slot", lambda k, v: _number(k, v, int)),
+    "commit": ("commit", lambda k, v: _number(k, v) or 5.0),
+    "cache_size": ("cache_mb", lambda k, v: _number(k, v, int, 1)),
+    "timeout": ("timeout", _number),
+}
+
+
 def parse_options(items: list[str]) -> Options:
     """Parse the -o option strings (each a comma-separated list)."""
     o = Options()
@@ -123,29 +134,12 @@ def parse_options(items: list[str]) -> Options:
                 o.kernel.append(opt)
             elif opt in _IGNORED:
                 pass
-            elif not eq and key in ("fsname", "subtype", "slot", "commit", "cache_size",
-                                    "conf", "node", "rundir", "logfile", "timeout"):
-                raise MountError(f"mount option {key} needs a value ({key}=...)", EXIT_USAGE)
-            elif key == "fsname":
-                o.fsname = value
-            elif key == "subtype":
-                o.subtype = value
-            elif key == "slot":
-                o.slot = _number(key, value, int)
-            elif key == "commit":
-                o.commit = _number(key, value) or 5.0
-            elif key == "cache_size":
-                o.cache_mb = _number(key, value, int, 1)
-            elif key == "conf":
-                o.conf = value
-            elif key == "node":
-                o.node = value
-            elif key == "rundir":
-                o.rundir = value
-            elif key == "logfile":
-                o.logfile = value
-            elif key == "timeout":
-                o.timeout = _number(key, value)
+            elif key in _VALUED:
+                if not eq:
+                    raise MountError(f"mount option {key} needs a value ({key}=...)",
+                                     EXIT_USAGE)
+                attr, convert = _VALUED[key]
+                setattr(o, attr, convert(key, value) if convert else value)
             else:
                 raise MountError(f"unknown mount option '{opt}' (see mount.replfs(8))",
                                  EXIT_USAGE)

@@ -33,6 +33,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 SIZE = 32 * 1024 * 1024
 
 
+def cluster_conf(name: str, p0: int, p1: int) -> str:
+    """An o2cb cluster.conf for the two local nodes: alpha (number 0) on
+    127.0.0.1:p0 and beta (number 1) on 127.0.0.2:p1."""
+    nodes = "".join(f"node:\n\tip_port = {port}\n\tip_address = {addr}\n\tnumber = {num}\n"
+                    f"\tname = {node}\n\tcluster = {name}\n\n"
+                    for num, (node, addr, port) in enumerate((("alpha", "127.0.0.1", p0),
+                                                               ("beta", "127.0.0.2", p1))))
+    return f"cluster:\n\tnode_count = 2\n\tname = {name}\n\n" + nodes.rstrip("\n") + "\n"
+
+
 CONF = """\
 common {{
 	net {{

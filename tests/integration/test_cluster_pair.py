@@ -8,27 +8,8 @@ import trio
 
 from replfs.ipc.client import AsyncClient, SyncClient, socket_path
 from replfs.blockdev import BlockDeviceError
-from replfs.localpair import Node, free_port
+from replfs.localpair import Node, cluster_conf, free_port
 
-CLUSTER_CONF = """\
-cluster:
-\tnode_count = 2
-\tname = tc
-
-node:
-\tip_port = {p0}
-\tip_address = 127.0.0.1
-\tnumber = 0
-\tname = alpha
-\tcluster = tc
-
-node:
-\tip_port = {p1}
-\tip_address = 127.0.0.2
-\tnumber = 1
-\tname = beta
-\tcluster = tc
-"""
 TIMEOUTS = "O2CB_HEARTBEAT_THRESHOLD=3\nO2CB_IDLE_TIMEOUT_MS=1500\nO2CB_KEEPALIVE_DELAY_MS=300\nO2CB_RECONNECT_DELAY_MS=200\n"
 
 
@@ -36,8 +17,8 @@ TIMEOUTS = "O2CB_HEARTBEAT_THRESHOLD=3\nO2CB_IDLE_TIMEOUT_MS=1500\nO2CB_KEEPALIV
 def cluster(tmp_path):
     cdir = tmp_path / "etc"
     cdir.mkdir()
-    (cdir / "cluster.conf").write_text(CLUSTER_CONF.format(p0=free_port("127.0.0.1"),
-                                                          p1=free_port("127.0.0.2")))
+    (cdir / "cluster.conf").write_text(cluster_conf("tc", free_port("127.0.0.1"),
+                                                          free_port("127.0.0.2")))
     (cdir / "o2cb").write_text(TIMEOUTS)
     (cdir / "key").write_text("test-cluster-key\n")
     nodes = []
@@ -210,7 +191,7 @@ def offline_pair(tmp_path):
     cdir = tmp_path / "etc"
     cdir.mkdir()
     p0, p1 = free_port("127.0.0.1"), free_port("127.0.0.2")
-    (cdir / "cluster.conf").write_text(CLUSTER_CONF.format(p0=p0, p1=p1))
+    (cdir / "cluster.conf").write_text(cluster_conf("tc", p0, p1))
     (cdir / "o2cb").write_text(TIMEOUTS)
     nodes = []
     for name, addr in (("alpha", "127.0.0.1"), ("beta", "127.0.0.2")):
