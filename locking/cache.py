@@ -26,12 +26,17 @@ for the incompatible local holders to leave, then converts.
 """
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 from typing import Awaitable, Callable, Optional
 
 import trio
 
+from replfs.blockdev import BlockDeviceError
+
 from .dlm.modes import Mode, compatible, covers
+
+log = logging.getLogger("replfs.locking")
 
 DownconvertHook = Callable[[str, Mode, Mode], Awaitable[None]]
 
@@ -188,7 +193,19 @@ class LockCache:
                     await self.on_downconvert(e.name, old, target)
                 self.stats["downconverts"] += 1
                 lvb = e.lvb_out if old in (Mode.EX, Mode.PW) else None
-                await e.lock.convert(target, lvb=lvb)
+                try:
+                    await e.lock.convert(target, lvb=lvb)
+                except BlockDeviceError as err:
+                    # The connection is gone (the daemon drops a client's
+                    # locks with it) or this node is fenced: either way the
+                    # lock is lost, and the next holder asks afresh.  This
+                    # task runs in the owner's nursery and must not take it
+                    # down for that.
+                    log.warning("%s/%s: down-conversion failed, lock dropped: %s",
+                                self.domain, e.name, err)
+                    e.lock, e.mode, e.blocked, e.lvb_out = None, Mode.NL, None, None
+                    e._notify()
+                    return
                 e.mode = e.lock.mode
                 e.lvb_out = None
             e.blocked = None
