@@ -104,6 +104,13 @@ def _now() -> int:
     return time.time_ns()
 
 
+def _check_id(value, what: str) -> None:
+    # uid_t/gid_t are 32 bits; (uid_t)-1 means "no change" to chown(2) and
+    # never reaches a filesystem as a value.
+    if not isinstance(value, int) or not 0 <= value < F.U32_MAX:
+        raise OSError(errno.EINVAL, f"{what} {value!r} out of range")
+
+
 def _check_name(name) -> bytes:
     if isinstance(name, str):
         name = os.fsencode(name)
@@ -132,6 +139,11 @@ class Filesystem:
         self.dirs = Directories(self.cache, self.alloc, self.ext, sb)
         self.journal = J.Journal(dev, sb, slot)
         self.root_ino = sb.root_ino
+        # Times outside what the volume stores are clamped, as the kernel
+        # clamps to a filesystem's s_time_min/s_time_max; replies carry
+        # the clamped value, so every node caches the time that is stored.
+        self.wide_time = bool(sb.feat_incompat & F.FEATURE_INCOMPAT_WIDE_TIME)
+        self.time_min, self.time_max = F.time_range(sb.feat_incompat)
         self.orphan_ino = sb.slots[slot].orphan_ino
         self._big = trio.Lock()
         self._held: set[int] = set()
@@ -263,8 +275,11 @@ class Filesystem:
             self.alloc.pending = []
 
     @asynccontextmanager
-    async def _op(self):
-        if self.failed is not None:
+    async def _op(self, *, reading: bool = False):
+        """One operation.  ``reading`` operations go on after the
+        filesystem latched read-only: they see what is committed (the
+        latch dropped everything uncommitted from memory)."""
+        if self.failed is not None and not reading:
             raise FilesystemFailed(errno.EROFS, f"filesystem failed, read-only: {self.failed}")
         async with self._big:
             self.cache.op_dirtied = False
@@ -322,13 +337,16 @@ class Filesystem:
                 await self.dev.write(blks[i] * self.bs, b"".join(images[b] for b in blks[i:j]))
                 i = j
         except BaseException as e:
-            # The transaction has left the cache; whether or not it reached
-            # the journal, memory and disk no longer agree.  Only a replay
-            # at the next mount can tell what survived.
+            # Memory and disk no longer agree (the transaction may or may
+            # not have reached the journal; or a block could not even be
+            # encoded).  Latch read-only: what is committed keeps being
+            # served, and only a replay at the next mount can tell what
+            # survived.  Whatever the cause, the caller sees an OSError,
+            # never an exception that would take the mount down.
             self._fail(f"commit failed: {type(e).__name__}: {e}")
-            if isinstance(e, OSError):
-                raise OSError(errno.EIO, f"journal commit failed: {e}") from e
-            raise
+            if not isinstance(e, Exception):
+                raise               # cancellation and the like
+            raise OSError(errno.EIO, f"journal commit failed: {e}") from e
 
     async def sync(self) -> None:
         async with self._op():
@@ -373,6 +391,9 @@ class Filesystem:
         inode = await self.cache.get(ino, "inode", ino)
         if not inode.flags & F.INODE_FLAG_VALID:
             raise OSError(errno.ESTALE, f"inode {ino} was deleted")
+        if self.wide_time and not inode.flags & F.INODE_FLAG_WIDE_TIME:
+            # written in the wide encoding whenever it is next written
+            inode.flags |= F.INODE_FLAG_WIDE_TIME
         return inode
 
     async def _dir(self, ino: int) -> F.Inode:
@@ -397,10 +418,22 @@ class Filesystem:
                     i.clusters * (self.cs // 512), self.cs, i.atime_ns, i.mtime_ns,
                     i.ctime_ns, i.generation)
 
+    def _clamp_time(self, ns: int) -> int:
+        return min(max(ns, self.time_min), self.time_max)
+
+    def _now(self) -> int:
+        # a clock set past what the volume stores must not break commits
+        return self._clamp_time(_now())
+
     def _new_inode(self, mode: int, uid: int, gid: int, rdev: int = 0) -> F.Inode:
+        _check_id(uid, "uid")
+        _check_id(gid, "gid")
+        if not 0 <= rdev <= F.U64_MAX:
+            raise OSError(errno.EINVAL, "device number out of range")
         cl, _ = self.alloc.alloc(1)
-        now = _now()
-        inode = F.Inode(cl << self.shift, mode=mode, uid=uid, gid=gid, nlink=1,
+        now = self._now()
+        flags = F.INODE_FLAG_VALID | (F.INODE_FLAG_WIDE_TIME if self.wide_time else 0)
+        inode = F.Inode(cl << self.shift, mode=mode, uid=uid, gid=gid, nlink=1, flags=flags,
                         generation=random.getrandbits(32), atime_ns=now, mtime_ns=now,
                         ctime_ns=now, rdev=rdev)
         self.cache.new(inode.ino, inode, inode.ino)
@@ -423,7 +456,7 @@ class Filesystem:
         self.alloc.free(inode.ino >> self.shift, 1)
         # A tombstone, not just a forgotten block: a stale inode number
         # (FUSE, NFS handle) must find an invalid inode, not the old one.
-        inode.flags = 0
+        inode.flags &= F.INODE_FLAG_WIDE_TIME   # the time encoding stays
         inode.nlink = 0
         self._dirty(inode)
         self._opens.pop(inode.ino, None)
@@ -447,7 +480,7 @@ class Filesystem:
 
     async def lookup(self, parent: int, name) -> Attr:
         name = _check_name(name)
-        async with self._op(), self._locked(parent, shared=True):
+        async with self._op(reading=True), self._locked(parent, shared=True):
             if name == b".":
                 # any inode, not only a directory: the kernel asks this to
                 # turn a file handle (NFS export) back into an inode
@@ -461,7 +494,7 @@ class Filesystem:
             return self._attr(await self._inode(e.ino))
 
     async def getattr(self, ino: int) -> Attr:
-        async with self._op(), self._locked(ino, shared=True):
+        async with self._op(reading=True), self._locked(ino, shared=True):
             return self._attr(await self._inode(ino))
 
     async def _make(self, parent: int, name, mode: int, uid: int, gid: int,
@@ -490,7 +523,7 @@ class Filesystem:
         if data:
             await self._write_data(inode, 0, data)
         await self.dirs.insert(d, name, inode.ino, F.ftype_of(mode))
-        d.mtime_ns = d.ctime_ns = _now()
+        d.mtime_ns = d.ctime_ns = self._now()
         self._dirty(d)
         return inode
 
@@ -528,7 +561,7 @@ class Filesystem:
                                                data=target))
 
     async def readlink(self, ino: int) -> bytes:
-        async with self._op(), self._locked(ino, shared=True):
+        async with self._op(reading=True), self._locked(ino, shared=True):
             inode = await self._inode(ino)
             if not stat.S_ISLNK(inode.mode):
                 raise OSError(errno.EINVAL, "not a symbolic link")
@@ -552,7 +585,7 @@ class Filesystem:
             await self._reserve(self.dirs.reserve_estimate(d))
             await self.dirs.insert(d, new_name, ino, F.ftype_of(inode.mode))
             inode.nlink += 1
-            now = _now()
+            now = self._now()
             inode.ctime_ns = d.mtime_ns = d.ctime_ns = now
             self._dirty(inode)
             self._dirty(d)
@@ -572,7 +605,7 @@ class Filesystem:
                 if inode.is_dir:
                     raise OSError(errno.EISDIR, "is a directory")
                 await self.dirs.remove(d, name)
-                now = _now()
+                now = self._now()
                 d.mtime_ns = d.ctime_ns = inode.ctime_ns = now
                 self._dirty(d)
                 inode.nlink -= 1
@@ -599,7 +632,7 @@ class Filesystem:
                     raise OSError(errno.ENOTEMPTY, "directory not empty")
                 await self.dirs.remove(d, name)
                 d.nlink -= 1
-                d.mtime_ns = d.ctime_ns = _now()
+                d.mtime_ns = d.ctime_ns = self._now()
                 self._dirty(d)
                 child.nlink = 0
                 self._dirty(child)
@@ -656,7 +689,7 @@ class Filesystem:
                         raise OSError(errno.ENOTEMPTY, "directory not empty")
                 else:
                     await self._reserve(self.dirs.reserve_estimate(nd))
-                now = _now()
+                now = self._now()
                 if dst is not None:
                     await self.dirs.retarget(nd, new_name, src.ino, F.ftype_of(src.mode))
                     dst.ctime_ns = now
@@ -699,7 +732,7 @@ class Filesystem:
                 dst.parent = od.ino
                 nd.nlink -= 1
                 od.nlink += 1
-        now = _now()
+        now = self._now()
         src.ctime_ns = dst.ctime_ns = od.mtime_ns = od.ctime_ns = nd.mtime_ns = nd.ctime_ns = now
         for i in (src, dst, od, nd):
             self._dirty(i)
@@ -709,7 +742,7 @@ class Filesystem:
         """Entries after cookie ``start_id`` as (name, inode, next cookie);
         '.' and '..' are not included.  Cookies are name hashes, stable
         across inserts and removals."""
-        async with self._op(), self._locked(ino, shared=True):
+        async with self._op(reading=True), self._locked(ino, shared=True):
             d = await self._dir(ino)
             out = []
             async for e in self.dirs.entries(d, start_id):
@@ -732,7 +765,7 @@ class Filesystem:
                 runs[-1].append(i)
             else:
                 runs.append([i])
-        async with self._op():
+        async with self._op(reading=True):
             for run in runs:
                 first = run[0]
                 raw = await self.dev.read(first * bs, (run[-1] - first + 1) * bs)
@@ -755,9 +788,19 @@ class Filesystem:
                       gid: int | None = None, size: int | None = None,
                       atime_ns: int | None = None, mtime_ns: int | None = None,
                       ctime_ns: int | None = None) -> Attr:
+        # Everything is checked before anything changes: a value the
+        # on-disk format cannot hold must be refused here, not found by
+        # the commit (which would then lose the whole transaction).
+        if uid is not None:
+            _check_id(uid, "uid")
+        if gid is not None:
+            _check_id(gid, "gid")
+        for t in (atime_ns, mtime_ns, ctime_ns):
+            if t is not None and not isinstance(t, int):
+                raise OSError(errno.EINVAL, "time is not an integer")
         async with self._op(), self._locked(ino):
             inode = await self._inode(ino)
-            now = _now()
+            now = self._now()
             if size is not None:
                 if inode.is_dir:
                     raise OSError(errno.EISDIR, "is a directory")
@@ -777,10 +820,10 @@ class Filesystem:
             if gid is not None:
                 inode.gid = gid
             if atime_ns is not None:
-                inode.atime_ns = atime_ns
+                inode.atime_ns = self._clamp_time(atime_ns)
             if mtime_ns is not None:
-                inode.mtime_ns = mtime_ns
-            inode.ctime_ns = now if ctime_ns is None else ctime_ns
+                inode.mtime_ns = self._clamp_time(mtime_ns)
+            inode.ctime_ns = self._clamp_time(now if ctime_ns is None else ctime_ns)
             self._dirty(inode)
             return self._attr(inode)
 
@@ -813,7 +856,8 @@ class Filesystem:
         return fh
 
     async def open(self, ino: int, flags: int = os.O_RDONLY) -> int:
-        async with self._op(), self._locked(ino):
+        reading = flags & os.O_ACCMODE == os.O_RDONLY and not flags & os.O_TRUNC
+        async with self._op(reading=reading), self._locked(ino):
             inode = await self._inode(ino)
             acc = flags & os.O_ACCMODE
             if inode.is_dir and acc != os.O_RDONLY:
@@ -823,11 +867,11 @@ class Filesystem:
             if flags & os.O_TRUNC and stat.S_ISREG(inode.mode):
                 await self._reserve(4)
                 await self._truncate(inode, 0)
-                inode.mtime_ns = inode.ctime_ns = _now()
+                inode.mtime_ns = inode.ctime_ns = self._now()
             return self._open_handle(inode, flags)
 
     async def release(self, fh: int) -> None:
-        async with self._op():
+        async with self._op(reading=True):
             h = self._handles.pop(fh, None)
             if h is None:
                 raise OSError(errno.EBADF, "bad file handle")
@@ -843,7 +887,7 @@ class Filesystem:
     async def unhold(self, ino: int) -> None:
         """Drop a ``hold``; frees the inode if that was its last reference
         and it has no name left."""
-        async with self._op():
+        async with self._op(reading=True):
             await self._unref(ino)
 
     async def _unref(self, ino: int) -> None:
@@ -852,8 +896,10 @@ class Filesystem:
             self._opens[ino] = left
             return
         self._opens.pop(ino, None)
-        if left < 0:
-            return                  # not referenced (freed already)
+        if left < 0 or self.failed is not None:
+            # not referenced (freed already); or latched: nothing may be
+            # written, the orphan is freed by the next mount's recovery
+            return
         async with self._locked(ino):
             inode = await self._inode(ino)
             if inode.nlink == 0:
@@ -871,7 +917,7 @@ class Filesystem:
             raise OSError(errno.EBADF, "not open for reading")
         if offset < 0 or size < 0:
             raise OSError(errno.EINVAL, "negative offset or size")
-        async with self._op(), self._locked(h.ino, shared=True):
+        async with self._op(reading=True), self._locked(h.ino, shared=True):
             inode = await self._inode(h.ino)
             if inode.is_dir:
                 raise OSError(errno.EISDIR, "is a directory")
@@ -907,7 +953,7 @@ class Filesystem:
             if offset + len(data) > MAX_FILE_SIZE:
                 raise OSError(errno.EFBIG, "file too large")
             n = await self._write_data(inode, offset, bytes(data))
-            inode.mtime_ns = inode.ctime_ns = _now()
+            inode.mtime_ns = inode.ctime_ns = self._now()
             self._dirty(inode)
             return n
 
@@ -998,7 +1044,7 @@ class Filesystem:
             await self.dev.flush()
 
     async def statfs(self) -> StatFs:
-        async with self._op():
+        async with self._op(reading=True):
             free = self.alloc.free_clusters()
             return StatFs(self.cs, self.cs, self.sb.total_clusters, free, free,
                           self.sb.total_clusters, free, F.MAX_NAME)
@@ -1020,14 +1066,14 @@ class Filesystem:
 
     async def getxattr(self, ino: int, name) -> bytes:
         name = self._xname(name)
-        async with self._op(), self._locked(ino, shared=True):
+        async with self._op(reading=True), self._locked(ino, shared=True):
             xb = await self._xattrs(await self._inode(ino))
             if xb is None or name not in xb.attrs:
                 raise OSError(errno.ENODATA, "no such attribute")
             return xb.attrs[name]
 
     async def listxattr(self, ino: int) -> list[bytes]:
-        async with self._op(), self._locked(ino, shared=True):
+        async with self._op(reading=True), self._locked(ino, shared=True):
             xb = await self._xattrs(await self._inode(ino))
             return sorted(xb.attrs) if xb else []
 
@@ -1055,7 +1101,7 @@ class Filesystem:
             else:
                 xb.attrs = attrs
                 self.cache.mark(xb.blkno, xb)
-            inode.ctime_ns = _now()
+            inode.ctime_ns = self._now()
             self._dirty(inode)
 
     async def removexattr(self, ino: int, name) -> None:
@@ -1072,7 +1118,7 @@ class Filesystem:
                 self.alloc.free(xb.blkno >> self.shift, 1)
                 self.cache.forget(xb.blkno)
                 inode.xattr_blk = 0
-            inode.ctime_ns = _now()
+            inode.ctime_ns = self._now()
             self._dirty(inode)
 
     # ------------------------------------------------------------ additions
@@ -1080,7 +1126,7 @@ class Filesystem:
     async def lookup_dotdot(self, ino: int) -> Attr:
         """Attributes of the parent of directory ``ino`` (NFS export asks
         this with nothing but a directory's handle)."""
-        async with self._op(), self._locked(ino, shared=True):
+        async with self._op(reading=True), self._locked(ino, shared=True):
             d = await self._dir(ino)
             return self._attr(await self._inode(d.parent))
 
@@ -1121,7 +1167,7 @@ class Filesystem:
                 lcl += step
             if end > inode.size:
                 inode.size = end
-            inode.ctime_ns = _now()
+            inode.ctime_ns = self._now()
             self._dirty(inode)
 
     async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int,

@@ -77,7 +77,27 @@ SB_SLOT = struct.Struct("<QQQQ")  # journal start blk, journal blocks, localallo
 
 FEATURE_INCOMPAT_EXTENT_TREE = 1
 FEATURE_INCOMPAT_HASHED_DIRS = 2
-FEATURE_INCOMPAT_KNOWN = FEATURE_INCOMPAT_EXTENT_TREE | FEATURE_INCOMPAT_HASHED_DIRS
+# Inode times as signed 64-bit seconds plus a 32-bit nanosecond field
+# (every time utimensat(2) can pass), instead of signed 64-bit nanoseconds
+# (1677-09-21 .. 2262-04-11).  Incompatible: an older reader would take
+# the seconds for nanoseconds.  Volumes made before it keep the narrow
+# encoding and clamp to its range.
+FEATURE_INCOMPAT_WIDE_TIME = 4
+FEATURE_INCOMPAT_KNOWN = (FEATURE_INCOMPAT_EXTENT_TREE | FEATURE_INCOMPAT_HASHED_DIRS
+                          | FEATURE_INCOMPAT_WIDE_TIME)
+
+NS = 1_000_000_000
+S64_MIN, S64_MAX = -(1 << 63), (1 << 63) - 1
+U32_MAX = (1 << 32) - 1
+U64_MAX = (1 << 64) - 1
+# The time range each inode time encoding stores, in nanoseconds.
+NARROW_TIME_RANGE = (S64_MIN, S64_MAX)
+WIDE_TIME_RANGE = (S64_MIN * NS, S64_MAX * NS + NS - 1)
+
+
+def time_range(feat_incompat: int) -> tuple[int, int]:
+    """(min, max) inode time in ns that a volume with these features stores."""
+    return WIDE_TIME_RANGE if feat_incompat & FEATURE_INCOMPAT_WIDE_TIME else NARROW_TIME_RANGE
 
 
 @dataclass
@@ -236,8 +256,13 @@ S_IFLNK = 0o120000
 INODE_FLAG_VALID = 1
 INODE_FLAG_ORPHAN = 2
 INODE_FLAG_SYSTEM = 4
+INODE_FLAG_WIDE_TIME = 8         # times as seconds + INODE_NSEC (needs the feature)
+INODE_FLAGS_KNOWN = (INODE_FLAG_VALID | INODE_FLAG_ORPHAN | INODE_FLAG_SYSTEM
+                     | INODE_FLAG_WIDE_TIME)
 
 INODE_BODY = struct.Struct("<IIIIIIQQqqqQQQHHIII")
+INODE_NSEC = struct.Struct("<III")  # at 136: atime, mtime, ctime nanoseconds (wide times)
+INODE_NSEC_OFF = 136
 INODE_ROOT_OFF = 160
 EXT_REC = struct.Struct("<QQII")   # logical cluster, physical cluster/blkno, length, flags
 
@@ -279,11 +304,15 @@ class Inode:
 
     def encode(self, bs: int, volid: int) -> bytes:
         buf = bytearray(bs)
+        times = (self.atime_ns, self.mtime_ns, self.ctime_ns)
+        if self.flags & INODE_FLAG_WIDE_TIME:
+            split = [divmod(t, NS) for t in times]
+            times = tuple(s for s, _ in split)
+            INODE_NSEC.pack_into(buf, INODE_NSEC_OFF, *(n for _, n in split))
         INODE_BODY.pack_into(
             buf, HDR_SIZE, self.mode, self.uid, self.gid, self.nlink, self.flags,
-            self.generation, self.size, self.clusters, self.atime_ns, self.mtime_ns,
-            self.ctime_ns, self.rdev, self.xattr_blk, self.parent, self.dir_depth,
-            self.ext_depth, len(self.root), self.dir_leaves, 0)
+            self.generation, self.size, self.clusters, *times, self.rdev, self.xattr_blk,
+            self.parent, self.dir_depth, self.ext_depth, len(self.root), self.dir_leaves, 0)
         off = INODE_ROOT_OFF
         for a, b, c in self.root:
             EXT_REC.pack_into(buf, off, a, b, c, 0)
@@ -297,6 +326,11 @@ class Inode:
          parent, ddepth, edepth, nroot, dleaves, _) = INODE_BODY.unpack_from(buf, HDR_SIZE)
         root = [EXT_REC.unpack_from(buf, INODE_ROOT_OFF + i * EXT_REC.size)[:3]
                 for i in range(nroot)]
+        if flags & INODE_FLAG_WIDE_TIME:
+            ans, mns, cns = INODE_NSEC.unpack_from(buf, INODE_NSEC_OFF)
+            if max(ans, mns, cns) >= NS:
+                raise FormatError(f"block {blkno}: inode time nanoseconds out of range")
+            at, mt, ct = at * NS + ans, mt * NS + mns, ct * NS + cns
         return cls(blkno, mode, uid, gid, nlink, flags, gen, size, clusters, at, mt,
                    ct, rdev, xb, parent, ddepth, edepth, dleaves, root)
 

@@ -1047,6 +1047,10 @@ class Checker:
         sb = self.sb
         cs = sb.cluster_size
         special = (F.INODE_FLAG_VALID | F.INODE_FLAG_ORPHAN | F.INODE_FLAG_SYSTEM)
+        wide = bool(sb.feat_incompat & F.FEATURE_INCOMPAT_WIDE_TIME)
+        if wide:
+            special |= F.INODE_FLAG_WIDE_TIME
+        tmin, tmax = F.time_range(sb.feat_incompat)
         # Per-inode structure.
         bad_exts: dict[int, set] = {}
         for ino in sorted(self.nodes):
@@ -1066,7 +1070,16 @@ class Checker:
                     prev_end = l + n
             if drop:
                 bad_exts[ino] = drop
-            if inode.flags & ~special:
+            if inode.flags & F.INODE_FLAG_WIDE_TIME and not wide:
+                # seconds + nanoseconds on a volume whose readers expect
+                # nanoseconds: keep the times, clamped to what it stores
+                if await self.problem(f"Inode {ino} has wide timestamps, but the volume "
+                                      f"lacks the wide-time feature.", "Convert them"):
+                    await self.patch_inode(
+                        ino, flags=inode.flags & ~F.INODE_FLAG_WIDE_TIME,
+                        **{k: min(max(getattr(inode, k), tmin), tmax)
+                           for k in ("atime_ns", "mtime_ns", "ctime_ns")})
+            if inode.flags & ~special & ~F.INODE_FLAG_WIDE_TIME:
                 if await self.problem(f"Inode {ino} has unknown flags {inode.flags:#x}.",
                                       "Clear them"):
                     await self.patch_inode(ino, flags=inode.flags & special)

@@ -111,6 +111,8 @@ async def _write_home(dev, cache: MetaCache) -> None:
 def _new_dir(cache: MetaCache, alloc: Allocator, shift: int, *, mode: int, parent: int | None,
              now: int, flags: int = F.INODE_FLAG_VALID) -> F.Inode:
     cl, _ = alloc.alloc(1)
+    if alloc.sb.feat_incompat & F.FEATURE_INCOMPAT_WIDE_TIME:
+        flags |= F.INODE_FLAG_WIDE_TIME
     ino = F.Inode(cl << shift, mode=stat.S_IFDIR | mode, nlink=2, flags=flags,
                   generation=random.getrandbits(32), atime_ns=now, mtime_ns=now,
                   ctime_ns=now)
@@ -141,8 +143,11 @@ def check_params(slots: int, block_size: int, cluster_size: int | None, label: s
 async def make_filesystem(dev, *, slots: int = 4, block_size: int = 4096,
                           cluster_size: int | None = None, label: str = "",
                           journal_size: int | None = None, force: bool = False,
-                          out=print) -> F.Superblock:
+                          out=print, wide_time: bool = True) -> F.Superblock:
     """Format ``dev`` (a BlockDevice) and return the new superblock.
+
+    ``wide_time=False`` makes a volume of the format before the wide-time
+    feature (tests of old volumes use it; the command line has no switch).
 
     ``force`` only matters to the command-line checks (existing
     filesystem, mounted target); this function formats whatever it gets.
@@ -235,6 +240,8 @@ async def make_filesystem(dev, *, slots: int = 4, block_size: int = 4096,
         cpg=cpg, group_count=ngroups, root_ino=0, slotmap_blk=slotmap_cl * bpc,
         reserved_clusters=reserved, created_ns=time.time_ns(),
         slots=[F.SlotInfo(*info) for info in slot_infos], volid=volid)
+    if not wide_time:
+        sb.feat_incompat &= ~F.FEATURE_INCOMPAT_WIDE_TIME
     for g in groups:
         blk = F.group_desc_blkno(sb, g.group)
         await dev.write(blk * bs, g.encode(bs, volid, blk))

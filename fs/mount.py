@@ -344,7 +344,7 @@ async def _committer(fs: Filesystem, interval: float) -> None:
     while True:
         try:
             await fs.commit_loop(interval)
-        except OSError as e:
+        except Exception as e:      # noqa: BLE001  (a commit must never end the mount)
             log.error("background commit failed: %s", e)
             await trio.sleep(interval)
 
