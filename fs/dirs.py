@@ -5,10 +5,18 @@ table of 2**depth leaf pointers, indexed by the key's top ``depth`` bits,
 stored in table blocks at logical block DIR_TABLE_LBLK onwards, and leaf
 blocks at logical blocks 0, 1, 2, ...  A leaf with local depth ``d``
 holds every name whose key starts with its d-bit prefix, so a lookup
-reads one table block and one leaf, whatever the directory size.  A full
-leaf splits on its next key bit, doubling the table when needed.  Leaves
-keep entries sorted by key and key order is table order, so the key is
-a stable readdir cookie.
+reads one table block and one leaf, whatever the directory size -- plus
+one extent leaf per mapped block once the directory's extent map no
+longer fits in its inode, which is why leaf clusters are mapped in
+growing runs (see _prealloc).  A full leaf splits on its next key bit,
+doubling the table when needed.  Leaves keep entries sorted by key and
+key order is table order, so the key is a stable readdir cookie.
+
+An insert works out before it changes anything how many splits and table
+doublings it needs and what they can allocate (_split_plan, _cost): it is
+refused with ENOSPC up front rather than failing half-way through a split,
+which would leave the running transaction unusable and latch the
+filesystem read-only.
 """
 from __future__ import annotations
 
@@ -17,6 +25,19 @@ import errno
 
 from . import format as F
 from .extents import insert_extent
+
+# Leaf clusters a directory maps one at a time; past this many it maps
+# runs as long as what it already has (so the number of extents grows with
+# the log of the size, not with the size, when inodes and other files are
+# allocated in between), at most PREALLOC_BYTES per run.  Mapped blocks
+# past the last leaf are simply unused, as the spare blocks of a directory's
+# last cluster are when clusters are larger than blocks.
+PREALLOC_FROM = 4
+PREALLOC_BYTES = 256 << 10
+# Preallocation takes at most this fraction of the free space left over
+# after what the insert itself needs, so a nearly full volume is not eaten
+# by directory runs.
+PREALLOC_SHARE = 8
 
 
 class Directories:
@@ -29,6 +50,13 @@ class Directories:
         self.shift = sb.cluster_bits - sb.block_bits
         self.tslots = F.dirtable_slots(self.bs)
         self.seed = sb.uuid
+        self.prealloc_max = max(1, PREALLOC_BYTES >> sb.cluster_bits)
+        # The last lookup that found nothing: (directory inode, name, leaf).
+        # Every insert path looks the name up first (it must not exist), so
+        # reserve_estimate can size the reservation for that very name.
+        self._miss: tuple[int, bytes, F.DirLeaf] | None = None
+        # Clusters preallocation may still take during the running insert.
+        self._spare = 0
 
     def key(self, name: bytes) -> int:
         return F.name_key(self.seed, name)
@@ -36,15 +64,23 @@ class Directories:
     def table_blocks(self, depth: int) -> int:
         return -(-(1 << depth) // self.tslots)
 
-    async def _map_block(self, d: F.Inode, lblk: int, create: bool = False) -> int:
+    async def _map_block(self, d: F.Inode, lblk: int, create: bool = False,
+                         want: int = 1) -> int:
+        """Physical block of logical block ``lblk``; with ``create``, map
+        its cluster if needed, together with up to ``want - 1`` following
+        unmapped clusters when they come in the same contiguous run."""
         lcl = lblk >> self.shift
-        pcl, _ = await self.ext.lookup(d, lcl)
+        pcl, hole = await self.ext.lookup(d, lcl)
         if pcl is None:
             if not create:
                 raise OSError(errno.EIO, f"directory {d.ino}: logical block {lblk} unmapped")
-            pcl, _ = self.alloc.alloc(1)
+            if hole > 0:
+                want = min(want, hole)
             exts = await self.ext.load(d)
-            await self.ext.store(d, insert_extent(exts, lcl, pcl, 1))
+            # right after the cluster mapped just before, so runs merge
+            goal = next((p + lcl - l for l, p, n in exts if l < lcl <= l + n), None)
+            pcl, n = self.alloc.alloc(max(1, want), goal)
+            await self.ext.store(d, insert_extent(exts, lcl, pcl, n))
         return (pcl << self.shift) + (lblk & ((1 << self.shift) - 1))
 
     async def _table(self, d: F.Inode, i: int) -> F.DirTable:
@@ -68,9 +104,19 @@ class Directories:
         slot = key >> (F.KEY_BITS - d.dir_depth)
         return await self._leaf(d, await self._ptr(d, slot))
 
+    def _prealloc(self, idx: int) -> int:
+        """Spare clusters to map after the cluster of new leaf ``idx``."""
+        lcl = idx >> self.shift
+        if lcl < PREALLOC_FROM:
+            return 0
+        return max(0, min(lcl, self.prealloc_max, self._spare))
+
     async def _new_leaf(self, d: F.Inode, depth: int) -> F.DirLeaf:
         idx = d.dir_leaves
-        blk = await self._map_block(d, idx, create=True)
+        extra = self._prealloc(idx)
+        before = d.clusters
+        blk = await self._map_block(d, idx, create=True, want=1 + extra)
+        self._spare -= max(0, d.clusters - before - 1)
         leaf = F.DirLeaf(blk, idx, depth, [])
         self.cache.new(blk, leaf, d.ino)
         d.dir_leaves += 1
@@ -85,11 +131,88 @@ class Directories:
         self.cache.new(blk, t, d.ino)
         await self._new_leaf(d, 0)
 
-    def reserve_estimate(self, d: F.Inode) -> int:
-        """Clusters an insert may need in the worst realistic case."""
-        return 8 + self.table_blocks(d.dir_depth + 1) + 2 * self.ext.leaves_needed(0)
+    # ------------------------------------------------------------ space
+
+    def _split_plan(self, d: F.Inode, leaf: F.DirLeaf, key: int, size: int) -> tuple[int, int]:
+        """(splits, table doublings) that inserting an entry of ``size``
+        bytes with ``key`` into ``leaf`` takes: the loop of insert(),
+        without changing anything.  With 512-byte blocks and long names a
+        leaf holds one or two entries, and a new key that shares its first
+        k bits with them needs k splits, each of which may double the table."""
+        entries = leaf.entries
+        used = leaf.used()
+        depth, tdepth = leaf.depth, d.dir_depth
+        splits = doublings = 0
+        while used + size > self.bs:
+            if depth >= F.MAX_DIR_DEPTH:
+                raise OSError(errno.ENOSPC, "directory leaf cannot split further")
+            if depth == tdepth:
+                tdepth += 1
+                doublings += 1
+            depth += 1
+            splits += 1
+            bit = F.KEY_BITS - depth
+            side = (key >> bit) & 1
+            entries = [e for e in entries if (e.key >> bit) & 1 == side]
+            used = F.DIRLEAF_OFF + sum(e.size for e in entries)
+        return splits, doublings
+
+    def _mapped_clusters(self, d: F.Inode, first_blk: int, nblocks: int) -> tuple[int, int]:
+        """(clusters covering logical blocks [first_blk, first_blk+nblocks),
+        how many of them are surely mapped already).  Exact while the
+        extent map is in the inode; otherwise only the cluster shared with
+        the block before ``first_blk`` is known to be mapped."""
+        lo = first_blk >> self.shift
+        hi = (first_blk + nblocks - 1) >> self.shift
+        if d.ext_depth == 0:
+            mapped = sum(max(0, min(hi + 1, l + n) - max(lo, l)) for l, _, n in d.root)
+        else:
+            mapped = 1 if first_blk & ((1 << self.shift) - 1) else 0
+        return hi - lo + 1, mapped
+
+    def _cost(self, d: F.Inode, splits: int, doublings: int) -> int:
+        """Clusters that ``splits`` leaf splits and ``doublings`` table
+        doublings can allocate at most: new leaf and table clusters, and
+        the extent leaves the directory's extent map may grow by (each new
+        cluster at worst one more extent)."""
+        new = 0
+        if splits:
+            n, mapped = self._mapped_clusters(d, d.dir_leaves, splits)
+            new += n - mapped
+        tb0 = self.table_blocks(d.dir_depth)
+        tb1 = self.table_blocks(d.dir_depth + doublings)
+        if tb1 > tb0:
+            n, mapped = self._mapped_clusters(d, F.DIR_TABLE_LBLK + tb0, tb1 - tb0)
+            new += n - mapped
+        if d.ext_depth == 0:
+            nexts, leaves = len(d.root), 0
+        else:
+            nexts, leaves = sum(r[2] for r in d.root), len(d.root)
+        if nexts + new > self.ext.max_extents:
+            raise OSError(errno.ENOSPC, f"directory {d.ino}: extent map full (too fragmented)")
+        return new + max(0, self.ext.leaves_needed(nexts + new) - leaves)
+
+    def reserve_estimate(self, d: F.Inode, name: bytes | None = None) -> int:
+        """Clusters inserting ``name`` into ``d`` may allocate, for the
+        caller to reserve before it changes anything; raises ENOSPC if the
+        insert cannot be done at all.
+
+        Exact (an upper bound) when ``name`` -- or, without ``name``, the
+        name of the last lookup in ``d``, which every insert path does to
+        make sure the name is free -- is known: it follows the split chain
+        that very key causes, including every table doubling.  Without
+        either it assumes one split with one doubling; insert() then still
+        checks and refuses before changing anything."""
+        m = self._miss
+        if m is not None and m[0] == d.ino and (name is None or m[1] == name):
+            size = F.DIRENT.size + len(m[1])
+            return self._cost(d, *self._split_plan(d, m[2], self.key(m[1]), size))
+        return self._cost(d, 1, 1)
+
+    # ------------------------------------------------------------ entries
 
     async def lookup(self, d: F.Inode, name: bytes) -> F.DirEntry | None:
+        self._miss = None
         key = self.key(name)
         leaf = await self._leaf_for_key(d, key)
         i = bisect.bisect_left(leaf.entries, key, key=lambda e: e.key)
@@ -97,43 +220,66 @@ class Directories:
             if leaf.entries[i].name == name:
                 return leaf.entries[i]
             i += 1
+        self._miss = (d.ino, name, leaf)
         return None
 
     async def insert(self, d: F.Inode, name: bytes, ino: int, ftype: int) -> None:
+        self._miss = None
         key = self.key(name)
         ent = F.DirEntry(key, ino, ftype, name)
-        while True:
-            slot = key >> (F.KEY_BITS - d.dir_depth)
-            leaf = await self._leaf(d, await self._ptr(d, slot))
-            used = leaf.used()
-            if used + ent.size <= self.bs:
-                i = bisect.bisect_right(leaf.entries, key, key=lambda e: e.key)
-                leaf.entries.insert(i, ent)
-                leaf.nbytes = used + ent.size
-                self.cache.mark(leaf.blkno, leaf)
-                return
-            await self._split(d, leaf)
+        slot = key >> (F.KEY_BITS - d.dir_depth)
+        leaf = await self._leaf(d, await self._ptr(d, slot))
+        if leaf.used() + ent.size > self.bs:
+            # Splits ahead: make sure all of them can be done before the
+            # first one changes anything.
+            need = self._cost(d, *self._split_plan(d, leaf, key, ent.size))
+            # (fsck's repair allocator keeps no free count: it fails into
+            # an overlay that is only written when the repair completes)
+            if hasattr(self.alloc, "free_clusters"):
+                free = self.alloc.free_clusters()
+                if free < need:
+                    raise OSError(errno.ENOSPC, "no space left on device")
+                self._spare = (free - need) // PREALLOC_SHARE
+        try:
+            while True:
+                used = leaf.used()
+                if used + ent.size <= self.bs:
+                    i = bisect.bisect_right(leaf.entries, key, key=lambda e: e.key)
+                    leaf.entries.insert(i, ent)
+                    leaf.nbytes = used + ent.size
+                    self.cache.mark(leaf.blkno, leaf)
+                    return
+                await self._split(d, leaf)
+                slot = key >> (F.KEY_BITS - d.dir_depth)
+                leaf = await self._leaf(d, await self._ptr(d, slot))
+        finally:
+            self._spare = 0
 
     async def _double(self, d: F.Inode) -> None:
         if d.dir_depth >= F.MAX_DIR_DEPTH:
             raise OSError(errno.ENOSPC, "directory hash table at its maximum depth")
+        old_blocks = self.table_blocks(d.dir_depth)
         old = [await self._ptr(d, s) for s in range(1 << d.dir_depth)]
         new = [p for p in old for _ in (0, 1)]
         d.dir_depth += 1
-        for i in range(self.table_blocks(d.dir_depth)):
+        nblocks = self.table_blocks(d.dir_depth)
+        last_cl = (F.DIR_TABLE_LBLK + nblocks - 1) >> self.shift
+        for i in range(nblocks):
             lblk = F.DIR_TABLE_LBLK + i
             chunk = new[i * self.tslots:(i + 1) * self.tslots]
             chunk += [0] * (self.tslots - len(chunk))
-            pcl, _ = await self.ext.lookup(d, lblk >> self.shift)
-            if pcl is None:
-                blk = await self._map_block(d, lblk, create=True)
-                self.cache.new(blk, F.DirTable(blk, i, chunk), d.ino)
-            else:
+            if i < old_blocks:
                 t = await self._table(d, i)
                 t.ptrs = chunk
                 self.cache.mark(t.blkno, t)
+            else:
+                # A new table block: never written, even when its cluster
+                # is already mapped (clusters larger than blocks), so it is
+                # created, not read.  The new clusters come as one run.
+                blk = await self._map_block(d, lblk, create=True,
+                                            want=last_cl - (lblk >> self.shift) + 1)
+                self.cache.new(blk, F.DirTable(blk, i, chunk), d.ino)
         self.cache.mark(d.ino, d)
-
     async def _split(self, d: F.Inode, leaf: F.DirLeaf) -> None:
         if leaf.depth >= F.MAX_DIR_DEPTH:
             raise OSError(errno.ENOSPC, "directory leaf cannot split further")

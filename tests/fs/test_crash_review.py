@@ -230,7 +230,7 @@ async def test_enospc_after_a_deferred_free_is_clean(tmp_path):
     await format_image(path, slots=2)
     dev = FileBlockDevice(path)
     fs = await Filesystem.mount(dev)
-    small = await _write_file(fs, fs.root_ino, "small", b"s" * 5000)
+    small = await _write_file(fs, fs.root_ino, "small", b"s" * 100)
     big = await _fill(fs, fs.root_ino, "big")
     await fs.fsync()
     await fs.unlink(fs.root_ino, "small")          # 2 clusters pending
@@ -241,8 +241,12 @@ async def test_enospc_after_a_deferred_free_is_clean(tmp_path):
         await fs.fallocate(fh, size, 64 * fs.cs)
     assert ei.value.errno == errno.ENOSPC
     assert fs.failed is None
+    # a directory needs 4 clusters (inode, table, leaf, one spare); the
+    # unlink gave back 2 (inode and data of "small")
+    assert fs.alloc.free_clusters() < 4
     with pytest.raises(OSError) as ei:
         await fs.mkdir(fs.root_ino, "d" * 200)
+    assert ei.value.errno == errno.ENOSPC
     assert fs.failed is None
     # the filesystem still works: the freed clusters are usable
     n = await fs.write(fh, (await fs.getattr(big)).size, b"x" * fs.cs)
@@ -255,7 +259,7 @@ async def test_enospc_after_a_deferred_free_is_clean(tmp_path):
 
 
 async def test_enospc_in_reserve_after_a_deferred_free_is_clean(tmp_path):
-    """Same through _reserve: a create on a full volume after an unlink."""
+    """Same through _reserve: a mkdir on a full volume after an unlink."""
     path = make_image(tmp_path / "v.img", 24 << 20)
     await format_image(path, slots=2)
     dev = FileBlockDevice(path)
@@ -264,8 +268,9 @@ async def test_enospc_in_reserve_after_a_deferred_free_is_clean(tmp_path):
     await _fill(fs, fs.root_ino, "big")
     await fs.fsync()
     await fs.unlink(fs.root_ino, "small")
+    # the commit gives back 2 clusters; a directory needs 4
     with pytest.raises(OSError) as ei:
-        await fs.create(fs.root_ino, "another")
+        await fs.mkdir(fs.root_ino, "another")
     assert ei.value.errno == errno.ENOSPC
     assert fs.failed is None
     await fs.unmount()
