@@ -220,13 +220,15 @@ def abort_connection(conn: int) -> bool:
 
 
 def _probe(path: str, timeout: float) -> int | None:
-    """errno of stat(path) (0 when it works), None if it did not return in
-    time (a live but hung server: not ours to clean up here)."""
+    """errno of statvfs(path) (0 when it works), None if it did not return
+    in time (a live but hung server: not ours to clean up here).  statvfs,
+    not stat: the kernel answers stat of a dead mount's root from its
+    attribute cache, but always asks the server for STATFS."""
     result: list[int] = []
 
     def run():
         try:
-            os.stat(path)
+            os.statvfs(path)
             result.append(0)
         except OSError as exc:
             result.append(exc.errno or errno.EIO)
@@ -239,7 +241,7 @@ def _probe(path: str, timeout: float) -> int | None:
 
 def clean_stale_mounts(subtype: str, *, timeout: float = 2.0) -> list[str]:
     """Lazily unmount every ``fuse.SUBTYPE`` mount whose server is gone
-    (stat gives ENOTCONN).  Returns the mount points cleaned."""
+    (statvfs gives ENOTCONN).  Returns the mount points cleaned."""
     cleaned = []
     for m in mounts():
         if m.fstype != f"fuse.{subtype}":

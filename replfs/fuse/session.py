@@ -166,6 +166,7 @@ class Session:
         self._started = False
         self._sender = NotifySender.get()
         self._trio_token = None
+        self._trace = False
 
     def __repr__(self) -> str:
         return f"<Session {self.name} at {self.mountpoint}>"
@@ -193,6 +194,7 @@ class Session:
             await self._handshake()
             self.ops.init(self)
             initialized = True
+            self._trace = log.isEnabledFor(logging.DEBUG)
             async with trio.open_nursery() as nursery:
                 task_status.started(self)
                 with self._stop:
@@ -298,6 +300,9 @@ class Session:
             return
         op = h.opcode
         self.op_counts[op] += 1
+        if self._trace:
+            log.debug("%s <- %s unique=%d nodeid=%d pid=%d len=%d", self.name,
+                      dispatch._opname(op), h.unique, h.nodeid, h.pid, h.length)
         if op == Opcode.INTERRUPT:
             self._interrupt(view, h)
             return
@@ -426,6 +431,9 @@ class Session:
     def reply_error(self, req: Request, code: int) -> None:
         if not self._claim(req):
             return
+        if self._trace:
+            log.debug("%s -> %s unique=%d: %s", self.name, dispatch._opname(req.opcode),
+                      req.unique, errno.errorcode.get(code, code))
         self.stats["errors"] += 1
         self._after_reply(req, self._write([proto.out_header(req.unique, code, 0)]))
 
