@@ -173,24 +173,29 @@ class Session:
 
     # ----------------------------------------------------------------- running
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED, fd: int | None = None) -> None:
         """Mount, negotiate, serve until unmounted or aborted.  Use with
         ``await nursery.start(session.run)``: it returns once the mount
-        answers requests."""
+        answers requests.  With ``fd`` the session serves a connection
+        that is already open (and mounted, or a test's fake kernel) and
+        mounts nothing."""
         if self._started:
             raise FuseUsageError("a Session runs once")
         self._started = True
         self._trio_token = trio.lowlevel.current_trio_token()
-        fd = fmount.open_device()
+        own_mount = fd is None
+        if fd is None:
+            fd = fmount.open_device()
         with self._fd_lock:
             self._fd = fd
         initialized = False
         try:
-            await trio.to_thread.run_sync(
-                lambda: fmount.mount_fuse(fd, self.mountpoint, subtype=self.subtype,
-                                          fsname=self.fsname, options=self.options))
-            self.mounted = True
-            self.connection = fmount.connection_id(self.mountpoint)
+            if own_mount:
+                await trio.to_thread.run_sync(
+                    lambda: fmount.mount_fuse(fd, self.mountpoint, subtype=self.subtype,
+                                              fsname=self.fsname, options=self.options))
+                self.mounted = True
+                self.connection = fmount.connection_id(self.mountpoint)
             await self._handshake()
             self.ops.init(self)
             initialized = True
@@ -246,7 +251,8 @@ class Session:
         fd = self._fd
         while True:
             try:
-                return os.readv(fd, [buf])
+                n = os.readv(fd, [buf])
+                return n or None        # 0: a test transport was closed
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(fd)
             except InterruptedError:
@@ -281,6 +287,8 @@ class Session:
                     log.debug("%s: connection ended (ENODEV)", self.name)
                     return
                 raise
+            if n == 0:
+                return          # /dev/fuse never reads 0; a test transport closed
             await self._dispatch(view[:n], n, nursery)
             burst += 1
             if burst >= _DRAIN_BURST:
