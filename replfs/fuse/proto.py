@@ -840,33 +840,49 @@ def _ns(t_ns: int) -> tuple[int, int]:
     return s & _U64, ns
 
 
-def pack_attr(a) -> bytes:
-    """fuse_attr from any object with pyfuse3-style ``st_*`` fields."""
+# Whole replies packed by one Struct each: the per-entry cost of a
+# READDIRPLUS reply is dominated by Python calls, not by bytes.
+_ENTRY_FULL = struct.Struct("=" + ENTRY_OUT_HEAD.format.lstrip("=") + ATTR.format.lstrip("="))
+_ATTR_OUT_FULL = struct.Struct("=" + ATTR_OUT_HEAD.format.lstrip("=") + ATTR.format.lstrip("="))
+_DIRENTPLUS_FULL = struct.Struct(_ENTRY_FULL.format + DIRENT_HEAD.format.lstrip("="))
+
+
+def _attr_fields(a) -> tuple:
     at, atn = _ns(a.st_atime_ns)
     mt, mtn = _ns(a.st_mtime_ns)
     ct, ctn = _ns(a.st_ctime_ns)
+    return (a.st_ino, a.st_size, a.st_blocks, at, mt, ct, atn, mtn, ctn, a.st_mode, a.st_nlink,
+            a.st_uid & _U32, a.st_gid & _U32, a.st_rdev & _U32, a.st_blksize, 0)
+
+
+def pack_attr(a) -> bytes:
+    """fuse_attr from any object with pyfuse3-style ``st_*`` fields."""
     try:
-        return ATTR.pack(a.st_ino, a.st_size, a.st_blocks, at, mt, ct, atn, mtn, ctn,
-                         a.st_mode, a.st_nlink, a.st_uid & _U32, a.st_gid & _U32,
-                         a.st_rdev & _U32, a.st_blksize, 0)
+        return ATTR.pack(*_attr_fields(a))
     except struct.error as exc:
         raise FuseUsageError(f"attributes of inode {a.st_ino!r} do not fit: {exc}") from None
 
 
-def entry_out(a) -> bytes:
-    """fuse_entry_out: nodeid, generation, timeouts, attributes."""
+def _entry_fields(a) -> tuple:
     es, en = split_time(a.entry_timeout)
     as_, an = split_time(a.attr_timeout)
+    return (a.st_ino, a.generation, es, as_, en, an) + _attr_fields(a)
+
+
+def entry_out(a) -> bytes:
+    """fuse_entry_out: nodeid, generation, timeouts, attributes."""
     try:
-        head = ENTRY_OUT_HEAD.pack(a.st_ino, a.generation, es, as_, en, an)
+        return _ENTRY_FULL.pack(*_entry_fields(a))
     except struct.error as exc:
         raise FuseUsageError(f"entry of inode {a.st_ino!r} does not fit: {exc}") from None
-    return head + pack_attr(a)
 
 
 def attr_out(a, timeout: float | None = None) -> bytes:
     s, ns = split_time(a.attr_timeout if timeout is None else timeout)
-    return ATTR_OUT_HEAD.pack(s, ns, 0) + pack_attr(a)
+    try:
+        return _ATTR_OUT_FULL.pack(s, ns, 0, *_attr_fields(a))
+    except struct.error as exc:
+        raise FuseUsageError(f"attributes of inode {a.st_ino!r} do not fit: {exc}") from None
 
 
 def open_out(fh: int, open_flags: int) -> bytes:
@@ -917,7 +933,14 @@ def dirent_size(name: bytes) -> int:
 
 def direntplus(a, off: int, name: bytes) -> bytes:
     """One fuse_direntplus (entry_out + dirent), padded to 8 bytes."""
-    return entry_out(a) + dirent(a.st_ino, off, dirent_type(a.st_mode), name)
+    _check_name(name)
+    try:
+        rec = _DIRENTPLUS_FULL.pack(*_entry_fields(a), a.st_ino, off, len(name),
+                                    (a.st_mode & 0o170000) >> 12) + name
+    except struct.error as exc:
+        raise FuseUsageError(f"entry of inode {a.st_ino!r} does not fit: {exc}") from None
+    pad = -len(rec) & 7
+    return rec + b"\0" * pad if pad else rec
 
 
 def direntplus_size(name: bytes) -> int:

@@ -7,11 +7,11 @@ it until EAGAIN before it waits again (the batching lever: with requests
 queued, no epoll round trip per request).  Each request is then either
 
 * run inline by the reader (the buffer is not reused until it returns), or
-* copied out and run by a task of its own, for opcodes in the session's
+* copied out and run by a worker task, for opcodes in the session's
   task set (``DEFAULT_TASK_OPCODES``, or ``Operations.task_opcodes``):
   anything that may wait for I/O or for other callers.  Tasks are capped
-  (``max_tasks``; the reader waits for a free slot, which is backpressure
-  on the kernel); blocking lock waits (SETLKW) have their own, larger cap,
+  (``max_tasks`` persistent workers, started as needed; with all of them
+  busy the reader waits, which is backpressure on the kernel); blocking lock waits (SETLKW) have their own, larger cap,
   because an unlock can only be read while the reader is not stuck behind
   the waiters it would release.
 
@@ -159,7 +159,9 @@ class Session:
         self._fd_lock = threading.Lock()        # the notify thread vs close()
         self._pending: dict[int, trio.CancelScope] = {}
         self._inflight: dict[int, Request] = {}
-        self._slots = trio.Semaphore(max_tasks)
+        self._work_send = None                  # hand-off to idle workers (capacity 0)
+        self._work_recv = None
+        self._workers = 0
         self._lock_waiters = 0
         self._stop = trio.CancelScope()
         self._ended = trio.Event()
@@ -201,6 +203,7 @@ class Session:
             initialized = True
             self._trace = log.isEnabledFor(logging.DEBUG)
             async with trio.open_nursery() as nursery:
+                self._work_send, self._work_recv = trio.open_memory_channel(0)
                 task_status.started(self)
                 with self._stop:
                     await self._read_loop(nursery)
@@ -348,18 +351,36 @@ class Session:
             self._lock_waiters += 1
             nursery.start_soon(self._task, req, scope, False)
             return
-        await self._slots.acquire()
-        nursery.start_soon(self._task, req, scope, True)
+        item = (req, scope)
+        try:
+            # An idle worker takes it at once (no checkpoint, so the reader
+            # keeps draining); otherwise grow the pool up to max_tasks, and
+            # beyond that wait for a free worker (backpressure).
+            self._work_send.send_nowait(item)
+        except trio.WouldBlock:
+            if self._workers < self.max_tasks:
+                self._workers += 1
+                nursery.start_soon(self._worker, item)
+            else:
+                await self._work_send.send(item)
 
-    async def _task(self, req: Request, scope: trio.CancelScope, slot: bool) -> None:
+    async def _worker(self, item) -> None:
+        # A persistent worker: starting a trio task per request costs more
+        # than the request itself (~30 µs), handing one to a waiting worker
+        # does not.
+        while True:
+            req, scope = item
+            await self._task(req, scope, True)
+            item = None
+            item = await self._work_recv.receive()
+
+    async def _task(self, req: Request, scope: trio.CancelScope, pooled: bool) -> None:
         try:
             with scope:
                 await run_request(self, req)
         finally:
             self._pending.pop(req.unique, None)
-            if slot:
-                self._slots.release()
-            else:
+            if not pooled:
                 self._lock_waiters -= 1
             if not req.replied:
                 if scope.cancelled_caught:
