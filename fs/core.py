@@ -40,12 +40,16 @@ log = logging.getLogger("replfs.fs")
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
 MAX_LINKS = 65000
 MAX_FILE_SIZE = 1 << 60
 MAX_SYMLINK = 4095
 WRITE_CHUNK_CLUSTERS = 256
+ATIME_POLICIES = ("noatime", "relatime", "strictatime")
+ATIME_QUANTUM = 60          # seconds, OCFS2's default atime_quantum
+RELATIME_AGE_NS = 24 * 3600 * 1_000_000_000
 
 
 @dataclass
@@ -143,6 +147,11 @@ class Filesystem:
         # clamps to a filesystem's s_time_min/s_time_max; replies carry
         # the clamped value, so every node caches the time that is stored.
         self.wide_time = bool(sb.feat_incompat & F.FEATURE_INCOMPAT_WIDE_TIME)
+        # Access times (mount options noatime/relatime/strictatime,
+        # nodiratime, atime_quantum): see _atime_due.
+        self.atime_policy = "relatime"
+        self.nodiratime = False
+        self.atime_quantum_ns = ATIME_QUANTUM * 1_000_000_000
         self.time_min, self.time_max = F.time_range(sb.feat_incompat)
         self.orphan_ino = sb.slots[slot].orphan_ino
         self._big = trio.Lock()
@@ -199,8 +208,10 @@ class Filesystem:
             sm = await fs.cache.get(sb.slotmap_blk, "slotmap", "slotmap")
             sm.slots[slot] = (F.SLOT_IN_USE, node, sm.slots[slot][2] + 1)
             fs.cache.mark(sm.blkno, sm)
+            # Orphans of this slot are left by a crash, or by a read-only
+            # remount while they were open; nothing holds them now.
+            await fs._recover_orphans(slot)
             if own_dirty:
-                await fs._recover_orphans(slot)
                 fs.recovered_slots.append(slot)
         if recover_dirty_slots:
             for other in range(sb.slot_count):
@@ -231,9 +242,11 @@ class Filesystem:
             self.recovered_slots.append(slot)
         await self.sync()
 
-    async def _recover_orphans(self, slot: int) -> None:
+    async def _recover_orphans(self, slot: int, keep=()) -> None:
+        """Free the orphans of ``slot`` (inodes unlinked while in use),
+        except those in ``keep`` (still in use here)."""
         od = await self._inode(self.sb.slots[slot].orphan_ino)
-        victims = [e async for e in self.dirs.entries(od)]
+        victims = [e async for e in self.dirs.entries(od) if e.ino not in keep]
         for e in victims:
             await self.dirs.remove(od, e.name)
             ino = await self._inode(e.ino)
@@ -243,6 +256,45 @@ class Filesystem:
             # than the journal: the volume could never be mounted again
             if len(self.cache.dirty) >= self.commit_threshold:
                 await self._commit()
+
+    async def remount(self, readonly: bool) -> None:
+        """``mount -o remount,ro|rw``.  Going read-only commits, frees the
+        orphans nothing holds, returns the allocation window, gives the
+        slot back and closes the journal clean, so a crash while read-only
+        needs no recovery.  Orphans still open stay in the slot's orphan
+        directory; a later read-write mount or remount of this slot frees
+        them.  Going read-write takes the slot and opens the journal
+        again."""
+        if readonly == self.readonly:
+            return
+        if self.failed is not None:
+            raise FilesystemFailed(errno.EROFS, f"filesystem failed, read-only: {self.failed}")
+        if readonly:
+            async with self._op():
+                await self._recover_orphans(self.slot, keep=set(self._opens))
+                self.alloc.release_window()
+                sm = await self.cache.get(self.sb.slotmap_blk, "slotmap", "slotmap")
+                sm.slots[self.slot] = (F.SLOT_FREE, 0, sm.slots[self.slot][2])
+                self.cache.mark(sm.blkno, sm)
+            async with self._big:
+                await self._commit()
+                await self.journal.close()
+                self.readonly = True
+            return
+        async with self._big:
+            if (await J.journal_state(self.dev, self.sb, self.slot)).flags & F.JSB_DIRTY:
+                raise OSError(errno.EBUSY, f"the journal of slot {self.slot} is dirty "
+                              "(another mount used it?); unmount and mount again")
+            self.cache.drop_clean()
+            await self.alloc.load()
+            await self.journal.open()
+            self.readonly = False
+        async with self._op():
+            sm = await self.cache.get(self.sb.slotmap_blk, "slotmap", "slotmap")
+            sm.slots[self.slot] = (F.SLOT_IN_USE, self.node, sm.slots[self.slot][2] + 1)
+            self.cache.mark(sm.blkno, sm)
+            await self._recover_orphans(self.slot, keep=set(self._opens))
+        await self.sync()
 
     async def unmount(self) -> None:
         if not self.mounted:
@@ -425,6 +477,40 @@ class Filesystem:
         # a clock set past what the volume stores must not break commits
         return self._clamp_time(_now())
 
+    def _atime_due(self, inode: F.Inode, now: int) -> bool:
+        """Should a read of ``inode`` now write its atime?  Never more
+        often than once per atime quantum (OCFS2's rule: an atime update
+        is a metadata write, and on a shared volume an exclusive lock, so
+        files read on both nodes must not bounce for it); relatime further
+        only when the atime is not newer than mtime/ctime or is a day old."""
+        if self.atime_policy == "noatime" or self.readonly or self.failed is not None:
+            return False
+        if inode.is_dir and self.nodiratime:
+            return False
+        if now - inode.atime_ns < self.atime_quantum_ns:
+            return False
+        if self.atime_policy == "strictatime":
+            return True
+        return (inode.atime_ns <= inode.mtime_ns or inode.atime_ns <= inode.ctime_ns
+                or now - inode.atime_ns >= RELATIME_AGE_NS)
+
+    async def _touch_atime(self, ino: int) -> None:
+        """Update the atime of ``ino`` after a read, when due.  A separate
+        short operation after the read, so the read itself never waits for
+        an exclusive lock; a failure here is not the reader's."""
+        cached = self.cache.objs.get(ino)
+        if isinstance(cached, F.Inode) and not self._atime_due(cached, self._now()):
+            return
+        try:
+            async with self._op(), self._locked(ino):
+                inode = await self._inode(ino)
+                now = self._now()
+                if self._atime_due(inode, now):
+                    inode.atime_ns = now
+                    self._dirty(inode)
+        except OSError as e:
+            log.debug("atime update of inode %d skipped: %s", ino, e)
+
     def _new_inode(self, mode: int, uid: int, gid: int, rdev: int = 0) -> F.Inode:
         _check_id(uid, "uid")
         _check_id(gid, "gid")
@@ -565,7 +651,9 @@ class Filesystem:
             inode = await self._inode(ino)
             if not stat.S_ISLNK(inode.mode):
                 raise OSError(errno.EINVAL, "not a symbolic link")
-            return await self._read_data(inode, 0, inode.size)
+            target = await self._read_data(inode, 0, inode.size)
+        await self._touch_atime(ino)
+        return target
 
     async def link(self, ino: int, new_parent: int, new_name) -> Attr:
         new_name = _check_name(new_name)
@@ -650,11 +738,18 @@ class Filesystem:
             seen += 1
 
     async def rename(self, old_parent: int, old_name, new_parent: int, new_name,
-                     flags: int = 0) -> None:
+                     flags: int = 0, uid: int = 0, gid: int = 0) -> None:
+        """rename(2)/renameat2(2).  RENAME_WHITEOUT leaves a whiteout (a
+        character device 0:0 owned by ``uid``/``gid``) at the old name, as
+        overlayfs asks of its upper filesystem."""
         old_name = _check_name(old_name)
         new_name = _check_name(new_name)
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+        if (flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT)
+                or flags & RENAME_EXCHANGE and flags & (RENAME_NOREPLACE | RENAME_WHITEOUT)):
             raise OSError(errno.EINVAL, "bad rename flags")
+        if flags & RENAME_WHITEOUT:
+            _check_id(uid, "uid")
+            _check_id(gid, "gid")
         if old_name in (b".", b"..") or new_name in (b".", b".."):
             raise OSError(errno.EBUSY, "cannot rename '.' or '..'")
         async with self._op(), self._locked(old_parent, new_parent):
@@ -687,8 +782,13 @@ class Filesystem:
                         raise OSError(errno.EISDIR, "is a directory")
                     if dst.is_dir and not await self.dirs.is_empty(dst):
                         raise OSError(errno.ENOTEMPTY, "directory not empty")
-                else:
-                    await self._reserve(self.dirs.reserve_estimate(nd))
+                # Everything the rename may allocate is reserved before the
+                # first change (a refusal halfway would latch read-only).
+                need = 0 if dst is not None else self.dirs.reserve_estimate(nd, new_name)
+                if flags & RENAME_WHITEOUT:
+                    need += 1 + self.dirs.reserve_estimate(od, old_name)
+                if need:
+                    await self._reserve(need)
                 now = self._now()
                 if dst is not None:
                     await self.dirs.retarget(nd, new_name, src.ino, F.ftype_of(src.mode))
@@ -702,6 +802,9 @@ class Filesystem:
                 else:
                     await self.dirs.insert(nd, new_name, src.ino, F.ftype_of(src.mode))
                 await self.dirs.remove(od, old_name)
+                if flags & RENAME_WHITEOUT:
+                    wh = self._new_inode(stat.S_IFCHR, uid, gid, 0)
+                    await self.dirs.insert(od, old_name, wh.ino, F.ftype_of(wh.mode))
                 if src.is_dir and od.ino != nd.ino:
                     src.parent = nd.ino
                     od.nlink -= 1
@@ -749,7 +852,9 @@ class Filesystem:
                 out.append((e.name, e.ino, e.key))
                 if limit is not None and len(out) >= limit:
                     break
-            return out
+        if not start_id:
+            await self._touch_atime(ino)
+        return out
 
     async def prefetch_inodes(self, inos) -> None:
         """Bring the inode blocks of ``inos`` into the cache, adjacent ones
@@ -896,7 +1001,7 @@ class Filesystem:
             self._opens[ino] = left
             return
         self._opens.pop(ino, None)
-        if left < 0 or self.failed is not None:
+        if left < 0 or self.failed is not None or self.readonly:
             # not referenced (freed already); or latched: nothing may be
             # written, the orphan is freed by the next mount's recovery
             return
@@ -921,7 +1026,9 @@ class Filesystem:
             inode = await self._inode(h.ino)
             if inode.is_dir:
                 raise OSError(errno.EISDIR, "is a directory")
-            return await self._read_data(inode, offset, size)
+            data = await self._read_data(inode, offset, size)
+        await self._touch_atime(h.ino)
+        return data
 
     async def _read_data(self, inode: F.Inode, offset: int, size: int) -> bytes:
         end = min(inode.size, offset + size)

@@ -133,10 +133,13 @@ class ReplfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS if changes else errno.EIO) from None
         except OSError as exc:
             code = exc.errno or errno.EIO
-            if code in (errno.EIO, errno.ENOSPC, errno.ESTALE):
+            if code == errno.EIO:
+                # the one an operator must act on (a failing disk or peer)
                 self.counters["errors"] += 1
                 log.warning("%s failed: %s", what, exc)
             else:
+                # ordinary answers: ESTALE for an NFS handle of a deleted
+                # file, ENOSPC of a full volume or xattr block, ENOENT ...
                 log.debug("%s: %s", what, exc)
             raise pyfuse3.FUSEError(code) from None
         except Exception:
@@ -223,7 +226,8 @@ class ReplfsOperations(pyfuse3.Operations):
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new,
                      flags, ctx):
         await self._call("rename", self.fs.rename, self._disk(parent_inode_old), name_old,
-                         self._disk(parent_inode_new), name_new, flags, changes=True)
+                         self._disk(parent_inode_new), name_new, flags, ctx.uid, ctx.gid,
+                         changes=True)
 
     # ---------------------------------------------------------------- attributes
 
@@ -265,8 +269,10 @@ class ReplfsOperations(pyfuse3.Operations):
     def _file_info(self, fh: int, flags: int) -> pyfuse3.FileInfo:
         # keep_cache=False: every open drops the kernel's cached pages of
         # the file, so an open after another node wrote sees the new data.
-        # O_DIRECT bypasses the page cache here too.
-        return pyfuse3.FileInfo(fh=fh, direct_io=bool(flags & os.O_DIRECT), keep_cache=False)
+        # No direct_io for O_DIRECT opens: the kernel already serves their
+        # reads and writes uncached, and direct_io would make mmap of such
+        # a file fail with ENODEV (ext4 allows it).
+        return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=False)
 
     async def open(self, inode, flags, ctx):
         changes = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)

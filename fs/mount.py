@@ -54,13 +54,22 @@ LOCK_WAIT = 15.0       # seconds to wait for a previous mount of an image to fin
 _MOUNT8_ONLY = {"defaults", "auto", "noauto", "nofail", "user", "users", "nouser",
                 "owner", "group", "_netdev", "netdev", "nousers", "loud", "silent"}
 _MOUNT8_PREFIXES = ("x-", "comment=", "X-", "helper=")
-# Generic mount flags passed to the kernel mount as they are.
-_KERNEL_FLAGS = {"suid", "nosuid", "dev", "nodev", "exec", "noexec", "sync", "async",
-                 "dirsync", "noatime", "nodiratime", "relatime", "norelatime",
-                 "strictatime"}
-# Accepted and ignored: the kernel keeps no atime policy for FUSE beyond
-# what the filesystem implements, and replfs updates atime only on setattr.
-_IGNORED = {"atime", "diratime", "lazytime", "nolazytime", "default_permissions"}
+# Generic mount flags passed to the kernel mount as they are (MS_* flags).
+_KERNEL_FLAGS = {"suid": 0, "nosuid": 2, "dev": 0, "nodev": 4, "exec": 0, "noexec": 8,
+                 "sync": 16, "async": 0, "dirsync": 128}
+MS_RDONLY, MS_REMOUNT = 1, 32
+MS_NOATIME, MS_NODIRATIME, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
+# Access time options.  FUSE leaves atime to the filesystem: these set the
+# filesystem's policy (core._atime_due), and the kernel mount carries the
+# matching flag so that /proc/mounts shows it.
+_ATIME = {"noatime": "noatime", "relatime": "relatime", "atime": "relatime",
+          "strictatime": "strictatime", "norelatime": "strictatime"}
+# Accepted, no effect needed: default_permissions is always on; lazytime is
+# what replfs does anyway (times reach the disk with the next commit).
+_IGNORED = {"lazytime", "nolazytime", "default_permissions"}
+# Options that a remount may change; everything else must keep its value.
+_REMOUNTABLE = {"readonly", "commit", "atime", "nodiratime", "atime_quantum", "kernel",
+                "timeout"}
 
 
 class MountError(Exception):
@@ -86,6 +95,25 @@ class Options:
     debug: bool = False
     timeout: float | None = None          # None: 0 for images, 120 s for resources
     kernel: list[str] = field(default_factory=list)
+    atime: str = "relatime"
+    nodiratime: bool = False
+    atime_quantum: int = 60
+    remount: bool = False
+    explicit: set = field(default_factory=set)   # fields the options named
+
+    def kernel_flags(self) -> int:
+        """The MS_* flags of these options, for mount(2) MS_REMOUNT.  The
+        atime flags only when an atime option was given: without any, a
+        remount keeps the mount's atime flags."""
+        flags = MS_RDONLY if self.readonly else 0
+        for k in self.kernel:
+            flags |= _KERNEL_FLAGS[k]
+        if self.explicit & {"atime", "nodiratime"}:
+            flags |= {"noatime": MS_NOATIME, "relatime": MS_RELATIME,
+                      "strictatime": MS_STRICTATIME}[self.atime]
+            if self.nodiratime:
+                flags |= MS_NODIRATIME
+        return flags
 
 
 def _number(key: str, value: str, kind=float, minimum=0):
@@ -108,6 +136,10 @@ _VALUED = {
     "commit": ("commit", lambda k, v: _number(k, v) or 5.0),
     "cache_size": ("cache_mb", lambda k, v: _number(k, v, int, 1)),
     "timeout": ("timeout", _number),
+    "atime_quantum": ("atime_quantum", lambda k, v: _number(k, v, int)),
+    # The kernel's record of the FUSE connection; mount(8) hands them back
+    # at a remount (from /proc/mounts).  Nothing to act on.
+    "user_id": (None, None), "group_id": (None, None),
 }
 
 
@@ -120,10 +152,11 @@ def parse_options(items: list[str]) -> Options:
             if not opt or opt in _MOUNT8_ONLY or opt.startswith(_MOUNT8_PREFIXES):
                 continue
             key, eq, value = opt.partition("=")
-            if opt == "ro":
-                o.readonly = True
-            elif opt == "rw":
-                o.readonly = False
+            if opt in ("ro", "rw"):
+                o.readonly = opt == "ro"
+                o.explicit.add("readonly")
+            elif opt == "remount":
+                o.remount = True
             elif opt == "allow_other":
                 o.allow_other = True
             elif opt == "noallow_other":
@@ -132,6 +165,13 @@ def parse_options(items: list[str]) -> Options:
                 o.debug = True
             elif opt in _KERNEL_FLAGS:
                 o.kernel.append(opt)
+                o.explicit.add("kernel")
+            elif opt in _ATIME:
+                o.atime = _ATIME[opt]
+                o.explicit.add("atime")
+            elif opt in ("nodiratime", "diratime"):
+                o.nodiratime = opt == "nodiratime"
+                o.explicit.add("nodiratime")
             elif opt in _IGNORED:
                 pass
             elif key in _VALUED:
@@ -139,7 +179,10 @@ def parse_options(items: list[str]) -> Options:
                     raise MountError(f"mount option {key} needs a value ({key}=...)",
                                      EXIT_USAGE)
                 attr, convert = _VALUED[key]
+                if attr is None:
+                    continue
                 setattr(o, attr, convert(key, value) if convert else value)
+                o.explicit.add(attr)
             else:
                 raise MountError(f"unknown mount option '{opt}' (see mount.replfs(8))",
                                  EXIT_USAGE)
@@ -298,7 +341,7 @@ def check_mountpoint(path: str) -> str:
         raise MountError(f"mount point {path}: {e.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"mount point {path} is not a directory")
-    return os.path.abspath(path)
+    return os.path.realpath(path)
 
 
 # ------------------------------------------------------------------ serving
@@ -306,13 +349,204 @@ def check_mountpoint(path: str) -> str:
 def fuse_options(src: Source, o: Options) -> set[str]:
     opts = set(pyfuse3.default_options)          # default_permissions
     opts.add(f"fsname={o.fsname or src.name}")
-    opts.add(f"subtype={o.subtype}")
+    opts.add("subtype=replfs")
     allow_other = o.allow_other if o.allow_other is not None else os.geteuid() == 0
     if allow_other:
         opts.add("allow_other")
     opts.add("ro" if o.readonly else "rw")
     opts.update(o.kernel)
+    # libfuse knows these two atime flags; relatime is the kernel's default
+    # and strictatime is the filesystem's business alone.
+    if o.atime == "noatime":
+        opts.add("noatime")
     return opts
+
+
+def apply_atime(fs: Filesystem, o: Options) -> None:
+    fs.atime_policy = o.atime
+    fs.nodiratime = o.nodiratime
+    fs.atime_quantum_ns = o.atime_quantum * 1_000_000_000
+
+
+# ------------------------------------------------------------------ remount
+#
+# A remount (``mount -o remount,ro MNT``) reaches this program through
+# mount(8) and mount.fuse3 with every option of the mount (from
+# /proc/mounts and fstab) plus "remount".  The program asks the process
+# serving MNT, over a control socket named after the mount's device
+# number, to apply the options the filesystem owns, and changes the
+# kernel's flags with mount(2) MS_REMOUNT.  Read-only is entered kernel
+# first (from then on nothing can be written; the kernel refuses with
+# EBUSY while files are open for writing, as for ext4) and left
+# filesystem first.
+
+CONTROL_DIR = os.environ.get("REPLFS_MOUNT_CONTROL_DIR", "/run/replfs")
+
+
+def mountinfo(path: str, resolve: bool = True) -> dict | None:
+    """The /proc/self/mountinfo entry of mount point ``path`` (the last
+    one, if mounts are stacked).  ``resolve=False`` touches nothing under
+    the path: the serving process itself must not, before it serves."""
+    if resolve:
+        path = os.path.realpath(path)
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rest = left.split(), right.split()
+            mp = fields[4].replace("\\040", " ")
+            if mp == path:
+                found = {"dev": fields[2], "fstype": rest[0], "source": rest[1],
+                         "options": fields[5]}
+    return found
+
+
+def control_path(dev: str) -> str:
+    return os.path.join(CONTROL_DIR, "mount-%s.ctl" % dev.replace(":", "-"))
+
+
+def _kernel_remount(mountpoint: str, flags: int) -> None:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(None, mountpoint.encode(), None, MS_REMOUNT | flags, None) != 0:
+        err = ctypes.get_errno()
+        if err == errno.EBUSY:
+            raise MountError(f"{mountpoint}: mount point busy (files are open for "
+                             f"writing; close them before remounting read-only)")
+        raise MountError(f"{mountpoint}: remount refused by the kernel: "
+                         f"{os.strerror(err)}")
+
+
+def _ask(path: str, request: dict, timeout: float = 90.0) -> dict:
+    import json
+    import socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sk:
+        sk.settimeout(timeout)
+        try:
+            sk.connect(path)
+            sk.sendall(json.dumps(request).encode() + b"\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sk.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        except OSError as e:
+            raise MountError(f"cannot reach the replfs process serving this mount "
+                             f"({path}): {e.strerror or e}") from None
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise MountError("the replfs mount process gave no answer (see its log)") from None
+
+
+def remount(mountpoint: str, items: list[str]) -> None:
+    """The remount path of the mount program."""
+    o = parse_options(items)
+    ent = mountinfo(mountpoint)
+    if ent is None or ent["fstype"] != "fuse.replfs":
+        raise MountError(f"{mountpoint} is not a replfs mount point")
+    ctl = control_path(ent["dev"])
+    if o.readonly:
+        reply = _ask(ctl, {"op": "check", "options": items})
+        if reply.get("error"):
+            raise MountError(reply["error"], reply.get("code", EXIT_FAIL))
+        _kernel_remount(mountpoint, o.kernel_flags())
+        reply = _ask(ctl, {"op": "remount", "options": items})
+        if reply.get("error"):
+            raise MountError(reply["error"], reply.get("code", EXIT_FAIL))
+        return
+    reply = _ask(ctl, {"op": "remount", "options": items})
+    if reply.get("error"):
+        raise MountError(reply["error"], reply.get("code", EXIT_FAIL))
+    _kernel_remount(mountpoint, o.kernel_flags())
+
+
+class MountControl:
+    """The serving side of a mount's control socket."""
+
+    def __init__(self, src: Source, o: Options, fs: Filesystem, ops: ReplfsOperations):
+        self.src, self.o, self.fs, self.ops = src, o, fs, ops
+
+    def _check(self, items: list[str]) -> Options:
+        new = parse_options(items)
+        for name in sorted(new.explicit - _REMOUNTABLE):
+            if getattr(new, name) != getattr(self.o, name):
+                now = getattr(self.o, name)
+                raise MountError(f"mount option {name} cannot be changed by a remount "
+                                 f"(it is {'not set' if now is None else repr(now)}; "
+                                 f"unmount and mount again)", EXIT_USAGE)
+        if new.readonly is False and self.fs.failed is not None:
+            raise MountError(f"the filesystem failed ({self.fs.failed}); it stays "
+                             f"read-only until it is unmounted and mounted again")
+        return new
+
+    async def handle(self, request: dict) -> dict:
+        try:
+            new = self._check(request.get("options", []))
+            if request.get("op") == "remount":
+                await self.apply(new)
+            return {"ok": True}
+        except MountError as e:
+            return {"error": e.message, "code": e.exit_code}
+        except OSError as e:
+            log.error("remount failed: %s", e)
+            return {"error": f"remount failed: {e.strerror or e}", "code": EXIT_FAIL}
+
+    async def apply(self, new: Options) -> None:
+        changes = []
+        if "readonly" in new.explicit and new.readonly != self.fs.readonly:
+            if new.readonly:
+                self.ops.readonly = True
+                await self.fs.remount(True)
+            else:
+                await self.fs.remount(False)
+                self.ops.readonly = False
+            changes.append("read-only" if new.readonly else "read-write")
+        for name in ("commit", "atime", "nodiratime", "atime_quantum", "timeout", "kernel"):
+            if name in new.explicit and getattr(new, name) != getattr(self.o, name):
+                setattr(self.o, name, getattr(new, name))
+                changes.append(f"{name}={getattr(new, name)}")
+        self.o.readonly = self.fs.readonly
+        apply_atime(self.fs, self.o)
+        if self.o.timeout is not None:
+            self.ops.op_timeout = self.o.timeout or None
+        log.info("remounted (%s)%s", ", ".join(changes) or "no change",
+                 "; slot %d given back, journal clean" % self.src.slot
+                 if self.fs.readonly and "read-only" in changes else "")
+
+    async def serve(self, path: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        import json
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(4)
+        task_status.started()
+        try:
+            while True:
+                conn, _ = await sock.accept()
+                with conn:
+                    data = b""
+                    with trio.move_on_after(10):
+                        while not data.endswith(b"\n"):
+                            chunk = await conn.recv(65536)
+                            if not chunk:
+                                break
+                            data += chunk
+                    try:
+                        request = json.loads(data)
+                    except ValueError:
+                        continue
+                    reply = await self.handle(request)
+                    with contextlib.suppress(OSError):
+                        await conn.send(json.dumps(reply).encode() + b"\n")
+        finally:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def _setup_logging(src: Source, o: Options, foreground: bool) -> str | None:
@@ -338,15 +572,17 @@ def _setup_logging(src: Source, o: Options, foreground: bool) -> str | None:
     return path
 
 
-async def _committer(fs: Filesystem, interval: float) -> None:
-    """fs.commit_loop, restarted after a failed commit (the core latches
-    read-only on its own; the loop must not take the mount down)."""
+async def _committer(fs: Filesystem, o: Options) -> None:
+    """Commit every ``o.commit`` seconds (a remount may change it).  A
+    failed commit latches the filesystem read-only on its own; the loop
+    must never take the mount down."""
     while True:
-        try:
-            await fs.commit_loop(interval)
-        except Exception as e:      # noqa: BLE001  (a commit must never end the mount)
-            log.error("background commit failed: %s", e)
-            await trio.sleep(interval)
+        await trio.sleep(o.commit)
+        if fs.failed is None and fs.mounted and not fs.readonly:
+            try:
+                await fs.sync()
+            except Exception as e:      # noqa: BLE001
+                log.error("background commit failed: %s", e)
 
 
 async def _watch_signals(stop) -> None:
@@ -383,6 +619,7 @@ async def serve(src: Source, mountpoint: str, o: Options, ready) -> None:
                 log.info("replayed the journals of slots %s", fs.recovered_slots)
             if o.cache_mb:
                 fs.cache.limit = max(256, o.cache_mb * (1 << 20) // fs.bs)
+            apply_atime(fs, o)
             timeout = o.timeout if o.timeout is not None else (
                 120.0 if src.kind == "resource" else 0)
             ops = ReplfsOperations(fs, readonly=o.readonly, op_timeout=timeout or None)
@@ -393,9 +630,16 @@ async def serve(src: Source, mountpoint: str, o: Options, ready) -> None:
             mounted = True
             log.info("mounted %s on %s (slot %d%s)", src.name, mountpoint, src.slot,
                      ", read-only" if o.readonly else "")
-            ready(None)
+            ent = mountinfo(mountpoint, resolve=False)
             async with trio.open_nursery() as inner:
-                inner.start_soon(_committer, fs, o.commit)
+                if ent is not None:
+                    control = MountControl(src, o, fs, ops)
+                    try:
+                        await inner.start(control.serve, control_path(ent["dev"]))
+                    except OSError as e:
+                        log.warning("no control socket (remount will not work): %s", e)
+                ready(None)
+                inner.start_soon(_committer, fs, o)
                 inner.start_soon(_watch_signals, pyfuse3.terminate)
                 inner.start_soon(_watch_daemon, dev, ops)
                 await pyfuse3.main(min_tasks=1, max_tasks=16)
@@ -597,6 +841,12 @@ def main(argv=None) -> int:
         if not args.source or not args.mountpoint:
             raise MountError(f"SOURCE and MOUNTPOINT are required\n{USAGE}", EXIT_USAGE)
         o = parse_options(args.options)
+        if o.remount:
+            remount(args.mountpoint, args.options)
+            return EXIT_OK
+        if o.subtype != "replfs":
+            print(f"{PROG}: warning: subtype={o.subtype} is not used: a replfs mount is "
+                  f"always of type fuse.replfs", file=sys.stderr)
         if args.debug:
             o.debug = True
             args.foreground = True
@@ -620,7 +870,16 @@ def main(argv=None) -> int:
     def work(report):
         _setup_logging(src, o, foreground=False)
         return _run(src, mountpoint, o, report)
-    return _daemonize(work)
+    status = _daemonize(work)
+    if status == EXIT_OK and (o.atime == "strictatime" or o.nodiratime):
+        # libfuse cannot set MS_STRICTATIME or MS_NODIRATIME; set them now
+        # that the mount is served, so /proc/mounts shows the policy (and a
+        # later remount, which repeats the flags shown there, keeps it).
+        try:
+            _kernel_remount(mountpoint, o.kernel_flags())
+        except MountError as e:
+            print(f"{PROG}: warning: {e.message}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":
