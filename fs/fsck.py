@@ -4,9 +4,12 @@ The checker works like e2fsck / fsck.ocfs2, in passes:
 
 0. superblock (falling back to a backup), slot map, journals (a dirty
    journal is replayed first);
-1. inodes, extent trees, xattr blocks and cluster ownership;
+1. inodes, extent trees, xattr blocks and cluster ownership; clusters
+   claimed more than once are resolved as e2fsck's passes 1B-1D do
+   (metadata keeps them, every other claimant gets its own copy);
 2. directory structure (hash table, leaves, entries);
-3. connectivity (unattached inodes go to lost+found, orphans are freed);
+3. connectivity (a lost root or orphan directory is recreated, unattached
+   inodes go to lost+found, orphans are freed);
 4. link counts;
 5. cluster allocation bitmaps (group descriptors and local windows).
 
@@ -28,7 +31,10 @@ the bitmaps are then rebuilt from what the final tree references.
 from __future__ import annotations
 
 import argparse
+import errno
+import heapq
 import os
+import random
 import stat
 import struct
 import sys
@@ -253,6 +259,39 @@ class Node:
         return self.ok and self.inode.is_dir
 
 
+@dataclass(eq=False)
+class Claim:
+    """One owner's claim on a run of clusters (pass 1 ownership)."""
+    start: int
+    n: int
+    owner: int | None        # inode number; None for filesystem metadata
+    kind: str                # meta, inode, leaf, xattr, dir (directory blocks), data
+    ref: object              # meta: what; leaf/xattr: block; dir/data: extent record
+    key: tuple = ()          # who keeps a cluster claimed twice: the smallest key
+    lost: list = field(default_factory=list)    # (first, end) runs to give up
+
+    @property
+    def end(self) -> int:
+        return self.start + self.n
+
+
+# Who keeps a multiply-claimed cluster: filesystem metadata, then an
+# inode's own cluster, then inode metadata (extent leaves, xattr blocks,
+# directory blocks), then file data; among equals the lowest inode number.
+_CLAIM_PRIORITY = {"meta": 0, "inode": 1, "leaf": 2, "xattr": 2, "dir": 2, "data": 3}
+
+
+def _merge(ranges) -> list[tuple[int, int]]:
+    """Sorted union of (first, end) ranges."""
+    out: list[list[int]] = []
+    for a, e in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([a, e])
+    return [(a, e) for a, e in out]
+
+
 def _runs(clusters) -> list[tuple[int, int]]:
     out: list[list[int]] = []
     for c in sorted(clusters):
@@ -358,9 +397,9 @@ class Checker:
         self.locals: dict[int, F.LocalAlloc | None] = {}
         self.nodes: dict[int, Node] = {}
         self.slots_in_use: list = []
-        self.overlap_msgs: dict[int, list[str]] = {}
         self.pending_checksums: list = []
         self._replayed_in_memory = False
+        self.lf_offered: int | None = None   # unattached lost+found offered back to the root
 
     # -------------------------------------------------- reporting
 
@@ -1051,6 +1090,7 @@ class Checker:
         if wide:
             special |= F.INODE_FLAG_WIDE_TIME
         tmin, tmax = F.time_range(sb.feat_incompat)
+        await self.check_system_dirs()
         # Per-inode structure.
         bad_exts: dict[int, set] = {}
         for ino in sorted(self.nodes):
@@ -1083,45 +1123,14 @@ class Checker:
                 if await self.problem(f"Inode {ino} has unknown flags {inode.flags:#x}.",
                                       "Clear them"):
                     await self.patch_inode(ino, flags=inode.flags & special)
-        # Ownership: every cluster has at most one owner.
-        claims = [(a, n, "meta", what) for a, n, what in self.metadata_claims()]
-        for ino, node in self.nodes.items():
-            drop = bad_exts.get(ino, set())
-            for a, n, what in self.node_claims(node):
-                if what.startswith("logical") and any(d[1] == a and d[2] == n for d in drop):
-                    continue
-                claims.append((a, n, ino, what))
-        claims.sort(key=lambda c: (c[0], 0 if c[2] == "meta" else 1))
-        cur_end, cur = -1, None
-        lost_xattr: set[int] = set()
-        for c in claims:
-            a, n, owner, what = c
-            if cur is not None and a < cur_end and owner != "meta":
-                other = cur
-                o_desc = (other[3] if other[2] == "meta" else f"inode {other[2]} ({other[3]})")
-                msg = (f"Inode {owner} ({what}, clusters {a}-{a + n - 1}) overlaps {o_desc}.")
-                if what.startswith("logical"):
-                    lcl = int(what.split()[-1])
-                    bad_exts.setdefault(owner, set()).update(
-                        r for r in self.nodes[owner].exts if r[0] == lcl)
-                    self.overlap_msgs.setdefault(owner, []).append(msg)
-                    continue
-                if what == "xattr block":
-                    lost_xattr.add(owner)
-                    self.overlap_msgs.setdefault(owner, []).append(msg)
-                    continue
-                await self.problem(msg + " Cannot repair this (the inode or its extent "
-                                   "tree shares space); it is left as is.")
-            if a + n > cur_end:
-                cur_end, cur = a + n, c
+        # Ownership: every cluster has at most one owner (passes 1B-1D).
+        lost_xattr = await self.resolve_multiply_claimed(bad_exts)
         # Apply extent and xattr repairs, check sizes.
         for ino in sorted(self.nodes):
             node = self.nodes[ino]
             if not node.ok:
                 continue
             inode = node.inode
-            for msg in self.overlap_msgs.get(ino, []):
-                self.say(msg)
             drop = bad_exts.get(ino)
             if drop or node.tree_errors:
                 why = "; ".join(node.tree_errors + [
@@ -1167,6 +1176,328 @@ class Checker:
                         await self.store_extents(ino, [], reset=False)
                         await self.patch_inode(ino, size=0)
                         node.exts = []
+
+    async def check_system_dirs(self) -> None:
+        """The root and the orphan directories must be directories; an
+        inode there that is something else is cleared (as e2fsck clears a
+        root inode that is not a directory) and pass 3 recreates them."""
+        sb = self.sb
+        sysdirs = [(sb.root_ino, "Root inode")] + [
+            (s.orphan_ino, f"Orphan directory of slot {i}") for i, s in enumerate(sb.slots)]
+        for ino, what in sysdirs:
+            node = self.nodes.get(ino)
+            if node is None or not node.ok or node.inode.is_dir:
+                continue
+            if await self.problem(f"{what} (inode {ino}) is not a directory.", "Clear"):
+                await self.free_inode(node)
+                node.error = "cleared"
+
+    # -------------------------------------------------- multiply-claimed clusters
+
+    def ownership_claims(self, bad_exts: dict[int, set]) -> list[Claim]:
+        shift = self.shift
+        out = [Claim(a, n, None, "meta", what) for a, n, what in self.metadata_claims()]
+        for ino in sorted(self.nodes):
+            node = self.nodes[ino]
+            if not node.ok:
+                continue
+            drop = bad_exts.get(ino, ())
+            out.append(Claim(ino >> shift, 1, ino, "inode", ino))
+            for blk in dict.fromkeys(node.leaf_blks):
+                out.append(Claim(blk >> shift, 1, ino, "leaf", blk))
+            kind = "dir" if node.inode.is_dir else "data"
+            for rec in node.exts:
+                if rec not in drop:
+                    out.append(Claim(rec[1], rec[2], ino, kind, rec))
+            xb = node.inode.xattr_blk
+            if xb and node.xattr_error is None:
+                out.append(Claim(xb >> shift, 1, ino, "xattr", xb))
+        for i, c in enumerate(out):
+            c.key = (_CLAIM_PRIORITY[c.kind], -1 if c.owner is None else c.owner, i)
+        return out
+
+    @staticmethod
+    def find_overlaps(claims: list[Claim]) -> list[tuple[Claim, Claim, int, int]]:
+        """Every pair of claims that share clusters, with the shared run
+        (first, end); overlaps between metadata claims are not reported."""
+        out = []
+        active: list[tuple[int, int, Claim]] = []
+        for seq, c in enumerate(sorted(claims, key=lambda c: (c.start, c.key))):
+            while active and active[0][0] <= c.start:
+                heapq.heappop(active)
+            for end, _, o in active:
+                if o.owner is None and c.owner is None:
+                    continue
+                out.append((o, c, c.start, min(end, c.end)))
+            heapq.heappush(active, (c.end, seq, c))
+        return out
+
+    def path_of(self, ino: int) -> str:
+        """A path naming ``ino`` (e2fsck's style: ??? when nothing does)."""
+        sb = self.sb
+        orphan_dirs = {s.orphan_ino for s in sb.slots}
+        parts: list[str] = []
+        cur, seen = ino, set()
+        while cur != sb.root_ino:
+            node = self.nodes.get(cur)
+            if cur in seen or node is None:
+                return "???"
+            seen.add(cur)
+            named = [e for e in node.refs if e.dir not in orphan_dirs]
+            if not named:
+                head = "<deleted>" if node.refs else "???"
+                return head + ("/" + "/".join(reversed(parts)) if parts else "")
+            parts.append(self.nm(named[0].name))
+            cur = named[0].dir
+        return "/" + "/".join(reversed(parts))
+
+    async def resolve_multiply_claimed(self, bad_exts: dict[int, set]) -> set[int]:
+        """Find clusters with more than one claimant and give every
+        claimant but one its own copy (e2fsck's passes 1B-1D).  Returns
+        the inodes whose xattr block is to be dropped instead."""
+        claims = self.ownership_claims(bad_exts)
+        overlaps = self.find_overlaps(claims)
+        lost_xattr: set[int] = set()
+        if not overlaps:
+            return lost_xattr
+        shared: dict[int, list[tuple[int, int]]] = {}
+        partners: dict[int, dict[tuple, None]] = {}
+        for o, c, lo, hi in overlaps:
+            loser = c if o.key < c.key else o
+            loser.lost.append((lo, hi))
+            for x, y in ((o, c), (c, o)):
+                if x.owner is None:
+                    continue
+                shared.setdefault(x.owner, []).append((lo, hi))
+                label = ("meta", y.ref) if y.owner is None else ("ino", y.owner)
+                partners.setdefault(x.owner, {})[label] = None
+        self.say("Running additional passes to resolve clusters claimed by more than one "
+                 "owner...")
+        self.say("Pass 1B: Rescanning for multiply-claimed clusters")
+        for ino in sorted(shared):
+            self.say(f"Multiply-claimed cluster(s) in inode {ino}: "
+                     f"{_fmt_runs(_merge(shared[ino]))}")
+        self.say("Pass 1C: Scanning directories for inodes with multiply-claimed clusters")
+        self.say("Pass 1D: Reconciling multiply-claimed clusters")
+        self.say(f"(There are {len(shared)} inodes containing multiply-claimed clusters.)")
+        losing: dict[int, list[Claim]] = {}
+        for c in claims:
+            if c.lost and c.owner is not None:
+                losing.setdefault(c.owner, []).append(c)
+        for ino in sorted(shared):
+            node = self.nodes[ino]
+            m = sum(e - a for a, e in _merge(shared[ino]))
+            others = [lab for lab in partners[ino] if lab != ("ino", ino)]
+            lines = [f"File {self.path_of(ino)} (inode #{ino}) has {m} multiply-claimed "
+                     f"cluster(s), shared with {len(others)} file(s):"]
+            for kind, v in others:
+                lines.append(f"\t<filesystem metadata: {v}>" if kind == "meta"
+                             else f"\t{self.path_of(v)} (inode #{v})")
+            if ("ino", ino) in partners[ino]:
+                lines.append("\t<this file itself, at another offset>")
+            mine = losing.get(ino, [])
+            if not mine:
+                self.say("\n".join(lines))
+                self.say("  It keeps its clusters; the other claimants get copies.")
+                continue
+            for c in mine:
+                if c.kind == "inode":
+                    await self.problem(f"Inode {ino} lies in cluster {c.start}, which is also "
+                                       f"filesystem metadata. Cannot repair this (an inode "
+                                       f"cannot move); it is left as is.")
+            movable = [c for c in mine if c.kind != "inode"]
+            if not movable:
+                continue
+            if not await self.problem("\n".join(lines), "Clone multiply-claimed clusters"):
+                continue
+            failed, why = await self.clone_claims(node, movable)
+            if not failed:
+                continue
+            if len(failed) == len(movable):
+                # nothing cloned: the fallback repairs below count it
+                self.res.errors_found -= 1
+                self.res.errors_fixed -= 1
+            self.say(f"  Cannot clone them ({why}); instead, as without cloning:")
+            for c in failed:
+                if c.kind in ("data", "dir"):
+                    l, p, n = c.ref
+                    bad_exts.setdefault(ino, set()).add(c.ref)
+                    self.say(f"  the shared extent (logical {l}, physical {p}, {n} clusters) "
+                             f"is removed from inode {ino}.")
+                elif c.kind == "xattr":
+                    lost_xattr.add(ino)
+                    self.say(f"  inode {ino} loses its extended attributes.")
+                else:
+                    await self.problem(f"Inode {ino}: extent leaf {c.ref} is shared. Cannot "
+                                       f"repair this; it is left as is.")
+        return lost_xattr
+
+    def take_free(self, want: int) -> list[tuple[int, int]]:
+        """Runs of clusters, ``want`` in all, that nothing claims, no local
+        window holds and no repair took -- free in the bitmaps if there are
+        enough of those -- now taken for a repair.  ENOSPC takes nothing."""
+        sb = self.sb
+        if want <= 0:
+            return []
+        base = self.claimed_masks()
+        for start, n in self.window_ranges():
+            self.or_range(base, start, n)
+        for cl in self.repair_allocated:
+            self.or_range(base, cl, 1)
+        for strict in (True, False):
+            got: list[tuple[int, int]] = []
+            total = 0
+            for g in range(sb.group_count):
+                nbits = min(sb.cpg, sb.total_clusters - g * sb.cpg)
+                m = base.get(g, 0)
+                gd = self.groups[g] if g < len(self.groups) else None
+                if strict and gd is not None:
+                    m |= int.from_bytes(gd.bitmap, "little")
+                for a, e in _mask_runs(~m & ((1 << nbits) - 1), g * sb.cpg):
+                    k = min(e - a, want - total)
+                    got.append((a, k))
+                    total += k
+                    if total == want:
+                        for a2, k2 in got:
+                            self.repair_allocated.update(range(a2, a2 + k2))
+                        return got
+        raise OSError(errno.ENOSPC, "not enough free clusters")
+
+    async def copy_clusters(self, src: int, dst: int, n: int, sigs=()) -> None:
+        """Copy ``n`` clusters; metadata blocks with a signature in
+        ``sigs`` that are sealed for their old place are resealed for the
+        new one (everything else is copied as it is)."""
+        cs, bs, bpc = self.sb.cluster_size, self.bs, self.sb.bpc
+        step = max(1, (4 << 20) // cs)
+        for off in range(0, n, step):
+            k = min(step, n - off)
+            data = await self.view.read((src + off) * cs, k * cs)
+            if sigs:
+                buf = bytearray(data)
+                for i in range(k * bpc):
+                    raw = bytes(buf[i * bs:(i + 1) * bs])
+                    if raw[:8] not in sigs:
+                        continue
+                    sig, crc, vol, no, _ = F.HDR.unpack_from(raw, 0)
+                    if vol == self.sb.volid and no == (src + off) * bpc + i \
+                            and crc == F.block_crc(raw):
+                        buf[i * bs:(i + 1) * bs] = F.seal(bytearray(raw), sig, vol,
+                                                          (dst + off) * bpc + i)
+                data = bytes(buf)
+            await self.view.write((dst + off) * cs, data)
+        self.modified = True
+
+    async def clone_claims(self, node: Node, claims: list[Claim]) -> tuple[list[Claim], str]:
+        """Give ``node`` fresh clusters with a copy of what it shares in
+        ``claims`` and repoint its extents, extent leaves and xattr block.
+        Returns (the claims it could not clone, why); nothing changes for
+        those."""
+        shift = self.shift
+        leaves = [c for c in claims if c.kind == "leaf"]
+        xattrs = [c for c in claims if c.kind == "xattr"]
+        exts = {c.ref: c for c in claims if c.kind in ("data", "dir")}
+        # Plan: the extent records with shared parts are split into kept
+        # and copied pieces.
+        cut: dict[tuple, list[tuple[int, int]]] = {}
+        need = len(leaves) + len(xattrs)
+        for rec, c in exts.items():
+            l, p, n = rec
+            runs = [(max(a, p), min(e, p + n)) for a, e in _merge(c.lost)]
+            cut[rec] = [(a, e) for a, e in runs if a < e]
+            need += sum(e - a for a, e in cut[rec])
+        try:
+            pool = self.take_free(need)
+        except OSError as e:
+            return claims, e.strerror or str(e)
+        pool = [list(r) for r in pool]
+
+        def take(k: int) -> list[tuple[int, int]]:
+            out = []
+            while k:
+                a, avail = pool[0]
+                t = min(k, avail)
+                out.append((a, t))
+                k -= t
+                if t == avail:
+                    pool.pop(0)
+                else:
+                    pool[0] = [a + t, avail - t]
+            return out
+
+        copies: list[tuple[int, int, int, tuple]] = []
+        leaf_map = {}
+        for c in leaves:
+            (cl, _), = take(1)
+            leaf_map[c.ref] = cl << shift
+            copies.append((c.ref >> shift, cl, 1, (F.SIG_EXTENT,)))
+        new_xattr = None
+        for c in xattrs:
+            (cl, _), = take(1)
+            new_xattr = cl << shift
+            copies.append((c.ref >> shift, cl, 1, (F.SIG_XATTR,)))
+        sigs = (F.SIG_DIRLEAF, F.SIG_DIRTABLE) if node.inode.is_dir else ()
+        moved: dict[int, int] = {}             # old cluster -> new, for directory entries
+        new_exts = []
+        for rec in node.exts:
+            if rec not in cut:
+                new_exts.append(rec)
+                continue
+            l, p, n = rec
+            pieces: list[list[int]] = []
+
+            def add(lcl: int, pcl: int, k: int) -> None:
+                if pieces and pieces[-1][0] + pieces[-1][2] == lcl \
+                        and pieces[-1][1] + pieces[-1][2] == pcl:
+                    pieces[-1][2] += k
+                else:
+                    pieces.append([lcl, pcl, k])
+            pos = p
+            for a, e in cut[rec] + [(p + n, p + n)]:
+                if pos < a:
+                    add(l + pos - p, pos, a - pos)
+                src = a
+                for dst, k in take(e - a):
+                    add(l + src - p, dst, k)
+                    copies.append((src, dst, k, sigs))
+                    for i in range(k):
+                        moved[src + i] = dst + i
+                    src += k
+                pos = e
+            new_exts.extend(tuple(x) for x in pieces)
+        ext_limit = F.inode_root_capacity(self.bs) * F.extent_leaf_capacity(self.bs)
+        if len(new_exts) > ext_limit:
+            return claims, "the file would have too many extents"
+        for src, dst, k, sg in copies:
+            await self.copy_clusters(src, dst, k, sg)
+        try:
+            async with self.edit() as (cache, ext, dirs):
+                inode = await cache.get(node.ino, "inode", node.ino)
+                if leaf_map and inode.ext_depth == 1:
+                    inode.root = [(f, leaf_map.get(b, b), k) for f, b, k in inode.root]
+                if new_xattr is not None:
+                    inode.xattr_blk = new_xattr
+                if cut:
+                    clusters = inode.clusters
+                    if node.tree_errors:
+                        inode.root, inode.ext_depth = [], 0
+                    await ext.store(inode, new_exts)
+                    inode.clusters = clusters     # a wrong count is pass 1's to report
+                cache.mark(node.ino, inode)
+        except OSError as e:
+            return claims, e.strerror or str(e)
+        node.inode.root, node.inode.ext_depth = inode.root, inode.ext_depth
+        node.inode.xattr_blk = inode.xattr_blk
+        node.leaf_blks = [b for _, b, _ in inode.root] if inode.ext_depth == 1 else []
+        if cut:
+            node.exts = new_exts
+        if moved:
+            mask = (1 << shift) - 1
+            for ent in node.entries + getattr(node, "_bad_names", []) + \
+                    getattr(node, "_dups", []):
+                cl = ent.leaf_blk >> shift
+                if cl in moved:
+                    ent.leaf_blk = (moved[cl] << shift) | (ent.leaf_blk & mask)
+        return [], ""
 
     async def patch_inode(self, ino: int, **fields) -> None:
         async with self.edit() as (cache, ext, dirs):
@@ -1291,21 +1622,36 @@ class Checker:
     async def pass3(self) -> None:
         self.say("Pass 3: Checking directory connectivity")
         sb = self.sb
+        new_root = False
         root = self.nodes.get(sb.root_ino)
         if root is None or not root.is_dir:
-            why = root.error if root is not None else "missing"
-            await self.problem(f"Root directory (inode {sb.root_ino}) is unusable ({why}). "
-                               f"Cannot repair this.")
-            raise FsckError("the root directory is lost; the check cannot go on")
-        if root.inode.parent != sb.root_ino:
+            if root is not None and root.ok:
+                # not a directory, and pass 1 was told not to clear it
+                self.say(f"  Root inode {sb.root_ino} is not a directory: without a root "
+                         f"directory, nothing can be reconnected.")
+            else:
+                why = root.error if root is not None else "missing"
+                if await self.problem(f"Root inode not allocated (inode {sb.root_ino}: {why}).",
+                                      "Allocate"):
+                    await self.recreate_root()
+                    new_root = True
+            root = self.nodes.get(sb.root_ino)
+        if root is not None and root.is_dir and root.inode.parent != sb.root_ino:
             if await self.problem(f"Root directory's '..' is {root.inode.parent}, not itself.",
                                   "Fix it"):
                 await self.patch_inode(sb.root_ino, parent=sb.root_ino)
         for slot, s in enumerate(sb.slots):
             od = self.nodes.get(s.orphan_ino)
-            if od is None or not od.is_dir:
-                await self.problem(f"Orphan directory of slot {slot} (inode {s.orphan_ino}) is "
-                                   f"unusable. Cannot repair this.")
+            if od is not None and od.is_dir:
+                continue
+            if od is not None and od.ok:
+                self.say(f"  Orphan directory of slot {slot} (inode {s.orphan_ino}) is not a "
+                         f"directory and was not cleared; it is left as is.")
+                continue
+            why = od.error if od is not None else "missing"
+            if await self.problem(f"Orphan directory of slot {slot} (inode {s.orphan_ino}) is "
+                                  f"unusable ({why}).", "Recreate it"):
+                await self.recreate_orphan_dir(slot)
         # '..' of each directory names the directory holding it.
         for ino in sorted(self.nodes):
             t = self.nodes[ino]
@@ -1339,12 +1685,27 @@ class Checker:
                                       f"holds {t.inode.clusters} clusters.", "Free it"):
                     await self.remove_entries([ent])
                     await self.free_inode(t)
-        # Unattached inodes.
-        roots = [i for i in self.unattached_roots if self.nodes[i].ok]
-        if not roots:
+        # Unattached inodes: a file without links was deleted (an orphan
+        # whose orphan directory was lost, say) and is freed; the others
+        # go to lost+found.
+        link: list[int] = []
+        for ino in self.unattached_roots:
+            t = self.nodes[ino]
+            if not t.ok:
+                continue
+            if not t.is_dir and t.inode.nlink == 0:
+                kind = "orphan inode" if t.inode.flags & F.INODE_FLAG_ORPHAN else "inode"
+                if await self.problem(f"Unattached {kind} {ino} has link count 0 (deleted, "
+                                      f"{t.inode.clusters} clusters).", "Free it"):
+                    await self.free_inode(t)
+                continue
+            link.append(ino)
+        if not link and not new_root:
             return
         lf = await self.lost_and_found()
-        for ino in roots:
+        for ino in link:
+            if ino in (lf, self.lf_offered):
+                continue
             t = self.nodes[ino]
             kind = "directory" if t.is_dir else "inode"
             if not await self.problem(f"Unattached {kind} {ino} (nlink {t.inode.nlink}).",
@@ -1364,36 +1725,138 @@ class Checker:
                     child = await cache.get(ino, "inode", ino)
                     child.parent = lf
                     cache.mark(ino, child)
+                    d.nlink += 1
                 cache.mark(lf, d)
 
-    async def lost_and_found(self) -> int | None:
-        sb = self.sb
-        root = self.nodes[sb.root_ino]
-        cand = sb.lostfound_ino
-        named = next((e.ino for e in root.entries if e.name == b"lost+found"), None)
-        for ino in (cand, named):
-            n = self.nodes.get(ino)
-            if n is not None and n.is_dir and not n.dir_errors:
-                return ino
-        if not await self.problem("/lost+found is missing.", "Create it"):
-            return None
+    def new_dir_inode(self, ino: int, *, mode: int, parent: int,
+                      flags: int = F.INODE_FLAG_VALID) -> F.Inode:
+        """A directory inode as mkfs makes one (wide times when the volume
+        has them)."""
+        if self.sb.feat_incompat & F.FEATURE_INCOMPAT_WIDE_TIME:
+            flags |= F.INODE_FLAG_WIDE_TIME
+        now = time.time_ns()
+        return F.Inode(ino, mode=stat.S_IFDIR | mode, nlink=2, flags=flags,
+                       generation=random.getrandbits(32), atime_ns=now, mtime_ns=now,
+                       ctime_ns=now, parent=parent)
+
+    def spot_free(self, ino: int) -> bool:
+        """Whether inode location ``ino`` can take a recreated directory:
+        a cluster start past the reserved area that nothing claims, no
+        local window holds and no repair took."""
+        if not self.plausible_ino(ino):
+            return False
+        cl = ino >> self.shift
+        if cl < self.sb.reserved_clusters or cl in self.repair_allocated:
+            return False
+        masks = self.claimed_masks()
+        for start, n in self.window_ranges():
+            self.or_range(masks, start, n)
+        g, bit = divmod(cl, self.sb.cpg)
+        return not masks.get(g, 0) >> bit & 1
+
+    async def make_system_dir(self, want: int, *, mode: int, flags: int) -> F.Inode:
+        """An empty directory that is its own parent, at inode ``want`` if
+        that place is free, else wherever there is room."""
         async with self.edit() as (cache, ext, dirs):
-            r = await cache.get(sb.root_ino, "inode", sb.root_ino)
-            if await dirs.lookup(r, b"lost+found") is not None:
-                await dirs.remove(r, b"lost+found")
-            cl, _ = ext.alloc.alloc(1)
-            now = time.time_ns()
-            lf = F.Inode(cl << self.shift, mode=stat.S_IFDIR | 0o700, nlink=2,
-                         atime_ns=now, mtime_ns=now, ctime_ns=now, parent=sb.root_ino)
-            cache.new(lf.ino, lf, lf.ino)
-            await dirs.init(lf)
-            await dirs.insert(r, b"lost+found", lf.ino, F.FT_DIR)
-            r.nlink += 1
-            cache.mark(r.ino, r)
-        sb.lostfound_ino = lf.ino
+            if self.spot_free(want):
+                ino = want
+                self.repair_allocated.add(want >> self.shift)
+            else:
+                cl, _ = ext.alloc.alloc(1)
+                ino = cl << self.shift
+            d = self.new_dir_inode(ino, mode=mode, parent=ino, flags=flags)
+            cache.new(ino, d, ino)
+            await dirs.init(d)
+        self.nodes[ino] = Node(ino, inode=d)
+        return d
+
+    async def write_superblocks(self) -> None:
+        """The superblock in use, to the primary place and every backup."""
+        sb = self.sb
         await self.view.write(F.SB_OFFSET, sb.encode(F.sb_blkno(self.bs)))
         for blk in F.backup_sb_blknos(self.bs, sb.total_blocks):
             await self.view.write(blk * self.bs, sb.encode(blk))
+        self.modified = True
+
+    async def recreate_root(self) -> None:
+        sb = self.sb
+        try:
+            d = await self.make_system_dir(sb.root_ino, mode=0o755, flags=F.INODE_FLAG_VALID)
+        except OSError:
+            raise FsckError("no free cluster to recreate the root directory in") from None
+        if d.ino != sb.root_ino:
+            self.say(f"  Inode {sb.root_ino} cannot be reused: the root directory is now "
+                     f"inode {d.ino} (superblock and backups updated).")
+            sb.root_ino = d.ino
+            await self.write_superblocks()
+
+    async def recreate_orphan_dir(self, slot: int) -> None:
+        sb = self.sb
+        info = sb.slots[slot]
+        try:
+            d = await self.make_system_dir(info.orphan_ino, mode=0o700,
+                                           flags=F.INODE_FLAG_VALID | F.INODE_FLAG_SYSTEM)
+        except OSError:
+            self.res.errors_fixed -= 1
+            self.say("  No free cluster to recreate it in.")
+            return
+        if d.ino != info.orphan_ino:
+            self.say(f"  Inode {info.orphan_ino} cannot be reused: the orphan directory of "
+                     f"slot {slot} is now inode {d.ino} (superblock and backups updated).")
+            info.orphan_ino = d.ino
+            await self.write_superblocks()
+
+    async def lost_and_found(self) -> int | None:
+        sb = self.sb
+        root = self.nodes.get(sb.root_ino)
+        if root is None or not root.is_dir:
+            return None
+
+        def usable(ino) -> bool:
+            n = self.nodes.get(ino)
+            return (n is not None and n.is_dir and not n.dir_errors and ino != sb.root_ino
+                    and not n.inode.flags & F.INODE_FLAG_SYSTEM)
+        named = next((e.ino for e in root.entries if e.name == b"lost+found"), None)
+        if named is not None and usable(named):
+            return named
+        cand = sb.lostfound_ino
+        if usable(cand) and not self.nodes[cand].refs:
+            # intact, but no longer named anywhere (a lost root, say)
+            self.lf_offered = cand
+            if not await self.problem(f"/lost+found (inode {cand}) is not connected to the "
+                                      f"root directory.", "Reconnect it"):
+                return None
+            async with self.edit() as (cache, ext, dirs):
+                r = await cache.get(sb.root_ino, "inode", sb.root_ino)
+                if await dirs.lookup(r, b"lost+found") is not None:
+                    await dirs.remove(r, b"lost+found")
+                await dirs.insert(r, b"lost+found", cand, F.FT_DIR)
+                r.nlink += 1
+                cache.mark(r.ino, r)
+                lf = await cache.get(cand, "inode", cand)
+                lf.parent = sb.root_ino
+                cache.mark(cand, lf)
+            return cand
+        if not await self.problem("/lost+found is missing.", "Create it"):
+            return None
+        try:
+            async with self.edit() as (cache, ext, dirs):
+                r = await cache.get(sb.root_ino, "inode", sb.root_ino)
+                if await dirs.lookup(r, b"lost+found") is not None:
+                    await dirs.remove(r, b"lost+found")
+                cl, _ = ext.alloc.alloc(1)
+                lf = self.new_dir_inode(cl << self.shift, mode=0o700, parent=sb.root_ino)
+                cache.new(lf.ino, lf, lf.ino)
+                await dirs.init(lf)
+                await dirs.insert(r, b"lost+found", lf.ino, F.FT_DIR)
+                r.nlink += 1
+                cache.mark(r.ino, r)
+        except OSError as e:
+            self.res.errors_fixed -= 1
+            self.say(f"  Cannot create it: {e.strerror or e}.")
+            return None
+        sb.lostfound_ino = lf.ino
+        await self.write_superblocks()
         return lf.ino
 
     async def free_inode(self, t: Node) -> None:
@@ -1453,6 +1916,20 @@ class Checker:
         expect = dict(claimed)
         for start, n in self.window_ranges():
             self.or_range(expect, start, n)
+        # Clusters the repairs took (copies, recreated directories) count as
+        # allocated when they were taken, as e2fsck's allocations do: the
+        # bitmaps get them without a report of bitmap differences.
+        touched: set[int] = set()
+        for cl in sorted(self.repair_allocated):
+            g, bit = divmod(cl, sb.cpg)
+            gd = self.groups[g]
+            if gd is None or not claimed.get(g, 0) >> bit & 1 or gd.test(bit):
+                continue
+            gd.set(bit)
+            gd.free -= 1
+            touched.add(g)
+        for g in sorted(touched):
+            await self.put(F.group_desc_blkno(sb, g), self.groups[g])
         used = 0
         for g in range(sb.group_count):
             used += claimed.get(g, 0).bit_count()
