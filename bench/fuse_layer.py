@@ -33,6 +33,8 @@ import sys
 import tempfile
 import time
 
+from replfs.fuse.mount import find_mount
+
 from .common import lat_summary, table, write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -242,7 +244,7 @@ def stop_server(proc: subprocess.Popen, mnt: str) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
-    if os.path.ismount(mnt):
+    if find_mount(mnt) is not None:          # not ismount(): False on a dead mount
         subprocess.run(["umount", "-l", mnt], capture_output=True)
 
 
@@ -349,9 +351,9 @@ def main(argv=None) -> int:
             stop_server(proc, mnt)
         subprocess.run(["rm", "-rf", shm], capture_output=True)
         for _, mnt in procs:
-            if not os.path.ismount(mnt):
+            if find_mount(mnt) is None:
                 os.rmdir(mnt)
-        if not any(os.path.ismount(m) for _, m in procs):
+        if not any(find_mount(m) for _, m in procs):
             os.rmdir(tmp)
 
     rows = []

@@ -20,13 +20,13 @@ from .errors import FUSEError, FuseUsageError, KernelProtocolError, UnsupportedK
 from .lockops import LockService
 from .locks import F_RDLCK, F_UNLCK, F_WRLCK, Kind, LockTable, Owner
 from .mount import abort_connection, clean_stale_mounts, connection_id, unmount
-from .session import ALL_INLINE, DEFAULT_TASK_OPCODES, NotifySender, Session, serve
+from .session import ALL_INLINE, ALL_TASKS, DEFAULT_TASK_OPCODES, NotifySender, Session, serve
 
 __all__ = [
     "ROOT_INODE", "EntryAttributes", "FileInfo", "FileLock", "LocalLocks", "Operations",
     "ReaddirToken", "RequestContext", "SetattrFields", "StatvfsData", "readdir_reply",
     "FUSEError", "FuseUsageError", "KernelProtocolError", "UnsupportedKernel", "LockService",
     "F_RDLCK", "F_UNLCK", "F_WRLCK", "Kind", "LockTable", "Owner", "abort_connection",
-    "clean_stale_mounts", "connection_id", "unmount", "ALL_INLINE", "DEFAULT_TASK_OPCODES",
+    "clean_stale_mounts", "connection_id", "unmount", "ALL_INLINE", "ALL_TASKS", "DEFAULT_TASK_OPCODES",
     "NotifySender", "Session", "serve",
 ]

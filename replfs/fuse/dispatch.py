@@ -203,7 +203,26 @@ async def _fsync(s, r):
     await s.ops.fsync(r.args.fh, r.args.datasync)
 
 
+_XATTR_CREATE = 1
+_XATTR_REPLACE = 2
+
+
 async def _setxattr(s, r):
+    # setxattr has no flags argument (as in pyfuse3); XATTR_CREATE and
+    # XATTR_REPLACE are checked with a getxattr first, as pyfuse3 does.
+    flags = r.args.flags
+    if flags & ~(_XATTR_CREATE | _XATTR_REPLACE):
+        raise FUSEError(errno.EINVAL)
+    if flags & _XATTR_CREATE:
+        try:
+            await s.ops.getxattr(r.nodeid, r.args.name, r.ctx)
+        except FUSEError as exc:
+            if exc.errno != errno.ENODATA:
+                raise
+        else:
+            raise FUSEError(errno.EEXIST)
+    elif flags & _XATTR_REPLACE:
+        await s.ops.getxattr(r.nodeid, r.args.name, r.ctx)
     await s.ops.setxattr(r.nodeid, r.args.name, r.args.value, r.ctx)
 
 

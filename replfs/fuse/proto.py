@@ -197,7 +197,7 @@ OPEN_KILL_SUIDGID = 1 << 0
 
 IN_HEADER = struct.Struct("=IIQQIIIHH")          # fuse_in_header, 40
 OUT_HEADER = struct.Struct("=IiQ")               # fuse_out_header, 16
-ATTR = struct.Struct("=QQQQQQIIIIIIIIII")         # fuse_attr, 88
+ATTR = struct.Struct("=QQQqqqIIIIIIIIII")         # fuse_attr, 88 (times are s64 in the kernel)
 KSTATFS = struct.Struct("=QQQQQIIII24x")          # fuse_kstatfs, 80
 FILE_LOCK = struct.Struct("=QQII")                # fuse_file_lock, 24
 ENTRY_OUT_HEAD = struct.Struct("=QQQQII")        # fuse_entry_out minus attr, 40
@@ -213,7 +213,7 @@ MKDIR_IN = struct.Struct("=II")
 RENAME_IN = struct.Struct("=Q")
 RENAME2_IN = struct.Struct("=QII")
 LINK_IN = struct.Struct("=Q")
-SETATTR_IN = struct.Struct("=IIQQQQQQIIIIIIII")   # 88
+SETATTR_IN = struct.Struct("=IIQQQqqqIIIIIIII")   # 88; times signed (before 1970)
 OPEN_IN = struct.Struct("=II")
 CREATE_IN = struct.Struct("=IIII")
 OPEN_OUT = struct.Struct("=QII")
@@ -836,8 +836,8 @@ def split_time(seconds: float) -> tuple[int, int]:
 
 
 def _ns(t_ns: int) -> tuple[int, int]:
-    s, ns = divmod(int(t_ns), 1_000_000_000)
-    return s & _U64, ns
+    # floor division: -0.5 s is (-1 s, 500,000,000 ns), as the kernel stores it
+    return divmod(int(t_ns), 1_000_000_000)
 
 
 # Whole replies packed by one Struct each: the per-entry cost of a

@@ -67,6 +67,9 @@ DEFAULT_TASK_OPCODES = frozenset({
     Opcode.REMOVEXATTR, Opcode.LSEEK,
 })
 ALL_INLINE = frozenset({Opcode.SETLKW})   # for filesystems that never block (tests, bench)
+# For filesystems where nearly every handler awaits I/O (replfs volumes):
+# every opcode that has a handler runs in a worker.
+ALL_TASKS = frozenset(dispatch.HANDLERS)
 
 _NO_REPLY = frozenset({Opcode.FORGET, Opcode.BATCH_FORGET, Opcode.INTERRUPT})
 _DRAIN_BURST = 64     # requests handled back to back before other tasks get a turn
@@ -463,7 +466,7 @@ class Session:
         if self._trace:
             log.debug("%s -> %s unique=%d: %s", self.name, dispatch._opname(req.opcode),
                       req.unique, errno.errorcode.get(code, code))
-        self.stats["errors"] += 1
+        self.stats["error_replies"] += 1
         self._after_reply(req, self._write([proto.out_header(req.unique, code, 0)]))
 
     def _after_reply(self, req: Request, code: int) -> None:
@@ -591,4 +594,5 @@ async def serve(ops, mountpoint: str, *, task_status=trio.TASK_STATUS_IGNORED, *
     await session.run(task_status=task_status)
 
 
-__all__ = ["Session", "NotifySender", "serve", "DEFAULT_TASK_OPCODES", "ALL_INLINE", "FUSEError"]
+__all__ = ["Session", "NotifySender", "serve", "DEFAULT_TASK_OPCODES", "ALL_INLINE", "ALL_TASKS",
+           "FUSEError"]

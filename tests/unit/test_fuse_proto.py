@@ -192,6 +192,7 @@ def test_init_in_compat_and_full():
 # ----------------------------------------------------------------- round trips
 
 u64 = st.integers(0, 2**64 - 1)
+s64 = st.integers(-2**63, 2**63 - 1)
 u32 = st.integers(0, 2**32 - 1)
 name = st.binary(min_size=1, max_size=255).filter(lambda b: b"\0" not in b and b"/" not in b)
 value = st.binary(max_size=300)
@@ -202,7 +203,7 @@ ARGS = st.one_of(
     st.builds(lambda items: (Opcode.BATCH_FORGET, proto.BatchForget(tuple(items))),
               st.lists(st.tuples(u64, u64), max_size=20)),
     st.builds(lambda f, fh: (Opcode.GETATTR, proto.Getattr(f, fh)), u32, u64),
-    st.builds(lambda *a: (Opcode.SETATTR, proto.Setattr(*a)), u32, u64, u64, u64, u64, u64, u64,
+    st.builds(lambda *a: (Opcode.SETATTR, proto.Setattr(*a)), u32, u64, u64, u64, s64, s64, s64,
               u32, u32, u32, u32, u32, u32),
     st.builds(lambda a, b: (Opcode.SYMLINK, proto.Symlink(a, b)), name, name),
     st.builds(lambda m, r, u, n: (Opcode.MKNOD, proto.Mknod(m, r, u, n)), u32, u32, u32, name),
@@ -314,6 +315,17 @@ def test_entry_and_attr_out():
     assert proto.ATTR_OUT_HEAD.unpack_from(a) == (0, 250_000_000, 0)
     with pytest.raises(FuseUsageError):
         proto.entry_out(_attrs(st_ino=-1))
+
+
+def test_times_before_1970_are_signed():
+    # utimensat(-0.5 s) arrives as atime -1, atimensec 500000000
+    raw = proto.encode_request(Opcode.SETATTR, proto.Setattr(
+        proto.FATTR_ATIME, 0, 0, 0, -1, 0, 0, 500_000_000, 0, 0, 0, 0, 0))
+    a = proto.decode_args(Opcode.SETATTR, raw[proto.IN_HEADER.size:])
+    assert (a.atime, a.atimensec) == (-1, 500_000_000)
+    e = proto.entry_out(_attrs(st_atime_ns=-999_999_500))
+    f = proto.ATTR.unpack_from(e, proto.ENTRY_OUT_HEAD.size)
+    assert (f[3], f[6]) == (-1, 500)
 
 
 def test_out_header_and_errors():
