@@ -197,7 +197,6 @@ class Source:
     kind: str                      # "image" or "resource"
     path: str | None = None        # image file
     rundir: str | None = None      # resource: replfsd's run directory
-    exclusive: bool = True         # no other node can have the volume mounted
     lock_fd: int | None = None     # image: flock held for the mount's lifetime
     slot: int = 0
     sb: F.Superblock | None = None
@@ -254,8 +253,16 @@ def _resource_source(name: str, o: Options) -> Source:
         raise MountError(f"cannot mount resource {name}: this node ({st.get('node', '?')}) "
                          f"is {st['role']}, not Primary; make it Primary first "
                          f"('replfsadm primary {name}')")
-    exclusive = st.get("peer_role") != "Primary"
-    return Source(name, "resource", rundir=rundir, exclusive=exclusive)
+    if st.get("peer_role") == "Primary":
+        # The guard until the filesystem has cluster locks: two nodes
+        # mounting one volume with node-local locks lose data.  The daemon
+        # checks again, atomically, when the device is opened.
+        raise MountError(f"cannot mount resource {name}: the peer is Primary too, and "
+                         f"replfs mounts a volume on one node at a time (mounting on both "
+                         f"nodes needs the cluster locks, not built yet); unmount it on "
+                         f"the peer and make the peer Secondary ('replfsadm secondary "
+                         f"{name}' there)")
+    return Source(name, "resource", rundir=rundir)
 
 
 def resolve_source(name: str, o: Options) -> Source:
@@ -280,14 +287,12 @@ async def open_device(nursery: trio.Nursery, src: Source):
     from replfs.errors import ReplfsError
     from replfs.ipc.client import DaemonBlockDevice
     try:
-        return await DaemonBlockDevice.open(nursery, src.name, rundir=src.rundir)
-    except (ReplfsError, OSError) as e:
+        return await DaemonBlockDevice.open(nursery, src.name, rundir=src.rundir,
+                                            single_node=True)
+    except ReplfsError as e:
+        raise MountError(f"cannot mount resource {src.name}: {e.message}") from None
+    except OSError as e:
         raise MountError(f"cannot open resource {src.name}: {e}") from None
-
-
-async def _read_slotmap(dev, sb: F.Superblock) -> F.SlotMap:
-    raw = await dev.read(sb.slotmap_blk * sb.block_size, sb.block_size)
-    return F.SlotMap.decode(raw, sb.volid, sb.slotmap_blk)
 
 
 async def _probe(src: Source, o: Options) -> None:
@@ -306,22 +311,11 @@ async def _probe(src: Source, o: Options) -> None:
                                      f"{sb.slot_count} slots (0-{sb.slot_count - 1})",
                                      EXIT_USAGE)
                 src.slot = o.slot
-            elif src.exclusive:
-                # Nobody else can have it mounted: stale "in use" records are
-                # left by crashed mounts, and slot 0 is ours.
-                src.slot = 0
             else:
-                try:
-                    sm = await _read_slotmap(dev, sb)
-                except F.FormatError as e:
-                    raise MountError(f"{src.name}: damaged slot map: {e}; run "
-                                     f"fsck.replfs") from None
-                free = [i for i, (state, _, _) in enumerate(sm.slots)
-                        if state == F.SLOT_FREE]
-                if not free:
-                    raise MountError(f"{src.name}: all {sb.slot_count} node slots are in "
-                                     f"use (mkfs.replfs -N sets the number of slots)")
-                src.slot = free[0]
+                # No other node can have it mounted (the guard above and in
+                # the daemon): stale "in use" records are left by crashed
+                # mounts, and slot 0 is ours.
+                src.slot = 0
         finally:
             with trio.CancelScope(shield=True):
                 await dev.close()
@@ -611,8 +605,7 @@ async def serve(src: Source, mountpoint: str, o: Options, ready) -> None:
         mounted = False
         try:
             try:
-                fs = await Filesystem.mount(dev, src.slot, recover_dirty_slots=src.exclusive,
-                                            readonly=o.readonly)
+                fs = await Filesystem.mount(dev, src.slot, readonly=o.readonly)
             except OSError as e:
                 raise MountError(f"{src.name}: cannot mount: {e.strerror or e}") from None
             if fs.recovered_slots:

@@ -211,6 +211,12 @@ class Resource:
         self._verify: dict | None = None
         self._uuid_lock = trio.Lock()
         self.open_count = 0
+        # Opens by a replfs filesystem mounted for one node alone (no
+        # cluster locks yet): while there are any, the peer may not become
+        # Primary, and such an open is refused while the peer is Primary
+        # or was just allowed to become it.
+        self.single_node_opens = 0
+        self._peer_promotion_allowed_at = float("-inf")
         self.last_event = ""
         self.split_brain = False
         self.devfile_proc = None
@@ -338,8 +344,10 @@ class Resource:
             result = await self._ask_peer_role(Role.Primary)
             if result:
                 raise StateChangeRefused(result, dict(
-                    [(-1, "Multiple primaries not allowed by config")]).get(
-                        result, "Refused by peer"))
+                    [(-1, "Multiple primaries not allowed by config"),
+                     (-12, "Device is held open by the peer: a replfs filesystem is "
+                           "mounted there, and replfs mounts a volume on one node at a "
+                           "time (unmount it there first)")]).get(result, "Refused by peer"))
         check_promote(self._view(), force=force)
         if self.disk is None and not self._peer_serves():
             raise refuse(SS_IS_DISKLESS, EXIT_NO_LOCAL_DISK)
@@ -354,6 +362,25 @@ class Resource:
                 DiskState.Inconsistent, DiskState.Outdated, DiskState.Consistent):
             # Connected fresh pair: the forced node's data wins, full sync now.
             self._start_full_sync_as_source()
+
+    def open_single_node(self) -> None:
+        """Register an open by a filesystem that relies on being the only
+        node with the volume mounted (the guard until replfs has cluster
+        locks).  Checked and counted in one step of the daemon's loop, so
+        a peer's promotion request is answered either before (and this
+        open is refused) or after (and the promotion is)."""
+        recently = (trio.current_time() - self._peer_promotion_allowed_at
+                    < self.conf.timeout_s + 2)
+        if self.peer_role is Role.Primary or recently:
+            raise ReplfsError(
+                f"{self.conf.name}: the peer is Primary too; replfs mounts a volume on one "
+                f"node at a time (mounting on both nodes needs the cluster locks, not built "
+                f"yet): unmount it there and make it Secondary ('replfsadm secondary "
+                f"{self.conf.name}' on the peer)", EXIT_STATE)
+        self.single_node_opens += 1
+
+    def close_single_node(self) -> None:
+        self.single_node_opens = max(0, self.single_node_opens - 1)
 
     async def _ask_peer_role(self, role: Role) -> int:
         """Ask the connected peer whether we may take ``role``; 0 means yes."""
@@ -1481,11 +1508,18 @@ class Resource:
             pass
         elif t is P.StateUpdate:
             self._set(peer_role=_peer_role(pkt.role), pdsk=_peer_disk(pkt.disk))
+            if self.peer_role is Role.Primary:
+                # the promotion we allowed is done; peer_role tells from now on
+                self._peer_promotion_allowed_at = float("-inf")
         elif t is P.RoleRequest:
             result = 0
-            if (self.role is Role.Primary and not self.conf.allow_two_primaries
-                    and pkt.role == _role_code(Role.Primary)):
-                result = -1
+            if pkt.role == _role_code(Role.Primary):
+                if self.role is Role.Primary and not self.conf.allow_two_primaries:
+                    result = -1
+                elif self.single_node_opens:
+                    result = -12
+                else:
+                    self._peer_promotion_allowed_at = trio.current_time()
             await chan.send(P.RoleReply(pkt.token, result))
         elif t is P.RoleReply:
             send = self._role_replies.pop(pkt.token, None)
@@ -1789,6 +1823,7 @@ class Resource:
             "split_brain": self.split_brain,
             "last_event": self.last_event,
             "open_count": self.open_count,
+            "single_node_opens": self.single_node_opens,
             "io_suspended": self.io_suspended,
             "counters": {
                 "ns": self.ns // 1024, "nr": self.nr // 1024, "dw": self.dw // 1024,

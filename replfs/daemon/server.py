@@ -46,6 +46,7 @@ class ClientConn:
     def __init__(self, stream: trio.SocketStream):
         self.stream = stream
         self.handles: dict[int, str] = {}
+        self.single_node: set[int] = set()     # handles opened by a single-node mount
         self.on_close: list = []
         self.send_lock = trio.Lock()
         self.closed = False
@@ -199,10 +200,12 @@ class Daemon:
         finally:
             conn.closed = True
             with trio.CancelScope(shield=True):
-                for name in conn.handles.values():
+                for handle, name in conn.handles.items():
                     res = self.resources.get(name)
                     if res is not None and res.open_count > 0:
                         res.open_count -= 1
+                    if res is not None and handle in conn.single_node:
+                        res.close_single_node()
                 for cb in conn.on_close:
                     try:
                         await cb()
@@ -421,17 +424,27 @@ class Daemon:
         res = self._res(req)
         # As in DRBD 8: a Secondary cannot be opened at all.
         res._require_io(write=bool(req.get("write", True)))
+        single = bool(req.get("single_node"))
+        if single:
+            res.open_single_node()
         res.open_count += 1
         handle = len(conn.handles) + 1
         while handle in conn.handles:
             handle += 1
         conn.handles[handle] = res.conf.name
+        if single:
+            conn.single_node.add(handle)
         return {"size": res.size, "handle": handle}
 
     async def op_close(self, req, body, conn):
-        name = conn.handles.pop(req.get("handle"), None)
+        handle = req.get("handle")
+        name = conn.handles.pop(handle, None)
         if name is not None and name in self.resources:
-            self.resources[name].open_count = max(0, self.resources[name].open_count - 1)
+            res = self.resources[name]
+            res.open_count = max(0, res.open_count - 1)
+            if handle in conn.single_node:
+                conn.single_node.discard(handle)
+                res.close_single_node()
         return {}
 
     async def op_read(self, req, body, conn):

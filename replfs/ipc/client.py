@@ -178,9 +178,13 @@ class DaemonBlockDevice:
 
     @classmethod
     async def open(cls, nursery: trio.Nursery, resource: str, *, rundir: str | None = None,
-                   write: bool = True) -> "DaemonBlockDevice":
+                   write: bool = True, single_node: bool = False) -> "DaemonBlockDevice":
+        """``single_node``: the opener is a filesystem mounted on this node
+        alone; the daemon refuses the open while the peer is Primary and
+        the peer's promotion while it is open."""
         client = await AsyncClient.connect(socket_path(rundir), nursery)
-        reply, _ = await client.call("open", res=resource, write=write)
+        reply, _ = await client.call("open", res=resource, write=write,
+                                     **({"single_node": True} if single_node else {}))
         return cls(client, resource, reply["size"], reply["handle"])
 
     @property

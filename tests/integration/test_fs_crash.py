@@ -183,6 +183,9 @@ def crash_daemon_failover(seed: int, tmp_path) -> None:
         mproc.kill()
         mproc.wait(10)
         force_unmount(amnt)
+        # Beta must have noticed alpha is gone (a mount is refused while the
+        # peer may still be Primary with the volume mounted).
+        b.wait(lambda s: s["peer_role"] != "Primary", what="alpha's death noticed")
         b.adm("primary", "r0")
         run("mount", "-t", "fuse.replfs", "r0", bmnt, "-o", bopts)
         try:
