@@ -11,6 +11,7 @@ import pytest
 
 from replfs.blockdev import FileBlockDevice
 from replfs.fs.core import Filesystem
+from tests import soak
 
 from .conftest import CrashDevice, PowerCut, check_volume, format_image, make_image
 
@@ -188,6 +189,7 @@ async def test_replay_of_other_slot(tmp_path):
 
 
 @pytest.mark.soak
-@pytest.mark.parametrize("seed", range(3, 23))
+@pytest.mark.parametrize("seed", soak.seeds(range(3, 23)))
 async def test_power_cut_soak(tmp_path, seed):
-    await _crash_case(tmp_path, seed, 10 ** 6)
+    # full: a power cut at every write of the run; smoke: 20 of them
+    await _crash_case(tmp_path, seed, soak.size(10 ** 6, 20))

@@ -13,6 +13,7 @@ from replfs.fs import format as F
 from replfs.fs import journal as J
 from replfs.fs.core import Filesystem
 from replfs.fs.mkfs import make_filesystem
+from tests import soak
 
 from .conftest import CrashDevice, PowerCut, check_volume, format_image, make_image
 
@@ -425,10 +426,10 @@ async def test_power_cuts_on_a_full_small_volume(tmp_path, seed):
 
 
 @pytest.mark.soak
-@pytest.mark.parametrize("seed", range(2, 12))
+@pytest.mark.parametrize("seed", soak.seeds(range(2, 12)))
 async def test_power_cuts_on_a_full_small_volume_soak(tmp_path, seed):
     path = str(tmp_path / "s.img")
     total = await _small_crash_run(path, seed, None)
     rng = random.Random(seed)
-    for n in sorted(rng.sample(range(1, total), 60)):
+    for n in sorted(rng.sample(range(1, total), soak.size(60, 12))):
         await _small_crash_run(path, seed, n)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from replfs.blockdev import FileBlockDevice
 from replfs.fs.core import RENAME_EXCHANGE, RENAME_NOREPLACE, Filesystem
+from tests import soak
 
 from .conftest import check_image, format_image, make_image
 
@@ -312,7 +313,8 @@ def test_model_random_sequences(tmp_path_factory, ops):
 
 
 @pytest.mark.soak
-@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
-@given(ops=st.lists(op_strategy, min_size=1, max_size=300))
+@settings(max_examples=soak.size(1000, 10), deadline=None,
+          suppress_health_check=list(HealthCheck))
+@given(ops=st.lists(op_strategy, min_size=1, max_size=soak.size(300, 60)))
 def test_model_random_sequences_soak(tmp_path_factory, ops):
     _run(tmp_path_factory, ops)

@@ -13,6 +13,7 @@ test id, so a failure replays with the same kill moment and operations.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -26,6 +27,7 @@ import time
 
 import pytest
 
+from tests import soak
 from tests.integration.test_fs_mount import (ENV, VENV_BIN, force_unmount, fsck_ok, fuse_usable,
                                              mkfs, mounted, run, wait_unmounted_process)
 
@@ -114,33 +116,39 @@ def wait_mounted(mnt, proc, timeout=20) -> None:
         time.sleep(0.02)
 
 
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
 def crash_image(seed: int) -> None:
     rng = random.Random(seed)
     root = tempfile.mkdtemp(prefix="replfs-crash-")
     img = mkfs(os.path.join(root, "vol.img"), 256 << 20, "-N", "2")
     mnt = os.path.join(root, "mnt")
     os.mkdir(mnt)
-    mproc = subprocess.Popen([os.path.join(VENV_BIN, "replfs"), img, mnt, "-f", "-o",
-                              f"commit={rng.choice([1, 5, 60])},logfile={root}/mount.log"],
-                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    # Each step registers how to undo it; on the way out (passed or failed)
+    # the undo steps run newest first, every one of them even if another
+    # fails: workload, mount process, mount, then no process holds the image.
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(wait_unmounted_process, img)
+        cleanup.callback(force_unmount, mnt)
+        mproc = subprocess.Popen([os.path.join(VENV_BIN, "replfs"), img, mnt, "-f", "-o",
+                                  f"commit={rng.choice([1, 5, 60])},logfile={root}/mount.log"],
+                                 env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cleanup.callback(_kill, mproc)
         wait_mounted(mnt, mproc)
         wproc, synced, t = start_workload(mnt, seed)
+        cleanup.callback(stop_workload, wproc, t)
         time.sleep(rng.uniform(0.5, 3.0))
         mproc.send_signal(signal.SIGKILL)
         mproc.wait(10)
         stop_workload(wproc, t)
-    finally:
-        if mproc.poll() is None:
-            mproc.kill()
         force_unmount(mnt)
-    run(os.path.join(VENV_BIN, "replfs"), img, mnt)
-    try:
+        run(os.path.join(VENV_BIN, "replfs"), img, mnt)
         check_synced(mnt, mnt, synced)
-    finally:
         run("umount", mnt, check=False)
-        force_unmount(mnt)
-        wait_unmounted_process(img)
     fsck_ok(img)
     shutil.rmtree(root, ignore_errors=True)
 
@@ -151,7 +159,7 @@ def test_kill9_of_the_mount_process_mid_workload(seed):
 
 
 @pytest.mark.soak
-@pytest.mark.parametrize("seed", range(1000, 1030))
+@pytest.mark.parametrize("seed", soak.seeds(range(1000, 1030)))
 def test_kill9_of_the_mount_process_soak(seed):
     crash_image(seed)
 
@@ -167,16 +175,22 @@ def crash_daemon_failover(seed: int, tmp_path) -> None:
     aopts = f"conf={a.conf},node=alpha,rundir={a.rundir},timeout=5"
     bopts = f"conf={b.conf},node=beta,rundir={b.rundir}"
     benv = dict(ENV, REPLFS_CONF=b.conf, REPLFS_NODE="beta", REPLFS_RUNDIR=b.rundir)
-    mproc = None
-    try:
+    # Undo steps run newest first, all of them, passed or failed (see
+    # crash_image); the daemons go last, after every mount of theirs.
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(pair.teardown)
+        cleanup.callback(force_unmount, amnt)
+        cleanup.callback(force_unmount, bmnt)
         pair.up_fresh()
         run(os.path.join(VENV_BIN, "mkfs.replfs"), "-q", "-N", "2", "r0",
             env=dict(ENV, REPLFS_CONF=a.conf, REPLFS_NODE="alpha", REPLFS_RUNDIR=a.rundir))
         mproc = subprocess.Popen([os.path.join(VENV_BIN, "replfs"), "r0", amnt, "-f", "-o",
                                   f"{aopts},commit={rng.choice([1, 5])}"], env=ENV,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cleanup.callback(_kill, mproc)
         wait_mounted(amnt, mproc)
         wproc, synced, t = start_workload(amnt, seed)
+        cleanup.callback(stop_workload, wproc, t)
         time.sleep(rng.uniform(0.8, 3.0))
         a.kill9()                           # the node daemon dies under the mount
         stop_workload(wproc, t)
@@ -188,23 +202,15 @@ def crash_daemon_failover(seed: int, tmp_path) -> None:
         b.wait(lambda s: s["peer_role"] != "Primary", what="alpha's death noticed")
         b.adm("primary", "r0")
         run("mount", "-t", "fuse.replfs", "r0", bmnt, "-o", bopts)
-        try:
-            check_synced(amnt, bmnt, synced)
-        finally:
-            run("umount", bmnt, check=False)
-            force_unmount(bmnt)
+        check_synced(amnt, bmnt, synced)
+        run("umount", bmnt, check=False)
+        force_unmount(bmnt)
         deadline = time.monotonic() + 20
         while b.status()["open_count"]:
             assert time.monotonic() < deadline, "beta's mount process did not close r0"
             time.sleep(0.05)
         cp = run(os.path.join(VENV_BIN, "fsck.replfs"), "-n", "r0", check=False, env=benv)
         assert cp.returncode == 0, cp.stdout + cp.stderr
-    finally:
-        if mproc is not None and mproc.poll() is None:
-            mproc.kill()
-        force_unmount(amnt)
-        force_unmount(bmnt)
-        pair.teardown()
 
 
 @pytest.mark.parametrize("seed", [21])
@@ -213,6 +219,6 @@ def test_kill9_of_the_node_daemon_then_failover(seed, tmp_path):
 
 
 @pytest.mark.soak
-@pytest.mark.parametrize("seed", range(2000, 2010))
+@pytest.mark.parametrize("seed", soak.seeds(range(2000, 2010)))
 def test_kill9_of_the_node_daemon_then_failover_soak(seed, tmp_path):
     crash_daemon_failover(seed, tmp_path)

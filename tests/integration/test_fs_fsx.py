@@ -19,6 +19,7 @@ import tempfile
 
 import pytest
 
+from tests import soak
 from tests.integration.test_fs_mount import (force_unmount, fsck_ok, fuse_usable, mkfs,
                                              replfs_mount, run, wait_unmounted_process)
 
@@ -173,6 +174,6 @@ def test_fsx_random_io_matches_the_model(seed):
 
 
 @pytest.mark.soak
-@pytest.mark.parametrize("seed", range(100, 110))
+@pytest.mark.parametrize("seed", soak.seeds(range(100, 110)))
 def test_fsx_soak(seed):
-    _fsx(seed, nops=20000, remounts=10)
+    _fsx(seed, nops=soak.size(20000, 1500), remounts=soak.size(10, 2))

@@ -26,6 +26,7 @@ from replfs.blockrepl.core.states import ConnState, DiskState, Role
 from replfs.blockrepl.driver.disk import create_md
 from replfs.blockrepl.driver.resource import Resource
 from tests.harness.proxy import FaultProxy
+from tests import soak
 
 from .test_resource_faults import with_peer_address
 from .test_resource_pair import make_conf, md5, wait_for
@@ -221,6 +222,6 @@ async def test_random_faults(seed, tmp_path):
 
 
 @pytest.mark.soak
-@pytest.mark.parametrize("seed", range(100, 160))
+@pytest.mark.parametrize("seed", soak.seeds(range(100, 160)))
 async def test_random_faults_soak(seed, tmp_path):
-    await run_seed(seed, tmp_path, steps=40)
+    await run_seed(seed, tmp_path, steps=soak.size(40, 12))

@@ -1,8 +1,13 @@
+"""Random runs of the dlm-lite simulation (dlm_sim_harness.Sim): seeded
+clusters of 2-5 nodes with lock traffic, crashes and rejoins, invariants
+checked after every step.  REPLFS_SIM_SEEDS sets how many seeds the
+default run takes; the soak variants take sizes from tests/soak.py."""
 import os
 
 import pytest
 
 from dlm_sim_harness import Sim
+from tests import soak
 
 SEEDS = int(os.environ.get("REPLFS_SIM_SEEDS", "200"))
 
@@ -14,9 +19,9 @@ def test_random_cluster(seed):
 
 
 @pytest.mark.soak
-@pytest.mark.parametrize("seed", range(1000, 3000))
+@pytest.mark.parametrize("seed", soak.seeds(range(1000, 3000)))
 def test_random_cluster_soak(seed):
-    Sim(seed, n_nodes=2 + seed % 4, n_resources=2 + seed % 3, steps=2000,
+    Sim(seed, n_nodes=2 + seed % 4, n_resources=2 + seed % 3, steps=soak.size(2000, 300),
         crash_rate=0.002, max_crashes=4).run()
 
 
@@ -27,6 +32,7 @@ def test_crash_heavy_cluster(seed):
 
 
 @pytest.mark.soak
-@pytest.mark.parametrize("seed", range(20_000, 21_000))
+@pytest.mark.parametrize("seed", soak.seeds(range(20_000, 21_000)))
 def test_crash_heavy_cluster_soak(seed):
-    Sim(seed, n_nodes=2 + seed % 4, steps=1500, crash_rate=0.02, max_crashes=12).run()
+    Sim(seed, n_nodes=2 + seed % 4, steps=soak.size(1500, 300), crash_rate=0.02,
+        max_crashes=12).run()

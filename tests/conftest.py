@@ -1,0 +1,145 @@
+"""Suite-wide test plumbing: the soak smoke mode and the leak check.
+
+Soak smoke (``--soak-smoke`` or REPLFS_SOAK_SMOKE=1; ``make soak-smoke``,
+and part of ``make test``): every ``@pytest.mark.soak`` test runs once at
+its smallest size -- tests/soak.py gives the sizes, and here only the
+first parameter set of each soak test is kept.
+
+Leak check: nothing a test starts may outlive it.  After each test, FUSE
+mounts and processes of this run that appeared during the test (replfsd,
+replfs mount processes, device-file helpers, anything else started with
+the run's environment; see tests/harness/leaks.py) and are still there
+after a grace period are reported as an error of that test -- unless the
+test already failed -- and taken down, so one leak does not break the
+tests after it.  At the end of the session, anything of this run still
+there is reported and taken down too, and any leak fails the run
+(exit status 1) with a list of what leaked where.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+
+import pytest
+
+from tests import soak
+from tests.harness import leaks
+
+_watch: leaks.LeakWatch | None = None
+_tmpdir = ""
+_found: list[tuple[str, list[str], list[str]]] = []   # (where, what leaked, not removable)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--soak-smoke", action="store_true", default=False,
+                     help="run soak tests once each at their smallest size (with -m soak)")
+    parser.addoption("--no-leak-check", action="store_true", default=False,
+                     help="do not check for mounts and processes left behind by tests")
+
+
+def pytest_configure(config):
+    if config.getoption("--soak-smoke"):
+        # Test modules read it when they are imported (during collection).
+        os.environ[soak.ENV] = "1"
+    # Every process a test starts inherits this (through mount(8),
+    # daemonizing and setsid too): it tells this run's processes apart
+    # from everything else on the machine.
+    os.environ[leaks.TOKEN_VAR] = f"{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if not soak.smoke():
+        return
+    seen = set()
+    keep, drop = [], []
+    for item in items:
+        if item.get_closest_marker("soak") is None:
+            keep.append(item)
+            continue
+        fn = getattr(item, "function", None)
+        key = (str(item.path), getattr(fn, "__qualname__", item.name.partition("[")[0]))
+        (drop if key in seen else keep).append(item)
+        seen.add(key)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def pytest_sessionstart(session):
+    global _watch, _tmpdir
+    if session.config.getoption("--no-leak-check"):
+        return
+    roots = []
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is not None:
+        roots.append(str(factory.getbasetemp()))
+    # tempfile.mkdtemp of the tests (module fixtures, short paths) goes to a
+    # directory of this run, so their mounts are known to be this run's.
+    # Not under the basetemp: /tmp/pytest-of-root is 0700, and some tests
+    # run commands as an unprivileged user in their directories.
+    _tmpdir = tempfile.mkdtemp(prefix="replfs-tests-")
+    os.chmod(_tmpdir, 0o755)
+    tempfile.tempdir = _tmpdir
+    roots.append(_tmpdir)
+    _watch = leaks.LeakWatch(os.environ[leaks.TOKEN_VAR], roots)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed:
+        item._replfs_failed = True
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_behind(request):
+    """Fail a test that leaves mounts or processes behind (and remove them)."""
+    if _watch is None:
+        yield
+        return
+    before = _watch.snapshot()
+    yield
+    procs, mnts = _watch.leaked_since(before)
+    if not procs and not mnts:
+        return
+    what = [p.describe() for p in procs] + [m.describe() for m in mnts]
+    stuck = _watch.reap(procs, mnts)
+    _found.append((request.node.nodeid, what, stuck))
+    if not getattr(request.node, "_replfs_failed", False):
+        pytest.fail("left behind by this test (now removed):\n  " + "\n  ".join(what)
+                    + ("\nCOULD NOT BE REMOVED:\n  " + "\n  ".join(stuck) if stuck else ""),
+                    pytrace=False)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    if _watch is None:
+        return
+    procs, mnts = _watch.leaked_since((set(), set()), grace=15.0)
+    if procs or mnts:
+        what = [p.describe() for p in procs] + [m.describe() for m in mnts]
+        _found.append(("end of the session", what, _watch.reap(procs, mnts)))
+    if _found and session.exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    tempfile.tempdir = None
+    try:
+        os.rmdir(_tmpdir)       # what failed tests kept stays for a look
+    except OSError:
+        pass
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _found:
+        return
+    tr = terminalreporter
+    tr.write_sep("=", "mounts and processes left behind", red=True, bold=True)
+    for where, what, stuck in _found:
+        tr.write_line(f"{where}:")
+        for w in what:
+            tr.write_line(f"    {w}")
+        for s in stuck:
+            tr.write_line(f"    COULD NOT BE REMOVED: {s}")
+    tr.write_line("(the run fails: every test must take down what it started, "
+                  "failing or not)")
