@@ -248,8 +248,10 @@ class Filesystem:
         od = await self._inode(self.sb.slots[slot].orphan_ino)
         victims = [e async for e in self.dirs.entries(od) if e.ino not in keep]
         for e in victims:
-            await self.dirs.remove(od, e.name)
             ino = await self._inode(e.ino)
+            if ino.nlink == 0 and await self._too_big_to_free_at_once(ino):
+                await self._truncate(ino, 0)     # in steps, still parked
+            await self.dirs.remove(od, e.name)
             if ino.nlink == 0:
                 await self._destroy(ino)
             # many orphans must not pile up into one transaction bigger
@@ -547,13 +549,43 @@ class Filesystem:
         self._dirty(inode)
         self._opens.pop(inode.ino, None)
 
+    async def _too_big_to_free_at_once(self, inode: F.Inode) -> bool:
+        if not stat.S_ISREG(inode.mode) or not inode.clusters:
+            return False
+        exts = await self.ext.load(inode)
+        return self._chunk_cut(exts, 0) != 0
+
+    async def _parks_as_orphan(self, inode: F.Inode) -> bool:
+        """Will dropping the last link of ``inode`` go through the orphan
+        directory (open here, or too big to free in one transaction)?"""
+        return bool(self._opens.get(inode.ino)) or await self._too_big_to_free_at_once(inode)
+
+    async def _orphan_need(self, inode: F.Inode) -> int:
+        """Clusters that parking ``inode`` in the orphan directory may
+        allocate when the operation drops its last link: reserved with the
+        rest before the operation changes anything (a split of the orphan
+        directory on a full volume must be refused, not latch)."""
+        if (inode.nlink > 1 and not inode.is_dir) or not await self._parks_as_orphan(inode):
+            return 0
+        od = await self._inode(self.orphan_ino)
+        name = b"%016x" % inode.ino
+        await self.dirs.lookup(od, name)        # reserve_estimate follows this name
+        return self.dirs.reserve_estimate(od, name)
+
     async def _drop_link(self, inode: F.Inode) -> None:
         """The last name of ``inode`` went away (nlink already 0)."""
-        if self._opens.get(inode.ino):
+        in_use = bool(self._opens.get(inode.ino))
+        if in_use or await self._too_big_to_free_at_once(inode):
             inode.flags |= F.INODE_FLAG_ORPHAN
             self._dirty(inode)
             od = await self._inode(self.orphan_ino)
             await self.dirs.insert(od, b"%016x" % inode.ino, inode.ino, F.ftype_of(inode.mode))
+            if not in_use:
+                # Parked and committed first: a crash while the data is
+                # freed in steps leaves an orphan that recovery finishes.
+                await self._commit()
+                await self._truncate(inode, 0)
+                await self._drop_orphan(inode)
         else:
             await self._destroy(inode)
 
@@ -596,7 +628,7 @@ class Filesystem:
         is_dir = stat.S_ISDIR(mode)
         if is_dir and d.nlink >= MAX_LINKS:
             raise OSError(errno.EMLINK, "too many links")
-        need = 1 + self.dirs.reserve_estimate(d) + (3 if is_dir else 0)
+        need = 1 + self.dirs.reserve_estimate(d, name) + (3 if is_dir else 0)
         if data:
             need += -(-len(data) // self.cs) + 2
         await self._reserve(need)
@@ -670,7 +702,7 @@ class Filesystem:
                 raise OSError(errno.ENOENT, "directory was removed")
             if new_name in (b".", b"..") or await self.dirs.lookup(d, new_name) is not None:
                 raise OSError(errno.EEXIST, "file exists")
-            await self._reserve(self.dirs.reserve_estimate(d))
+            await self._reserve(self.dirs.reserve_estimate(d, new_name))
             await self.dirs.insert(d, new_name, ino, F.ftype_of(inode.mode))
             inode.nlink += 1
             now = self._now()
@@ -692,6 +724,9 @@ class Filesystem:
                 inode = await self._inode(e.ino)
                 if inode.is_dir:
                     raise OSError(errno.EISDIR, "is a directory")
+                need = await self._orphan_need(inode)
+                if need:
+                    await self._reserve(need)
                 await self.dirs.remove(d, name)
                 now = self._now()
                 d.mtime_ns = d.ctime_ns = inode.ctime_ns = now
@@ -718,6 +753,9 @@ class Filesystem:
                     raise OSError(errno.ENOTDIR, "not a directory")
                 if not await self.dirs.is_empty(child):
                     raise OSError(errno.ENOTEMPTY, "directory not empty")
+                need = await self._orphan_need(child)
+                if need:
+                    await self._reserve(need)
                 await self.dirs.remove(d, name)
                 d.nlink -= 1
                 d.mtime_ns = d.ctime_ns = self._now()
@@ -787,6 +825,8 @@ class Filesystem:
                 need = 0 if dst is not None else self.dirs.reserve_estimate(nd, new_name)
                 if flags & RENAME_WHITEOUT:
                     need += 1 + self.dirs.reserve_estimate(od, old_name)
+                if dst is not None:
+                    need += await self._orphan_need(dst)
                 if need:
                     await self._reserve(need)
                 now = self._now()
@@ -932,15 +972,60 @@ class Filesystem:
             self._dirty(inode)
             return self._attr(inode)
 
+    def _groups(self, runs) -> set[int]:
+        cpg = self.sb.cpg
+        out: set[int] = set()
+        for p, n in runs:
+            out.update(range(p // cpg, (p + n - 1) // cpg + 1))
+        return out
+
+    def _chunk_cut(self, exts, keep: int) -> int:
+        """Where the next step of cutting a file down to ``keep`` clusters
+        stops: the frees of one transaction may touch at most
+        ``commit_threshold`` allocation groups (each dirties a group
+        descriptor; a file spread over more groups than the journal has
+        blocks could never be deleted in one transaction).  ``keep`` when
+        the rest fits."""
+        budget = self.commit_threshold
+        cpg = self.sb.cpg
+        acc: set[int] = set()
+        cut = keep
+        for l, p, n in sorted(exts, reverse=True):
+            if l + n <= keep:
+                break
+            lo = max(l, keep)
+            g = self._groups([(p + lo - l, l + n - lo)])
+            if len(acc | g) <= budget:
+                acc |= g
+                cut = lo
+                continue
+            room = budget - len(acc)
+            if room >= 2:
+                # a run of (room - 1) * cpg clusters touches at most room groups
+                return max(lo + 1, l + n - (room - 1) * cpg)
+            return cut if cut > keep else l + n - 1
+        return keep
+
     async def _truncate(self, inode: F.Inode, size: int) -> None:
+        """Cut the file to ``size``.  Frees too large for one transaction
+        go in steps from the end, each committed (the file shrinks step by
+        step; after a crash it is left at a step's size, and an unlinked
+        file parked in the orphan directory is finished by recovery)."""
         if size < inode.size:
             keep = -(-size // self.cs)
-            exts = await self.ext.load(inode)
-            kept, freed = cut_extents(exts, keep)
-            if freed:
-                await self.ext.store(inode, kept)
-                for p, n in freed:
-                    self.alloc.free(p, n)
+            while True:
+                exts = await self.ext.load(inode)
+                cut = self._chunk_cut(exts, keep)
+                kept, freed = cut_extents(exts, cut)
+                if freed:
+                    await self.ext.store(inode, kept)
+                    for p, n in freed:
+                        self.alloc.free(p, n)
+                if cut == keep:
+                    break
+                inode.size = min(inode.size, cut * self.cs)
+                self._dirty(inode)
+                await self._commit()
             # Bytes past EOF in the last cluster must read back as zeros if
             # the file grows again.
             if size % self.cs:
