@@ -1359,8 +1359,32 @@ class Filesystem:
                 lcl += step
             if end > inode.size:
                 inode.size = end
-            inode.ctime_ns = self._now()
+            # as ext4 does for a fallocate that may change the size
+            inode.mtime_ns = inode.ctime_ns = self._now()
             self._dirty(inode)
+
+    async def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """SEEK_DATA / SEEK_HOLE at cluster granularity (a mapped cluster is
+        data, an unmapped one a hole; EOF ends the last hole)."""
+        h = self._handle(fh)
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise OSError(errno.EINVAL, "only SEEK_DATA and SEEK_HOLE")
+        async with self._op(reading=True), self._locked(h.ino, shared=True):
+            inode = await self._inode(h.ino)
+            size = inode.size
+            if offset < 0 or offset >= size:
+                raise OSError(errno.ENXIO, "offset at or past the end of the file")
+            lcl = offset // self.cs
+            end_cl = -(-size // self.cs)
+            while lcl < end_cl:
+                pcl, run = await self.ext.lookup(inode, lcl)
+                step = end_cl - lcl if run < 0 else min(run, end_cl - lcl)
+                if (pcl is not None) == (whence == os.SEEK_DATA):
+                    return max(offset, lcl * self.cs)
+                lcl += step
+            if whence == os.SEEK_HOLE:
+                return size
+            raise OSError(errno.ENXIO, "no data past the offset")
 
     async def copy_file_range(self, fh_in: int, off_in: int, fh_out: int, off_out: int,
                               length: int) -> int:

@@ -1,9 +1,9 @@
-"""The FUSE face of a replfs volume: pyfuse3 operations over ``Filesystem``.
+"""The FUSE face of a replfs volume: replfs.fuse operations over ``Filesystem``.
 
 This class only translates.  It maps FUSE inode numbers to on-disk inode
 numbers (the root is FUSE inode 1, ``fs.root_ino`` on disk; every other
 inode keeps its on-disk number, so ``st_ino`` is persistent), turns core
-``Attr``/``StatFs`` into pyfuse3 structures, and maps every failure to an
+``Attr``/``StatFs`` into replfs.fuse structures, and maps every failure to an
 errno in one place (``_call``):
 
 * ``OSError`` keeps its errno (BlockDeviceError is an OSError);
@@ -26,14 +26,15 @@ import logging
 import os
 import stat
 
-import pyfuse3
 import trio
+
+from replfs import fuse
 
 from .core import Attr, FilesystemFailed
 
 log = logging.getLogger(__name__)
 
-ROOT = pyfuse3.ROOT_INODE
+ROOT = fuse.ROOT_INODE
 
 # readdir cookies: "." and ".." take 1 and 2; entries use the core's name
 # keys, which are 63-bit hashes in [1, 2**63) (a key of 1 or 2 has a
@@ -43,15 +44,22 @@ _DOTDOT_COOKIE = 2
 _READDIR_BATCH = 256
 
 
-class ReplfsOperations(pyfuse3.Operations):
+class ReplfsOperations(fuse.LocalLocks, fuse.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
+    # Nearly every handler awaits device I/O: all of them run in workers.
+    task_opcodes = fuse.ALL_TASKS
 
     def __init__(self, fs, *, readonly: bool = False, entry_timeout: float = 1.0,
-                 attr_timeout: float = 1.0, op_timeout: float | None = None):
+                 attr_timeout: float = 1.0, op_timeout: float | None = None,
+                 lock_service: fuse.LockService | None = None):
         super().__init__()
         self.fs = fs
+        # POSIX and flock locks, node-local for now: every mount of this
+        # volume served by one process shares ``lock_service``.  (The
+        # dual-primary work makes them cluster-wide through the DLM.)
+        self.lock_service = lock_service or fuse.LockService()
         self.readonly = readonly
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
@@ -77,8 +85,8 @@ class ReplfsOperations(pyfuse3.Operations):
             raise OSError(errno.EIO, "on-disk inode 1 collides with the FUSE root")
         return ino
 
-    def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
-        e = pyfuse3.EntryAttributes()
+    def _entry(self, a: Attr) -> fuse.EntryAttributes:
+        e = fuse.EntryAttributes()
         e.st_ino = self._fuse(a.ino)
         e.generation = a.generation
         e.entry_timeout = self.entry_timeout
@@ -96,7 +104,7 @@ class ReplfsOperations(pyfuse3.Operations):
         e.st_ctime_ns = a.ctime_ns
         return e
 
-    def _looked_up(self, e: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
+    def _looked_up(self, e: fuse.EntryAttributes) -> fuse.EntryAttributes:
         # The kernel now holds a reference until it forgets the inode; the
         # core keeps an unlinked inode (as an orphan) while one is held,
         # so fstat of an O_PATH descriptor or stat of a removed current
@@ -113,9 +121,9 @@ class ReplfsOperations(pyfuse3.Operations):
         """Run one core operation; every failure becomes a FUSEError."""
         self.counters["ops"] += 1
         if changes and self.readonly:
-            raise pyfuse3.FUSEError(errno.EROFS)
+            raise fuse.FUSEError(errno.EROFS)
         if self.dead is not None:
-            raise pyfuse3.FUSEError(errno.EIO)
+            raise fuse.FUSEError(errno.EIO)
         try:
             if self.op_timeout:
                 with trio.move_on_after(self.op_timeout) as scope:
@@ -123,14 +131,14 @@ class ReplfsOperations(pyfuse3.Operations):
                 self.counters["timeouts"] += 1
                 log.error("%s did not finish within %.0f s (is replfsd hanging?); "
                           "answering EIO", what, self.op_timeout)
-                raise pyfuse3.FUSEError(errno.EIO)
+                raise fuse.FUSEError(errno.EIO)
             return await func(*args, **kw)
-        except pyfuse3.FUSEError:
+        except fuse.FUSEError:
             raise
         except FilesystemFailed as exc:
             self.counters["errors"] += 1
             log.debug("%s refused: %s", what, exc)
-            raise pyfuse3.FUSEError(errno.EROFS if changes else errno.EIO) from None
+            raise fuse.FUSEError(errno.EROFS if changes else errno.EIO) from None
         except OSError as exc:
             code = exc.errno or errno.EIO
             if code == errno.EIO:
@@ -141,11 +149,11 @@ class ReplfsOperations(pyfuse3.Operations):
                 # ordinary answers: ESTALE for an NFS handle of a deleted
                 # file, ENOSPC of a full volume or xattr block, ENOENT ...
                 log.debug("%s: %s", what, exc)
-            raise pyfuse3.FUSEError(code) from None
+            raise fuse.FUSEError(code) from None
         except Exception:
             self.counters["errors"] += 1
             log.exception("unexpected error in %s; answering EIO", what)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise fuse.FUSEError(errno.EIO) from None
 
     def device_lost(self, why: str) -> None:
         """The block device is gone for good (replfsd died): fail fast."""
@@ -170,13 +178,13 @@ class ReplfsOperations(pyfuse3.Operations):
             # forget has no reply: a failure here is only logged.
             try:
                 await self._call("forget", self.fs.unhold, ino)
-            except pyfuse3.FUSEError:
+            except fuse.FUSEError:
                 pass
 
     async def getattr(self, inode, ctx=None):
         return self._entry(await self._call("getattr", self.fs.getattr, self._disk(inode)))
 
-    async def _owner(self, parent: int, ctx) -> tuple[int, int, bool]:
+    async def _new_owner(self, parent: int, ctx) -> tuple[int, int, bool]:
         """uid, gid of a new inode, and whether the parent is setgid (BSD
         group semantics for setgid directories, as ext4 does)."""
         pa = await self._call("getattr", self.fs.getattr, parent)
@@ -186,14 +194,14 @@ class ReplfsOperations(pyfuse3.Operations):
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         parent = self._disk(parent_inode)
-        uid, gid, _ = await self._owner(parent, ctx)
+        uid, gid, _ = await self._new_owner(parent, ctx)
         a = await self._call("mknod", self.fs.mknod, parent, name, mode, rdev, uid, gid,
                              changes=True)
         return self._looked_up(self._entry(a))
 
     async def mkdir(self, parent_inode, name, mode, ctx):
         parent = self._disk(parent_inode)
-        uid, gid, sgid = await self._owner(parent, ctx)
+        uid, gid, sgid = await self._new_owner(parent, ctx)
         if sgid:
             mode |= stat.S_ISGID
         a = await self._call("mkdir", self.fs.mkdir, parent, name, mode, uid, gid,
@@ -202,7 +210,7 @@ class ReplfsOperations(pyfuse3.Operations):
 
     async def symlink(self, parent_inode, name, target, ctx):
         parent = self._disk(parent_inode)
-        uid, gid, _ = await self._owner(parent, ctx)
+        uid, gid, _ = await self._new_owner(parent, ctx)
         a = await self._call("symlink", self.fs.symlink, parent, name, target, uid, gid,
                              changes=True)
         return self._looked_up(self._entry(a))
@@ -252,7 +260,7 @@ class ReplfsOperations(pyfuse3.Operations):
 
     async def statfs(self, ctx):
         s = await self._call("statfs", self.fs.statfs)
-        out = pyfuse3.StatvfsData()
+        out = fuse.StatvfsData()
         out.f_bsize = s.bsize
         out.f_frsize = s.frsize
         out.f_blocks = s.blocks
@@ -266,13 +274,13 @@ class ReplfsOperations(pyfuse3.Operations):
 
     # ---------------------------------------------------------------- files
 
-    def _file_info(self, fh: int, flags: int) -> pyfuse3.FileInfo:
+    def _file_info(self, fh: int, flags: int) -> fuse.FileInfo:
         # keep_cache=False: every open drops the kernel's cached pages of
         # the file, so an open after another node wrote sees the new data.
         # No direct_io for O_DIRECT opens: the kernel already serves their
         # reads and writes uncached, and direct_io would make mmap of such
         # a file fail with ENODEV (ext4 allows it).
-        return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=False)
+        return fuse.FileInfo(fh=fh, direct_io=False, keep_cache=False)
 
     async def open(self, inode, flags, ctx):
         changes = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
@@ -283,7 +291,7 @@ class ReplfsOperations(pyfuse3.Operations):
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         parent = self._disk(parent_inode)
-        uid, gid, _ = await self._owner(parent, ctx)
+        uid, gid, _ = await self._new_owner(parent, ctx)
         fh, a = await self._call("create", self.fs.create, parent, name, mode,
                                  flags & ~(os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_TRUNC),
                                  uid, gid, changes=True)
@@ -300,6 +308,21 @@ class ReplfsOperations(pyfuse3.Operations):
         # commits on fsync or from the commit loop.
         pass
 
+    async def fallocate(self, fh, off, length, mode):
+        # Mode 0 (posix_fallocate, NFSv4.2 ALLOCATE); KEEP_SIZE, PUNCH_HOLE
+        # and ZERO_RANGE answer EOPNOTSUPP (the core cannot honour them yet).
+        await self._call("fallocate", self.fs.fallocate, fh, off, length, mode, changes=True)
+
+    async def lseek(self, fh, off, whence):
+        # The kernel asks only for SEEK_DATA and SEEK_HOLE.
+        return await self._call("lseek", self.fs.lseek, fh, off, whence)
+
+    async def copy_file_range(self, fh_in, off_in, fh_out, off_out, length, flags):
+        if flags:
+            raise fuse.FUSEError(errno.EINVAL)
+        return await self._call("copy_file_range", self.fs.copy_file_range, fh_in, off_in,
+                                fh_out, off_out, length, changes=True)
+
     async def fsync(self, fh, datasync):
         await self._call("fsync", self.fs.fsync, fh, bool(datasync))
 
@@ -312,7 +335,7 @@ class ReplfsOperations(pyfuse3.Operations):
     async def opendir(self, inode, ctx):
         a = await self._call("opendir", self.fs.getattr, self._disk(inode))
         if not stat.S_ISDIR(a.mode):
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+            raise fuse.FUSEError(errno.ENOTDIR)
         # A core handle: a directory removed while open lives (nlink 0,
         # empty) until releasedir, as on a local filesystem, instead of
         # answering ESTALE to fstat/fchdir'd callers.
@@ -324,16 +347,16 @@ class ReplfsOperations(pyfuse3.Operations):
     async def readdir(self, fh, start_id, token):
         inode = self._dirs.get(fh)
         if inode is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
+            raise fuse.FUSEError(errno.EBADF)
         ino = self._disk(inode)
         if start_id < _DOT_COOKIE:
             a = await self._call("readdir", self.fs.getattr, ino)
-            if not pyfuse3.readdir_reply(token, b".", self._entry(a), _DOT_COOKIE):
+            if not fuse.readdir_reply(token, b".", self._entry(a), _DOT_COOKIE):
                 return
             start_id = _DOT_COOKIE
         if start_id < _DOTDOT_COOKIE:
             a = await self._call("readdir", self.fs.lookup, ino, b"..")
-            if not pyfuse3.readdir_reply(token, b"..", self._entry(a), _DOTDOT_COOKIE):
+            if not fuse.readdir_reply(token, b"..", self._entry(a), _DOTDOT_COOKIE):
                 return
             start_id = _DOTDOT_COOKIE
         cookie = 0 if start_id == _DOTDOT_COOKIE else start_id
@@ -343,12 +366,12 @@ class ReplfsOperations(pyfuse3.Operations):
             for name, child, key in batch:
                 try:
                     a = await self._call("readdir", self.fs.getattr, child)
-                except pyfuse3.FUSEError as exc:
+                except fuse.FUSEError as exc:
                     if exc.errno in (errno.ENOENT, errno.ESTALE):
                         continue        # removed since the batch was read
                     raise
                 entry = self._entry(a)
-                if not pyfuse3.readdir_reply(token, name, entry, key):
+                if not fuse.readdir_reply(token, name, entry, key):
                     return
                 self._looked_up(entry)
                 cookie = key
@@ -375,7 +398,7 @@ class ReplfsOperations(pyfuse3.Operations):
         # namespaces a local filesystem knows are refused the same way
         # (the kernel passes any prefix through to FUSE).
         if not bytes(name).startswith(cls._XATTR_NAMESPACES):
-            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+            raise fuse.FUSEError(errno.EOPNOTSUPP)
 
     async def setxattr(self, inode, name, value, ctx):
         self._no_acl(name)

@@ -31,8 +31,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import pyfuse3
 import trio
+
+from replfs import fuse
 
 from . import format as F
 from .core import Filesystem, read_superblock
@@ -340,19 +341,17 @@ def check_mountpoint(path: str) -> str:
 
 # ------------------------------------------------------------------ serving
 
-def fuse_options(src: Source, o: Options) -> set[str]:
-    opts = set(pyfuse3.default_options)          # default_permissions
-    opts.add(f"fsname={o.fsname or src.name}")
-    opts.add("subtype=replfs")
+def fuse_options(src: Source, o: Options) -> list[str]:
+    """mount(8)-style options for the kernel mount (replfs.fuse sets the
+    MS_* flags and the fuse data options from them)."""
+    opts = ["default_permissions", "ro" if o.readonly else "rw"]
     allow_other = o.allow_other if o.allow_other is not None else os.geteuid() == 0
     if allow_other:
-        opts.add("allow_other")
-    opts.add("ro" if o.readonly else "rw")
-    opts.update(o.kernel)
-    # libfuse knows these two atime flags; relatime is the kernel's default
-    # and strictatime is the filesystem's business alone.
-    if o.atime == "noatime":
-        opts.add("noatime")
+        opts.append("allow_other")
+    opts.extend(o.kernel)
+    opts.append(o.atime)
+    if o.nodiratime:
+        opts.append("nodiratime")
     return opts
 
 
@@ -579,11 +578,15 @@ async def _committer(fs: Filesystem, o: Options) -> None:
                 log.error("background commit failed: %s", e)
 
 
-async def _watch_signals(stop) -> None:
+async def _watch_signals(session) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
         async for signum in sigs:
             log.info("signal %s: unmounting", signal.Signals(signum).name)
-            stop()
+            try:
+                await session.unmount()
+            except OSError as e:
+                log.warning("unmount after signal: %s; closing the connection", e)
+                session.stop()
             return
 
 
@@ -602,7 +605,6 @@ async def serve(src: Source, mountpoint: str, o: Options, ready) -> None:
     async with trio.open_nursery() as outer:
         dev = await open_device(outer, src)
         fs = None
-        mounted = False
         try:
             try:
                 fs = await Filesystem.mount(dev, src.slot, readonly=o.readonly)
@@ -616,15 +618,16 @@ async def serve(src: Source, mountpoint: str, o: Options, ready) -> None:
             timeout = o.timeout if o.timeout is not None else (
                 120.0 if src.kind == "resource" else 0)
             ops = ReplfsOperations(fs, readonly=o.readonly, op_timeout=timeout or None)
-            try:
-                pyfuse3.init(ops, mountpoint, fuse_options(src, o))
-            except RuntimeError as e:
-                raise MountError(f"cannot mount on {mountpoint}: {e} (see the log)") from None
-            mounted = True
-            log.info("mounted %s on %s (slot %d%s)", src.name, mountpoint, src.slot,
-                     ", read-only" if o.readonly else "")
-            ent = mountinfo(mountpoint, resolve=False)
+            session = fuse.Session(ops, mountpoint, subtype="replfs",
+                                   fsname=o.fsname or src.name, options=fuse_options(src, o))
             async with trio.open_nursery() as inner:
+                try:
+                    await inner.start(session.run)
+                except (OSError, fuse.FuseUsageError, fuse.UnsupportedKernel) as e:
+                    raise MountError(f"cannot mount on {mountpoint}: {e}") from None
+                log.info("mounted %s on %s (slot %d%s)", src.name, mountpoint, src.slot,
+                         ", read-only" if o.readonly else "")
+                ent = mountinfo(mountpoint, resolve=False)
                 if ent is not None:
                     control = MountControl(src, o, fs, ops)
                     try:
@@ -633,17 +636,15 @@ async def serve(src: Source, mountpoint: str, o: Options, ready) -> None:
                         log.warning("no control socket (remount will not work): %s", e)
                 ready(None)
                 inner.start_soon(_committer, fs, o)
-                inner.start_soon(_watch_signals, pyfuse3.terminate)
+                inner.start_soon(_watch_signals, session)
                 inner.start_soon(_watch_daemon, dev, ops)
-                await pyfuse3.main(min_tasks=1, max_tasks=16)
+                # umount(8) ends the session (the kernel closes the
+                # connection); a signal unmounts it here.
+                await session.wait_ended()
                 inner.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                if mounted:
-                    # Detaches the kernel mount if it is still there (after
-                    # a signal); a no-op after umount(8).
-                    with contextlib.suppress(Exception):
-                        pyfuse3.close(unmount=True)
+                # (a session that ends any other way detaches its mount)
                 if fs is not None:
                     try:
                         with trio.move_on_after(60):
@@ -863,16 +864,7 @@ def main(argv=None) -> int:
     def work(report):
         _setup_logging(src, o, foreground=False)
         return _run(src, mountpoint, o, report)
-    status = _daemonize(work)
-    if status == EXIT_OK and (o.atime == "strictatime" or o.nodiratime):
-        # libfuse cannot set MS_STRICTATIME or MS_NODIRATIME; set them now
-        # that the mount is served, so /proc/mounts shows the policy (and a
-        # later remount, which repeats the flags shown there, keeps it).
-        try:
-            _kernel_remount(mountpoint, o.kernel_flags())
-        except MountError as e:
-            print(f"{PROG}: warning: {e.message}", file=sys.stderr)
-    return status
+    return _daemonize(work)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ import os
 import signal
 import sys
 
-import pyfuse3
 import trio
+
+from replfs import fuse
 
 from replfs.blockdev import BlockDeviceError
 from replfs.errors import ReplfsError
@@ -43,10 +44,10 @@ class ResourceDeviceOps(DeviceFileOps):
         try:
             reply, _ = await self.client.call("open", res=self.dev.resource, write=write)
         except BlockDeviceError as e:
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+            raise fuse.FUSEError(e.errno or errno.EIO) from None
         except ReplfsError:
-            raise pyfuse3.FUSEError(errno.ENXIO) from None
-        return pyfuse3.FileInfo(fh=reply["handle"], direct_io=self.direct_io, keep_cache=False)
+            raise fuse.FUSEError(errno.ENXIO) from None
+        return fuse.FileInfo(fh=reply["handle"], direct_io=self.direct_io, keep_cache=False)
 
     async def release(self, fh):
         try:

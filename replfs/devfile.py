@@ -22,8 +22,9 @@ Semantics follow a block device node rather than a file:
   read always sees the device (which another node may write in
   dual-primary mode) and O_DIRECT works.
 
-pyfuse3 serves one mount per process, so the daemon runs each export in a
-helper process, like ``python -m replfs.devfile`` below.
+The daemon runs each export in a helper process, like ``python -m
+replfs.devfile`` below (until replfsd serves the device files itself on
+replfs.fuse, which can serve several mounts in one process).
 """
 from __future__ import annotations
 
@@ -39,8 +40,9 @@ import subprocess
 import sys
 import time
 
-import pyfuse3
 import trio
+
+from replfs import fuse
 
 from replfs.blockdev import BlockDevice, BlockDeviceError, FileBlockDevice
 
@@ -52,12 +54,15 @@ _BLOCK = 4096
 _ATTR_TIMEOUT = 60.0
 
 
-class DeviceFileOps(pyfuse3.Operations):
+class DeviceFileOps(fuse.Operations):
     """FUSE operations for a single regular file backed by a BlockDevice.
 
     Only translates: bounds and argument checks here, the I/O in ``dev``,
     errors mapped to errno in ``_device_call``.
     """
+
+    # reads and writes await the device (a daemon round trip): workers
+    task_opcodes = fuse.ALL_TASKS
 
     def __init__(self, dev: BlockDevice, *, readonly: bool = False,
                  direct_io: bool = True, mode: int = 0o600, uid: int = 0, gid: int = 0):
@@ -75,9 +80,9 @@ class DeviceFileOps(pyfuse3.Operations):
 
     # -- helpers -------------------------------------------------------------
 
-    def _attributes(self) -> pyfuse3.EntryAttributes:
-        attr = pyfuse3.EntryAttributes()
-        attr.st_ino = pyfuse3.ROOT_INODE
+    def _attributes(self) -> fuse.EntryAttributes:
+        attr = fuse.EntryAttributes()
+        attr.st_ino = fuse.ROOT_INODE
         attr.generation = 0
         attr.entry_timeout = _ATTR_TIMEOUT
         attr.attr_timeout = _ATTR_TIMEOUT
@@ -96,24 +101,24 @@ class DeviceFileOps(pyfuse3.Operations):
 
     @staticmethod
     def _check_inode(inode: int) -> None:
-        if inode != pyfuse3.ROOT_INODE:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+        if inode != fuse.ROOT_INODE:
+            raise fuse.FUSEError(errno.ENOENT)
 
     async def _device_call(self, what: str, func, *args):
         """Run one device operation; every failure becomes a FUSEError."""
         try:
             return await func(*args)
-        except pyfuse3.FUSEError:
+        except fuse.FUSEError:
             raise
         except OSError as exc:          # BlockDeviceError is an OSError
             self.counters["errors"] += 1
             code = exc.errno or errno.EIO
             log.debug("%s failed with %s: %s", what, errno.errorcode.get(code, code), exc)
-            raise pyfuse3.FUSEError(code) from None
+            raise fuse.FUSEError(code) from None
         except Exception:
             self.counters["errors"] += 1
             log.exception("unexpected error in device %s; answering EIO", what)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise fuse.FUSEError(errno.EIO) from None
 
     # -- attributes ----------------------------------------------------------
 
@@ -123,12 +128,12 @@ class DeviceFileOps(pyfuse3.Operations):
 
     async def lookup(self, parent_inode, name, ctx=None):
         # The root is a file: there is nothing to look up inside it.
-        raise pyfuse3.FUSEError(errno.ENOTDIR)
+        raise fuse.FUSEError(errno.ENOTDIR)
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         self._check_inode(inode)
         if fields.update_size and attr.st_size != self.dev.size:
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            raise fuse.FUSEError(errno.EINVAL)
         now = time.time_ns()
         if fields.update_mode:
             self.mode = attr.st_mode & 0o7777
@@ -144,7 +149,7 @@ class DeviceFileOps(pyfuse3.Operations):
         return self._attributes()
 
     async def statfs(self, ctx):
-        result = pyfuse3.StatvfsData()
+        result = fuse.StatvfsData()
         result.f_bsize = _BLOCK
         result.f_frsize = _BLOCK
         result.f_blocks = self.dev.size // _BLOCK
@@ -161,9 +166,9 @@ class DeviceFileOps(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         self._check_inode(inode)
         if self.readonly and (flags & os.O_ACCMODE) != os.O_RDONLY:
-            raise pyfuse3.FUSEError(errno.EROFS)
+            raise fuse.FUSEError(errno.EROFS)
         # O_TRUNC is ignored, as it is for a block device node.
-        return pyfuse3.FileInfo(fh=inode, direct_io=self.direct_io, keep_cache=False)
+        return fuse.FileInfo(fh=inode, direct_io=self.direct_io, keep_cache=False)
 
     async def read(self, fh, off, size):
         if off >= self.dev.size or size <= 0:
@@ -176,9 +181,9 @@ class DeviceFileOps(pyfuse3.Operations):
 
     async def write(self, fh, off, buf):
         if self.readonly:
-            raise pyfuse3.FUSEError(errno.EROFS)
+            raise fuse.FUSEError(errno.EROFS)
         if off >= self.dev.size:
-            raise pyfuse3.FUSEError(errno.ENOSPC)
+            raise fuse.FUSEError(errno.ENOSPC)
         if off + len(buf) > self.dev.size:
             buf = buf[:self.dev.size - off]     # short write up to the end
         await self._device_call("write", self.dev.write, off, bytes(buf))
@@ -236,26 +241,24 @@ async def serve_device_file(dev: BlockDevice, path: str, *, readonly: bool = Fal
     Creates ``path`` (and its parents) if missing, mounts, reports
     readiness through ``task_status.started()`` once the mount exists, and
     unmounts when cancelled or when the mount is taken away.  One call per
-    process (a pyfuse3 limit).
+    process.
     """
     _prepare_mountpoint(path)
     if ops is None:
         ops = DeviceFileOps(dev, readonly=readonly, direct_io=direct_io)
-    options = set(pyfuse3.default_options)
-    options.add(f"fsname={FSNAME}")
-    options.add(f"subtype={FSNAME}")
-    if readonly:
-        options.add("ro")
+    options = ["default_permissions", "ro" if readonly else "rw"]
     if allow_other:
-        options.add("allow_other")
+        options.append("allow_other")
     if debug:
-        options.add("debug")
-    pyfuse3.init(ops, path, options)
-    try:
+        logging.getLogger("replfs.fuse").setLevel(logging.DEBUG)
+    session = fuse.Session(ops, path, subtype=FSNAME, fsname=FSNAME, options=options,
+                           rootmode=stat.S_IFREG, max_tasks=max_tasks)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(session.run)
         task_status.started()
-        await pyfuse3.main(min_tasks=1, max_tasks=max_tasks)
-    finally:
-        pyfuse3.close(unmount=True)
+        # Ends when the mount is taken away; a cancellation ends the
+        # session, which detaches its mount.
+        await session.wait_ended()
 
 
 async def _export_main(args: argparse.Namespace) -> dict[str, int]:

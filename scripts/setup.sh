@@ -29,7 +29,7 @@ stamp=.venv/.replfs-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
     echo "setup: installing replfs and its dependencies into .venv"
     .venv/bin/pip install -q --upgrade pip setuptools wheel
-    .venv/bin/pip install -q -e '.[test]'
+    .venv/bin/pip install -q -e '.[test,bench]'
     touch "$stamp"
 fi
 

@@ -10,7 +10,7 @@
     close                      drops the lock
     rm NAME / rmdir DOMAIN     forget the file / leave the domain
 
-One mount per process (pyfuse3); run as ``python -m replfs.locking.dlmfs
+One mount per process; run as ``python -m replfs.locking.dlmfs
 MOUNTPOINT [--rundir DIR]``.  Every open is one lock held through the local
 replfsd (locking/client.py), so a dying mount process drops its locks.
 """
@@ -24,7 +24,7 @@ import signal
 import stat
 import sys
 
-import pyfuse3
+from replfs import fuse
 import trio
 
 from replfs.blockdev import BlockDeviceError
@@ -34,10 +34,13 @@ from ..client import DlmClient
 from ..dlm.modes import Mode
 
 log = logging.getLogger("replfs.locking.dlmfs")
-ROOT = pyfuse3.ROOT_INODE
+ROOT = fuse.ROOT_INODE
 
 
-class DlmfsOps(pyfuse3.Operations):
+class DlmfsOps(fuse.Operations):
+    # opens wait for locks and everything asks the daemon: all in workers
+    task_opcodes = fuse.ALL_TASKS
+
     def __init__(self, dlm: DlmClient):
         super().__init__()
         self.dlm = dlm
@@ -56,8 +59,8 @@ class DlmfsOps(pyfuse3.Operations):
             self.next_inode += 1
         return ino
 
-    def _attr(self, ino: int) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
+    def _attr(self, ino: int) -> fuse.EntryAttributes:
+        a = fuse.EntryAttributes()
         a.st_ino = ino
         key = self.names.get(ino)
         if ino == ROOT or (key and key[1] is None):
@@ -73,7 +76,7 @@ class DlmfsOps(pyfuse3.Operations):
     def _key(self, ino):
         key = self.names.get(ino)
         if key is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise fuse.FUSEError(errno.ENOENT)
         return key
 
     async def getattr(self, inode, ctx=None):
@@ -88,11 +91,11 @@ class DlmfsOps(pyfuse3.Operations):
         name = os.fsdecode(name)
         if parent == ROOT:
             if name not in self.children:
-                raise pyfuse3.FUSEError(errno.ENOENT)
+                raise fuse.FUSEError(errno.ENOENT)
             return self._attr(self._ino((name, None)))
         domain, lock = self._key(parent)
         if lock is not None:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+            raise fuse.FUSEError(errno.ENOTDIR)
         # Lock names are cluster-wide: a name another node created exists
         # here too, so every name in a joined domain resolves.
         self.children[domain].add(name)
@@ -100,10 +103,10 @@ class DlmfsOps(pyfuse3.Operations):
 
     async def mkdir(self, parent, name, mode, ctx):
         if parent != ROOT:
-            raise pyfuse3.FUSEError(errno.EPERM)
+            raise fuse.FUSEError(errno.EPERM)
         name = os.fsdecode(name)
         if name in self.children:
-            raise pyfuse3.FUSEError(errno.EEXIST)
+            raise fuse.FUSEError(errno.EEXIST)
         await self._call(self.dlm.join(name))
         self.children[name] = set()
         return self._attr(self._ino((name, None)))
@@ -111,9 +114,9 @@ class DlmfsOps(pyfuse3.Operations):
     async def rmdir(self, parent, name, ctx):
         name = os.fsdecode(name)
         if parent != ROOT or name not in self.children:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise fuse.FUSEError(errno.ENOENT)
         if self.children[name]:
-            raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+            raise fuse.FUSEError(errno.ENOTEMPTY)
         await self._call(self.dlm.leave(name))
         del self.children[name]
 
@@ -121,7 +124,7 @@ class DlmfsOps(pyfuse3.Operations):
         domain, _ = self._key(parent)
         name = os.fsdecode(name)
         if name not in self.children.get(domain, ()):
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise fuse.FUSEError(errno.ENOENT)
         self.children[domain].discard(name)
 
     async def opendir(self, inode, ctx):
@@ -134,13 +137,13 @@ class DlmfsOps(pyfuse3.Operations):
             domain, _ = self._key(fh)
             entries = [(n, self._ino((domain, n))) for n in sorted(self.children.get(domain, ()))]
         for i, (n, ino) in enumerate(entries[start_id:], start=start_id + 1):
-            if not pyfuse3.readdir_reply(token, os.fsencode(n), self._attr(ino), i):
+            if not fuse.readdir_reply(token, os.fsencode(n), self._attr(ino), i):
                 break
 
     async def create(self, parent, name, mode, flags, ctx):
         domain, lock = self._key(parent)
         if lock is not None:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+            raise fuse.FUSEError(errno.ENOTDIR)
         self.children[domain].add(os.fsdecode(name))
         ino = self._ino((domain, os.fsdecode(name)))
         fi = await self.open(ino, flags, ctx)
@@ -150,22 +153,22 @@ class DlmfsOps(pyfuse3.Operations):
         try:
             return await coro
         except BlockDeviceError as e:
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+            raise fuse.FUSEError(e.errno or errno.EIO) from None
         except ReplfsError as e:
             log.warning("%s", e)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+            raise fuse.FUSEError(errno.EIO) from None
 
     async def open(self, inode, flags, ctx):
         domain, name = self._key(inode)
         if name is None:
-            raise pyfuse3.FUSEError(errno.EISDIR)
+            raise fuse.FUSEError(errno.EISDIR)
         write = (flags & os.O_ACCMODE) != os.O_RDONLY
         lk = await self._call(self.dlm.lock(domain, name, Mode.EX if write else Mode.PR,
                                             noqueue=bool(flags & os.O_NONBLOCK)))
         fh = self.next_fh
         self.next_fh += 1
         self.handles[fh] = (lk, bytearray(lk.lvb) if write else None)
-        return pyfuse3.FileInfo(fh=fh, direct_io=True)
+        return fuse.FileInfo(fh=fh, direct_io=True)
 
     async def read(self, fh, off, size):
         lk, pending = self.handles[fh]
@@ -177,10 +180,10 @@ class DlmfsOps(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         lk, pending = self.handles[fh]
         if pending is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
+            raise fuse.FUSEError(errno.EBADF)
         end = off + len(buf)
         if end > len(pending):
-            raise pyfuse3.FUSEError(errno.ENOSPC)  # the LVB is fixed-size
+            raise fuse.FUSEError(errno.ENOSPC)  # the LVB is fixed-size
         pending[off:end] = buf
         return len(buf)
 
@@ -193,21 +196,20 @@ async def _main(args) -> None:
     async with trio.open_nursery() as nursery:
         async with DlmClient.connect(nursery, args.rundir) as dlm:
             ops = DlmfsOps(dlm)
-            options = set(pyfuse3.default_options) | {"fsname=dlmfs", "subtype=dlmfs"}
-            pyfuse3.init(ops, args.mountpoint, options)
-            print(f"READY {args.mountpoint}", flush=True)
-            try:
-                async with trio.open_nursery() as inner:
-                    async def stop():
-                        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                            async for _ in sigs:
-                                inner.cancel_scope.cancel()
-                                return
-                    inner.start_soon(stop)
-                    await pyfuse3.main(min_tasks=2, max_tasks=32)
-                    inner.cancel_scope.cancel()
-            finally:
-                pyfuse3.close(unmount=True)
+            session = fuse.Session(ops, args.mountpoint, subtype="dlmfs", fsname="dlmfs",
+                                   options=["default_permissions"], max_tasks=32)
+            async with trio.open_nursery() as inner:
+                await inner.start(session.run)
+                print(f"READY {args.mountpoint}", flush=True)
+
+                async def stop():
+                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                        async for _ in sigs:
+                            await session.unmount()
+                            return
+                inner.start_soon(stop)
+                await session.wait_ended()
+                inner.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
 
 

@@ -47,6 +47,7 @@ import collections
 import errno
 import logging
 import os
+import stat
 import queue
 import threading
 
@@ -134,7 +135,8 @@ class Session:
     def __init__(self, ops, mountpoint: str, *, subtype: str = "replfs",
                  fsname: str | None = None, options=(), max_write: int = 1 << 20,
                  max_tasks: int = 64, max_lock_waiters: int = 1024,
-                 task_opcodes=None, debug: bool | None = None, name: str | None = None):
+                 task_opcodes=None, debug: bool | None = None, name: str | None = None,
+                 rootmode: int = stat.S_IFDIR):
         Session._ids += 1
         self.id = Session._ids
         self.ops = ops
@@ -142,6 +144,7 @@ class Session:
         self.subtype = subtype
         self.fsname = fsname or subtype
         self.options = tuple(options)
+        self.rootmode = rootmode      # S_IFREG: a single-file mount (device files)
         self.max_write = max_write
         self.max_tasks = max_tasks
         self.max_lock_waiters = max_lock_waiters
@@ -198,7 +201,8 @@ class Session:
             if own_mount:
                 await trio.to_thread.run_sync(
                     lambda: fmount.mount_fuse(fd, self.mountpoint, subtype=self.subtype,
-                                              fsname=self.fsname, options=self.options))
+                                              fsname=self.fsname, options=self.options,
+                                              rootmode=self.rootmode))
                 self.mounted = True
                 self.connection = fmount.connection_id(self.mountpoint)
             await self._handshake()

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 
-import pyfuse3
+from replfs import fuse as fusel
 import pytest
 import trio
 
@@ -348,10 +348,10 @@ class RefusingDevice:
 @pytest.mark.parametrize("code", [errno.EROFS, errno.EIO])
 async def test_device_errors_become_their_errno(code):
     ops = DeviceFileOps(RefusingDevice(1 << 20, code))
-    with pytest.raises(pyfuse3.FUSEError) as info:
+    with pytest.raises(fusel.FUSEError) as info:
         await ops.write(1, 0, b"data")
     assert info.value.errno == code
-    with pytest.raises(pyfuse3.FUSEError) as info:
+    with pytest.raises(fusel.FUSEError) as info:
         await ops.fsync(1, False)
     assert info.value.errno == errno.EIO
     assert await ops.read(1, 0, 10) == bytes(10)
@@ -366,16 +366,16 @@ async def test_ops_bounds_and_size(tmp_path):
         ops = DeviceFileOps(dev)
         with trio.fail_after(TIMEOUT):
             assert await ops.write(1, 8000, b"z" * 500) == 192
-            with pytest.raises(pyfuse3.FUSEError) as info:
+            with pytest.raises(fusel.FUSEError) as info:
                 await ops.write(1, 8192, b"z")
             assert info.value.errno == errno.ENOSPC
             assert await ops.read(1, 8100, 1000) == b"z" * 92
             assert await ops.read(1, 7990, 20) == b"\0" * 10 + b"z" * 10
             assert await ops.read(1, 9000, 10) == b""
-            attr = await ops.getattr(pyfuse3.ROOT_INODE, None)
+            attr = await ops.getattr(fusel.ROOT_INODE, None)
             assert attr.st_size == 8192
-            with pytest.raises(pyfuse3.FUSEError) as info:
-                await ops.lookup(pyfuse3.ROOT_INODE, b"x", None)
+            with pytest.raises(fusel.FUSEError) as info:
+                await ops.lookup(fusel.ROOT_INODE, b"x", None)
             assert info.value.errno == errno.ENOTDIR
     finally:
         await dev.close()
