@@ -1,5 +1,10 @@
 """replfs: the FUSE mount program (``mount -t fuse.replfs SOURCE DIR``).
 
+A resource is served by the node daemon (replfs/daemon/mounts.py uses
+``serve`` below with its in-process device); this program asks it to
+mount and reports.  An image is served by this program itself, as
+follows.
+
 mount(8) hands a ``fuse.replfs`` mount to mount.fuse3, which runs
 ``replfs SOURCE DIR -o OPTIONS`` (mount(8) has already dropped its own
 options such as ``defaults``, ``_netdev``, ``nofail`` and ``x-*``, and
@@ -27,6 +32,7 @@ import logging
 import os
 import signal
 import stat
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -599,11 +605,16 @@ async def _watch_daemon(dev, ops: ReplfsOperations) -> None:
     ops.device_lost("the connection to replfsd was lost")
 
 
-async def serve(src: Source, mountpoint: str, o: Options, ready) -> None:
-    """Mount and serve until unmounted or signalled.  ``ready(None)`` is
-    called once the mount is live, ``ready(message)`` if it failed."""
+async def serve(src: Source, mountpoint: str, o: Options, ready, *, dev=None,
+                lock_service=None, signals: bool = True, session_hook=None) -> None:
+    """Mount and serve until unmounted (or signalled, with ``signals``).
+    ``ready(None)`` is called once the mount is live.  ``dev``: an open
+    block device to use (replfsd passes its in-process one; it is closed
+    here at the end either way).  ``lock_service``: shared by every mount
+    the process serves, so their POSIX/flock locks conflict."""
     async with trio.open_nursery() as outer:
-        dev = await open_device(outer, src)
+        if dev is None:
+            dev = await open_device(outer, src)
         fs = None
         try:
             try:
@@ -617,9 +628,12 @@ async def serve(src: Source, mountpoint: str, o: Options, ready) -> None:
             apply_atime(fs, o)
             timeout = o.timeout if o.timeout is not None else (
                 120.0 if src.kind == "resource" else 0)
-            ops = ReplfsOperations(fs, readonly=o.readonly, op_timeout=timeout or None)
+            ops = ReplfsOperations(fs, readonly=o.readonly, op_timeout=timeout or None,
+                                   lock_service=lock_service)
             session = fuse.Session(ops, mountpoint, subtype="replfs",
                                    fsname=o.fsname or src.name, options=fuse_options(src, o))
+            if session_hook is not None:
+                session_hook(session)
             async with trio.open_nursery() as inner:
                 try:
                     await inner.start(session.run)
@@ -636,7 +650,8 @@ async def serve(src: Source, mountpoint: str, o: Options, ready) -> None:
                         log.warning("no control socket (remount will not work): %s", e)
                 ready(None)
                 inner.start_soon(_committer, fs, o)
-                inner.start_soon(_watch_signals, session)
+                if signals:
+                    inner.start_soon(_watch_signals, session)
                 inner.start_soon(_watch_daemon, dev, ops)
                 # umount(8) ends the session (the kernel closes the
                 # connection); a signal unmounts it here.
@@ -667,6 +682,36 @@ async def serve(src: Source, mountpoint: str, o: Options, ready) -> None:
             outer.cancel_scope.cancel()
 
 
+# ------------------------------------------------------------------ by replfsd
+
+def _mount_by_daemon(src: Source, mountpoint: str, items: list[str]) -> None:
+    from replfs.errors import ReplfsError
+    from replfs.ipc.client import SyncClient, socket_path
+    try:
+        with SyncClient(socket_path(src.rundir), timeout=None) as c:
+            c.call("mount", res=src.name, mountpoint=mountpoint, options=items)
+    except ReplfsError as e:
+        raise MountError(e.message, EXIT_USAGE if e.exit_code == EXIT_USAGE else EXIT_FAIL
+                         ) from None
+    except OSError as e:
+        raise MountError(f"cannot mount resource {src.name}: replfsd in {src.rundir}: "
+                         f"{e.strerror or e}") from None
+
+
+def _stay_in_foreground(mountpoint: str) -> int:
+    """``-f`` for a mount replfsd serves: wait until it is unmounted; a
+    signal unmounts it."""
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.append(1))
+    while mountinfo(mountpoint) is not None:
+        if stop:
+            subprocess.run(["umount", mountpoint], capture_output=True)
+            stop.clear()
+        time.sleep(0.2)
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------ process
 
 USAGE = f"""\
@@ -674,9 +719,9 @@ usage: {PROG} SOURCE MOUNTPOINT [-o OPTIONS] [-f] [-d] [--help] [--version]
 
 Mount a replfs volume with FUSE (what 'mount -t fuse.replfs' runs).
 
-SOURCE      an image file made by mkfs.replfs, or a resource name of
-            replfs.conf (block I/O then goes through the local replfsd;
-            this node must be Primary)
+SOURCE      an image file made by mkfs.replfs (served by this program),
+            or a resource name of replfs.conf (served by the local
+            replfsd, which this program asks; this node must be Primary)
 
   -o OPTS   comma-separated mount options:
               ro, rw                  read-only / read-write (default rw)
@@ -696,7 +741,8 @@ SOURCE      an image file made by mkfs.replfs, or a resource name of
               logfile=FILE, debug
             mount(8) options (defaults, _netdev, nofail, auto, noauto,
             user, users, x-*) are ignored.
-  -f        stay in the foreground (log to stderr as well)
+  -f        stay in the foreground until unmounted (an image mount
+            logs to stderr as well; a signal unmounts)
   -d        debug logging; implies -f
   -h, --help     show this help
   -V, --version  show the version
@@ -846,6 +892,13 @@ def main(argv=None) -> int:
             args.foreground = True
         mountpoint = check_mountpoint(args.mountpoint)
         src = resolve_source(args.source, o)
+        if src.kind == "resource":
+            # replfsd serves the mount itself (its block I/O is a call into
+            # the resource's engine); this program asks it and reports.
+            _mount_by_daemon(src, mountpoint, args.options)
+            if args.foreground:
+                return _stay_in_foreground(mountpoint)
+            return EXIT_OK
         _trio_run(_probe, src, o)
     except MountError as e:
         print(f"{PROG}: {e.message}", file=sys.stderr)

@@ -14,7 +14,9 @@ A component is an object with:
   and ``conn.on_close`` takes async callbacks run when it disconnects
   (drop its locks there);
 * ``async shutdown()``: called at daemon shutdown, after every resource
-  is down.
+  is down;
+* optionally ``async stop_users()``: called at daemon shutdown before the
+  resources go down (the mounts let go of them there).
 
 ``default_components()`` lists what a production replfsd hosts; it
 imports lazily so the block mirror works even if a component fails to
@@ -30,6 +32,7 @@ log = logging.getLogger("replfs.daemon")
 # (module, factory) pairs; the factory takes no arguments.
 DEFAULT = [
     ("replfs.locking.service", "ClusterService"),
+    ("replfs.daemon.mounts", "MountService"),
 ]
 
 

@@ -120,6 +120,13 @@ class Daemon:
                 log.info("replfsd shutting down")
                 with trio.move_on_after(30) as cleanup:
                     cleanup.shield = True
+                    for comp in self.components:
+                        stop_users = getattr(comp, "stop_users", None)
+                        if stop_users is not None:
+                            try:
+                                await stop_users()
+                            except Exception:
+                                log.exception("component stop failed")
                     for name in list(self.resources):
                         try:
                             await self._down(name)

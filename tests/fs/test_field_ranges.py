@@ -201,3 +201,34 @@ async def test_a_block_that_cannot_be_encoded_latches_read_only_and_reads_go_on(
     await fs.unmount()
     await dev.close()
     assert await check_image(image) == []
+
+
+async def test_an_operation_that_hangs_below_answers_eio_after_the_timeout(image):
+    """timeout=: a request whose device I/O hangs (a peer that stopped
+    answering under protocol C, suspended I/O) is answered EIO instead of
+    blocking its caller for ever."""
+    import trio
+    from replfs import fuse
+    from replfs.fs.fuseops import ReplfsOperations
+
+    class Hanging(FileBlockDevice):
+        hang = False
+
+        async def read(self, off, n):
+            if self.hang:
+                await trio.sleep_forever()
+            return await super().read(off, n)
+
+    dev = Hanging(image)
+    fs = await Filesystem.mount(dev)
+    ops = ReplfsOperations(fs, op_timeout=0.2)
+    fs.cache.drop_clean()
+    dev.hang = True
+    with trio.fail_after(5):
+        with pytest.raises(fuse.FUSEError) as ei:
+            await ops.getattr(fuse.ROOT_INODE)
+    assert ei.value.errno == errno.EIO
+    assert ops.counters["timeouts"] == 1
+    dev.hang = False
+    await fs.unmount()
+    await dev.close()
