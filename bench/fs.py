@@ -7,8 +7,12 @@ Targets, all on this machine's local disk:
                  of a local directory: the cost of FUSE and Python alone;
 * replfs image — mkfs.replfs on an image file, mounted with `replfs`
                  (no replication): the cost of the filesystem;
+* replfs r0/C via socket — the same, served the way it was before replfsd
+                 hosted the mounts: a process of its own whose block
+                 requests cross the admin socket (bench/hop_mount.py);
 * replfs r0/C  — mkfs.replfs on a protocol C resource of a two-daemon pair
-                 (127.0.0.1/127.0.0.2), mounted with mount -t fuse.replfs.
+                 (127.0.0.1/127.0.0.2), mounted with mount -t fuse.replfs
+                 (served by replfsd).
 
 Workloads: sequential 1 MiB write (+fsync) and read, 4 KiB random read and
 write, fsync'd 4 KiB writes (fio when installed, a Python loop otherwise),
@@ -242,16 +246,24 @@ class ReplfsImage(Target):
 
 
 class ReplfsResource(Target):
+    """A protocol C resource of a local pair, mounted through mount(8): served
+    by replfsd itself.  ``hop=True``: served instead by a process of its own
+    over the admin socket (the design before replfsd hosted the mounts;
+    bench/hop_mount.py), the same-run baseline of that change."""
     name = "replfs r0/C"
 
-    def __init__(self, root: str, size_mb: int):
+    def __init__(self, root: str, size_mb: int, hop: bool = False):
         super().__init__(root)
         self.size_mb = size_mb
+        self.hop = hop
+        self.proc = None
+        if hop:
+            self.name = "replfs r0/C via socket"
 
     def start(self):
         from replfs.localpair import LocalPair
-        self.pair = LocalPair(os.path.join(self.root, "pair"), size=self.size_mb << 20,
-                              protocol="C")
+        self.pair = LocalPair(os.path.join(self.root, "pair-hop" if self.hop else "pair"),
+                              size=self.size_mb << 20, protocol="C")
         self.pair.up_fresh()
         self.pair.wait_synced(timeout=600)
         a = self.pair.alpha
@@ -259,8 +271,14 @@ class ReplfsResource(Target):
         env.update(REPLFS_CONF=a.conf, REPLFS_NODE=a.name, REPLFS_RUNDIR=a.rundir)
         subprocess.run([os.path.join(BIN, "mkfs.replfs"), "-q", "-N", "2", "r0"], check=True,
                        env=env)
-        self.path = os.path.join(self.root, "res-mnt")
+        self.path = os.path.join(self.root, "res-hop-mnt" if self.hop else "res-mnt")
         os.mkdir(self.path)
+        if self.hop:
+            self.proc = subprocess.Popen([PY, "-m", "bench.hop_mount", "r0", self.path,
+                                          a.rundir], env=env,
+                                         cwd=os.path.dirname(os.path.dirname(__file__)))
+            _wait_mounted(self.path, self.proc)
+            return
         # mount(8) gives the helper no environment: say where things are
         subprocess.run(["mount", "-t", "fuse.replfs", "-o",
                         f"conf={a.conf},node={a.name},rundir={a.rundir}", "r0", self.path],
@@ -269,6 +287,8 @@ class ReplfsResource(Target):
 
     def stop(self):
         _umount(self.path)
+        if self.proc is not None:
+            self.proc.wait(60)
         self.pair.teardown()
 
 
@@ -281,7 +301,10 @@ def main(argv=None) -> int:
     ap.add_argument("--files", type=int, default=10000, help="small files to create/stat/unlink")
     ap.add_argument("--bigdir", type=int, default=100000, help="entries in the readdir test")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    ap.add_argument("--targets", default="local,passthrough,image,resource")
+    ap.add_argument("--targets", default="local,passthrough,image,resource-hop,resource",
+                    help="comma-separated: local, passthrough, image, resource-hop "
+                         "(the mount served over the admin socket, the old design), "
+                         "resource")
     ap.add_argument("--no-json", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
@@ -291,7 +314,8 @@ def main(argv=None) -> int:
         vol_mb = max(1024, args.size * 4 + 512)
         makers = {"local": lambda: LocalDir(root), "passthrough": lambda: PassthroughMount(root),
                   "image": lambda: ReplfsImage(root, vol_mb),
-                  "resource": lambda: ReplfsResource(root, vol_mb)}
+                  "resource": lambda: ReplfsResource(root, vol_mb),
+                  "resource-hop": lambda: ReplfsResource(root, vol_mb, hop=True)}
         for key in args.targets.split(","):
             t = makers[key]()
             print(f"# {t.name}", flush=True)

@@ -18,8 +18,10 @@ there is reported and taken down too, and any leak fails the run
 from __future__ import annotations
 
 import os
+import sys
 import secrets
 import tempfile
+import threading
 
 import pytest
 
@@ -93,6 +95,26 @@ def pytest_runtest_makereport(item, call):
         item._replfs_failed = True
 
 
+# A FUSE request that is never answered does not fail a test, it hangs it
+# (and CI with it): past this many seconds a test's FUSE mounts of this run
+# are aborted through /sys/fs/fuse/connections, so their callers get
+# ENOTCONN and the test fails.
+HANG_LIMIT = float(os.environ.get("REPLFS_TEST_HANG_LIMIT", "600"))
+
+
+def _abort_hung_mounts(nodeid: str) -> None:
+    from replfs.fuse import mount as fmount
+    for m in _watch.fuse_mounts():
+        major, _, minor = m.dev.partition(":")
+        conn = (int(major) << 20) | int(minor)
+        print(f"\n{nodeid}: still running after {HANG_LIMIT:.0f} s; aborting the FUSE "
+              f"connection of {m.mountpoint}", file=sys.stderr, flush=True)
+        try:
+            fmount.abort_connection(conn)
+        except OSError as e:
+            print(f"  abort failed: {e}", file=sys.stderr, flush=True)
+
+
 @pytest.fixture(autouse=True)
 def _nothing_left_behind(request):
     """Fail a test that leaves mounts or processes behind (and remove them)."""
@@ -100,7 +122,13 @@ def _nothing_left_behind(request):
         yield
         return
     before = _watch.snapshot()
-    yield
+    timer = threading.Timer(HANG_LIMIT, _abort_hung_mounts, (request.node.nodeid,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
     procs, mnts = _watch.leaked_since(before)
     if not procs and not mnts:
         return
