@@ -22,9 +22,9 @@ Semantics follow a block device node rather than a file:
   read always sees the device (which another node may write in
   dual-primary mode) and O_DIRECT works.
 
-The daemon runs each export in a helper process, like ``python -m
-replfs.devfile`` below (until replfsd serves the device files itself on
-replfs.fuse, which can serve several mounts in one process).
+replfsd serves each resource's device file in its own process
+(replfs/daemon/devices.py); ``python -m replfs.devfile`` below exports a
+plain backing file the same way, for tests and benchmarks.
 """
 from __future__ import annotations
 

@@ -294,7 +294,7 @@ class Daemon:
 
     async def _attach(self, res: Resource) -> None:
         await res.attach()
-        await self.devices.start(self._nursery, res.conf.name, res.me.device)
+        await self.devices.start(self._nursery, res, res.me.device)
 
     async def op_detach(self, req, body, conn):
         res = self._res(req)
