@@ -100,3 +100,35 @@ def test_device_file_goes_away_with_the_resource(pair):
     wait_mounted(adev)
     a.adm("down", "r0")
     assert not mounted(adev)
+
+
+def test_device_file_dies_with_replfsd_and_comes_back(pair):
+    """replfsd serves the device file itself: kill -9 of the daemon takes
+    it down at once (ENOTCONN, nothing more written), and the restarted
+    daemon detaches the dead mount and exports the file again."""
+    a = pair.alpha
+    adev = os.path.join(a.root, "drbd0")
+    wait_mounted(adev)
+    fd = os.open(adev, os.O_RDWR)
+    os.pwrite(fd, b"before the kill", 0)
+    os.fsync(fd)
+    a.kill9()
+    with pytest.raises(OSError) as e:
+        os.pread(fd, 16, 0)
+    assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
+    try:
+        os.close(fd)        # the release cannot reach a dead server either
+    except OSError as e:
+        assert e.errno == errno.ENOTCONN
+    a.start()
+    a.adm("up", "r0")
+    a.adm("primary", "r0")
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with open(adev, "rb") as f:
+                assert f.read(15) == b"before the kill"
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the device file did not come back"
+            time.sleep(0.1)
