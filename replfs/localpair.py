@@ -210,6 +210,17 @@ class LocalPair:
     def teardown(self):
         for n in self.nodes:
             n.stop()
+        # A replfsd killed with -9 leaves its FUSE mounts (device files,
+        # filesystems) dead until unmounted; a restarted one would detach
+        # them, a test that ends does it here.
+        from replfs.fuse import mount as fmount
+        for m in fmount.mounts():
+            if m.fstype.startswith("fuse.replfs") and \
+                    m.mountpoint.startswith(os.path.join(self.root, "")):
+                try:
+                    fmount.sys_umount2(m.mountpoint, fmount.MNT_DETACH)
+                except OSError:
+                    pass
 
 
 
