@@ -195,6 +195,11 @@ class MountService:
             log.warning("%s: no mount log %s: %s", mountpoint, path, e)
         rec = {"resource": src.name, "mountpoint": mountpoint, "slot": None,
                "readonly": o.readonly}
+        if o.debug:
+            # the daemon's log level is the daemon's; say so instead of
+            # pretending the option took effect
+            log.warning("%s: mount option debug is not applied to a mount served by "
+                        "replfsd (it logs at replfsd's level)", mountpoint)
         try:
             try:
                 dev = ResourceDevice(res)
