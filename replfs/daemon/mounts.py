@@ -22,15 +22,15 @@ for.
 from __future__ import annotations
 
 import contextvars
-import errno
 import logging
 import os
 
 import trio
 
 from replfs import fuse
-from replfs.blockdev import BlockDeviceError
 from replfs.errors import EXIT_USAGE, ReplfsError
+
+from .devices import ResourceIO
 
 log = logging.getLogger("replfs.daemon")
 
@@ -41,39 +41,17 @@ _current_mount: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "replfs_mount", default=None)
 
 
-class ResourceDevice:
+class ResourceDevice(ResourceIO):
     """The BlockDevice of a mount served by replfsd: calls into the
     resource, counted as one opener (and a single-node opener: the guard
     until the filesystem has cluster locks)."""
 
     def __init__(self, res):
-        self.res = res
+        super().__init__(res)
         res._require_io(write=True)
         res.open_single_node()
         res.open_count += 1
         self._open = True
-
-    @property
-    def size(self) -> int:
-        return self.res.size
-
-    async def _io(self, coro):
-        try:
-            return await coro
-        except ReplfsError as e:
-            raise BlockDeviceError(errno.EIO, e.message) from None
-
-    async def read(self, offset: int, length: int) -> bytes:
-        return await self._io(self.res.read(offset, length))
-
-    async def write(self, offset: int, data: bytes) -> None:
-        await self._io(self.res.write(offset, bytes(data)))
-
-    async def flush(self) -> None:
-        await self._io(self.res.flush())
-
-    async def discard(self, offset: int, length: int) -> None:
-        await self._io(self.res.discard(offset, length))
 
     async def close(self) -> None:
         if self._open:
