@@ -204,15 +204,9 @@ class Filesystem:
         await fs.alloc.load()
         await fs.journal.open()
         fs.mounted = True
-        async with fs._op():
-            sm = await fs.cache.get(sb.slotmap_blk, "slotmap", "slotmap")
-            sm.slots[slot] = (F.SLOT_IN_USE, node, sm.slots[slot][2] + 1)
-            fs.cache.mark(sm.blkno, sm)
-            # Orphans of this slot are left by a crash, or by a read-only
-            # remount while they were open; nothing holds them now.
-            await fs._recover_orphans(slot)
-            if own_dirty:
-                fs.recovered_slots.append(slot)
+        await fs._take_slot()
+        if own_dirty:
+            fs.recovered_slots.append(slot)
         if recover_dirty_slots:
             for other in range(sb.slot_count):
                 if other != slot and (await J.journal_state(dev, sb, other)).flags & F.JSB_DIRTY:
@@ -235,9 +229,7 @@ class Filesystem:
             la.start = la.length = 0
             la.bitmap = bytearray()
             self.cache.mark(la.blkno, la)
-            sm = await self.cache.get(self.sb.slotmap_blk, "slotmap", "slotmap")
-            sm.slots[slot] = (F.SLOT_FREE, 0, sm.slots[slot][2])
-            self.cache.mark(sm.blkno, sm)
+            await self._mark_slot(slot, in_use=False)
             await self._recover_orphans(slot)
             self.recovered_slots.append(slot)
         await self.sync()
@@ -272,16 +264,8 @@ class Filesystem:
         if self.failed is not None:
             raise FilesystemFailed(errno.EROFS, f"filesystem failed, read-only: {self.failed}")
         if readonly:
-            async with self._op():
-                await self._recover_orphans(self.slot, keep=set(self._opens))
-                self.alloc.release_window()
-                sm = await self.cache.get(self.sb.slotmap_blk, "slotmap", "slotmap")
-                sm.slots[self.slot] = (F.SLOT_FREE, 0, sm.slots[self.slot][2])
-                self.cache.mark(sm.blkno, sm)
-            async with self._big:
-                await self._commit()
-                await self.journal.close()
-                self.readonly = True
+            await self._leave_slot(keep=set(self._opens))
+            self.readonly = True
             return
         async with self._big:
             if (await J.journal_state(self.dev, self.sb, self.slot)).flags & F.JSB_DIRTY:
@@ -291,32 +275,48 @@ class Filesystem:
             await self.alloc.load()
             await self.journal.open()
             self.readonly = False
-        async with self._op():
-            sm = await self.cache.get(self.sb.slotmap_blk, "slotmap", "slotmap")
-            sm.slots[self.slot] = (F.SLOT_IN_USE, self.node, sm.slots[self.slot][2] + 1)
-            self.cache.mark(sm.blkno, sm)
-            await self._recover_orphans(self.slot, keep=set(self._opens))
+        await self._take_slot()
         await self.sync()
 
     async def unmount(self) -> None:
         if not self.mounted:
             return
         if self.failed is None and not self.readonly:
-            async with self._op():
-                # Nothing holds an inode once the mount goes away: free
-                # every orphan of this slot (unlinked while open or while
-                # the kernel still knew it).
-                self._opens.clear()
-                await self._recover_orphans(self.slot)
-                self._handles.clear()
-                self.alloc.release_window()
-                sm = await self.cache.get(self.sb.slotmap_blk, "slotmap", "slotmap")
-                sm.slots[self.slot] = (F.SLOT_FREE, 0, sm.slots[self.slot][2])
-                self.cache.mark(sm.blkno, sm)
-            async with self._big:
-                await self._commit()
-                await self.journal.close()
+            # Nothing holds an inode once the mount goes away: every orphan
+            # of this slot (unlinked while open or while the kernel still
+            # knew it) is freed.
+            self._opens.clear()
+            self._handles.clear()
+            await self._leave_slot(keep=())
         self.mounted = False
+
+    async def _mark_slot(self, slot: int, *, in_use: bool) -> None:
+        """Record ``slot`` in the slot map as in use by this node (a new
+        mount generation) or free; inside an operation."""
+        sm = await self.cache.get(self.sb.slotmap_blk, "slotmap", "slotmap")
+        _, _, gen = sm.slots[slot]
+        sm.slots[slot] = (F.SLOT_IN_USE, self.node, gen + 1) if in_use else (F.SLOT_FREE, 0, gen)
+        self.cache.mark(sm.blkno, sm)
+
+    async def _take_slot(self) -> None:
+        """Start writing in our slot (mount, remount rw): mark it in use
+        and free the orphans left in it that nothing here holds (left by a
+        crash, or by a read-only remount while they were open)."""
+        async with self._op():
+            await self._mark_slot(self.slot, in_use=True)
+            await self._recover_orphans(self.slot, keep=set(self._opens))
+
+    async def _leave_slot(self, keep) -> None:
+        """Stop writing in our slot (unmount, remount ro): free the orphans
+        not in ``keep``, return the window, mark the slot free, commit and
+        close the journal clean."""
+        async with self._op():
+            await self._recover_orphans(self.slot, keep=keep)
+            self.alloc.release_window()
+            await self._mark_slot(self.slot, in_use=False)
+        async with self._big:
+            await self._commit()
+            await self.journal.close()
 
     # ------------------------------------------------------------ plumbing
 

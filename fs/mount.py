@@ -229,7 +229,7 @@ def _lock_image(path: str) -> int:
 
 def _resource_source(name: str, o: Options) -> Source:
     from replfs.errors import ReplfsError
-    from replfs.ipc.client import SyncClient, rundir_from_env, socket_path
+    from replfs.ipc.client import rundir_from_env
     conf_path = o.conf or os.environ.get("REPLFS_CONF") or "/etc/replfs/replfs.conf"
     if os.path.exists(conf_path):
         from replfs.blockrepl import conf
@@ -246,29 +246,10 @@ def _resource_source(name: str, o: Options) -> Source:
                              f"(node name '{node}'; use -o node=NAME or REPLFS_NODE)")
     elif o.conf:
         raise MountError(f"{o.conf}: configuration file not found")
+    # Role, peer and the guard (one node at a time until the filesystem
+    # has cluster locks) are replfsd's to check, atomically with opening
+    # the resource: it serves the mount.
     rundir = rundir_from_env(o.rundir)
-    try:
-        with SyncClient(socket_path(rundir), timeout=30) as c:
-            reply, _ = c.call("status", res=name)
-    except ReplfsError as e:
-        raise MountError(f"cannot mount resource {name}: {e.message}") from None
-    except OSError as e:
-        raise MountError(f"cannot mount resource {name}: replfsd in {rundir}: "
-                         f"{e.strerror or e}") from None
-    st = reply["resources"][0]
-    if st["role"] != "Primary":
-        raise MountError(f"cannot mount resource {name}: this node ({st.get('node', '?')}) "
-                         f"is {st['role']}, not Primary; make it Primary first "
-                         f"('replfsadm primary {name}')")
-    if st.get("peer_role") == "Primary":
-        # The guard until the filesystem has cluster locks: two nodes
-        # mounting one volume with node-local locks lose data.  The daemon
-        # checks again, atomically, when the device is opened.
-        raise MountError(f"cannot mount resource {name}: the peer is Primary too, and "
-                         f"replfs mounts a volume on one node at a time (mounting on both "
-                         f"nodes needs the cluster locks, not built yet); unmount it on "
-                         f"the peer and make the peer Secondary ('replfsadm secondary "
-                         f"{name}' there)")
     return Source(name, "resource", rundir=rundir)
 
 
@@ -688,7 +669,7 @@ def _mount_by_daemon(src: Source, mountpoint: str, items: list[str]) -> None:
     from replfs.errors import ReplfsError
     from replfs.ipc.client import SyncClient, socket_path
     try:
-        with SyncClient(socket_path(src.rundir), timeout=None) as c:
+        with SyncClient(socket_path(src.rundir), timeout=300) as c:
             c.call("mount", res=src.name, mountpoint=mountpoint, options=items)
     except ReplfsError as e:
         raise MountError(e.message, EXIT_USAGE if e.exit_code == EXIT_USAGE else EXIT_FAIL
