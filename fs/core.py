@@ -2,7 +2,7 @@
 
 ``Filesystem`` is opened on a BlockDevice and a node slot.  Its methods
 take and return on-disk inode numbers (the block number of the inode), so
-a thin pyfuse3 ``Operations`` class can sit on top: inode numbers are the
+a thin FUSE ``Operations`` class (fs/fuseops.py) can sit on top: inode numbers are the
 FUSE inode numbers, the root is ``fs.root_ino``, errors are OSError with
 an errno.
 
