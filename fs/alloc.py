@@ -10,6 +10,12 @@ Frees are deferred to commit time: a cluster released by the running
 transaction must not be reused (and overwritten by direct data writes)
 before that transaction is durable, or a crash would leave the old owner
 pointing at foreign data.
+
+Concurrent operations reserve what they may allocate before they change
+anything (``Filesystem._reserve``): ``reserved`` is the sum of what the
+running operations have reserved and not yet allocated, and every
+allocation calls ``on_alloc`` so the filesystem can charge it to the
+operation's reservation.
 """
 from __future__ import annotations
 
@@ -64,6 +70,8 @@ class Allocator:
         self.local_blk = sb.slots[slot].localalloc_blk
         self.pending: list[tuple[int, int]] = []
         self.hint = 0          # where the next search of the window starts
+        self.reserved = 0      # reserved by running operations, not yet allocated
+        self.on_alloc = lambda n: None
         if window is None:
             window = max(8, min(2048, sb.total_clusters // (sb.slot_count * 8)))
         self.window = min(window, F.local_window_max(sb.block_size))
@@ -160,6 +168,7 @@ class Allocator:
             la.bitmap[i >> 3] |= 1 << (i & 7)
         self.hint = first + n
         self.cache.mark(la.blkno, la)
+        self.on_alloc(n)
         return la.start + first, n
 
     def free(self, start: int, n: int) -> None:

@@ -11,7 +11,14 @@ objects it fetched across awaits and changes them before it marks them;
 eviction only drops the cache's own reference, and an evicted object that
 someone still holds is found again (weakly referenced) instead of being
 decoded afresh from disk -- two copies of a block would each collect half
-of the changes, and the one marked last would win.
+of the changes, and the one marked last would win.  For the same reason
+two tasks that miss on one block at once end with the object the first
+of them inserted, and a block whose committed image is still on its way
+home (``homing``) is decoded from that image, not read from the disk.
+
+The cache does not know operations: every change calls ``on_dirty``,
+through which the filesystem counts the operation into the running
+transaction.
 """
 from __future__ import annotations
 
@@ -33,6 +40,10 @@ DECODERS = {
 }
 
 
+def _nothing() -> None:
+    pass
+
+
 class MetaCache:
     def __init__(self, dev, sb: F.Superblock, limit: int = 20000):
         self.dev = dev
@@ -46,7 +57,9 @@ class MetaCache:
         self.revokes: list[tuple[int, int]] = []
         self.limit = limit
         self.reads = 0            # block reads issued, for tests
-        self.op_dirtied = False   # set when the current operation changed something
+        # images committed to the journal whose home writes are in flight
+        self.homing: dict[int, bytes] = {}
+        self.on_dirty = _nothing  # called on every change (the filesystem's hook)
 
     def encode(self, blkno: int, obj) -> bytes:
         if isinstance(obj, F.GroupDesc):
@@ -67,8 +80,23 @@ class MetaCache:
             return obj
         if blkno <= 0 or blkno >= self.sb.total_blocks:
             raise OSError(errno.EIO, f"metadata block {blkno} out of range")
-        self.reads += 1
-        raw = await self.dev.read(blkno * self.bs, self.bs)
+        raw = self.homing.get(blkno)
+        if raw is None:
+            self.reads += 1
+            raw = await self.dev.read(blkno * self.bs, self.bs)
+            again = self.objs.get(blkno)
+            if again is None:
+                again = self.evicted.pop(blkno, None)
+                if again is not None:
+                    self._insert(blkno, again, owner)
+            if again is not None:
+                # another task read (or created) it meanwhile: one object
+                # per block, so take that one
+                if kind == "inode" and not isinstance(again, F.Inode):
+                    raise OSError(errno.ESTALE, f"block {blkno} is not an inode")
+                return again
+            if blkno in self.homing:
+                raw = self.homing[blkno]     # committed while we were reading
         if kind == "inode" and F.signature_of(raw) != F.SIG_INODE:
             # An inode number that does not lead to an inode: the file was
             # deleted and its block reused (or never was an inode).
@@ -104,11 +132,11 @@ class MetaCache:
         self.evicted.pop(blkno, None)
         self.dirty[blkno] = obj
         self._insert(blkno, obj, owner)
-        self.op_dirtied = True
+        self.on_dirty()
 
     def mark(self, blkno: int, obj) -> None:
         self.dirty[blkno] = obj
-        self.op_dirtied = True
+        self.on_dirty()
         if self.objs.get(blkno) is not obj:
             # evicted while its holder was changing it: cached again, so
             # the next get finds this object and not the older disk copy
@@ -144,12 +172,6 @@ class MetaCache:
         revokes = self.revokes
         self.dirty = {}
         self.revokes = []
-        # What the running operation changed so far leaves with this
-        # transaction (and a commit that fails latches by itself): an error
-        # the operation raises after a mid-operation commit -- ENOSPC once
-        # committing the deferred frees did not make enough room -- leaves
-        # nothing half done in memory and must not latch the filesystem.
-        self.op_dirtied = False
         return images, revokes
 
     def discard_transaction(self) -> None:

@@ -6,9 +6,17 @@ a thin FUSE ``Operations`` class (fs/fuseops.py) can sit on top: inode numbers a
 FUSE inode numbers, the root is ``fs.root_ino``, errors are OSError with
 an errno.
 
-Concurrency: one trio lock serialises the operations of this mount (the
-code between awaits is not written to interleave); every inode touched is
-also taken through the lock manager, which is the seam for cluster locks.
+Concurrency: operations run concurrently.  Each has its own context
+(``_Op``: the locks it holds, its reservation, whether it has changed
+anything), found through a context variable.  An operation takes every
+lock it needs first, in the order of fs/locks.py, through the lock
+manager (node-local, or cluster locks); then it reserves what it may
+allocate and changes cached blocks.  From its first reservation or
+change until it ends (or commits in the middle, at a consistent point)
+it is *in the running transaction*, and a commit waits for every
+operation in it to leave -- which they do without waiting for any lock,
+so a commit never waits for another node.  Nothing else is locked: the
+code between two awaits runs alone (trio), and cached objects are shared.
 
 Durability: metadata changes gather in the running transaction, which
 commits to the slot's journal on fsync, sync, unmount, when it grows
@@ -24,6 +32,7 @@ import random
 import stat
 import time
 from contextlib import AsyncExitStack, asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import trio
@@ -34,7 +43,7 @@ from .alloc import Allocator
 from .cache import MetaCache
 from .dirs import Directories
 from .extents import ExtentMaps, cut_extents, insert_extent
-from .locks import LocalLockManager
+from .locks import EX, NL, PR, LocalLockManager, LockOrderError, Mode, OrderChecker, Res, _RWLock
 
 log = logging.getLogger("replfs.fs")
 
@@ -89,6 +98,26 @@ class _Handle:
 
 class FilesystemFailed(OSError):
     pass
+
+
+class _Op:
+    """One operation's context."""
+    __slots__ = ("fs", "reading", "dirtied", "active", "reserved", "reserving",
+                 "held", "order", "stack")
+
+    def __init__(self, fs: "Filesystem", reading: bool):
+        self.fs = fs
+        self.reading = reading
+        self.dirtied = False      # changed something not yet committed
+        self.active = False       # in the running transaction
+        self.reserved = 0         # clusters reserved, not yet allocated
+        self.reserving = False    # reserved since it last left the transaction
+        self.held: dict[Res, Mode] = {}
+        self.order = OrderChecker()
+        self.stack = AsyncExitStack()   # locks held until the operation ends
+
+
+_current_op: ContextVar["_Op | None"] = ContextVar("replfs_fs_op", default=None)
 
 
 async def read_superblock(dev) -> F.Superblock:
@@ -154,8 +183,20 @@ class Filesystem:
         self.atime_quantum_ns = ATIME_QUANTUM * 1_000_000_000
         self.time_min, self.time_max = F.time_range(sb.feat_incompat)
         self.orphan_ino = sb.slots[slot].orphan_ino
-        self._big = trio.Lock()
-        self._held: set[int] = set()
+        # The running transaction: operations in it, commits waiting for
+        # them to leave, one commit (or checkpoint) at a time.
+        self._active = 0
+        self._closing = 0         # a commit is draining or writing the journal
+        self._tx_lot = trio.lowlevel.ParkingLot()
+        self._commit_lock = trio.Lock()
+        self._live: set[_Op] = set()
+        # read-only remount: writers finish before the slot is given back
+        self._writers = 0
+        self._freeze = False
+        # check that every allocation was reserved first (tests turn it on)
+        self.strict = os.environ.get("REPLFS_FS_STRICT") == "1"
+        self.cache.on_dirty = self._on_dirty
+        self.alloc.on_alloc = self._on_alloc
         self._handles: dict[int, _Handle] = {}
         # References that keep an unlinked inode alive (as an orphan): open
         # handles, and the kernel's lookup references (``hold``/``unhold``).
@@ -166,6 +207,7 @@ class Filesystem:
         self.mounted = False
         self.readonly = False
         self.recovered_slots: list[int] = []
+        self._bitmap_stale = False
 
     # ------------------------------------------------------------ mount
 
@@ -186,7 +228,7 @@ class Filesystem:
         if not 0 <= slot < sb.slot_count:
             raise OSError(errno.EINVAL, f"slot {slot} out of range (volume has {sb.slot_count})")
         fs = cls(dev, sb, slot, locks or LocalLockManager(), node)
-        fs.locks.set_invalidate_hook(fs.invalidate)
+        fs.locks.set_downconvert_hook(fs.downconvert)
         if readonly:
             dirty = [s for s in range(sb.slot_count)
                      if (await J.journal_state(dev, sb, s)).flags & F.JSB_DIRTY]
@@ -215,11 +257,16 @@ class Filesystem:
         return fs
 
     async def recover_slot(self, slot: int) -> None:
-        """Replay a (dead) slot's journal, return its allocation window and
-        free its orphans.  Runs under the global bitmap lock."""
-        async with self._op(), self.locks.global_bitmap():
+        """Replay a (dead) slot's journal, return its allocation window,
+        mark it free, then free its orphans (OCFS2's order: journal,
+        local alloc, slot map, and the orphans after, each orphan its own
+        operation)."""
+        async with self._op(internal=True):
+            await self._take(("super", 0), EX, "super")
+            await self._take(("bitmap", 0), EX, "bitmap")
             await self._commit()
-            await J.replay(self.dev, self.sb, slot)
+            async with self._commit_lock:
+                await J.replay(self.dev, self.sb, slot)
             self.cache.drop_clean()
             await self.alloc.load()
             la = await self.cache.get(self.sb.slots[slot].localalloc_blk, "local", "local")
@@ -230,44 +277,57 @@ class Filesystem:
             la.bitmap = bytearray()
             self.cache.mark(la.blkno, la)
             await self._mark_slot(slot, in_use=False)
-            await self._recover_orphans(slot)
-            self.recovered_slots.append(slot)
+        await self._recover_orphans(slot)
+        self.recovered_slots.append(slot)
         await self.sync()
 
     async def _recover_orphans(self, slot: int, keep=()) -> None:
         """Free the orphans of ``slot`` (inodes unlinked while in use),
-        except those in ``keep`` (still in use here)."""
-        od = await self._inode(self.sb.slots[slot].orphan_ino)
-        victims = [e async for e in self.dirs.entries(od) if e.ino not in keep]
-        for e in victims:
-            ino = await self._inode(e.ino)
-            if ino.nlink == 0 and await self._too_big_to_free_at_once(ino):
-                await self._truncate(ino, 0)     # in steps, still parked
-            await self.dirs.remove(od, e.name)
-            if ino.nlink == 0:
-                await self._destroy(ino)
-            # many orphans must not pile up into one transaction bigger
-            # than the journal: the volume could never be mounted again
-            if len(self.cache.dirty) >= self.commit_threshold:
-                await self._commit()
+        except those in ``keep`` (still in use here).  Each orphan is one
+        operation: the inode's lock, then the orphan directory's."""
+        od_ino = self.sb.slots[slot].orphan_ino
+        async with (self._op(reading=True, internal=True),
+                    self._locked(od_ino, shared=True, level="orphan")):
+            od = await self._inode(od_ino)
+            victims = [(e.name, e.ino) async for e in self.dirs.entries(od) if e.ino not in keep]
+        for name, ino in victims:
+            async with self._op(internal=True):
+                await self._take(("inode", ino), EX, "inode")
+                await self._take(("inode", od_ino), EX, "orphan")
+                od = await self._inode(od_ino)
+                e = await self.dirs.lookup(od, name)
+                if e is None or e.ino != ino:
+                    continue            # gone meanwhile
+                inode = await self._inode(ino)
+                if inode.nlink == 0 and await self._too_big_to_free_at_once(inode):
+                    await self._truncate(inode, 0)     # in steps, still parked
+                await self.dirs.remove(od, name)
+                if inode.nlink == 0:
+                    await self._destroy(inode)
 
     async def remount(self, readonly: bool) -> None:
-        """``mount -o remount,ro|rw``.  Going read-only commits, frees the
-        orphans nothing holds, returns the allocation window, gives the
-        slot back and closes the journal clean, so a crash while read-only
-        needs no recovery.  Orphans still open stay in the slot's orphan
-        directory; a later read-write mount or remount of this slot frees
-        them.  Going read-write takes the slot and opens the journal
-        again."""
+        """``mount -o remount,ro|rw``.  Going read-only lets running
+        changes finish (new ones get EROFS), commits, frees the orphans
+        nothing holds, returns the allocation window, gives the slot back
+        and closes the journal clean, so a crash while read-only needs no
+        recovery.  Orphans still open stay in the slot's orphan directory;
+        a later read-write mount or remount of this slot frees them.
+        Going read-write takes the slot and opens the journal again."""
         if readonly == self.readonly:
             return
         if self.failed is not None:
             raise FilesystemFailed(errno.EROFS, f"filesystem failed, read-only: {self.failed}")
         if readonly:
-            await self._leave_slot(keep=set(self._opens))
-            self.readonly = True
+            self._freeze = True
+            try:
+                while self._writers:
+                    await self._tx_lot.park()
+                await self._leave_slot(keep=set(self._opens))
+                self.readonly = True
+            finally:
+                self._freeze = False
             return
-        async with self._big:
+        async with self._commit_lock:
             if (await J.journal_state(self.dev, self.sb, self.slot)).flags & F.JSB_DIRTY:
                 raise OSError(errno.EBUSY, f"the journal of slot {self.slot} is dirty "
                               "(another mount used it?); unmount and mount again")
@@ -292,7 +352,8 @@ class Filesystem:
 
     async def _mark_slot(self, slot: int, *, in_use: bool) -> None:
         """Record ``slot`` in the slot map as in use by this node (a new
-        mount generation) or free; inside an operation."""
+        mount generation) or free; inside an operation holding the super
+        lock."""
         sm = await self.cache.get(self.sb.slotmap_blk, "slotmap", "slotmap")
         _, _, gen = sm.slots[slot]
         sm.slots[slot] = (F.SLOT_IN_USE, self.node, gen + 1) if in_use else (F.SLOT_FREE, 0, gen)
@@ -302,20 +363,23 @@ class Filesystem:
         """Start writing in our slot (mount, remount rw): mark it in use
         and free the orphans left in it that nothing here holds (left by a
         crash, or by a read-only remount while they were open)."""
-        async with self._op():
+        async with self._op(internal=True):
+            await self._take(("super", 0), EX, "super")
             await self._mark_slot(self.slot, in_use=True)
-            await self._recover_orphans(self.slot, keep=set(self._opens))
+        await self._recover_orphans(self.slot, keep=set(self._opens))
 
     async def _leave_slot(self, keep) -> None:
         """Stop writing in our slot (unmount, remount ro): free the orphans
         not in ``keep``, return the window, mark the slot free, commit and
         close the journal clean."""
-        async with self._op():
-            await self._recover_orphans(self.slot, keep=keep)
+        await self._recover_orphans(self.slot, keep=keep)
+        async with self._op(internal=True):
+            await self._take(("super", 0), EX, "super")
+            await self._take(("bitmap", 0), EX, "bitmap")
             self.alloc.release_window()
             await self._mark_slot(self.slot, in_use=False)
-        async with self._big:
-            await self._commit()
+        await self._commit()
+        async with self._commit_lock:
             await self.journal.close()
 
     # ------------------------------------------------------------ plumbing
@@ -328,68 +392,270 @@ class Filesystem:
             self.cache.discard_transaction()
             self.alloc.pending = []
 
-    @asynccontextmanager
-    async def _op(self, *, reading: bool = False):
-        """One operation.  ``reading`` operations go on after the
-        filesystem latched read-only: they see what is committed (the
-        latch dropped everything uncommitted from memory)."""
-        if self.failed is not None and not reading:
-            raise FilesystemFailed(errno.EROFS, f"filesystem failed, read-only: {self.failed}")
-        async with self._big:
-            self.cache.op_dirtied = False
-            try:
-                yield
-            except BaseException as e:
-                if self.cache.op_dirtied:
-                    if self.readonly:
-                        self.cache.discard_transaction()
-                        self.alloc.pending = []
-                    else:
-                        self._fail(f"{type(e).__name__}: {e} in the middle of an update")
-                raise
-            if self.readonly and (self.cache.op_dirtied or self.cache.dirty):
-                # Nothing may reach the disk: undo what the operation did
-                # in memory and refuse it.
-                self.cache.discard_transaction()
-                self.alloc.pending = []
-                self.cache.drop_clean()
-                await self.alloc.load()
-                raise OSError(errno.EROFS, "read-only mount")
-            if len(self.cache.dirty) >= self.commit_threshold:
-                await self._commit()
+    # --- the running transaction
+
+    def _on_dirty(self) -> None:
+        """Every change to a cached block: the operation joins the running
+        transaction (if it has not reserved already)."""
+        op = _current_op.get()
+        if op is None or op.fs is not self:
+            return      # mount, recovery and commit work outside operations
+        op.dirtied = True
+        if not op.active:
+            op.active = True
+            self._active += 1
+
+    def _on_alloc(self, n: int) -> None:
+        op = _current_op.get()
+        if op is None or op.fs is not self:
+            return
+        if self.strict and not op.reserving:
+            raise LockOrderError("allocation without a reservation (a concurrent commit "
+                                 "could hand the cluster out before its free is durable)")
+        used = min(n, op.reserved)
+        op.reserved -= used
+        self.alloc.reserved -= used
+
+    async def _join(self, op: _Op) -> None:
+        """Enter the running transaction before reserving: never while a
+        commit is draining it or writing it (frees it applies must not be
+        handed out before they are durable)."""
+        while self._closing:
+            await self._tx_lot.park()
+        if not op.active:
+            op.active = True
+            self._active += 1
+
+    def _settle(self, op: _Op) -> None:
+        """``op`` is at a consistent point: a commit may take its changes."""
+        op.reserving = False
+        if op.active:
+            op.active = False
+            self._active -= 1
+            if not self._active:
+                self._tx_lot.unpark_all()
+
+    def _avail(self) -> int:
+        """Clusters this operation may still reserve."""
+        op = _current_op.get()
+        mine = op.reserved if op is not None and op.fs is self else 0
+        return self.alloc.free_clusters() - (self.alloc.reserved - mine)
+
+    async def _try_reserve(self, n: int) -> bool:
+        """Reserve ``n`` clusters for the current operation (in all, not
+        more), committing deferred frees if that makes room.  Joins the
+        transaction: the operation may allocate afterwards, and takes no
+        lock any more."""
+        op = _current_op.get()
+        if op is None or op.fs is not self:
+            return self.alloc.free_clusters() >= n
+        if not op.active:
+            await self._join(op)
+        if self._avail() < n and self.alloc.pending:
+            await self._commit()
+            await self._join(op)
+        if self._avail() < n:
+            return False
+        if n > op.reserved:
+            self.alloc.reserved += n - op.reserved
+            op.reserved = n
+        op.reserving = True
+        return True
+
+    async def _reserve(self, n: int) -> None:
+        if not await self._try_reserve(n):
+            raise OSError(errno.ENOSPC, "no space left on device")
 
     @asynccontextmanager
-    async def _locked(self, *inos: int, shared: bool = False):
-        # Inodes already held by this operation (rename locks the parents,
-        # then the children, and a child may be one of the parents) are
-        # not taken again: the lock manager's locks are not re-entrant.
-        todo = set(inos) - self._held
+    async def _op(self, *, reading: bool = False, internal: bool = False):
+        """One operation.  ``reading`` operations go on after the
+        filesystem latched read-only: they see what is committed (the
+        latch dropped everything uncommitted from memory).  Nested calls
+        join the operation already running in this task."""
+        cur = _current_op.get()
+        if cur is not None and cur.fs is self:
+            yield cur
+            return
+        if self.failed is not None and not reading:
+            raise FilesystemFailed(errno.EROFS, f"filesystem failed, read-only: {self.failed}")
+        counted = not reading and not internal
+        if counted:
+            if self._freeze:
+                raise OSError(errno.EROFS, "read-only mount")
+            self._writers += 1
+        op = _Op(self, reading)
+        token = _current_op.set(op)
+        self._live.add(op)
+        try:
+            async with op.stack:
+                try:
+                    yield op
+                except BaseException as e:
+                    self._settle(op)
+                    if op.dirtied:
+                        if self.readonly:
+                            self.cache.discard_transaction()
+                            self.alloc.pending = []
+                        else:
+                            self._fail(f"{type(e).__name__}: {e} in the middle of an update")
+                    raise
+                self._settle(op)
+                if self.readonly and op.dirtied:
+                    # Nothing may reach the disk: undo what the operation
+                    # did in memory and refuse it.
+                    self.cache.discard_transaction()
+                    self.alloc.pending = []
+                    self.cache.drop_clean()
+                    await self.alloc.load()
+                    raise OSError(errno.EROFS, "read-only mount")
+        finally:
+            self.alloc.reserved -= op.reserved
+            op.reserved = 0
+            self._live.discard(op)
+            _current_op.reset(token)
+            if counted:
+                self._writers -= 1
+                if not self._writers:
+                    self._tx_lot.unpark_all()
+        if len(self.cache.dirty) >= self.commit_threshold and self.failed is None:
+            await self._commit()
+
+    # --- locks
+
+    def _cur(self) -> _Op:
+        op = _current_op.get()
+        if op is None or op.fs is not self:
+            raise RuntimeError("a lock taken outside an operation")
+        return op
+
+    def _wanted(self, op: _Op, res: Res, mode: Mode) -> bool:
+        """Does ``op`` still have to take ``res``?  A lock it holds is not
+        taken again (the managers' locks are not re-entrant); a stronger
+        mode than held would be an upgrade inside an operation, which two
+        nodes can deadlock on."""
+        held = op.held.get(res)
+        if held is None:
+            return True
+        if mode == EX and held != EX:
+            raise LockOrderError(f"{res} held {held.name}, wanted {mode.name} in one operation")
+        return False
+
+    async def _take(self, res: Res, mode: Mode, level: str) -> None:
+        """Take ``res`` for the rest of the current operation."""
+        op = self._cur()
+        if not self._wanted(op, res, mode):
+            return
+        op.order.check(level, in_transaction=op.active)
+        await op.stack.enter_async_context(self.locks.hold(res, mode))
+        op.held[res] = mode
+        if res == ("bitmap", 0) and self._bitmap_stale:
+            self._bitmap_stale = False
+            await self.alloc.load()
+
+    @asynccontextmanager
+    async def _locked(self, *inos: int, shared: bool = False, level: str = "inode",
+                      ordered: bool = False):
+        """Hold inode locks inside the current operation: PR (``shared``)
+        or EX, taken in ascending inode order unless the caller gives the
+        order (``ordered``: directories ancestor first)."""
+        op = self._cur()
+        mode = PR if shared else EX
+        todo = []
+        for ino in inos:
+            res = ("inode", ino)
+            if res not in [("inode", t) for t in todo] and self._wanted(op, res, mode):
+                todo.append(ino)
+        if not ordered:
+            todo.sort()
         if not todo:
             yield
             return
-        async with AsyncExitStack() as stack:
-            for ino in sorted(todo):
-                await stack.enter_async_context(self.locks.inode(ino, shared=shared))
-                self._held.add(ino)
-                stack.callback(self._held.discard, ino)
-            yield
+        op.order.check(level, in_transaction=op.active)
+        try:
+            async with AsyncExitStack() as stack:
+                for ino in todo:
+                    await stack.enter_async_context(self.locks.hold(("inode", ino), mode))
+                    op.held[("inode", ino)] = mode
+                    stack.callback(op.held.pop, ("inode", ino), None)
+                yield
+        finally:
+            op.order.release(level)
+
+    # --- commit
 
     async def _commit(self) -> None:
+        """Commit the running transaction.  Called inside an operation, at
+        a consistent point of it (its changes so far go with the commit),
+        or outside any."""
+        op = _current_op.get()
+        if op is not None and op.fs is self:
+            self._settle(op)
+        async with self._commit_lock:
+            self._closing += 1
+            try:
+                while self._active:
+                    await self._tx_lot.park()
+                await self._commit_now()
+            finally:
+                self._closing -= 1
+                self._tx_lot.unpark_all()
+
+    async def _commit_now(self) -> None:
+        if self.failed is not None:
+            # what operations still in flight changed after the latch
+            self.cache.discard_transaction()
+            self.alloc.pending = []
+            raise FilesystemFailed(errno.EROFS, f"filesystem failed, read-only: {self.failed}")
         if not self.cache.dirty and not self.alloc.pending:
             return
+        # Once the transaction is taken it is written whole: a cancelled
+        # caller (an interrupted fsync, the commit loop at unmount) must
+        # not leave memory ahead of the disk and latch the filesystem.
+        with trio.CancelScope(shield=True):
+            await self._commit_taken()
+
+    async def _commit_taken(self) -> None:
         try:
+            frees = bool(self.alloc.pending)
             self.alloc.apply_pending()
             images, revokes = self.cache.take_transaction()
-            await self.journal.commit(images, revokes)
-            # Home writes, coalescing runs of adjacent blocks.
-            blks = sorted(images)
-            i = 0
-            while i < len(blks):
-                j = i + 1
-                while j < len(blks) and blks[j] == blks[j - 1] + 1 and j - i < 256:
-                    j += 1
-                await self.dev.write(blks[i] * self.bs, b"".join(images[b] for b in blks[i:j]))
-                i = j
+            # What the operations changed so far leaves with this
+            # transaction (and a commit that fails latches by itself): an
+            # error one raises after a mid-operation commit -- ENOSPC once
+            # committing the deferred frees did not make enough room --
+            # leaves nothing half done in memory and must not latch.
+            for o in self._live:
+                o.dirtied = False
+            self.cache.homing.update(images)
+            # Operations may reserve (and allocate) again while the journal
+            # and home writes go on -- unless this commit frees clusters:
+            # those must not be handed out before the free is durable, nor
+            # before the last home write of a freed block (an inode's
+            # tombstone) has landed, or it would land on the new data.
+            reopen = not frees
+            if reopen:
+                self._closing -= 1
+                self._tx_lot.unpark_all()
+            try:
+                await self.journal.commit(images, revokes)
+                try:
+                    # Home writes, coalescing runs of adjacent blocks.
+                    blks = sorted(images)
+                    i = 0
+                    while i < len(blks):
+                        j = i + 1
+                        while j < len(blks) and blks[j] == blks[j - 1] + 1 and j - i < 256:
+                            j += 1
+                        await self.dev.write(blks[i] * self.bs,
+                                             b"".join(images[b] for b in blks[i:j]))
+                        i = j
+                finally:
+                    if reopen:
+                        self._closing += 1
+            finally:
+                for b, img in images.items():
+                    if self.cache.homing.get(b) is img:
+                        del self.cache.homing[b]
         except BaseException as e:
             # Memory and disk no longer agree (the transaction may or may
             # not have reached the journal; or a block could not even be
@@ -403,7 +669,7 @@ class Filesystem:
             raise OSError(errno.EIO, f"journal commit failed: {e}") from e
 
     async def sync(self) -> None:
-        async with self._op():
+        async with self._op(internal=True):
             await self._commit()
 
     async def checkpoint(self) -> None:
@@ -411,7 +677,8 @@ class Filesystem:
             return
         async with self._op():
             await self._commit()
-            await self.journal.checkpoint()
+            async with self._commit_lock:
+                await self.journal.checkpoint()
 
     async def commit_loop(self, interval: float = 5.0, *, task_status=trio.TASK_STATUS_IGNORED):
         """Background commit every ``interval`` seconds (run in a nursery)."""
@@ -421,23 +688,37 @@ class Filesystem:
             if self.failed is None and self.mounted:
                 await self.sync()
 
-    async def invalidate(self, kind: str, ident: int) -> None:
-        """Called by the lock manager before it gives a lock to another
-        node: make our changes durable, then forget what we cached."""
-        async with self._big:
-            if self.failed is None:
+    async def downconvert(self, res: Res, old: Mode, new: Mode) -> None:
+        """Called by the lock manager before it gives up ``res`` from mode
+        ``old`` to ``new`` for another node.  A lock held EX may cover
+        changes: commit them and write them home (a checkpoint, as OCFS2
+        does: images left in this slot's log would be replayed over the
+        other node's newer blocks if this slot were ever recovered).  A
+        lock going to NL: forget what it covered.  Runs outside every
+        operation and takes no lock; the commit waits only for operations
+        already in the transaction, which wait for no lock."""
+        token = _current_op.set(None)
+        try:
+            if old == EX and self.failed is None and self.mounted and not self.readonly:
                 await self._commit()
-                # Checkpoint too (as OCFS2 does on a down-conversion): images
-                # left in this slot's log would be replayed over the other
-                # node's newer blocks if this slot is ever recovered.
-                await self.journal.checkpoint()
-            if kind == "inode":
-                self.cache.drop_owner(ident)
-                if ident not in self.cache.dirty:
-                    self.cache.forget(ident)
-            elif kind == "bitmap":
-                self.cache.drop_owner("bitmap")
-                await self.alloc.load()
+                async with self._commit_lock:
+                    await self.journal.checkpoint()
+            if new == NL:
+                self._forget(res)
+        finally:
+            _current_op.reset(token)
+
+    def _forget(self, res: Res) -> None:
+        kind, ident = res
+        if kind == "inode":
+            self.cache.drop_owner(ident)
+            if ident not in self.cache.dirty:
+                self.cache.forget(ident)
+        elif kind == "bitmap":
+            self.cache.drop_owner("bitmap")
+            self._bitmap_stale = True
+        elif kind == "super":
+            self.cache.drop_owner("slotmap")
 
     async def _inode(self, ino: int) -> F.Inode:
         if not isinstance(ino, int) or ino <= 0 or ino >= self.sb.total_blocks:
@@ -458,14 +739,6 @@ class Filesystem:
 
     def _dirty(self, inode: F.Inode) -> None:
         self.cache.mark(inode.ino, inode)
-
-    async def _reserve(self, n: int) -> None:
-        if self.alloc.free_clusters() >= n:
-            return
-        if self.alloc.pending:
-            await self._commit()
-        if self.alloc.free_clusters() < n:
-            raise OSError(errno.ENOSPC, "no space left on device")
 
     def _attr(self, i: F.Inode) -> Attr:
         return Attr(i.ino, i.mode, i.nlink, i.uid, i.gid, i.rdev, i.size,
@@ -567,6 +840,7 @@ class Filesystem:
         directory on a full volume must be refused, not latch)."""
         if (inode.nlink > 1 and not inode.is_dir) or not await self._parks_as_orphan(inode):
             return 0
+        await self._take(("inode", self.orphan_ino), EX, "orphan")
         od = await self._inode(self.orphan_ino)
         name = b"%016x" % inode.ino
         await self.dirs.lookup(od, name)        # reserve_estimate follows this name
@@ -597,19 +871,24 @@ class Filesystem:
     # ------------------------------------------------------------ names
 
     async def lookup(self, parent: int, name) -> Attr:
+        """The child's attributes under its own lock, taken inside the
+        directory's (parent before child, as every operation); ".." is
+        looked up after the directory's lock is given up, since the
+        parent of a directory comes before it in the lock order."""
         name = _check_name(name)
-        async with self._op(reading=True), self._locked(parent, shared=True):
+        if name == b"..":
+            return await self.lookup_dotdot(parent)
+        async with self._op(reading=True), self._locked(parent, shared=True, level="dir"):
             if name == b".":
                 # any inode, not only a directory: the kernel asks this to
                 # turn a file handle (NFS export) back into an inode
                 return self._attr(await self._inode(parent))
             d = await self._dir(parent)
-            if name == b"..":
-                return self._attr(await self._inode(d.parent))
             e = await self.dirs.lookup(d, name)
             if e is None:
                 raise OSError(errno.ENOENT, "no such file or directory")
-            return self._attr(await self._inode(e.ino))
+            async with self._locked(e.ino, shared=True):
+                return self._attr(await self._inode(e.ino))
 
     async def getattr(self, ino: int) -> Attr:
         async with self._op(reading=True), self._locked(ino, shared=True):
@@ -651,19 +930,19 @@ class Filesystem:
             mode |= stat.S_IFREG
         if stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
             raise OSError(errno.EINVAL, "use mkdir/symlink")
-        async with self._op(), self._locked(parent):
+        async with self._op(), self._locked(parent, level="dir"):
             return self._attr(await self._make(parent, name, mode, uid, gid, rdev))
 
     async def mkdir(self, parent: int, name, mode: int = 0o755, uid: int = 0,
                     gid: int = 0) -> Attr:
         mode = stat.S_IMODE(mode) | stat.S_IFDIR
-        async with self._op(), self._locked(parent):
+        async with self._op(), self._locked(parent, level="dir"):
             return self._attr(await self._make(parent, name, mode, uid, gid))
 
     async def create(self, parent: int, name, mode: int = 0o644, flags: int = os.O_RDWR,
                      uid: int = 0, gid: int = 0) -> tuple[int, Attr]:
         mode = stat.S_IMODE(mode) | stat.S_IFREG
-        async with self._op(), self._locked(parent):
+        async with self._op(), self._locked(parent, level="dir"):
             inode = await self._make(parent, name, mode, uid, gid)
             return self._open_handle(inode, flags), self._attr(inode)
 
@@ -674,7 +953,7 @@ class Filesystem:
             raise OSError(errno.ENOENT, "empty symlink target")
         if len(target) > MAX_SYMLINK:
             raise OSError(errno.ENAMETOOLONG, "symlink target too long")
-        async with self._op(), self._locked(parent):
+        async with self._op(), self._locked(parent, level="dir"):
             return self._attr(await self._make(parent, name, stat.S_IFLNK | 0o777, uid, gid,
                                                data=target))
 
@@ -689,7 +968,7 @@ class Filesystem:
 
     async def link(self, ino: int, new_parent: int, new_name) -> Attr:
         new_name = _check_name(new_name)
-        async with self._op(), self._locked(ino, new_parent):
+        async with self._op(), self._locked(new_parent, level="dir"), self._locked(ino):
             inode = await self._inode(ino)
             if inode.is_dir:
                 raise OSError(errno.EPERM, "hard link to a directory")
@@ -713,7 +992,7 @@ class Filesystem:
 
     async def unlink(self, parent: int, name) -> None:
         name = _check_name(name)
-        async with self._op(), self._locked(parent):
+        async with self._op(), self._locked(parent, level="dir"):
             d = await self._dir(parent)
             if name in (b".", b".."):
                 raise OSError(errno.EISDIR, "is a directory")
@@ -738,7 +1017,7 @@ class Filesystem:
 
     async def rmdir(self, parent: int, name) -> None:
         name = _check_name(name)
-        async with self._op(), self._locked(parent):
+        async with self._op(), self._locked(parent, level="dir"):
             d = await self._dir(parent)
             if name == b".":
                 raise OSError(errno.EINVAL, "cannot remove '.'")
@@ -790,7 +1069,35 @@ class Filesystem:
             _check_id(gid, "gid")
         if old_name in (b".", b"..") or new_name in (b".", b".."):
             raise OSError(errno.EBUSY, "cannot rename '.' or '..'")
-        async with self._op(), self._locked(old_parent, new_parent):
+        async with self._op():
+            if old_parent != new_parent:
+                # Across directories: the rename lock first.  It is what
+                # keeps parent pointers still (only a cross-directory
+                # rename changes one), so the ancestry walks below may
+                # read them without the inodes' locks.
+                await self._take(("rename", 0), EX, "rename")
+                parents = await self._parent_order(old_parent, new_parent)
+            else:
+                parents = (old_parent,)
+            async with self._locked(*parents, level="dir", ordered=True):
+                await self._rename_locked(old_parent, old_name, new_parent, new_name,
+                                          flags, uid, gid)
+
+    async def _parent_order(self, a: int, b: int) -> tuple[int, int]:
+        """The two directories of a rename in lock order: an ancestor
+        before its descendant, otherwise the lower inode number first."""
+        try:
+            if await self._is_ancestor(a, b):
+                return a, b
+            if await self._is_ancestor(b, a):
+                return b, a
+        except OSError:
+            pass            # not directories: the rename fails under the locks
+        return (a, b) if a < b else (b, a)
+
+    async def _rename_locked(self, old_parent, old_name, new_parent, new_name,
+                             flags, uid, gid) -> None:
+        if True:
             od = await self._dir(old_parent)
             nd = await self._dir(new_parent)
             se = await self.dirs.lookup(od, old_name)
@@ -799,6 +1106,15 @@ class Filesystem:
             de = await self.dirs.lookup(nd, new_name)
             if nd.nlink == 0:
                 raise OSError(errno.ENOENT, "directory was removed")
+            # Moving a directory under itself is refused before its lock
+            # is taken: the rename holds the new parent, and a descendant
+            # is locked after its ancestors everywhere else.
+            if od.ino != nd.ino:
+                if se.ftype == F.FT_DIR and await self._is_ancestor(se.ino, nd.ino):
+                    raise OSError(errno.EINVAL, "cannot move a directory into itself")
+                if (flags & RENAME_EXCHANGE and de is not None and de.ftype == F.FT_DIR
+                        and await self._is_ancestor(de.ino, od.ino)):
+                    raise OSError(errno.EINVAL, "cannot move a directory into itself")
             async with self._locked(se.ino, *( [de.ino] if de else [])):
                 src = await self._inode(se.ino)
                 dst = await self._inode(de.ino) if de else None
@@ -1093,6 +1409,7 @@ class Filesystem:
         async with self._locked(ino):
             inode = await self._inode(ino)
             if inode.nlink == 0:
+                await self._take(("inode", self.orphan_ino), EX, "orphan")
                 await self._drop_orphan(inode)
 
     def _handle(self, fh: int) -> _Handle:
@@ -1178,9 +1495,7 @@ class Filesystem:
                         chunk_end = pos + max(cs - pos % cs, (chunk_end - pos) // 2)
                         continue
                     raise OSError(errno.EFBIG, "file too fragmented")
-                if self.alloc.free_clusters() < holes + leaves and self.alloc.pending:
-                    await self._commit()
-                if self.alloc.free_clusters() >= holes + leaves:
+                if await self._try_reserve(holes + leaves):
                     break
                 if chunk_end - pos > cs - pos % cs:
                     chunk_end = pos + max(cs - pos % cs, (chunk_end - pos) // 2)
@@ -1233,7 +1548,7 @@ class Filesystem:
             self._handle(fh)
         async with self._op():
             await self._commit()
-            await self.dev.flush()
+        await self.dev.flush()
 
     async def statfs(self) -> StatFs:
         async with self._op(reading=True):
@@ -1317,10 +1632,18 @@ class Filesystem:
 
     async def lookup_dotdot(self, ino: int) -> Attr:
         """Attributes of the parent of directory ``ino`` (NFS export asks
-        this with nothing but a directory's handle)."""
-        async with self._op(reading=True), self._locked(ino, shared=True):
-            d = await self._dir(ino)
-            return self._attr(await self._inode(d.parent))
+        this with nothing but a directory's handle).  The parent is locked
+        after the directory's lock is given up (it comes first in the
+        lock order); if the directory moved meanwhile, ask again."""
+        async with self._op(reading=True):
+            for _ in range(100):
+                async with self._locked(ino, shared=True):
+                    parent = (await self._dir(ino)).parent
+                async with self._locked(parent, shared=True, level="dir"):
+                    attr = self._attr(await self._inode(parent))
+                    if parent == ino or (await self._dir(ino)).parent == parent:
+                        return attr
+            raise OSError(errno.EAGAIN, "directory keeps moving")
 
     async def fallocate(self, fh: int, offset: int, length: int, mode: int = 0) -> None:
         """posix_fallocate: back [offset, offset+length) with clusters

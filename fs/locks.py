@@ -1,11 +1,39 @@
-"""The lock-manager interface the filesystem reaches its caches through.
+"""The lock interface the filesystem takes its locks through, the
+node-local manager, and the lock-order checker.
 
-Every cached inode (with its directory and extent blocks), the global
-bitmap and the slot map are protected by a named lock.  The local manager
-here serialises tasks of one process; the cluster manager (dlm-lite) will
-implement the same interface and, when another node asks for a lock we
-hold, call the registered invalidate hook *before* giving the lock up, so
-the filesystem commits its journal and drops the cached blocks.
+Every object the filesystem caches is covered by a named lock (a
+``Res``): an inode's metadata and data ("inode", ino), the slot map and
+superblock ("super", 0), the global bitmap ("bitmap", 0), the rename lock
+("rename", 0), a slot's journal ("journal", slot).  Locks have DLM modes:
+an operation that only reads takes PR, one that changes takes EX.
+
+Two managers implement the interface:
+
+* ``LocalLockManager`` (here): one node, locks between the tasks of one
+  process.  Nothing else can want a lock, so the down-conversion hook runs
+  only when a test calls ``downconvert``.
+* ``fs/clusterlocks.py``: the same locks on dlm-lite through the
+  node-local ``LockCache``; when another node wants a lock this node
+  holds, the hook runs *before* the lock is given up, with the old and new
+  mode, so the filesystem commits, checkpoints and forgets what it may no
+  longer trust.
+
+The lock order (docs/fs-locking.md has the reasons; ``OrderChecker``
+enforces it in the tests and the simulator):
+
+    0 rename        the rename lock, cross-directory renames only
+    1 super         slot map / superblock
+    2 dir           the directories an operation changes: ancestor
+                    first, else lower inode number first, in one call
+    3 inode         the inodes named in them (children), lower number
+                    first, in one call
+    4 orphan        an orphan directory
+    5 bitmap        the global bitmap
+    then the transaction: no lock is taken after the operation's first
+    change (the commit a down-conversion needs would wait for us)
+
+An operation holds at most one group of locks per level, taken in one
+call; it never holds a lock while it takes one of a lower level.
 """
 from __future__ import annotations
 
@@ -14,20 +42,56 @@ from typing import Awaitable, Callable, Protocol
 
 import trio
 
-InvalidateHook = Callable[[str, int], Awaitable[None]]   # (kind, ident)
+from replfs.locking.dlm.modes import EX, NL, PR, Mode
+
+Res = tuple[str, int]
+DownconvertHook = Callable[[Res, Mode, Mode], Awaitable[None]]
+
+LEVELS = {"rename": 0, "super": 1, "dir": 2, "inode": 3, "orphan": 4, "bitmap": 5}
+
+__all__ = ["EX", "NL", "PR", "Mode", "Res", "LEVELS", "LockManager", "LocalLockManager",
+           "LockOrderError", "OrderChecker"]
 
 
 class LockManager(Protocol):
-    def inode(self, ino: int, *, shared: bool = False): ...
-    def global_bitmap(self): ...
-    def slot_map(self): ...
-    def set_invalidate_hook(self, hook: InvalidateHook) -> None: ...
+    def hold(self, res: Res, mode: Mode):
+        """Async context manager: ``res`` held at ``mode`` inside."""
+
+    def set_downconvert_hook(self, hook: DownconvertHook) -> None: ...
+
+
+class LockOrderError(AssertionError):
+    """A lock was taken against the documented order: a deadlock waiting
+    for the right interleaving of two nodes."""
+
+
+class OrderChecker:
+    """Lockdep for one operation: records the levels taken and fails on
+    an inversion.  ``level`` names the role the lock plays in the
+    operation (a directory is "dir" when its entries change, "inode" when
+    it is the child being removed)."""
+
+    def __init__(self) -> None:
+        self.levels: list[int] = []
+
+    def check(self, level: str, *, in_transaction: bool) -> None:
+        n = LEVELS[level]
+        if in_transaction:
+            raise LockOrderError(f"{level} lock taken after the operation's first change")
+        if self.levels and n <= max(self.levels):
+            raise LockOrderError(f"{level} lock taken while holding a lock of level "
+                                 f"{max(self.levels)} (order: {', '.join(LEVELS)})")
+        self.levels.append(n)
+
+    def release(self, level: str) -> None:
+        self.levels.remove(LEVELS[level])
 
 
 class _RWLock:
-    """Readers-writer lock.  Taking a free lock does not yield to the
-    scheduler: operations take several inode locks each, and a trip
-    through the event loop per lock was most of the cost of a create."""
+    """Shared (PR) / exclusive (EX) lock between tasks.  Taking a free lock
+    does not yield to the scheduler: operations take several locks each,
+    and a trip through the event loop per lock was most of the cost of a
+    create."""
 
     def __init__(self) -> None:
         self.readers = 0
@@ -52,22 +116,25 @@ class _RWLock:
 
 
 class LocalLockManager:
-    """In-process locks; nothing else can take them, so the invalidate hook
-    is only called through :meth:`downconvert` (tests use it)."""
+    """Locks between the tasks of one process (one node, one mount)."""
 
     def __init__(self) -> None:
-        self._locks: dict[tuple[str, int], _RWLock] = {}
-        self._users: dict[tuple[str, int], int] = {}
-        self.hook: InvalidateHook | None = None
+        self._locks: dict[Res, _RWLock] = {}
+        self._users: dict[Res, int] = {}
+        self.hook: DownconvertHook | None = None
 
-    def set_invalidate_hook(self, hook: InvalidateHook) -> None:
+    def set_downconvert_hook(self, hook: DownconvertHook) -> None:
         self.hook = hook
 
     @asynccontextmanager
-    async def _hold(self, kind: str, ident: int, shared: bool):
-        k = (kind, ident)
-        lock = self._locks.setdefault(k, _RWLock())
-        self._users[k] = self._users.get(k, 0) + 1
+    async def hold(self, res: Res, mode: Mode):
+        if mode not in (PR, EX):
+            raise ValueError(f"the filesystem takes PR or EX locks, not {Mode(mode).name}")
+        shared = mode != EX
+        lock = self._locks.get(res)
+        if lock is None:
+            lock = self._locks[res] = _RWLock()
+        self._users[res] = self._users.get(res, 0) + 1
         try:
             await lock.acquire(shared)
             try:
@@ -75,21 +142,13 @@ class LocalLockManager:
             finally:
                 lock.release(shared)
         finally:
-            self._users[k] -= 1
-            if not self._users[k]:
-                del self._users[k]
-                del self._locks[k]
+            self._users[res] -= 1
+            if not self._users[res]:
+                del self._users[res]
+                del self._locks[res]
 
-    def inode(self, ino: int, *, shared: bool = False):
-        return self._hold("inode", ino, shared)
-
-    def global_bitmap(self):
-        return self._hold("bitmap", 0, False)
-
-    def slot_map(self):
-        return self._hold("slotmap", 0, False)
-
-    async def downconvert(self, kind: str, ident: int) -> None:
-        """What the cluster manager does when a peer wants the lock."""
+    async def downconvert(self, res: Res, old: Mode = EX, new: Mode = NL) -> None:
+        """What the cluster manager does when another node wants ``res``
+        (tests call it to play the other node)."""
         if self.hook is not None:
-            await self.hook(kind, ident)
+            await self.hook(res, old, new)

@@ -48,6 +48,9 @@ def pytest_configure(config):
     # daemonizing and setsid too): it tells this run's processes apart
     # from everything else on the machine.
     os.environ[leaks.TOKEN_VAR] = f"{os.getpid()}-{secrets.token_hex(6)}"
+    # The filesystem checks that every allocation was reserved first (a
+    # rule of its concurrency model; fs/core.py), in every process here.
+    os.environ["REPLFS_FS_STRICT"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -442,10 +442,12 @@ async def _large_directory(tmp_path, n: int, real_inodes: bool):
         async with fs._op():
             d = await fs._inode(big.ino)
             t = await fs._inode(target.ino)
+            await fs._reserve(64)
             for i in range(n):
                 await fs.dirs.insert(d, b"file-%d" % i, t.ino, F.FT_REG)
                 if i % 2000 == 0:
                     await fs._commit()
+                    await fs._reserve(64)
             t.nlink += n
             fs._dirty(t)
     await fs.sync()

@@ -294,8 +294,8 @@ async def test_recovering_a_dead_slot_keeps_the_other_nodes_newer_blocks(tmp_pat
     a = await _write_file(fs_a, fs_a.root_ino, "a", b"A" * 5000)
     await fs_a.sync()
     # B asks for the root directory, file a and the global bitmap
-    for kind, ident in (("inode", fs_a.root_ino), ("inode", a), ("bitmap", 0)):
-        await fs_a.locks.downconvert(kind, ident)
+    for res in (("inode", fs_a.root_ino), ("inode", a), ("bitmap", 0)):
+        await fs_a.locks.downconvert(res)
     fs_b = await Filesystem.mount(dev_b, 1, recover_dirty_slots=False)
     fh = await fs_b.open(a, os.O_RDWR)
     await fs_b.write(fh, 5000, b"B" * 50000)
