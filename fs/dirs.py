@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+from contextvars import ContextVar
 
 from . import format as F
 from .extents import insert_extent
@@ -53,10 +54,13 @@ class Directories:
         self.prealloc_max = max(1, PREALLOC_BYTES >> sb.cluster_bits)
         # The last lookup that found nothing: (directory inode, name, leaf).
         # Every insert path looks the name up first (it must not exist), so
-        # reserve_estimate can size the reservation for that very name.
-        self._miss: tuple[int, bytes, F.DirLeaf] | None = None
-        # Clusters preallocation may still take during the running insert.
-        self._spare = 0
+        # reserve_estimate can size the reservation for that very name; and
+        # clusters preallocation may still take during the running insert.
+        # Both belong to the operation (the task) that set them: operations
+        # run concurrently.
+        self._miss_var: ContextVar[tuple[int, bytes, F.DirLeaf] | None] = \
+            ContextVar("replfs_dir_miss", default=None)
+        self._spare_var: ContextVar[int] = ContextVar("replfs_dir_spare", default=0)
 
     def key(self, name: bytes) -> int:
         return F.name_key(self.seed, name)
@@ -109,14 +113,14 @@ class Directories:
         lcl = idx >> self.shift
         if lcl < PREALLOC_FROM:
             return 0
-        return max(0, min(lcl, self.prealloc_max, self._spare))
+        return max(0, min(lcl, self.prealloc_max, self._spare_var.get()))
 
     async def _new_leaf(self, d: F.Inode, depth: int) -> F.DirLeaf:
         idx = d.dir_leaves
         extra = self._prealloc(idx)
         before = d.clusters
         blk = await self._map_block(d, idx, create=True, want=1 + extra)
-        self._spare -= max(0, d.clusters - before - 1)
+        self._spare_var.set(self._spare_var.get() - max(0, d.clusters - before - 1))
         leaf = F.DirLeaf(blk, idx, depth, [])
         self.cache.new(blk, leaf, d.ino)
         d.dir_leaves += 1
@@ -203,7 +207,7 @@ class Directories:
         that very key causes, including every table doubling.  Without
         either it assumes one split with one doubling; insert() then still
         checks and refuses before changing anything."""
-        m = self._miss
+        m = self._miss_var.get()
         if m is not None and m[0] == d.ino and (name is None or m[1] == name):
             size = F.DIRENT.size + len(m[1])
             return self._cost(d, *self._split_plan(d, m[2], self.key(m[1]), size))
@@ -212,7 +216,7 @@ class Directories:
     # ------------------------------------------------------------ entries
 
     async def lookup(self, d: F.Inode, name: bytes) -> F.DirEntry | None:
-        self._miss = None
+        self._miss_var.set(None)
         key = self.key(name)
         leaf = await self._leaf_for_key(d, key)
         i = bisect.bisect_left(leaf.entries, key, key=lambda e: e.key)
@@ -220,11 +224,11 @@ class Directories:
             if leaf.entries[i].name == name:
                 return leaf.entries[i]
             i += 1
-        self._miss = (d.ino, name, leaf)
+        self._miss_var.set((d.ino, name, leaf))
         return None
 
     async def insert(self, d: F.Inode, name: bytes, ino: int, ftype: int) -> None:
-        self._miss = None
+        self._miss_var.set(None)
         key = self.key(name)
         ent = F.DirEntry(key, ino, ftype, name)
         slot = key >> (F.KEY_BITS - d.dir_depth)
@@ -239,7 +243,10 @@ class Directories:
                 free = self.alloc.free_clusters()
                 if free < need:
                     raise OSError(errno.ENOSPC, "no space left on device")
-                self._spare = (free - need) // PREALLOC_SHARE
+                # what other operations reserved is not ours to preallocate
+                # (our own reservation covers ``need``)
+                spare = free - getattr(self.alloc, "reserved", 0)
+                self._spare_var.set(max(0, spare) // PREALLOC_SHARE)
         try:
             while True:
                 used = leaf.used()
@@ -253,7 +260,7 @@ class Directories:
                 slot = key >> (F.KEY_BITS - d.dir_depth)
                 leaf = await self._leaf(d, await self._ptr(d, slot))
         finally:
-            self._spare = 0
+            self._spare_var.set(0)
 
     async def _double(self, d: F.Inode) -> None:
         if d.dir_depth >= F.MAX_DIR_DEPTH:
