@@ -72,6 +72,14 @@ class Allocator:
         self.hint = 0          # where the next search of the window starts
         self.reserved = 0      # reserved by running operations, not yet allocated
         self.on_alloc = lambda n: None
+        # On a shared volume the global bitmap may be read and changed only
+        # under its cluster lock: ``global_locked(exclusive)`` says whether
+        # the running operation holds it.  Without it, only the window
+        # counts as free, and frees outside the window wait in ``deferred``
+        # (the truncate log) until an operation holding the lock applies
+        # them (``flush_deferred``).
+        self.global_locked = lambda exclusive: True
+        self.deferred: list[tuple[int, int]] = []
         if window is None:
             window = max(8, min(2048, sb.total_clusters // (sb.slot_count * 8)))
         self.window = min(window, F.local_window_max(sb.block_size))
@@ -90,7 +98,7 @@ class Allocator:
         return la.length - F.count_bits(la.bitmap, la.length)
 
     def free_clusters(self) -> int:
-        return self.gfree + self.window_free()
+        return (self.gfree if self.global_locked(False) else 0) + self.window_free()
 
     def _group_of(self, cl: int) -> tuple[F.GroupDesc, int]:
         return self.groups[cl // self.sb.cpg], cl % self.sb.cpg
@@ -141,6 +149,8 @@ class Allocator:
         self.cache.mark(la.blkno, la)
 
     def _refill(self) -> None:
+        if not self.global_locked(True):
+            raise OSError(errno.EIO, "window refill without the global bitmap lock")
         self.release_window()
         start, n = self._find_global_run(self.window)
         if n == 0:
@@ -188,7 +198,16 @@ class Allocator:
                         raise OSError(errno.EIO, f"double free of cluster {cl}")
                     la.bitmap[i >> 3] &= ~(1 << (i & 7)) & 0xFF
                     self.cache.mark(la.blkno, la)
-                else:
+                elif self.global_locked(True):
                     self._mark_global(cl, 1, False)
+                else:
+                    self.deferred.append((cl, 1))
             self.cache.revokes.append((start << shift, n << shift))
         self.pending = []
+
+    def flush_deferred(self) -> None:
+        """Apply the frees that waited for the global bitmap lock (the
+        caller holds it EX, inside an operation)."""
+        for start, n in self.deferred:
+            self._mark_global(start, n, False)
+        self.deferred = []

@@ -197,6 +197,11 @@ class Filesystem:
         self.strict = os.environ.get("REPLFS_FS_STRICT") == "1"
         self.cache.on_dirty = self._on_dirty
         self.alloc.on_alloc = self._on_alloc
+        # Shared by two nodes (cluster locks): the global bitmap only under
+        # its lock, the journal lock held for the mount's life.
+        self.clustered = bool(getattr(locks, "clustered", False))
+        self.alloc.global_locked = self._global_locked
+        self._life = AsyncExitStack()
         self._handles: dict[int, _Handle] = {}
         # References that keep an unlinked inode alive (as an orphan): open
         # handles, and the kernel's lookup references (``hold``/``unhold``).
@@ -229,6 +234,12 @@ class Filesystem:
             raise OSError(errno.EINVAL, f"slot {slot} out of range (volume has {sb.slot_count})")
         fs = cls(dev, sb, slot, locks or LocalLockManager(), node)
         fs.locks.set_downconvert_hook(fs.downconvert)
+        if fs.clustered:
+            if readonly:
+                raise OSError(errno.EINVAL, "read-only mounts of a shared volume are not "
+                              "supported yet")
+            await fs._mount_shared()
+            return fs
         if readonly:
             dirty = [s for s in range(sb.slot_count)
                      if (await J.journal_state(dev, sb, s)).flags & F.JSB_DIRTY]
@@ -255,6 +266,32 @@ class Filesystem:
                     await fs.recover_slot(other)
         await fs.sync()
         return fs
+
+    async def _mount_shared(self) -> None:
+        """Mount with cluster locks: the slot's journal lock for the
+        mount's life, then under the super lock replay our own journal if
+        it is dirty and open it; then take the slot."""
+        sb, slot = self.sb, self.slot
+        await self._life.enter_async_context(self.locks.hold(("journal", slot), EX))
+        try:
+            async with self._op(internal=True):
+                await self._take(("super", 0), EX, "super")
+                own_dirty = (await J.journal_state(self.dev, sb, slot)).flags & F.JSB_DIRTY
+                if own_dirty:
+                    async with self._commit_lock:
+                        await J.replay(self.dev, sb, slot)
+                    self.cache.drop_clean()
+                    self.recovered_slots.append(slot)
+                await self.alloc.load()
+                self._bitmap_stale = True    # read without its lock: again under it
+                await self.journal.open()
+                self.mounted = True
+            await self._take_slot()
+            await self.sync()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._life.aclose()
+            raise
 
     async def recover_slot(self, slot: int) -> None:
         """Replay a (dead) slot's journal, return its allocation window,
@@ -349,6 +386,10 @@ class Filesystem:
             self._handles.clear()
             await self._leave_slot(keep=())
         self.mounted = False
+        if self.clustered and self.failed is None:
+            # everything is written and checkpointed: the locks go back
+            await self._life.aclose()
+            await self.locks.drop_all()
 
     async def _mark_slot(self, slot: int, *, in_use: bool) -> None:
         """Record ``slot`` in the slot map as in use by this node (a new
@@ -376,6 +417,8 @@ class Filesystem:
         async with self._op(internal=True):
             await self._take(("super", 0), EX, "super")
             await self._take(("bitmap", 0), EX, "bitmap")
+            await self._commit()        # pending frees, under the bitmap lock
+            self.alloc.flush_deferred()
             self.alloc.release_window()
             await self._mark_slot(self.slot, in_use=False)
         await self._commit()
@@ -435,6 +478,15 @@ class Filesystem:
             if not self._active:
                 self._tx_lot.unpark_all()
 
+    def _global_locked(self, exclusive: bool) -> bool:
+        if not self.clustered:
+            return True
+        op = _current_op.get()
+        if op is None or op.fs is not self:
+            return False
+        m = op.held.get(("bitmap", 0))
+        return m is not None and (m == EX or not exclusive)
+
     def _avail(self) -> int:
         """Clusters this operation may still reserve."""
         op = _current_op.get()
@@ -449,6 +501,13 @@ class Filesystem:
         op = _current_op.get()
         if op is None or op.fs is not self:
             return self.alloc.free_clusters() >= n
+        if self.clustered and ("bitmap", 0) not in op.held and self._avail() < n:
+            # The window is short: the global bitmap's lock, taken at a
+            # consistent point of the operation and before it joins the
+            # transaction again (it is the last lock in the order).
+            if op.active:
+                await self._commit()
+            await self._take(("bitmap", 0), EX, "bitmap")
         if not op.active:
             await self._join(op)
         if self._avail() < n and self.alloc.pending:
@@ -548,9 +607,12 @@ class Filesystem:
         op.order.check(level, in_transaction=op.active)
         await op.stack.enter_async_context(self.locks.hold(res, mode))
         op.held[res] = mode
-        if res == ("bitmap", 0) and self._bitmap_stale:
-            self._bitmap_stale = False
-            await self.alloc.load()
+        if res == ("bitmap", 0):
+            if self._bitmap_stale:
+                self._bitmap_stale = False
+                await self.alloc.load()
+            if mode == EX and self.alloc.deferred:
+                self.alloc.flush_deferred()
 
     @asynccontextmanager
     async def _locked(self, *inos: int, shared: bool = False, level: str = "inode",
@@ -687,6 +749,15 @@ class Filesystem:
             await trio.sleep(interval)
             if self.failed is None and self.mounted:
                 await self.sync()
+                if self.alloc.deferred and not self.readonly:
+                    await self.flush_frees()
+
+    async def flush_frees(self) -> None:
+        """Give clusters freed outside this slot's window back to the
+        global bitmap (they wait for its lock; see Allocator.deferred)."""
+        async with self._op(internal=True):
+            await self._take(("bitmap", 0), EX, "bitmap")
+        await self.sync()
 
     async def downconvert(self, res: Res, old: Mode, new: Mode) -> None:
         """Called by the lock manager before it gives up ``res`` from mode
@@ -1552,6 +1623,8 @@ class Filesystem:
 
     async def statfs(self) -> StatFs:
         async with self._op(reading=True):
+            if self.clustered:
+                await self._take(("bitmap", 0), PR, "bitmap")
             free = self.alloc.free_clusters()
             return StatFs(self.cs, self.cs, self.sb.total_clusters, free, free,
                           self.sb.total_clusters, free, F.MAX_NAME)

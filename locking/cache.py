@@ -20,12 +20,18 @@ EX/PW holder sets with ``set_lvb`` travels with the down-conversion.
     async with cache.hold("inode-17", Mode.EX) as entry:
         ...                       # entry.lvb / cache.set_lvb(entry, b"...")
 
+When a lock is granted again after the cache held it at NL (or never),
+the owner's ``on_refresh(name, mode)`` runs before the first local holder
+gets in: whatever it cached under the lock before may have been changed
+by another node since (OCFS2 re-reads an inode when its lock comes back).
+
 Local holders share an entry freely when their modes are compatible with
 each other; a holder that needs a stronger mode than the entry has waits
 for the incompatible local holders to leave, then converts.
 """
 from __future__ import annotations
 
+import errno
 import logging
 from contextlib import asynccontextmanager
 from typing import Awaitable, Callable, Optional
@@ -78,10 +84,12 @@ class CacheEntry:
 
 class LockCache:
     def __init__(self, dlm, domain: str, *, on_downconvert: Optional[DownconvertHook] = None,
+                 on_refresh: Optional[Callable[[str, Mode], None]] = None,
                  nursery: Optional[trio.Nursery] = None):
         self.dlm = dlm
         self.domain = domain
         self.on_downconvert = on_downconvert
+        self.on_refresh = on_refresh
         self._nursery = nursery or dlm._nursery
         self.entries: dict[str, CacheEntry] = {}
         self.stats = {"hits": 0, "requests": 0, "converts": 0, "downconverts": 0}
@@ -98,27 +106,54 @@ class LockCache:
         e = self._entry(name)
         while True:
             others_ok = all(compatible(m, mode) for m in e.held_modes())
-            if e.blocked is None and others_ok and e.lock is not None and covers(e.mode, mode):
+            # (not while a conversion is under way: holders that slipped in
+            # under the old mode would keep a conversion deadlock unbroken)
+            if (e.blocked is None and others_ok and e.lock is not None
+                    and covers(e.mode, mode) and not e.busy.locked()):
                 self.stats["hits"] += 1
                 e.holders[mode] = e.holders.get(mode, 0) + 1
                 return e
             if e.blocked is not None or not others_ok or e.busy.locked():
                 # a down-conversion is due, or local holders conflict, or a
                 # lock-manager call is running: wait for the entry to change
+                if e.blocked is not None and not e.busy.locked():
+                    # (a BAST that came while a call was running found the
+                    # entry busy: the down-conversion starts now)
+                    self._maybe_downconvert(e)
                 await e.changed.wait()
                 continue
             async with e.busy:
                 if e.blocked is not None or not all(compatible(m, mode) for m in e.held_modes()):
+                    e._notify()
                     continue
                 want = mode if e.lock is None else self._upgrade(e.mode, mode)
+                fresh = e.lock is None or e.mode == Mode.NL
                 if e.lock is None:
                     self.stats["requests"] += 1
                     e.lock = await self.dlm.lock(self.domain, name, want, on_bast=self._bast)
                 else:
                     self.stats["converts"] += 1
-                    await e.lock.convert(want)
+                    try:
+                        await e.lock.convert(want)
+                    except BlockDeviceError as err:
+                        if err.errno != errno.EDEADLK or e.held_modes():
+                            raise
+                        # Another node converts up on the same lock and the
+                        # lock manager broke the conversion deadlock by
+                        # refusing ours: give our (unused) mode up and ask
+                        # again from NL, behind the other node.
+                        self.stats["deadlocks"] = self.stats.get("deadlocks", 0) + 1
+                        if self.on_downconvert is not None and e.mode != Mode.NL:
+                            await self.on_downconvert(e.name, e.mode, Mode.NL)
+                        await e.lock.convert(Mode.NL, lvb=e.lvb_out
+                                             if e.mode in (Mode.EX, Mode.PW) else None)
+                        e.mode, e.lvb_out = Mode.NL, None
+                        e._notify()
+                        continue
                 e.mode = e.lock.mode
                 e.lvb, e.lvb_valid = e.lock.lvb, e.lock.lvb_valid
+                if fresh and self.on_refresh is not None:
+                    self.on_refresh(e.name, e.mode)
                 # The grant is ours to use once, even if another node asked
                 # for the lock meanwhile: otherwise two nodes could hand it
                 # back and forth without either getting work done.
@@ -182,6 +217,14 @@ class LockCache:
         self._nursery.start_soon(self._downconvert, e, target)
 
     async def _downconvert(self, e: CacheEntry, target: Mode) -> None:
+        try:
+            await self._downconvert_locked(e, target)
+        finally:
+            # whatever happened, holders that waited while the entry was
+            # busy look again
+            e._notify()
+
+    async def _downconvert_locked(self, e: CacheEntry, target: Mode) -> None:
         async with e.busy:
             if e.blocked is None or e.lock is None:
                 return

@@ -42,7 +42,8 @@ log = logging.getLogger("replfs.locking")
 
 KIND_DLM, KIND_EPOCH = 0, 1
 _REFUSAL_ERRNO = {"EAGAIN": errno.EAGAIN, "ETIMEDOUT": errno.ETIMEDOUT,
-                  "CANCELLED": errno.ECANCELED, "FENCED": errno.EPERM}
+                  "CANCELLED": errno.ECANCELED, "FENCED": errno.EPERM,
+                 "EDEADLK": errno.EDEADLK}
 
 
 def _pack(kind: int, domain: str, data: bytes) -> bytes:

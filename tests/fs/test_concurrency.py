@@ -76,10 +76,19 @@ class Worker:
         self.touched: set[str] = set()
         self.n = 0
 
-    async def run(self, fs: Filesystem, dirs: dict[str, int], steps: int) -> None:
+    async def run(self, fs, dirs: dict[str, int], steps: int) -> None:
+        """``fs``: one Filesystem, or a list of them (the mounts of two
+        nodes): then every step runs on one picked at random, so what one
+        node wrote is read, renamed, appended to through the other."""
         rng = self.rng
         mine = f"p{self.wid}"
+        mounts = fs if isinstance(fs, list) else [fs]
         for _ in range(steps):
+            fs = rng.choice(mounts)
+            if len(mounts) > 1:
+                # a node finds a directory by its path, never by a number
+                # learnt on the other node (nothing else reaches an inode)
+                dirs = {d: (await fs.lookup(fs.root_ino, d)).ino for d in dirs}
             r = rng.random()
             if r < 0.35 or not self.live:
                 self.n += 1

@@ -1,0 +1,84 @@
+"""The filesystem's locks on dlm-lite: fs/locks.py's interface over the
+node-local ``LockCache`` (locking/cache.py), as OCFS2's dlmglue is over
+o2dlm.
+
+Lock resources are named after OCFS2's lock types (one DLM resource per
+name in the volume's domain):
+
+    ("inode", ino)    "M<ino>"     metadata and data of one inode
+    ("super", 0)      "S"          superblock and slot map
+    ("rename", 0)     "R"          cross-directory renames
+    ("bitmap", 0)     "B"          the global bitmap
+    ("journal", s)    "J<s>"       slot s's journal: held EX by its mount
+
+Two hooks tie the cache to the filesystem:
+
+* before a lock goes down for another node, ``Filesystem.downconvert``
+  commits and checkpoints what was changed under EX and, going to NL,
+  forgets the cached blocks the lock covered;
+* when a lock is granted again after NL (or for the first time), the
+  cached clean blocks it covers are forgotten before anyone uses them:
+  another node may have changed them meanwhile.
+
+The node-local manager (fs/locks.py) is used when the volume is mounted
+by one node; this one when both nodes mount it.
+"""
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from replfs.locking.cache import LockCache
+
+from .locks import EX, PR, DownconvertHook, Mode, Res
+
+_PREFIX = {"inode": "M", "super": "S", "rename": "R", "bitmap": "B", "journal": "J"}
+_KIND = {v: k for k, v in _PREFIX.items()}
+
+
+def lock_name(res: Res) -> str:
+    kind, ident = res
+    p = _PREFIX[kind]
+    return f"{p}{ident:x}" if kind in ("inode", "journal") else p
+
+
+def parse_lock_name(name: str) -> Res:
+    kind = _KIND[name[0]]
+    return (kind, int(name[1:], 16) if name[1:] else 0)
+
+
+class ClusterLockManager:
+    """fs/locks.py's ``LockManager`` on a ``LockCache`` over a DLM client
+    (``DlmClient`` over replfsd's socket, or ``InProcessDlm``)."""
+
+    clustered = True
+
+    def __init__(self, dlm, domain: str, nursery=None):
+        self.hook: DownconvertHook | None = None
+        self.forget = None          # set by the filesystem: forget(res)
+        self.cache = LockCache(dlm, domain, on_downconvert=self._downconvert,
+                               on_refresh=self._refresh, nursery=nursery)
+
+    def set_downconvert_hook(self, hook: DownconvertHook) -> None:
+        self.hook = hook
+        owner = getattr(hook, "__self__", None)
+        if owner is not None:
+            self.forget = owner._forget
+
+    @asynccontextmanager
+    async def hold(self, res: Res, mode: Mode):
+        if mode not in (PR, EX):
+            raise ValueError(f"the filesystem takes PR or EX locks, not {Mode(mode).name}")
+        async with self.cache.hold(lock_name(res), mode):
+            yield
+
+    async def _downconvert(self, name: str, old: Mode, new: Mode) -> None:
+        if self.hook is not None:
+            await self.hook(parse_lock_name(name), old, new)
+
+    def _refresh(self, name: str, mode: Mode) -> None:
+        if self.forget is not None:
+            self.forget(parse_lock_name(name))
+
+    async def drop_all(self) -> None:
+        """Give every cached lock back (unmount; no holder left)."""
+        await self.cache.drop_all()
