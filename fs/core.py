@@ -103,7 +103,7 @@ class FilesystemFailed(OSError):
 class _Op:
     """One operation's context."""
     __slots__ = ("fs", "reading", "dirtied", "active", "reserved", "reserving",
-                 "held", "order", "stack")
+                 "held", "order", "stack", "recovery")
 
     def __init__(self, fs: "Filesystem", reading: bool):
         self.fs = fs
@@ -115,6 +115,7 @@ class _Op:
         self.held: dict[Res, Mode] = {}
         self.order = OrderChecker()
         self.stack = AsyncExitStack()   # locks held until the operation ends
+        self.recovery = False     # recovery's own: does not wait for recovery
 
 
 _current_op: ContextVar["_Op | None"] = ContextVar("replfs_fs_op", default=None)
@@ -202,6 +203,11 @@ class Filesystem:
         self.clustered = bool(getattr(locks, "clustered", False))
         self.alloc.global_locked = self._global_locked
         self._life = AsyncExitStack()
+        # Nodes declared dead whose slots are not recovered yet: no lock is
+        # used until then (their journals may hold newer blocks).
+        self.dead_nodes: set[int] = set()
+        self._recovered = trio.Event()
+        self.recoveries: list[tuple[int, int, float]] = []   # (node, slot, seconds)
         self._handles: dict[int, _Handle] = {}
         # References that keep an unlinked inode alive (as an orphan): open
         # handles, and the kernel's lookup references (``hold``/``unhold``).
@@ -292,6 +298,78 @@ class Filesystem:
             with trio.CancelScope(shield=True):
                 await self._life.aclose()
             raise
+
+    # ------------------------------------------------------------ node death
+
+    def node_dead(self, node: int) -> None:
+        """The cluster stack declared ``node`` dead.  Called before the
+        lock manager may grant anything the dead node held: from now until
+        its slots are recovered, every lock taken here waits (before it is
+        asked for and again once granted), so nobody reads a block older
+        than what the dead node's journal holds."""
+        if not self.clustered or node == self.node:
+            return
+        if not self.dead_nodes:
+            self._recovered = trio.Event()
+        self.dead_nodes.add(node)
+
+    async def _wait_recovery(self, op: _Op) -> None:
+        while self.dead_nodes and not op.recovery:
+            await self._recovered.wait()
+
+    async def recover_node(self, node: int) -> list[int]:
+        """Recover the slots a dead node held, while mounted (OCFS2's
+        order): under the super lock, for each of its slots take the
+        slot's journal lock (granted once the lock manager has recovered:
+        a live mount keeps it), replay the journal if dirty, take the
+        slot's allocation window out and mark the slot free; then let
+        operations go on, and afterwards give the window back to the
+        global bitmap and free the slot's orphans."""
+        t0 = trio.current_time()
+        windows: list[tuple[int, int, bytearray]] = []
+        slots: list[int] = []
+        async with self._op(internal=True) as op:
+            op.recovery = True
+            await self._take(("super", 0), EX, "super")
+            sm = await self.cache.get(self.sb.slotmap_blk, "slotmap", "slotmap")
+            slots = [s for s, (state, owner, _) in enumerate(sm.slots)
+                     if state == F.SLOT_IN_USE and owner == node and s != self.slot]
+            for s in slots:
+                async with self.locks.hold(("journal", s), EX):
+                    if (await J.journal_state(self.dev, self.sb, s)).flags & F.JSB_DIRTY:
+                        async with self._commit_lock:
+                            await J.replay(self.dev, self.sb, s)
+                        # blocks this node cached are under its own locks,
+                        # which the dead node did not hold; but the slot
+                        # map and the dead slot's own blocks may have moved
+                        self.cache.drop_clean()
+                    la = await self.cache.get(self.sb.slots[s].localalloc_blk, "local",
+                                              ("local", s))
+                    if la.length:
+                        windows.append((la.start, la.length, bytearray(la.bitmap)))
+                    la.start = la.length = 0
+                    la.bitmap = bytearray()
+                    self.cache.mark(la.blkno, la)
+                    await self._mark_slot(s, in_use=False)
+            await self._commit()
+        self.dead_nodes.discard(node)
+        if not self.dead_nodes:
+            self._recovered.set()
+        if windows:
+            async with self._op(internal=True):
+                await self._take(("bitmap", 0), EX, "bitmap")
+                for start, length, bitmap in windows:
+                    for i in range(length):
+                        if not bitmap[i >> 3] & (1 << (i & 7)):
+                            self.alloc._mark_global(start + i, 1, False)
+        for s in slots:
+            await self._recover_orphans(s)
+        await self.sync()
+        for s in slots:
+            self.recoveries.append((node, s, trio.current_time() - t0))
+            log.warning("recovered slot %d of dead node %d in %.3f s", s, node,
+                        trio.current_time() - t0)
+        return slots
 
     async def recover_slot(self, slot: int) -> None:
         """Replay a (dead) slot's journal, return its allocation window,
@@ -605,8 +683,10 @@ class Filesystem:
         if not self._wanted(op, res, mode):
             return
         op.order.check(level, in_transaction=op.active)
+        await self._wait_recovery(op)
         await op.stack.enter_async_context(self.locks.hold(res, mode))
         op.held[res] = mode
+        await self._wait_recovery(op)
         if res == ("bitmap", 0):
             if self._bitmap_stale:
                 self._bitmap_stale = False
@@ -635,10 +715,12 @@ class Filesystem:
         op.order.check(level, in_transaction=op.active)
         try:
             async with AsyncExitStack() as stack:
+                await self._wait_recovery(op)
                 for ino in todo:
                     await stack.enter_async_context(self.locks.hold(("inode", ino), mode))
                     op.held[("inode", ino)] = mode
                     stack.callback(op.held.pop, ("inode", ino), None)
+                await self._wait_recovery(op)
                 yield
         finally:
             op.order.release(level)

@@ -233,7 +233,18 @@ class LockCache:
             old = e.mode
             if target != old:
                 if self.on_downconvert is not None:
-                    await self.on_downconvert(e.name, old, target)
+                    try:
+                        await self.on_downconvert(e.name, old, target)
+                    except Exception as err:
+                        # The owner could not write back what it changed
+                        # under the lock: giving it up would hand the other
+                        # node old blocks.  Keep it; the other node waits
+                        # until this one is fenced and its journal recovered.
+                        log.error("%s/%s: not given up, the owner could not write its "
+                                  "changes back (%s); this node must be fenced",
+                                  self.domain, e.name, err)
+                        self.stats["refused"] = self.stats.get("refused", 0) + 1
+                        return
                 self.stats["downconverts"] += 1
                 lvb = e.lvb_out if old in (Mode.EX, Mode.PW) else None
                 try:

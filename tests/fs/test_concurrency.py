@@ -35,13 +35,18 @@ class JitterDevice:
         self.inner = inner
         self.rng = random.Random(seed)
         self.scale = scale
+        self.dead = False        # the node is gone: nothing more reaches the disk
 
     @property
     def size(self) -> int:
         return self.inner.size
 
     async def _wait(self) -> None:
+        if self.dead:
+            raise OSError(5, "node is dead")
         await trio.sleep(self.rng.random() * self.scale)
+        if self.dead:
+            raise OSError(5, "node is dead")
 
     async def read(self, off, n):
         await self._wait()

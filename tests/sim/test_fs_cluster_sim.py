@@ -41,8 +41,10 @@ from tests.fs.test_concurrency import JitterDevice, Worker, check_tree
 DOMAIN = "vol"
 
 
-async def dlm_pair(nursery, seed: int) -> dict[int, DlmDomain]:
-    """Two DlmDomains joined by ordered in-memory pipes with seeded delays."""
+async def dlm_pair(nursery, seed: int, cut: set | None = None) -> dict[int, DlmDomain]:
+    """Two DlmDomains joined by ordered in-memory pipes with seeded delays;
+    messages from or to a node in ``cut`` are lost."""
+    cut = set() if cut is None else cut
     doms: dict[int, DlmDomain] = {}
     sends = {}
     for me in (0, 1):
@@ -52,6 +54,8 @@ async def dlm_pair(nursery, seed: int) -> dict[int, DlmDomain]:
         async def pump(rx=rx, src=me):
             async for data in rx:
                 await trio.sleep(rng.random() * 0.001)
+                if src in cut or 1 - src in cut:
+                    continue
                 await doms[1 - src].receive(src, data)
 
         async def send(to, data, tx=tx):
@@ -250,3 +254,150 @@ async def test_mutant_reads_without_the_inode_lock(tmp_path, autojump_clock, mon
     monkeypatch.setattr(Filesystem, "_locked", locked)
     got = await _caught(tmp_path)
     assert got, "lockless-read mutant survived"
+
+
+# ------------------------------------------------------------ node death
+
+async def run_node_death(tmp_path, seed: int, workers: int = 4, steps: int = 60,
+                         mutate=None) -> dict:
+    """Node 1 dies in the middle of the workload (its disk and its DLM
+    links cut at a seeded moment); node 0 declares it dead, recovers its
+    slot while its own workers go on, then checks: its own workers' files
+    exactly as they made them, node 1's fsync'd and untouched files byte
+    for byte, and the raw-block oracle clean after it unmounts."""
+    path = make_image(tmp_path / f"death{seed}.img", 64 << 20)
+    await format_image(path, slots=2)
+    with open(path, "rb") as f:
+        disk = SharedDisk(f.read())
+    c = Cluster(disk, seed)
+    rng = random.Random(seed)
+    result = {}
+    async with trio.open_nursery() as nursery:
+        cut = set()
+        doms = await dlm_pair(nursery, seed, cut)
+        report = []
+
+        async def watchdog():
+            await trio.sleep(3000)
+            report.append(c.dump())
+
+        nursery.start_soon(watchdog)
+        try:
+            with trio.fail_after(3600):
+                await c.mount(nursery, doms)
+                a, b = c.fss
+                dirs = {}
+                for name in ["s1", "s2"] + [f"p{i}" for i in range(workers)]:
+                    dirs[name] = (await a.mkdir(a.root_ino, name)).ino
+                    await b.lookup(b.root_ino, name)     # b learns them by path
+                ws = [Worker(i, random.Random(seed * 100 + i)) for i in range(workers)]
+                on_b = ws[workers // 2:]
+                deferred = set()
+                async with trio.open_nursery() as n:
+                    scopes = []
+                    for w in ws:
+                        scope = trio.CancelScope()
+                        scopes.append(scope)
+
+                        async def run(w=w, scope=scope):
+                            with scope:
+                                try:
+                                    await w.run(b if w in on_b else a, dirs, steps)
+                                except OSError:
+                                    if w not in on_b:
+                                        raise       # node 0 must not see errors
+                        n.start_soon(run)
+                    await trio.sleep(rng.uniform(0.02, 0.4))
+                    # node 1 dies: its disk and links first, then its tasks
+                    b.dev.dead = True
+                    cut.add(1)
+                    for blk_free in b.alloc.deferred:
+                        deferred.update(range(blk_free[0], blk_free[0] + blk_free[1]))
+                    for w, scope in zip(ws, scopes):
+                        if w in on_b:
+                            scope.cancel()
+                    t_dead = trio.current_time()
+                    if mutate != "no-dead-event":
+                        a.node_dead(1)
+                    await doms[0].node_down(1)
+                    slots = await a.recover_node(1)
+                    result["stall"] = trio.current_time() - t_dead
+                    assert slots == [1] or mutate, slots
+                # node 0's workers finished without an error
+                assert a.failed is None, a.failed
+                for w in ws:
+                    if w in on_b:
+                        w.live = {}
+                        for name, (where, data) in w.durable.items():
+                            if name in w.touched:
+                                continue
+                            d = await a.lookup(a.root_ino, where)
+                            f = await a.lookup(d.ino, name)
+                            fh = await a.open(f.ino)
+                            assert await a.read(fh, 0, len(data) + 1) == data, name
+                            await a.release(fh)
+                mine = [w for w in ws if w not in on_b]
+                for d in ["s1", "s2"] + [f"p{w.wid}" for w in mine]:
+                    got = {n.decode() for n, _, _ in
+                           await a.readdir((await a.lookup(a.root_ino, d)).ino)}
+                    for w in mine:
+                        want = {nm for nm, (wh, _) in w.live.items() if wh == d}
+                        have = {nm for nm in got if nm.startswith(f"w{w.wid}-")}
+                        assert have == want, (d, w.wid, sorted(have ^ want))
+                await a.unmount()
+        except trio.TooSlowError:
+            raise AssertionError(f"seed {seed}: deadlock\n{''.join(report)}") from None
+        nursery.cancel_scope.cancel()
+    problems = await check_volume(disk)
+    # Clusters node 1 freed outside its window and had not given back to
+    # the global bitmap yet are lost with it (the truncate log is not
+    # persisted yet): the only leak allowed.
+    leaks = {f"cluster {cl}: bitmap used, owned by None" for cl in deferred}
+    problems = [p for p in problems if p not in leaks]
+    assert not problems, (seed, problems)
+    return result
+
+
+@pytest.mark.parametrize("seed", range(1, 9))
+async def test_node_dies_and_the_other_recovers_while_mounted(tmp_path, autojump_clock, seed):
+    await run_node_death(tmp_path, seed)
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("seed", soak.seeds(range(2000, 2200)))
+async def test_node_death_soak(tmp_path, autojump_clock, seed):
+    await run_node_death(tmp_path, seed, workers=6, steps=100)
+
+
+async def _death_caught(tmp_path, mutate=None, seeds=range(1, 17)) -> str | None:
+    for seed in seeds:
+        try:
+            await run_node_death(tmp_path, seed, steps=60, mutate=mutate)
+        except (AssertionError, OSError) as e:
+            return f"seed {seed}: {str(e)[:300]}"
+        except BaseExceptionGroup as eg:
+            return f"seed {seed}: {eg!r}"[:300]
+    return None
+
+
+async def test_mutant_locks_used_before_recovery(tmp_path, autojump_clock):
+    """The filesystem is not told of the death before the lock manager
+    regrants the dead node's locks: blocks older than its journal are
+    read and changed."""
+    assert await _death_caught(tmp_path, mutate="no-dead-event"), "mutant survived"
+
+
+async def test_mutant_recovery_without_replay(tmp_path, autojump_clock, monkeypatch):
+    """The dead slot's journal is not replayed: what it committed and
+    acknowledged (fsync) is lost."""
+    async def no_replay(dev, sb, slot):
+        return None
+    monkeypatch.setattr(C.J, "replay", no_replay)
+    assert await _death_caught(tmp_path), "mutant survived"
+
+
+async def test_recovery_stall_is_reported(tmp_path, autojump_clock):
+    """How long node 0 waits from the death to the end of recovery (the
+    cluster stack's dead threshold comes on top in a real cluster)."""
+    stalls = [(await run_node_death(tmp_path, seed))["stall"] for seed in (1, 2, 3)]
+    assert all(s < 5 for s in stalls), stalls
