@@ -223,10 +223,11 @@ class Filesystem:
     # ------------------------------------------------------------ mount
 
     @classmethod
-    async def mount(cls, dev, slot: int = 0, *, locks=None, node: int = 0,
+    async def mount(cls, dev, slot: int | None = 0, *, locks=None, node: int = 0,
                     recover_dirty_slots: bool = True, readonly: bool = False) -> "Filesystem":
-        """Open the volume in ``slot``.  A dirty journal in that slot is
-        replayed first.  With ``recover_dirty_slots`` (single-node use) the
+        """Open the volume in ``slot`` (None: a shared mount chooses its
+        slot under the super lock; one node alone takes slot 0).  A dirty
+        journal in that slot is replayed first.  With ``recover_dirty_slots`` (single-node use) the
         journals of other slots left dirty are replayed too; a cluster
         mount passes False and recovers a slot only when its node is dead.
 
@@ -236,7 +237,10 @@ class Filesystem:
         sb = await read_superblock(dev)
         if sb.feat_incompat & ~F.FEATURE_INCOMPAT_KNOWN:
             raise OSError(errno.EINVAL, "volume uses features this replfs does not know")
-        if not 0 <= slot < sb.slot_count:
+        pick = slot is None
+        if pick:
+            slot = 0            # a shared mount chooses under the super lock
+        elif not 0 <= slot < sb.slot_count:
             raise OSError(errno.EINVAL, f"slot {slot} out of range (volume has {sb.slot_count})")
         fs = cls(dev, sb, slot, locks or LocalLockManager(), node)
         fs.locks.set_downconvert_hook(fs.downconvert)
@@ -244,7 +248,7 @@ class Filesystem:
             if readonly:
                 raise OSError(errno.EINVAL, "read-only mounts of a shared volume are not "
                               "supported yet")
-            await fs._mount_shared()
+            await fs._mount_shared(pick)
             return fs
         if readonly:
             dirty = [s for s in range(sb.slot_count)
@@ -273,15 +277,42 @@ class Filesystem:
         await fs.sync()
         return fs
 
-    async def _mount_shared(self) -> None:
-        """Mount with cluster locks: the slot's journal lock for the
-        mount's life, then under the super lock replay our own journal if
-        it is dirty and open it; then take the slot."""
-        sb, slot = self.sb, self.slot
-        await self._life.enter_async_context(self.locks.hold(("journal", slot), EX))
+    def _set_slot(self, slot: int) -> None:
+        self.slot = slot
+        self.alloc.slot = slot
+        self.alloc.local_blk = self.sb.slots[slot].localalloc_blk
+        self.journal = J.Journal(self.dev, self.sb, slot)
+        self.orphan_ino = self.sb.slots[slot].orphan_ino
+        self.commit_threshold = max(16, self.journal.capacity() // 4)
+
+    def _pick_slot(self, sm: F.SlotMap) -> int:
+        """The slot a mount of this node takes: the one the slot map still
+        gives to this node (an earlier mount of it died; its journal is
+        replayed now), else the first free one."""
+        for s, (state, owner, _) in enumerate(sm.slots):
+            if state == F.SLOT_IN_USE and owner == self.node:
+                return s
+        for s, (state, _, _) in enumerate(sm.slots):
+            if state == F.SLOT_FREE:
+                return s
+        raise OSError(errno.EUSERS, f"all {len(sm.slots)} node slots of the volume are in "
+                      "use (mkfs.replfs -N sets how many nodes may mount it at once)")
+
+    async def _mount_shared(self, pick: bool) -> None:
+        """Mount with cluster locks.  Under the super lock: choose the slot
+        (``pick``; two nodes mounting at once cannot choose the same one),
+        take the slot's journal lock for the mount's life, replay our own
+        journal if it is dirty, open it and mark the slot in use; then free
+        the slot's leftover orphans."""
+        sb = self.sb
         try:
             async with self._op(internal=True):
                 await self._take(("super", 0), EX, "super")
+                sm = await self.cache.get(sb.slotmap_blk, "slotmap", "slotmap")
+                if pick:
+                    self._set_slot(self._pick_slot(sm))
+                slot = self.slot
+                await self._life.enter_async_context(self.locks.hold(("journal", slot), EX))
                 own_dirty = (await J.journal_state(self.dev, sb, slot)).flags & F.JSB_DIRTY
                 if own_dirty:
                     async with self._commit_lock:
@@ -292,7 +323,8 @@ class Filesystem:
                 self._bitmap_stale = True    # read without its lock: again under it
                 await self.journal.open()
                 self.mounted = True
-            await self._take_slot()
+                await self._mark_slot(slot, in_use=True)
+            await self._recover_orphans(slot, keep=set(self._opens))
             await self.sync()
         except BaseException:
             with trio.CancelScope(shield=True):
