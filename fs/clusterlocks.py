@@ -10,6 +10,9 @@ name in the volume's domain):
     ("rename", 0)     "R"          cross-directory renames
     ("bitmap", 0)     "B"          the global bitmap
     ("journal", s)    "J<s>"       slot s's journal: held EX by its mount
+    open lock of ino  "O<ino>"     PR while this node uses the inode (an
+                                   open file); EX (try, never queued) to
+                                   free an unlinked inode nobody uses
 
 Two hooks tie the cache to the filesystem:
 
@@ -25,8 +28,10 @@ by one node; this one when both nodes mount it.
 """
 from __future__ import annotations
 
+import errno
 from contextlib import asynccontextmanager
 
+from replfs.blockdev import BlockDeviceError
 from replfs.locking.cache import LockCache
 
 from .locks import EX, PR, DownconvertHook, Mode, Res
@@ -57,6 +62,7 @@ class ClusterLockManager:
         self.forget = None          # set by the filesystem: forget(res)
         self.cache = LockCache(dlm, domain, on_downconvert=self._downconvert,
                                on_refresh=self._refresh, nursery=nursery)
+        self._pins: dict[int, object] = {}
 
     def set_downconvert_hook(self, hook: DownconvertHook) -> None:
         self.hook = hook
@@ -79,6 +85,35 @@ class ClusterLockManager:
         if self.forget is not None:
             self.forget(parse_lock_name(name))
 
+    # --- open locks (not cached: held exactly while the inode is in use)
+
+    async def open_pin(self, ino: int) -> None:
+        """PR on the inode's open lock until ``open_unpin``."""
+        if ino in self._pins:
+            return
+        lk = await self.cache.dlm.lock(self.cache.domain, f"O{ino:x}", PR)
+        if ino in self._pins:           # pinned meanwhile by another task
+            await lk.unlock()
+        else:
+            self._pins[ino] = lk
+
+    async def open_unpin(self, ino: int) -> None:
+        lk = self._pins.pop(ino, None)
+        if lk is not None:
+            await lk.unlock()
+
+    async def open_try(self, ino: int):
+        """EX on the open lock if no node holds it (never waits); the lock
+        to unlock after the inode is freed, or None."""
+        try:
+            return await self.cache.dlm.lock(self.cache.domain, f"O{ino:x}", EX, noqueue=True)
+        except BlockDeviceError as e:
+            if e.errno == errno.EAGAIN:
+                return None
+            raise
+
     async def drop_all(self) -> None:
         """Give every cached lock back (unmount; no holder left)."""
+        for ino in list(self._pins):
+            await self.open_unpin(ino)
         await self.cache.drop_all()

@@ -103,7 +103,7 @@ class FilesystemFailed(OSError):
 class _Op:
     """One operation's context."""
     __slots__ = ("fs", "reading", "dirtied", "active", "reserved", "reserving",
-                 "held", "order", "stack", "recovery")
+                 "held", "order", "stack", "recovery", "after")
 
     def __init__(self, fs: "Filesystem", reading: bool):
         self.fs = fs
@@ -116,6 +116,7 @@ class _Op:
         self.order = OrderChecker()
         self.stack = AsyncExitStack()   # locks held until the operation ends
         self.recovery = False     # recovery's own: does not wait for recovery
+        self.after: list[int] = []   # unlinked inodes to try to free once it ended
 
 
 _current_op: ContextVar["_Op | None"] = ContextVar("replfs_fs_op", default=None)
@@ -437,6 +438,10 @@ class Filesystem:
                     self._locked(od_ino, shared=True, level="orphan")):
             od = await self._inode(od_ino)
             victims = [(e.name, e.ino) async for e in self.dirs.entries(od) if e.ino not in keep]
+        if self.clustered:
+            for _, ino in victims:
+                await self._try_wipe(ino, od_ino)
+            return
         for name, ino in victims:
             async with self._op(internal=True):
                 await self._take(("inode", ino), EX, "inode")
@@ -494,6 +499,10 @@ class Filesystem:
             # knew it) is freed.
             self._opens.clear()
             self._handles.clear()
+            if self.clustered:
+                for ino in list(self.locks._pins):
+                    await self.locks.open_unpin(ino)
+                await self.orphan_scan()
             await self._leave_slot(keep=())
         self.mounted = False
         if self.clustered and self.failed is None:
@@ -688,6 +697,8 @@ class Filesystem:
                     self._tx_lot.unpark_all()
         if len(self.cache.dirty) >= self.commit_threshold and self.failed is None:
             await self._commit()
+        for ino in op.after:
+            await self._try_wipe(ino)
 
     # --- locks
 
@@ -1016,6 +1027,8 @@ class Filesystem:
     async def _parks_as_orphan(self, inode: F.Inode) -> bool:
         """Will dropping the last link of ``inode`` go through the orphan
         directory (open here, or too big to free in one transaction)?"""
+        if self.clustered:
+            return True     # the other node may use it: only the open lock can tell
         return bool(self._opens.get(inode.ino)) or await self._too_big_to_free_at_once(inode)
 
     async def _orphan_need(self, inode: F.Inode) -> int:
@@ -1032,8 +1045,20 @@ class Filesystem:
         return self.dirs.reserve_estimate(od, name)
 
     async def _drop_link(self, inode: F.Inode) -> None:
-        """The last name of ``inode`` went away (nlink already 0)."""
+        """The last name of ``inode`` went away (nlink already 0).  On a
+        shared volume it is always parked in this slot's orphan directory
+        (its ``parent`` says which); the last node to stop using it frees
+        it, once it gets the open lock EX (``_try_wipe``)."""
         in_use = bool(self._opens.get(inode.ino))
+        if self.clustered:
+            inode.flags |= F.INODE_FLAG_ORPHAN
+            inode.parent = self.orphan_ino
+            self._dirty(inode)
+            od = await self._inode(self.orphan_ino)
+            await self.dirs.insert(od, b"%016x" % inode.ino, inode.ino, F.ftype_of(inode.mode))
+            if not in_use:
+                self._cur().after.append(inode.ino)
+            return
         if in_use or await self._too_big_to_free_at_once(inode):
             inode.flags |= F.INODE_FLAG_ORPHAN
             self._dirty(inode)
@@ -1047,6 +1072,58 @@ class Filesystem:
                 await self._drop_orphan(inode)
         else:
             await self._destroy(inode)
+
+    async def _try_wipe(self, ino: int, orphan_dir: int | None = None) -> bool:
+        """Free unlinked inode ``ino`` if no node uses it any more (shared
+        volume: the open lock is granted EX without waiting), from the
+        orphan directory it was parked in.  True if it was freed."""
+        if self.failed is not None or self.readonly or not self.mounted:
+            return False
+        async with self._op(internal=True):
+            await self._take(("inode", ino), EX, "inode")
+            try:
+                inode = await self._inode(ino)
+            except OSError:
+                return False                    # freed already
+            if inode.nlink != 0 or not inode.flags & F.INODE_FLAG_ORPHAN:
+                return False
+            orphan_dirs = {s.orphan_ino for s in self.sb.slots}
+            od_ino = inode.parent if inode.parent in orphan_dirs else orphan_dir
+            if od_ino is None or self._opens.get(ino):
+                return False
+            lk = await self.locks.open_try(ino)
+            if lk is None:
+                return False                    # the other node still uses it
+            try:
+                await self._take(("inode", od_ino), EX, "orphan")
+                od = await self._inode(od_ino)
+                name = b"%016x" % ino
+                e = await self.dirs.lookup(od, name)
+                if e is None or e.ino != ino:
+                    return False
+                if await self._too_big_to_free_at_once(inode):
+                    await self._truncate(inode, 0)     # in steps, still parked
+                await self.dirs.remove(od, name)
+                await self._destroy(inode)
+                return True
+            finally:
+                with trio.CancelScope(shield=True):
+                    await lk.unlock()
+
+    async def orphan_scan(self) -> int:
+        """Free the orphans of every slot that no node uses any more (the
+        last user may have been a node that left or died).  Returns how
+        many were freed."""
+        freed = 0
+        for info in self.sb.slots:
+            async with (self._op(reading=True, internal=True),
+                        self._locked(info.orphan_ino, shared=True, level="orphan")):
+                od = await self._inode(info.orphan_ino)
+                inos = [e.ino async for e in self.dirs.entries(od)]
+            for ino in inos:
+                if not self._opens.get(ino):
+                    freed += await self._try_wipe(ino, info.orphan_ino)
+        return freed
 
     async def _drop_orphan(self, inode: F.Inode) -> None:
         od = await self._inode(self.orphan_ino)
@@ -1129,7 +1206,7 @@ class Filesystem:
         mode = stat.S_IMODE(mode) | stat.S_IFREG
         async with self._op(), self._locked(parent, level="dir"):
             inode = await self._make(parent, name, mode, uid, gid)
-            return self._open_handle(inode, flags), self._attr(inode)
+            return await self._open_handle(inode, flags), self._attr(inode)
 
     async def symlink(self, parent: int, name, target, uid: int = 0, gid: int = 0) -> Attr:
         if isinstance(target, str):
@@ -1539,11 +1616,27 @@ class Filesystem:
 
     # ------------------------------------------------------------ file data
 
-    def _open_handle(self, inode: F.Inode, flags: int) -> int:
+    async def _open_handle(self, inode: F.Inode, flags: int) -> int:
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = _Handle(inode.ino, flags)
-        self._opens[inode.ino] = self._opens.get(inode.ino, 0) + 1
+        n = self._opens.get(inode.ino, 0)
+        self._opens[inode.ino] = n + 1
+        if self.clustered and not n:
+            # The open lock, PR while the file is open here: taken under
+            # the inode's lock (an existing inode) or on an inode nobody
+            # else can know yet (a new one).  Only a node freeing the
+            # inode holds it EX, and that node holds the inode's lock EX:
+            # so this never waits for another node's operation, even
+            # inside the transaction.
+            try:
+                await self.locks.open_pin(inode.ino)
+            except BaseException:
+                del self._handles[fh]
+                self._opens[inode.ino] -= 1
+                if not self._opens[inode.ino]:
+                    del self._opens[inode.ino]
+                raise
         return fh
 
     async def open(self, ino: int, flags: int = os.O_RDONLY) -> int:
@@ -1559,7 +1652,7 @@ class Filesystem:
                 await self._reserve(4)
                 await self._truncate(inode, 0)
                 inode.mtime_ns = inode.ctime_ns = self._now()
-            return self._open_handle(inode, flags)
+            return await self._open_handle(inode, flags)
 
     async def release(self, fh: int) -> None:
         async with self._op(reading=True):
@@ -1587,9 +1680,14 @@ class Filesystem:
             self._opens[ino] = left
             return
         self._opens.pop(ino, None)
+        if self.clustered and left == 0:
+            await self.locks.open_unpin(ino)
         if left < 0 or self.failed is not None or self.readonly:
             # not referenced (freed already); or latched: nothing may be
             # written, the orphan is freed by the next mount's recovery
+            return
+        if self.clustered:
+            await self._try_wipe(ino)
             return
         async with self._locked(ino):
             inode = await self._inode(ino)

@@ -404,3 +404,95 @@ async def test_recovery_stall_is_reported(tmp_path, autojump_clock):
     cluster stack's dead threshold comes on top in a real cluster)."""
     stalls = [(await run_node_death(tmp_path, seed))["stall"] for seed in (1, 2, 3)]
     assert all(s < 5 for s in stalls), stalls
+
+
+# ------------------------------------------------------------ the open lock
+
+async def run_unlink_while_open(tmp_path, seed: int, files: int = 6) -> None:
+    """Node 0 unlinks files node 1 has open; node 1 keeps reading and
+    writing them (and gets its bytes back) until it closes them; the
+    space comes back when the last user is gone, whichever node that is."""
+    path = make_image(tmp_path / f"open{seed}.img", 64 << 20)
+    await format_image(path, slots=2)
+    with open(path, "rb") as f:
+        disk = SharedDisk(f.read())
+    c = Cluster(disk, seed)
+    rng = random.Random(seed)
+    async with trio.open_nursery() as nursery:
+        doms = await dlm_pair(nursery, seed)
+        with trio.fail_after(3600):
+            await c.mount(nursery, doms)
+            a, b = c.fss
+            d = await a.mkdir(a.root_ino, "d")
+            content = {}
+            for i in range(files):
+                fh, at = await a.create(d.ino, f"f{i}")
+                data = rng.randbytes(rng.choice([100, 9000, 70000]))
+                await a.write(fh, 0, data)
+                await a.release(fh)
+                content[i] = data
+            db = await b.lookup(b.root_ino, "d")
+            handles = {}
+            for i in range(files):
+                at = await b.lookup(db.ino, f"f{i}")
+                handles[i] = (await b.open(at.ino, C.os.O_RDWR), at.ino)
+            for i in range(files):
+                await a.unlink(d.ino, f"f{i}")
+            # node 1 still reads and writes every one of them
+            async with trio.open_nursery() as n:
+                for i in range(files):
+                    async def use(i=i):
+                        fh, _ = handles[i]
+                        assert await b.read(fh, 0, len(content[i]) + 1) == content[i]
+                        more = rng.randbytes(5000)
+                        await b.write(fh, len(content[i]), more)
+                        content[i] += more
+                        assert await b.read(fh, 0, len(content[i]) + 1) == content[i]
+                    n.start_soon(use)
+            # node 0 writing meanwhile must not get those clusters
+            fh, _ = await a.create(d.ino, "filler")
+            await a.write(fh, 0, rng.randbytes(300000))
+            await a.release(fh)
+            for i in range(files):
+                fh, _ = handles[i]
+                assert await b.read(fh, 0, len(content[i]) + 1) == content[i]
+                await b.release(fh)
+            await a.unlink(d.ino, "filler")
+            # every unlinked file is freed now that nobody uses it (the
+            # oracle below checks the bitmaps against what is referenced)
+            for fs in (a, b):
+                for info in fs.sb.slots:
+                    assert not await fs.readdir(info.orphan_ino), "orphans left"
+            await b.unmount()
+            await a.unmount()
+        nursery.cancel_scope.cancel()
+    problems = await check_volume(disk)
+    assert not problems, (seed, problems)
+
+
+@pytest.mark.parametrize("seed", range(1, 5))
+async def test_unlinked_on_one_node_while_open_on_the_other(tmp_path, autojump_clock, seed):
+    await run_unlink_while_open(tmp_path, seed)
+
+
+async def test_mutant_unlink_without_the_open_lock(tmp_path, autojump_clock, monkeypatch):
+    """Freeing an unlinked inode without asking the open lock: the other
+    node's open file loses its data to whatever reuses the clusters."""
+    class Granted:
+        async def unlock(self):
+            pass
+
+    async def always(self, ino):
+        return Granted()
+    monkeypatch.setattr(ClusterLockManager, "open_try", always)
+    caught = None
+    for seed in range(1, 9):
+        try:
+            await run_unlink_while_open(tmp_path, seed)
+        except (AssertionError, OSError) as e:
+            caught = str(e)[:200]
+            break
+        except BaseExceptionGroup as eg:
+            caught = repr(eg)[:200]
+            break
+    assert caught, "mutant survived"
