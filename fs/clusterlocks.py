@@ -85,6 +85,14 @@ class ClusterLockManager:
         if self.forget is not None:
             self.forget(parse_lock_name(name))
 
+    def cached_ex(self, res: Res) -> bool:
+        """Does this node hold ``res`` EX in its cache right now (held or
+        not by a local holder)?  A down-conversion runs the filesystem's
+        hook before the mode changes, so what is done while this is true
+        is written back before another node gets the lock."""
+        e = self.cache.entries.get(lock_name(res))
+        return e is not None and e.lock is not None and e.mode == EX
+
     # --- open locks (not cached: held exactly while the inode is in use)
 
     async def open_pin(self, ino: int) -> None:

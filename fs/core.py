@@ -203,6 +203,8 @@ class Filesystem:
         # its lock, the journal lock held for the mount's life.
         self.clustered = bool(getattr(locks, "clustered", False))
         self.alloc.global_locked = self._global_locked
+        if self.clustered:
+            self.alloc.global_cached = lambda: self.locks.cached_ex(("bitmap", 0))
         self._life = AsyncExitStack()
         # Nodes declared dead whose slots are not recovered yet: no lock is
         # used until then (their journals may hold newer blocks).
@@ -605,6 +607,16 @@ class Filesystem:
             return False
         m = op.held.get(("bitmap", 0))
         return m is not None and (m == EX or not exclusive)
+
+    async def _lock_for_frees(self) -> None:
+        """On a shared volume, an operation that may free clusters outside
+        this slot's window takes the global bitmap's lock before it
+        changes anything: the commit that carries the frees then applies
+        them to the global bitmap under the lock (still this node's, a
+        hand-over commits first), in the same transaction -- nothing
+        waits in memory for a lock a crash would lose."""
+        if self.clustered:
+            await self._take(("bitmap", 0), EX, "bitmap")
 
     def _avail(self) -> int:
         """Clusters this operation may still reserve."""
@@ -1096,6 +1108,7 @@ class Filesystem:
                 return False                    # the other node still uses it
             try:
                 await self._take(("inode", od_ino), EX, "orphan")
+                await self._lock_for_frees()
                 od = await self._inode(od_ino)
                 name = b"%016x" % ino
                 e = await self.dirs.lookup(od, name)
@@ -1533,6 +1546,8 @@ class Filesystem:
                     raise OSError(errno.EINVAL, "negative size")
                 if size > MAX_FILE_SIZE:
                     raise OSError(errno.EFBIG, "file too large")
+                if size < inode.size:
+                    await self._lock_for_frees()
                 await self._reserve(4)
                 await self._truncate(inode, size)
                 inode.mtime_ns = now
@@ -1649,6 +1664,8 @@ class Filesystem:
             # O_TRUNC truncates whatever the access mode (Linux does so for
             # O_RDONLY too; the kernel has checked write permission).
             if flags & os.O_TRUNC and stat.S_ISREG(inode.mode):
+                if inode.size:
+                    await self._lock_for_frees()
                 await self._reserve(4)
                 await self._truncate(inode, 0)
                 inode.mtime_ns = inode.ctime_ns = self._now()
@@ -1903,6 +1920,8 @@ class Filesystem:
             xb = await self._xattrs(inode)
             if xb is None or name not in xb.attrs:
                 raise OSError(errno.ENODATA, "no such attribute")
+            if len(xb.attrs) == 1:
+                await self._lock_for_frees()
             del xb.attrs[name]
             if xb.attrs:
                 self.cache.mark(xb.blkno, xb)
