@@ -494,3 +494,95 @@ async def test_mutant_unlink_without_the_open_lock(tmp_path, autojump_clock, mon
             caught = repr(eg)[:200]
             break
     assert caught, "mutant survived"
+
+
+# ------------------------------------------------------------ races on one name
+
+async def _two_nodes(tmp_path, seed, body) -> None:
+    path = make_image(tmp_path / f"race{seed}.img", 64 << 20)
+    await format_image(path, slots=2)
+    with open(path, "rb") as f:
+        disk = SharedDisk(f.read())
+    c = Cluster(disk, seed)
+    async with trio.open_nursery() as nursery:
+        doms = await dlm_pair(nursery, seed)
+        with trio.fail_after(3600):
+            await c.mount(nursery, doms)
+            await body(*c.fss)
+            for fs in c.fss:
+                assert fs.failed is None, fs.failed
+            await c.fss[0].unmount()
+            await c.fss[1].unmount()
+        nursery.cancel_scope.cancel()
+    problems = await check_volume(disk)
+    assert not problems, (seed, problems)
+
+
+async def _both(f0, f1):
+    """Run two calls at once; their outcomes (a value or the errno)."""
+    out = [None, None]
+
+    async def one(i, f):
+        try:
+            out[i] = ("ok", await f())
+        except OSError as e:
+            out[i] = ("err", e.errno)
+    async with trio.open_nursery() as n:
+        n.start_soon(one, 0, f0)
+        n.start_soon(one, 1, f1)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(1, 4))
+async def test_same_name_created_on_both_nodes_at_once(tmp_path, autojump_clock, seed):
+    """Exactly one of two concurrent creates of one name succeeds; the
+    other gets EEXIST; both nodes then list the name once, and it is the
+    winner's file."""
+    async def body(a, b):
+        d = await a.mkdir(a.root_ino, "d")
+        db = (await b.lookup(b.root_ino, "d")).ino
+        for i in range(40):
+            name = f"x{i}"
+            ra, rb = await _both(lambda: a.create(d.ino, name), lambda: b.create(db, name))
+            oks = [r for r in (ra, rb) if r[0] == "ok"]
+            assert len(oks) == 1, (name, ra, rb)
+            assert [r for r in (ra, rb) if r[0] == "err"] == [("err", C.errno.EEXIST)]
+            winner, loser = (a, b) if ra[0] == "ok" else (b, a)
+            fh, attr = oks[0][1]
+            await winner.write(fh, 0, f"written by {winner.node}".encode())
+            await winner.release(fh)
+            for fs in (a, b):
+                dd = (await fs.lookup(fs.root_ino, "d")).ino
+                names = [n for n, _, _ in await fs.readdir(dd)]
+                assert names.count(name.encode()) == 1
+                got = await fs.lookup(dd, name)
+                assert got.ino == attr.ino
+    await _two_nodes(tmp_path, seed, body)
+
+
+@pytest.mark.parametrize("seed", range(1, 4))
+async def test_crossed_directory_renames_on_both_nodes(tmp_path, autojump_clock, seed):
+    """Node 0 moves p/A under B while node 1 moves p/B under A: at most
+    one succeeds (the other finds its source gone or would make a cycle),
+    and the tree stays a tree (the oracle walks it from the root)."""
+    async def body(a, b):
+        for i in range(20):
+            p = await a.mkdir(a.root_ino, f"p{i}")
+            A = await a.mkdir(p.ino, "A")
+            B = await a.mkdir(p.ino, "B")
+            pb = (await b.lookup(b.root_ino, f"p{i}")).ino
+            Ab = (await b.lookup(pb, "A")).ino
+            Bb = (await b.lookup(pb, "B")).ino
+            ra, rb = await _both(lambda: a.rename(p.ino, "A", B.ino, "A"),
+                                 lambda: b.rename(pb, "B", Ab, "B"))
+            assert [ra[0], rb[0]].count("ok") <= 1, (ra, rb)
+            assert [ra[0], rb[0]].count("ok") == 1 or all(
+                r[1] in (C.errno.EINVAL, C.errno.ENOENT) for r in (ra, rb)), (ra, rb)
+            # both nodes see the same shape
+            shapes = []
+            for fs in (a, b):
+                pp = (await fs.lookup(fs.root_ino, f"p{i}")).ino
+                top = sorted(n for n, _, _ in await fs.readdir(pp))
+                shapes.append(top)
+            assert shapes[0] == shapes[1], shapes
+    await _two_nodes(tmp_path, seed, body)
