@@ -93,6 +93,19 @@ class ClusterLockManager:
         e = self.cache.entries.get(lock_name(res))
         return e is not None and e.lock is not None and e.mode == EX
 
+    async def journal_lock(self, slot: int, *, wait: bool):
+        """EX on slot ``slot``'s journal lock, outside the cache (held for
+        a mount's life, or for one recovery): without ``wait`` None when
+        it is taken (the slot is live), with it once the lock manager
+        has recovered a dead holder's lock.  Unlock with ``.unlock()``."""
+        try:
+            return await self.cache.dlm.lock(self.cache.domain, f"J{slot:x}", EX,
+                                             noqueue=not wait)
+        except BlockDeviceError as e:
+            if e.errno == errno.EAGAIN and not wait:
+                return None
+            raise
+
     # --- open locks (not cached: held exactly while the inode is in use)
 
     async def open_pin(self, ino: int) -> None:

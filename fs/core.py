@@ -103,7 +103,7 @@ class FilesystemFailed(OSError):
 class _Op:
     """One operation's context."""
     __slots__ = ("fs", "reading", "dirtied", "active", "reserved", "reserving",
-                 "held", "order", "stack", "recovery", "after")
+                 "held", "order", "stack", "recovery", "after", "scope")
 
     def __init__(self, fs: "Filesystem", reading: bool):
         self.fs = fs
@@ -117,6 +117,11 @@ class _Op:
         self.stack = AsyncExitStack()   # locks held until the operation ends
         self.recovery = False     # recovery's own: does not wait for recovery
         self.after: list[int] = []   # unlinked inodes to try to free once it ended
+        # Cancellation (a FUSE INTERRUPT, a timeout) reaches an operation
+        # only until it joins the transaction; from then on this scope is
+        # shielded and the operation finishes (a half-done change would
+        # have to latch the filesystem read-only).
+        self.scope: trio.CancelScope | None = None
 
 
 _current_op: ContextVar["_Op | None"] = ContextVar("replfs_fs_op", default=None)
@@ -288,18 +293,15 @@ class Filesystem:
         self.orphan_ino = self.sb.slots[slot].orphan_ino
         self.commit_threshold = max(16, self.journal.capacity() // 4)
 
-    def _pick_slot(self, sm: F.SlotMap) -> int:
-        """The slot a mount of this node takes: the one the slot map still
-        gives to this node (an earlier mount of it died; its journal is
-        replayed now), else the first free one."""
-        for s, (state, owner, _) in enumerate(sm.slots):
-            if state == F.SLOT_IN_USE and owner == self.node:
-                return s
-        for s, (state, _, _) in enumerate(sm.slots):
-            if state == F.SLOT_FREE:
-                return s
-        raise OSError(errno.EUSERS, f"all {len(sm.slots)} node slots of the volume are in "
-                      "use (mkfs.replfs -N sets how many nodes may mount it at once)")
+    def _slot_candidates(self, sm: F.SlotMap) -> list[int]:
+        """Slots a mount of this node may take, best first: the one the
+        slot map still gives to this node (an earlier mount of it died; its
+        journal is replayed now), then the free ones.  The first whose
+        journal lock is free wins."""
+        mine = [s for s, (state, owner, _) in enumerate(sm.slots)
+                if state == F.SLOT_IN_USE and owner == self.node]
+        free = [s for s, (state, _, _) in enumerate(sm.slots) if state == F.SLOT_FREE]
+        return mine + free
 
     async def _mount_shared(self, pick: bool) -> None:
         """Mount with cluster locks.  Under the super lock: choose the slot
@@ -312,10 +314,20 @@ class Filesystem:
             async with self._op(internal=True):
                 await self._take(("super", 0), EX, "super")
                 sm = await self.cache.get(sb.slotmap_blk, "slotmap", "slotmap")
+                # The slot's journal lock, tried without waiting: a live
+                # mount holds its slot's for its whole life.
+                for cand in (self._slot_candidates(sm) if pick else [self.slot]):
+                    jl = await self.locks.journal_lock(cand, wait=False)
+                    if jl is not None:
+                        break
+                else:
+                    raise OSError(errno.EUSERS, f"no node slot of the volume is free (all "
+                                  f"{len(sm.slots)} in use; mkfs.replfs -N sets how many "
+                                  "nodes may mount it at once)")
+                self._life.push_async_callback(jl.unlock)
                 if pick:
-                    self._set_slot(self._pick_slot(sm))
+                    self._set_slot(cand)
                 slot = self.slot
-                await self._life.enter_async_context(self.locks.hold(("journal", slot), EX))
                 own_dirty = (await J.journal_state(self.dev, sb, slot)).flags & F.JSB_DIRTY
                 if own_dirty:
                     async with self._commit_lock:
@@ -370,7 +382,8 @@ class Filesystem:
             slots = [s for s, (state, owner, _) in enumerate(sm.slots)
                      if state == F.SLOT_IN_USE and owner == node and s != self.slot]
             for s in slots:
-                async with self.locks.hold(("journal", s), EX):
+                jl = await self.locks.journal_lock(s, wait=True)
+                try:
                     if (await J.journal_state(self.dev, self.sb, s)).flags & F.JSB_DIRTY:
                         async with self._commit_lock:
                             await J.replay(self.dev, self.sb, s)
@@ -386,6 +399,9 @@ class Filesystem:
                     la.bitmap = bytearray()
                     self.cache.mark(la.blkno, la)
                     await self._mark_slot(s, in_use=False)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await jl.unlock()
             await self._commit()
         self.dead_nodes.discard(node)
         if not self.dead_nodes:
@@ -565,6 +581,8 @@ class Filesystem:
         if op is None or op.fs is not self:
             return      # mount, recovery and commit work outside operations
         op.dirtied = True
+        if op.scope is not None:
+            op.scope.shield = True
         if not op.active:
             op.active = True
             self._active += 1
@@ -586,6 +604,8 @@ class Filesystem:
         handed out before they are durable)."""
         while self._closing:
             await self._tx_lot.park()
+        if op.scope is not None:
+            op.scope.shield = True
         if not op.active:
             op.active = True
             self._active += 1
@@ -668,6 +688,8 @@ class Filesystem:
             return
         if self.failed is not None and not reading:
             raise FilesystemFailed(errno.EROFS, f"filesystem failed, read-only: {self.failed}")
+        # a request cancelled already (FUSE INTERRUPT) does not start
+        await trio.lowlevel.checkpoint_if_cancelled()
         counted = not reading and not internal
         if counted:
             if self._freeze:
@@ -677,27 +699,31 @@ class Filesystem:
         token = _current_op.set(op)
         self._live.add(op)
         try:
-            async with op.stack:
-                try:
-                    yield op
-                except BaseException as e:
+            with trio.CancelScope() as op.scope:
+                async with op.stack:
+                    try:
+                        yield op
+                    except BaseException as e:
+                        self._settle(op)
+                        if op.dirtied:
+                            if self.readonly:
+                                self.cache.discard_transaction()
+                                self.alloc.pending = []
+                            else:
+                                self._fail(f"{type(e).__name__}: {e} in the middle of an update")
+                        raise
                     self._settle(op)
-                    if op.dirtied:
-                        if self.readonly:
-                            self.cache.discard_transaction()
-                            self.alloc.pending = []
-                        else:
-                            self._fail(f"{type(e).__name__}: {e} in the middle of an update")
-                    raise
-                self._settle(op)
-                if self.readonly and op.dirtied:
-                    # Nothing may reach the disk: undo what the operation
-                    # did in memory and refuse it.
-                    self.cache.discard_transaction()
-                    self.alloc.pending = []
-                    self.cache.drop_clean()
-                    await self.alloc.load()
-                    raise OSError(errno.EROFS, "read-only mount")
+                    if self.readonly and op.dirtied:
+                        # Nothing may reach the disk: undo what the operation
+                        # did in memory and refuse it.
+                        self.cache.discard_transaction()
+                        self.alloc.pending = []
+                        self.cache.drop_clean()
+                        await self.alloc.load()
+                        raise OSError(errno.EROFS, "read-only mount")
+                # what the operation leaves behind runs under its shield too
+                if len(self.cache.dirty) >= self.commit_threshold and self.failed is None:
+                    await self._commit()
         finally:
             self.alloc.reserved -= op.reserved
             op.reserved = 0
@@ -707,10 +733,10 @@ class Filesystem:
                 self._writers -= 1
                 if not self._writers:
                     self._tx_lot.unpark_all()
-        if len(self.cache.dirty) >= self.commit_threshold and self.failed is None:
-            await self._commit()
-        for ino in op.after:
-            await self._try_wipe(ino)
+        if op.after:
+            with trio.CancelScope(shield=op.scope.shield):
+                for ino in op.after:
+                    await self._try_wipe(ino)
 
     # --- locks
 
@@ -738,10 +764,17 @@ class Filesystem:
         if not self._wanted(op, res, mode):
             return
         op.order.check(level, in_transaction=op.active)
-        await self._wait_recovery(op)
+        # (not for the super lock: recovery takes it, and who holds it
+        # -- mount, unmount -- must not wait for recovery with it)
+        waits = res[0] != "super" and ("super", 0) not in op.held
+        if res[0] == "super":
+            await self._wait_recovery(op)       # before it, not with it held
+        if waits:
+            await self._wait_recovery(op)
         await op.stack.enter_async_context(self.locks.hold(res, mode))
         op.held[res] = mode
-        await self._wait_recovery(op)
+        if waits:
+            await self._wait_recovery(op)
         if res == ("bitmap", 0):
             if self._bitmap_stale:
                 self._bitmap_stale = False
@@ -770,12 +803,15 @@ class Filesystem:
         op.order.check(level, in_transaction=op.active)
         try:
             async with AsyncExitStack() as stack:
-                await self._wait_recovery(op)
+                waits = ("super", 0) not in op.held
+                if waits:
+                    await self._wait_recovery(op)
                 for ino in todo:
                     await stack.enter_async_context(self.locks.hold(("inode", ino), mode))
                     op.held[("inode", ino)] = mode
                     stack.callback(op.held.pop, ("inode", ino), None)
-                await self._wait_recovery(op)
+                if waits:
+                    await self._wait_recovery(op)
                 yield
         finally:
             op.order.release(level)
@@ -806,6 +842,13 @@ class Filesystem:
             self.alloc.pending = []
             raise FilesystemFailed(errno.EROFS, f"filesystem failed, read-only: {self.failed}")
         if not self.cache.dirty and not self.alloc.pending:
+            return
+        if self.readonly or not self.mounted:
+            # a read-only remount closed the journal clean: nothing more
+            # may reach the disk (what an operation still changed is lost
+            # with it, as on a read-only mount)
+            self.cache.discard_transaction()
+            self.alloc.pending = []
             return
         # Once the transaction is taken it is written whole: a cancelled
         # caller (an interrupted fsync, the commit loop at unmount) must
@@ -907,7 +950,12 @@ class Filesystem:
         already in the transaction, which wait for no lock."""
         token = _current_op.set(None)
         try:
-            if old == EX and self.failed is None and self.mounted and not self.readonly:
+            if old == EX and self.failed is not None:
+                # what was changed under the lock never reached the disk:
+                # the other node must wait until this one is fenced and its
+                # journal recovered (LockCache keeps the lock)
+                raise FilesystemFailed(errno.EIO, f"filesystem failed: {self.failed}")
+            if old == EX and self.mounted and not self.readonly:
                 await self._commit()
                 async with self._commit_lock:
                     await self.journal.checkpoint()
@@ -1318,6 +1366,22 @@ class Filesystem:
                 self._dirty(child)
                 await self._drop_link(child)
 
+    async def _parent_of(self, ino: int) -> int:
+        """Parent pointer of directory ``ino`` for an ancestry walk under
+        the rename lock.  On a shared volume a copy cached without the
+        inode's lock may be older than the disk (the other node's rename
+        did not have to ask this node), so unless this node changed it
+        (dirty, or on its way home) it is read from the disk."""
+        if not self.clustered or ino in self.cache.dirty:
+            return (await self._inode(ino)).parent
+        raw = self.cache.homing.get(ino)
+        if raw is None:
+            raw = await self.dev.read(ino * self.bs, self.bs)
+        try:
+            return F.Inode.decode(raw, self.sb.volid, ino).parent
+        except F.FormatError:
+            raise OSError(errno.ESTALE, f"inode {ino} is gone") from None
+
     async def _is_ancestor(self, anc: int, ino: int) -> bool:
         """Is directory ``anc`` equal to or above directory ``ino``?"""
         seen = 0
@@ -1326,7 +1390,7 @@ class Filesystem:
                 return True
             if ino == self.root_ino or seen > 100000:
                 return False
-            ino = (await self._inode(ino)).parent
+            ino = await self._parent_of(ino)
             seen += 1
 
     async def rename(self, old_parent: int, old_name, new_parent: int, new_name,
@@ -1494,7 +1558,8 @@ class Filesystem:
         per entry for the attributes."""
         bs = self.bs
         want = sorted({i for i in inos if isinstance(i, int) and 0 < i < self.sb.total_blocks
-                       and i not in self.cache.objs})
+                       and i not in self.cache.objs and i not in self.cache.evicted
+                       and i not in self.cache.homing})
         runs: list[list[int]] = []
         for i in want:
             if runs and i - runs[-1][-1] <= 4 and i - runs[-1][0] < 256:
@@ -1507,7 +1572,7 @@ class Filesystem:
                 raw = await self.dev.read(first * bs, (run[-1] - first + 1) * bs)
                 self.cache.reads += 1
                 for i in run:
-                    if i in self.cache.objs:
+                    if i in self.cache.objs or i in self.cache.evicted or i in self.cache.homing:
                         continue        # changed meanwhile: the cached copy is newer
                     blk = raw[(i - first) * bs:(i - first + 1) * bs]
                     if F.signature_of(blk) != F.SIG_INODE:
@@ -1637,7 +1702,7 @@ class Filesystem:
         self._handles[fh] = _Handle(inode.ino, flags)
         n = self._opens.get(inode.ino, 0)
         self._opens[inode.ino] = n + 1
-        if self.clustered and not n:
+        if self.clustered and inode.ino not in self.locks._pins:
             # The open lock, PR while the file is open here: taken under
             # the inode's lock (an existing inode) or on an inode nobody
             # else can know yet (a new one).  Only a node freeing the

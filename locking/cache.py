@@ -67,6 +67,7 @@ class CacheEntry:
         self.lvb_valid = False
         self.lvb_out: Optional[bytes] = None  # set by an EX/PW holder
         self.busy = trio.Lock()               # one lock-manager call at a time
+        self.refused: Optional[str] = None    # write-back failed: kept until fenced
         self.changed = trio.Event()
 
     def held_modes(self):
@@ -105,6 +106,11 @@ class LockCache:
         mode = Mode(mode)
         e = self._entry(name)
         while True:
+            if e.refused is not None:
+                # its owner could not write back what it changed under it:
+                # nothing here may use it again (the node must be fenced)
+                raise BlockDeviceError(errno.EIO, f"{self.domain}/{name}: unusable, "
+                                       f"the write-back failed ({e.refused})")
             others_ok = all(compatible(m, mode) for m in e.held_modes())
             # (not while a conversion is under way: holders that slipped in
             # under the old mode would keep a conversion deadlock unbroken)
@@ -122,48 +128,69 @@ class LockCache:
                     self._maybe_downconvert(e)
                 await e.changed.wait()
                 continue
-            async with e.busy:
-                if e.blocked is not None or not all(compatible(m, mode) for m in e.held_modes()):
-                    e._notify()
-                    continue
-                want = mode if e.lock is None else self._upgrade(e.mode, mode)
-                fresh = e.lock is None or e.mode == Mode.NL
-                if e.lock is None:
-                    self.stats["requests"] += 1
-                    e.lock = await self.dlm.lock(self.domain, name, want, on_bast=self._bast)
-                else:
-                    self.stats["converts"] += 1
-                    try:
-                        await e.lock.convert(want)
-                    except BlockDeviceError as err:
-                        if err.errno != errno.EDEADLK or e.held_modes():
-                            raise
-                        # Another node converts up on the same lock and the
-                        # lock manager broke the conversion deadlock by
-                        # refusing ours: give our (unused) mode up and ask
-                        # again from NL, behind the other node.
-                        self.stats["deadlocks"] = self.stats.get("deadlocks", 0) + 1
-                        if self.on_downconvert is not None and e.mode != Mode.NL:
-                            await self.on_downconvert(e.name, e.mode, Mode.NL)
-                        await e.lock.convert(Mode.NL, lvb=e.lvb_out
-                                             if e.mode in (Mode.EX, Mode.PW) else None)
-                        e.mode, e.lvb_out = Mode.NL, None
+            try:
+                async with e.busy:
+                    if e.blocked is not None or not all(compatible(m, mode) for m in e.held_modes()):
                         e._notify()
                         continue
-                e.mode = e.lock.mode
-                e.lvb, e.lvb_valid = e.lock.lvb, e.lock.lvb_valid
-                if fresh and self.on_refresh is not None:
-                    self.on_refresh(e.name, e.mode)
-                # The grant is ours to use once, even if another node asked
-                # for the lock meanwhile: otherwise two nodes could hand it
-                # back and forth without either getting work done.
-                if covers(e.mode, mode) and all(compatible(m, mode) for m in e.held_modes()):
-                    e.holders[mode] = e.holders.get(mode, 0) + 1
-                    granted = True
-                else:
-                    granted = False
+                    want = mode if e.lock is None else self._upgrade(e.mode, mode)
+                    fresh = e.lock is None or e.mode == Mode.NL
+                    # The request is the cache's, not the caller's: a caller
+                    # cancelled while it waits (a FUSE INTERRUPT, a timeout)
+                    # must not leave a request queued that is granted to nobody
+                    # -- the other node would wait for a BAST nobody answers.
+                    # So the wait is not cancellable (as OCFS2's cluster lock
+                    # waits are not); a cancelled caller goes away once it is
+                    # granted, and the grant stays cached here.
+                    if e.lock is None:
+                        self.stats["requests"] += 1
+                        with trio.CancelScope(shield=True):
+                            e.lock = await self.dlm.lock(self.domain, name, want,
+                                                         on_bast=self._bast)
+                    else:
+                        self.stats["converts"] += 1
+                        try:
+                            with trio.CancelScope(shield=True):
+                                await e.lock.convert(want)
+                        except BlockDeviceError as err:
+                            if err.errno != errno.EDEADLK or e.held_modes():
+                                raise
+                            # Another node converts up on the same lock and the
+                            # lock manager broke the conversion deadlock by
+                            # refusing ours: give our (unused) mode up and ask
+                            # again from NL, behind the other node.
+                            self.stats["deadlocks"] = self.stats.get("deadlocks", 0) + 1
+                            if self.on_downconvert is not None and e.mode != Mode.NL:
+                                await self.on_downconvert(e.name, e.mode, Mode.NL)
+                            await e.lock.convert(Mode.NL, lvb=e.lvb_out
+                                                 if e.mode in (Mode.EX, Mode.PW) else None)
+                            e.mode, e.lvb_out = Mode.NL, None
+                            e._notify()
+                            continue
+                    e.mode = e.lock.mode
+                    e.lvb, e.lvb_valid = e.lock.lvb, e.lock.lvb_valid
+                    if fresh and self.on_refresh is not None:
+                        self.on_refresh(e.name, e.mode)
+                    # The grant is ours to use once, even if another node asked
+                    # for the lock meanwhile: otherwise two nodes could hand it
+                    # back and forth without either getting work done.
+                    if covers(e.mode, mode) and all(compatible(m, mode) for m in e.held_modes()):
+                        e.holders[mode] = e.holders.get(mode, 0) + 1
+                        granted = True
+                    else:
+                        granted = False
+            except BaseException:
+                e._notify()     # who waited while the call ran looks again
+                raise
             e._notify()
             if granted:
+                try:
+                    # a caller cancelled during the (uncancellable) wait
+                    # goes away now, the grant staying cached
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                except BaseException:
+                    self.release(e, mode)
+                    raise
                 return e
             self._maybe_downconvert(e)
 
@@ -209,7 +236,7 @@ class LockCache:
         e._notify()
 
     def _maybe_downconvert(self, e: CacheEntry) -> None:
-        if e.blocked is None or e.busy.locked():
+        if e.blocked is None or e.busy.locked() or e.refused is not None:
             return
         target = _strongest_compatible(e.blocked, e.mode)
         if any(not covers(target, m) for m in e.held_modes()):
@@ -244,6 +271,7 @@ class LockCache:
                                   "changes back (%s); this node must be fenced",
                                   self.domain, e.name, err)
                         self.stats["refused"] = self.stats.get("refused", 0) + 1
+                        e.refused = str(err)
                         return
                 self.stats["downconverts"] += 1
                 lvb = e.lvb_out if old in (Mode.EX, Mode.PW) else None
@@ -262,7 +290,11 @@ class LockCache:
                     return
                 e.mode = e.lock.mode
                 e.lvb_out = None
-            e.blocked = None
+            # Done for the request that started it; a BAST for a stronger
+            # one that came meanwhile stays (and starts another round).
+            if e.blocked is not None and compatible(e.mode, e.blocked) \
+                    and compatible(e.blocked, e.mode):
+                e.blocked = None
         e._notify()
         # a BAST may have arrived for a stronger conflict while we converted
         if e.blocked is not None:
@@ -275,7 +307,8 @@ class LockCache:
             async with e.busy:
                 if e.lock is not None and e.lock.mode is not None:
                     lvb = e.lvb_out if e.mode in (Mode.EX, Mode.PW) else None
-                    if self.on_downconvert is not None and e.mode != Mode.NL:
+                    if (self.on_downconvert is not None and e.mode != Mode.NL
+                            and e.refused is None):
                         await self.on_downconvert(e.name, e.mode, Mode.NL)
                     await e.lock.unlock(lvb=lvb)
                 e.lock, e.mode = None, Mode.NL

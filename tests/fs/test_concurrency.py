@@ -424,3 +424,30 @@ async def test_reads_do_not_wait_for_a_slow_write(tmp_path, autojump_clock):
     await fs.unmount()
     assert not await check_volume(inner)
     await inner.close()
+
+
+async def test_an_interrupted_write_finishes_instead_of_latching(tmp_path):
+    """Cancellation (a FUSE INTERRUPT, a timeout) reaches an operation only
+    before its first change; a write cancelled half-way used to latch the
+    whole filesystem read-only and lose the new file."""
+    path = make_image(tmp_path / "v.img", 64 << 20)
+    await format_image(path)
+    dev = FileBlockDevice(path)
+    fs = await Filesystem.mount(dev)
+    fh, a = await fs.create(fs.root_ino, "f")
+    data = os.urandom(8 << 20)
+    with trio.move_on_after(0.002) as scope:
+        await fs.write(fh, 0, data)
+    assert fs.failed is None
+    assert (await fs.getattr(a.ino)).size == len(data)
+    assert await fs.read(fh, 0, len(data)) == data
+    # cancelled before it changes anything: nothing happens at all
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await fs.mkdir(fs.root_ino, "never")
+    with pytest.raises(OSError):
+        await fs.lookup(fs.root_ino, "never")
+    await fs.release(fh)
+    await fs.unmount()
+    assert not await check_volume(dev)
+    await dev.close()

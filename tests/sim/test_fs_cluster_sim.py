@@ -69,6 +69,19 @@ async def dlm_pair(nursery, seed: int, cut: set | None = None) -> dict[int, DlmD
     return doms
 
 
+async def cut_off(c, doms) -> None:
+    """End of a simulation, passed or failed: every node is cut off (its
+    lock requests fail, its disk refuses), so that no operation still
+    waiting -- shielded once it changed something, as it must be -- keeps
+    the test from ending."""
+    with trio.CancelScope(shield=True):
+        for d in doms.values():
+            if not d.fenced:
+                await d.fence("simulation over")
+    for fs in c.fss:
+        fs.dev.dead = True
+
+
 class SharedDisk:
     """The volume both nodes see, in memory (protocol C with a perfect
     link: a completed write is on both disks).  No threads, so the
@@ -169,32 +182,35 @@ async def run_cluster(tmp_path, seed: int, workers: int = 4, steps: int = 50) ->
     c = Cluster(disk, seed)
     async with trio.open_nursery() as nursery:
         doms = await dlm_pair(nursery, seed)
-        report = []
-
-        async def watchdog():
-            await trio.sleep(3000)
-            report.append(c.dump())
-
-        nursery.start_soon(watchdog)
         try:
-            with trio.fail_after(3600):      # virtual time: a deadlock ends here
-                await c.mount(nursery, doms)
-                a, b = c.fss
-                dirs = {}
-                for name in ["s1", "s2"] + [f"p{i}" for i in range(workers)]:
-                    dirs[name] = (await a.mkdir(a.root_ino, name)).ino
-                ws = [Worker(i, random.Random(seed * 100 + i)) for i in range(workers)]
-                async with trio.open_nursery() as n:
-                    for w in ws:
-                        n.start_soon(w.run, c.fss, dirs, steps)
-                for fs in c.fss:
-                    assert fs.failed is None, fs.failed
-                    await check_tree(fs, ws, workers)
-                    assert fs.alloc.deferred_total == 0, "a free waited for the bitmap lock"
-                await a.unmount()
-                await b.unmount()
-        except trio.TooSlowError:
-            raise AssertionError(f"seed {seed}: deadlock\n{''.join(report)}") from None
+            report = []
+
+            async def watchdog():
+                await trio.sleep(3000)
+                report.append(c.dump())
+
+            nursery.start_soon(watchdog)
+            try:
+                with trio.fail_after(3600):      # virtual time: a deadlock ends here
+                    await c.mount(nursery, doms)
+                    a, b = c.fss
+                    dirs = {}
+                    for name in ["s1", "s2"] + [f"p{i}" for i in range(workers)]:
+                        dirs[name] = (await a.mkdir(a.root_ino, name)).ino
+                    ws = [Worker(i, random.Random(seed * 100 + i)) for i in range(workers)]
+                    async with trio.open_nursery() as n:
+                        for w in ws:
+                            n.start_soon(w.run, c.fss, dirs, steps)
+                    for fs in c.fss:
+                        assert fs.failed is None, fs.failed
+                        await check_tree(fs, ws, workers)
+                        assert fs.alloc.deferred_total == 0, "a free waited for the bitmap lock"
+                    await a.unmount()
+                    await b.unmount()
+            except trio.TooSlowError:
+                raise AssertionError(f"seed {seed}: deadlock\n{''.join(report)}") from None
+        finally:
+            await cut_off(c, doms)
         nursery.cancel_scope.cancel()
     problems = await check_volume(disk)
     assert not problems, (seed, problems)
@@ -281,78 +297,85 @@ async def run_node_death(tmp_path, seed: int, workers: int = 4, steps: int = 60,
     async with trio.open_nursery() as nursery:
         cut = set()
         doms = await dlm_pair(nursery, seed, cut)
-        report = []
-
-        async def watchdog():
-            await trio.sleep(3000)
-            report.append(c.dump())
-
-        nursery.start_soon(watchdog)
         try:
-            with trio.fail_after(3600):
-                await c.mount(nursery, doms)
-                a, b = c.fss
-                dirs = {}
-                for name in ["s1", "s2"] + [f"p{i}" for i in range(workers)]:
-                    dirs[name] = (await a.mkdir(a.root_ino, name)).ino
-                    await b.lookup(b.root_ino, name)     # b learns them by path
-                ws = [Worker(i, random.Random(seed * 100 + i)) for i in range(workers)]
-                on_b = ws[workers // 2:]
-                async with trio.open_nursery() as n:
-                    scopes = []
-                    for w in ws:
-                        scope = trio.CancelScope()
-                        scopes.append(scope)
+            report = []
 
-                        async def run(w=w, scope=scope):
-                            with scope:
-                                try:
-                                    await w.run(b if w in on_b else a, dirs, steps)
-                                except OSError:
-                                    if w not in on_b:
-                                        raise       # node 0 must not see errors
-                        n.start_soon(run)
-                    await trio.sleep(rng.uniform(0.02, 0.4))
-                    # node 1 dies: its disk and links first, then its tasks
-                    b.dev.dead = True
-                    cut.add(1)
-                    # every free of a committed transaction went to the
-                    # global bitmap with it: nothing waits in memory
-                    assert not b.alloc.deferred, b.alloc.deferred
-                    for w, scope in zip(ws, scopes):
+            async def watchdog():
+                await trio.sleep(3000)
+                report.append(c.dump())
+
+            nursery.start_soon(watchdog)
+            try:
+                with trio.fail_after(3600):
+                    await c.mount(nursery, doms)
+                    a, b = c.fss
+                    dirs = {}
+                    for name in ["s1", "s2"] + [f"p{i}" for i in range(workers)]:
+                        dirs[name] = (await a.mkdir(a.root_ino, name)).ino
+                        await b.lookup(b.root_ino, name)     # b learns them by path
+                    ws = [Worker(i, random.Random(seed * 100 + i)) for i in range(workers)]
+                    on_b = ws[workers // 2:]
+                    async with trio.open_nursery() as n:
+                        scopes = []
+                        for w in ws:
+                            scope = trio.CancelScope()
+                            scopes.append(scope)
+
+                            async def run(w=w, scope=scope):
+                                with scope:
+                                    try:
+                                        await w.run(b if w in on_b else a, dirs, steps)
+                                    except OSError:
+                                        if w not in on_b:
+                                            raise       # node 0 must not see errors
+                            n.start_soon(run)
+                        await trio.sleep(rng.uniform(0.02, 0.4))
+                        # node 1 dies: its disk and links first, then its tasks
+                        b.dev.dead = True
+                        cut.add(1)
+                        # what is left of node 1 learns it is cut off: its lock
+                        # requests fail (a real node's self-fence; its
+                        # operations would otherwise wait for ever)
+                        await doms[1].fence("node died")
+                        # every free of a committed transaction went to the
+                        # global bitmap with it: nothing waits in memory
+                        assert not b.alloc.deferred, b.alloc.deferred
+                        for w, scope in zip(ws, scopes):
+                            if w in on_b:
+                                scope.cancel()
+                        t_dead = trio.current_time()
+                        if mutate != "no-dead-event":
+                            a.node_dead(1)
+                        await doms[0].node_down(1)
+                        slots = await a.recover_node(1)
+                        result["stall"] = trio.current_time() - t_dead
+                        assert slots == [b.slot] or mutate, slots
+                    # node 0's workers finished without an error
+                    assert a.failed is None, a.failed
+                    for w in ws:
                         if w in on_b:
-                            scope.cancel()
-                    t_dead = trio.current_time()
-                    if mutate != "no-dead-event":
-                        a.node_dead(1)
-                    await doms[0].node_down(1)
-                    slots = await a.recover_node(1)
-                    result["stall"] = trio.current_time() - t_dead
-                    assert slots == [b.slot] or mutate, slots
-                # node 0's workers finished without an error
-                assert a.failed is None, a.failed
-                for w in ws:
-                    if w in on_b:
-                        w.live = {}
-                        for name, (where, data) in w.durable.items():
-                            if name in w.touched:
-                                continue
-                            d = await a.lookup(a.root_ino, where)
-                            f = await a.lookup(d.ino, name)
-                            fh = await a.open(f.ino)
-                            assert await a.read(fh, 0, len(data) + 1) == data, name
-                            await a.release(fh)
-                mine = [w for w in ws if w not in on_b]
-                for d in ["s1", "s2"] + [f"p{w.wid}" for w in mine]:
-                    got = {n.decode() for n, _, _ in
-                           await a.readdir((await a.lookup(a.root_ino, d)).ino)}
-                    for w in mine:
-                        want = {nm for nm, (wh, _) in w.live.items() if wh == d}
-                        have = {nm for nm in got if nm.startswith(f"w{w.wid}-")}
-                        assert have == want, (d, w.wid, sorted(have ^ want))
-                await a.unmount()
-        except trio.TooSlowError:
-            raise AssertionError(f"seed {seed}: deadlock\n{''.join(report)}") from None
+                            w.live = {}
+                            for name, (where, data) in w.durable.items():
+                                if name in w.touched:
+                                    continue
+                                d = await a.lookup(a.root_ino, where)
+                                f = await a.lookup(d.ino, name)
+                                fh = await a.open(f.ino)
+                                assert await a.read(fh, 0, len(data) + 1) == data, name
+                                await a.release(fh)
+                    mine = [w for w in ws if w not in on_b]
+                    for d in ["s1", "s2"] + [f"p{w.wid}" for w in mine]:
+                        got = {n.decode() for n, _, _ in
+                               await a.readdir((await a.lookup(a.root_ino, d)).ino)}
+                        for w in mine:
+                            want = {nm for nm, (wh, _) in w.live.items() if wh == d}
+                            have = {nm for nm in got if nm.startswith(f"w{w.wid}-")}
+                            assert have == want, (d, w.wid, sorted(have ^ want))
+                    await a.unmount()
+            except trio.TooSlowError:
+                raise AssertionError(f"seed {seed}: deadlock\n{''.join(report)}") from None
+        finally:
+            await cut_off(c, doms)
         nursery.cancel_scope.cancel()
     problems = await check_volume(disk)
     assert not problems, (seed, problems)
@@ -418,51 +441,54 @@ async def run_unlink_while_open(tmp_path, seed: int, files: int = 6) -> None:
     rng = random.Random(seed)
     async with trio.open_nursery() as nursery:
         doms = await dlm_pair(nursery, seed)
-        with trio.fail_after(3600):
-            await c.mount(nursery, doms)
-            a, b = c.fss
-            d = await a.mkdir(a.root_ino, "d")
-            content = {}
-            for i in range(files):
-                fh, at = await a.create(d.ino, f"f{i}")
-                data = rng.randbytes(rng.choice([100, 9000, 70000]))
-                await a.write(fh, 0, data)
-                await a.release(fh)
-                content[i] = data
-            db = await b.lookup(b.root_ino, "d")
-            handles = {}
-            for i in range(files):
-                at = await b.lookup(db.ino, f"f{i}")
-                handles[i] = (await b.open(at.ino, C.os.O_RDWR), at.ino)
-            for i in range(files):
-                await a.unlink(d.ino, f"f{i}")
-            # node 1 still reads and writes every one of them
-            async with trio.open_nursery() as n:
+        try:
+            with trio.fail_after(3600):
+                await c.mount(nursery, doms)
+                a, b = c.fss
+                d = await a.mkdir(a.root_ino, "d")
+                content = {}
                 for i in range(files):
-                    async def use(i=i):
-                        fh, _ = handles[i]
-                        assert await b.read(fh, 0, len(content[i]) + 1) == content[i]
-                        more = rng.randbytes(5000)
-                        await b.write(fh, len(content[i]), more)
-                        content[i] += more
-                        assert await b.read(fh, 0, len(content[i]) + 1) == content[i]
-                    n.start_soon(use)
-            # node 0 writing meanwhile must not get those clusters
-            fh, _ = await a.create(d.ino, "filler")
-            await a.write(fh, 0, rng.randbytes(300000))
-            await a.release(fh)
-            for i in range(files):
-                fh, _ = handles[i]
-                assert await b.read(fh, 0, len(content[i]) + 1) == content[i]
-                await b.release(fh)
-            await a.unlink(d.ino, "filler")
-            # every unlinked file is freed now that nobody uses it (the
-            # oracle below checks the bitmaps against what is referenced)
-            for fs in (a, b):
-                for info in fs.sb.slots:
-                    assert not await fs.readdir(info.orphan_ino), "orphans left"
-            await b.unmount()
-            await a.unmount()
+                    fh, at = await a.create(d.ino, f"f{i}")
+                    data = rng.randbytes(rng.choice([100, 9000, 70000]))
+                    await a.write(fh, 0, data)
+                    await a.release(fh)
+                    content[i] = data
+                db = await b.lookup(b.root_ino, "d")
+                handles = {}
+                for i in range(files):
+                    at = await b.lookup(db.ino, f"f{i}")
+                    handles[i] = (await b.open(at.ino, C.os.O_RDWR), at.ino)
+                for i in range(files):
+                    await a.unlink(d.ino, f"f{i}")
+                # node 1 still reads and writes every one of them
+                async with trio.open_nursery() as n:
+                    for i in range(files):
+                        async def use(i=i):
+                            fh, _ = handles[i]
+                            assert await b.read(fh, 0, len(content[i]) + 1) == content[i]
+                            more = rng.randbytes(5000)
+                            await b.write(fh, len(content[i]), more)
+                            content[i] += more
+                            assert await b.read(fh, 0, len(content[i]) + 1) == content[i]
+                        n.start_soon(use)
+                # node 0 writing meanwhile must not get those clusters
+                fh, _ = await a.create(d.ino, "filler")
+                await a.write(fh, 0, rng.randbytes(300000))
+                await a.release(fh)
+                for i in range(files):
+                    fh, _ = handles[i]
+                    assert await b.read(fh, 0, len(content[i]) + 1) == content[i]
+                    await b.release(fh)
+                await a.unlink(d.ino, "filler")
+                # every unlinked file is freed now that nobody uses it (the
+                # oracle below checks the bitmaps against what is referenced)
+                for fs in (a, b):
+                    for info in fs.sb.slots:
+                        assert not await fs.readdir(info.orphan_ino), "orphans left"
+                await b.unmount()
+                await a.unmount()
+        finally:
+            await cut_off(c, doms)
         nursery.cancel_scope.cancel()
     problems = await check_volume(disk)
     assert not problems, (seed, problems)
@@ -506,13 +532,16 @@ async def _two_nodes(tmp_path, seed, body) -> None:
     c = Cluster(disk, seed)
     async with trio.open_nursery() as nursery:
         doms = await dlm_pair(nursery, seed)
-        with trio.fail_after(3600):
-            await c.mount(nursery, doms)
-            await body(*c.fss)
-            for fs in c.fss:
-                assert fs.failed is None, fs.failed
-            await c.fss[0].unmount()
-            await c.fss[1].unmount()
+        try:
+            with trio.fail_after(3600):
+                await c.mount(nursery, doms)
+                await body(*c.fss)
+                for fs in c.fss:
+                    assert fs.failed is None, fs.failed
+                await c.fss[0].unmount()
+                await c.fss[1].unmount()
+        finally:
+            await cut_off(c, doms)
         nursery.cancel_scope.cancel()
     problems = await check_volume(disk)
     assert not problems, (seed, problems)
