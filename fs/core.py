@@ -721,9 +721,6 @@ class Filesystem:
                         self.cache.drop_clean()
                         await self.alloc.load()
                         raise OSError(errno.EROFS, "read-only mount")
-                # what the operation leaves behind runs under its shield too
-                if len(self.cache.dirty) >= self.commit_threshold and self.failed is None:
-                    await self._commit()
         finally:
             self.alloc.reserved -= op.reserved
             op.reserved = 0
@@ -733,10 +730,12 @@ class Filesystem:
                 self._writers -= 1
                 if not self._writers:
                     self._tx_lot.unpark_all()
-        if op.after:
-            with trio.CancelScope(shield=op.scope.shield):
-                for ino in op.after:
-                    await self._try_wipe(ino)
+        # what the operation leaves behind runs under its shield too
+        with trio.CancelScope(shield=op.scope.shield):
+            if len(self.cache.dirty) >= self.commit_threshold and self.failed is None:
+                await self._commit()
+            for ino in op.after:
+                await self._try_wipe(ino)
 
     # --- locks
 
