@@ -59,16 +59,18 @@ class ClusterLockManager:
 
     def __init__(self, dlm, domain: str, nursery=None):
         self.hook: DownconvertHook | None = None
-        self.forget = None          # set by the filesystem: forget(res)
+        self.forget = None          # the filesystem's forget(res)
         self.cache = LockCache(dlm, domain, on_downconvert=self._downconvert,
                                on_refresh=self._refresh, nursery=nursery)
         self._pins: dict[int, object] = {}
 
     def set_downconvert_hook(self, hook: DownconvertHook) -> None:
         self.hook = hook
-        owner = getattr(hook, "__self__", None)
-        if owner is not None:
-            self.forget = owner._forget
+
+    def set_refresh_hook(self, forget) -> None:
+        """``forget(res)``: drop the cached blocks ``res`` covers (run when a
+        lock is granted again after NL)."""
+        self.forget = forget
 
     @asynccontextmanager
     async def hold(self, res: Res, mode: Mode):
@@ -118,6 +120,13 @@ class ClusterLockManager:
         else:
             self._pins[ino] = lk
 
+    def pinned(self, ino: int) -> bool:
+        return ino in self._pins
+
+    async def open_unpin_all(self) -> None:
+        for ino in list(self._pins):
+            await self.open_unpin(ino)
+
     async def open_unpin(self, ino: int) -> None:
         lk = self._pins.pop(ino, None)
         if lk is not None:
@@ -135,6 +144,5 @@ class ClusterLockManager:
 
     async def drop_all(self) -> None:
         """Give every cached lock back (unmount; no holder left)."""
-        for ino in list(self._pins):
-            await self.open_unpin(ino)
+        await self.open_unpin_all()
         await self.cache.drop_all()

@@ -253,6 +253,7 @@ class Filesystem:
         fs = cls(dev, sb, slot, locks or LocalLockManager(), node)
         fs.locks.set_downconvert_hook(fs.downconvert)
         if fs.clustered:
+            fs.locks.set_refresh_hook(fs._forget)
             if readonly:
                 raise OSError(errno.EINVAL, "read-only mounts of a shared volume are not "
                               "supported yet")
@@ -518,8 +519,7 @@ class Filesystem:
             self._opens.clear()
             self._handles.clear()
             if self.clustered:
-                for ino in list(self.locks._pins):
-                    await self.locks.open_unpin(ino)
+                await self.locks.open_unpin_all()
                 await self.orphan_scan()
             await self._leave_slot(keep=())
         self.mounted = False
@@ -581,6 +581,11 @@ class Filesystem:
         if op is None or op.fs is not self:
             return      # mount, recovery and commit work outside operations
         op.dirtied = True
+        self._enter(op)
+
+    def _enter(self, op: _Op) -> None:
+        """``op`` is in the running transaction: a commit waits for it, and
+        cancellation no longer reaches it."""
         if op.scope is not None:
             op.scope.shield = True
         if not op.active:
@@ -604,11 +609,7 @@ class Filesystem:
         handed out before they are durable)."""
         while self._closing:
             await self._tx_lot.park()
-        if op.scope is not None:
-            op.scope.shield = True
-        if not op.active:
-            op.active = True
-            self._active += 1
+        self._enter(op)
 
     def _settle(self, op: _Op) -> None:
         """``op`` is at a consistent point: a commit may take its changes."""
@@ -1701,7 +1702,7 @@ class Filesystem:
         self._handles[fh] = _Handle(inode.ino, flags)
         n = self._opens.get(inode.ino, 0)
         self._opens[inode.ino] = n + 1
-        if self.clustered and inode.ino not in self.locks._pins:
+        if self.clustered and not self.locks.pinned(inode.ino):
             # The open lock, PR while the file is open here: taken under
             # the inode's lock (an existing inode) or on an inode nobody
             # else can know yet (a new one).  Only a node freeing the
