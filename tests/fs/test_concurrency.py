@@ -109,25 +109,27 @@ class Worker:
             elif r < 0.5:
                 name = rng.choice(sorted(self.live))
                 where, data = self.live[name]
+                # touched before the call: a call that fails (a node that
+                # dies under it) may still have happened
+                self.touched.add(name)
                 a = await fs.lookup(dirs[where], name)
                 fh = await fs.open(a.ino, os.O_RDWR)
                 extra = rng.randbytes(rng.choice([10, 4096, 9000]))
                 await fs.write(fh, len(data), extra)
                 await fs.release(fh)
                 self.live[name] = (where, data + extra)
-                self.touched.add(name)
             elif r < 0.6:
                 name = rng.choice(sorted(self.live))
                 where, _ = self.live.pop(name)
-                await fs.unlink(dirs[where], name)
                 self.touched.add(name)
+                await fs.unlink(dirs[where], name)
             elif r < 0.75:
                 name = rng.choice(sorted(self.live))
                 where, data = self.live[name]
                 to = rng.choice([mine, "s1", "s2"])
+                self.touched.add(name)
                 await fs.rename(dirs[where], name, dirs[to], name)
                 self.live[name] = (to, data)
-                self.touched.add(name)
             elif r < 0.85:
                 name = rng.choice(sorted(self.live))
                 where, data = self.live[name]
