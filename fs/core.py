@@ -25,6 +25,7 @@ commit that makes it reachable (ordered mode).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -211,6 +212,10 @@ class Filesystem:
         if self.clustered:
             self.alloc.global_cached = lambda: self.locks.cached_ex(("bitmap", 0))
         self._life = AsyncExitStack()
+        # ``async kernel_hook(ino)``: another node is about to change inode
+        # ``ino`` (its lock goes to NL here): the FUSE layer drops the
+        # kernel's cached pages and attributes of it.
+        self.kernel_hook = None
         # Nodes declared dead whose slots are not recovered yet: no lock is
         # used until then (their journals may hold newer blocks).
         self.dead_nodes: set[int] = set()
@@ -311,6 +316,8 @@ class Filesystem:
         journal if it is dirty, open it and mark the slot in use; then free
         the slot's leftover orphans."""
         sb = self.sb
+        stale: list[int] = []
+        stale_windows: list = []
         try:
             async with self._op(internal=True):
                 await self._take(("super", 0), EX, "super")
@@ -329,6 +336,21 @@ class Filesystem:
                 if pick:
                     self._set_slot(cand)
                 slot = self.slot
+                # OCFS2's mark_dead_nodes: a slot in use whose journal lock
+                # is free has no live mount -- its node died while no other
+                # node was mounted to recover it.  Recover it now, under
+                # the super lock, before reading anything it may have
+                # changed.  (A node that dies after this is recovered
+                # through node_dead/recover_node.)
+                for other, (state, owner, _) in enumerate(sm.slots):
+                    if other == slot or state != F.SLOT_IN_USE:
+                        continue
+                    ojl = await self.locks.journal_lock(other, wait=False)
+                    if ojl is not None:
+                        log.warning("slot %d (node %d) is in use but has no live mount: "
+                                    "recovering it", other, owner)
+                        await self._recover_slot_held(other, ojl, stale_windows)
+                        stale.append(other)
                 own_dirty = (await J.journal_state(self.dev, sb, slot)).flags & F.JSB_DIRTY
                 if own_dirty:
                     async with self._commit_lock:
@@ -340,11 +362,19 @@ class Filesystem:
                 await self.journal.open()
                 self.mounted = True
                 await self._mark_slot(slot, in_use=True)
+            if stale:
+                self.recovered_slots.extend(stale)
+                await self._finish_recovery(stale, stale_windows)
             await self._recover_orphans(slot, keep=set(self._opens))
             await self.sync()
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._life.aclose()
+                # the locks taken so far go back, after what was changed
+                # under them is written back (a failed filesystem keeps
+                # them: see downconvert)
+                with contextlib.suppress(Exception):
+                    await self.locks.drop_all()
             raise
 
     # ------------------------------------------------------------ node death
@@ -384,29 +414,45 @@ class Filesystem:
                      if state == F.SLOT_IN_USE and owner == node and s != self.slot]
             for s in slots:
                 jl = await self.locks.journal_lock(s, wait=True)
-                try:
-                    if (await J.journal_state(self.dev, self.sb, s)).flags & F.JSB_DIRTY:
-                        async with self._commit_lock:
-                            await J.replay(self.dev, self.sb, s)
-                        # blocks this node cached are under its own locks,
-                        # which the dead node did not hold; but the slot
-                        # map and the dead slot's own blocks may have moved
-                        self.cache.drop_clean()
-                    la = await self.cache.get(self.sb.slots[s].localalloc_blk, "local",
-                                              ("local", s))
-                    if la.length:
-                        windows.append((la.start, la.length, bytearray(la.bitmap)))
-                    la.start = la.length = 0
-                    la.bitmap = bytearray()
-                    self.cache.mark(la.blkno, la)
-                    await self._mark_slot(s, in_use=False)
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await jl.unlock()
+                await self._recover_slot_held(s, jl, windows)
             await self._commit()
         self.dead_nodes.discard(node)
         if not self.dead_nodes:
             self._recovered.set()
+        await self._finish_recovery(slots, windows)
+        for s in slots:
+            self.recoveries.append((node, s, trio.current_time() - t0))
+            log.warning("recovered slot %d of dead node %d in %.3f s", s, node,
+                        trio.current_time() - t0)
+        return slots
+
+    async def _recover_slot_held(self, s: int, jl, windows: list) -> None:
+        """The part of a dead slot's recovery done under the super lock and
+        the slot's journal lock ``jl`` (released here): replay the journal
+        if dirty, take the allocation window out (into ``windows``), mark
+        the slot free."""
+        try:
+            if (await J.journal_state(self.dev, self.sb, s)).flags & F.JSB_DIRTY:
+                async with self._commit_lock:
+                    await J.replay(self.dev, self.sb, s)
+                # blocks this node cached are under its own locks, which
+                # the dead node did not hold; but the slot map and the
+                # dead slot's own blocks may have moved
+                self.cache.drop_clean()
+            la = await self.cache.get(self.sb.slots[s].localalloc_blk, "local", ("local", s))
+            if la.length:
+                windows.append((la.start, la.length, bytearray(la.bitmap)))
+            la.start = la.length = 0
+            la.bitmap = bytearray()
+            self.cache.mark(la.blkno, la)
+            await self._mark_slot(s, in_use=False)
+        finally:
+            with trio.CancelScope(shield=True):
+                await jl.unlock()
+
+    async def _finish_recovery(self, slots: list[int], windows: list) -> None:
+        """After the slots are free: their windows back to the global
+        bitmap, then their orphans (each through the open lock)."""
         if windows:
             async with self._op(internal=True):
                 await self._take(("bitmap", 0), EX, "bitmap")
@@ -417,11 +463,6 @@ class Filesystem:
         for s in slots:
             await self._recover_orphans(s)
         await self.sync()
-        for s in slots:
-            self.recoveries.append((node, s, trio.current_time() - t0))
-            log.warning("recovered slot %d of dead node %d in %.3f s", s, node,
-                        trio.current_time() - t0)
-        return slots
 
     async def recover_slot(self, slot: int) -> None:
         """Replay a (dead) slot's journal, return its allocation window,
@@ -955,6 +996,10 @@ class Filesystem:
                 # the other node must wait until this one is fenced and its
                 # journal recovered (LockCache keeps the lock)
                 raise FilesystemFailed(errno.EIO, f"filesystem failed: {self.failed}")
+            if new == NL and res[0] == "inode" and self.kernel_hook is not None:
+                # first, while the lock still covers them: mmap pages the
+                # kernel writes back on invalidation reach the disk now
+                await self.kernel_hook(res[1])
             if old == EX and self.mounted and not self.readonly:
                 await self._commit()
                 async with self._commit_lock:

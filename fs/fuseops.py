@@ -15,9 +15,13 @@ errno in one place (``_call``):
 * anything else is a bug: logged with its traceback, answered EIO, and the
   FUSE loop keeps serving.
 
-Attribute and entry timeouts are short (1 s by default): another node may
-change the volume, and the cluster-lock invalidation hooks do not reach
-the kernel's caches yet.
+Attribute and entry timeouts are short (1 s by default) on a mount of
+one node, and 0 on a shared mount (``shared``: both nodes mount the
+volume), where the kernel caches nothing past one call and every lookup
+and stat comes to the filesystem under the inode's cluster lock.  When an
+inode's lock goes to NL for another node, the kernel's cached pages of
+it are dropped first (``_lock_given_up``), so a file kept open here reads
+what the other node wrote.
 """
 from __future__ import annotations
 
@@ -53,9 +57,17 @@ class ReplfsOperations(fuse.LocalLocks, fuse.Operations):
 
     def __init__(self, fs, *, readonly: bool = False, entry_timeout: float = 1.0,
                  attr_timeout: float = 1.0, op_timeout: float | None = None,
-                 lock_service: fuse.LockService | None = None):
+                 lock_service: fuse.LockService | None = None, shared: bool = False):
         super().__init__()
         self.fs = fs
+        self.session = None                  # the FUSE session (set by whoever mounts)
+        self.shared = shared
+        if shared:
+            # Both nodes mount the volume: the kernel may cache nothing
+            # past one call (OCFS2 revalidates every dentry and takes the
+            # inode lock for every stat); the lock cache keeps that cheap.
+            entry_timeout = attr_timeout = 0.0
+            fs.kernel_hook = self._lock_given_up
         # POSIX and flock locks, node-local for now: every mount of this
         # volume served by one process shares ``lock_service``.  (The
         # dual-primary work makes them cluster-wide through the DLM.)
@@ -114,6 +126,25 @@ class ReplfsOperations(fuse.LocalLocks, fuse.Operations):
             self.fs.hold(e.st_ino)
         self.lookup_counts[e.st_ino] = n + 1
         return e
+
+    # How long a lock hand-over waits for the kernel to drop an inode's
+    # pages.  The kernel may first write dirty mmap pages back through
+    # WRITE requests that wait for this very lock: the wait is bounded,
+    # and such pages are then written under the next grant (shared
+    # writable mappings are coherent at msync/munmap only).
+    INVALIDATE_WAIT = 2.0
+
+    async def _lock_given_up(self, ino: int) -> None:
+        """Another node is about to change disk inode ``ino``: drop what
+        the kernel caches of it (pages and attributes), so the next read
+        here comes to the filesystem, under the lock again."""
+        fino = self._fuse(ino)
+        if self.session is None or (fino not in self.lookup_counts and fino != ROOT):
+            return          # the kernel does not know the inode
+        if not await self.session.invalidate_inode_wait(fino, self.INVALIDATE_WAIT):
+            log.warning("the kernel did not drop the cached pages of inode %d within %.0f s "
+                        "(dirty shared mappings?); handing the lock over anyway", ino,
+                        self.INVALIDATE_WAIT)
 
     # ---------------------------------------------------------------- errors
 

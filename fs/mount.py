@@ -587,19 +587,33 @@ async def _watch_daemon(dev, ops: ReplfsOperations) -> None:
 
 
 async def serve(src: Source, mountpoint: str, o: Options, ready, *, dev=None,
-                lock_service=None, signals: bool = True, session_hook=None) -> None:
+                lock_service=None, signals: bool = True, session_hook=None,
+                cluster=None) -> None:
     """Mount and serve until unmounted (or signalled, with ``signals``).
     ``ready(None)`` is called once the mount is live.  ``dev``: an open
     block device to use (replfsd passes its in-process one; it is closed
     here at the end either way).  ``lock_service``: shared by every mount
-    the process serves, so their POSIX/flock locks conflict."""
+    the process serves, so their POSIX/flock locks conflict.
+
+    ``cluster``: a shared mount (both nodes): an object with ``locks``
+    (a ClusterLockManager), ``node`` (this node's cluster number) and
+    ``mounted(fs, ops, session)``, called once the filesystem is mounted
+    and again with the session (replfsd ties the cluster events to
+    them).  The slot is chosen under the super lock unless ``-o slot``
+    named one."""
     async with trio.open_nursery() as outer:
         if dev is None:
             dev = await open_device(outer, src)
         fs = None
         try:
             try:
-                fs = await Filesystem.mount(dev, src.slot, readonly=o.readonly)
+                if cluster is not None:
+                    fs = await Filesystem.mount(dev, src.slot, locks=cluster.locks,
+                                                node=cluster.node, recover_dirty_slots=False,
+                                                readonly=o.readonly)
+                    src.slot = fs.slot
+                else:
+                    fs = await Filesystem.mount(dev, src.slot, readonly=o.readonly)
             except OSError as e:
                 raise MountError(f"{src.name}: cannot mount: {e.strerror or e}") from None
             if fs.recovered_slots:
@@ -610,11 +624,14 @@ async def serve(src: Source, mountpoint: str, o: Options, ready, *, dev=None,
             timeout = o.timeout if o.timeout is not None else (
                 120.0 if src.kind == "resource" else 0)
             ops = ReplfsOperations(fs, readonly=o.readonly, op_timeout=timeout or None,
-                                   lock_service=lock_service)
+                                   lock_service=lock_service, shared=cluster is not None)
             session = fuse.Session(ops, mountpoint, subtype="replfs",
                                    fsname=o.fsname or src.name, options=fuse_options(src, o))
+            ops.session = session
             if session_hook is not None:
                 session_hook(session)
+            if cluster is not None:
+                cluster.mounted(fs, ops, session)
             async with trio.open_nursery() as inner:
                 try:
                     await inner.start(session.run)

@@ -98,7 +98,16 @@ class DlmDomain:
             elif isinstance(a, Bast):
                 lk = self.held.get(a.lockid)
                 if lk is not None and lk.on_bast is not None and self._nursery is not None:
-                    self._nursery.start_soon(lk.on_bast, lk, a.blocked_mode)
+                    self._nursery.start_soon(self._run_bast, lk, a.blocked_mode)
+
+    async def _run_bast(self, lk: HeldLock, blocked: Mode) -> None:
+        """One holder's BAST callback; its failure is that holder's problem
+        (logged), never the domain's: the other holders go on."""
+        try:
+            await lk.on_bast(lk, blocked)
+        except Exception:       # noqa: BLE001
+            log.exception("DLM domain %s: the blocking callback of %s failed; the lock "
+                          "stays held", self.name, lk.resource)
 
     @staticmethod
     def _wake(lk: HeldLock, result) -> None:

@@ -69,6 +69,7 @@ class _Online:
         self.fenced: Optional[str] = None
         self.net_scope = trio.CancelScope()
         self.hb = None   # DiskHeartbeat, when a heartbeat region is configured
+        self.dead: set[int] = set()   # nodes declared dead (until they come back)
 
 
 class ClusterService:
@@ -88,9 +89,17 @@ class ClusterService:
             "dlm-convert": self.op_convert,
             "dlm-unlock": self.op_unlock,
             "dlm-locks": self.op_locks,
+            "cluster-fence-peer": self.op_fence_peer,
         }
         self._handles: dict[int, tuple[str, HeldLock]] = {}
         self._next_handle = 1
+        # In-process users of the cluster (the shared mounts), told of
+        # membership changes: ``listener(event, arg)`` with
+        #   "node-dead", n   before any lock of node n can be regranted;
+        #   "node-down", n   once the lock manager has recovered its locks
+        #                     (the filesystem recovers n's slots then);
+        #   "fenced", why    this node fenced itself: stop writing at once.
+        self.listeners: list = []
 
     # ------------------------------------------------------------ component
     async def run(self, daemon, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -228,6 +237,7 @@ class ClusterService:
         on = self.online
         if on is None:
             return
+        on.dead.discard(node)
         for name, dom in list(on.domains.items()):
             await on.net.send(node, _pack(KIND_EPOCH, name, dom.core.epoch.to_bytes(8, "big")))
         # Let the peer know even when we have no domains, so the exchange is complete.
@@ -260,19 +270,39 @@ class ClusterService:
         if verdict == "fence":
             why = (f"lost node {node}; quorum rule: this node ({on.me.number}) cannot reach "
                    f"the lowest-numbered half of the cluster")
-            on.fenced = why
-            log.critical("*** FENCING node %s (%d): %s ***", on.me.name, on.me.number, why)
-            for dom in on.domains.values():
-                await dom.fence(why)
-            # A fenced node must not rejoin on its own: it leaves the network
-            # until an admin takes the cluster offline and online again.
-            on.net_scope.cancel()
+            await self._fence_self(on, why)
             return
         if on.hb is not None and node in everyone and node in on.net.connected():
             return  # it came back before we had to decide
         log.warning("node %d is gone; recovering its locks", node)
+        # The filesystems hear of the death before the lock manager can
+        # regrant a lock the dead node held (OCFS2's eviction callback).
+        self._tell("node-dead", node)
         for dom in on.domains.values():
             await dom.node_down(node)
+        on.dead.add(node)
+        self._tell("node-down", node)
+
+    async def _fence_self(self, on: _Online, why: str) -> None:
+        """This node must stop: every lock request fails from now on, the
+        shared mounts stop writing, and the node leaves the network until
+        an admin takes the cluster offline and online again (a fenced node
+        never rejoins on its own)."""
+        if on.fenced:
+            return
+        on.fenced = why
+        log.critical("*** FENCING node %s (%d): %s ***", on.me.name, on.me.number, why)
+        self._tell("fenced", why)
+        for dom in on.domains.values():
+            await dom.fence(why)
+        on.net_scope.cancel()
+
+    def _tell(self, event: str, arg) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(event, arg)
+            except Exception:       # noqa: BLE001  (one user must not stop the others)
+                log.exception("cluster event %s: a listener failed", event)
 
     async def _on_message(self, src: int, payload: bytes) -> None:
         on = self.online
@@ -318,6 +348,107 @@ class ClusterService:
         await on.nursery.start(dom.run)
         log.info("joined lock domain %s", name)
         return dom
+
+    # ------------------------------------------------------------ shared mounts
+
+    def require_online(self) -> _Online:
+        """The online, unfenced cluster (a shared mount needs it)."""
+        on = self.online
+        if on is None:
+            raise ReplfsError("the cluster stack is not online on this node (run "
+                              "'replfsadm cluster online CLUSTER' on both nodes first)",
+                              EXIT_STATE)
+        if on.fenced:
+            raise ReplfsError(f"this node is fenced ({on.fenced}); take the cluster offline "
+                              f"and online again once the cause is fixed", EXIT_STATE)
+        return on
+
+    def peer_node(self, peer_name: str, peer_address: str = ""):
+        """The cluster node that is the replication peer ``peer_name``: the
+        node of that name, else of that address, else in a two-node
+        cluster the other node (DRBD host names and o2cb node names need
+        not match, as in the seed walkthrough)."""
+        on = self.require_online()
+        for n in on.nodes:
+            if n.name == peer_name:
+                return n
+        for n in on.nodes:
+            if peer_address and n.ip_address == peer_address and n.number != on.me.number:
+                return n
+        others = [n for n in on.nodes if n.number != on.me.number]
+        if len(others) == 1:
+            return others[0]
+        raise ReplfsError(f"the replication peer {peer_name} is not a node of cluster "
+                          f"{on.cluster} (nodes: {', '.join(n.name for n in on.nodes)})",
+                          EXIT_CONFIG)
+
+    def is_member(self, number: int) -> bool:
+        """Is node ``number`` up (this node, or connected over o2net)?"""
+        on = self.online
+        return on is not None and (number == on.me.number or number in on.net.connected())
+
+    async def mount_domain(self, name: str) -> DlmDomain:
+        """The lock domain ``name`` (a volume's UUID), joined if needed."""
+        on = self.require_online()
+        dom = on.domains.get(name)
+        if dom is None:
+            dom = await self._make_domain(on, name, members=[on.me.number])
+            for peer in sorted(on.net.connected()):
+                await dom.node_up(peer)
+        return dom
+
+    async def fence_peer(self, peer: int, timeout: float) -> tuple[int, str]:
+        """The replication link to node ``peer`` is gone while both nodes
+        may write (DRBD's fence-peer, decided by this cluster stack so that
+        the mirror and the locks never pick different losers).  Returns
+        DRBD's handler exit code and why:
+
+        7  the peer is dead to the cluster: declared dead (after o2cb's
+           timeouts, by which a cut-off node has fenced itself) -- or it
+           leaves within ``timeout`` because the quorum rule makes it
+           the loser;
+        1  this node is fenced or is the loser: it fences itself now (the
+           shared mounts stop writing) and its I/O stays suspended."""
+        on = self.online
+        if on is None:
+            return 1, "the cluster stack is offline"
+        if on.fenced:
+            return 1, f"this node is fenced: {on.fenced}"
+        if peer in on.dead and peer not in on.net.connected():
+            return 7, f"node {peer} was declared dead by the cluster stack"
+        if peer in on.net.connected():
+            # Both nodes are up, only the replication link is gone: the
+            # cluster's rule picks the loser (the lower number survives).
+            if on.me.number > peer:
+                await self._fence_self(on, f"the replication link to node {peer} is gone "
+                                           f"and node {peer} has the lower number")
+                return 1, "this node lost (the peer has the lower node number): fenced"
+        with trio.move_on_after(timeout):
+            while not (peer in on.dead and peer not in on.net.connected()):
+                if on.fenced:
+                    return 1, f"this node is fenced: {on.fenced}"
+                await trio.sleep(0.1)
+            return 7, f"node {peer} was declared dead by the cluster stack"
+        return 1, f"node {peer} was not declared dead within {timeout:.0f} s"
+
+    async def op_fence_peer(self, req, body, conn):
+        """The replfs-fence-peer handler's request: fence resource
+        ``res``'s peer as this cluster stack decides (see fence_peer)."""
+        res = self.daemon._res(req)
+        if self.online is None:
+            return {"code": 1, "why": "the cluster stack is offline on this node"}
+        try:
+            node = self.peer_node(res.peer.name, res.peer.address)
+        except ReplfsError as e:
+            return {"code": 1, "why": e.message}
+        t = self.online.timeouts
+        # o2net declares a silent peer dead after its idle timeout; wait
+        # that long and a margin, within the handler's own time limit
+        timeout = min(55.0, t.idle_timeout_ms / 1000 + 15)
+        code, why = await self.fence_peer(node.number, timeout)
+        (log.warning if code == 7 else log.error)(
+            "%s: fence-peer: node %s (%d): %s", res.conf.name, node.name, node.number, why)
+        return {"code": code, "why": why, "node": node.name}
 
     # ------------------------------------------------------------ DLM ops
     def _domain(self, req) -> DlmDomain:

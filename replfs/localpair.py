@@ -53,7 +53,7 @@ common {{
 	}}
 }}
 resource r0 {{
-	protocol {protocol};
+	protocol {protocol};{extra_res}
 	on alpha {{
 		device    {alpha_dev} minor 0;
 		disk      {alpha_disk};
@@ -160,7 +160,10 @@ class Node:
 
 
 class LocalPair:
-    def __init__(self, root, protocol="C", extra_net="", proxy_port=None, size=SIZE):
+    def __init__(self, root, protocol="C", extra_net="", proxy_port=None, size=SIZE,
+                 extra_res=""):
+        """``extra_net``: lines for the common net section; ``extra_res``:
+        for the resource (disk/handlers sections, as text)."""
         self.root = str(root)
         port = free_port("127.0.0.1")
         self.port = port
@@ -175,6 +178,7 @@ class LocalPair:
             with open(n.disk, "wb") as f:
                 f.truncate(size)
         fields = dict(protocol=protocol, extra_net=extra_net,
+                      extra_res=("\n" + extra_res.strip("\n")) if extra_res else "",
                       alpha_dev=os.path.join(self.alpha.root, "drbd0"),
                       beta_dev=os.path.join(self.beta.root, "drbd0"),
                       alpha_disk=self.alpha.disk, beta_disk=self.beta.disk,

@@ -37,7 +37,7 @@ fi
 # looks it up on PATH; put the project's commands where root's PATH finds
 # them (the venv's own bin directory stays the source of truth).
 if [ "$(id -u)" = 0 ] && [ -d /usr/local/sbin ]; then
-    for t in replfs mkfs.replfs fsck.replfs replfsadm replfsd; do
+    for t in replfs mkfs.replfs fsck.replfs replfsadm replfsd replfs-fence-peer; do
         [ -e ".venv/bin/$t" ] && ln -sf "$PWD/.venv/bin/$t" "/usr/local/sbin/$t"
     done
 fi

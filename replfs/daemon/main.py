@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(rundir, "replfsd.pid"), "w") as f:
         f.write(f"{os.getpid()}\n")
     setup_logging(rundir, args.foreground)
+    # handlers (replfs-fence-peer) find this daemon by the environment
+    os.environ["REPLFS_RUNDIR"] = rundir
     daemon = Daemon(node, rundir, os.path.abspath(args.config) if args.config else None)
     from .components import default_components
     daemon.components = default_components()

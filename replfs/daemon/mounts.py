@@ -18,6 +18,23 @@ A mount ends when it is unmounted (umount(8): the kernel closes the
 connection) or at daemon shutdown; then its journal is finished and the
 resource closed, which is what ``replfsadm secondary`` and ``down`` wait
 for.
+
+Shared mounts.  A resource with ``allow-two-primaries`` is mounted with
+cluster locks, as OCFS2 is on a dual-primary DRBD device: the lock cache
+calls the DLM domain of the volume (named after its UUID) hosted by this
+daemon's cluster stack, the filesystem chooses its slot under the super
+lock, and both nodes may mount at once.  The mount is refused unless
+sharing is safe: the cluster stack online and not fenced, the volume made
+for this cluster, protocol C, ``fencing resource-and-stonith`` with a
+fence-peer handler (replfs-fence-peer: the cluster stack is then the one
+arbiter of who goes on), and a peer that is Primary only while it is a
+live cluster member, Connected and UpToDate.  The cluster stack's events
+reach the mount in process (``_SharedMount``): a node declared dead is
+recovered (its slot's journal replayed) before any of its locks is used
+again; a fence stops the mount writing at once (its device refuses
+writes, every call answers EIO) until it is unmounted.  A resource
+without ``allow-two-primaries`` is mounted by one node (node-local locks;
+the peer's promotion is refused while it is mounted).
 """
 from __future__ import annotations
 
@@ -25,9 +42,12 @@ import contextvars
 import logging
 import os
 
+import errno
+
 import trio
 
 from replfs import fuse
+from replfs.blockdev import BlockDeviceError
 from replfs.errors import EXIT_USAGE, ReplfsError
 
 from .devices import ResourceIO
@@ -43,21 +63,122 @@ _current_mount: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 class ResourceDevice(ResourceIO):
     """The BlockDevice of a mount served by replfsd: calls into the
-    resource, counted as one opener (and a single-node opener: the guard
-    until the filesystem has cluster locks)."""
+    resource, counted as one opener -- a single-node opener (the peer may
+    not be promoted meanwhile) unless ``shared`` (cluster locks).  Once
+    ``fence(why)`` is called it writes nothing more."""
 
-    def __init__(self, res):
+    def __init__(self, res, *, shared: bool = False):
         super().__init__(res)
         res._require_io(write=True)
-        res.open_single_node()
+        self.shared = shared
+        if not shared:
+            res.open_single_node()
         res.open_count += 1
         self._open = True
+        self.fenced: str | None = None
+
+    def fence(self, why: str) -> None:
+        self.fenced = why
+
+    def _check(self) -> None:
+        if self.fenced is not None:
+            raise BlockDeviceError(errno.EIO, f"this node is fenced ({self.fenced}): "
+                                   "nothing more is written")
+
+    async def write(self, offset: int, data: bytes) -> None:
+        self._check()
+        await super().write(offset, data)
+
+    async def flush(self) -> None:
+        self._check()
+        await super().flush()
+
+    async def discard(self, offset: int, length: int) -> None:
+        self._check()
+        await super().discard(offset, length)
 
     async def close(self) -> None:
         if self._open:
             self._open = False
             self.res.open_count = max(0, self.res.open_count - 1)
-            self.res.close_single_node()
+            if not self.shared:
+                self.res.close_single_node()
+
+
+class _SharedMount:
+    """A shared mount's tie to the cluster stack: the lock manager over the
+    volume's DLM domain, and the cluster events (``event``) acted on."""
+
+    def __init__(self, mountpoint: str, dom, node: int, dev: ResourceDevice,
+                 nursery: trio.Nursery):
+        from replfs.fs.clusterlocks import ClusterLockManager
+        from replfs.locking.inproc import InProcessDlm
+        self.mountpoint = mountpoint
+        self.node = node
+        self.dev = dev
+        self.nursery = nursery
+        self.locks = ClusterLockManager(InProcessDlm({dom.name: dom}, nursery), dom.name,
+                                        nursery)
+        self.fs = self.ops = self.session = None
+        self.early: list[tuple[str, object]] = []     # events before the mount was up
+        self.fenced: str | None = None
+
+    def mounted(self, fs, ops, session) -> None:
+        self.fs, self.ops, self.session = fs, ops, session
+        early, self.early = self.early, []
+        for kind, arg in early:
+            self.event(kind, arg)
+
+    def event(self, kind: str, arg) -> None:
+        if kind == "fenced":
+            self._fence(str(arg))
+            return
+        if self.fs is None:
+            self.early.append((kind, arg))
+            return
+        if kind == "node-dead":
+            self.fs.node_dead(arg)
+        elif kind == "node-down":
+            self.fs.node_dead(arg)          # (no-op if told already)
+            self.nursery.start_soon(self._recover, arg)
+
+    async def _recover(self, node: int) -> None:
+        _current_mount.set(self.mountpoint)
+        try:
+            slots = await self.fs.recover_node(node)
+            if slots:
+                log.warning("%s: recovered the slot(s) %s of dead node %d", self.mountpoint,
+                            ", ".join(map(str, slots)), node)
+        except Exception as e:      # noqa: BLE001
+            # every lock waits for this recovery: nothing more can be done
+            # safely here; say so loudly and stop writing
+            log.critical("%s: recovery of dead node %d failed: %s; this mount stops",
+                         self.mountpoint, node, e)
+            self._fence(f"recovery of node {node} failed: {e}")
+
+    def _fence(self, why: str) -> None:
+        if self.fenced is not None:
+            return
+        self.fenced = why
+        self.dev.fence(why)
+        log.critical("%s: fenced (%s): nothing more is written; every call answers EIO "
+                     "until it is unmounted", self.mountpoint, why)
+        if self.fs is not None:
+            self.fs._fail(f"this node was fenced: {why}")
+        if self.ops is not None:
+            self.ops.device_lost(f"this node was fenced: {why}")
+
+
+def _leaf(eg: BaseExceptionGroup, kind):
+    """The first exception of type ``kind`` in ``eg``, however nested."""
+    for e in eg.exceptions:
+        if isinstance(e, kind):
+            return e
+        if isinstance(e, BaseExceptionGroup):
+            found = _leaf(e, kind)
+            if found is not None:
+                return found
+    return None
 
 
 class _MountLog(logging.Handler):
@@ -149,16 +270,82 @@ class MountService:
             raise ReplfsError(f"cannot mount resource {name}: this node ({self.daemon.node}) "
                               f"is {res.role.value}, not Primary; make it Primary first "
                               f"('replfsadm primary {name}')", EXIT_MOUNT_FAIL)
+        cs = self._shared_checks(res) if res.conf.allow_two_primaries else None
         src = M.Source(name, "resource", rundir=self.daemon.rundir)
         if o.slot is not None:
             src.slot = o.slot
+        elif cs is not None:
+            src.slot = None         # chosen under the super lock
         try:
-            await self._nursery.start(self._serve, res, src, mountpoint, o)
+            await self._nursery.start(self._serve, res, src, mountpoint, o, cs)
         except M.MountError as e:
             raise ReplfsError(e.message, e.exit_code) from None
-        return {"slot": src.slot}
+        except BaseExceptionGroup as eg:
+            # a refusal from inside the mount's nurseries
+            refusal = _leaf(eg, M.MountError)
+            if refusal is None:
+                raise
+            raise ReplfsError(refusal.message, refusal.exit_code) from None
+        return {"slot": src.slot, "shared": cs is not None}
 
-    async def _serve(self, res, src, mountpoint, o, *, task_status) -> None:
+    def _cluster(self):
+        for c in getattr(self.daemon, "components", ()):
+            if hasattr(c, "mount_domain"):
+                return c
+        return None
+
+    def _shared_checks(self, res):
+        """A resource both nodes may make Primary is mounted with cluster
+        locks; refuse it (saying what to do) unless sharing is safe."""
+        name = res.conf.name
+        cs = self._cluster()
+        if cs is None:
+            raise ReplfsError(f"cannot mount resource {name}: it allows two primaries, so it "
+                              f"is mounted with cluster locks, and this replfsd hosts no "
+                              f"cluster stack", EXIT_MOUNT_FAIL)
+        try:
+            on = cs.require_online()
+        except ReplfsError as e:
+            raise ReplfsError(f"cannot mount resource {name}: it allows two primaries, so it "
+                              f"is mounted with cluster locks, and {e.message}",
+                              EXIT_MOUNT_FAIL) from None
+        if res.conf.protocol != "C":
+            raise ReplfsError(f"cannot mount resource {name} on both nodes: it uses protocol "
+                              f"{res.conf.protocol}; a shared filesystem needs protocol C "
+                              f"(set 'protocol C;' in the resource and 'replfsadm adjust "
+                              f"{name}')", EXIT_MOUNT_FAIL)
+        if res.fencing != "resource-and-stonith" or not res.conf.handlers.get("fence-peer"):
+            raise ReplfsError(
+                f"cannot mount resource {name} on both nodes: a shared filesystem needs "
+                f"'fencing resource-and-stonith;' and a fence-peer handler that asks the "
+                f"cluster stack ('handlers {{ fence-peer \"replfs-fence-peer\"; }}'), so "
+                f"that the mirror and the cluster locks always agree on which node goes on "
+                f"(now: fencing {res.fencing}, fence-peer "
+                f"{res.conf.handlers.get('fence-peer') or 'not set'})", EXIT_MOUNT_FAIL)
+        peer = cs.peer_node(res.peer.name, res.peer.address)
+        if res.peer_role.value == "Primary":
+            if not cs.is_member(peer.number):
+                raise ReplfsError(
+                    f"cannot mount resource {name}: the peer {res.peer.name} is Primary but "
+                    f"node {peer.name} is not a live member of cluster {on.cluster}; bring "
+                    f"the cluster online there ('replfsadm cluster online {on.cluster}')",
+                    EXIT_MOUNT_FAIL)
+            if res.cstate.value != "Connected" or res.pdsk.value != "UpToDate":
+                raise ReplfsError(
+                    f"cannot mount resource {name}: the peer is Primary, and sharing needs "
+                    f"the pair Connected and UpToDate (now {res.cstate.value}, peer disk "
+                    f"{res.pdsk.value}); wait for the resync ('replfsadm wait-sync "
+                    f"{name}')", EXIT_MOUNT_FAIL)
+        elif cs.is_member(peer.number) and not res.cstate.is_connected:
+            # the peer's node is up but the mirror is not: a promotion
+            # there would write data this node never sees
+            raise ReplfsError(
+                f"cannot mount resource {name}: node {peer.name} is up in cluster "
+                f"{on.cluster} but the replication link is {res.cstate.value}; connect "
+                f"the resource first ('replfsadm connect {name}')", EXIT_MOUNT_FAIL)
+        return cs
+
+    async def _serve(self, res, src, mountpoint, o, cs=None, *, task_status) -> None:
         from replfs.fs import mount as M
         from replfs.fs.core import read_superblock
         _current_mount.set(mountpoint)
@@ -172,7 +359,7 @@ class MountService:
         except OSError as e:
             log.warning("%s: no mount log %s: %s", mountpoint, path, e)
         rec = {"resource": src.name, "mountpoint": mountpoint, "slot": None,
-               "readonly": o.readonly}
+               "readonly": o.readonly, "shared": cs is not None}
         if o.debug:
             # the daemon's log level is the daemon's; say so instead of
             # pretending the option took effect
@@ -180,7 +367,7 @@ class MountService:
                         "replfsd (it logs at replfsd's level)", mountpoint)
         try:
             try:
-                dev = ResourceDevice(res)
+                dev = ResourceDevice(res, shared=cs is not None)
             except ReplfsError as e:
                 raise M.MountError(f"cannot mount resource {src.name}: {e.message}") from None
             try:
@@ -189,23 +376,49 @@ class MountService:
                 await dev.close()
                 raise M.MountError(f"{src.name}: {e.strerror or e}; not a replfs volume "
                                    f"(make one with mkfs.replfs)") from None
-            if not 0 <= src.slot < sb.slot_count:
+            if src.slot is not None and not 0 <= src.slot < sb.slot_count:
                 await dev.close()
                 raise M.MountError(f"slot={src.slot} is out of range: the volume has "
                                    f"{sb.slot_count} slots (0-{sb.slot_count - 1})",
                                    EXIT_USAGE)
-            rec["slot"] = src.slot
+            made_for = getattr(sb, "cluster_name", "")
+            if cs is not None and made_for and made_for != cs.online.cluster:
+                await dev.close()
+                raise M.MountError(f"cannot mount resource {src.name}: the volume was made "
+                                   f"for cluster {made_for}, and this node is in cluster "
+                                   f"{cs.online.cluster}")
             started = []
 
             def ready(message):
                 if message is None and not started:
                     started.append(1)
+                    rec["slot"] = src.slot
                     self.mounts[mountpoint] = rec
                     task_status.started()
             # (serve closes dev at its end, whatever happens)
-            await M.serve(src, mountpoint, o, ready, dev=dev,
-                          lock_service=self.lock_service, signals=False,
-                          session_hook=lambda s: rec.__setitem__("session", s))
+            if cs is None:
+                await M.serve(src, mountpoint, o, ready, dev=dev,
+                              lock_service=self.lock_service, signals=False,
+                              session_hook=lambda s: rec.__setitem__("session", s))
+                return
+            try:
+                dom = await cs.mount_domain(sb.uuid.hex())
+            except ReplfsError as e:
+                await dev.close()
+                raise M.MountError(f"cannot mount resource {src.name}: {e.message}") from None
+            node = cs.online.me.number
+            rec["node"] = cs.online.me.name
+            async with trio.open_nursery() as nursery:
+                shared = _SharedMount(mountpoint, dom, node, dev, nursery)
+                cs.listeners.append(shared.event)
+                try:
+                    await M.serve(src, mountpoint, o, ready, dev=dev,
+                                  lock_service=self.lock_service, signals=False,
+                                  session_hook=lambda s: rec.__setitem__("session", s),
+                                  cluster=shared)
+                finally:
+                    cs.listeners.remove(shared.event)
+                    nursery.cancel_scope.cancel()
         finally:
             self.mounts.pop(mountpoint, None)
             if handler is not None:

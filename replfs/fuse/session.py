@@ -504,6 +504,28 @@ class Session:
         Returns at once; ENOENT (inode not cached) is normal."""
         self._notify(proto.notify_inval_inode(inode, offset, length))
 
+    async def invalidate_inode_wait(self, inode: int, timeout: float) -> bool:
+        """Drop the kernel's cached attributes and pages of ``inode`` and
+        wait (at most ``timeout`` s) until the kernel has done it.  Sent at
+        once, even from within a request (a cluster lock's hand-over must
+        not wait for a reply).  True if it finished in time.  The kernel
+        may write dirty mmap pages back first (WRITE requests): a caller
+        that makes such writes wait must not wait here without a bound."""
+        done = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+
+        def finished(_result):
+            try:
+                token.run_sync_soon(done.set)
+            except trio.RunFinishedError:
+                pass
+        self._sender.submit(self, proto.notify_inval_inode(inode, 0, 0), finished)
+        with trio.move_on_after(timeout):
+            await done.wait()
+            return True
+        self.stats["notify_slow"] += 1
+        return False
+
     def invalidate_entry(self, parent: int, name: bytes) -> None:
         """Drop the cached dentry ``name`` in ``parent``."""
         self._notify(proto.notify_inval_entry(parent, bytes(name)))

@@ -1,12 +1,15 @@
-"""The guard that keeps a replfs volume mounted on one node at a time
-until the filesystem has cluster locks (issue 7's first step).
+"""The guard that keeps a replfs volume from being mounted by two nodes
+without cluster locks (issue 7's first step, kept since).
 
 Before it, a mount on a node whose peer was also Primary (allow-two-
 primaries) picked a free slot with node-local locks only, and files
-vanished once both nodes had written.  Now: a mount is refused while the
-peer is Primary (by the mount program, and again atomically by the
-daemon when the device is opened), and while a node has the volume
-mounted the peer's `primary` is refused.
+vanished once both nodes had written.  Now a resource both nodes may make
+Primary is mounted only with cluster locks (tests/integration/
+test_fs_shared.py), so without the cluster stack its mount is refused on
+either node, whatever the peer's role; the daemon's single-node open
+(the block device a one-node mount uses) is refused while the peer is
+Primary; and a resource without allow-two-primaries is mounted by its one
+Primary, whose peer cannot be promoted meanwhile.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ def _wait_closed(node, timeout=20.0):
         time.sleep(0.05)
 
 
-def test_second_node_mount_and_peer_promotion_are_refused(tmp_path):
+def test_dual_primary_volume_is_never_mounted_without_cluster_locks(tmp_path):
     pair = LocalPair(tmp_path, extra_net="allow-two-primaries;")
     a, b = pair.alpha, pair.beta
     mnt_a, mnt_b = tmp_path / "a", tmp_path / "b"
@@ -44,15 +47,16 @@ def test_second_node_mount_and_peer_promotion_are_refused(tmp_path):
         pair.up_fresh()
         run(os.path.join(VENV_BIN, "mkfs.replfs"), "-q", "-N", "2", "-c", a.conf, "--rundir",
             a.rundir, "r0", env=dict(ENV, REPLFS_NODE="alpha"))
-        # Both Primary (the configuration allows it): neither may mount.
+        # Both Primary, no cluster stack: neither may mount.
         b.adm("primary", "r0")
         for mnt, opts in ((mnt_a, aopts), (mnt_b, bopts)):
             cp = run("mount", "-t", "fuse.replfs", "r0", mnt, "-o", opts, check=False)
             assert cp.returncode == 32, cp.stderr
-            assert "the peer is Primary too" in cp.stderr and "secondary" in cp.stderr
+            assert "cluster locks" in cp.stderr and "cluster online" in cp.stderr, cp.stderr
             assert not mounted(mnt)
 
-        # The daemon's own check, which has no window between check and open.
+        # The daemon's single-node open, which has no window between check
+        # and open, refuses while the peer is Primary.
         async def open_single_node():
             from replfs.ipc.client import DaemonBlockDevice
             async with trio.open_nursery() as n:
@@ -66,15 +70,37 @@ def test_second_node_mount_and_peer_promotion_are_refused(tmp_path):
                 await dev.close()
         assert "the peer is Primary too" in (trio.run(open_single_node) or "opened")
 
-        # One node mounts; the peer may not become Primary while it does.
+        # The peer Secondary changes nothing: the resource still allows
+        # two primaries, so it is mounted with cluster locks or not at all.
         b.adm("secondary", "r0")
         a.wait(lambda s: s["peer_role"] == "Secondary", what="beta Secondary")
+        cp = run("mount", "-t", "fuse.replfs", "r0", mnt_a, "-o", aopts, check=False)
+        assert cp.returncode == 32 and "cluster locks" in cp.stderr, cp.stderr
+        assert not mounted(mnt_a)
+        assert a.status()["open_count"] == 0
+    finally:
+        force_unmount(mnt_a)
+        force_unmount(mnt_b)
+        pair.teardown()
+
+
+def test_one_node_volume_blocks_the_peers_promotion(tmp_path):
+    pair = LocalPair(tmp_path)
+    a, b = pair.alpha, pair.beta
+    mnt_a, mnt_b = tmp_path / "a", tmp_path / "b"
+    mnt_a.mkdir()
+    mnt_b.mkdir()
+    aopts = f"conf={a.conf},node=alpha,rundir={a.rundir}"
+    bopts = f"conf={b.conf},node=beta,rundir={b.rundir}"
+    try:
+        pair.up_fresh()
+        run(os.path.join(VENV_BIN, "mkfs.replfs"), "-q", "-N", "2", "-c", a.conf, "--rundir",
+            a.rundir, "r0", env=dict(ENV, REPLFS_NODE="alpha"))
         run("mount", "-t", "fuse.replfs", "r0", mnt_a, "-o", aopts)
         with open(mnt_a / "f", "w") as f:
             f.write("alpha's")
         cp = b.adm("primary", "r0", check=False)
         assert cp.returncode == 11, cp.stdout + cp.stderr
-        assert "(-12)" in cp.stderr and "mounted there" in cp.stderr, cp.stderr
         assert b.status()["role"] == "Secondary"
         assert a.status()["single_node_opens"] == 1
 
