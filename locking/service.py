@@ -434,13 +434,17 @@ class ClusterService:
     async def op_fence_peer(self, req, body, conn):
         """The replfs-fence-peer handler's request: fence resource
         ``res``'s peer as this cluster stack decides (see fence_peer)."""
-        res = self.daemon._res(req)
+        code, why = await self.fence_resource_peer(self.daemon._res(req))
+        return {"code": code, "why": why}
+
+    async def fence_resource_peer(self, res) -> tuple[int, str]:
+        """fence_peer for the replication peer of resource ``res``."""
         if self.online is None:
-            return {"code": 1, "why": "the cluster stack is offline on this node"}
+            return 1, "the cluster stack is offline on this node"
         try:
             node = self.peer_node(res.peer.name, res.peer.address)
         except ReplfsError as e:
-            return {"code": 1, "why": e.message}
+            return 1, e.message
         t = self.online.timeouts
         # o2net declares a silent peer dead after its idle timeout; wait
         # that long and a margin, within the handler's own time limit
@@ -448,7 +452,7 @@ class ClusterService:
         code, why = await self.fence_peer(node.number, timeout)
         (log.warning if code == 7 else log.error)(
             "%s: fence-peer: node %s (%d): %s", res.conf.name, node.name, node.number, why)
-        return {"code": code, "why": why, "node": node.name}
+        return code, why
 
     # ------------------------------------------------------------ DLM ops
     def _domain(self, req) -> DlmDomain:

@@ -15,7 +15,7 @@ import tempfile
 import time
 
 from replfs.ipc.client import SyncClient, socket_path
-from replfs.localpair import LocalPair, Node
+from replfs.localpair import LocalPair, Node, cluster_conf, free_port
 
 BOLD = "\033[1m" if sys.stdout.isatty() else ""
 RESET = "\033[0m" if sys.stdout.isatty() else ""
@@ -117,6 +117,64 @@ def fs_demo(a: Node, b: Node) -> None:
     run(b, "secondary", "r0")
 
 
+def dual_primary_demo(pair: LocalPair) -> None:
+    """The seed's ending: r1 Primary on both nodes, the cluster stack
+    online, one filesystem mounted on both nodes at once."""
+    a, b = pair.alpha, pair.beta
+    say("The seed's last step: a dual-primary resource r1 (protocol C, allow-two-primaries),\n"
+        "the o2cb cluster online, one filesystem mounted on both nodes")
+    cdir = os.path.join(pair.root, "cluster")
+    os.makedirs(cdir, exist_ok=True)
+    cconf = os.path.join(cdir, "cluster.conf")
+    with open(cconf, "w") as f:
+        f.write(cluster_conf("ocfs2", free_port("127.0.0.1"), free_port("127.0.0.2")))
+    print(f"[both]# cat {cconf}")
+    print(open(cconf).read())
+    for n in pair.nodes:
+        run(n, "cluster", "-C", cconf, "load")
+        run(n, "cluster", "-C", cconf, "online", "ocfs2")
+    for n in pair.nodes:
+        run(n, "create-md", "r1")
+        run(n, "up", "r1")
+    wait(a, lambda s: s["cstate"] == "Connected", "r1's connection")
+    run(a, "--", "--overwrite-data-of-peer", "primary", "r1")
+    run(a, "wait-sync", "r1")
+    run(b, "primary", "r1")
+    run(a, "overview")
+    fs_shell(a, ["mkfs.replfs", "-N", "4", "-L", "shared", "r1"])
+    amnt, bmnt = (os.path.join(n.root, "shared") for n in (a, b))
+    for m in (amnt, bmnt):
+        os.makedirs(m, exist_ok=True)
+    fs_shell(a, ["mount", "-t", "fuse.replfs", "r1", amnt])
+    try:
+        fs_shell(b, ["mount", "-t", "fuse.replfs", "r1", bmnt])
+        try:
+            run(b, "mounted", "-f", "r1")
+            with open(os.path.join(amnt, "from-alpha.txt"), "w") as f:
+                f.write("written on alpha while beta has it mounted too\n")
+            print(f"[alpha]# echo '...' > {amnt}/from-alpha.txt")
+            fs_shell(b, ["cat", os.path.join(bmnt, "from-alpha.txt")])
+            fs_shell(b, ["mv", os.path.join(bmnt, "from-alpha.txt"),
+                         os.path.join(bmnt, "renamed-on-beta.txt")])
+            fs_shell(a, ["ls", "-l", amnt])
+            fs_shell(a, ["df", "-h", amnt])
+        finally:
+            fs_shell(b, ["umount", bmnt])
+    finally:
+        fs_shell(a, ["umount", amnt])
+    deadline = time.monotonic() + 30
+    while a.status("r1")["open_count"] or b.status("r1")["open_count"]:
+        if time.monotonic() > deadline:
+            raise SystemExit("demo: the mounts of r1 did not finish")
+        time.sleep(0.1)
+    fs_shell(a, ["fsck.replfs", "-n", "r1"])
+    for n in pair.nodes:
+        run(n, "secondary", "r1")
+        run(n, "down", "r1")
+    for n in pair.nodes:
+        run(n, "cluster", "-C", cconf, "offline", "ocfs2")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m replfs.demo",
                                  description="Two-node replfs demo on this machine.")
@@ -125,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     root = args.dir or tempfile.mkdtemp(prefix="replfs-demo-")
     os.makedirs(root, exist_ok=True)
-    pair = LocalPair(root, size=64 * 1024 * 1024)
+    pair = LocalPair(root, size=64 * 1024 * 1024, dual=True)
     a, b = pair.alpha, pair.beta
     try:
         say(f"Two nodes on this machine: alpha (127.0.0.1) and beta (127.0.0.2), in {root}")
@@ -229,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         run(a, "overview")
 
         fs_demo(a, b)
+        dual_primary_demo(pair)
 
         say("Tear down")
         if not args.keep:

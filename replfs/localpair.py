@@ -70,6 +70,32 @@ resource r0 {{
 """
 
 
+# The seed's step 9: a second resource both nodes make Primary, for the
+# shared filesystem (protocol C, allow-two-primaries, as the seed has it;
+# with no fencing options the shared mounts fence through the cluster
+# stack).
+R1 = """\
+resource r1 {{
+	protocol C;
+	net {{
+		allow-two-primaries;
+	}}
+	on alpha {{
+		device    {alpha_dev1} minor 1;
+		disk      {alpha_disk1};
+		address   {alpha_addr1};
+		meta-disk internal;
+	}}
+	on beta {{
+		device    {beta_dev1} minor 1;
+		disk      {beta_disk1};
+		address   {beta_addr1};
+		meta-disk internal;
+	}}
+}}
+"""
+
+
 @dataclass
 class Node:
     name: str
@@ -130,17 +156,18 @@ class Node:
     def client(self) -> SyncClient:
         return SyncClient(socket_path(self.rundir))
 
-    def status(self) -> dict:
+    def status(self, res: str = "r0") -> dict:
         with self.client() as c:
-            reply, _ = c.call("status", res="r0")
+            reply, _ = c.call("status", res=res)
             return reply["resources"][0]
 
-    def wait(self, pred, timeout: float = 30, what: str = "condition") -> dict:
+    def wait(self, pred, timeout: float = 30, what: str = "condition",
+             res: str = "r0") -> dict:
         deadline = time.monotonic() + timeout
         st = None
         while time.monotonic() < deadline:
             try:
-                st = self.status()
+                st = self.status(res)
                 if pred(st):
                     return st
             except Exception:
@@ -161,9 +188,11 @@ class Node:
 
 class LocalPair:
     def __init__(self, root, protocol="C", extra_net="", proxy_port=None, size=SIZE,
-                 extra_res=""):
+                 extra_res="", dual: bool = False):
         """``extra_net``: lines for the common net section; ``extra_res``:
-        for the resource (disk/handlers sections, as text)."""
+        for the resource (disk/handlers sections, as text).  ``dual``: a
+        second resource r1 as the seed's step 9 has it (protocol C,
+        allow-two-primaries)."""
         self.root = str(root)
         port = free_port("127.0.0.1")
         self.port = port
@@ -177,12 +206,23 @@ class LocalPair:
             n.disk = os.path.join(n.root, "disk.img")
             with open(n.disk, "wb") as f:
                 f.truncate(size)
+        if dual:
+            port1 = free_port("127.0.0.1")
+            for n in self.nodes:
+                with open(os.path.join(n.root, "disk1.img"), "wb") as f:
+                    f.truncate(size)
         fields = dict(protocol=protocol, extra_net=extra_net,
                       extra_res=("\n" + extra_res.strip("\n")) if extra_res else "",
                       alpha_dev=os.path.join(self.alpha.root, "drbd0"),
                       beta_dev=os.path.join(self.beta.root, "drbd0"),
                       alpha_disk=self.alpha.disk, beta_disk=self.beta.disk,
                       alpha_addr=f"127.0.0.1:{port}", beta_addr=f"127.0.0.2:{port}")
+        if dual:
+            fields.update(alpha_dev1=os.path.join(self.alpha.root, "drbd1"),
+                          beta_dev1=os.path.join(self.beta.root, "drbd1"),
+                          alpha_disk1=os.path.join(self.alpha.root, "disk1.img"),
+                          beta_disk1=os.path.join(self.beta.root, "disk1.img"),
+                          alpha_addr1=f"127.0.0.1:{port1}", beta_addr1=f"127.0.0.2:{port1}")
         for n in self.nodes:
             f = dict(fields)
             if proxy_port and n is self.alpha:
@@ -191,6 +231,8 @@ class LocalPair:
             n.conf = os.path.join(n.root, "replfs.conf")
             with open(n.conf, "w") as fh:
                 fh.write(CONF.format(**f))
+                if dual:
+                    fh.write(R1.format(**f))
 
     @property
     def nodes(self):

@@ -216,6 +216,12 @@ class Resource:
         # Primary, and such an open is refused while the peer is Primary
         # or was just allowed to become it.
         self.single_node_opens = 0
+        # Filesystems mounted on both nodes (cluster locks) that use this
+        # resource, and the in-process fence-peer decision replfsd gives
+        # them (the cluster stack's): with a shared mount and no fencing
+        # configured, the resource fences as resource-and-stonith with it.
+        self.shared_opens = 0
+        self.fence_peer_hook = None
         self._peer_promotion_allowed_at = float("-inf")
         self.last_event = ""
         self.split_brain = False
@@ -939,17 +945,33 @@ class Resource:
                 await self._connection_lost()
 
     async def handler(self, name: str) -> int | None:
-        """Run the configured handler ``name``; None if none is configured."""
+        """Run the configured handler ``name``; None if none is configured.
+        Without a fence-peer command, a resource mounted on both nodes asks
+        the cluster stack in process (``fence_peer_hook``)."""
         command = self.conf.handlers.get(name)
+        if not command and name == "fence-peer" and self.shared_opens \
+                and self.fence_peer_hook is not None:
+            log.warning("%s: fence-peer: asking the cluster stack (no handler configured; "
+                        "the resource is mounted on both nodes)", self.conf.name)
+            return await self.fence_peer_hook()
         if not command:
             return None
         env = handler_env(self.conf, self.me, self.peer, self.node, self.conf_path)
         return await run_handler(name, command, env, resource=self.conf.name)
 
     @property
+    def fencing_configured(self) -> str | None:
+        return self.conf.disk.get("fencing") or self.conf.net.get("fencing")
+
+    @property
     def fencing(self) -> str:
-        return (self.conf.disk.get("fencing") or self.conf.net.get("fencing")
-                or "dont-care")
+        """The policy in effect: the configured one; with none configured,
+        resource-and-stonith while a filesystem is mounted on both nodes
+        (two writers must never both go on after losing each other)."""
+        configured = self.fencing_configured
+        if configured:
+            return configured
+        return "resource-and-stonith" if self.shared_opens else "dont-care"
 
     async def _fence_peer(self) -> None:
         """A Primary lost an UpToDate peer: make sure the peer cannot be

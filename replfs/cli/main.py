@@ -176,6 +176,17 @@ def v_dump_md(ctx: Ctx, res: str) -> None:
     ctx.out(render.dump_md(res, host, sb, lay, bm))
 
 
+def _cluster_node_names(ctx: Ctx) -> dict[int, str]:
+    """Cluster node numbers -> names, from this node's cluster stack if it
+    is online (a slot map records node numbers); {} otherwise."""
+    try:
+        with SyncClient(socket_path(ctx.rundir), timeout=5) as c:
+            reply, _ = c.call("cluster-nodes")
+        return {n["number"]: n["name"] for n in reply.get("nodes", [])}
+    except (ReplfsError, OSError):
+        return {}
+
+
 def v_mounted(ctx: Ctx, arg: str | None) -> None:
     """Like mounted.ocfs2: read each resource's local backing disk (no
     daemon needed, works on a Secondary) and show the replfs volumes on it
@@ -213,8 +224,9 @@ def v_mounted(ctx: Ctx, arg: str | None) -> None:
         if sb is None:
             rows.append((res, host.disk, "-", "", "", ""))
             continue
-        used = [f"node {node} (slot {i})" for i, (state, node, _gen) in enumerate(slots)
-                if state == F.SLOT_IN_USE]
+        names = _cluster_node_names(ctx) if full else {}
+        used = [f"{names.get(node, f'node {node}')} (slot {i})"
+                for i, (state, node, _gen) in enumerate(slots) if state == F.SLOT_IN_USE]
         rows.append((res, host.disk, "replfs", ", ".join(used) or "Not mounted",
                      sb.uuid.hex().upper(), sb.label))
     if full:

@@ -25,10 +25,13 @@ calls the DLM domain of the volume (named after its UUID) hosted by this
 daemon's cluster stack, the filesystem chooses its slot under the super
 lock, and both nodes may mount at once.  The mount is refused unless
 sharing is safe: the cluster stack online and not fenced, the volume made
-for this cluster, protocol C, ``fencing resource-and-stonith`` with a
-fence-peer handler (replfs-fence-peer: the cluster stack is then the one
-arbiter of who goes on), and a peer that is Primary only while it is a
-live cluster member, Connected and UpToDate.  The cluster stack's events
+for this cluster, protocol C, no fencing policy weaker than
+``resource-and-stonith`` (with none configured, the resource fences as
+resource-and-stonith while mounted on both nodes, and without a fence-
+peer handler it asks the cluster stack in process: the cluster stack is
+the one arbiter of who goes on; replfs-fence-peer does the same as a
+command), and a peer that is Primary only while it is a live cluster
+member, Connected and UpToDate.  The cluster stack's events
 reach the mount in process (``_SharedMount``): a node declared dead is
 recovered (its slot's journal replayed) before any of its locks is used
 again; a fence stops the mount writing at once (its device refuses
@@ -67,11 +70,16 @@ class ResourceDevice(ResourceIO):
     not be promoted meanwhile) unless ``shared`` (cluster locks).  Once
     ``fence(why)`` is called it writes nothing more."""
 
-    def __init__(self, res, *, shared: bool = False):
+    def __init__(self, res, *, shared: bool = False, fence_peer=None):
         super().__init__(res)
         res._require_io(write=True)
         self.shared = shared
-        if not shared:
+        if shared:
+            # fencing in effect while mounted on both nodes (see
+            # Resource.fencing): the cluster stack decides
+            res.shared_opens += 1
+            res.fence_peer_hook = fence_peer
+        else:
             res.open_single_node()
         res.open_count += 1
         self._open = True
@@ -101,7 +109,9 @@ class ResourceDevice(ResourceIO):
         if self._open:
             self._open = False
             self.res.open_count = max(0, self.res.open_count - 1)
-            if not self.shared:
+            if self.shared:
+                self.res.shared_opens = max(0, self.res.shared_opens - 1)
+            else:
                 self.res.close_single_node()
 
 
@@ -288,6 +298,11 @@ class MountService:
             raise ReplfsError(refusal.message, refusal.exit_code) from None
         return {"slot": src.slot, "shared": cs is not None}
 
+    @staticmethod
+    async def _fence_peer(cs, res) -> int:
+        code, _why = await cs.fence_resource_peer(res)
+        return code
+
     def _cluster(self):
         for c in getattr(self.daemon, "components", ()):
             if hasattr(c, "mount_domain"):
@@ -314,14 +329,19 @@ class MountService:
                               f"{res.conf.protocol}; a shared filesystem needs protocol C "
                               f"(set 'protocol C;' in the resource and 'replfsadm adjust "
                               f"{name}')", EXIT_MOUNT_FAIL)
-        if res.fencing != "resource-and-stonith" or not res.conf.handlers.get("fence-peer"):
+        configured = res.fencing_configured
+        if configured not in (None, "resource-and-stonith"):
             raise ReplfsError(
-                f"cannot mount resource {name} on both nodes: a shared filesystem needs "
-                f"'fencing resource-and-stonith;' and a fence-peer handler that asks the "
-                f"cluster stack ('handlers {{ fence-peer \"replfs-fence-peer\"; }}'), so "
-                f"that the mirror and the cluster locks always agree on which node goes on "
-                f"(now: fencing {res.fencing}, fence-peer "
-                f"{res.conf.handlers.get('fence-peer') or 'not set'})", EXIT_MOUNT_FAIL)
+                f"cannot mount resource {name} on both nodes: it has 'fencing {configured};', "
+                f"and a shared filesystem needs 'fencing resource-and-stonith;' (or no "
+                f"fencing option: the cluster stack then fences), so that a node that lost "
+                f"its peer never goes on writing unless the cluster stack says the peer is "
+                f"dead", EXIT_MOUNT_FAIL)
+        handler = res.conf.handlers.get("fence-peer")
+        if handler and "replfs-fence-peer" not in handler:
+            log.warning("%s: fence-peer handler %r is not replfs-fence-peer: it must agree "
+                        "with the cluster stack on which node goes on, or a cut link can "
+                        "leave both nodes writing", name, handler)
         peer = cs.peer_node(res.peer.name, res.peer.address)
         if res.peer_role.value == "Primary":
             if not cs.is_member(peer.number):
@@ -367,7 +387,10 @@ class MountService:
                         "replfsd (it logs at replfsd's level)", mountpoint)
         try:
             try:
-                dev = ResourceDevice(res, shared=cs is not None)
+                dev = ResourceDevice(
+                    res, shared=cs is not None,
+                    fence_peer=(None if cs is None else
+                                lambda: self._fence_peer(cs, res)))
             except ReplfsError as e:
                 raise M.MountError(f"cannot mount resource {src.name}: {e.message}") from None
             try:

@@ -58,12 +58,12 @@ def wait_closed(node, timeout=20.0) -> None:
 
 
 @contextlib.contextmanager
-def shared_pair(tmp_path, *, fencing: bool = True, cluster: bool = True, slots: int = 2):
-    """Two nodes, r0 Primary on both (allow-two-primaries), a volume made
-    on alpha; the cluster stack online on both unless ``cluster`` is
-    False.  Yields (pair, alpha's mount dir, beta's mount dir, cdir)."""
-    pair = LocalPair(tmp_path, extra_net="allow-two-primaries;",
-                     extra_res=FENCING if fencing else "")
+def shared_pair(tmp_path, *, extra_res: str = "", cluster: bool = True, slots: int = 2):
+    """Two nodes, r0 Primary on both (allow-two-primaries; the seed's r1
+    has no fencing options: the default ``extra_res``), a volume made on
+    alpha; the cluster stack online on both unless ``cluster`` is False.
+    Yields (pair, alpha's mount dir, beta's mount dir, cdir)."""
+    pair = LocalPair(tmp_path, extra_net="allow-two-primaries;", extra_res=extra_res)
     cdir = str(tmp_path / "etc")
     os.makedirs(cdir)
     with open(os.path.join(cdir, "cluster.conf"), "w") as f:
@@ -107,6 +107,9 @@ def test_both_nodes_mount_and_see_each_others_changes(tmp_path):
         slots = {call(n, "mounts")["mounts"][0]["slot"] for n in pair.nodes}
         assert slots == {0, 1}
         assert all(call(n, "mounts")["mounts"][0]["shared"] for n in pair.nodes)
+        # mounted.ocfs2 -f's view: both nodes, by their cluster names
+        shown = b.adm("mounted", "-f", "r0").stdout
+        assert "alpha (slot " in shown and "beta (slot " in shown, shown
 
         # alpha writes, beta reads at once; beta renames, alpha sees it
         (ma / "hello").write_text("from alpha\n")
@@ -159,8 +162,13 @@ def test_both_nodes_mount_and_see_each_others_changes(tmp_path):
         fsck_clean(a)
 
 
-def test_node_dies_and_the_survivor_recovers_its_slot(tmp_path):
-    with shared_pair(tmp_path) as (pair, ma, mb, _):
+@pytest.mark.parametrize("fencing", ["handler", "implied"])
+def test_node_dies_and_the_survivor_recovers_its_slot(tmp_path, fencing):
+    # "handler": fencing resource-and-stonith with the replfs-fence-peer
+    # command; "implied": no fencing options (as in the seed): the shared
+    # mount fences through the cluster stack in process
+    with shared_pair(tmp_path, extra_res=FENCING if fencing == "handler" else "") as \
+            (pair, ma, mb, _):
         a, b = pair.alpha, pair.beta
         mount(a, ma)
         mount(b, mb)
@@ -186,7 +194,9 @@ def test_node_dies_and_the_survivor_recovers_its_slot(tmp_path):
             assert (ma / name).read_bytes() == data, name
         assert (ma / "a0").read_bytes() == b"alpha before"
         log = a.log()
-        assert "fence-peer" in log and "recovered the slot(s) 1 of dead node 1" in log, log[-3000:]
+        assert "recovered the slot(s) 1 of dead node 1" in log, log[-3000:]
+        assert ("fence-peer helper returned 7" in log
+                and ("replfs-fence-peer" in log) == (fencing == "handler")), log[-3000:]
         st = a.status()
         assert st["role"] == "Primary" and not st["io_suspended"], st
         print(f"alpha's stall after beta's death: {stall:.2f} s")
@@ -196,17 +206,19 @@ def test_node_dies_and_the_survivor_recovers_its_slot(tmp_path):
 
 
 def test_mount_is_refused_when_sharing_is_unsafe(tmp_path):
-    # no fencing configured: the mirror and the locks could pick different
-    # survivors, so the shared mount is refused, saying what to set
-    with shared_pair(tmp_path, fencing=False, cluster=False) as (pair, ma, mb, cdir):
+    # a fencing policy that lets a node go on writing after it lost its
+    # peer: the mirror and the locks could pick different survivors, so
+    # the shared mount is refused, saying what to set
+    weak = "\tdisk { fencing resource-only; }"
+    with shared_pair(tmp_path, extra_res=weak, cluster=False) as (pair, ma, mb, cdir):
         a, b = pair.alpha, pair.beta
         cp = mount(a, ma, check=False)
         assert cp.returncode == 32 and "cluster stack is not online" in cp.stderr, cp.stderr
         assert "replfsadm cluster online" in cp.stderr
         online(pair, cdir)
         cp = mount(a, ma, check=False)
-        assert cp.returncode == 32 and "fencing resource-and-stonith" in cp.stderr, cp.stderr
-        assert "replfs-fence-peer" in cp.stderr
+        assert cp.returncode == 32 and "fencing resource-only" in cp.stderr, cp.stderr
+        assert "resource-and-stonith" in cp.stderr
         assert not mounted(ma) and not mounted(mb)
 
 
