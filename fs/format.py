@@ -86,6 +86,32 @@ FEATURE_INCOMPAT_WIDE_TIME = 4
 FEATURE_INCOMPAT_KNOWN = (FEATURE_INCOMPAT_EXTENT_TREE | FEATURE_INCOMPAT_HASHED_DIRS
                           | FEATURE_INCOMPAT_WIDE_TIME)
 
+# Compat features: a reader that does not know one may ignore it.
+# The o2cb cluster the volume was made for (mkfs.ocfs2 --cluster-name):
+# CLUSTER_NAME_LEN bytes, NUL padded, right after the slot table.  The bit
+# is set iff a name is stored; volumes without it have no name.
+FEATURE_COMPAT_CLUSTER_NAME = 1
+CLUSTER_NAME_LEN = 16            # OCFS2_CLUSTER_NAME_LEN
+_CLUSTER_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                                "0123456789_-")
+
+
+def check_cluster_name(name: str) -> str:
+    """``name`` if it is a cluster name a superblock can hold: 1 to 16
+    ASCII letters, digits, '_' or '-'.  Raises ValueError saying what is
+    wrong.  (cluster.conf itself checks no more than that a name is there.)"""
+    if not name:
+        raise ValueError("the cluster name is empty")
+    bad = sorted({c for c in name if c not in _CLUSTER_NAME_CHARS})
+    if bad:
+        raise ValueError(f"cluster name {name!r} contains {''.join(bad)!r}; only ASCII "
+                         f"letters, digits, '_' and '-' are allowed")
+    if len(name) > CLUSTER_NAME_LEN:
+        raise ValueError(f"cluster name {name!r} is {len(name)} characters long; "
+                         f"at most {CLUSTER_NAME_LEN} are allowed")
+    return name
+
+
 NS = 1_000_000_000
 S64_MIN, S64_MAX = -(1 << 63), (1 << 63) - 1
 U32_MAX = (1 << 32) - 1
@@ -131,6 +157,11 @@ class Superblock:
     feat_ro_compat: int = 0
     volid: int = 0                   # copied into every block header
     lostfound_ino: int = 0
+    # The o2cb cluster the volume was made for; "" for none.  encode and
+    # decode carry whatever bytes are stored (latin-1, one char a byte),
+    # so that fsck can show and clear a damaged name; check_cluster_name
+    # is the rule for a good one.
+    cluster_name: str = ""
 
     @property
     def block_size(self) -> int:
@@ -146,10 +177,17 @@ class Superblock:
 
     def encode(self, blkno: int) -> bytes:
         buf = bytearray(self.block_size)
+        name = self.cluster_name.encode("latin-1")
+        if len(name) > CLUSTER_NAME_LEN:
+            raise ValueError(f"cluster name {self.cluster_name!r} longer than "
+                             f"{CLUSTER_NAME_LEN} bytes")
+        compat = self.feat_compat & ~FEATURE_COMPAT_CLUSTER_NAME
+        if name:
+            compat |= FEATURE_COMPAT_CLUSTER_NAME
         SB_BODY.pack_into(
             buf, HDR_SIZE, self.version_major, self.version_minor, self.block_bits,
             self.cluster_bits, self.uuid, self.label.encode()[:64], self.total_blocks,
-            self.total_clusters, self.slot_count, 0, self.feat_compat,
+            self.total_clusters, self.slot_count, 0, compat,
             self.feat_incompat, self.feat_ro_compat, self.cpg, self.group_count,
             self.root_ino, self.slotmap_blk, self.lostfound_ino,
             self.reserved_clusters, 0, self.created_ns)
@@ -158,6 +196,8 @@ class Superblock:
             SB_SLOT.pack_into(buf, off, s.journal_start, s.journal_blocks,
                               s.localalloc_blk, s.orphan_ino)
             off += SB_SLOT.size
+        if name:
+            buf[off:off + CLUSTER_NAME_LEN] = name.ljust(CLUSTER_NAME_LEN, b"\0")
         return seal(buf, SIG_SUPER, self.volid, blkno)
 
     @classmethod
@@ -178,11 +218,23 @@ class Superblock:
         for _ in range(nslots):
             sb.slots.append(SlotInfo(*SB_SLOT.unpack_from(buf, off)))
             off += SB_SLOT.size
+        if fc & FEATURE_COMPAT_CLUSTER_NAME:
+            if off + CLUSTER_NAME_LEN > len(buf):
+                raise FormatError(f"block {blkno}: cluster name overruns the block")
+            raw = bytes(buf[off:off + CLUSTER_NAME_LEN])
+            sb.cluster_name = raw.rstrip(b"\0").decode("latin-1")
         return sb
 
 
+def cluster_name_offset(slot_count: int) -> int:
+    """Byte offset of the cluster name in a superblock block."""
+    return HDR_SIZE + SB_BODY.size + slot_count * SB_SLOT.size
+
+
 def max_slots_for(block_size: int) -> int:
-    return min(MAX_SLOTS, (block_size - HDR_SIZE - SB_BODY.size) // SB_SLOT.size)
+    """Slots whose records fit in a superblock block with the cluster name."""
+    return min(MAX_SLOTS, (block_size - HDR_SIZE - SB_BODY.size - CLUSTER_NAME_LEN)
+               // SB_SLOT.size)
 
 
 def sb_blkno(block_size: int) -> int:

@@ -2,8 +2,8 @@
 
 The checker works like e2fsck / fsck.ocfs2, in passes:
 
-0. superblock (falling back to a backup), slot map, journals (a dirty
-   journal is replayed first);
+0. superblock (falling back to a backup; a damaged cluster name is
+   cleared), slot map, journals (a dirty journal is replayed first);
 1. inodes, extent trees, xattr blocks and cluster ownership; clusters
    claimed more than once are resolved as e2fsck's passes 1B-1D do
    (metadata keeps them, every other claimant gets its own copy);
@@ -628,6 +628,7 @@ class Checker:
         self.info(f"  block size {sb.block_size}, cluster size {sb.cluster_size}, "
                   f"{sb.total_clusters} clusters in {sb.group_count} groups, "
                   f"{sb.slot_count} slots")
+        await self.check_cluster_name()
         # Backups must match the superblock in use.
         want = sb.encode(0)[F.HDR_SIZE:]
         for blk in F.backup_sb_blknos(sb.block_size, sb.total_blocks):
@@ -644,6 +645,25 @@ class Checker:
                 self.modified = True
         await self.check_slotmap()
         await self.check_journals()
+
+    async def check_cluster_name(self) -> None:
+        """The o2cb cluster name: a stored name must be a valid one.  A
+        damaged name is cleared (the volume then has no cluster name)
+        rather than guessed; the superblock and its backups are rewritten."""
+        sb = self.sb
+        if not sb.feat_compat & F.FEATURE_COMPAT_CLUSTER_NAME:
+            self.info("  cluster: none")
+            return
+        try:
+            F.check_cluster_name(sb.cluster_name)
+        except ValueError as e:
+            if await self.problem(f"Superblock cluster name is damaged ({e}).",
+                                  "Clear the cluster name"):
+                sb.cluster_name = ""
+                sb.feat_compat &= ~F.FEATURE_COMPAT_CLUSTER_NAME
+                await self.write_superblocks()
+            return
+        self.info(f"  cluster: {sb.cluster_name}")
 
     async def check_slotmap(self) -> None:
         sb = self.sb

@@ -13,6 +13,13 @@ The layout is the one ``Filesystem.mount`` reads (see docs/fs-format.md):
   allocation block (empty window) and an orphan directory;
 * the slot map (every slot free), the root directory and lost+found.
 
+The superblock records the o2cb cluster the volume is made for
+(``--cluster-name``, as mkfs.ocfs2); a shared mount on a node whose
+online cluster has another name is refused.  For a resource target the
+default is the cluster online on this node, asked of replfsd
+("cluster-status"); with no answer or no cluster online the volume gets
+no name.
+
 System directories are built with the same cache, allocator and
 directory code the filesystem uses, so mkfs cannot drift from the core.
 
@@ -43,6 +50,7 @@ from .extents import ExtentMaps
 PROG = "mkfs.replfs"
 MIN_JOURNAL_BLOCKS = 1024
 MIN_VOLUME = 16 << 20
+STATUS_TIMEOUT = 10.0            # seconds to wait for replfsd's cluster-status
 
 
 class MkfsError(Exception):
@@ -140,11 +148,29 @@ def check_params(slots: int, block_size: int, cluster_size: int | None, label: s
     return cluster_size
 
 
+def check_cluster_name(name: str) -> str:
+    """``name`` if a superblock can hold it as the cluster name, else MkfsError."""
+    try:
+        return F.check_cluster_name(name)
+    except ValueError as e:
+        raise MkfsError(str(e)) from None
+
+
+def cluster_stack_line(cluster_name: str) -> str:
+    if cluster_name:
+        return f"Cluster stack: o2cb (cluster {cluster_name})"
+    return "Cluster stack: none (a node-local volume until a cluster name is set)"
+
+
 async def make_filesystem(dev, *, slots: int = 4, block_size: int = 4096,
                           cluster_size: int | None = None, label: str = "",
                           journal_size: int | None = None, force: bool = False,
-                          out=print, wide_time: bool = True) -> F.Superblock:
+                          out=print, wide_time: bool = True,
+                          cluster_name: str = "") -> F.Superblock:
     """Format ``dev`` (a BlockDevice) and return the new superblock.
+
+    ``cluster_name`` is the o2cb cluster the volume is made for ("" for
+    none); this function asks nobody for a default.
 
     ``wide_time=False`` makes a volume of the format before the wide-time
     feature (tests of old volumes use it; the command line has no switch).
@@ -157,6 +183,8 @@ async def make_filesystem(dev, *, slots: int = 4, block_size: int = 4096,
     del force
     say = out or (lambda *_: None)
     cluster_size = check_params(slots, block_size, cluster_size, label)
+    if cluster_name:
+        check_cluster_name(cluster_name)
     bs, cs = block_size, cluster_size
     bbits, cbits = _log2(bs), _log2(cs)
     shift = cbits - bbits
@@ -192,6 +220,7 @@ async def make_filesystem(dev, *, slots: int = 4, block_size: int = 4096,
     tail = total_clusters - (ngroups - 1) * cpg
 
     say(f"{PROG} {_version()}")
+    say(cluster_stack_line(cluster_name))
     say(f"Label: {label}")
     say(f"Block size: {bs} ({bbits} bits)")
     say(f"Cluster size: {cs} ({cbits} bits)")
@@ -239,7 +268,8 @@ async def make_filesystem(dev, *, slots: int = 4, block_size: int = 4096,
         total_blocks=total_blocks, total_clusters=total_clusters, slot_count=slots,
         cpg=cpg, group_count=ngroups, root_ino=0, slotmap_blk=slotmap_cl * bpc,
         reserved_clusters=reserved, created_ns=time.time_ns(),
-        slots=[F.SlotInfo(*info) for info in slot_infos], volid=volid)
+        slots=[F.SlotInfo(*info) for info in slot_infos], volid=volid,
+        cluster_name=cluster_name)
     if not wide_time:
         sb.feat_incompat &= ~F.FEATURE_INCOMPAT_WIDE_TIME
     for g in groups:
@@ -391,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-C", "--cluster-size", dest="cluster_size", metavar="SIZE",
                    help="cluster (allocation unit) size, block size .. 1M (default 4K)")
     p.add_argument("-L", "--label", default="", help="volume label (up to 64 bytes)")
+    p.add_argument("--cluster-name", dest="cluster_name", metavar="NAME",
+                   help="o2cb cluster the volume is for (1-16 ASCII letters, digits, _ "
+                   "or -); a shared mount is refused on a node whose online cluster has "
+                   "another name.  Default for a resource: the cluster online on this "
+                   "node, else none (a node-local volume)")
     p.add_argument("-J", "--journal-options", dest="journal", metavar="size=SIZE",
                    help="journal size per slot, e.g. -J size=16M")
     p.add_argument("-F", "--force", action="store_true",
@@ -445,6 +480,38 @@ def _resource_exists(name: str, config: str | None) -> tuple[bool, str]:
     return name in cfg.resources, path
 
 
+async def _online_cluster(nursery: trio.Nursery, rundir: str | None) -> str:
+    """The name of the cluster online on this node, as replfsd reports it;
+    "" when no cluster is online or replfsd does not answer."""
+    from replfs.errors import ReplfsError
+    from replfs.ipc.client import AsyncClient, socket_path
+    client = None
+    try:
+        with trio.move_on_after(STATUS_TIMEOUT):
+            client = await AsyncClient.connect(socket_path(rundir), nursery)
+            st, _ = await client.call("cluster-status")
+            if st.get("online"):
+                return str(st.get("cluster") or "")
+    except (ReplfsError, OSError):
+        pass
+    finally:
+        if client is not None:
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+    return ""
+
+
+async def _default_cluster_name(nursery: trio.Nursery, rundir: str | None) -> str:
+    name = await _online_cluster(nursery, rundir)
+    if name:
+        try:
+            F.check_cluster_name(name)
+        except ValueError as e:
+            raise MkfsError(f"cannot record the cluster online on this node: {e} "
+                            f"(rename it in cluster.conf, or give --cluster-name)") from None
+    return name
+
+
 async def _run(args, kw) -> None:
     target = args.target
     if os.path.exists(target):
@@ -486,6 +553,9 @@ async def _run(args, kw) -> None:
                     if found:
                         raise MkfsError(f"resource {target} appears to contain {found}; "
                                         f"refusing to overwrite it (-F overrides)")
+                if args.cluster_name is None:
+                    kw = dict(kw, cluster_name=await _default_cluster_name(
+                        nursery, rundir_from_env(args.rundir)))
                 await make_filesystem(dev, **kw)
             except MkfsError as e:
                 error = e
@@ -499,20 +569,26 @@ async def _run(args, kw) -> None:
         raise error
 
 
+def make_options(args, out) -> dict:
+    """make_filesystem's keyword arguments from the command line, checked
+    (MkfsError) before anything is opened."""
+    kw = dict(slots=args.slots, block_size=parse_size(args.block_size),
+              cluster_size=parse_size(args.cluster_size) if args.cluster_size else None,
+              label=args.label, journal_size=_journal_size(args.journal),
+              force=args.force, out=out)
+    kw["cluster_size"] = check_params(kw["slots"], kw["block_size"],
+                                      kw["cluster_size"], kw["label"])
+    if args.cluster_name is not None:
+        kw["cluster_name"] = check_cluster_name(args.cluster_name)
+    return kw
+
+
 def main(argv=None) -> int:
     """Entry point of mkfs.replfs; returns the exit status (0 or 1)."""
     out = print
     try:
         args = build_parser().parse_args(argv)
-        if args.quiet:
-            out = None
-        kw = dict(slots=args.slots, block_size=parse_size(args.block_size),
-                  cluster_size=parse_size(args.cluster_size) if args.cluster_size else None,
-                  label=args.label, journal_size=_journal_size(args.journal),
-                  force=args.force, out=out)
-        kw["cluster_size"] = check_params(kw["slots"], kw["block_size"],
-                                          kw["cluster_size"], kw["label"])
-        trio.run(_run, args, kw)
+        trio.run(_run, args, make_options(args, None if args.quiet else out))
         return 0
     except MkfsError as e:
         print(f"{PROG}: {e}", file=sys.stderr)

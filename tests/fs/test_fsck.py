@@ -937,6 +937,46 @@ def test_primary_superblock_corrupt_uses_backup(tmp_path):
     assert sb_of(path).uuid == sb.uuid
 
 
+def _set_cluster_name_bytes(path: str, blk: int, raw_name: bytes) -> None:
+    """Store ``raw_name`` as the cluster name of the superblock at ``blk``,
+    with a good checksum (damage the checksum cannot see)."""
+    sb = sb_of(path)
+    bs = sb.block_size
+    buf = bytearray(read_block(path, blk, bs))
+    off = F.cluster_name_offset(sb.slot_count)
+    buf[off:off + F.CLUSTER_NAME_LEN] = raw_name.ljust(F.CLUSTER_NAME_LEN, b"\0")
+    struct.pack_into("<I", buf, 8, F.block_crc(buf))
+    write_block(path, blk, bs, bytes(buf))
+
+
+def test_cluster_name_shown_with_verbose(tmp_path, capsys):
+    path = str(tmp_path / "named.img")
+    run(_format, path, 64 * MiB, cluster_name="ocfs2")
+    assert fsck.main(["-n", "-v", path]) == 0
+    assert "  cluster: ocfs2" in capsys.readouterr().out
+    run(_format, path, 64 * MiB)
+    assert fsck.main(["-n", "-v", path]) == 0
+    assert "  cluster: none\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("raw_name", [b"oc fs2", b"ocfs2\x01", b"\xff" * 16, b""])
+def test_cluster_name_damaged_is_cleared(tmp_path, raw_name):
+    path = str(tmp_path / "named.img")
+    run(_format, path, 1024 * MiB + 64 * MiB, cluster_name="ocfs2")
+    sb = sb_of(path)
+    backups = F.backup_sb_blknos(sb.block_size, sb.total_blocks)
+    assert backups
+    _set_cluster_name_bytes(path, F.sb_blkno(sb.block_size), raw_name)
+    assert sb_of(path).feat_compat & F.FEATURE_COMPAT_CLUSTER_NAME
+    lines = damage_cycle(path, "Superblock cluster name is damaged")
+    assert "Clear the cluster name? yes" in "\n".join(lines)
+    got = sb_of(path)
+    assert got.cluster_name == "" and not got.feat_compat & F.FEATURE_COMPAT_CLUSTER_NAME
+    for blk in backups:                       # the backups say the same
+        raw = read_block(path, blk, sb.block_size)
+        assert F.Superblock.decode(raw, blk).cluster_name == ""
+
+
 def test_dirty_journal_replayed(populated):
     """A committed transaction whose home writes never happened."""
     path = populated.path
