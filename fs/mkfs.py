@@ -159,7 +159,7 @@ def check_cluster_name(name: str) -> str:
 def cluster_stack_line(cluster_name: str) -> str:
     if cluster_name:
         return f"Cluster stack: o2cb (cluster {cluster_name})"
-    return "Cluster stack: none (a node-local volume until a cluster name is set)"
+    return "Cluster stack: o2cb (no cluster name: any cluster may mount it on both nodes)"
 
 
 async def make_filesystem(dev, *, slots: int = 4, block_size: int = 4096,

@@ -257,7 +257,7 @@ async def test_make_filesystem_records_the_cluster_name(tmp_path):
     await make_filesystem(dev, slots=2, out=lines.append)
     got = await read_superblock(dev)
     assert got.cluster_name == "" and not got.feat_compat & F.FEATURE_COMPAT_CLUSTER_NAME
-    assert ("Cluster stack: none (a node-local volume until a cluster name is set)"
+    assert ("Cluster stack: o2cb (no cluster name: any cluster may mount it on both nodes)"
             in lines)
     with pytest.raises(MkfsError, match="only ASCII letters"):
         await make_filesystem(dev, cluster_name="no way", out=None)
@@ -281,7 +281,7 @@ def test_cli_cluster_name(tmp_path, capsys):
                                F.sb_blkno(4096)).cluster_name == "ocfs2"
     # an image gets no default name, whatever the daemon would say
     assert main(["-F", "--rundir", str(tmp_path / "nowhere"), path]) == 0
-    assert "Cluster stack: none" in capsys.readouterr().out
+    assert "Cluster stack: o2cb (no cluster name" in capsys.readouterr().out
 
 
 # A stand-in for replfsd serving one resource from a file, enough for mkfs.
@@ -319,8 +319,8 @@ async def _fake_replfsd(path: str, image: str, status: dict, *, task_status):
 
 @pytest.mark.parametrize("status,want", [
     ({"online": True, "cluster": "ocfs2"}, "Cluster stack: o2cb (cluster ocfs2)"),
-    ({"online": False}, "Cluster stack: none"),
-    (None, "Cluster stack: none"),                 # the daemon has no cluster service
+    ({"online": False}, "Cluster stack: o2cb (no cluster name"),
+    (None, "Cluster stack: o2cb (no cluster name"),                 # the daemon has no cluster service
 ])
 async def test_resource_defaults_to_the_online_cluster(tmp_path, monkeypatch, status, want):
     image = make_image(tmp_path / "r0.img", 32 << 20)

@@ -58,12 +58,14 @@ def wait_closed(node, timeout=20.0) -> None:
 
 
 @contextlib.contextmanager
-def shared_pair(tmp_path, *, extra_res: str = "", cluster: bool = True, slots: int = 2):
+def shared_pair(tmp_path, *, extra_res: str = "", cluster: bool = True, slots: int = 2,
+                proxy_port: int | None = None, before_up=None):
     """Two nodes, r0 Primary on both (allow-two-primaries; the seed's r1
     has no fencing options: the default ``extra_res``), a volume made on
     alpha; the cluster stack online on both unless ``cluster`` is False.
     Yields (pair, alpha's mount dir, beta's mount dir, cdir)."""
-    pair = LocalPair(tmp_path, extra_net="allow-two-primaries;", extra_res=extra_res)
+    pair = LocalPair(tmp_path, extra_net="allow-two-primaries;", extra_res=extra_res,
+                     proxy_port=proxy_port)
     cdir = str(tmp_path / "etc")
     os.makedirs(cdir)
     with open(os.path.join(cdir, "cluster.conf"), "w") as f:
@@ -74,6 +76,8 @@ def shared_pair(tmp_path, *, extra_res: str = "", cluster: bool = True, slots: i
     ma.mkdir()
     mb.mkdir()
     try:
+        if before_up is not None:
+            before_up(pair)
         pair.up_fresh()
         if cluster:
             online(pair, cdir)
@@ -205,6 +209,60 @@ def test_node_dies_and_the_survivor_recovers_its_slot(tmp_path, fencing):
         fsck_clean(a)
 
 
+def test_replication_link_cut_one_arbiter(tmp_path):
+    """Only the replication link breaks; both nodes stay up and in the
+    cluster.  Both lose their peer and run fence-peer; the cluster stack
+    decides for both: beta (the higher node number) fences itself -- its
+    mount stops writing and answers EIO, its I/O stays suspended -- and
+    alpha goes on once beta has left the cluster, after recovering beta's
+    slot.  Never both writing."""
+    from tests.harness.proxy import spawn_proxy
+    pport = free_port("127.0.0.3")
+    proxy = []
+
+    def start_proxy(pair):
+        proxy.extend(spawn_proxy(f"127.0.0.3:{pport}", f"127.0.0.2:{pair.port}",
+                                 str(tmp_path / "proxy.sock"))[:2])
+
+    with shared_pair(tmp_path, proxy_port=pport, before_up=start_proxy) as (pair, ma, mb, _):
+        a, b = pair.alpha, pair.beta
+        proc, ctl = proxy
+        try:
+            a.wait(lambda s: s["cstate"] == "Connected", what="connected through the proxy")
+            mount(a, ma)
+            mount(b, mb)
+            synced = os.urandom(20000)
+            fd = os.open(mb / "from-beta", os.O_CREAT | os.O_WRONLY, 0o644)
+            os.write(fd, synced)
+            os.fsync(fd)
+            os.close(fd)
+            ctl.cut(refuse=True)            # the replication link only
+            (ma / "alpha-after").write_bytes(b"alpha goes on")
+            assert (ma / "from-beta").read_bytes() == synced
+            # beta lost: fenced by its own cluster stack, its mount stopped
+            deadline = time.monotonic() + 30
+            while not call(b, "cluster-status").get("fenced"):
+                assert time.monotonic() < deadline, "beta was not fenced"
+                time.sleep(0.1)
+            assert call(a, "cluster-status")["fenced"] is None
+            with pytest.raises(OSError) as e:
+                os.stat(mb / "from-beta")
+            assert e.value.errno == 5       # EIO
+            with pytest.raises(OSError):
+                (mb / "beta-after").write_bytes(b"must not happen")
+            assert not (ma / "beta-after").exists()
+            assert b.status()["io_suspended"], b.status()
+            assert not a.status()["io_suspended"], a.status()
+            log = a.log()
+            assert "recovered the slot(s) 1 of dead node 1" in log, log[-3000:]
+            run("umount", ma)
+            wait_closed(a)
+            fsck_clean(a)
+        finally:
+            proc.kill()
+            proc.wait(10)
+
+
 def test_mount_is_refused_when_sharing_is_unsafe(tmp_path):
     # a fencing policy that lets a node go on writing after it lost its
     # peer: the mirror and the locks could pick different survivors, so
@@ -222,7 +280,7 @@ def test_mount_is_refused_when_sharing_is_unsafe(tmp_path):
         assert not mounted(ma) and not mounted(mb)
 
 
-def test_mount_is_refused_when_the_slots_run_out(tmp_path):
+def test_mount_is_refused_when_the_slots_run_out_or_the_cluster_differs(tmp_path):
     with shared_pair(tmp_path, slots=1) as (pair, ma, mb, _):
         a, b = pair.alpha, pair.beta
         mount(a, ma)
@@ -236,3 +294,10 @@ def test_mount_is_refused_when_the_slots_run_out(tmp_path):
         mount(b, mb)
         run("umount", mb)
         wait_closed(b)
+        # a volume made for another cluster is not mounted by this one's locks
+        run(os.path.join(VENV_BIN, "mkfs.replfs"), "-q", "-F", "-N", "2", "--cluster-name",
+            "other", "-c", a.conf, "--rundir", a.rundir, "r0", env=dict(ENV, REPLFS_NODE="alpha"))
+        cp = mount(b, mb, check=False)
+        assert cp.returncode == 32 and "made for cluster other" in cp.stderr, cp.stderr
+        assert "cluster tc" in cp.stderr
+        assert not mounted(mb)
