@@ -311,7 +311,13 @@ class ReplfsOperations(fuse.LocalLocks, fuse.Operations):
         # No direct_io for O_DIRECT opens: the kernel already serves their
         # reads and writes uncached, and direct_io would make mmap of such
         # a file fail with ENODEV (ext4 allows it).
-        return fuse.FileInfo(fh=fh, direct_io=False, keep_cache=False)
+        # On a shared mount an O_APPEND handle is direct_io: the kernel picks
+        # an append's offset from its cached size, which the other node may
+        # have moved; the filesystem appends at the size it reads under the
+        # inode's lock instead, and no page-cache copy at the kernel's
+        # offset is left behind.
+        return fuse.FileInfo(fh=fh, direct_io=self.shared and bool(flags & os.O_APPEND),
+                             keep_cache=False)
 
     async def open(self, inode, flags, ctx):
         changes = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)

@@ -150,6 +150,29 @@ def test_both_nodes_mount_and_see_each_others_changes(tmp_path):
             assert not (mb / "d" / "big").exists()
             assert kept.read() == data
 
+        # two nodes append to one log through descriptors kept open: every
+        # record lands, none overwrites another (the kernel's cached size
+        # is not used for O_APPEND on a shared mount)
+        fa = os.open(ma / "log", os.O_CREAT | os.O_RDWR | os.O_APPEND, 0o644)
+        fb = os.open(mb / "log", os.O_CREAT | os.O_RDWR | os.O_APPEND, 0o644)
+        want = []
+        for i in range(12):
+            for fd, who in ((fa, "a"), (fb, "b")):
+                # whole pages: a write-through page the kernel put at its
+                # stale idea of the end would stay cached as up to date
+                rec = f"{who}{i:03d}\n".encode().ljust(4096, b".")
+                assert os.write(fd, rec) == len(rec)
+                want.append(rec)
+        # read back through the appenders' own descriptors: no page-cache
+        # copy written at the kernel's idea of the end
+        for fd in (fa, fb):
+            got = os.pread(fd, 1 << 17, 0)
+            assert [got[i:i + 4] for i in range(0, len(got), 4096)] == \
+                [r[:4] for r in want], ("fa" if fd == fa else "fb")
+        os.close(fa)
+        os.close(fb)
+        assert (mb / "log").read_bytes() == b"".join(want)
+
         # the same name created on both nodes at once: one file
         for i in range(20):
             fa = os.open(ma / f"same{i}", os.O_CREAT | os.O_WRONLY, 0o644)
