@@ -427,6 +427,78 @@ async def test_recovery_stall_is_reported(tmp_path, autojump_clock):
     assert all(s < 5 for s in stalls), stalls
 
 
+async def run_dead_while_alone(tmp_path, seed: int) -> tuple[list[int], int]:
+    """Node 0 unmounts; then node 1 dies with committed (fsync'd) changes
+    only in its journal, while no node is mounted to recover it.  Node 0
+    mounts again: under the super lock it finds node 1's slot in use with
+    a free journal lock (OCFS2's mark_dead_nodes), replays it, and has
+    node 1's files.  Returns the slots the mount recovered, and node 1's."""
+    path = make_image(tmp_path / f"alone{seed}.img", 64 << 20)
+    await format_image(path, slots=2)
+    with open(path, "rb") as f:
+        disk = SharedDisk(f.read())
+    c = Cluster(disk, seed)
+    rng = random.Random(seed)
+    async with trio.open_nursery() as nursery:
+        cut = set()
+        doms = await dlm_pair(nursery, seed, cut)
+        try:
+            with trio.fail_after(3600):
+                await c.mount(nursery, doms)
+                a, b = c.fss
+                d = await b.mkdir(b.root_ino, "d")
+                files = {}
+                for i in range(rng.randint(3, 12)):
+                    fh, _ = await b.create(d.ino, f"f{i}")
+                    data = rng.randbytes(rng.choice([10, 5000, 70000]))
+                    await b.write(fh, 0, data)
+                    await b.release(fh)
+                    files[f"f{i}"] = data
+                await b.fsync()
+                await a.unmount()
+                # node 1 dies: its journal holds what it committed
+                b.dev.dead = True
+                cut.add(1)
+                await doms[1].fence("node died")
+                await doms[0].node_down(1)
+                locks = ClusterLockManager(InProcessDlm({DOMAIN: doms[0]}, nursery), DOMAIN,
+                                           nursery)
+                a2 = await Filesystem.mount(JitterDevice(disk, seed * 10 + 7), None,
+                                            locks=locks, node=0, recover_dirty_slots=False)
+                c.fss.append(a2)
+                dd = await a2.lookup(a2.root_ino, "d")
+                for name, data in files.items():
+                    f = await a2.lookup(dd.ino, name)
+                    fh = await a2.open(f.ino)
+                    assert await a2.read(fh, 0, len(data) + 1) == data, name
+                    await a2.release(fh)
+                recovered = (list(a2.recovered_slots), b.slot)
+                await a2.unmount()
+        finally:
+            await cut_off(c, doms)
+        nursery.cancel_scope.cancel()
+    problems = await check_volume(disk)
+    assert not problems, (seed, problems)
+    return recovered
+
+
+@pytest.mark.parametrize("seed", range(1, 5))
+async def test_mount_recovers_a_node_that_died_while_nobody_was_mounted(
+        tmp_path, autojump_clock, seed):
+    recovered, dead_slot = await run_dead_while_alone(tmp_path, seed)
+    assert recovered == [dead_slot]
+
+
+async def test_mutant_mount_ignores_dead_slots(tmp_path, autojump_clock, monkeypatch):
+    """The mount does not look for in-use slots without a live mount: the
+    dead node's committed files are missing (or the volume is damaged)."""
+    async def skip(self, s, jl, windows):
+        await jl.unlock()
+    monkeypatch.setattr(Filesystem, "_recover_slot_held", skip)
+    with pytest.raises((AssertionError, OSError)):
+        await run_dead_while_alone(tmp_path, 1)
+
+
 # ------------------------------------------------------------ the open lock
 
 async def run_unlink_while_open(tmp_path, seed: int, files: int = 6) -> None:
