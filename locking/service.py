@@ -9,15 +9,22 @@ When a peer is lost, o2quo's rule decides (heartbeat/core.quorum_decision
 with every configured node counted as still heartbeating, since there is
 no disk heartbeat yet): in a two-node cluster node with the lowest number
 survives and recovers the peer's locks, the other fences itself: every
-lock holder and waiter gets EPERM "fenced" and the node grants nothing
-until it goes offline and online again.
+lock holder and waiter gets EPERM "fenced", the shared mounts stop
+writing, and the node grants nothing until it goes offline and online
+again.  The survivor waits one keepalive interval and a second more
+before it regrants anything (the loser's own idle timeout expires within
+that, and it fences itself first).  A node that goes offline cleanly
+(holding no locks) says so first (kind 2 below): the others neither fence
+nor wait.  In-process users (the shared mounts) hear of deaths and
+fences through ``listeners``.
 
 Lock domains: one DlmDomain (locking/dlmdriver.py) per domain, created by
 ``dlm-join`` or by the first message a peer sends for it.  o2net payloads
 are ``u8 kind | u8 len | domain | data``: kind 0 carries DLM frames, kind
 1 announces "I have this domain at epoch e" right after a connection comes
 up, so both sides bring the domain to the same epoch (the DLM core's
-driver contract) before exchanging lock traffic.
+driver contract) before exchanging lock traffic; kind 2 (no domain, no
+data) says "I am leaving the cluster cleanly".
 """
 from __future__ import annotations
 
@@ -40,7 +47,7 @@ from .net.driver import O2Net, load_key
 
 log = logging.getLogger("replfs.locking")
 
-KIND_DLM, KIND_EPOCH = 0, 1
+KIND_DLM, KIND_EPOCH, KIND_LEAVE = 0, 1, 2
 _REFUSAL_ERRNO = {"EAGAIN": errno.EAGAIN, "ETIMEDOUT": errno.ETIMEDOUT,
                   "CANCELLED": errno.ECANCELED, "FENCED": errno.EPERM,
                  "EDEADLK": errno.EDEADLK}
@@ -70,6 +77,7 @@ class _Online:
         self.net_scope = trio.CancelScope()
         self.hb = None   # DiskHeartbeat, when a heartbeat region is configured
         self.dead: set[int] = set()   # nodes declared dead (until they come back)
+        self.left: set[int] = set()   # nodes that said they leave (cluster offline)
 
 
 class ClusterService:
@@ -211,6 +219,12 @@ class ClusterService:
         if busy and not req.get("force"):
             raise ReplfsError(f"cluster {on.cluster} is in use: lock domain(s) "
                               f"{', '.join(sorted(busy))} hold locks", EXIT_STATE)
+        if not busy and not on.fenced:
+            # A clean leave: the others hand nothing over and fence nobody
+            # (without it, losing node 0's connection fences node 1).
+            for peer in sorted(on.net.connected()):
+                with trio.move_on_after(2):
+                    await on.net.send(peer, _pack(KIND_LEAVE, "", b""))
         on.scope.cancel()
         self.online = None
         return {"cluster": on.cluster}
@@ -247,10 +261,18 @@ class ClusterService:
         on = self.online
         if on is None or on.fenced:
             return
+        if node in on.left:
+            # it said it was leaving and held no locks: nothing to decide
+            on.left.discard(node)
+            log.info("node %d left the cluster", node)
+            for dom in on.domains.values():
+                await dom.node_down(node)
+            return
         if on.hb is not None:
             on.nursery.start_soon(self._decide_with_disk, on, node)
             return
-        await self._decide(on, node, {n.number for n in on.nodes})
+        # (in a task of its own: a survivor waits before it recovers)
+        on.nursery.start_soon(self._decide, on, node, {n.number for n in on.nodes})
 
     async def _decide_with_disk(self, on: _Online, node: int) -> None:
         """Network lost: a node whose disk heartbeat also stops is dead (no
@@ -274,6 +296,17 @@ class ClusterService:
             return
         if on.hb is not None and node in everyone and node in on.net.connected():
             return  # it came back before we had to decide
+        # o2cb's timing rule: a node cut off fences itself when its own
+        # idle timeout expires, which is at most about one keepalive
+        # interval after ours.  Wait that long and a margin before its
+        # locks are regranted and its journal replayed, so that nothing it
+        # still writes can land after the recovery started.
+        grace = on.timeouts.keepalive_delay_ms / 1000 + 1.0
+        log.warning("node %d is gone; recovering its locks in %.1f s (its own fence first)",
+                    node, grace)
+        await trio.sleep(grace)
+        if on.fenced or self.online is not on:
+            return
         log.warning("node %d is gone; recovering its locks", node)
         # The filesystems hear of the death before the lock manager can
         # regrant a lock the dead node held (OCFS2's eviction callback).
@@ -313,6 +346,9 @@ class ClusterService:
         except (ValueError, UnicodeDecodeError):
             log.warning("malformed cluster message from node %d, dropping the connection", src)
             await on.net.disconnect(src)
+            return
+        if kind == KIND_LEAVE:
+            on.left.add(src)
             return
         if kind == KIND_EPOCH:
             if not name:

@@ -335,3 +335,23 @@ def test_cluster_verbs_through_replfsadm(cluster, tmp_path):
     assert bad.returncode != 0 and "no-such-verb" in bad.stderr
     helped = a.adm("cluster", "--help")
     assert helped.returncode == 0 and "USAGE: replfsadm" in helped.stdout
+
+
+def test_clean_offline_of_node_0_fences_nobody(cluster):
+    """Node 0 goes offline cleanly (no locks held): node 1 must not fence
+    itself (without the leave message it could not tell that from node 0
+    being cut off, and o2quo's two-node rule fences node 1 then)."""
+    import time
+    alpha, beta = cluster
+    with SyncClient(socket_path(alpha.rundir), timeout=10) as c:
+        deadline = time.monotonic() + 10
+        while not c.call("cluster-status")[0]["connected"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        c.call("cluster-offline", cluster="tc")
+    time.sleep(1.5 + 2.0)       # past the idle timeout and the survivor's grace
+    with SyncClient(socket_path(beta.rundir), timeout=10) as c:
+        st = c.call("cluster-status")[0]
+    assert st["online"] and st["fenced"] is None, st
+    assert st["connected"] == [], st
+    assert "left the cluster" in beta.log()

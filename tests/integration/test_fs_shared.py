@@ -37,9 +37,13 @@ def call(node, op, **args):
         return c.call(op, **args)[0]
 
 
-def online(pair, cdir) -> None:
+def online(pair, cdir, via=None) -> None:
+    """Both nodes' cluster stacks online; ``via``: {node name: "host:port"}
+    for alpha to reach a node through (a fault proxy)."""
     for n in pair.nodes:
-        call(n, "cluster-online", cluster="tc", conf=os.path.join(cdir, "cluster.conf"))
+        extra = {"connect_via": via} if via and n is pair.alpha else {}
+        call(n, "cluster-online", cluster="tc", conf=os.path.join(cdir, "cluster.conf"),
+             **extra)
     deadline = time.monotonic() + 15
     while not all(call(n, "cluster-status")["connected"] for n in pair.nodes):
         assert time.monotonic() < deadline, "the cluster nodes did not connect"
@@ -68,8 +72,9 @@ def shared_pair(tmp_path, *, extra_res: str = "", cluster: bool = True, slots: i
                      proxy_port=proxy_port)
     cdir = str(tmp_path / "etc")
     os.makedirs(cdir)
+    pair.cluster_ports = (free_port("127.0.0.1"), free_port("127.0.0.2"))
     with open(os.path.join(cdir, "cluster.conf"), "w") as f:
-        f.write(cluster_conf("tc", free_port("127.0.0.1"), free_port("127.0.0.2")))
+        f.write(cluster_conf("tc", *pair.cluster_ports))
     with open(os.path.join(cdir, "o2cb"), "w") as f:
         f.write(TIMEOUTS)
     ma, mb = tmp_path / "ma", tmp_path / "mb"
@@ -278,6 +283,84 @@ def test_replication_link_cut_one_arbiter(tmp_path):
             assert not a.status()["io_suspended"], a.status()
             log = a.log()
             assert "recovered the slot(s) 1 of dead node 1" in log, log[-3000:]
+            run("umount", ma)
+            wait_closed(a)
+            fsck_clean(a)
+        finally:
+            proc.kill()
+            proc.wait(10)
+
+
+def _log_time(text: str, needle: str) -> float:
+    """The time of the first log line containing ``needle`` (seconds)."""
+    import datetime
+    for line in text.splitlines():
+        if needle in line:
+            stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+            return stamp.timestamp()
+    raise AssertionError(f"no log line with {needle!r}")
+
+
+def test_cluster_link_cut_loser_stops_before_the_survivor_recovers(tmp_path):
+    """Only the cluster (o2net) link breaks; the mirror stays connected.
+    beta (node 1) fences itself when its idle timeout expires and stops
+    writing; alpha waits one keepalive interval and a second more before
+    it regrants beta's locks and replays its journal.  beta keeps
+    fsync'ing until its mount refuses: every fsync that returned is on
+    alpha, and beta's fence comes before alpha's recovery (the bound)."""
+    import threading
+    from tests.harness.proxy import spawn_proxy
+    with shared_pair(tmp_path, cluster=False) as (pair, ma, mb, cdir):
+        a, b = pair.alpha, pair.beta
+        pport = free_port("127.0.0.3")
+        proc, ctl, _ = spawn_proxy(f"127.0.0.3:{pport}", f"127.0.0.2:{pair.cluster_ports[1]}",
+                                   str(tmp_path / "o2net-proxy.sock"))
+        try:
+            online(pair, cdir, via={"beta": f"127.0.0.3:{pport}"})
+            mount(a, ma)
+            mount(b, mb)
+            acked = []
+            stop = threading.Event()
+
+            def writer():
+                fd = os.open(mb / "journal-of-beta", os.O_CREAT | os.O_WRONLY | os.O_APPEND,
+                             0o644)
+                try:
+                    i = 0
+                    while not stop.is_set():
+                        rec = f"{i:08d}\n".encode()
+                        os.write(fd, rec)
+                        os.fsync(fd)
+                        acked.append(rec)
+                        i += 1
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+            t = threading.Thread(target=writer)
+            t.start()
+            time.sleep(0.5)
+            ctl.partition("both")           # the cluster link only
+            deadline = time.monotonic() + 30
+            while not call(b, "cluster-status").get("fenced"):
+                assert time.monotonic() < deadline, "beta was not fenced"
+                time.sleep(0.1)
+            t.join(30)
+            stop.set()
+            assert not t.is_alive(), "beta's writer was not stopped by the fence"
+            assert len(acked) > 5, acked
+            (ma / "alpha-after").write_bytes(b"alpha goes on")   # waits for recovery
+            got = (ma / "journal-of-beta").read_bytes()
+            assert got.startswith(b"".join(acked)), (len(got), len(acked))
+            alog, blog = a.log(), b.log()
+            fenced_at = _log_time(blog, "*** FENCING")
+            # the line after the grace (not the "... in N s" notice)
+            recovery_at = _log_time("\n".join(
+                line for line in alog.splitlines()
+                if line.endswith("node 1 is gone; recovering its locks")), "is gone")
+            assert fenced_at < recovery_at, (fenced_at, recovery_at)
+            print(f"beta fenced {recovery_at - fenced_at:.2f} s before alpha recovered")
+            assert "recovered the slot(s) 1 of dead node 1" in alog
             run("umount", ma)
             wait_closed(a)
             fsck_clean(a)
