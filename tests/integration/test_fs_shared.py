@@ -18,6 +18,7 @@ import time
 import pytest
 
 from replfs.ipc.client import SyncClient, socket_path
+from tests import soak
 from replfs.localpair import LocalPair, cluster_conf, free_port
 
 from .test_fs_mount import ENV, VENV_BIN, force_unmount, fuse_usable, mounted, run
@@ -194,7 +195,6 @@ def test_both_nodes_mount_and_see_each_others_changes(tmp_path):
         fsck_clean(a)
 
 
-@pytest.mark.parametrize("fencing", ["handler", "implied"])
 class PathWorker:
     """One writer of a two-node workload on real mounts: every step runs
     through one of the two mount points picked at random, on names only
@@ -249,6 +249,16 @@ class PathWorker:
 
 
 def test_both_nodes_run_a_workload_in_shared_and_private_directories(tmp_path):
+    two_node_workload(tmp_path, 1000, 60)
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("seed", soak.seeds(range(2000, 2010)))
+def test_two_node_workload_soak(tmp_path, seed):
+    two_node_workload(tmp_path, seed * 10, soak.size(600, 30))
+
+
+def two_node_workload(tmp_path, seed: int, steps: int) -> None:
     """Workers on both mounts at once create, append, rename, unlink, chmod
     and read in two shared directories and their own; every call is
     checked against the worker's model as it returns, and at the end
@@ -258,10 +268,10 @@ def test_both_nodes_run_a_workload_in_shared_and_private_directories(tmp_path):
         a, b = pair.alpha, pair.beta
         mount(a, ma)
         mount(b, mb)
-        workers = [PathWorker(i, 1000 + i, [ma, mb]) for i in range(4)]
+        workers = [PathWorker(i, seed + i, [ma, mb]) for i in range(4)]
         for d in ["s1", "s2"] + [f"p{w.wid}" for w in workers]:
             os.mkdir(ma / d)
-        threads = [threading.Thread(target=w.run, args=(60,)) for w in workers]
+        threads = [threading.Thread(target=w.run, args=(steps,)) for w in workers]
         for t in threads:
             t.start()
         for t in threads:
@@ -343,6 +353,60 @@ def test_read_after_write_across_nodes_is_never_stale(tmp_path):
         fsck_clean(a)
 
 
+@pytest.mark.parametrize("seed", [3])
+def test_fsx_alternating_through_both_mounts(tmp_path, seed):
+    dual_fsx(tmp_path, seed, 800)
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("seed", soak.seeds(range(300, 310)))
+def test_fsx_alternating_soak(tmp_path, seed):
+    dual_fsx(tmp_path, seed, soak.size(8000, 300))
+
+
+def dual_fsx(tmp_path, seed: int, nops: int) -> None:
+    """fsx's operations (writes past the end, reads, truncates up and down,
+    mmap reads and msync'd mmap writes, fsync, reopen, stat) on one file,
+    each through a mount picked at random, against one byte model."""
+    import random
+    from tests.integration.test_fs_fsx import Fsx
+
+    class DualFsx(Fsx):
+        def __init__(self, mounts, seed, log):
+            super().__init__("", str(mounts[0]), seed, log)
+            self.paths = [os.path.join(str(m), "fsx.dat") for m in mounts]
+            self.fds = [self.fd, os.open(self.paths[1], os.O_RDWR)]
+            self.pick = random.Random(seed + 1)
+
+        def run(self, nops, remounts=0):
+            ops = ([self.op_write] * 6 + [self.op_read] * 5 + [self.op_truncate] * 2
+                   + [self.op_mapread, self.op_mapwrite, self.op_fsync, self.op_reopen,
+                      self.op_stat])
+            for _ in range(nops):
+                i = self.pick.randrange(2)
+                self.fd, self.path = self.fds[i], self.paths[i]
+                self.note(f"on node {'ab'[i]}:")
+                self.rng.choice(ops)()
+                self.fds[i] = self.fd           # (reopen replaces it)
+            for i in range(2):
+                self.fd = self.fds[i]
+                self.verify_all()
+            for fd in self.fds:
+                os.close(fd)
+
+    with shared_pair(tmp_path) as (pair, ma, mb, _):
+        a, b = pair.alpha, pair.beta
+        mount(a, ma)
+        mount(b, mb)
+        DualFsx([ma, mb], seed, []).run(nops)
+        run("umount", ma)
+        run("umount", mb)
+        wait_closed(a)
+        wait_closed(b)
+        fsck_clean(a)
+
+
+@pytest.mark.parametrize("fencing", ["handler", "implied"])
 def test_node_dies_and_the_survivor_recovers_its_slot(tmp_path, fencing):
     # "handler": fencing resource-and-stonith with the replfs-fence-peer
     # command; "implied": no fencing options (as in the seed): the shared
