@@ -1,12 +1,12 @@
 """`make bench`: run every benchmark in turn."""
 import sys
 
-from . import block, fs, fuse_layer, locking
+from . import block, dual, fs, fuse_layer, locking
 
 
 def main() -> int:
     rc = 0
-    for mod in (block, locking, fs, fuse_layer):
+    for mod in (block, locking, fs, fuse_layer, dual):
         print(f"\n######## {mod.__name__}", flush=True)
         rc |= mod.main([])
     return rc
