@@ -215,7 +215,9 @@ class ClusterService:
         if req.get("cluster") and req["cluster"] != on.cluster:
             raise ReplfsError(f"cluster {req['cluster']} is not online (online: {on.cluster})",
                               EXIT_STATE)
-        busy = [d for d, dom in on.domains.items() if dom.core.locks]
+        # A fenced node's locks are void (the others recovered them): it may
+        # always go offline, to come back online once the cause is fixed.
+        busy = [] if on.fenced else [d for d, dom in on.domains.items() if dom.core.locks]
         if busy and not req.get("force"):
             raise ReplfsError(f"cluster {on.cluster} is in use: lock domain(s) "
                               f"{', '.join(sorted(busy))} hold locks", EXIT_STATE)
@@ -443,13 +445,17 @@ class ClusterService:
            timeouts, by which a cut-off node has fenced itself) -- or it
            leaves within ``timeout`` because the quorum rule makes it
            the loser;
-        1  this node is fenced or is the loser: it fences itself now (the
-           shared mounts stop writing) and its I/O stays suspended."""
+        6  this node lost ("peer is primary, outdating myself"): it is
+           fenced, or the quorum rule picks it and it fences itself now
+           (the shared mounts stop writing); its resource outdates its
+           disk and resyncs from the winner when the link comes back;
+        1  no decision (cluster offline, or no death within ``timeout``):
+           I/O stays suspended until an admin acts."""
         on = self.online
         if on is None:
             return 1, "the cluster stack is offline"
         if on.fenced:
-            return 1, f"this node is fenced: {on.fenced}"
+            return 6, f"this node is fenced: {on.fenced}"
         if peer in on.dead and peer not in on.net.connected():
             return 7, f"node {peer} was declared dead by the cluster stack"
         if peer in on.net.connected():
@@ -458,11 +464,11 @@ class ClusterService:
             if on.me.number > peer:
                 await self._fence_self(on, f"the replication link to node {peer} is gone "
                                            f"and node {peer} has the lower number")
-                return 1, "this node lost (the peer has the lower node number): fenced"
+                return 6, "this node lost (the peer has the lower node number): fenced"
         with trio.move_on_after(timeout):
             while not (peer in on.dead and peer not in on.net.connected()):
                 if on.fenced:
-                    return 1, f"this node is fenced: {on.fenced}"
+                    return 6, f"this node is fenced: {on.fenced}"
                 await trio.sleep(0.1)
             return 7, f"node {peer} was declared dead by the cluster stack"
         return 1, f"node {peer} was not declared dead within {timeout:.0f} s"

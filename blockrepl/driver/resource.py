@@ -236,6 +236,11 @@ class Resource:
         self.conf_path: str | None = None   # for handlers' DRBD_CONF
         self.io_suspended = False           # fencing: writes wait for resume
         self._io_resumed = trio.Event()
+        # The fence-peer handler said this node lost (exit 6): its disk is
+        # Outdated, nothing more is written or acknowledged, and no new
+        # data generation is started, so that when the link comes back it
+        # is a plain SyncTarget of the winner (no split brain).
+        self.fence_lost = False
         self._size = 0               # agreed device size (kept while Diskless)
         self._epoch = 0              # epoch of the writes being sent
         self._epoch_closed = False   # a write completed since the last send
@@ -271,6 +276,14 @@ class Resource:
                 log.info("%s: %s( %s -> %s )", self.conf.name, word, old.value, new.value)
                 setattr(self, attr, new)
         assert not changes, f"unknown state fields {sorted(changes)}"
+        if self.fence_lost and self.dstate is DiskState.UpToDate:
+            # resynced from the winner: the lost decision is behind us
+            self.fence_lost = False
+            if self.io_suspended:
+                log.warning("%s: susp( 1 -> 0 ) resynced after a lost fence-peer decision",
+                            self.conf.name)
+            self.io_suspended = False
+            self._io_resumed.set()
         self._state_changed.set()
         self._state_changed = trio.Event()
 
@@ -589,8 +602,11 @@ class Resource:
         self._check_range(offset, len(data))
         if not data:
             return
-        while self.io_suspended:
+        while self.io_suspended and not self.fence_lost:
             await self._io_resumed.wait()
+        if self.fence_lost:
+            raise BlockDeviceError(errno.EIO, f"{self.conf.name}: this node lost the "
+                                   f"fence-peer decision; its disk is Outdated")
         while self.cstate in (ConnState.WFReportParams, ConnState.WFBitMapS,
                               ConnState.StartingSyncS):
             # Replication parameters are being agreed: hold new writes so
@@ -732,8 +748,11 @@ class Resource:
             # Completed by a connection loss rather than by the peer: with
             # fencing that failed, nothing more is acknowledged until the
             # admin resumes I/O.
-            while not pending.acked and self.io_suspended:
+            while not pending.acked and self.io_suspended and not self.fence_lost:
                 await self._io_resumed.wait()
+            if not pending.acked and self.fence_lost:
+                raise BlockDeviceError(errno.EIO, f"{self.conf.name}: not acknowledged: "
+                                       f"this node lost the fence-peer decision")
         if local_error:
             await self._local_io_error("write", local_error[0], offset, len(data))
             # The write still counts if the peer's disk has it.
@@ -992,6 +1011,24 @@ class Resource:
             self._io_resumed = trio.Event()
             log.warning("%s: susp( 0 -> 1 ) fencing the peer", self.conf.name)
         code = await self.handler("fence-peer")
+        if code == 6 and stonith:
+            # The peer goes on (the cluster stack chose it): this node
+            # outdates itself and fails what it held.
+            log.warning("%s: fence-peer helper returned 6 (peer is primary, outdating "
+                        "myself)", self.conf.name)
+            self.fence_lost = True
+            self.last_event = "fence-peer: this node lost; disk Outdated"
+            if self.disk is not None:
+                try:
+                    await self.disk.write_superblock(
+                        self.disk.sb.with_flags(set_=md.F_OUTDATED))
+                except OSError as e:
+                    log.error("%s: cannot record Outdated: %s", self.conf.name, e)
+                self._set(dstate=DiskState.Outdated)
+            self._io_resumed.set()          # held writes wake up and fail
+            if self._nursery is not None:
+                self._nursery.start_soon(self._demote_when_unused)
+            return
         if code in (3, 4, 5, 7):
             what = {3: "peer is inconsistent or outdated already", 4: "peer was fenced",
                     5: "peer is unreachable, assumed to be dead",
@@ -1006,6 +1043,22 @@ class Resource:
                       "I/O stays suspended until 'replfsadm resume-io'" if stonith
                       else "continuing without fencing")
             self.last_event = f"fence-peer failed ({code})"
+
+    async def _demote_when_unused(self) -> None:
+        """After a lost fence-peer decision: once nothing has the device
+        open (the fenced mounts are unmounted), become Secondary, so the
+        next connection makes this node the winner's SyncTarget."""
+        while self.fence_lost and self.role is Role.Primary:
+            if not self.open_count:
+                try:
+                    await self.secondary()
+                    log.warning("%s: demoted after losing the fence-peer decision; it "
+                                "resyncs from the peer when the link is back", self.conf.name)
+                except (ReplfsError, OSError) as e:
+                    log.error("%s: cannot demote after a lost fence-peer decision: %s",
+                              self.conf.name, e)
+                return
+            await trio.sleep(0.2)
 
     def resume_io(self) -> None:
         if self.io_suspended:
@@ -1027,7 +1080,9 @@ class Resource:
         self._pending.clear()
         try:
             if pendings and self.disk is not None:
-                if self.role is Role.Primary:
+                if self.role is Role.Primary and not self.fence_lost:
+                    # (the loser starts no generation: its unacknowledged
+                    # blocks, marked below, come back from the winner)
                     await self._new_generation()
                 for p in pendings:
                     first, count = blocks_of(p.offset, p.length)
@@ -1280,6 +1335,11 @@ class Resource:
             raise _Fatal("Unrelated data, aborting!")
         if decision.i_am_target and self.role is Role.Primary and \
                 self.dstate is not DiskState.Inconsistent:
+            if self.fence_lost:
+                # the loser of a fence-peer decision is demoted as soon as
+                # its last opener is gone; try again until then
+                raise _Drop("I shall become SyncTarget, but I am primary (the loser of the "
+                            "fence-peer decision: retrying once it is demoted)")
             raise _Fatal("I shall become SyncTarget, but I am primary!")
         if (self.role is Role.Primary and self.peer_role is Role.Primary
                 and not self.conf.allow_two_primaries):
@@ -1847,6 +1907,7 @@ class Resource:
             "open_count": self.open_count,
             "single_node_opens": self.single_node_opens,
             "io_suspended": self.io_suspended,
+            "fence_lost": self.fence_lost,
             "counters": {
                 "ns": self.ns // 1024, "nr": self.nr // 1024, "dw": self.dw // 1024,
                 "dr": self.dr // 1024, "al": disk.al_writes if disk else 0,

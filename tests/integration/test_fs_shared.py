@@ -453,9 +453,10 @@ def test_replication_link_cut_one_arbiter(tmp_path):
     """Only the replication link breaks; both nodes stay up and in the
     cluster.  Both lose their peer and run fence-peer; the cluster stack
     decides for both: beta (the higher node number) fences itself -- its
-    mount stops writing and answers EIO, its I/O stays suspended -- and
-    alpha goes on once beta has left the cluster, after recovering beta's
-    slot.  Never both writing."""
+    mount stops writing and answers EIO, its disk is Outdated -- and alpha
+    goes on once beta has left the cluster, after recovering beta's slot.
+    Never both writing.  When the link heals beta resyncs from alpha
+    without a split brain and mounts again."""
     from tests.harness.proxy import spawn_proxy
     pport = free_port("127.0.0.3")
     proxy = []
@@ -464,7 +465,7 @@ def test_replication_link_cut_one_arbiter(tmp_path):
         proxy.extend(spawn_proxy(f"127.0.0.3:{pport}", f"127.0.0.2:{pair.port}",
                                  str(tmp_path / "proxy.sock"))[:2])
 
-    with shared_pair(tmp_path, proxy_port=pport, before_up=start_proxy) as (pair, ma, mb, _):
+    with shared_pair(tmp_path, proxy_port=pport, before_up=start_proxy) as (pair, ma, mb, cdir):
         a, b = pair.alpha, pair.beta
         proc, ctl = proxy
         try:
@@ -491,10 +492,39 @@ def test_replication_link_cut_one_arbiter(tmp_path):
             with pytest.raises(OSError):
                 (mb / "beta-after").write_bytes(b"must not happen")
             assert not (ma / "beta-after").exists()
-            assert b.status()["io_suspended"], b.status()
+            st = b.status()
+            assert st["fence_lost"] and st["dstate"] == "Outdated", st
             assert not a.status()["io_suspended"], a.status()
             log = a.log()
             assert "recovered the slot(s) 1 of dead node 1" in log, log[-3000:]
+            assert "returned 6 (peer is primary, outdating myself)" in b.log()
+            (ma / "alpha-while-cut").write_bytes(b"only on alpha's disk for now")
+
+            # The link comes back: once beta's fenced mount is unmounted it
+            # demotes itself and becomes a plain SyncTarget of alpha (it
+            # started no generation of its own): no split brain.  It
+            # rejoins with a fresh mount once its cluster stack is back.
+            ctl.heal()
+            ctl.refuse(False)
+            run("umount", mb)
+            b.wait(lambda s: s["role"] == "Secondary", what="beta demoted itself")
+            b.wait(lambda s: s["cstate"] == "Connected" and s["dstate"] == "UpToDate",
+                   timeout=60, what="beta resynced from alpha")
+            st = b.status()
+            assert not st["split_brain"] and not st["fence_lost"], st
+            assert not st["io_suspended"], st
+            assert "Split-Brain" not in b.log() + a.log()
+            b.adm("primary", "r0")
+            call(b, "cluster-offline", cluster="tc")
+            online(pair, cdir)
+            mount(b, mb)
+            assert (mb / "alpha-while-cut").read_bytes() == b"only on alpha's disk for now"
+            assert (mb / "from-beta").read_bytes() == synced
+            assert not (mb / "beta-after").exists()
+            (mb / "beta-rejoined").write_bytes(b"hello again")
+            assert (ma / "beta-rejoined").read_bytes() == b"hello again"
+            run("umount", mb)
+            wait_closed(b)
             run("umount", ma)
             wait_closed(a)
             fsck_clean(a)
