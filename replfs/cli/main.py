@@ -187,6 +187,33 @@ def _cluster_node_names(ctx: Ctx) -> dict[int, str]:
         return {}
 
 
+def _read_volume(disk: str):
+    """(superblock, slot map entries) of the replfs volume on a backing
+    disk, (None, None) if there is none; OSError / FormatError as raised."""
+    from replfs.fs import format as F
+    with open(disk, "rb") as f:
+        for bs in F.BLOCK_SIZES:
+            f.seek(F.SB_OFFSET)
+            raw = f.read(bs)
+            if raw[:8] == F.SIG_SUPER and len(raw) == bs:
+                try:
+                    sb = F.Superblock.decode(raw, F.sb_blkno(bs))
+                except F.FormatError:
+                    continue
+                if sb.block_size == bs:
+                    f.seek(sb.slotmap_blk * sb.block_size)
+                    slots = F.SlotMap.decode(f.read(sb.block_size), sb.volid,
+                                             sb.slotmap_blk).slots
+                    return sb, slots
+    return None, None
+
+
+def _slot_holders(slots, names: dict[int, str]) -> list[str]:
+    from replfs.fs import format as F
+    return [f"{names.get(node, f'node {node}')} (slot {i})"
+            for i, (state, node, _gen) in enumerate(slots) if state == F.SLOT_IN_USE]
+
+
 def v_mounted(ctx: Ctx, arg: str | None) -> None:
     """Like mounted.ocfs2: read each resource's local backing disk (no
     daemon needed, works on a Secondary) and show the replfs volumes on it
@@ -194,27 +221,12 @@ def v_mounted(ctx: Ctx, arg: str | None) -> None:
     from replfs.fs import format as F
     full = ctx.opts.get("full", False)
     names = _resources(ctx, arg or "all")
+    node_names = _cluster_node_names(ctx) if full else {}
     rows = []
     for res in names:
         host = ctx.config().resources[res].host(ctx.node)
         try:
-            with open(host.disk, "rb") as f:
-                sb = None
-                for bs in F.BLOCK_SIZES:
-                    f.seek(F.SB_OFFSET)
-                    raw = f.read(bs)
-                    if raw[:8] == F.SIG_SUPER and len(raw) == bs:
-                        try:
-                            cand = F.Superblock.decode(raw, F.sb_blkno(bs))
-                        except F.FormatError:
-                            continue
-                        if cand.block_size == bs:
-                            sb = cand
-                            break
-                slots = None
-                if sb is not None:
-                    f.seek(sb.slotmap_blk * sb.block_size)
-                    slots = F.SlotMap.decode(f.read(sb.block_size), sb.volid, sb.slotmap_blk).slots
+            sb, slots = _read_volume(host.disk)
         except OSError as e:
             rows.append((res, host.disk, "?", f"cannot read: {e.strerror}", "", ""))
             continue
@@ -224,9 +236,7 @@ def v_mounted(ctx: Ctx, arg: str | None) -> None:
         if sb is None:
             rows.append((res, host.disk, "-", "", "", ""))
             continue
-        names = _cluster_node_names(ctx) if full else {}
-        used = [f"{names.get(node, f'node {node}')} (slot {i})"
-                for i, (state, node, _gen) in enumerate(slots) if state == F.SLOT_IN_USE]
+        used = _slot_holders(slots, node_names)
         rows.append((res, host.disk, "replfs", ", ".join(used) or "Not mounted",
                      sb.uuid.hex().upper(), sb.label))
     if full:
@@ -329,7 +339,33 @@ def v_status(ctx: Ctx, arg: str | None) -> None:
 def v_overview(ctx: Ctx, arg: str | None) -> None:
     names = _resources(ctx, arg or "all")
     sts = {st["name"]: st for st in _status(ctx)}
-    ctx.out(render.overview([(n, sts.get(n), ctx.config().resources[n]) for n in names], ctx.node))
+    ctx.out(render.overview([(n, sts.get(n), ctx.config().resources[n]) for n in names],
+                            ctx.node, slots=_overview_slots(ctx, names)))
+
+
+def _overview_slots(ctx: Ctx, names: list[str]) -> dict[str, str]:
+    """For each resource whose replfs volume has slots in use (read from
+    the local backing disk, as mounted.ocfs2 does): "alpha (slot 0), beta
+    (slot 1)" -- the nodes that have it mounted."""
+    from replfs.fs import format as F
+    out: dict[str, str] = {}
+    node_names = None
+    for res in names:
+        host = ctx.config().resources[res].host(ctx.node)
+        if host is None:
+            continue
+        try:
+            sb, slots = _read_volume(host.disk)
+        except (OSError, F.FormatError):
+            continue
+        if sb is None:
+            continue
+        if node_names is None:
+            node_names = _cluster_node_names(ctx)
+        used = _slot_holders(slots, node_names)
+        if used:
+            out[res] = ", ".join(used)
+    return out
 
 
 def v_proc(ctx: Ctx, arg: str | None) -> None:

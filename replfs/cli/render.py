@@ -121,7 +121,10 @@ def find_mount(device: str, resource: str) -> tuple[str, str, os.statvfs_result]
     return None
 
 
-def overview(rows: list[tuple[str, dict | None, object]], node: str) -> str:
+def overview(rows: list[tuple[str, dict | None, object]], node: str,
+             slots: dict[str, str] | None = None) -> str:
+    """drbd-overview's lines; ``slots``: per resource, the nodes holding a
+    slot of its replfs volume (appended as "slots: ...")."""
     out = []
     for name, st, rconf in rows:
         host = rconf.host(node)
@@ -144,6 +147,8 @@ def overview(rows: list[tuple[str, dict | None, object]], node: str) -> str:
                 line += f" {mnt:<12} {fstype:<6} {_human(size)} {_human(used)} {_human(avail)} {pct}%"
             else:
                 line += f" {mnt} {fstype}"
+        if slots and slots.get(name):
+            line += f" slots: {slots[name]}"
         out.append(line)
     return "\n".join(out)
 

@@ -120,6 +120,9 @@ def test_both_nodes_mount_and_see_each_others_changes(tmp_path):
         # mounted.ocfs2 -f's view: both nodes, by their cluster names
         shown = b.adm("mounted", "-f", "r0").stdout
         assert "alpha (slot " in shown and "beta (slot " in shown, shown
+        shown = a.adm("overview").stdout
+        assert "Primary/Primary" in shown and "slots: " in shown, shown
+        assert "alpha (slot " in shown and "beta (slot " in shown, shown
 
         # alpha writes, beta reads at once; beta renames, alpha sees it
         (ma / "hello").write_text("from alpha\n")
