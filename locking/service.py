@@ -483,6 +483,8 @@ class ClusterService:
         """fence_peer for the replication peer of resource ``res``."""
         if self.online is None:
             return 1, "the cluster stack is offline on this node"
+        if self.online.fenced:
+            return 6, f"this node is fenced: {self.online.fenced}"
         try:
             node = self.peer_node(res.peer.name, res.peer.address)
         except ReplfsError as e:

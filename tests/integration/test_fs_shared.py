@@ -614,6 +614,80 @@ def test_cluster_link_cut_loser_stops_before_the_survivor_recovers(tmp_path):
             proc.wait(10)
 
 
+def test_paused_node_wakes_after_it_was_declared_dead(tmp_path):
+    """beta's daemon is stopped (SIGSTOP) past the dead time while it keeps
+    fsync'ing: alpha declares it dead, fences it through the cluster
+    stack, recovers its slot and goes on.  beta wakes (SIGCONT): it finds
+    itself cut off, fences itself and acknowledges nothing more; every
+    fsync it got back is on alpha; after its mount is gone it resyncs from
+    alpha with no split brain."""
+    import signal
+    import threading
+    with shared_pair(tmp_path) as (pair, ma, mb, cdir):
+        a, b = pair.alpha, pair.beta
+        mount(a, ma)
+        mount(b, mb)
+        acked = []
+        errors = []
+
+        def writer():
+            try:
+                fd = os.open(mb / "beta-log", os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)
+            except OSError as e:
+                errors.append(e)
+                return
+            try:
+                i = 0
+                while True:
+                    rec = f"{i:08d}\n".encode()
+                    os.write(fd, rec)
+                    os.fsync(fd)
+                    acked.append(rec)
+                    i += 1
+            except OSError as e:
+                errors.append(e)
+            finally:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        t = threading.Thread(target=writer, daemon=True)
+        t.start()
+        time.sleep(0.5)
+        b.proc.send_signal(signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + 60
+            while "recovered the slot(s) 1 of dead node 1" not in a.log():
+                assert time.monotonic() < deadline, a.log()[-3000:]
+                time.sleep(0.1)
+            (ma / "alpha-after").write_bytes(b"alpha goes on")
+            n_acked = len(acked)
+            # every fsync beta got back; at most the record in flight more
+            got = (ma / "beta-log").read_bytes()
+            assert got.startswith(b"".join(acked)) and len(got) <= 9 * (n_acked + 1), \
+                (len(got), n_acked)
+        finally:
+            b.proc.send_signal(signal.SIGCONT)
+        t.join(60)
+        assert not t.is_alive() and errors, "beta's writer was not stopped"
+        # nothing beta acknowledged after it was declared dead
+        assert len(acked) == n_acked, (len(acked), n_acked)
+        deadline = time.monotonic() + 30
+        while not call(b, "cluster-status").get("fenced"):
+            assert time.monotonic() < deadline, "beta did not fence itself"
+            time.sleep(0.1)
+        run("umount", mb)
+        b.wait(lambda s: s["role"] == "Secondary", what="beta demoted itself")
+        b.wait(lambda s: s["cstate"] == "Connected" and s["dstate"] == "UpToDate",
+               timeout=60, what="beta resynced from alpha")
+        assert not b.status()["split_brain"]
+        assert "Split-Brain" not in b.log() + a.log()
+        assert (ma / "beta-log").read_bytes() == got
+        run("umount", ma)
+        wait_closed(a)
+        fsck_clean(a)
+
+
 def test_mount_is_refused_when_sharing_is_unsafe(tmp_path):
     # a fencing policy that lets a node go on writing after it lost its
     # peer: the mirror and the locks could pick different survivors, so
