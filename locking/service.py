@@ -193,6 +193,10 @@ class ClusterService:
                                           f"{e.strerror or e}", EXIT_CONFIG) from None
                     if on.hb is not None:
                         await nursery.start(on.hb.run)
+                    # online until taken offline, even once the network
+                    # and the heartbeat have stopped (a fenced node stays
+                    # online, fenced, for the admin to see)
+                    nursery.start_soon(trio.sleep_forever)
                     task_status.started()
         finally:
             if self.online is on:
@@ -327,6 +331,8 @@ class ClusterService:
             return
         on.fenced = why
         log.critical("*** FENCING node %s (%d): %s ***", on.me.name, on.me.number, why)
+        if on.hb is not None:
+            on.hb.stopped = True        # no more beats from a fenced node
         self._tell("fenced", why)
         for dom in on.domains.values():
             await dom.fence(why)

@@ -31,6 +31,9 @@ class DiskHeartbeat:
         self.sequence = 0
         self.changed = trio.Event()
         self._bad: set[int] = set()
+        # A fenced node stops beating: to the others its silence is what
+        # tells them it stopped (o2hb stops the region on a fence).
+        self.stopped = False
 
     def _io(self, record: bytes) -> bytes:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -43,7 +46,7 @@ class DiskHeartbeat:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         first = True
-        while True:
+        while not self.stopped:
             self.sequence += 1
             rec = SlotRecord(self.me, self.generation, self.sequence,
                              int(trio.current_time() * 1000),
@@ -79,3 +82,6 @@ class DiskHeartbeat:
                 first = False
                 task_status.started()
             await trio.sleep(self.interval)
+        if first:
+            task_status.started()
+        log.warning("disk heartbeat: stopped (this node is fenced)")

@@ -266,6 +266,39 @@ async def test_disk_heartbeat_kill9_of_lowest_node_survivor_recovers(offline_pai
     assert not st["fenced"] and st["heartbeat"]["live"] == [1]
 
 
+async def test_fenced_node_stops_its_disk_heartbeat(offline_pair, nursery, tmp_path):
+    """A network partition with a disk heartbeat: beta (node 1) is still
+    beating, so o2quo decides and beta fences itself -- and then stops
+    beating, so that its silence on the disk tells the others it stopped
+    (it used to keep beating for ever)."""
+    from tests.harness.proxy import FaultProxy
+    nodes, conf, beta_port = offline_pair
+    region = str(tmp_path / "hb-region")
+    proxy = await nursery.start(FaultProxy(listen=("127.0.0.3", 0),
+                                           target=("127.0.0.2", beta_port)).run)
+    host, port = proxy.listen_address
+    a = await AsyncClient.connect(socket_path(nodes[0].rundir), nursery)
+    b = await AsyncClient.connect(socket_path(nodes[1].rundir), nursery)
+    await b.call("cluster-online", cluster="tc", conf=conf, heartbeat=region,
+                 heartbeat_interval=0.25)
+    await a.call("cluster-online", cluster="tc", conf=conf, heartbeat=region,
+                 heartbeat_interval=0.25, connect_via={"beta": f"{host}:{port}"})
+    with trio.fail_after(10):
+        while (await a.call("cluster-status"))[0]["heartbeat"]["live"] != [0, 1]:
+            await trio.sleep(0.05)
+        while not (await a.call("cluster-status"))[0]["connected"]:
+            await trio.sleep(0.05)
+    proxy.partition("both")
+    with trio.fail_after(20):
+        while not (await b.call("cluster-status"))[0]["fenced"]:
+            await trio.sleep(0.1)
+        while (await a.call("cluster-status"))[0]["heartbeat"]["live"] != [0]:
+            await trio.sleep(0.1)
+    st, _ = await a.call("cluster-status")
+    assert not st["fenced"], st
+    assert "disk heartbeat: stopped" in nodes[1].log()
+
+
 def test_dlmfs_from_shell(cluster, tmp_path):
     import subprocess
     a, b = cluster
