@@ -67,6 +67,9 @@ class DlmClient:
         self._nursery = nursery
         self._locks: dict[int, Lock] = {}
         self._early_basts: dict[int, Mode] = {}
+        # Set when this node is fenced (the daemon says so) or the daemon
+        # connection is gone: every lock held is void from then on.
+        self.fenced: Optional[str] = None
 
     @classmethod
     @asynccontextmanager
@@ -82,7 +85,17 @@ class DlmClient:
                 await ipc.aclose()
 
     async def _events(self) -> None:
+        try:
+            await self._event_loop()
+        finally:
+            if self.fenced is None:
+                self.fenced = "the connection to replfsd is lost"
+
+    async def _event_loop(self) -> None:
         async for header, _body in self.ipc.events:
+            if header.get("event") == "fenced":
+                self.fenced = str(header.get("why") or "this node is fenced")
+                continue
             if header.get("event") != "bast":
                 continue
             lk = self._locks.get(header.get("handle"))

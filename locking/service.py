@@ -101,6 +101,7 @@ class ClusterService:
         }
         self._handles: dict[int, tuple[str, HeldLock]] = {}
         self._next_handle = 1
+        self._dlm_clients: set = set()     # socket clients holding or asking for locks
         # In-process users of the cluster (the shared mounts), told of
         # membership changes: ``listener(event, arg)`` with
         #   "node-dead", n   before any lock of node n can be regranted;
@@ -336,6 +337,10 @@ class ClusterService:
         self._tell("fenced", why)
         for dom in on.domains.values():
             await dom.fence(why)
+        # lock holders over the socket (dlmfs, scripts) are told too
+        for conn in list(self._dlm_clients):
+            with trio.move_on_after(1):
+                await conn.push("fenced", why=why)
         on.net_scope.cancel()
 
     def _tell(self, event: str, arg) -> None:
@@ -561,6 +566,7 @@ class ClusterService:
         self._handles[handle] = (dom.name, lk)
         if not getattr(conn, "_dlm_cleanup", False):
             conn._dlm_cleanup = True
+            self._dlm_clients.add(conn)
             conn.on_close.append(lambda: self._drop_client(conn))
         return {"handle": handle, "mode": lk.mode.name, "lvb_valid": lk.lvb_valid}, lk.lvb
 
@@ -588,6 +594,7 @@ class ClusterService:
         return {}
 
     async def _drop_client(self, conn) -> None:
+        self._dlm_clients.discard(conn)
         on = self.online
         for handle, (dname, lk) in list(self._handles.items()):
             if lk.owner is conn:

@@ -170,7 +170,18 @@ class DlmfsOps(fuse.Operations):
         self.handles[fh] = (lk, bytearray(lk.lvb) if write else None)
         return fuse.FileInfo(fh=fh, direct_io=True)
 
+    def _check_fenced(self) -> None:
+        """A fenced node's (or a dead daemon's) locks are void: what an open
+        lock file says is no longer protected by anything."""
+        if self.dlm.fenced is not None:
+            raise fuse.FUSEError(errno.EIO)
+
+    async def flush(self, fh):
+        # close(2) reports this: a lock lost to a fence is an error
+        self._check_fenced()
+
     async def read(self, fh, off, size):
+        self._check_fenced()
         lk, pending = self.handles[fh]
         data = bytes(pending) if pending is not None else lk.lvb
         if not lk.lvb_valid and pending is None:
@@ -178,6 +189,7 @@ class DlmfsOps(fuse.Operations):
         return data.rstrip(b"\0")[off:off + size]
 
     async def write(self, fh, off, buf):
+        self._check_fenced()
         lk, pending = self.handles[fh]
         if pending is None:
             raise fuse.FUSEError(errno.EBADF)

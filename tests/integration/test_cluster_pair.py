@@ -336,6 +336,75 @@ ls {ma}/dom
             subprocess.run(["umount", "-l", m], capture_output=True)
 
 
+def _dlmfs_lock_file(node, tmp_path):
+    """dlmfs mounted on ``node``, a lock file opened read-write (EX) with
+    a value written: (mount point, fd)."""
+    import os
+    mnt = str(tmp_path / f"dlm-{node.name}")
+    rc, out, err = run_cli("--rundir", node.rundir, "cluster", "dlmfs", mnt)
+    assert rc == 0, err
+    os.mkdir(f"{mnt}/dom")
+    fd = os.open(f"{mnt}/dom/lk", os.O_RDWR | os.O_CREAT, 0o600)
+    os.write(fd, b"7")
+    assert os.pread(fd, 10, 0) == b"7"
+    return mnt, fd
+
+
+def _void(fd) -> None:
+    """A lock file whose lock is void: reads, writes and close fail (EIO)."""
+    import errno
+    import os
+    for call in (lambda: os.pread(fd, 10, 0), lambda: os.write(fd, b"8")):
+        with pytest.raises(OSError) as e:
+            call()
+        assert e.value.errno == errno.EIO
+    with pytest.raises(OSError) as e:
+        os.close(fd)
+    assert e.value.errno == errno.EIO
+
+
+async def test_dlmfs_holders_are_told_when_the_node_is_fenced(offline_pair, nursery, tmp_path):
+    """An open dlmfs lock file on a node that gets fenced: its lock is gone
+    (the survivor may hold it EX now), so reads, writes and close fail
+    instead of going on as if nothing happened."""
+    import subprocess
+    from tests.harness.proxy import FaultProxy
+    nodes, conf, beta_port = offline_pair
+    proxy = await nursery.start(FaultProxy(listen=("127.0.0.3", 0),
+                                           target=("127.0.0.2", beta_port)).run)
+    host, port = proxy.listen_address
+    a = await AsyncClient.connect(socket_path(nodes[0].rundir), nursery)
+    b = await AsyncClient.connect(socket_path(nodes[1].rundir), nursery)
+    await b.call("cluster-online", cluster="tc", conf=conf)
+    await a.call("cluster-online", cluster="tc", conf=conf, connect_via={"beta": f"{host}:{port}"})
+    with trio.fail_after(10):
+        while not (await a.call("cluster-status"))[0]["connected"]:
+            await trio.sleep(0.05)
+    mnt, fd = await trio.to_thread.run_sync(_dlmfs_lock_file, nodes[1], tmp_path)
+    try:
+        proxy.partition("both")
+        with trio.fail_after(10):
+            while not (await b.call("cluster-status"))[0]["fenced"]:
+                await trio.sleep(0.05)
+        await trio.sleep(0.5)
+        await trio.to_thread.run_sync(_void, fd)
+    finally:
+        subprocess.run(["umount", "-l", mnt], capture_output=True)
+
+
+def test_dlmfs_holders_are_told_when_replfsd_dies(cluster, tmp_path):
+    import subprocess
+    a, b = cluster
+    mnt, fd = _dlmfs_lock_file(b, tmp_path)
+    try:
+        b.kill9()
+        import time
+        time.sleep(0.5)
+        _void(fd)
+    finally:
+        subprocess.run(["umount", "-l", mnt], capture_output=True)
+
+
 async def test_waiting_client_disconnect_does_not_leak_lock(cluster, nursery):
     a, b = await clients(nursery, cluster)
     b2 = await AsyncClient.connect(socket_path(cluster[1].rundir), nursery)
