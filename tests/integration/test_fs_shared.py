@@ -655,12 +655,18 @@ def test_paused_node_wakes_after_it_was_declared_dead(tmp_path):
         t.start()
         time.sleep(0.5)
         b.proc.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
         try:
+            # alpha's next change waits for the mirror's fence-peer (the
+            # cluster stack declares beta dead), then goes on
+            (ma / "alpha-after").write_bytes(b"alpha goes on")
+            stall = time.monotonic() - t0
+            print(f"alpha's stall after beta stopped: {stall:.2f} s (o2net idle 1.5 s "
+                  f"+ grace 1.3 s)")
             deadline = time.monotonic() + 60
             while "recovered the slot(s) 1 of dead node 1" not in a.log():
                 assert time.monotonic() < deadline, a.log()[-3000:]
                 time.sleep(0.1)
-            (ma / "alpha-after").write_bytes(b"alpha goes on")
             n_acked = len(acked)
             # every fsync beta got back; at most the record in flight more
             got = (ma / "beta-log").read_bytes()
