@@ -302,7 +302,15 @@ class ClusterService:
             await self._fence_self(on, why)
             return
         if on.hb is not None and node in everyone and node in on.net.connected():
-            return  # it came back before we had to decide
+            # It came back before we had to decide.  DLM messages sent while
+            # the connection was down are lost, and nothing resends them:
+            # the pair must not simply go on.  The higher-numbered node
+            # fences itself (as it would in a partition); the lower one
+            # recovers it once its connection drops and its heartbeat stops.
+            if on.me.number > node:
+                await self._fence_self(on, f"the connection to node {node} dropped and "
+                                           f"came back: lock messages may be lost")
+            return
         # o2cb's timing rule: a node cut off fences itself when its own
         # idle timeout expires, which is at most about one keepalive
         # interval after ours.  Wait that long and a margin before its

@@ -299,6 +299,45 @@ async def test_fenced_node_stops_its_disk_heartbeat(offline_pair, nursery, tmp_p
     assert "disk heartbeat: stopped" in nodes[1].log()
 
 
+async def test_connection_back_within_the_dead_time_is_not_trusted(offline_pair, nursery,
+                                                                   tmp_path):
+    """With a disk heartbeat, a cluster link that drops and comes back
+    before the dead time used to leave both nodes going on, with the DLM
+    messages of the gap lost (a lock request could wait for ever).  Now
+    the higher-numbered node fences itself, and the lower one recovers its
+    locks once its heartbeat stops: node 0 then gets a lock node 1 held."""
+    from tests.harness.proxy import FaultProxy
+    nodes, conf, beta_port = offline_pair
+    region = str(tmp_path / "hb-region")
+    proxy = await nursery.start(FaultProxy(listen=("127.0.0.3", 0),
+                                           target=("127.0.0.2", beta_port)).run)
+    host, port = proxy.listen_address
+    a = await AsyncClient.connect(socket_path(nodes[0].rundir), nursery)
+    b = await AsyncClient.connect(socket_path(nodes[1].rundir), nursery)
+    await b.call("cluster-online", cluster="tc", conf=conf, heartbeat=region,
+                 heartbeat_interval=0.25)
+    await a.call("cluster-online", cluster="tc", conf=conf, heartbeat=region,
+                 heartbeat_interval=0.25, connect_via={"beta": f"{host}:{port}"})
+    with trio.fail_after(10):
+        while not (await a.call("cluster-status"))[0]["connected"]:
+            await trio.sleep(0.05)
+    for c in (a, b):
+        await c.call("dlm-join", domain="d1")
+    await b.call("dlm-lock", domain="d1", name="held", mode="EX")
+    proxy.partition("both")
+    with trio.fail_after(10):
+        while (await a.call("cluster-status"))[0]["connected"]:
+            await trio.sleep(0.05)
+    proxy.heal()                      # back well within the 4 s dead time
+    with trio.fail_after(30):
+        while not (await b.call("cluster-status"))[0]["fenced"]:
+            await trio.sleep(0.1)
+        rep, _ = await a.call("dlm-lock", domain="d1", name="held", mode="EX")
+    assert rep["mode"] == "EX"
+    st, _ = await a.call("cluster-status")
+    assert not st["fenced"], st
+
+
 def test_dlmfs_from_shell(cluster, tmp_path):
     import subprocess
     a, b = cluster
