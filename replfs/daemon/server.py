@@ -149,9 +149,15 @@ class Daemon:
         self._stop.set()
 
     # ------------------------------------------------------------ connections
+    # Requests a client may withdraw while they wait (op "cancel", sent by
+    # AsyncClient when the call is cancelled on its side): lock requests,
+    # which would otherwise stay queued and be granted to nobody.
+    CANCELLABLE = frozenset({"dlm-lock", "dlm-convert"})
+
     async def _serve_conn(self, stream: trio.SocketStream) -> None:
         dec = frames.FrameDecoder()
         conn = ClientConn(stream)
+        waiting: dict = {}          # request id -> CancelScope (cancellable ops)
 
         async def handle(req: dict, body: bytes) -> None:
             try:
@@ -164,7 +170,19 @@ class Daemon:
         async def answer(req: dict, body: bytes) -> None:
             rid = req.get("id")
             try:
-                out, data = await self._dispatch(req, body, conn)
+                if req.get("op") in self.CANCELLABLE:
+                    with trio.CancelScope() as scope:
+                        waiting[rid] = scope
+                        try:
+                            out, data = await self._dispatch(req, body, conn)
+                        finally:
+                            waiting.pop(rid, None)
+                    if scope.cancelled_caught:
+                        await conn.send({"id": rid, "ok": False, "errno": errno.ECANCELED,
+                                         "error": "cancelled by the client"})
+                        return
+                else:
+                    out, data = await self._dispatch(req, body, conn)
                 await conn.send({"id": rid, "ok": True, **out}, data)
                 if req.get("op") == "shutdown":
                     self.stop()  # only now: the caller has its answer
@@ -194,6 +212,11 @@ class Daemon:
                             break
                         dec.receive_data(data)
                         while (fr := dec.next_frame()) is not None:
+                            if fr[0].get("op") == "cancel":
+                                scope = waiting.get(fr[0].get("target"))
+                                if scope is not None:
+                                    scope.cancel()
+                                continue        # (no answer)
                             n.start_soon(handle, *fr)
                 except frames.FrameError as e:
                     log.warning("admin socket: dropping client: %s", e)

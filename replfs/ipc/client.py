@@ -99,6 +99,8 @@ class AsyncClient:
         self._waiting: dict[int, trio.MemorySendChannel] = {}
         self._send_lock = trio.Lock()
         self._closed = False
+        self._withdrawn: set[int] = set()      # lock requests cancelled here
+        self._nursery: trio.Nursery | None = None
         # Unsolicited frames from the daemon ({"event": ...}), in order.
         self._events_send, self.events = trio.open_memory_channel(float("inf"))
         self.closed_event = trio.Event()   # set when the daemon connection ends
@@ -112,6 +114,7 @@ class AsyncClient:
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             stream.socket.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
         client = cls(stream)
+        client._nursery = nursery
         nursery.start_soon(client._reader)
         return client
 
@@ -126,9 +129,15 @@ class AsyncClient:
                     if "event" in fr[0]:
                         self._events_send.send_nowait(fr)
                         continue
-                    send = self._waiting.pop(fr[0].get("id"), None)
+                    rid = fr[0].get("id")
+                    send = self._waiting.pop(rid, None)
                     if send is not None:
                         send.send_nowait(fr)
+                    elif rid in self._withdrawn:
+                        self._withdrawn.discard(rid)
+                        if fr[0].get("ok") and "handle" in fr[0] and self._nursery:
+                            # granted before the withdrawal arrived: give it back
+                            self._nursery.start_soon(self._unlock_late, fr[0]["handle"])
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
@@ -160,8 +169,32 @@ class AsyncClient:
             header, data = await recv.receive()
         except trio.EndOfChannel:
             raise BlockDeviceError(errno.EIO, "replfsd went away") from None
+        except trio.Cancelled:
+            self._waiting.pop(rid, None)
+            if op in ("dlm-lock", "dlm-convert"):
+                # withdraw the request: granted to nobody, it would block
+                # every other holder until this connection closes
+                await self._withdraw(rid)
+            raise
         _raise_reply(header)
         return header, data
+
+    async def _unlock_late(self, handle: int) -> None:
+        try:
+            await self.call("dlm-unlock", handle=handle)
+        except (ReplfsError, OSError):
+            pass
+
+    async def _withdraw(self, rid: int) -> None:
+        self._withdrawn.add(rid)
+        prefix, body = frames.encode_parts({"id": next(self._ids), "op": "cancel",
+                                            "target": rid}, b"")
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            try:
+                async with self._send_lock:
+                    await self._stream.send_all(prefix + body)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
 
     async def aclose(self) -> None:
         await self._stream.aclose()

@@ -444,6 +444,25 @@ def test_dlmfs_holders_are_told_when_replfsd_dies(cluster, tmp_path):
         subprocess.run(["umount", "-l", mnt], capture_output=True)
 
 
+async def test_cancelled_lock_wait_leaves_the_queue_at_once(cluster, nursery):
+    """A lock request cancelled on the client side (a FUSE request
+    interrupted by a signal, a timeout) is withdrawn from the daemon's
+    queue at once: once the holder unlocks, another client gets the lock,
+    while the cancelled client stays connected (it used to be granted to
+    nobody until that client disconnected)."""
+    a, b = await clients(nursery, cluster)
+    with trio.fail_after(15):
+        rep, _ = await a.call("dlm-lock", domain="d1", name="c", mode="EX")
+        with trio.move_on_after(0.5) as waited:
+            await b.call("dlm-lock", domain="d1", name="c", mode="EX")
+        assert waited.cancelled_caught
+        await trio.sleep(0.3)
+        await a.call("dlm-unlock", handle=rep["handle"])
+        rep2, _ = await a.call("dlm-lock", domain="d1", name="c", mode="EX", noqueue=True)
+    assert rep2["mode"] == "EX"
+    assert not b._closed
+
+
 async def test_waiting_client_disconnect_does_not_leak_lock(cluster, nursery):
     a, b = await clients(nursery, cluster)
     b2 = await AsyncClient.connect(socket_path(cluster[1].rundir), nursery)
