@@ -66,7 +66,7 @@ class DlmClient:
         self.ipc = ipc
         self._nursery = nursery
         self._locks: dict[int, Lock] = {}
-        self._early_basts: dict[int, Mode] = {}
+        self._early_basts: dict[int, tuple[Mode, float]] = {}   # handle -> (mode, when)
         # Set when this node is fenced (the daemon says so) or the daemon
         # connection is gone: every lock held is void from then on.
         self.fenced: Optional[str] = None
@@ -102,7 +102,13 @@ class DlmClient:
             if lk is None:
                 # The BAST can overtake the task that is still registering
                 # the lock it is about: keep it for lock() to deliver.
-                self._early_basts[header.get("handle")] = Mode[header["blocked"]]
+                # A BAST for a lock already unlocked here would be kept for
+                # ever: keep each one only for a while (a lock() registering
+                # its handle does so within one round trip).
+                now = trio.current_time()
+                for h in [h for h, (_m, t) in self._early_basts.items() if now - t > 30]:
+                    del self._early_basts[h]
+                self._early_basts[header.get("handle")] = (Mode[header["blocked"]], now)
             elif lk.on_bast is not None:
                 self._nursery.start_soon(lk.on_bast, lk, Mode[header["blocked"]])
 
@@ -124,7 +130,7 @@ class DlmClient:
         self._locks[lk.handle] = lk
         early = self._early_basts.pop(lk.handle, None)
         if early is not None and on_bast is not None:
-            self._nursery.start_soon(on_bast, lk, early)
+            self._nursery.start_soon(on_bast, lk, early[0])
         return lk
 
     @asynccontextmanager
