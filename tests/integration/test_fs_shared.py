@@ -452,6 +452,74 @@ def test_node_dies_and_the_survivor_recovers_its_slot(tmp_path, fencing):
         fsck_clean(a)
 
 
+@pytest.mark.parametrize("seed", [5])
+def test_node_death_under_load(tmp_path, seed):
+    node_death_under_load(tmp_path, seed)
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("seed", soak.seeds(range(100, 120)))
+def test_node_death_under_load_soak(tmp_path, seed):
+    node_death_under_load(tmp_path, seed)
+
+
+def node_death_under_load(tmp_path, seed: int) -> None:
+    """Workers on both nodes (alpha's only through alpha's mount), beta
+    also fsync'ing a log; beta's daemon is killed -9 at a seeded moment.
+    alpha's workers go on without an error and their files are exactly
+    as their models say; every record beta's fsync acknowledged is on
+    alpha; fsck clean."""
+    import random
+    import threading
+    rng = random.Random(seed)
+    with shared_pair(tmp_path) as (pair, ma, mb, _):
+        a, b = pair.alpha, pair.beta
+        mount(a, ma)
+        mount(b, mb)
+        on_a = [PathWorker(i, seed * 10 + i, [ma]) for i in range(2)]
+        on_b = [PathWorker(i, seed * 10 + i, [mb]) for i in range(2, 4)]
+        for d in ["s1", "s2"] + [f"p{w.wid}" for w in on_a + on_b]:
+            os.mkdir(ma / d)
+        acked = []
+
+        def logger():
+            try:
+                fd = os.open(mb / "beta-log", os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)
+                i = 0
+                while True:
+                    rec = f"{i:08d}\n".encode()
+                    os.write(fd, rec)
+                    os.fsync(fd)
+                    acked.append(rec)
+                    i += 1
+            except OSError:
+                pass
+        threads = [threading.Thread(target=w.run, args=(80,), daemon=True)
+                   for w in on_a + on_b]
+        threads.append(threading.Thread(target=logger, daemon=True))
+        for t in threads:
+            t.start()
+        time.sleep(rng.uniform(0.3, 2.0))
+        b.kill9()
+        for t in threads[:len(on_a)]:
+            t.join(300)
+        for w in on_a:
+            assert w.error is None, repr(w.error)
+        force_unmount(mb)
+        got = (ma / "beta-log").read_bytes()
+        assert got.startswith(b"".join(acked)), (len(got), len(acked))
+        for w in on_a:
+            for name, (where, data) in w.live.items():
+                assert (ma / where / name).read_bytes() == data, (w.wid, name)
+            for d in ["s1", "s2", f"p{w.wid}"]:
+                have = {n for n in os.listdir(ma / d) if n.startswith(f"w{w.wid}-")}
+                want = {n for n, (wh, _) in w.live.items() if wh == d}
+                assert have == want, (d, w.wid, sorted(have ^ want))
+        run("umount", ma)
+        wait_closed(a)
+        fsck_clean(a)
+
+
 def test_replication_link_cut_one_arbiter(tmp_path):
     """Only the replication link breaks; both nodes stay up and in the
     cluster.  Both lose their peer and run fence-peer; the cluster stack
