@@ -182,6 +182,18 @@ def test_both_nodes_mount_and_see_each_others_changes(tmp_path):
         os.close(fb)
         assert (mb / "log").read_bytes() == b"".join(want)
 
+        # beta remounts read-only (its slot given back, journal clean) and
+        # still reads what alpha changes; then read-write again
+        run("mount", "-o", "remount,ro", mb)
+        with pytest.raises(OSError) as e:
+            (mb / "ro-write").write_bytes(b"no")
+        assert e.value.errno == 30          # EROFS
+        (ma / "while-ro").write_bytes(b"alpha wrote this")
+        assert (mb / "while-ro").read_bytes() == b"alpha wrote this"
+        run("mount", "-o", "remount,rw", mb)
+        (mb / "after-rw").write_bytes(b"beta again")
+        assert (ma / "after-rw").read_bytes() == b"beta again"
+
         # the same name created on both nodes at once: one file
         for i in range(20):
             fa = os.open(ma / f"same{i}", os.O_CREAT | os.O_WRONLY, 0o644)
