@@ -313,6 +313,15 @@ def two_node_workload(tmp_path, seed: int, steps: int) -> None:
 
 
 def test_read_after_write_across_nodes_is_never_stale(tmp_path):
+    read_after_write(tmp_path, 400)
+
+
+@pytest.mark.soak
+def test_read_after_write_soak(tmp_path):
+    read_after_write(tmp_path, soak.size(5000, 100))
+
+
+def read_after_write(tmp_path, rounds: int) -> None:
     """Alternating rounds: a change through one node, then a read of it
     through the other -- file contents at one offset, sizes, a directory
     entry that moves, a mode.  Zero stale results."""
@@ -324,7 +333,7 @@ def test_read_after_write_across_nodes_is_never_stale(tmp_path):
         fa = os.open(ma / "f", os.O_RDWR)
         fb = os.open(mb / "f", os.O_RDWR)
         try:
-            for i in range(400):
+            for i in range(rounds):
                 w, r = (fa, fb) if i % 2 == 0 else (fb, fa)
                 rec = f"{i:08d}".encode()
                 os.pwrite(w, rec, (i % 7) * 4096)
@@ -351,7 +360,7 @@ def test_read_after_write_across_nodes_is_never_stale(tmp_path):
                 m.close()
         name = "moving-0"
         (ma / name).write_bytes(b"x")
-        for i in range(200):
+        for i in range(rounds // 2):
             src, dst = (ma, mb) if i % 2 == 0 else (mb, ma)
             new = f"moving-{i + 1}"
             os.rename(src / name, src / new)
