@@ -204,6 +204,12 @@ class Resource:
         self._role_replies: dict[int, trio.MemorySendChannel] = {}
         self._ranges = IntervalSet()
         self._ranges_changed = trio.Event()
+        # Application writes in flight here, exact byte ranges: a peer's
+        # write that overlaps one while both nodes are Primary is a
+        # concurrent write the cluster filesystem's locks should have
+        # prevented (DRBD logs "Concurrent local write detected!").
+        self._app_writes: dict[int, tuple[int, int]] = {}
+        self.concurrent_writes = 0
         self._recv_ranges = IntervalSet()
         self._recv_changed = trio.Event()
         self._state_changed = trio.Event()
@@ -618,6 +624,7 @@ class Resource:
         lock_start = offset - offset % BLOCK
         lock_end = -(-(offset + len(data)) // BLOCK) * BLOCK
         token = await self._lock_range(lock_start, lock_end)
+        self._app_writes[token] = (offset, offset + len(data))
         try:
             disk = self._require_io(write=True)   # may have changed while we waited
             if disk is None:
@@ -640,6 +647,7 @@ class Resource:
                 if last > first:
                     disk.bitmap.clear_range(first, last - first)
         finally:
+            self._app_writes.pop(token, None)
             self._unlock_range(token)
             self.ap -= 1
 
@@ -1500,6 +1508,26 @@ class Resource:
                 pkt = await chan.recv()
                 await self._dispatch(chan, pkt, writers, slots)
 
+    def _check_concurrent(self, offset: int, length: int) -> None:
+        """Both nodes Primary and the peer's write overlaps one of ours in
+        flight: the two disks may end up with the two writes in different
+        orders.  Not resolved here (the cluster filesystem's locks must
+        prevent it): logged as DRBD does, counted, and the blocks marked
+        out of sync so the next resync or verify makes the disks agree."""
+        if self.role is not Role.Primary or not self._app_writes:
+            return
+        end = offset + length
+        for start, stop in self._app_writes.values():
+            if start < end and offset < stop:
+                self.concurrent_writes += 1
+                log.error("%s: Concurrent local write detected! new: %ds +%d; pending: %ds "
+                          "+%d (both nodes are Primary: the blocks are marked out of sync)",
+                          self.conf.name, offset // 512, length, start // 512, stop - start)
+                if self.disk is not None:
+                    first, count = blocks_of(offset, length)
+                    self.disk.bitmap.set_range(first, count)
+                return
+
     async def _recv_lock(self, start: int, end: int) -> int:
         while self._recv_ranges.overlaps(start, end):
             await self._recv_changed.wait()
@@ -1526,6 +1554,7 @@ class Resource:
                 # Barrier: everything of the earlier epochs lands first.
                 await self._recv_drain()
                 self._recv_epoch = pkt.epoch
+            self._check_concurrent(pkt.offset, len(pkt.data))
             await slots.acquire()
             token = await self._recv_lock(pkt.offset, pkt.offset + len(pkt.data))
             self.ua += 1
@@ -1907,6 +1936,7 @@ class Resource:
             "open_count": self.open_count,
             "single_node_opens": self.single_node_opens,
             "io_suspended": self.io_suspended,
+            "concurrent_writes": self.concurrent_writes,
             "fence_lost": self.fence_lost,
             "counters": {
                 "ns": self.ns // 1024, "nr": self.nr // 1024, "dw": self.dw // 1024,

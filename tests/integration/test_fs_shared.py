@@ -102,6 +102,14 @@ def mount(node, mnt, check=True):
     return run("mount", "-t", "fuse.replfs", "r0", mnt, "-o", opts(node), check=check)
 
 
+def no_concurrent_writes(pair) -> None:
+    """The mirror saw no overlapping writes from the two Primaries: the
+    filesystem's locks kept them apart (any one is a locking bug)."""
+    for n in pair.nodes:
+        st = n.status()
+        assert st["concurrent_writes"] == 0, (n.name, st["concurrent_writes"])
+
+
 def fsck_clean(node) -> None:
     cp = run(os.path.join(VENV_BIN, "fsck.replfs"), "-n", "r0", check=False,
              env=dict(ENV, REPLFS_CONF=node.conf, REPLFS_NODE=node.name,
@@ -203,6 +211,7 @@ def test_both_nodes_mount_and_see_each_others_changes(tmp_path):
         assert len([n for n in os.listdir(ma) if n.startswith("same")]) == 20
         assert os.stat(ma / "same7").st_ino == os.stat(mb / "same7").st_ino
 
+        no_concurrent_writes(pair)
         run("umount", ma)
         run("umount", mb)
         wait_closed(a)
@@ -305,6 +314,7 @@ def two_node_workload(tmp_path, seed: int, steps: int) -> None:
             assert sorted(have) == sorted(want), (root, sorted(set(have) ^ set(want)))
             for k, data in want.items():
                 assert have[k] == data, (root, k)
+        no_concurrent_writes(pair)
         run("umount", ma)
         run("umount", mb)
         wait_closed(a)
@@ -370,6 +380,7 @@ def read_after_write(tmp_path, rounds: int) -> None:
             os.chmod(dst / new, mode)
             assert os.stat(src / new).st_mode & 0o777 == mode, i
             name = new
+        no_concurrent_writes(pair)
         run("umount", ma)
         run("umount", mb)
         wait_closed(a)
@@ -423,6 +434,7 @@ def dual_fsx(tmp_path, seed: int, nops: int) -> None:
         mount(a, ma)
         mount(b, mb)
         DualFsx([ma, mb], seed, []).run(nops)
+        no_concurrent_writes(pair)
         run("umount", ma)
         run("umount", mb)
         wait_closed(a)
