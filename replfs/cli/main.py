@@ -436,6 +436,7 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
     Verb("adjust", _simple("adjust"),
          summary="bring the running resource in line with the config"),
     Verb("role", v_role, summary="print local/peer role"),
+    Verb("state", v_role, summary="print local/peer role (drbdadm 8.4's older name for role)"),
     Verb("cstate", v_cstate, summary="print the connection state"),
     Verb("dstate", v_dstate, summary="print local/peer disk states"),
     Verb("status", v_status, res_optional=True, summary="show resource status",
@@ -625,6 +626,23 @@ def main(argv: list[str] | None = None, *, out=None, err=None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `replfsadm status | head`: the reader is gone; end quietly, as a
+        # C tool killed by SIGPIPE would (and keep Python from complaining
+        # about the flush at exit)
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+        return 141
+    except PermissionError as e:
+        err(f"replfsadm: {e.filename or ''}{': ' if e.filename else ''}permission denied"
+            f"{'' if os.geteuid() == 0 else ' (replfsadm needs root)'}")
+        return EXIT_EXEC
+    except OSError as e:
+        err(f"replfsadm: {e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+        return EXIT_EXEC
 
 
 if __name__ == "__main__":

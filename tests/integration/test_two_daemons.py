@@ -42,6 +42,7 @@ def test_full_sync_makes_backing_disks_identical(cluster):
     assert data_md5(a, size) == data_md5(b, size)
     assert a.adm("role", "r0").stdout.strip() == "Primary/Secondary"
     assert b.adm("role", "r0").stdout.strip() == "Secondary/Primary"
+    assert b.adm("state", "r0").stdout.strip() == "Secondary/Primary"   # seed step 2
     assert a.adm("cstate", "r0").stdout.strip() == "Connected"
     assert a.adm("dstate", "r0").stdout.strip() == "UpToDate/UpToDate"
     proc = a.adm("proc").stdout

@@ -57,3 +57,23 @@ def test_man_page_documents_exactly_the_verbs():
     section = text.split(".SH VERBS")[1].split(".SH ")[0]
     documented = set(re.findall(r"^\.TP\n\.B ([a-z][a-z-]*)", section, re.M))
     assert documented == set(VERBS)
+
+
+def test_closed_pipe_gives_no_traceback(tmp_path):
+    """`replfsadm dump all | head -1`: the reader goes away; replfsadm ends
+    quietly (141, as a tool killed by SIGPIPE) with nothing on stderr."""
+    import subprocess
+    import sys
+    conf = tmp_path / "r.conf"
+    with open(conf, "w") as f:
+        for i in range(1500):        # more output than a pipe holds
+            f.write(f"resource r{i} {{ protocol C; "
+                    f"on alpha {{ device /dev/null{i} minor {i}; disk /tmp/xd{i}; "
+                    f"address 127.0.0.1:{10000 + i}; meta-disk internal; }} "
+                    f"on beta {{ device /dev/null{i} minor {i}; disk /tmp/yd{i}; "
+                    f"address 127.0.0.2:{10000 + i}; meta-disk internal; }} }}\n")
+    cmd = (f"{sys.executable} -m replfs.cli.main -c {conf} --node alpha dump all | head -1; "
+           f"exit ${{PIPESTATUS[0]}}")
+    cp = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 141, (cp.returncode, cp.stderr)
+    assert "Traceback" not in cp.stderr and cp.stderr == "", cp.stderr
