@@ -4,10 +4,13 @@
     open  /dlm/DOMAIN/NAME     takes the lock (every name exists; lock names
                                are cluster-wide):
                                O_RDONLY -> PR, O_WRONLY/O_RDWR -> EX,
-                               O_NONBLOCK -> trylock, failing with EAGAIN
+                               O_NONBLOCK -> trylock, failing with ETXTBSY;
+                               per node, as in ocfs2_dlmfs: opens here share
+                               one cluster lock
     read                       the lock value block (trailing NULs stripped)
-    write                      sets the LVB, written back when the EX lock drops
-    close                      drops the lock
+    write                      sets the LVB (its first 64 bytes), written back
+                               when the EX lock drops
+    close                      drops the lock (the last close on this node)
     rm NAME / rmdir DOMAIN     forget the file / leave the domain
 
 One mount per process; run as ``python -m replfs.locking.dlmfs
@@ -31,6 +34,7 @@ from replfs.blockdev import BlockDeviceError
 from replfs.errors import ReplfsError
 
 from ..client import DlmClient
+from ..dlm.messages import LVB_LEN
 from ..dlm.modes import Mode
 
 log = logging.getLogger("replfs.locking.dlmfs")
@@ -48,7 +52,9 @@ class DlmfsOps(fuse.Operations):
         self.inodes: dict[tuple[str, str | None], int] = {}
         self.children: dict[str, set[str]] = {}
         self.next_inode = ROOT + 1
-        self.handles: dict[int, tuple[object, bytearray | None]] = {}
+        self.handles: dict[int, tuple[tuple[str, str], bool]] = {}   # fh -> (key, writer)
+        self.held: dict[tuple[str, str], "_Held"] = {}
+        self._guards: dict[tuple[str, str], trio.Lock] = {}
         self.next_fh = 1
 
     def _ino(self, key) -> int:
@@ -159,15 +165,36 @@ class DlmfsOps(fuse.Operations):
             raise fuse.FUSEError(errno.EIO) from None
 
     async def open(self, inode, flags, ctx):
+        """Take the lock file's lock.  As in ocfs2_dlmfs, a lock is held per
+        node: opens on this node share one cluster lock (two exclusive opens
+        here both succeed), raised from PR to EX when a writer comes; a
+        trylock (O_NONBLOCK) that fails gives ETXTBSY."""
         domain, name = self._key(inode)
         if name is None:
             raise fuse.FUSEError(errno.EISDIR)
+        self._check_fenced()
         write = (flags & os.O_ACCMODE) != os.O_RDONLY
-        lk = await self._call(self.dlm.lock(domain, name, Mode.EX if write else Mode.PR,
-                                            noqueue=bool(flags & os.O_NONBLOCK)))
+        want = Mode.EX if write else Mode.PR
+        nonblock = bool(flags & os.O_NONBLOCK)
+        key = (domain, name)
+        guard = self._guards.setdefault(key, trio.Lock())
+        async with guard:
+            e = self.held.get(key)
+            try:
+                if e is None:
+                    lk = await self._call(self.dlm.lock(domain, name, want, noqueue=nonblock))
+                    e = self.held[key] = _Held(lk, want)
+                elif want is Mode.EX and e.mode is not Mode.EX:
+                    await self._call(e.lk.convert(Mode.EX, noqueue=nonblock))
+                    e.mode = Mode.EX
+            except fuse.FUSEError as err:
+                if nonblock and err.errno == errno.EAGAIN:
+                    raise fuse.FUSEError(errno.ETXTBSY) from None
+                raise
+            e.count += 1
         fh = self.next_fh
         self.next_fh += 1
-        self.handles[fh] = (lk, bytearray(lk.lvb) if write else None)
+        self.handles[fh] = (key, write)
         return fuse.FileInfo(fh=fh, direct_io=True)
 
     def _check_fenced(self) -> None:
@@ -182,26 +209,54 @@ class DlmfsOps(fuse.Operations):
 
     async def read(self, fh, off, size):
         self._check_fenced()
-        lk, pending = self.handles[fh]
-        data = bytes(pending) if pending is not None else lk.lvb
-        if not lk.lvb_valid and pending is None:
+        key, _write = self.handles[fh]
+        e = self.held[key]
+        if e.lvb is not None:
+            data = bytes(e.lvb)             # written here under EX
+        elif e.lk.lvb_valid:
+            data = e.lk.lvb
+        else:
             data = b""
         return data.rstrip(b"\0")[off:off + size]
 
     async def write(self, fh, off, buf):
+        """Set the lock value block (written back when the lock drops).  It
+        is LVB_LEN bytes: as in ocfs2_dlmfs a longer write writes the first
+        bytes that fit and returns that count."""
         self._check_fenced()
-        lk, pending = self.handles[fh]
-        if pending is None:
+        key, write = self.handles[fh]
+        if not write:
             raise fuse.FUSEError(errno.EBADF)
-        end = off + len(buf)
-        if end > len(pending):
-            raise fuse.FUSEError(errno.ENOSPC)  # the LVB is fixed-size
-        pending[off:end] = buf
-        return len(buf)
+        e = self.held[key]
+        if e.lvb is None:
+            e.lvb = bytearray(e.lk.lvb if e.lk.lvb_valid else b"").ljust(LVB_LEN, b"\0")
+        if off >= LVB_LEN:
+            return 0
+        n = min(len(buf), LVB_LEN - off)
+        e.lvb[off:off + n] = buf[:n]
+        return n
 
     async def release(self, fh):
-        lk, pending = self.handles.pop(fh)
-        await self._call(lk.unlock(lvb=bytes(pending) if pending is not None else None))
+        key, _write = self.handles.pop(fh)
+        guard = self._guards.setdefault(key, trio.Lock())
+        async with guard:
+            e = self.held[key]
+            e.count -= 1
+            if e.count:
+                return
+            del self.held[key]
+            lvb = bytes(e.lvb) if e.lvb is not None and e.mode is Mode.EX else None
+            await self._call(e.lk.unlock(lvb=lvb))
+
+
+class _Held:
+    """The one cluster lock this node holds for a lock file."""
+
+    def __init__(self, lk, mode: Mode):
+        self.lk = lk
+        self.mode = mode
+        self.count = 0
+        self.lvb: bytearray | None = None    # set by a write under EX
 
 
 async def _main(args) -> None:

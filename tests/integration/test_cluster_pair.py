@@ -339,6 +339,7 @@ async def test_connection_back_within_the_dead_time_is_not_trusted(offline_pair,
 
 
 def test_dlmfs_from_shell(cluster, tmp_path):
+    import errno
     import subprocess
     a, b = cluster
     mnts = []
@@ -369,7 +370,23 @@ ls {ma}/dom
             f" print('unexpected')\nexcept OSError as e:\n print(errno.errorcode[e.errno])\"")],
             capture_output=True, text=True, timeout=30)
         assert cp.returncode == 0, cp.stderr
-        assert cp.stdout.split() == ["EAGAIN", "42", "lk"], cp.stdout
+        assert cp.stdout.split() == ["ETXTBSY", "42", "lk"], cp.stdout
+        # ocfs2_dlmfs semantics: locks are per node (two exclusive opens on
+        # one node both succeed) and a write longer than the 64-byte LVB
+        # writes its first 64 bytes
+        import os
+        f1 = os.open(f"{ma}/dom/lk2", os.O_RDWR)
+        f2 = os.open(f"{ma}/dom/lk2", os.O_RDWR | os.O_NONBLOCK)
+        assert os.write(f2, b"x" * 100) == 64
+        assert os.pread(f1, 200, 0) == b"x" * 64
+        os.close(f1)
+        with pytest.raises(OSError) as e:      # beta still cannot have it
+            os.open(f"{mb}/dom/lk2", os.O_RDONLY | os.O_NONBLOCK)
+        assert e.value.errno == errno.ETXTBSY
+        os.close(f2)
+        fb = os.open(f"{mb}/dom/lk2", os.O_RDONLY)    # the last close let it go
+        assert os.read(fb, 100) == b"x" * 64
+        os.close(fb)
     finally:
         for m in mnts:
             subprocess.run(["umount", "-l", m], capture_output=True)
