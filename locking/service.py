@@ -244,6 +244,12 @@ class ClusterService:
                 "heartbeat": ({"region": on.hb.path, "live": sorted(on.hb.monitor.live)}
                               if on.hb else None),
                 "number": on.me.number, "fenced": on.fenced,
+                "members": sorted(n.number for n in on.nodes),
+                "dead": sorted(on.dead),
+                "timeouts": {"heartbeat_threshold": on.timeouts.heartbeat_threshold,
+                             "idle_timeout_ms": on.timeouts.idle_timeout_ms,
+                             "keepalive_delay_ms": on.timeouts.keepalive_delay_ms,
+                             "reconnect_delay_ms": on.timeouts.reconnect_delay_ms},
                 "connected": sorted(on.net.connected()),
                 "domains": sorted(on.domains)}
 

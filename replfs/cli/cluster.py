@@ -21,10 +21,11 @@ VERBS = [
     ("online", "CLUSTER", "bring the cluster online on this node (o2net + DLM)"),
     ("offline", "CLUSTER", "take the cluster offline on this node"),
     ("status", "", "show whether the cluster is online, this node, connected peers"),
-    ("list-nodes", "", "list the cluster's nodes and whether each is up"),
+    ("list-nodes", "", "list the cluster's nodes and whether each is up (from cluster.conf when offline)"),
     ("add-node", "NAME NUMBER IP PORT [CLUSTER]", "add a node stanza to cluster.conf"),
     ("remove-node", "NAME", "remove a node stanza from cluster.conf"),
-    ("heartbeat", "", "show the heartbeat (membership) view"),
+    ("heartbeat", "", "show the heartbeat view: mode, network and disk state per node"),
+    ("check", "", "parse cluster.conf and the timeouts without going online"),
     ("locks", "[DOMAIN]", "dump the locks this node holds or waits for"),
     ("dlmfs", "MOUNTPOINT", "mount a dlmfs (ocfs2_dlmfs semantics) for shell scripts"),
 ]
@@ -165,21 +166,85 @@ def cmd_status(g, args, out):
     out(f"  Lock domains: {', '.join(st['domains']) or 'none'}")
     if st.get("heartbeat"):
         hb = st["heartbeat"]
-        out(f"  Heartbeat region: {hb['region']} (live: {', '.join(map(str, hb['live']))})")
+        out(f"  Heartbeat: disk region {hb['region']} (live: "
+            f"{', '.join(map(str, hb['live']))}) and network")
+    else:
+        out("  Heartbeat: network (o2net keepalives) only")
+    t = st.get("timeouts")
+    if t:
+        out(f"  Timeouts: heartbeat threshold {t['heartbeat_threshold']}, idle "
+            f"{t['idle_timeout_ms']} ms, keepalive {t['keepalive_delay_ms']} ms, reconnect "
+            f"{t['reconnect_delay_ms']} ms")
     if st.get("fenced"):
         out(f"  FENCED: {st['fenced']}")
     return 0
 
 
+def _online_status(g) -> dict | None:
+    """The daemon's cluster-status, or None when no daemon answers."""
+    from replfs.ipc.client import DaemonNotRunning
+    try:
+        return _call(g, "cluster-status")
+    except DaemonNotRunning:
+        return None
+
+
 def cmd_list_nodes(g, args, out):
-    reply = _call(g, "cluster-nodes")
+    """The node table: from the running cluster (with each node's state),
+    else from cluster.conf itself (state unknown: the cluster is offline)."""
+    st = _online_status(g)
+    if st is not None and st.get("online"):
+        reply = _call(g, "cluster-nodes")
+        nodes = [(n["number"], n["name"], f"{n['ip_address']}:{n['ip_port']}",
+                  "up" if n["up"] else "down") for n in reply["nodes"]]
+    else:
+        path = _conf_path(g)
+        conf = cc.load(path)
+        nodes = [(n.number, n.name, f"{n.ip_address}:{n.ip_port}", "offline")
+                 for n in conf.nodes]
     out(f"{'NUMBER':<7} {'NAME':<16} {'ADDRESS':<22} STATE")
-    for n in reply["nodes"]:
-        out(f"{n['number']:<7} {n['name']:<16} {n['ip_address'] + ':' + str(n['ip_port']):<22} "
-            f"{'up' if n['up'] else 'down'}")
+    for number, name, addr, state in nodes:
+        out(f"{number:<7} {name:<16} {addr:<22} {state}")
 
 
-cmd_heartbeat = cmd_list_nodes
+def cmd_heartbeat(g, args, out):
+    """The heartbeat view: the mode, and per node what the network
+    heartbeat (o2net) and the disk heartbeat say, and whether the node was
+    declared dead."""
+    st = _call(g, "cluster-status")
+    if not st.get("online"):
+        out("Cluster: Offline")
+        return 0
+    hb = st.get("heartbeat")
+    out(f"Heartbeat mode: {'disk region ' + hb['region'] + ' and network' if hb else 'network (o2net keepalives) only'}")
+    out(f"{'NODE':<7} {'NETWORK':<10} {'DISK':<10} STATE")
+    numbers = sorted(set(st.get("members") or []) | set(st["connected"]) | {st["number"]}
+                     | set(hb["live"] if hb else []) | set(st.get("dead") or []))
+    for n in numbers:
+        net = "self" if n == st["number"] else ("up" if n in st["connected"] else "down")
+        disk = "-" if not hb else ("live" if n in hb["live"] else "silent")
+        state = ("fenced" if n == st["number"] and st.get("fenced")
+                 else "dead" if n in (st.get("dead") or []) else "ok")
+        out(f"{n:<7} {net:<10} {disk:<10} {state}")
+    return 0
+
+
+def cmd_check(g, args, out):
+    """Parse cluster.conf (and the o2cb timeouts file next to it) without
+    bringing anything online: errors are file:line."""
+    path = _conf_path(g)
+    conf = cc.load(path)
+    tpath = os.path.join(os.path.dirname(os.path.abspath(path)), "o2cb")
+    if not os.path.exists(tpath):
+        tpath = cc.DEFAULT_TIMEOUTS_PATH
+    t = cc.load_timeouts(tpath)
+    for c in conf.clusters:
+        members = [n for n in conf.nodes if n.cluster == c.name]
+        out(f"{path}: cluster {c.name}: {len(members)} node(s): "
+            + ", ".join(f"{n.name} ({n.number})" for n in members))
+    out(f"timeouts: heartbeat threshold {t.heartbeat_threshold}, idle {t.idle_timeout_ms} ms, "
+        f"keepalive {t.keepalive_delay_ms} ms, reconnect {t.reconnect_delay_ms} ms")
+    return 0
 
 
 def cmd_locks(g, args, out):
@@ -258,6 +323,7 @@ _HANDLERS = {
     "load": cmd_load, "online": cmd_online, "offline": cmd_offline, "status": cmd_status,
     "list-nodes": cmd_list_nodes, "heartbeat": cmd_heartbeat, "locks": cmd_locks,
     "add-node": cmd_add_node, "remove-node": cmd_remove_node, "dlmfs": cmd_dlmfs,
+    "check": cmd_check,
 }
 
 if __name__ == "__main__":

@@ -129,14 +129,31 @@ def test_cli_verbs(cluster, tmp_path):
     assert rc == 0 and "already online" in out
     rc, out, err = run_cli(*g, "online", "nosuch")
     assert rc == 10 and "not configured" in err
+    rc, out, _ = run_cli(*g, "status")
+    assert "Heartbeat: network (o2net keepalives) only" in out and "idle 1500 ms" in out
+    rc, out, _ = run_cli(*g, "heartbeat")
+    assert rc == 0 and "Heartbeat mode: network" in out
+    assert [ln.split()[:2] for ln in out.splitlines()[2:]] == [["0", "self"], ["1", "up"]], out
     rc, out, _ = run_cli(*g, "offline", "tc")
     assert rc == 0 and "Stopping O2CB cluster tc: OK" in out
+    # offline: the node table comes from cluster.conf
     rc, out, err = run_cli(*g, "list-nodes")
-    assert rc == 11 and "offline" in err
+    assert rc == 0 and "alpha" in out and "beta" in out and "offline" in out, (out, err)
+    rc, out, err = run_cli("--rundir", str(tmp_path / "no-daemon"), "cluster", "-C", conf,
+                           "list-nodes")
+    assert rc == 0 and "127.0.0.2" in out, (out, err)
+    rc, out, _ = run_cli(*g, "check")
+    assert rc == 0 and "cluster tc: 2 node(s)" in out and "idle 1500 ms" in out
+    bad = tmp_path / "bad.conf"
+    bad.write_text("cluster:\n\tnode_count = two\n\tname = x\n")
+    rc, out, err = run_cli("cluster", "-C", str(bad), "check")
+    assert rc == 10 and f"{bad}:2" in err, err
     rc, out, _ = run_cli(*g, "-H", str(tmp_path / "hb"), "online", "tc")
     assert rc == 0 and "Starting O2CB cluster tc: OK" in out
     rc, out, _ = run_cli(*g, "status")
-    assert "Heartbeat region" in out
+    assert "Heartbeat: disk region" in out
+    rc, out, _ = run_cli(*g, "heartbeat")
+    assert "Heartbeat mode: disk region" in out
     rc, out, _ = run_cli(*g, "bogus")
     assert rc == 1
     rc, out, _ = run_cli("cluster", "--help")
