@@ -370,7 +370,19 @@ def _overview_slots(ctx: Ctx, names: list[str]) -> dict[str, str]:
 
 def v_proc(ctx: Ctx, arg: str | None) -> None:
     sts = _status(ctx)
-    ctx.out(render.proc_drbd(sts))
+    # resources of this node's config that are down show as DRBD shows an
+    # unconfigured minor
+    down = []
+    try:
+        from replfs.blockrepl import conf as confmod
+        up = {st["name"] for st in sts}
+        for r in confmod.for_node(ctx.config(), ctx.node):
+            host = r.host(ctx.node)
+            if r.name not in up and host is not None:
+                down.append(host.minor)
+    except ReplfsError:
+        pass            # no readable config: the daemon's view only
+    ctx.out(render.proc_drbd(sts, unconfigured=down))
 
 
 def v_wait_connect(ctx: Ctx, arg: str | None) -> None:

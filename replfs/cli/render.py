@@ -66,9 +66,15 @@ def _flags(st: dict) -> str:
     return "r-----"
 
 
-def proc_drbd(statuses: list[dict]) -> str:
+def proc_drbd(statuses: list[dict], unconfigured: list[int] = ()) -> str:
+    """/proc/drbd: every resource that is up, and ``unconfigured`` minors
+    (configured for this node but down) as ``cs:Unconfigured``."""
     lines = [f"version: replfs {VERSION} (api:1/proto:1)"]
-    for st in sorted(statuses, key=lambda s: s["minor"]):
+    rows = [(st["minor"], st) for st in statuses] + [(m, None) for m in unconfigured]
+    for minor, st in sorted(rows, key=lambda r: r[0]):
+        if st is None:
+            lines.append(f"{minor:2d}: cs:Unconfigured")
+            continue
         c = st["counters"]
         lines.append(f"{st['minor']:2d}: cs:{st['cstate']} ro:{st['role']}/{st['peer_role']} "
                      f"ds:{st['dstate']}/{st['pdsk']} {st['protocol']} {_flags(st)}")

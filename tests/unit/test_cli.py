@@ -77,3 +77,19 @@ def test_closed_pipe_gives_no_traceback(tmp_path):
     cp = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
     assert cp.returncode == 141, (cp.returncode, cp.stderr)
     assert "Traceback" not in cp.stderr and cp.stderr == "", cp.stderr
+
+
+def test_proc_lists_down_resources_as_unconfigured(tmp_path):
+    conf = tmp_path / "r.conf"
+    conf.write_text("resource r0 { protocol C; on alpha { device /dev/null0 minor 0; "
+                    "disk /tmp/a0; address 127.0.0.1:7789; meta-disk internal; } "
+                    "on beta { device /dev/null0 minor 0; disk /tmp/b0; "
+                    "address 127.0.0.2:7789; meta-disk internal; } }\n"
+                    "resource r5 { protocol C; on alpha { device /dev/null5 minor 5; "
+                    "disk /tmp/a5; address 127.0.0.1:7790; meta-disk internal; } "
+                    "on beta { device /dev/null5 minor 5; disk /tmp/b5; "
+                    "address 127.0.0.2:7790; meta-disk internal; } }\n")
+    rc, out, err = run(["-c", str(conf), "--node", "alpha", "--rundir",
+                        str(tmp_path / "no-daemon"), "proc"])
+    assert rc == 0, err
+    assert out.splitlines()[1:] == [" 0: cs:Unconfigured", " 5: cs:Unconfigured"], out
