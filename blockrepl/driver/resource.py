@@ -1957,9 +1957,17 @@ class Resource:
             st["sync"] = {
                 "role": sync["role"], "total_kib": total, "left_kib": oos_kib,
                 "percent": round(100.0 * (total - oos_kib) / total, 1) if total else 100.0,
-                "line": progress_line(total, oos_kib, elapsed, 0.0),
+                "line": progress_line(
+                    total, oos_kib, elapsed, 0.0,
+                    want_kib_s=(self.conf.resync_rate_kib if sync["role"] == "target"
+                                else None)),
             }
         if self._verify is not None and self.cstate in (ConnState.VerifyS,):
             v = self._verify
             st["verify"] = {"done": v["done"], "total": v["total"], "oos_blocks": v["oos"]}
+            elapsed = time.monotonic() - v.get("start", time.monotonic())
+            # (total and done are bytes here)
+            st["verify"]["line"] = progress_line(v["total"] // 1024,
+                                                 (v["total"] - v["done"]) // 1024,
+                                                 elapsed, 0.0, verify=True)
         return st

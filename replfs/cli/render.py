@@ -84,6 +84,9 @@ def proc_drbd(statuses: list[dict], unconfigured: list[int] = ()) -> str:
         if "sync" in st and st["cstate"] in _SYNC_STATES:
             for part in st["sync"]["line"].split("\n"):
                 lines.append("\t" + part.lstrip("\t"))
+        elif "line" in (st.get("verify") or {}):
+            for part in st["verify"]["line"].split("\n"):
+                lines.append("\t" + part.lstrip("\t"))
     return "\n".join(lines)
 
 
