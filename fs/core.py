@@ -216,6 +216,11 @@ class Filesystem:
         # ``ino`` (its lock goes to NL here): the FUSE layer drops the
         # kernel's cached pages and attributes of it.
         self.kernel_hook = None
+        # ``on_fail(why)``: called once when the filesystem latches (a shared
+        # mount's node then fences itself: its EX locks cover changes that
+        # never reached the disk, and only the other node's recovery of
+        # this slot can free them)
+        self.on_fail = None
         # Nodes declared dead whose slots are not recovered yet: no lock is
         # used until then (their journals may hold newer blocks).
         self.dead_nodes: set[int] = set()
@@ -612,6 +617,8 @@ class Filesystem:
             self.failed = why
             self.cache.discard_transaction()
             self.alloc.pending = []
+            if self.on_fail is not None:
+                self.on_fail(why)
 
     # --- the running transaction
 

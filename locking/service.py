@@ -337,6 +337,13 @@ class ClusterService:
         on.dead.add(node)
         self._tell("node-down", node)
 
+    async def fence_self(self, why: str) -> None:
+        """Fence this node (a user of the cluster found it must stop, e.g.
+        a shared filesystem that failed holding EX locks)."""
+        on = self.online
+        if on is not None:
+            await self._fence_self(on, why)
+
     async def _fence_self(self, on: _Online, why: str) -> None:
         """This node must stop: every lock request fails from now on, the
         shared mounts stop writing, and the node leaves the network until

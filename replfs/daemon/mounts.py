@@ -120,7 +120,7 @@ class _SharedMount:
     volume's DLM domain, and the cluster events (``event``) acted on."""
 
     def __init__(self, mountpoint: str, dom, node: int, dev: ResourceDevice,
-                 nursery: trio.Nursery):
+                 nursery: trio.Nursery, cluster=None):
         from replfs.fs.clusterlocks import ClusterLockManager
         from replfs.locking.inproc import InProcessDlm
         self.mountpoint = mountpoint
@@ -132,9 +132,11 @@ class _SharedMount:
         self.fs = self.ops = self.session = None
         self.early: list[tuple[str, object]] = []     # events before the mount was up
         self.fenced: str | None = None
+        self.cluster = cluster
 
     def mounted(self, fs, ops, session) -> None:
         self.fs, self.ops, self.session = fs, ops, session
+        fs.on_fail = self._failed
         early, self.early = self.early, []
         for kind, arg in early:
             self.event(kind, arg)
@@ -151,6 +153,19 @@ class _SharedMount:
         elif kind == "node-down":
             self.fs.node_dead(arg)          # (no-op if told already)
             self.nursery.start_soon(self._recover, arg)
+
+    def _failed(self, why: str) -> None:
+        """The filesystem latched (an I/O error in the middle of a change,
+        damage found).  Its EX locks cover changes that never reached the
+        disk: the other node can get them only by recovering this slot, so
+        this node fences itself (OCFS2's errors=panic for a cluster
+        mount)."""
+        if self.fenced is not None or self.cluster is None:
+            return
+        log.critical("%s: the filesystem failed (%s): this node fences itself so that the "
+                     "other node can recover its slot", self.mountpoint, why)
+        self.nursery.start_soon(self.cluster.fence_self,
+                                f"the shared filesystem on {self.mountpoint} failed: {why}")
 
     async def _recover(self, node: int) -> None:
         _current_mount.set(self.mountpoint)
@@ -432,7 +447,7 @@ class MountService:
             node = cs.online.me.number
             rec["node"] = cs.online.me.name
             async with trio.open_nursery() as nursery:
-                shared = _SharedMount(mountpoint, dom, node, dev, nursery)
+                shared = _SharedMount(mountpoint, dom, node, dev, nursery, cluster=cs)
                 cs.listeners.append(shared.event)
                 try:
                     await M.serve(src, mountpoint, o, ready, dev=dev,
