@@ -1802,6 +1802,13 @@ class Filesystem:
         No I/O, so it cannot race with an operation."""
         self._opens[ino] = self._opens.get(ino, 0) + 1
 
+    async def pin_open(self, ino: int) -> None:
+        """On a shared volume: pin the open lock of ``ino``, held (``hold``)
+        here, so the other node does not free it while this node's kernel
+        knows it; released with the last reference (``_unref``)."""
+        if self.clustered and not self.locks.pinned(ino):
+            await self.locks.open_pin(ino)
+
     async def unhold(self, ino: int) -> None:
         """Drop a ``hold``; frees the inode if that was its last reference
         and it has no name left."""

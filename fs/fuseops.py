@@ -116,15 +116,25 @@ class ReplfsOperations(fuse.LocalLocks, fuse.Operations):
         e.st_ctime_ns = a.ctime_ns
         return e
 
-    def _looked_up(self, e: fuse.EntryAttributes) -> fuse.EntryAttributes:
+    async def _looked_up(self, e: fuse.EntryAttributes) -> fuse.EntryAttributes:
         # The kernel now holds a reference until it forgets the inode; the
         # core keeps an unlinked inode (as an orphan) while one is held,
         # so fstat of an O_PATH descriptor or stat of a removed current
-        # directory sees nlink 0 rather than ESTALE.
+        # directory sees nlink 0 rather than ESTALE.  On a shared mount the
+        # first reference also pins the inode's open lock (OCFS2 takes it
+        # at iget), so the other node does not free it meanwhile either.
         n = self.lookup_counts.get(e.st_ino, 0)
         if n == 0 and e.st_ino != ROOT:
             self.fs.hold(e.st_ino)
         self.lookup_counts[e.st_ino] = n + 1
+        if self.shared and n == 0 and e.st_ino != ROOT:
+            try:
+                await self._call("lookup", self.fs.pin_open, e.st_ino)
+            except BaseException:
+                # no reply will carry this reference: take it back
+                with trio.CancelScope(shield=True):
+                    await self.forget([(e.st_ino, 1)])
+                raise
         return e
 
     # How long a lock hand-over waits for the kernel to drop an inode's
@@ -196,7 +206,7 @@ class ReplfsOperations(fuse.LocalLocks, fuse.Operations):
 
     async def lookup(self, parent_inode, name, ctx=None):
         a = await self._call("lookup", self.fs.lookup, self._disk(parent_inode), name)
-        return self._looked_up(self._entry(a))
+        return await self._looked_up(self._entry(a))
 
     async def forget(self, inode_list):
         for ino, n in inode_list:
@@ -228,7 +238,7 @@ class ReplfsOperations(fuse.LocalLocks, fuse.Operations):
         uid, gid, _ = await self._new_owner(parent, ctx)
         a = await self._call("mknod", self.fs.mknod, parent, name, mode, rdev, uid, gid,
                              changes=True)
-        return self._looked_up(self._entry(a))
+        return await self._looked_up(self._entry(a))
 
     async def mkdir(self, parent_inode, name, mode, ctx):
         parent = self._disk(parent_inode)
@@ -237,14 +247,14 @@ class ReplfsOperations(fuse.LocalLocks, fuse.Operations):
             mode |= stat.S_ISGID
         a = await self._call("mkdir", self.fs.mkdir, parent, name, mode, uid, gid,
                              changes=True)
-        return self._looked_up(self._entry(a))
+        return await self._looked_up(self._entry(a))
 
     async def symlink(self, parent_inode, name, target, ctx):
         parent = self._disk(parent_inode)
         uid, gid, _ = await self._new_owner(parent, ctx)
         a = await self._call("symlink", self.fs.symlink, parent, name, target, uid, gid,
                              changes=True)
-        return self._looked_up(self._entry(a))
+        return await self._looked_up(self._entry(a))
 
     async def readlink(self, inode, ctx):
         return await self._call("readlink", self.fs.readlink, self._disk(inode))
@@ -252,7 +262,7 @@ class ReplfsOperations(fuse.LocalLocks, fuse.Operations):
     async def link(self, inode, new_parent_inode, new_name, ctx):
         a = await self._call("link", self.fs.link, self._disk(inode),
                              self._disk(new_parent_inode), new_name, changes=True)
-        return self._looked_up(self._entry(a))
+        return await self._looked_up(self._entry(a))
 
     async def unlink(self, parent_inode, name, ctx):
         await self._call("unlink", self.fs.unlink, self._disk(parent_inode), name,
@@ -332,7 +342,7 @@ class ReplfsOperations(fuse.LocalLocks, fuse.Operations):
         fh, a = await self._call("create", self.fs.create, parent, name, mode,
                                  flags & ~(os.O_DIRECT | os.O_CREAT | os.O_EXCL | os.O_TRUNC),
                                  uid, gid, changes=True)
-        return self._file_info(fh, flags), self._looked_up(self._entry(a))
+        return self._file_info(fh, flags), await self._looked_up(self._entry(a))
 
     async def read(self, fh, off, size):
         return await self._call("read", self.fs.read, fh, off, size)
@@ -410,7 +420,8 @@ class ReplfsOperations(fuse.LocalLocks, fuse.Operations):
                 entry = self._entry(a)
                 if not fuse.readdir_reply(token, name, entry, key):
                     return
-                self._looked_up(entry)
+                if token.plus:          # (only READDIRPLUS entries are references)
+                    await self._looked_up(entry)
                 cookie = key
             if len(batch) < _READDIR_BATCH:
                 return
@@ -457,3 +468,12 @@ class ReplfsOperations(fuse.LocalLocks, fuse.Operations):
         # Only called without default_permissions; the core keeps no ACLs.
         await self._call("access", self.fs.getattr, self._disk(inode))
         return True
+
+
+class SharedReplfsOperations(ReplfsOperations):
+    """A mount of a volume both nodes mount.  No READDIRPLUS: with entry
+    and attribute timeouts of 0 the attributes it carries would expire at
+    once, and each entry would be a lookup reference that pins the open
+    lock of every inode listed (a DLM request per entry)."""
+
+    enable_readdirplus = False

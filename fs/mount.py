@@ -43,7 +43,7 @@ from replfs import fuse
 
 from . import format as F
 from .core import Filesystem, read_superblock
-from .fuseops import ReplfsOperations
+from .fuseops import ReplfsOperations, SharedReplfsOperations
 
 PROG = "replfs"
 EXIT_OK = 0
@@ -623,8 +623,9 @@ async def serve(src: Source, mountpoint: str, o: Options, ready, *, dev=None,
             apply_atime(fs, o)
             timeout = o.timeout if o.timeout is not None else (
                 120.0 if src.kind == "resource" else 0)
-            ops = ReplfsOperations(fs, readonly=o.readonly, op_timeout=timeout or None,
-                                   lock_service=lock_service, shared=cluster is not None)
+            ops_class = ReplfsOperations if cluster is None else SharedReplfsOperations
+            ops = ops_class(fs, readonly=o.readonly, op_timeout=timeout or None,
+                            lock_service=lock_service, shared=cluster is not None)
             session = fuse.Session(ops, mountpoint, subtype="replfs",
                                    fsname=o.fsname or src.name, options=fuse_options(src, o))
             ops.session = session
