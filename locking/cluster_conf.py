@@ -142,13 +142,29 @@ def _lex(text: str, filename: str) -> list[_Stanza]:
     return stanzas
 
 
+def _decimal(text: str) -> int | None:
+    """The value of ``text`` if it is an ASCII decimal number of at most
+    18 digits (leading zeros aside), else None.  str.isdigit() alone also
+    takes digits int() refuses ('²') and numbers of more than 4300
+    digits, which int() refuses too."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    text = text.lstrip("0") or "0"
+    return int(text) if len(text) <= 18 else None
+
+
+def _show(value: str) -> str:
+    """``value`` for a message: repr, cut short."""
+    return repr(value if len(value) <= 40 else value[:40] + "...")
+
+
 def _number(filename: str, st: _Stanza, key: str, lo: int, hi: int) -> int:
     value, line = st.values[key]
-    if not value.isdigit():
-        raise _fail(filename, line, f"{key} must be a decimal number, got {value!r}")
-    n = int(value)
-    if not lo <= n <= hi:
-        raise _fail(filename, line, f"{key} {n} out of range {lo}..{hi}")
+    if not (value.isascii() and value.isdigit()):
+        raise _fail(filename, line, f"{key} must be a decimal number, got {_show(value)}")
+    n = _decimal(value)
+    if n is None or not lo <= n <= hi:
+        raise _fail(filename, line, f"{key} {_show(value)[1:-1]} out of range {lo}..{hi}")
     return n
 
 
@@ -316,6 +332,10 @@ _TIMEOUT_VARS = {
 }
 
 
+# o2cb keeps the timeouts in unsigned 32-bit configfs attributes.
+_TIMEOUT_MAX = (1 << 32) - 1
+
+
 def parse_timeouts(text: str, filename: str = "<o2cb>") -> Timeouts:
     """Read ``KEY=value`` lines; unset or empty variables keep the default."""
     found: dict[str, int] = {}
@@ -337,9 +357,11 @@ def parse_timeouts(text: str, filename: str = "<o2cb>") -> Timeouts:
             value = value[1:-1]
         if value == "":
             continue
-        if not value.isdigit() or int(value) == 0:
-            raise _fail(filename, lineno, f"{key} must be a positive whole number, got {value!r}")
-        found[_TIMEOUT_VARS[key]] = int(value)
+        n = _decimal(value)
+        if n is None or not 0 < n <= _TIMEOUT_MAX:
+            raise _fail(filename, lineno, f"{key} must be a whole number from 1 to "
+                                          f"{_TIMEOUT_MAX}, got {_show(value)}")
+        found[_TIMEOUT_VARS[key]] = n
         lines[_TIMEOUT_VARS[key]] = lineno
     t = Timeouts(**found)
     if t.heartbeat_threshold < 2:

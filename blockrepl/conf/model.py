@@ -64,14 +64,23 @@ class Host:
     where: Location | None = field(default=None, compare=False)
 
 
+def _int(text: str) -> int:
+    """A whole number post-parse checked: at most 18 digits, but any
+    number of leading zeros (which int() would count against its limit
+    of 4300 digits)."""
+    return int(text.lstrip("0") or "0")
+
+
 def _size(text: str | None, default: int) -> int:
-    """Parse DRBD sizes: plain numbers are KiB for rates; suffix k/M/G."""
+    """Parse DRBD sizes: plain numbers are KiB for rates; suffix k/M/G.
+    (Post-parse let only digits with an optional suffix through: whole
+    numbers, exactly -- a float of a long number is infinite.)"""
     if text is None:
         return default
     units = {"k": 1, "K": 1, "m": 1024, "M": 1024, "g": 1024 ** 2, "G": 1024 ** 2}
     if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
+        return _int(text[:-1]) * units[text[-1]]
+    return _int(text)
 
 
 @dataclass(frozen=True)
@@ -130,7 +139,8 @@ class Resource:
 
     @property
     def al_extents(self) -> int:
-        return int(self.disk.get("al-extents", self.syncer.get("al-extents", "1237")) or 1237)
+        value = self.disk.get("al-extents", self.syncer.get("al-extents", "1237"))
+        return _int(value) if value else 1237
 
     @property
     def after_sb_0pri(self) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 from dataclasses import dataclass, field
 
 from replfs.errors import EXIT_SYNTAX, ReplfsError
@@ -36,6 +37,11 @@ from .model import Location
 
 HOST_KEYWORDS = ("device", "disk", "address", "meta-disk", "flexible-meta-disk", "node-id")
 MAX_INCLUDE_DEPTH = 32
+# Bounds on what one configuration may read: files included in all (a
+# file that includes itself through a pattern matching two files would
+# otherwise be read 2**MAX_INCLUDE_DEPTH times) and bytes per file.
+MAX_INCLUDED_FILES = 1000
+MAX_CONFIG_BYTES = 16 << 20
 
 
 @dataclass
@@ -85,6 +91,7 @@ class RawConfig:
     common_where: Location | None = None
     common: dict[str, RawSection] = field(default_factory=dict)
     resources: list[RawResource] = field(default_factory=list)
+    files: int = field(default=0, compare=False, repr=False)   # included so far
 
 
 def parse_text(text: str, path: str = "<string>") -> RawConfig:
@@ -100,16 +107,41 @@ def parse_file(path: str) -> RawConfig:
 
 
 def _parse_file_into(path: str, raw: RawConfig, depth: int, where: Location | None) -> None:
+    prefix = f"{where}: " if where else ""
+    if where is not None:
+        # An include pattern may match anything (include "/dev/*";): a
+        # FIFO would block the reader for ever and a device could feed it
+        # without end, so included files must be regular files (a
+        # directory fails to open below, with its own message).
+        raw.files += 1
+        if raw.files > MAX_INCLUDED_FILES:
+            raise syntax_error(where, f"more than {MAX_INCLUDED_FILES} files included "
+                                      f"(does a file include itself?)")
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            mode = stat.S_IFREG         # reported by open() below
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise ReplfsError(f"{prefix}included file '{path}' is not a regular file",
+                              EXIT_SYNTAX)
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
-        prefix = f"{where}: " if where else ""
         raise ReplfsError(f"{prefix}cannot read config file '{path}': {e.strerror}",
                           EXIT_SYNTAX) from e
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ReplfsError(f"{prefix}config file '{path}' is larger than "
+                          f"{MAX_CONFIG_BYTES >> 20} MiB", EXIT_SYNTAX)
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        prefix = f"{where}: " if where else ""
-        raise ReplfsError(f"{prefix}config file '{path}' is not UTF-8 text", EXIT_SYNTAX) from e
+        line = data.count(b"\n", 0, e.start) + 1
+        also = f" (included at {where})" if where else ""
+        raise ReplfsError(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}){also}",
+                          EXIT_SYNTAX) from None
+    # as reading in text mode did: universal newlines
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     _Parser(tokenize(text, path), path, raw, depth).file()
 
 

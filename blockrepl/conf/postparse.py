@@ -25,6 +25,17 @@ _META_JOINED = re.compile(r"(.+)\[(\d+)\]")
 _SIZE = re.compile(r"\d+[kKmMgG]?")
 _INT = re.compile(r"\d+")
 MAX_NODE_ID = 31
+MAX_DIGITS = 18
+
+
+def _whole(text: str) -> int | None:
+    """``text`` as a whole number, or None if it is not one or has more
+    than MAX_DIGITS digits (leading zeros aside): int() refuses numbers
+    of more than 4300 digits, and no value here needs more than 18."""
+    if not _INT.fullmatch(text):
+        return None
+    digits = text.lstrip("0") or "0"
+    return int(digits) if len(digits) <= MAX_DIGITS else None
 
 
 def config_error(where: Location | None, what: str) -> ReplfsError:
@@ -33,11 +44,10 @@ def config_error(where: Location | None, what: str) -> ReplfsError:
 
 
 def postparse(raw: RawConfig) -> Config:
-    warnings: list[str] = []
+    warnings: dict[str, None] = {}      # in order, each once
 
     def warn(text: str) -> None:
-        if text not in warnings:
-            warnings.append(text)
+        warnings.setdefault(text)
 
     global_ = Section()
     if raw.global_ is not None:
@@ -104,9 +114,13 @@ def _check_value(section: str, name: str, value: str, where: Location) -> None:
     elif name in opts.INTEGER.get(section, ()):
         if not _INT.fullmatch(value):
             raise bad("a whole number")
+        if _whole(value) is None:
+            raise bad(f"a whole number of at most {MAX_DIGITS} digits")
     elif name in opts.SIZE.get(section, ()):
         if not _SIZE.fullmatch(value):
             raise bad("a number of KiB, optionally with suffix k, M or G")
+        if _whole(value.rstrip("kKmMgG")) is None:
+            raise bad(f"a number of at most {MAX_DIGITS} digits")
     elif name in ("verify-alg", "shared-secret"):
         if not value:
             raise bad("a value")
@@ -221,16 +235,18 @@ def _device(st: RawStatement) -> tuple[str, int]:
                                      f"'device /dev/drbdN', 'device PATH minor N' or "
                                      f"'device minor N')")
     if minor_text is not None:
-        if not _INT.fullmatch(minor_text):
-            raise config_error(st.where, f"minor '{minor_text}' is not a whole number")
-        minor = int(minor_text)
+        minor = _whole(minor_text)
+        if minor is None:
+            raise config_error(st.where, f"minor '{minor_text}' is not a whole number of at "
+                                         f"most {MAX_DIGITS} digits")
         return (path if path is not None else f"/dev/drbd{minor}"), minor
     assert path is not None
     match = _DRBD_DEVICE.fullmatch(path)
-    if not match:
+    minor = _whole(match.group(1)) if match else None
+    if minor is None:
         raise config_error(st.where, f"cannot derive the minor number from device '{path}'; "
                                      f"write 'device {path} minor N;'")
-    return path, int(match.group(1))
+    return path, minor
 
 
 def _address(st: RawStatement) -> tuple[str, int]:
@@ -268,10 +284,11 @@ def _address(st: RawStatement) -> tuple[str, int]:
         raise config_error(st.where, f"invalid {'IPv6' if kind == 'ipv6' else 'IPv4'} address "
                                      f"'{host}' (replfs needs a literal IP address, not a "
                                      f"host name)") from None
-    if not _INT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
+    port = _whole(port_text)
+    if port is None or not 1 <= port <= 65535:
         raise config_error(st.where, f"bad port '{port_text}' in address '{text}' "
                                      f"(must be 1-65535)")
-    return str(ip), int(port_text)
+    return str(ip), port
 
 
 def _meta_disk(st: RawStatement) -> MetaDisk:
@@ -289,16 +306,19 @@ def _meta_disk(st: RawStatement) -> MetaDisk:
                                      f"(expected 'internal', 'PATH' or 'PATH [INDEX]')")
     if path == "internal":
         raise config_error(st.where, "'meta-disk internal' takes no index")
-    return MetaDisk(internal=False, path=path,
-                    index=int(index_text) if index_text is not None else None)
+    index = _whole(index_text) if index_text is not None else None
+    if index_text is not None and index is None:
+        raise config_error(st.where, f"meta-disk index '{index_text}' is not a whole number "
+                                     f"of at most {MAX_DIGITS} digits")
+    return MetaDisk(internal=False, path=path, index=index)
 
 
 def _node_id(st: RawStatement) -> int:
-    if len(st.words) != 1 or not _INT.fullmatch(st.words[0]) \
-            or int(st.words[0]) > MAX_NODE_ID:
+    node_id = _whole(st.words[0]) if len(st.words) == 1 else None
+    if node_id is None or node_id > MAX_NODE_ID:
         raise config_error(st.where, f"node-id must be a number from 0 to {MAX_NODE_ID}, "
                                      f"got '{' '.join(st.words)}'")
-    return int(st.words[0])
+    return node_id
 
 
 def _endpoint(host: Host) -> str:
