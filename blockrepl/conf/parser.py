@@ -381,6 +381,9 @@ class _Parser:
         if self.depth >= MAX_INCLUDE_DEPTH:
             raise syntax_error(start.where, f"includes nested deeper than {MAX_INCLUDE_DEPTH} "
                                             f"levels (does a file include itself?)")
+        if "\0" in pattern.text:
+            # no file name has one (and os functions raise ValueError)
+            raise syntax_error(pattern.where, "a NUL character in the name of an included file")
         base = os.path.dirname(self.path) if self.path != "<string>" else ""
         full = os.path.join(base, pattern.text)
         if glob.has_magic(full):
