@@ -989,28 +989,40 @@ class Filesystem:
 
     async def downconvert(self, res: Res, old: Mode, new: Mode) -> None:
         """Called by the lock manager before it gives up ``res`` from mode
-        ``old`` to ``new`` for another node.  A lock held EX may cover
-        changes: commit them and write them home (a checkpoint, as OCFS2
-        does: images left in this slot's log would be replayed over the
-        other node's newer blocks if this slot were ever recovered).  A
-        lock going to NL: forget what it covered.  Runs outside every
-        operation and takes no lock; the commit waits only for operations
-        already in the transaction, which wait for no lock."""
+        ``old`` to ``new`` for another node.
+
+        * A lock held EX may cover changes: commit them, so their home
+          blocks are written before another node reads them.
+        * A lock going to NL (another node wants to change what it covers):
+          retire this slot's log first (a checkpoint, as OCFS2 does):
+          images left in it would be replayed over the other node's newer
+          blocks if this slot were ever recovered.  Going from EX to PR the
+          other node only reads, so the log may stay: a ping-pong of one
+          writer and one reader never checkpoints (it is retired at the
+          next hand-over to NL, or by the journal filling up).
+        * Going to NL: forget what the lock covered.
+
+        Runs outside every operation and takes no lock; the commit waits
+        only for operations already in the transaction, which wait for no
+        lock."""
         token = _current_op.set(None)
         try:
-            if old == EX and self.failed is not None:
-                # what was changed under the lock never reached the disk:
-                # the other node must wait until this one is fenced and its
-                # journal recovered (LockCache keeps the lock)
+            if self.failed is not None and (old == EX or (new == NL and self.journal.head != 1)):
+                # what was changed under the lock never reached the disk,
+                # or the log still holds images: the other node must wait
+                # until this one is fenced and its journal recovered
+                # (LockCache keeps the lock)
                 raise FilesystemFailed(errno.EIO, f"filesystem failed: {self.failed}")
             if new == NL and res[0] == "inode" and self.kernel_hook is not None:
                 # first, while the lock still covers them: mmap pages the
                 # kernel writes back on invalidation reach the disk now
                 await self.kernel_hook(res[1])
-            if old == EX and self.mounted and not self.readonly:
-                await self._commit()
-                async with self._commit_lock:
-                    await self.journal.checkpoint()
+            if self.mounted and not self.readonly:
+                if old == EX:
+                    await self._commit()
+                if new == NL:
+                    async with self._commit_lock:
+                        await self.journal.checkpoint()
             if new == NL:
                 self._forget(res)
         finally:

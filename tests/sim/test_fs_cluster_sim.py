@@ -499,6 +499,80 @@ async def test_mutant_mount_ignores_dead_slots(tmp_path, autojump_clock, monkeyp
         await run_dead_while_alone(tmp_path, 1)
 
 
+async def run_handover_then_death(tmp_path, seed: int = 1) -> None:
+    """Node 1 changes a file (EX); node 0 reads it (node 1 goes EX -> PR:
+    its log may keep the images); node 0 changes it (node 1 goes PR -> NL:
+    its log must be retired first); node 1 dies; node 0 recovers node 1's
+    slot.  Node 0's change must survive the replay of node 1's log."""
+    path = make_image(tmp_path / f"handover{seed}.img", 64 << 20)
+    await format_image(path, slots=2)
+    with open(path, "rb") as f:
+        disk = SharedDisk(f.read())
+    c = Cluster(disk, seed)
+    async with trio.open_nursery() as nursery:
+        cut = set()
+        doms = await dlm_pair(nursery, seed, cut)
+        try:
+            with trio.fail_after(3600):
+                await c.mount(nursery, doms)
+                a, b = c.fss
+                fh, at = await b.create(b.root_ino, "f")
+                await b.write(fh, 0, b"node 1 wrote this")
+                await b.release(fh)
+                await b.fsync()
+                fa = await a.lookup(a.root_ino, "f")
+                fh = await a.open(fa.ino)
+                assert await a.read(fh, 0, 100) == b"node 1 wrote this"
+                await a.release(fh)
+                fh = await a.open(fa.ino, C.os.O_RDWR)
+                await a.write(fh, 0, b"NODE 0 REWROTE IT, LONGER")
+                await a.release(fh)
+                await a.fsync()
+                b.dev.dead = True
+                cut.add(1)
+                await doms[1].fence("node died")
+                a.node_dead(1)
+                await doms[0].node_down(1)
+                await a.recover_node(1)
+                fh = await a.open(fa.ino)
+                got = await a.read(fh, 0, 100)
+                await a.release(fh)
+                assert got == b"NODE 0 REWROTE IT, LONGER", got
+                await a.unmount()
+        finally:
+            await cut_off(c, doms)
+        nursery.cancel_scope.cancel()
+    problems = await check_volume(disk)
+    assert not problems, problems
+
+
+async def test_handover_then_death_keeps_the_survivors_change(tmp_path, autojump_clock):
+    await run_handover_then_death(tmp_path)
+
+
+async def test_mutant_log_kept_past_a_handover_to_nl(tmp_path, autojump_clock, monkeypatch):
+    """A node that retires its log only when it gives up EX (not when it
+    gives up a PR it got by going EX -> PR) lets its recovered log undo the
+    other node's change."""
+    async def retire_only_from_ex(self, res, old, new):
+        token = C._current_op.set(None)
+        try:
+            if old == C.EX and self.mounted and not self.readonly:
+                await self._commit()
+                if new == C.NL:
+                    async with self._commit_lock:
+                        await self.journal.checkpoint()
+            if new == C.NL:
+                self._forget(res)
+        finally:
+            C._current_op.reset(token)
+    monkeypatch.setattr(Filesystem, "downconvert", retire_only_from_ex)
+    with pytest.raises(BaseExceptionGroup) as caught:
+        await run_handover_then_death(tmp_path)
+    # node 1's replayed inode image undid node 0's longer write
+    assert caught.group_contains(AssertionError, match="NODE 0 REWROTE IT")
+
+
 # ------------------------------------------------------------ the open lock
 
 async def run_unlink_while_open(tmp_path, seed: int, files: int = 6) -> None:
