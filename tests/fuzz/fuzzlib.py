@@ -49,7 +49,6 @@ import os
 import random
 import signal
 import struct
-import sys
 import time
 import tracemalloc
 from dataclasses import dataclass
@@ -119,6 +118,17 @@ def peak_alloc(fn, *args):
         if not was_tracing:
             tracemalloc.stop()
     return result, peak
+
+
+def assert_linear(feed: Callable[[int], float], n: int, k: int = 16) -> None:
+    """``feed(m)`` decodes an input of size m and returns the seconds it
+    took: k times the input must take about k times as long (3k allowed;
+    a decoder quadratic in the input, e.g. one copying what is left of its
+    buffer per frame, takes k*k times as long)."""
+    small = min(feed(n) for _ in range(3))
+    big = min(feed(k * n) for _ in range(2))
+    assert big < 3 * k * small + 0.05, (
+        f"{big:.3f} s for {k} times the input that took {small:.4f} s")
 
 
 def expect(errors: tuple[type[BaseException], ...], fn, *args):
@@ -247,12 +257,6 @@ def split(src, raw: bytes, max_pieces: int = 12) -> list[bytes]:
         out.append(raw[prev:c])
         prev = c
     return out if src.boolean() else [c for c in out if c]
-
-
-@st.composite
-def mutated(draw, base: st.SearchStrategy[bytes], max_mutations: int = 4) -> bytes:
-    """A hypothesis strategy: bytes from ``base``, mutated."""
-    return mutate(HypothesisSource(draw), draw(base), max_mutations)
 
 
 @st.composite

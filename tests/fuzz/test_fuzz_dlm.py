@@ -8,6 +8,8 @@ back to the same bytes.
 """
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import example, given, strategies as st
 
@@ -181,3 +183,23 @@ def test_length_claims_allocate_only_what_arrived(n, body):
     with F.time_limit():
         _, peak = F.peak_alloc(lambda: F.expect(ERR, M.FrameDecoder().feed, data))
     assert peak <= 6 * len(data) + 64 * 1024, f"{peak} bytes for {len(data)} received"
+
+
+def test_many_frames_and_tiny_pieces_take_linear_time():
+    def many(n):
+        raw = M.encode(M.RecoveryDone(1)) * n
+        t0 = time.perf_counter()
+        assert len(M.FrameDecoder().feed(raw)) == n
+        return time.perf_counter() - t0
+
+    def tiny(n):
+        raw = M.encode(M.LockRequest(1, "r" * (n // 16), 2, Mode.EX)) * 16
+        dec = M.FrameDecoder()
+        t0 = time.perf_counter()
+        got = []
+        for i in range(0, len(raw), 2):
+            got += dec.feed(raw[i:i + 2])
+        assert len(got) == 16
+        return time.perf_counter() - t0
+    F.assert_linear(many, 4000)
+    F.assert_linear(tiny, 1000, k=8)

@@ -8,6 +8,8 @@ handler catches to drop the connection.
 """
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import example, given, strategies as st
 
@@ -191,3 +193,23 @@ def test_length_claims_allocate_only_what_arrived(ftype, length, body):
     with F.time_limit():
         _, peak = F.peak_alloc(lambda: F.expect(ERR, N.FrameDecoder().feed, data))
     assert peak <= 6 * len(data) + 64 * 1024, f"{peak} bytes for {len(data)} received"
+
+
+def test_many_frames_and_tiny_pieces_take_linear_time():
+    def many(n):
+        raw = N.frame(N.PING) * n
+        t0 = time.perf_counter()
+        assert len(N.FrameDecoder().feed(raw)) == n
+        return time.perf_counter() - t0
+
+    def tiny(n):
+        raw = N.frame(N.MSG, b"x" * n)
+        dec = N.FrameDecoder()
+        t0 = time.perf_counter()
+        got = []
+        for i in range(0, len(raw), 2):
+            got += dec.feed(raw[i:i + 2])
+        assert len(got) == 1
+        return time.perf_counter() - t0
+    F.assert_linear(many, 4000)
+    F.assert_linear(tiny, 8000)

@@ -7,6 +7,7 @@ it).  ``Hello.split_names`` parses the peer's names and raises the same.
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from hypothesis import example, given, strategies as st
@@ -160,3 +161,28 @@ def test_length_claims_allocate_only_what_arrived(cls, length, body):
     with F.time_limit():
         _, peak = F.peak_alloc(run)
     assert peak <= 6 * len(data) + 64 * 1024, f"{peak} bytes for {len(data)} received"
+
+
+def test_many_packets_and_tiny_pieces_take_linear_time():
+    def many(n):
+        raw = P.encode(P.Ping(1)) * n
+        dec = P.Decoder()
+        t0 = time.perf_counter()
+        dec.receive_data(raw)
+        got = 0
+        while dec.next_packet() is not None:
+            got += 1
+        assert got == n
+        return time.perf_counter() - t0
+
+    def tiny(n):
+        raw = P.encode(P.Data(1, 1, 0, b"x" * n))
+        dec = P.Decoder()
+        t0 = time.perf_counter()
+        for i in range(0, len(raw), 2):
+            dec.receive_data(raw[i:i + 2])
+            pkt = dec.next_packet()
+        assert pkt is not None
+        return time.perf_counter() - t0
+    F.assert_linear(many, 4000)
+    F.assert_linear(tiny, 8000)
