@@ -32,7 +32,7 @@ The mutations are written once against a ``Source`` of choices:
 * ``Fuzzer.run``: hypothesis draws the valid value and a seed, and
   ``BATCH`` inputs are mutated from it with ``random.Random`` (a
   hypothesis example costs more than ten decodes, and one hypothesis run
-  keeps every choice it made: at a million inputs that is gigabytes).
+  keeps every choice it made: about a gigabyte at a million inputs).
   Runs of ``CHUNK`` inputs each get their own hypothesis seed; a failure
   names the failing input itself and the seed.  REPLFS_FUZZ_SEED fixes
   the seeds (default: random, printed with the inputs/s).
