@@ -137,6 +137,11 @@ async def read_superblock(dev) -> F.Superblock:
             except F.FormatError:
                 continue
             if sb.block_size == bs:
+                # a damaged geometry would fail anywhere later (fuzzing)
+                why = F.superblock_problem(sb, dev.size)
+                if why is not None:
+                    raise OSError(errno.EUCLEAN, f"the superblock is damaged ({why}); "
+                                  "run fsck.replfs")
                 return sb
     raise OSError(errno.EINVAL, "no replfs superblock found (not formatted with mkfs.replfs?)")
 
@@ -1349,6 +1354,9 @@ class Filesystem:
             inode = await self._inode(ino)
             if not stat.S_ISLNK(inode.mode):
                 raise OSError(errno.EINVAL, "not a symbolic link")
+            if inode.size > MAX_SYMLINK:
+                # corrupt: the read would allocate the whole claimed size
+                raise OSError(errno.EIO, f"symbolic link {ino} of {inode.size} bytes")
             target = await self._read_data(inode, 0, inode.size)
         await self._touch_atime(ino)
         return target
@@ -1509,6 +1517,9 @@ class Filesystem:
             de = await self.dirs.lookup(nd, new_name)
             if nd.nlink == 0:
                 raise OSError(errno.ENOENT, "directory was removed")
+            if flags & RENAME_EXCHANGE and de is None:
+                # (Linux's order: a missing target before the loop check)
+                raise OSError(errno.ENOENT, "no such file or directory")
             # Moving a directory under itself is refused before its lock
             # is taken: the rename holds the new parent, and a descendant
             # is locked after its ancestors everywhere else.
@@ -1642,7 +1653,7 @@ class Filesystem:
                     if F.signature_of(blk) != F.SIG_INODE:
                         continue        # stale number; lookup will say ESTALE
                     try:
-                        obj = F.Inode.decode(blk, self.sb.volid, i)
+                        obj = self.cache.decode("inode", blk, i)
                     except F.FormatError:
                         continue        # reported when the inode is really used
                     self.cache._insert(i, obj, i)
@@ -1785,7 +1796,9 @@ class Filesystem:
 
     async def open(self, ino: int, flags: int = os.O_RDONLY) -> int:
         reading = flags & os.O_ACCMODE == os.O_RDONLY and not flags & os.O_TRUNC
-        async with self._op(reading=reading), self._locked(ino):
+        # a read-only open changes nothing: PR (the open lock it pins needs
+        # only that a node freeing the inode holds the inode's lock EX)
+        async with self._op(reading=reading), self._locked(ino, shared=reading):
             inode = await self._inode(ino)
             acc = flags & os.O_ACCMODE
             if inode.is_dir and acc != os.O_RDONLY:

@@ -11,7 +11,7 @@ import random
 
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from replfs.blockdev import FileBlockDevice
@@ -308,6 +308,10 @@ def _run(tmp_path_factory, ops):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(ops=st.lists(op_strategy, min_size=1, max_size=60))
+# RENAME_EXCHANGE of a directory with a missing name inside itself: ENOENT
+# (the missing target) before EINVAL (the loop), as Linux orders them
+@example(ops=[("create", 0, 0, 0, 0, 0), ("mkdir", 1, 0, 0, 0, 0),
+              ("rename", 1, 20, 0, 0, 3)])
 def test_model_random_sequences(tmp_path_factory, ops):
     _run(tmp_path_factory, ops)
 
