@@ -10,16 +10,22 @@ import dataclasses
 import os
 import sys
 
-from replfs.errors import EXIT_CONFIG, EXIT_USAGE, ReplfsError
+from replfs.errors import EXIT_CONFIG, EXIT_EXEC, EXIT_STATE, EXIT_USAGE, ReplfsError
 from replfs.ipc.client import SyncClient, rundir_from_env, socket_path
 from replfs.locking import cluster_conf as cc
 
 ALT_PATH = "/etc/ocfs2/cluster.conf"
 
 VERBS = [
-    ("load", "", "check that this replfsd hosts the cluster stack"),
+    ("load", "", "start this node's replfsd if needed; check it hosts the cluster stack"),
     ("online", "CLUSTER", "bring the cluster online on this node (o2net + DLM)"),
     ("offline", "CLUSTER", "take the cluster offline on this node"),
+    ("force-offline", "[CLUSTER]", "offline even while locks are held (holders lose them)"),
+    ("online-status", "[CLUSTER]", "exit 0 if the cluster is online here, 1 if not"),
+    ("start", "[CLUSTER]", "load, then online (o2cb start)"),
+    ("stop", "[CLUSTER]", "offline if online, then unload (o2cb stop)"),
+    ("restart", "[CLUSTER]", "stop, then start"),
+    ("unload", "", "refused while the cluster is online"),
     ("status", "", "show whether the cluster is online, this node, connected peers"),
     ("list-nodes", "", "list the cluster's nodes and whether each is up (from cluster.conf when offline)"),
     ("add-node", "NAME NUMBER IP PORT [CLUSTER]", "add a node stanza to cluster.conf"),
@@ -45,12 +51,13 @@ def usage() -> str:
 
 
 def _parse(argv: list[str]):
-    g = {"node": None, "rundir": None, "conf": None, "help": False, "heartbeat": None}
+    g = {"node": None, "rundir": None, "conf": None, "help": False, "heartbeat": None,
+         "config": None}
     pos: list[str] = []
     i = 0
     takes = {"--node": "node", "--rundir": "rundir", "-C": "conf", "--conf": "conf",
              "-H": "heartbeat", "--heartbeat": "heartbeat",
-             "-c": None, "--config": None}
+             "-c": "config", "--config": "config"}
     while i < len(argv):
         a = argv[i]
         key = a.split("=", 1)[0]
@@ -117,9 +124,101 @@ def _nargs(args, lo, hi, what):
         raise ReplfsError(f"USAGE: replfsadm cluster {what}", EXIT_USAGE)
 
 
+def _ensure_daemon(g) -> None:
+    """Start this node's replfsd if none answers (o2cb's load brings the
+    stack up; here the stack lives in replfsd)."""
+    import subprocess
+    import time
+    from replfs.daemon.main import node_name
+    from replfs.ipc.client import DaemonNotRunning
+    rundir = rundir_from_env(g["rundir"])
+    try:
+        with SyncClient(socket_path(rundir), timeout=5) as c:
+            c.call("ping")
+        return
+    except DaemonNotRunning:
+        pass
+    cmd = [sys.executable, "-m", "replfs.daemon.main", "--node", node_name(g["node"]),
+           "--rundir", rundir]
+    if g["config"]:
+        cmd += ["-c", os.path.abspath(g["config"])]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ReplfsError(f"could not start replfsd: {proc.stderr.strip()}", EXIT_EXEC)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            with SyncClient(socket_path(rundir), timeout=5) as c:
+                c.call("ping")
+            return
+        except (DaemonNotRunning, OSError):
+            time.sleep(0.05)
+    raise ReplfsError(f"replfsd did not come up (see {rundir}/replfsd.log)", EXIT_EXEC)
+
+
 def cmd_load(g, args, out):
+    _ensure_daemon(g)
     _call(g, "cluster-load")
     out("Loading replfs cluster stack: OK")
+
+
+def _cluster_arg(g, args, what: str) -> str:
+    _nargs(args, 0, 1, f"{what} [CLUSTER]")
+    if args:
+        return args[0]
+    conf = cc.load(_conf_path(g))
+    if len(conf.clusters) == 1:
+        return conf.clusters[0].name
+    raise ReplfsError(f"USAGE: replfsadm cluster {what} CLUSTER", EXIT_USAGE)
+
+
+def cmd_start(g, args, out):
+    """o2cb start: load, then bring the cluster online."""
+    cluster = _cluster_arg(g, args, "start")
+    cmd_load(g, [], out)
+    return cmd_online(g, [cluster], out)
+
+
+def cmd_stop(g, args, out):
+    """o2cb stop: take the cluster offline (if it is), then unload."""
+    st = _online_status(g)
+    if st is not None and st.get("online"):
+        cmd_offline(g, args, out)
+    return cmd_unload(g, [], out)
+
+
+def cmd_restart(g, args, out):
+    cluster = _cluster_arg(g, args, "restart")
+    cmd_stop(g, [cluster], out)
+    return cmd_start(g, [cluster], out)
+
+
+def cmd_online_status(g, args, out):
+    """Exit 0 if the cluster is online on this node, 1 if not."""
+    st = _online_status(g)
+    if st is not None and st.get("online") and (not args or st["cluster"] == args[0]):
+        out(f"Cluster {st['cluster']} online")
+        return 0
+    out(f"Cluster {args[0] if args else ''} offline".replace("  ", " "))
+    return 1
+
+
+def cmd_force_offline(g, args, out):
+    """Offline even while lock domains hold locks (their holders lose them)."""
+    _nargs(args, 0, 1, "force-offline [CLUSTER]")
+    reply = _call(g, "cluster-offline", force=True, **({"cluster": args[0]} if args else {}))
+    if reply.get("already"):
+        out("Cluster not online")
+    else:
+        out(f"Stopping O2CB cluster {reply['cluster']}: OK")
+
+
+def cmd_unload(g, args, out):
+    st = _online_status(g)
+    if st is not None and st.get("online"):
+        raise ReplfsError(f"Unable to unload the cluster stack: cluster {st['cluster']} is "
+                          f"online (replfsadm cluster offline {st['cluster']})", EXIT_STATE)
+    out("Unloading replfs cluster stack: OK")
 
 
 def cmd_online(g, args, out):
@@ -323,7 +422,9 @@ _HANDLERS = {
     "load": cmd_load, "online": cmd_online, "offline": cmd_offline, "status": cmd_status,
     "list-nodes": cmd_list_nodes, "heartbeat": cmd_heartbeat, "locks": cmd_locks,
     "add-node": cmd_add_node, "remove-node": cmd_remove_node, "dlmfs": cmd_dlmfs,
-    "check": cmd_check,
+    "check": cmd_check, "start": cmd_start, "stop": cmd_stop, "restart": cmd_restart,
+    "online-status": cmd_online_status, "force-offline": cmd_force_offline,
+    "unload": cmd_unload,
 }
 
 if __name__ == "__main__":

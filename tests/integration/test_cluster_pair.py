@@ -131,6 +131,11 @@ def test_cli_verbs(cluster, tmp_path):
     assert rc == 10 and "not configured" in err
     rc, out, _ = run_cli(*g, "status")
     assert "Heartbeat: network (o2net keepalives) only" in out and "idle 1500 ms" in out
+    import time
+    deadline = time.monotonic() + 10
+    while "Connected peers: 1" not in run_cli(*g, "status")[1]:
+        assert time.monotonic() < deadline, "beta did not connect"
+        time.sleep(0.05)
     rc, out, _ = run_cli(*g, "heartbeat")
     assert rc == 0 and "Heartbeat mode: network" in out
     assert [ln.split()[:2] for ln in out.splitlines()[2:]] == [["0", "self"], ["1", "up"]], out
@@ -148,12 +153,24 @@ def test_cli_verbs(cluster, tmp_path):
     bad.write_text("cluster:\n\tnode_count = two\n\tname = x\n")
     rc, out, err = run_cli("cluster", "-C", str(bad), "check")
     assert rc == 10 and f"{bad}:2" in err, err
+    rc, out, _ = run_cli(*g, "online-status", "tc")
+    assert rc == 1 and "offline" in out
+    rc, out, _ = run_cli(*g, "start")             # the only cluster in cluster.conf
+    assert rc == 0 and "Starting O2CB cluster tc: OK" in out, out
+    rc, out, _ = run_cli(*g, "online-status")
+    assert rc == 0 and "Cluster tc online" in out
+    rc, out, err = run_cli(*g, "unload")
+    assert rc == 11 and "online" in err
+    rc, out, _ = run_cli(*g, "stop")
+    assert rc == 0 and "Stopping O2CB cluster tc: OK" in out and "Unloading" in out, out
     rc, out, _ = run_cli(*g, "-H", str(tmp_path / "hb"), "online", "tc")
     assert rc == 0 and "Starting O2CB cluster tc: OK" in out
     rc, out, _ = run_cli(*g, "status")
     assert "Heartbeat: disk region" in out
     rc, out, _ = run_cli(*g, "heartbeat")
     assert "Heartbeat mode: disk region" in out
+    rc, out, _ = run_cli(*g, "force-offline")
+    assert rc == 0 and "Stopping O2CB cluster tc: OK" in out
     rc, out, _ = run_cli(*g, "bogus")
     assert rc == 1
     rc, out, _ = run_cli("cluster", "--help")
@@ -549,3 +566,25 @@ def test_clean_offline_of_node_0_fences_nobody(cluster):
     assert st["online"] and st["fenced"] is None, st
     assert st["connected"] == [], st
     assert "left the cluster" in beta.log()
+
+
+def test_cluster_load_starts_replfsd_if_needed(tmp_path):
+    """o2cb's load brings the stack up; here the stack lives in replfsd, so
+    `replfsadm cluster load` starts this node's replfsd when none runs."""
+    rundir = str(tmp_path / "run")
+    cdir = tmp_path / "etc"
+    cdir.mkdir()
+    (cdir / "cluster.conf").write_text(cluster_conf("tc", free_port("127.0.0.1"),
+                                                    free_port("127.0.0.2")))
+    rc, out, err = run_cli("--node", "alpha", "--rundir", rundir, "cluster", "-C",
+                           str(cdir / "cluster.conf"), "load")
+    try:
+        assert rc == 0 and "Loading replfs cluster stack: OK" in out, (out, err)
+        with SyncClient(socket_path(rundir), timeout=10) as c:
+            assert c.call("ping")[0]["ok"]
+    finally:
+        try:
+            with SyncClient(socket_path(rundir), timeout=10) as c:
+                c.call("shutdown")
+        except Exception:
+            pass
