@@ -36,6 +36,12 @@ def load_key(conf_path: str) -> bytes:
     path = os.path.join(os.path.dirname(os.path.abspath(conf_path)), "key")
     try:
         with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if mode & 0o077:
+                # as drbdadm warns of a world-readable shared-secret
+                log.warning("%s: the cluster key is readable by group or others (mode "
+                            "%04o); anyone who reads it can join the cluster: chmod 600 %s",
+                            path, mode & 0o777, path)
             return f.read().strip()
     except FileNotFoundError:
         return b""
