@@ -91,8 +91,16 @@ class Allocator:
 
     async def load(self) -> None:
         self.groups = []
-        for g in range(self.sb.group_count):
-            self.groups.append(await self.cache.get(F.group_desc_blkno(self.sb, g), "group", "bitmap"))
+        sb = self.sb
+        for g in range(sb.group_count):
+            gd = await self.cache.get(F.group_desc_blkno(sb, g), "group", "bitmap")
+            # A descriptor of another group (or size) would have the
+            # allocator mark bits past its bitmap, or write it home to
+            # the other group's block (corruption found by fuzzing).
+            if gd.group != g or gd.nbits != min(sb.cpg, sb.total_clusters - g * sb.cpg):
+                raise OSError(errno.EIO, f"group descriptor {g} is corrupt: it describes "
+                              f"group {gd.group} of {gd.nbits} clusters")
+            self.groups.append(gd)
         self.gfree = sum(g.free for g in self.groups)
         self.local = await self.cache.get(self.local_blk, "local", "local")
 

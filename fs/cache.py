@@ -45,9 +45,13 @@ def _nothing() -> None:
 
 
 class MetaCache:
-    def __init__(self, dev, sb: F.Superblock, limit: int = 20000):
+    def __init__(self, dev, sb: F.Superblock, limit: int = 20000, *, check: bool = True):
         self.dev = dev
         self.sb = sb
+        # Refuse blocks whose values the core cannot work with (see
+        # F.block_problem) as corrupt; fsck, which reads damaged blocks
+        # to repair them, turns it off.
+        self.check = check
         self.bs = sb.block_size
         self.objs: OrderedDict[int, object] = OrderedDict()
         self.owner: dict[int, object] = {}
@@ -60,6 +64,16 @@ class MetaCache:
         # images committed to the journal whose home writes are in flight
         self.homing: dict[int, bytes] = {}
         self.on_dirty = _nothing  # called on every change (the filesystem's hook)
+
+    def decode(self, kind: str, raw: bytes, blkno: int):
+        """Decode a block of ``kind`` read from disk; F.FormatError if it
+        does not decode or (``check``) holds what the core cannot use."""
+        obj = DECODERS[kind](raw, self.sb.volid, blkno)
+        if self.check:
+            why = F.block_problem(kind, obj, self.sb)
+            if why is not None:
+                raise F.FormatError(f"block {blkno}: {why}")
+        return obj
 
     def encode(self, blkno: int, obj) -> bytes:
         if isinstance(obj, F.GroupDesc):
@@ -102,7 +116,7 @@ class MetaCache:
             # deleted and its block reused (or never was an inode).
             raise OSError(errno.ESTALE, f"block {blkno} is not an inode")
         try:
-            obj = DECODERS[kind](raw, self.sb.volid, blkno)
+            obj = self.decode(kind, raw, blkno)
         except F.FormatError as e:
             raise OSError(errno.EIO, f"corrupt {kind} block: {e}") from None
         self._insert(blkno, obj, owner)

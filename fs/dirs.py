@@ -93,7 +93,13 @@ class Directories:
 
     async def _leaf(self, d: F.Inode, idx: int) -> F.DirLeaf:
         blk = await self._map_block(d, idx)
-        return await self.cache.get(blk, "dirleaf", d.ino)
+        leaf = await self.cache.get(blk, "dirleaf", d.ino)
+        if leaf.depth > d.dir_depth:
+            # corrupt: the shifts by (table depth - leaf depth) would be
+            # negative (ValueError, found by fuzzing)
+            raise OSError(errno.EIO, f"directory {d.ino}: leaf {idx} of depth {leaf.depth} "
+                          f"in a table of depth {d.dir_depth}")
+        return leaf
 
     async def _ptr(self, d: F.Inode, slot: int) -> int:
         t = await self._table(d, slot // self.tslots)

@@ -18,6 +18,7 @@ VERSION_MINOR = 1
 SB_OFFSET = 8192                 # byte offset of the primary superblock
 BACKUP_SB_OFFSETS = [1 << 30, 4 << 30, 16 << 30, 64 << 30, 256 << 30, 1 << 40]
 BLOCK_SIZES = (512, 1024, 2048, 4096, 8192)
+MAX_CLUSTER_BITS = 20            # clusters of 1 MiB at most (mkfs.replfs)
 MAX_SLOTS = 64
 MAX_NAME = 255
 
@@ -40,7 +41,9 @@ HDR_SIZE = HDR.size              # 32
 
 
 class FormatError(Exception):
-    """A block does not decode: wrong signature, checksum or location."""
+    """A block does not decode: wrong signature, checksum or location, or
+    contents no block of its kind can have (a count or length beyond
+    what the block holds, a geometry no volume has)."""
 
 
 def block_crc(buf: bytes | bytearray) -> int:
@@ -54,6 +57,11 @@ def seal(buf: bytearray, sig: bytes, volid: int, blkno: int) -> bytes:
 
 
 def unseal(buf: bytes, sig: bytes, volid: int | None, blkno: int) -> None:
+    # Every metadata block is one block long (one of BLOCK_SIZES, which
+    # all hold the largest fixed part of any block): the decoders rely on
+    # it, and a short read (the end of the device) ends up here.
+    if len(buf) not in BLOCK_SIZES:
+        raise FormatError(f"block {blkno}: {len(buf)} bytes, not a block")
     got_sig, crc, got_vol, got_blk, _ = HDR.unpack_from(buf, 0)
     if got_sig != sig:
         raise FormatError(f"block {blkno}: signature {got_sig!r}, expected {sig!r}")
@@ -207,6 +215,14 @@ class Superblock:
         (vmaj, vmin, bbits, cbits, uuid, label, tblocks, tclusters, nslots, _,
          fc, fi, fr, cpg, ngroups, root, slotmap, lf, resv, _, created) = \
             SB_BODY.unpack_from(buf, HDR_SIZE)
+        # The block size everything else is computed from (a block of
+        # 2**200 bytes would be allocated by the first encode); the rest
+        # of the geometry is superblock_problem's to judge.
+        if 1 << bbits != len(buf):
+            raise FormatError(f"block {blkno}: block size 2^{bbits} in a block of "
+                              f"{len(buf)} bytes")
+        if nslots > (len(buf) - HDR_SIZE - SB_BODY.size) // SB_SLOT.size:
+            raise FormatError(f"block {blkno}: {nslots} slots do not fit in the block")
         sb = cls(uuid=uuid, label=label.rstrip(b"\0").decode(errors="replace"),
                  block_bits=bbits, cluster_bits=cbits, total_blocks=tblocks,
                  total_clusters=tclusters, slot_count=nslots, cpg=cpg,
@@ -224,6 +240,44 @@ class Superblock:
             raw = bytes(buf[off:off + CLUSTER_NAME_LEN])
             sb.cluster_name = raw.rstrip(b"\0").decode("latin-1")
         return sb
+
+
+def superblock_problem(sb: Superblock, dev_size: int | None = None) -> str | None:
+    """Why ``sb`` cannot describe a volume (mkfs.replfs never writes such a
+    geometry), or None; ``dev_size``, when given, is the size in bytes of
+    the device the volume must fit in.  A superblock is checksummed, so
+    this is about a damaged one written back whole, or a bug: the mount
+    refuses it and fsck looks for a backup."""
+    bs = sb.block_size
+    if sb.version_major != VERSION_MAJOR:
+        return f"unknown format version {sb.version_major}.{sb.version_minor}"
+    if sb.feat_incompat & ~FEATURE_INCOMPAT_KNOWN:
+        return f"unknown incompatible features {sb.feat_incompat:#x}"
+    if not sb.block_bits <= sb.cluster_bits <= MAX_CLUSTER_BITS:
+        return f"bad cluster size 2^{sb.cluster_bits}"
+    if sb.total_clusters <= 0 or sb.total_blocks != sb.total_clusters << (sb.cluster_bits - sb.block_bits):
+        return "block and cluster counts disagree"
+    if dev_size is not None and sb.total_blocks * bs > dev_size:
+        return (f"volume of {sb.total_blocks * bs} bytes is larger than the device "
+                f"({dev_size} bytes)")
+    if not 0 < sb.cpg <= clusters_per_group(bs):
+        return f"bad clusters per group {sb.cpg}"
+    if sb.group_count != -(-sb.total_clusters // sb.cpg):
+        return f"group count {sb.group_count} does not match the volume size"
+    if not 1 <= sb.slot_count <= max_slots_for(bs) or len(sb.slots) != sb.slot_count:
+        return f"bad slot count {sb.slot_count}"
+    if not 0 < sb.reserved_clusters < sb.total_clusters:
+        return "bad reserved area"
+    for blk in [sb.root_ino, sb.slotmap_blk] + [s.localalloc_blk for s in sb.slots] + \
+            [s.orphan_ino for s in sb.slots]:
+        if not 0 < blk < sb.total_blocks:
+            return f"system block {blk} outside the volume"
+    for s in sb.slots:
+        if s.journal_blocks < 2 or s.journal_start + s.journal_blocks > sb.total_blocks:
+            return "journal outside the volume"
+    if sb.lostfound_ino >= sb.total_blocks:
+        return "lost+found outside the volume"
+    return None
 
 
 def cluster_name_offset(slot_count: int) -> int:
@@ -281,6 +335,8 @@ class GroupDesc:
     def decode(cls, buf: bytes, volid: int, blkno: int) -> "GroupDesc":
         unseal(buf, SIG_GROUP, volid, blkno)
         g, nbits, free = GROUP_HDR.unpack_from(buf, HDR_SIZE)
+        if nbits > clusters_per_group(len(buf)):
+            raise FormatError(f"block {blkno}: {nbits} bits do not fit in a group descriptor")
         return cls(g, nbits, free, bytearray(buf[GROUP_BITMAP_OFF:GROUP_BITMAP_OFF + (nbits + 7) // 8]))
 
     def test(self, bit: int) -> bool:
@@ -376,6 +432,8 @@ class Inode:
         unseal(buf, SIG_INODE, volid, blkno)
         (mode, uid, gid, nlink, flags, gen, size, clusters, at, mt, ct, rdev, xb,
          parent, ddepth, edepth, nroot, dleaves, _) = INODE_BODY.unpack_from(buf, HDR_SIZE)
+        if nroot > inode_root_capacity(len(buf)):
+            raise FormatError(f"block {blkno}: {nroot} extent records do not fit in an inode")
         root = [EXT_REC.unpack_from(buf, INODE_ROOT_OFF + i * EXT_REC.size)[:3]
                 for i in range(nroot)]
         if flags & INODE_FLAG_WIDE_TIME:
@@ -572,6 +630,8 @@ class SlotMap:
     def decode(cls, buf: bytes, volid: int, blkno: int) -> "SlotMap":
         unseal(buf, SIG_SLOTMAP, volid, blkno)
         (n,) = struct.unpack_from("<I", buf, HDR_SIZE)
+        if n > (len(buf) - HDR_SIZE - 8) // SLOT_REC.size:
+            raise FormatError(f"block {blkno}: {n} slots do not fit in the slot map")
         return cls(blkno, [SLOT_REC.unpack_from(buf, HDR_SIZE + 8 + i * SLOT_REC.size)
                            for i in range(n)])
 
@@ -608,6 +668,8 @@ class XattrBlock:
         off = HDR_SIZE + 8
         attrs = {}
         for _ in range(n):
+            if off + XATTR_ENT.size > len(buf):
+                raise FormatError(f"block {blkno}: xattrs overrun the block")
             kl, vl = XATTR_ENT.unpack_from(buf, off)
             off += XATTR_ENT.size
             k = bytes(buf[off:off + kl])
@@ -699,6 +761,57 @@ def encode_jcommit(bs: int, volid: int, blkno: int, seq: int, nblocks: int, crc:
 def decode_jcommit(buf: bytes, volid: int, blkno: int) -> tuple[int, int, int]:
     unseal(buf, SIG_JCOMMIT, volid, blkno)
     return JCOMMIT_BODY.unpack_from(buf, HDR_SIZE)
+
+
+# ---------------------------------------------------------------- sanity
+
+def block_problem(kind: str, obj, sb: Superblock) -> str | None:
+    """What in a decoded metadata block of ``kind`` (a MetaCache kind) the
+    filesystem core cannot work with on the volume of ``sb``, or None.
+
+    A block that decodes is well formed; this is about values that are
+    impossible on this volume and that the core would otherwise turn into
+    an IndexError, a shift by a negative count, or a loop over 2**32
+    clusters: extents and pointers outside the volume, tree and hash
+    depths no volume has, an allocation window or slot map that does not
+    fit the geometry.  fsck judges such blocks on its own (and repairs
+    them), so only the core asks."""
+    if kind == "inode":
+        if not obj.flags & INODE_FLAG_VALID:
+            return None                         # a tombstone: ESTALE, not EIO
+        if obj.ext_depth not in (0, 1):
+            return f"extent tree depth {obj.ext_depth}"
+        if obj.is_dir and obj.dir_depth > MAX_DIR_DEPTH:
+            return f"hash table depth {obj.dir_depth}"
+        if obj.ext_depth == 0:
+            return _extents_problem(obj.root, sb)
+        cap = extent_leaf_capacity(sb.block_size)
+        for _, blk, n in obj.root:
+            if not 0 < blk < sb.total_blocks or n > cap:
+                return f"extent leaf pointer {blk} ({n} records)"
+        return None
+    if kind == "extent":
+        return _extents_problem(obj.recs, sb)
+    if kind == "local":
+        if obj.length and obj.start + obj.length > sb.total_clusters:
+            return f"allocation window {obj.start}+{obj.length} outside the volume"
+        return None
+    if kind == "slotmap":
+        if len(obj.slots) != sb.slot_count:
+            return f"{len(obj.slots)} slots, the volume has {sb.slot_count}"
+        return None
+    if kind == "dirleaf":
+        if obj.depth > MAX_DIR_DEPTH:
+            return f"leaf depth {obj.depth}"
+        return None
+    return None
+
+
+def _extents_problem(recs, sb: Superblock) -> str | None:
+    for l, p, n in recs:
+        if n == 0 or p + n > sb.total_clusters:
+            return f"extent {l}+{n} at cluster {p} outside the volume"
+    return None
 
 
 FT_UNKNOWN, FT_REG, FT_DIR, FT_CHR, FT_BLK, FT_FIFO, FT_SOCK, FT_LNK = range(8)

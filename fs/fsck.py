@@ -64,6 +64,9 @@ _DECODE_ERRORS = (F.FormatError, struct.error, ValueError, UnicodeError, IndexEr
 _VALID_TYPES = {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK,
                 stat.S_IFIFO, stat.S_IFSOCK}
 MAX_SYMLINK = 4095
+# No extent maps past this offset (the core's limit, fs/core.py): a size
+# set to cover one could not even be stored in an inode.
+MAX_FILE_SIZE = 1 << 60
 MAX_REPORTED_RUNS = 8
 
 
@@ -469,7 +472,11 @@ class Checker:
         for blk in node.leaf_blks:
             out.append((blk >> shift, 1, "extent leaf"))
         for l, p, n in node.exts:
-            out.append((p, n, f"logical cluster {l}"))
+            # an extent reaching past the volume claims nothing: pass 1
+            # drops it (claiming up to the end of the volume left no room
+            # for repairs: found by fuzzing)
+            if 0 < n and 0 <= p and p + n <= self.sb.total_clusters:
+                out.append((p, n, f"logical cluster {l}"))
         if node.inode.xattr_blk and node.xattr_error is None:
             out.append((node.inode.xattr_blk >> shift, 1, "xattr block"))
         return out
@@ -519,7 +526,7 @@ class Checker:
     async def edit(self):
         """A private cache + the core's extent and directory code for a
         repair; dirty blocks are written home (to the overlay) at the end."""
-        cache = MetaCache(self.view, self.sb)
+        cache = MetaCache(self.view, self.sb, check=False)
         alloc = _RepairAlloc(self)
         ext = ExtentMaps(cache, alloc, self.sb)
         dirs = Directories(cache, alloc, ext, self.sb)
@@ -585,36 +592,7 @@ class Checker:
                         f"superblock found (not formatted with mkfs.replfs?)")
 
     def superblock_insane(self, sb: F.Superblock) -> str | None:
-        bs = sb.block_size
-        if sb.version_major != F.VERSION_MAJOR:
-            return f"unknown format version {sb.version_major}.{sb.version_minor}"
-        if sb.feat_incompat & ~F.FEATURE_INCOMPAT_KNOWN:
-            return f"unknown incompatible features {sb.feat_incompat:#x}"
-        if not sb.block_bits <= sb.cluster_bits <= 20:
-            return f"bad cluster size 2^{sb.cluster_bits}"
-        if sb.total_clusters <= 0 or sb.total_blocks != sb.total_clusters << (sb.cluster_bits - sb.block_bits):
-            return "block and cluster counts disagree"
-        if sb.total_blocks * bs > self.base.size:
-            return (f"volume of {sb.total_blocks * bs} bytes is larger than the device "
-                    f"({self.base.size} bytes)")
-        if not 0 < sb.cpg <= F.clusters_per_group(bs):
-            return f"bad clusters per group {sb.cpg}"
-        if sb.group_count != -(-sb.total_clusters // sb.cpg):
-            return f"group count {sb.group_count} does not match the volume size"
-        if not 1 <= sb.slot_count <= F.max_slots_for(bs) or len(sb.slots) != sb.slot_count:
-            return f"bad slot count {sb.slot_count}"
-        if not 0 < sb.reserved_clusters < sb.total_clusters:
-            return "bad reserved area"
-        for blk in [sb.root_ino, sb.slotmap_blk] + [s.localalloc_blk for s in sb.slots] + \
-                [s.orphan_ino for s in sb.slots]:
-            if not 0 < blk < sb.total_blocks:
-                return f"system block {blk} outside the volume"
-        for s in sb.slots:
-            if s.journal_blocks < 2 or s.journal_start + s.journal_blocks > sb.total_blocks:
-                return "journal outside the volume"
-        if sb.lostfound_ino >= sb.total_blocks:
-            return "lost+found outside the volume"
-        return None
+        return F.superblock_problem(sb, self.base.size)
 
     async def pass0(self) -> None:
         self.say("Pass 0: Checking superblock and journals")
@@ -854,6 +832,13 @@ class Checker:
                         node.tree_errors.append(f"extent leaf {blk} does not match its "
                                                 f"index record")
                     node.exts.extend(tuple(r) for r in leaf.recs)
+            for node in fresh:
+                # The core finds extents by bisection: out of order, they
+                # map the wrong clusters even where none overlap (found by
+                # fuzzing).  A rewrite stores them sorted.
+                starts = [l for l, _, _ in node.exts]
+                if starts != sorted(starts):
+                    node.tree_errors.append("extents out of order")
             # Xattr blocks.
             xblks = {}
             for node in fresh:
@@ -890,6 +875,13 @@ class Checker:
                             nxt.add(e.ino)
                 elif stat.S_ISLNK(node.inode.mode):
                     self.parse_symlink(node, draws)
+                    # judged here, not only in pass 1: a rescan after repairs
+                    # (which finds the link unattached once its entry is
+                    # cleared) must not take it for a good inode and leave
+                    # its cluster allocated (found by fuzzing)
+                    bad = self.symlink_problem(node)
+                    if bad is not None:
+                        node.error = f"symbolic link with {bad}"
             # Each entry becomes a ref of its target once the target is a node.
             for ino in [i for i in self.early_refs if i in self.nodes]:
                 self.nodes[ino].refs.extend(self.early_refs.pop(ino))
@@ -1016,6 +1008,18 @@ class Checker:
                                            f"the wrong leaf")
                     break
 
+    @staticmethod
+    def symlink_problem(node: Node) -> str | None:
+        """What is wrong with a symbolic link's target as read, or None."""
+        size = node.inode.size
+        if not 0 < size <= MAX_SYMLINK:
+            return f"bad target length {size}"
+        if node.target is None or len(node.target) != size:
+            return "target not stored in its clusters"
+        if b"\0" in node.target:
+            return "target contains a NUL byte"
+        return None
+
     def plan_symlink(self, node: Node, want) -> None:
         size = node.inode.size
         if not 0 < size <= MAX_SYMLINK:
@@ -1122,7 +1126,8 @@ class Checker:
             prev_end = -1
             for rec in sorted(node.exts):
                 l, p, n = rec
-                if n <= 0 or p < sb.reserved_clusters or p + n > sb.total_clusters or l < 0:
+                if n <= 0 or p < sb.reserved_clusters or p + n > sb.total_clusters or l < 0 \
+                        or (l + n) * cs > MAX_FILE_SIZE:
                     drop.add(rec)
                 elif l < prev_end:
                     drop.add(rec)
@@ -1159,8 +1164,10 @@ class Checker:
                 if await self.problem(f"Inode {ino} has a damaged extent map: {why}.",
                                       "Remove the bad extents"):
                     keep = sorted(r for r in node.exts if r not in (drop or ()))
-                    await self.store_extents(ino, keep, reset=bool(node.tree_errors))
+                    # before the rewrite: it may allocate extent leaves, and
+                    # must not count the dropped extents as taken
                     node.exts = keep
+                    await self.store_extents(ino, keep, reset=bool(node.tree_errors))
             if node.xattr_error or ino in lost_xattr:
                 why = node.xattr_error or "xattr block shared with another owner"
                 if await self.problem(f"Inode {ino}: {why}.", "Drop its extended attributes"):
@@ -1178,14 +1185,8 @@ class Checker:
                                           f"mapped up to {end * cs}.", "Set the size to cover them"):
                         await self.patch_inode(ino, size=end * cs)
             elif mode == stat.S_IFLNK:
-                bad = None
-                if not 0 < inode.size <= MAX_SYMLINK:
-                    bad = f"bad target length {inode.size}"
-                elif node.target is None or len(node.target) != inode.size:
-                    bad = "target not stored in its clusters"
-                elif b"\0" in node.target:
-                    bad = "target contains a NUL byte"
-                elif end > -(-inode.size // cs):
+                bad = self.symlink_problem(node)
+                if bad is None and end > -(-inode.size // cs):
                     bad = "clusters mapped past the target"
                 if bad:
                     node.error = f"symbolic link with {bad}"

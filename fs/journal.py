@@ -15,9 +15,21 @@ from before carry older sequence numbers and stop a replay.
 """
 from __future__ import annotations
 
+import errno
 import zlib
 
 from . import format as F
+
+
+def _super(raw: bytes, sb: F.Superblock, slot: int) -> F.JournalSuper:
+    """The journal superblock of ``slot`` read as ``raw``; a corrupt one is
+    an OSError (EIO) to the mount, not a FormatError (found by fuzzing)."""
+    start = sb.slots[slot].journal_start
+    try:
+        return F.JournalSuper.decode(raw, sb.volid, start)
+    except F.FormatError as e:
+        raise OSError(errno.EIO, f"journal of slot {slot} is corrupt ({e}); "
+                      "run fsck.replfs") from None
 
 
 class Journal:
@@ -121,7 +133,7 @@ async def read_transactions(dev, sb: F.Superblock, slot: int):
     info = sb.slots[slot]
     start, n = info.journal_start, info.journal_blocks
     raw = await dev.read(start * bs, bs)
-    js = F.JournalSuper.decode(raw, sb.volid, start)
+    js = _super(raw, sb, slot)
     txns = []
     expect = js.first_seq
     pos = 1
@@ -240,4 +252,4 @@ def _own_tombstones(sb: F.Superblock, slot: int, txn, revoked_upto: dict[int, in
 async def journal_state(dev, sb: F.Superblock, slot: int) -> F.JournalSuper:
     info = sb.slots[slot]
     raw = await dev.read(info.journal_start * sb.block_size, sb.block_size)
-    return F.JournalSuper.decode(raw, sb.volid, info.journal_start)
+    return _super(raw, sb, slot)

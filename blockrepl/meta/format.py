@@ -150,9 +150,12 @@ _AL_HEAD = struct.Struct("<8sQI")  # magic, sequence, count
 AL_MAGIC = b"RPLFSAL1"
 
 
+AL_MAX_EXTENTS = (AL_RECORD - _AL_HEAD.size - 4) // 4   # what one record holds
+
+
 def encode_al_record(seq: int, extents: list[int]) -> tuple[int, bytes]:
     """Return (offset within the AL area, record bytes) for transaction ``seq``."""
-    max_ext = (AL_RECORD - _AL_HEAD.size - 4) // 4
+    max_ext = AL_MAX_EXTENTS
     if len(extents) > max_ext:
         raise MetaDataError(f"too many activity-log extents ({len(extents)} > {max_ext})")
     body = _AL_HEAD.pack(AL_MAGIC, seq, len(extents)) + struct.pack(f"<{len(extents)}I", *extents)
@@ -161,7 +164,10 @@ def encode_al_record(seq: int, extents: list[int]) -> tuple[int, bytes]:
 
 
 def decode_al_area(raw: bytes) -> tuple[int, list[int]]:
-    """The newest valid record's (sequence, extents); (0, []) if none."""
+    """The newest valid record's (sequence, extents); (0, []) if none.
+    A record is valid when its magic and CRC are right and its extent
+    count fits in it; a torn or damaged record is skipped, never an
+    error (the other one, or none, is what the disk holds)."""
     best: tuple[int, list[int]] = (0, [])
     for half in (0, 1):
         rec = raw[half * AL_RECORD:(half + 1) * AL_RECORD]
@@ -171,6 +177,8 @@ def decode_al_area(raw: bytes) -> tuple[int, list[int]]:
         if zlib.crc32(body) != crc:
             continue
         _m, seq, count = _AL_HEAD.unpack_from(body)
+        if count > AL_MAX_EXTENTS:
+            continue        # no writer makes such a record: not a valid one
         extents = list(struct.unpack_from(f"<{count}I", body, _AL_HEAD.size))
         if seq >= best[0]:
             best = (seq, extents)

@@ -1,0 +1,518 @@
+"""Corrupt volumes end to end, in process (no FUSE).
+
+A small volume with a tree of files (directories large enough for hashed
+leaves, a file fragmented enough for extent leaves, symlinks, xattrs, a
+hard link, a FIFO, a sparse file) is built once per geometry -- one
+image cleanly unmounted, one left with a dirty journal as a crash leaves
+it.  Each seed then damages one to three of its live metadata blocks
+(found by walking the tree, so every one of them is something mount and
+fsck read) in one of several ways: garbage, bit flips, a zeroed block, a
+block written to the wrong place, or a mutation of its fields with the
+checksum recomputed (and, in the journal, the commit record's checksum
+too) so that it gets past the CRC.  Then:
+
+(a) ``Filesystem.mount`` refuses with OSError, or mounts and answers a
+    walk of the whole tree (readdir in pages, lookup, getattr, reads of
+    every file, readlink, xattrs, statfs) and the unmount with OSError
+    only -- or latches read-only;
+(b) ``fsck.replfs -n`` (in process, as tests/fs/test_fsck.py uses it)
+    never raises, writes nothing, and reports damage that breaks a
+    checksum (exit status not 0); ``-y`` never raises and leaves a volume
+    that a second ``-n`` finds clean, the independent checker of
+    tests/fs finds consistent, and the core mounts and walks without any
+    error.  Without a usable superblock (the only copy of a small volume
+    is the primary) fsck ends with its operational error instead.
+
+Every step runs under trio.fail_after: a hang fails the seed.  A failure
+names the seed and what was damaged; ``REPLFS_FUZZ_VOLUME_SEED=N`` runs
+that seed alone.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import random
+import stat
+import struct
+import zlib
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+
+from replfs.blockdev import BlockDeviceError
+from replfs.fs import format as F
+from replfs.fs import fsck
+from replfs.fs import journal as J
+from replfs.fs.core import Filesystem, read_superblock
+from replfs.fs.mkfs import make_filesystem
+from tests import soak
+from tests.fs.conftest import check_volume
+
+from .mutators import RandDraws, mutate_block
+from .test_fuzz_ondisk import DECODERS
+
+MiB = 1 << 20
+STEP_LIMIT = 120          # seconds for one mount + walk, or one fsck run
+
+
+class MemDevice:
+    """A BlockDevice in memory: reads past the end are short, writes past
+    it fail (as FileBlockDevice); counts writes."""
+
+    def __init__(self, data: bytes | bytearray):
+        self.buf = bytearray(data)
+        self.writes = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.buf)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        await trio.lowlevel.checkpoint()
+        if offset < 0 or length < 0:
+            raise BlockDeviceError(errno.EINVAL, "negative offset or length")
+        return bytes(self.buf[offset:offset + length])
+
+    async def write(self, offset: int, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        if offset < 0 or offset + len(data) > len(self.buf):
+            raise BlockDeviceError(errno.ENOSPC, "write beyond end of device")
+        self.writes += 1
+        self.buf[offset:offset + len(data)] = data
+
+    async def flush(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def discard(self, offset: int, length: int) -> None:
+        await self.write(offset, bytes(length))
+
+    async def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------- base images
+
+async def _populate(fs: Filesystem) -> None:
+    root = fs.root_ino
+    d = await fs.mkdir(root, "dir")
+    fh, a = await fs.create(d.ino, "file")
+    await fs.write(fh, 0, b"hello world\n" * 1000)
+    await fs.release(fh)
+    await fs.link(a.ino, root, "hardlink")
+    await fs.setxattr(a.ino, "user.colour", b"blue")
+    await fs.setxattr(d.ino, "user.big", b"x" * 300)
+    await fs.symlink(root, "sym", "dir/file")
+    await fs.symlink(d.ino, "long-sym", "y" * 3000)
+    fh, _ = await fs.create(root, "sparse")
+    await fs.write(fh, 16 * MiB, b"end")
+    await fs.write(fh, 0, b"start")
+    await fs.release(fh)
+    sub = await fs.mkdir(d.ino, "sub")
+    for i in range(150):                # several hashed leaves
+        fh, _ = await fs.create(sub.ino, f"entry-with-a-long-name-{i:04d}")
+        if i % 10 == 0:
+            await fs.write(fh, 0, bytes([i]) * (i * 37))
+        await fs.release(fh)
+    await fs.mkdir(sub.ino, "deeper")
+    await fs.mknod(root, "fifo", stat.S_IFIFO | 0o644)
+    fh, _ = await fs.create(root, "fragmented")   # extent leaves
+    for i in range(300):
+        await fs.write(fh, 2 * i * fs.cs, b"f" * 100)
+    await fs.release(fh)
+
+
+async def _build(size: int, *, dirty: bool, **geometry) -> bytes:
+    dev = MemDevice(bytes(size))
+    await make_filesystem(dev, out=None, label="fuzz", slots=2, **geometry)
+    fs = await Filesystem.mount(dev, 0)
+    await _populate(fs)
+    if dirty:
+        # a crash after commits the journal still holds: no unmount
+        await fs.sync()
+        fh, _ = await fs.create(fs.root_ino, "after-the-last-checkpoint")
+        await fs.write(fh, 0, b"z" * 5000)
+        await fs.release(fh)
+        await fs.sync()
+    else:
+        await fs.unmount()
+    return bytes(dev.buf)
+
+
+BASES = {
+    "4k": dict(size=48 * MiB, block_size=4096),
+    "1k-16k": dict(size=32 * MiB, block_size=1024, cluster_size=16384),
+}
+
+
+@dataclass
+class Base:
+    name: str
+    image: bytes
+    sb: F.Superblock
+    dirty: bool
+    blocks: list[tuple[int, str]]          # (block number, kind) of live metadata
+    txns: list[list[int]] = field(default_factory=list)   # journal blocks per transaction
+
+
+@pytest.fixture(scope="module")
+def bases() -> dict[str, Base]:
+    return build_bases()
+
+
+def build_bases() -> dict[str, Base]:
+    """Every base image, clean and dirty (a few seconds)."""
+    async def build():
+        out = {}
+        for name, geo in BASES.items():
+            geo = dict(geo)
+            size = geo.pop("size")
+            for dirty in (False, True):
+                image = await _build(size, dirty=dirty, **geo)
+                sb = await read_superblock(MemDevice(image))
+                blocks, txns = await _live_metadata(MemDevice(image), sb)
+                key = f"{name}{'-dirty' if dirty else ''}"
+                out[key] = Base(key, image, sb, dirty, blocks, txns)
+        return out
+    return trio.run(build)
+
+
+async def _live_metadata(dev, sb: F.Superblock):
+    """Every metadata block mount and fsck read, with its kind; and the
+    block numbers of each committed journal transaction."""
+    bs, shift, vol = sb.block_size, sb.cluster_bits - sb.block_bits, sb.volid
+    out: list[tuple[int, str]] = [(F.sb_blkno(bs), "superblock"), (sb.slotmap_blk, "slotmap")]
+    for g in range(sb.group_count):
+        out.append((F.group_desc_blkno(sb, g), "group"))
+    for s in sb.slots:
+        out += [(s.journal_start, "jsuper"), (s.localalloc_blk, "local")]
+
+    async def blk(b: int) -> bytes:
+        return await dev.read(b * bs, bs)
+
+    def lblk(exts, lb: int) -> int:
+        lcl = lb >> shift
+        for l, p, n in exts:
+            if l <= lcl < l + n:
+                return ((p + lcl - l) << shift) + (lb & ((1 << shift) - 1))
+        raise AssertionError(f"logical block {lb} unmapped")
+
+    seen: set[int] = set()
+    todo = [sb.root_ino] + [s.orphan_ino for s in sb.slots]
+    while todo:
+        ino_no = todo.pop()
+        if ino_no in seen:
+            continue
+        seen.add(ino_no)
+        ino = F.Inode.decode(await blk(ino_no), vol, ino_no)
+        out.append((ino_no, "inode"))
+        exts = list(ino.root)
+        if ino.ext_depth:
+            exts = []
+            for _, leafblk, _ in ino.root:
+                out.append((leafblk, "extent"))
+                exts += F.ExtentLeaf.decode(await blk(leafblk), vol, leafblk).recs
+        if ino.xattr_blk:
+            out.append((ino.xattr_blk, "xattr"))
+        if not ino.is_dir:
+            continue
+        for t in range(-(-(1 << ino.dir_depth) // F.dirtable_slots(bs))):
+            out.append((lblk(exts, F.DIR_TABLE_LBLK + t), "dirtable"))
+        for i in range(ino.dir_leaves):
+            b = lblk(exts, i)
+            out.append((b, "dirleaf"))
+            todo += [e.ino for e in F.DirLeaf.decode(await blk(b), vol, b).entries]
+    txns: list[list[int]] = []
+    for s in sb.slots:
+        js = F.JournalSuper.decode(await blk(s.journal_start), vol, s.journal_start)
+        if not js.flags & F.JSB_DIRTY:
+            continue
+        pos, cur = 1, []
+        while pos < s.journal_blocks:
+            b = s.journal_start + pos
+            sig = F.signature_of(await blk(b))
+            if sig == F.SIG_JDESC:
+                _, targets = F.decode_jdesc(await blk(b), vol, b)
+                cur += list(range(b, b + 1 + len(targets)))
+                pos += 1 + len(targets)
+            elif sig == F.SIG_JREVOKE:
+                cur.append(b)
+                pos += 1
+            elif sig == F.SIG_JCOMMIT:
+                seq, _, _ = F.decode_jcommit(await blk(b), vol, b)
+                if seq < js.first_seq + len(txns):
+                    break               # an older lap of the log
+                cur.append(b)
+                txns.append(cur)
+                out += [(x, "journal") for x in cur]
+                cur = []
+                pos += 1
+            else:
+                break
+    return sorted(set(out)), txns
+
+
+# ---------------------------------------------------------------- damage
+
+_KIND_DECODER = {"superblock": "fs-superblock", "slotmap": "fs-slot-map", "group": "fs-group",
+                 "jsuper": "fs-journal-super", "local": "fs-local-alloc", "inode": "fs-inode",
+                 "extent": "fs-extent-leaf", "xattr": "fs-xattr", "dirtable": "fs-dir-table",
+                 "dirleaf": "fs-dir-leaf"}
+_SIG = {"fs-superblock": F.SIG_SUPER, "fs-slot-map": F.SIG_SLOTMAP, "fs-group": F.SIG_GROUP,
+        "fs-journal-super": F.SIG_JSUPER, "fs-local-alloc": F.SIG_LOCALALLOC,
+        "fs-inode": F.SIG_INODE, "fs-extent-leaf": F.SIG_EXTENT, "fs-xattr": F.SIG_XATTR,
+        "fs-dir-table": F.SIG_DIRTABLE, "fs-dir-leaf": F.SIG_DIRLEAF}
+# damage that breaks a checksum (or a signature, or the block number)
+# and that fsck must therefore always report
+DETECTABLE = {"garbage", "flip", "zero", "misplaced"}
+
+
+def _reseal(buf: bytearray, base: Base, blkno: int) -> None:
+    """The header a block at ``blkno`` of this volume has, and its CRC."""
+    F.HDR.pack_into(buf, 0, bytes(buf[:8]), 0, base.sb.volid, blkno, 0)
+    struct.pack_into("<I", buf, 8, F.block_crc(buf))
+
+
+def _fix_commit(img: bytearray, base: Base, txn: list[int]) -> None:
+    """Recompute the commit record of a journal transaction after one of
+    its blocks changed, so that replay applies it."""
+    bs = base.sb.block_size
+    crc = 0
+    for b in txn[:-1]:
+        crc = zlib.crc32(img[b * bs:(b + 1) * bs], crc)
+    c = txn[-1]
+    buf = bytearray(img[c * bs:(c + 1) * bs])
+    seq, nb, _ = F.JCOMMIT_BODY.unpack_from(buf, F.HDR_SIZE)
+    F.JCOMMIT_BODY.pack_into(buf, F.HDR_SIZE, seq, nb, crc)
+    struct.pack_into("<I", buf, 8, F.block_crc(buf))
+    img[c * bs:(c + 1) * bs] = buf
+
+
+def damage(base: Base, rng: random.Random) -> tuple[bytearray, list[str], bool]:
+    """A copy of the base image with one to three live metadata blocks
+    damaged; (image, what was done, whether fsck must notice)."""
+    img = bytearray(base.image)
+    bs = base.sb.block_size
+    draws = RandDraws(rng)
+    done, detectable = [], False
+    for _ in range(rng.choice((1, 1, 1, 2, 3))):
+        blkno, kind = rng.choice(base.blocks)
+        orig = bytes(img[blkno * bs:(blkno + 1) * bs])
+        buf = bytearray(orig)
+        how = rng.choice(["garbage", "flip", "zero", "misplaced", "fields", "fields",
+                          "fields", "fields", "other"])
+        if how == "garbage":
+            a = rng.randrange(bs)
+            n = rng.randint(1, bs - a)
+            buf[a:a + n] = rng.randbytes(n)
+        elif how == "flip":
+            for _ in range(rng.randint(1, 8)):
+                buf[rng.randrange(bs)] ^= 1 << rng.randrange(8)
+        elif how == "zero":
+            buf[:] = bytes(bs)
+        elif how == "misplaced":
+            # another metadata block's image written here (a misdirected write)
+            other, _ = rng.choice(base.blocks)
+            buf[:] = img[other * bs:(other + 1) * bs]
+            if other == blkno:
+                continue
+        elif how == "other":
+            # a block of the same kind, re-sealed here: its pointers now
+            # claim what another block already owns
+            others = [b for b, k in base.blocks if k == kind and b != blkno]
+            if not others:
+                continue
+            o = rng.choice(others)
+            buf[:] = img[o * bs:(o + 1) * bs]
+            _reseal(buf, base, blkno)
+        else:
+            dec = DECODERS.get(_KIND_DECODER.get(kind, ""))
+            fields = dec.fields if dec else []
+            header = F.HDR_SIZE
+            buf = bytearray(mutate_block(draws, orig, fields, header))
+            buf = (buf + bytes(bs))[:bs]            # blocks stay blocks
+            buf[:8] = orig[:8]
+            _reseal(buf, base, blkno)
+        if bytes(buf) == orig:
+            continue
+        img[blkno * bs:(blkno + 1) * bs] = buf
+        if kind == "journal":
+            txn = next(t for t in base.txns if blkno in t)
+            if blkno != txn[-1] and how in ("fields", "other"):
+                _fix_commit(img, base, txn)
+                how += "+commit"
+        done.append(f"{kind} block {blkno}: {how}")
+        # a journal block may be one the replay never reaches (after a
+        # damaged one); every other kind is read by fsck
+        detectable |= how in DETECTABLE and kind != "journal"
+    return img, done, detectable
+
+
+# ---------------------------------------------------------------- the checks
+
+async def walk(fs: Filesystem, *, strict: bool) -> int:
+    """Read everything there is to read.  OSError is an answer (unless
+    ``strict``); anything else propagates.  Returns how many inodes it
+    reached."""
+    seen: set[int] = set()
+    todo = [fs.root_ino]
+
+    async def answer(coro, *expected: int):
+        try:
+            return await coro
+        except OSError as e:
+            if strict and e.errno not in expected:
+                raise
+            return None
+
+    await answer(fs.statfs())
+    while todo and len(seen) < 5000:
+        ino = todo.pop()
+        if ino in seen:
+            continue
+        seen.add(ino)
+        a = await answer(fs.getattr(ino))
+        if a is None:
+            continue
+        await answer(fs.listxattr(ino))
+        await answer(fs.getxattr(ino, "user.colour"), errno.ENODATA)
+        if stat.S_ISDIR(a.mode):
+            cookie, pages = 0, 0
+            while pages < 1000:
+                page = await answer(fs.readdir(ino, cookie, limit=50))
+                if not page:
+                    break
+                pages += 1
+                for name, child, nxt in page:
+                    cookie = nxt
+                    c = await answer(fs.lookup(ino, name))
+                    if c is not None:
+                        todo.append(c.ino)
+                    else:
+                        todo.append(child)
+            await answer(fs.lookup(ino, "no-such-name"), errno.ENOENT)
+            await answer(fs.lookup(ino, ".."))
+        elif stat.S_ISLNK(a.mode):
+            await answer(fs.readlink(ino))
+        elif stat.S_ISREG(a.mode):
+            fh = await answer(fs.open(ino))
+            if fh is None:
+                continue
+            try:
+                for off in (0, 128 << 10, max(0, a.size - 4096)):
+                    await answer(fs.read(fh, off, 128 << 10))
+            finally:
+                await answer(fs.release(fh))
+    return len(seen)
+
+
+async def mount_and_walk(dev: MemDevice, *, strict: bool = False) -> str:
+    try:
+        fs = await Filesystem.mount(dev, 0)
+    except OSError as e:
+        if strict:
+            raise
+        return f"mount refused: {e}"
+    try:
+        n = await walk(fs, strict=strict)
+    finally:
+        try:
+            await fs.unmount()
+        except OSError:
+            if strict:
+                raise
+    return f"mounted, {n} inodes reached" + (f", failed: {fs.failed}" if fs.failed else "")
+
+
+async def run_fsck(dev: MemDevice, repair: bool) -> tuple[fsck.Result, list[str]]:
+    lines: list[str] = []
+    res = await fsck.check(dev, repair=repair, out=lines.append)
+    return res, lines
+
+
+async def check_seed(base: Base, seed: int) -> None:
+    rng = random.Random(seed)
+    img, done, detectable = damage(base, rng)
+    where = f"seed {seed} on {base.name}: {'; '.join(done) or 'nothing damaged'}"
+    step = "mount"
+    log: list[str] = []
+    try:
+        # (a) the core
+        with trio.fail_after(STEP_LIMIT):
+            log.append(await mount_and_walk(MemDevice(img)))
+        # (b) fsck -n: reports, writes nothing
+        step = "fsck -n"
+        dev = MemDevice(img)
+        with trio.fail_after(STEP_LIMIT):
+            res, lines = await run_fsck(dev, repair=False)
+        log += lines
+        assert dev.writes == 0, "fsck -n wrote to the device"
+        no_sb = res.exit_code == fsck.EXIT_OPERATIONAL
+        if no_sb:
+            assert any("superblock" in d for d in done) and base.sb.total_blocks * \
+                base.sb.block_size <= F.BACKUP_SB_OFFSETS[0], res.operational_error
+        if detectable:
+            assert res.exit_code != 0, "fsck -n found nothing"
+        # fsck -y: repairs
+        step = "fsck -y"
+        with trio.fail_after(STEP_LIMIT):
+            res, lines = await run_fsck(dev, repair=True)
+        log += lines
+        if no_sb:
+            assert res.exit_code == fsck.EXIT_OPERATIONAL
+            return
+        assert res.exit_code in (0, fsck.EXIT_FIXED, fsck.EXIT_FIXED | fsck.EXIT_UNCORRECTED,
+                                 fsck.EXIT_UNCORRECTED), res.exit_code
+        step = "fsck -n after -y"
+        with trio.fail_after(STEP_LIMIT):
+            res, lines = await run_fsck(dev, repair=False)
+        log += lines
+        assert res.exit_code == 0, "the repaired volume is not clean"
+        step = "checker after -y"
+        with trio.fail_after(STEP_LIMIT):
+            problems = await check_volume(dev)
+        assert problems == [], problems
+        step = "mount after -y"
+        with trio.fail_after(STEP_LIMIT):
+            log.append(await mount_and_walk(dev, strict=True))
+    except BaseException as e:
+        tail = "\n".join(log[-40:])
+        raise AssertionError(f"{where}\nfailed at {step}: {type(e).__name__}: {e}\n"
+                             f"--- last output:\n{tail}") from e
+
+
+def _seeds(n: int) -> list[int]:
+    one = os.environ.get("REPLFS_FUZZ_VOLUME_SEED")
+    return [int(one)] if one else list(range(n))
+
+
+# a handful in make test, 250 per image under make soak
+@pytest.mark.parametrize("seed", _seeds(2))
+@pytest.mark.parametrize("name", ["4k", "4k-dirty", "1k-16k", "1k-16k-dirty"])
+async def test_corrupt_volume(bases, name, seed):
+    await check_seed(bases[name], seed)
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("seed", soak.seeds(range(1000, 1250)) if not
+                         os.environ.get("REPLFS_FUZZ_VOLUME_SEED") else _seeds(0))
+@pytest.mark.parametrize("name", ["4k", "4k-dirty", "1k-16k", "1k-16k-dirty"])
+async def test_corrupt_volume_soak(bases, name, seed):
+    await check_seed(bases[name], seed)
+
+
+async def test_bases_are_clean(bases):
+    """The images the seeds start from check clean, and every block the
+    seeds damage decodes as what it is listed as."""
+    for base in bases.values():
+        dev = MemDevice(base.image)
+        res, lines = await run_fsck(dev, repair=False)
+        if base.dirty:
+            assert res.exit_code == fsck.EXIT_UNCORRECTED and res.journals_replayed == 1, lines
+            assert base.txns
+        else:
+            assert res.exit_code == 0, "\n".join(lines)
+            assert await check_volume(dev) == []
+        kinds = {k for _, k in base.blocks}
+        assert {"inode", "extent", "xattr", "dirtable", "dirleaf", "group"} <= kinds
+        assert ("journal" in kinds) == base.dirty
