@@ -386,8 +386,13 @@ def v_proc(ctx: Ctx, arg: str | None) -> None:
 
 
 def v_wait_connect(ctx: Ctx, arg: str | None) -> None:
+    """Wait for the connection: -t/--wfc-timeout, else the resource's
+    ``startup { wfc-timeout N; }`` as drbdadm passes it (0: for ever)."""
     for res in _resources(ctx, arg):
-        _daemon_call(ctx, "wait-connect", res, timeout=ctx.opts.get("timeout") or 0)
+        timeout = ctx.opts.get("timeout")
+        if timeout is None:
+            timeout = ctx.config().resources[res].startup.get("wfc-timeout") or 0
+        _daemon_call(ctx, "wait-connect", res, timeout=float(timeout))
 
 
 def v_wait_sync(ctx: Ctx, arg: str | None) -> None:
