@@ -621,8 +621,12 @@ class Checker:
                     f"Backup superblock at block {blk} {why}.", "Rewrite it"):
                 await self.view.write(blk * self.bs, sb.encode(blk))
                 self.modified = True
-        await self.check_slotmap()
+        # The journals first: a replay rewrites metadata, the slot map
+        # among it, which must be checked as replayed (found by fuzzing:
+        # a damaged slot map image in the journal was replayed after the
+        # slot map had been found fine).
         await self.check_journals()
+        await self.check_slotmap()
 
     async def check_cluster_name(self) -> None:
         """The o2cb cluster name: a stored name must be a valid one.  A
@@ -674,9 +678,12 @@ class Checker:
             raw = await self.view.read(info.journal_start * self.bs, self.bs)
             js, err, fixed = self.decode(F.JournalSuper.decode, F.SIG_JSUPER, raw,
                                          info.journal_start)
-            if fixed is not None:
-                await self.fix_checksum(f"Journal superblock of slot {slot}",
-                                        info.journal_start, fixed)
+            if fixed is not None and not await self.fix_checksum(
+                    f"Journal superblock of slot {slot}", info.journal_start, fixed) \
+                    and not self.repair:
+                # checked as if fixed, in memory only, as the replay below
+                # (which reads the journal superblock again)
+                await self.view.write(info.journal_start * self.bs, fixed)
             if js is None or js.nblocks != info.journal_blocks:
                 why = err or f"says {js.nblocks} blocks, the superblock {info.journal_blocks}"
                 if await self.problem(f"Journal superblock of slot {slot} is damaged ({why}).",
@@ -687,7 +694,12 @@ class Checker:
                 continue
             if not js.flags & F.JSB_DIRTY:
                 continue
-            _, txns, _, _ = await J.read_transactions(self.view, sb, slot)
+            try:
+                _, txns, _, _ = await J.read_transactions(self.view, sb, slot)
+            except OSError as e:
+                await self.problem(f"Journal of slot {slot} cannot be read ({e}); it is "
+                                   f"not replayed.")
+                continue
             msg = (f"Journal of slot {slot} needs recovery "
                    f"({len(txns)} committed transaction(s)).")
             if self.repair:
@@ -1636,6 +1648,16 @@ class Checker:
             for e in d.entries:
                 await dirs.insert(inode, e.name, e.ino, e.ftype)
             cache.mark(d.ino, inode)
+            # The entries now live in new leaves: a later repair of one
+            # (pass 3 removing it from an orphan directory) must edit the
+            # leaf that holds it, not the old one (found by fuzzing: the
+            # removal went to a block the directory no longer used).
+            where: dict[bytes, int] = {}
+            async for leaf in dirs.leaves_in_order(inode):
+                for e in leaf.entries:
+                    where[e.name] = leaf.blkno
+            for e in d.entries:
+                e.leaf_blk = where.get(e.name, e.leaf_blk)
         d.dir_errors = []
 
     # ================================================== pass 3
@@ -2031,6 +2053,13 @@ class Checker:
             await self.pass0()
             await self.full_scan()
             await self.pass1()
+            if self.modified:
+                # Pass 1 may have changed extent maps (bad extents dropped,
+                # clusters cloned): directory entries read through the old
+                # maps may no longer be in the directory, and pass 2 would
+                # repair them in blocks it no longer owns (found by fuzzing).
+                self.info("  (re-reading the repaired tree)")
+                await self.full_scan()
             await self.pass2()
             await self.pass3()
             if self.modified:

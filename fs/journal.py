@@ -134,6 +134,10 @@ async def read_transactions(dev, sb: F.Superblock, slot: int):
     start, n = info.journal_start, info.journal_blocks
     raw = await dev.read(start * bs, bs)
     js = _super(raw, sb, slot)
+    # Metadata lives after the primary superblock, which is never logged
+    # (nor anything before it); a descriptor naming such a block, or one
+    # past the volume, is corrupt even if its checksums match.
+    first_home = F.sb_blkno(bs) + 1
     txns = []
     expect = js.first_seq
     pos = 1
@@ -152,6 +156,8 @@ async def read_transactions(dev, sb: F.Superblock, slot: int):
                     seq, targets = F.decode_jdesc(blk, sb.volid, start + p)
                     if seq != expect or p + 1 + len(targets) > n:
                         break
+                    if any(not first_home <= t < sb.total_blocks for t in targets):
+                        break       # no commit logs such a block: corrupt, as a bad CRC
                     crc = zlib.crc32(blk, crc)
                     data = await dev.read((start + p + 1) * bs, bs * len(targets))
                     for i, t in enumerate(targets):
@@ -164,6 +170,8 @@ async def read_transactions(dev, sb: F.Superblock, slot: int):
                     seq, ranges = F.decode_jrevoke(blk, sb.volid, start + p)
                     if seq != expect:
                         break
+                    if any(not 0 <= a <= a + k <= sb.total_blocks for a, k in ranges):
+                        break       # corrupt (and replay would loop over 2**64 blocks)
                     crc = zlib.crc32(blk, crc)
                     revokes.extend(ranges)
                     count += 1
