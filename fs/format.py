@@ -19,6 +19,7 @@ SB_OFFSET = 8192                 # byte offset of the primary superblock
 BACKUP_SB_OFFSETS = [1 << 30, 4 << 30, 16 << 30, 64 << 30, 256 << 30, 1 << 40]
 BLOCK_SIZES = (512, 1024, 2048, 4096, 8192)
 MAX_CLUSTER_BITS = 20            # clusters of 1 MiB at most (mkfs.replfs)
+MIN_JOURNAL_BLOCKS = 1024        # the smallest journal mkfs.replfs makes
 MAX_SLOTS = 64
 MAX_NAME = 255
 
@@ -266,7 +267,11 @@ def superblock_problem(sb: Superblock, dev_size: int | None = None) -> str | Non
         return f"group count {sb.group_count} does not match the volume size"
     if not 1 <= sb.slot_count <= max_slots_for(bs) or len(sb.slots) != sb.slot_count:
         return f"bad slot count {sb.slot_count}"
-    if not 0 < sb.reserved_clusters < sb.total_clusters:
+    shift = sb.cluster_bits - sb.block_bits
+    bpc = 1 << shift
+    # mkfs.replfs reserves the clusters up to group 0's descriptor
+    if not 0 < sb.reserved_clusters < sb.total_clusters or \
+            sb.reserved_clusters != ((sb_blkno(bs) + 1) >> shift) + 1:
         return "bad reserved area"
     for blk in [sb.root_ino, sb.slotmap_blk] + [s.localalloc_blk for s in sb.slots] + \
             [s.orphan_ino for s in sb.slots]:
@@ -277,6 +282,28 @@ def superblock_problem(sb: Superblock, dev_size: int | None = None) -> str | Non
             return "journal outside the volume"
     if sb.lostfound_ino >= sb.total_blocks:
         return "lost+found outside the volume"
+    # Each system area has clusters of its own, as mkfs.replfs lays them
+    # out: after the reserved area, on no group descriptor, none shared
+    # (fuzzing: a journal moved over another area, or one too small for a
+    # transaction, passed and broke the mount or the repair).
+    areas = [(sb.root_ino, bpc, "root directory"), (sb.slotmap_blk, bpc, "slot map")]
+    for i, s in enumerate(sb.slots):
+        if s.journal_blocks < MIN_JOURNAL_BLOCKS:
+            return f"journal of slot {i} smaller than {MIN_JOURNAL_BLOCKS} blocks"
+        areas += [(s.journal_start, s.journal_blocks, f"journal of slot {i}"),
+                  (s.localalloc_blk, bpc, f"allocation block of slot {i}"),
+                  (s.orphan_ino, bpc, f"orphan directory of slot {i}")]
+    end = sb.reserved_clusters << shift
+    group_blocks = sb.cpg << shift
+    for start, n, what in sorted(areas):
+        if start % bpc or n % bpc:
+            return f"{what} not on a cluster boundary"
+        if start < end:
+            return f"{what} overlaps the reserved area or another system area"
+        g = max(1, -(-start // group_blocks))
+        if g < sb.group_count and g * group_blocks < start + n:
+            return f"{what} overlaps the descriptor of group {g}"
+        end = start + n
     return None
 
 

@@ -684,11 +684,15 @@ class Checker:
                 # checked as if fixed, in memory only, as the replay below
                 # (which reads the journal superblock again)
                 await self.view.write(info.journal_start * self.bs, fixed)
-            if js is None or js.nblocks != info.journal_blocks:
-                why = err or f"says {js.nblocks} blocks, the superblock {info.journal_blocks}"
+            if js is None or js.nblocks != info.journal_blocks or js.first_seq >= J.MAX_SEQ:
+                why = err or (f"says {js.nblocks} blocks, the superblock {info.journal_blocks}"
+                              if js.nblocks != info.journal_blocks
+                              else f"sequence {js.first_seq} out of range")
                 if await self.problem(f"Journal superblock of slot {slot} is damaged ({why}).",
                                       "Reset the journal (its contents are lost)"):
                     seq = await self._max_journal_seq(slot) + 1
+                    if seq >= J.MAX_SEQ:
+                        seq = 1
                     await self.put(info.journal_start, F.JournalSuper(
                         info.journal_start, 0, seq, info.journal_blocks))
                 continue
@@ -865,9 +869,13 @@ class Checker:
                 x, err, fixed = self.decode(F.XattrBlock.decode, F.SIG_XATTR, xraws[xb], xb)
                 if x is None:
                     node.xattr_error = f"xattr block {xb}: {err}"
-                elif fixed is not None:
+                    continue
+                if fixed is not None:
                     self.pending_checksums.append((f"Xattr block of inode {node.ino}", xb, fixed))
-                elif any(not k for k in x.attrs):
+                # also when only its checksum was bad: pass 1 acts on this,
+                # a rescan after it would free the block the inode still
+                # points at (found by fuzzing)
+                if any(not k for k in x.attrs):
                     node.xattr_error = f"xattr block {xb} holds an empty name"
             # Directory blocks and symlink targets.
             want: dict[int, tuple[Node, str, int]] = {}
@@ -2061,6 +2069,12 @@ class Checker:
                 self.info("  (re-reading the repaired tree)")
                 await self.full_scan()
             await self.pass2()
+            if self.modified:
+                # Entries pass 2 removed may leave inodes unattached: pass 3
+                # must see them to reconnect them (a fuzzing seed left four
+                # for the next fsck to find).
+                self.info("  (re-reading the repaired tree)")
+                await self.full_scan()
             await self.pass3()
             if self.modified:
                 self.info("  (re-reading the repaired tree)")

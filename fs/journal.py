@@ -21,15 +21,25 @@ import zlib
 from . import format as F
 
 
+# Sequence numbers are 64-bit on disk; a journal superblock starting near
+# the end of that range is damaged (the next commit could not be encoded).
+MAX_SEQ = 1 << 63
+
+
 def _super(raw: bytes, sb: F.Superblock, slot: int) -> F.JournalSuper:
     """The journal superblock of ``slot`` read as ``raw``; a corrupt one is
-    an OSError (EIO) to the mount, not a FormatError (found by fuzzing)."""
+    an OSError (EIO) to the mount, not a FormatError or a struct.error at
+    the next commit (found by fuzzing)."""
     start = sb.slots[slot].journal_start
     try:
-        return F.JournalSuper.decode(raw, sb.volid, start)
+        js = F.JournalSuper.decode(raw, sb.volid, start)
     except F.FormatError as e:
         raise OSError(errno.EIO, f"journal of slot {slot} is corrupt ({e}); "
                       "run fsck.replfs") from None
+    if js.first_seq >= MAX_SEQ:
+        raise OSError(errno.EIO, f"journal of slot {slot} is corrupt (sequence "
+                      f"{js.first_seq}); run fsck.replfs")
+    return js
 
 
 class Journal:

@@ -35,6 +35,8 @@ import os
 import random
 import stat
 import struct
+import time
+import uuid
 import zlib
 from dataclasses import dataclass, field
 
@@ -134,6 +136,7 @@ async def _build(size: int, *, dirty: bool, **geometry) -> bytes:
         fh, _ = await fs.create(fs.root_ino, "after-the-last-checkpoint")
         await fs.write(fh, 0, b"z" * 5000)
         await fs.release(fh)
+        await fs.unlink(fs.root_ino, "sparse")      # frees: a revoke record
         await fs.sync()
     else:
         await fs.unmount()
@@ -162,20 +165,35 @@ def bases() -> dict[str, Base]:
 
 
 def build_bases() -> dict[str, Base]:
-    """Every base image, clean and dirty (a few seconds)."""
-    async def build():
-        out = {}
-        for name, geo in BASES.items():
-            geo = dict(geo)
-            size = geo.pop("size")
-            for dirty in (False, True):
-                image = await _build(size, dirty=dirty, **geo)
-                sb = await read_superblock(MemDevice(image))
-                blocks, txns = await _live_metadata(MemDevice(image), sb)
-                key = f"{name}{'-dirty' if dirty else ''}"
-                out[key] = Base(key, image, sb, dirty, blocks, txns)
-        return out
-    return trio.run(build)
+    """Every base image, clean and dirty (a second or two).  The same
+    bytes every time (a fixed volume UUID, which the directory hashes
+    depend on, a seeded ``random`` for inode generations, a fake clock),
+    so that a seed does the same in every run."""
+    state = random.getstate()
+    uuid4, time_ns = uuid.uuid4, time.time_ns
+    random.seed(20261127)
+    clock = iter(range(1_790_000_000 * 10 ** 9, 1 << 62, 1000))
+    uuid.uuid4 = lambda: uuid.UUID(int=random.getrandbits(128), version=4)
+    time.time_ns = lambda: next(clock)
+    try:
+        return trio.run(_build_bases)
+    finally:
+        uuid.uuid4, time.time_ns = uuid4, time_ns
+        random.setstate(state)
+
+
+async def _build_bases() -> dict[str, Base]:
+    out = {}
+    for name, geo in BASES.items():
+        geo = dict(geo)
+        size = geo.pop("size")
+        for dirty in (False, True):
+            image = await _build(size, dirty=dirty, **geo)
+            sb = await read_superblock(MemDevice(image))
+            blocks, txns = await _live_metadata(MemDevice(image), sb)
+            key = f"{name}{'-dirty' if dirty else ''}"
+            out[key] = Base(key, image, sb, dirty, blocks, txns)
+    return out
 
 
 async def _live_metadata(dev, sb: F.Superblock):
@@ -297,9 +315,13 @@ def damage(base: Base, rng: random.Random) -> tuple[bytearray, list[str], bool]:
     img = bytearray(base.image)
     bs = base.sb.block_size
     draws = RandDraws(rng)
-    done, detectable = [], False
+    done: list[str] = []
+    detectable: dict[int, bool] = {}
+    kinds = sorted({k for _, k in base.blocks})
     for _ in range(rng.choice((1, 1, 1, 2, 3))):
-        blkno, kind = rng.choice(base.blocks)
+        # every kind as often (inodes are most of the blocks)
+        kind = rng.choice(kinds)
+        blkno = rng.choice([b for b, k in base.blocks if k == kind])
         orig = bytes(img[blkno * bs:(blkno + 1) * bs])
         buf = bytearray(orig)
         how = rng.choice(["garbage", "flip", "zero", "misplaced", "fields", "fields",
@@ -353,9 +375,10 @@ def damage(base: Base, rng: random.Random) -> tuple[bytearray, list[str], bool]:
                 how += "+commit"
         done.append(f"{kind} block {blkno}: {how}")
         # a journal block may be one the replay never reaches (after a
-        # damaged one); every other kind is read by fsck
-        detectable |= how in DETECTABLE and kind != "journal"
-    return img, done, detectable
+        # damaged one); every other kind is read by fsck.  The last damage
+        # of a block is what it holds.
+        detectable[blkno] = how in DETECTABLE and kind != "journal"
+    return img, done, any(detectable.values())
 
 
 # ---------------------------------------------------------------- the checks
@@ -480,12 +503,20 @@ async def check_seed(base: Base, seed: int) -> None:
     rng = random.Random(seed)
     img, done, detectable = damage(base, rng)
     where = f"seed {seed} on {base.name}: {'; '.join(done) or 'nothing damaged'}"
+    await check_damaged(base, img, done, detectable, where)
+
+
+async def check_damaged(base: Base, img: bytes, done: list[str], detectable: bool,
+                        where: str) -> list[str]:
+    """(a) and (b) of the module's doc on a damaged copy ``img`` of
+    ``base``; returns what was said (the mount's summary, fsck's lines)."""
     step = "mount"
     log: list[str] = []
     try:
-        # (a) the core
-        with trio.fail_after(STEP_LIMIT):
-            log.append(await mount_and_walk(MemDevice(img)))
+        # (a) the core: a walk alone, then one with changes
+        for writes in (False, True):
+            with trio.fail_after(STEP_LIMIT):
+                log.append(await mount_and_walk(MemDevice(img), writes=writes))
         # (b) fsck -n: reports, writes nothing
         step = "fsck -n"
         dev = MemDevice(img)
@@ -506,7 +537,7 @@ async def check_seed(base: Base, seed: int) -> None:
         log += lines
         if no_sb:
             assert res.exit_code == fsck.EXIT_OPERATIONAL
-            return
+            return log
         assert res.exit_code in (0, fsck.EXIT_FIXED, fsck.EXIT_FIXED | fsck.EXIT_UNCORRECTED,
                                  fsck.EXIT_UNCORRECTED), res.exit_code
         step = "fsck -n after -y"
@@ -525,6 +556,7 @@ async def check_seed(base: Base, seed: int) -> None:
         with trio.fail_after(STEP_LIMIT):
             problems = await check_volume(dev)
         assert problems == [], problems
+        return log
     except BaseException as e:
         tail = "\n".join(log[-40:])
         raise AssertionError(f"{where}\nfailed at {step}: {type(e).__name__}: {e}\n"
@@ -566,3 +598,221 @@ async def test_bases_are_clean(bases):
         kinds = {k for _, k in base.blocks}
         assert {"inode", "extent", "xattr", "dirtable", "dirleaf", "group"} <= kinds
         assert ("journal" in kinds) == base.dirty
+
+
+# ---------------------------------------------------------------- regressions
+
+# What the seeds found, as damage made on purpose: each of these made the
+# core or fsck fail with something else than OSError / a clean repair
+# before its fix.  Blocks are decoded, changed and encoded again (so the
+# checksum is right); ``where`` names an inode by its path.
+
+async def _ino(base: Base, path: str) -> int:
+    fs = await Filesystem.mount(MemDevice(base.image), 0, readonly=True) if not base.dirty \
+        else None
+    if fs is None:
+        dev = MemDevice(base.image)
+        fs = await Filesystem.mount(dev, 0)
+    ino = fs.root_ino
+    for part in path.strip("/").split("/"):
+        ino = (await fs.lookup(ino, part)).ino
+    return ino
+
+
+class Edit:
+    """Changes to a copy of a base image, block by block."""
+
+    def __init__(self, base: Base):
+        self.base = base
+        self.img = bytearray(base.image)
+        self.bs = base.sb.block_size
+        self.vol = base.sb.volid
+
+    def raw(self, blkno: int) -> bytes:
+        return bytes(self.img[blkno * self.bs:(blkno + 1) * self.bs])
+
+    def put(self, blkno: int, data: bytes) -> None:
+        assert len(data) == self.bs
+        self.img[blkno * self.bs:(blkno + 1) * self.bs] = data
+
+    def obj(self, cls, blkno: int, change) -> None:
+        """Decode block ``blkno`` as ``cls``, ``change(obj)``, encode it."""
+        o = cls.decode(self.raw(blkno), self.vol, blkno)
+        change(o)
+        self.put(blkno, o.encode(self.bs, self.vol, blkno) if cls is F.GroupDesc
+                 else o.encode(self.bs, self.vol))
+
+    def sb(self, change) -> None:
+        blkno = F.sb_blkno(self.bs)
+        sb = F.Superblock.decode(self.raw(blkno), blkno)
+        change(sb)
+        self.put(blkno, sb.encode(blkno))
+
+    def inode(self, ino: int, change) -> None:
+        self.obj(F.Inode, ino, change)
+
+    def leaves(self, ino: int) -> list[int]:
+        """The extent-leaf blocks of inode ``ino`` (depth 1) or the leaf
+        blocks of directory ``ino`` (extents in the inode)."""
+        i = F.Inode.decode(self.raw(ino), self.vol, ino)
+        if i.ext_depth:
+            return [b for _, b, _ in i.root]
+        shift = self.base.sb.cluster_bits - self.base.sb.block_bits
+        out = []
+        for n in range(i.dir_leaves):
+            for l, p, k in i.root:
+                if l <= n >> shift < l + k:
+                    out.append(((p + (n >> shift) - l) << shift) + (n & ((1 << shift) - 1)))
+        return out
+
+    def journal(self, change) -> None:
+        """``change(bytearray of the block)`` on the first block of the
+        first transaction of the dirty journal, then the commit fixed."""
+        txn = self.base.txns[0]
+        buf = bytearray(self.raw(txn[0]))
+        change(buf)
+        struct.pack_into("<I", buf, 8, F.block_crc(buf))
+        self.put(txn[0], bytes(buf))
+        _fix_commit(self.img, self.base, txn)
+
+
+def _set(**fields):
+    def change(o):
+        for k, v in fields.items():
+            setattr(o, k, v)
+    return change
+
+
+def _slot0(**fields):
+    def change(sb):
+        for k, v in fields.items():
+            setattr(sb.slots[0], k, v)
+    return change
+
+
+def _swap_extents(leaf):
+    # not the first: a leaf whose first record is not its index record's
+    # is rewritten anyway
+    leaf.recs[1], leaf.recs[2] = leaf.recs[2], leaf.recs[1]
+
+
+def _huge_logical(leaf):
+    l, p, n = leaf.recs[-1]
+    leaf.recs[-1] = (1 << 62, p, n)
+
+
+def _huge_count(leaf):
+    l, p, n = leaf.recs[3]
+    leaf.recs[3] = (l, p, (1 << 31))
+    # and a first record that is not the index record's: the repair then
+    # writes new extent leaves, which need free clusters
+    l, p, n = leaf.recs[0]
+    leaf.recs[0] = (l + 1, p, n)
+
+
+async def _scenario(base: Base, name: str) -> tuple[bytes, bool]:
+    """The damaged image of regression ``name``; and whether fsck -n must
+    report it."""
+    e = Edit(base)
+    sb = base.sb
+    if name == "journal superblock garbage":      # FormatError out of mount
+        e.put(sb.slots[0].journal_start, bytes(40) + e.raw(sb.slots[0].journal_start)[40:])
+        return e.img, True
+    if name == "journal of 8 blocks":             # passed fsck, broke every commit
+        e.sb(_slot0(journal_blocks=8))
+    elif name == "journal in the reserved area":  # fsck 'repaired' it over the reserved area
+        e.sb(_slot0(journal_start=0))
+    elif name == "journal sequence at the end":   # struct.error at the next commit
+        e.obj(F.JournalSuper, sb.slots[0].journal_start, _set(first_seq=(1 << 64) - 1))
+    elif name == "hash table depth 100":          # ValueError: negative shift
+        e.inode(await _ino(base, "dir/sub"), _set(dir_depth=100))
+    elif name == "leaf deeper than its table":    # ValueError: negative shift
+        sub = await _ino(base, "dir/sub")
+        d = F.Inode.decode(e.raw(sub), e.vol, sub).dir_depth
+        e.obj(F.DirLeaf, e.leaves(sub)[0], _set(depth=d + 1))
+    elif name == "window past the volume":        # IndexError at unmount
+        e.obj(F.LocalAlloc, sb.slots[0].localalloc_blk,
+              _set(start=sb.total_clusters + 5, length=10, bitmap=bytearray(2)))
+    elif name == "descriptor of another group":   # the allocator wrote it to that group
+        e.obj(F.GroupDesc, F.group_desc_blkno(sb, 0), _set(group=1))
+    elif name == "slot map of no slot":           # IndexError at mount
+        e.obj(F.SlotMap, sb.slotmap_blk, lambda m: m.slots.clear())
+    elif name == "symbolic link of 2**60 bytes":  # readlink allocated it
+        e.inode(await _ino(base, "sym"), _set(size=1 << 60))
+    elif name == "extents out of order":          # fsck missed it
+        e.obj(F.ExtentLeaf, e.leaves(await _ino(base, "fragmented"))[0], _swap_extents)
+    elif name == "extent at 2**62":               # fsck: struct.error setting the size
+        e.obj(F.ExtentLeaf, e.leaves(await _ino(base, "fragmented"))[0], _huge_logical)
+    elif name == "extent of 2**31 clusters":      # fsck: ENOSPC for the repair
+        e.obj(F.ExtentLeaf, e.leaves(await _ino(base, "fragmented"))[0], _huge_count)
+    elif name == "orphan directory holds a leaf of another":   # fsck did not converge
+        od = sb.slots[0].orphan_ino
+        other = e.raw(e.leaves(await _ino(base, "dir/sub"))[0])
+        leaf = F.DirLeaf.decode(other, e.vol, e.leaves(await _ino(base, "dir/sub"))[0])
+        leaf.blkno, leaf.index = e.leaves(od)[0], 0
+        e.put(leaf.blkno, leaf.encode(e.bs, e.vol))
+    elif name == "descriptor naming a block past the volume":   # fsck: OSError
+        e.journal(lambda b: struct.pack_into("<Q", b, F.HDR_SIZE + F.JDESC_HDR.size,
+                                             sb.total_blocks + 5))
+    elif name == "revoke of 2**63 blocks":        # replay looped over them
+        txn = next(t for t in base.txns
+                   if any(F.signature_of(e.raw(b)) == F.SIG_JREVOKE for b in t))
+        r = next(b for b in txn if F.signature_of(e.raw(b)) == F.SIG_JREVOKE)
+        buf = bytearray(e.raw(r))
+        struct.pack_into("<QQ", buf, F.HDR_SIZE + F.JDESC_HDR.size, 100, 1 << 63)
+        struct.pack_into("<I", buf, 8, F.block_crc(buf))
+        e.put(r, bytes(buf))
+        _fix_commit(e.img, base, txn)
+    elif name == "slot map image sealed for the journal":   # replayed after the check
+        e.journal(lambda b: None)
+        txn = base.txns[0]
+        _, targets = F.decode_jdesc(e.raw(txn[0]), e.vol, txn[0])
+        i = targets.index(sb.slotmap_blk)
+        img = bytearray(e.raw(txn[1 + i]))
+        struct.pack_into("<Q", img, 16, txn[1 + i])
+        struct.pack_into("<I", img, 8, F.block_crc(img))
+        e.put(txn[1 + i], bytes(img))
+        _fix_commit(e.img, base, txn)
+    elif name == "journal superblock checksum only":   # fsck -n raised
+        js = bytearray(e.raw(sb.slots[0].journal_start))
+        js[-1] ^= 1
+        e.put(sb.slots[0].journal_start, bytes(js))
+        return e.img, True
+    elif name == "empty xattr name, bad checksum":     # fsck freed the block in use
+        x = F.Inode.decode(e.raw(await _ino(base, "dir/file")), e.vol,
+                           await _ino(base, "dir/file")).xattr_blk
+        e.obj(F.XattrBlock, x, lambda xb: xb.attrs.update({b"": b"v"}))
+        raw = bytearray(e.raw(x))
+        raw[-1] ^= 1
+        e.put(x, bytes(raw))
+        return e.img, True
+    else:
+        raise KeyError(name)
+    return e.img, False
+
+
+SCENARIOS = [
+    ("journal superblock garbage", "4k-dirty"), ("journal of 8 blocks", "4k"),
+    ("journal in the reserved area", "1k-16k"), ("journal sequence at the end", "4k-dirty"),
+    ("hash table depth 100", "4k"), ("leaf deeper than its table", "1k-16k"),
+    ("window past the volume", "4k"), ("descriptor of another group", "4k"),
+    ("slot map of no slot", "1k-16k"), ("symbolic link of 2**60 bytes", "4k"),
+    ("extents out of order", "4k"), ("extent at 2**62", "1k-16k"),
+    ("extent of 2**31 clusters", "1k-16k"),
+    ("orphan directory holds a leaf of another", "1k-16k"),
+    ("descriptor naming a block past the volume", "4k-dirty"),
+    ("revoke of 2**63 blocks", "1k-16k-dirty"),
+    ("slot map image sealed for the journal", "4k-dirty"),
+    ("journal superblock checksum only", "4k-dirty"),
+    ("empty xattr name, bad checksum", "1k-16k"),
+]
+
+
+@pytest.mark.parametrize("name,base_name", SCENARIOS, ids=[n for n, _ in SCENARIOS])
+async def test_regression(bases, name, base_name):
+    base = bases[base_name]
+    img, detectable = await _scenario(base, name)
+    done = [("superblock: " if name.startswith("journal of") or "reserved" in name else "")
+            + name]
+    log = await check_damaged(base, img, done, detectable, f"{name} on {base_name}")
+    assert log, name
