@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import pytest
-from hypothesis import example, given
-from hypothesis import strategies as st
+from hypothesis import given
 
 from replfs.blockrepl.core.bitmap import Bitmap
 from replfs.blockrepl.core.uuids import Uuids

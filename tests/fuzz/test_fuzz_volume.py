@@ -21,12 +21,17 @@ too) so that it gets past the CRC.  Then:
     checksum (exit status not 0); ``-y`` never raises and leaves a volume
     that a second ``-n`` finds clean, the independent checker of
     tests/fs finds consistent, and the core mounts, walks and changes it
-    without any error (and leaves it consistent).  Without a usable superblock (the only copy of a small volume
-    is the primary) fsck ends with its operational error instead.
+    without any error (and leaves it consistent).  Without a usable
+    superblock (the only copy of a small volume is the primary) fsck ends
+    with its operational error instead.
 
 Every step runs under trio.fail_after: a hang fails the seed.  A failure
 names the seed and what was damaged; ``REPLFS_FUZZ_VOLUME_SEED=N`` runs
-that seed alone.
+that seed alone (the base images are the same bytes in every run).  Each
+bug the seeds found is also kept as a scenario made on purpose
+(``test_regression``).
+
+A handful of seeds per image in make test, 250 per image under make soak.
 """
 from __future__ import annotations
 
@@ -46,7 +51,6 @@ import trio
 from replfs.blockdev import BlockDeviceError
 from replfs.fs import format as F
 from replfs.fs import fsck
-from replfs.fs import journal as J
 from replfs.fs.core import Filesystem, read_superblock
 from replfs.fs.mkfs import make_filesystem
 from tests import soak
@@ -608,11 +612,9 @@ async def test_bases_are_clean(bases):
 # checksum is right); ``where`` names an inode by its path.
 
 async def _ino(base: Base, path: str) -> int:
-    fs = await Filesystem.mount(MemDevice(base.image), 0, readonly=True) if not base.dirty \
-        else None
-    if fs is None:
-        dev = MemDevice(base.image)
-        fs = await Filesystem.mount(dev, 0)
+    """The inode number of ``path`` in ``base`` (a read-only mount of a
+    clean image; a dirty one is replayed on a copy)."""
+    fs = await Filesystem.mount(MemDevice(base.image), 0, readonly=not base.dirty)
     ino = fs.root_ino
     for part in path.strip("/").split("/"):
         ino = (await fs.lookup(ino, part)).ino
