@@ -226,7 +226,12 @@ class ClusterService:
         if busy and not req.get("force"):
             raise ReplfsError(f"cluster {on.cluster} is in use: lock domain(s) "
                               f"{', '.join(sorted(busy))} hold locks", EXIT_STATE)
-        if not busy and not on.fenced:
+        if busy:
+            # Forced while locks are held: their holders (shared mounts,
+            # dlmfs) must stop before the others, who see this node gone,
+            # regrant the locks and recover its slots -- a fence.
+            await self._fence_self(on, "taken offline by force while holding locks")
+        elif not on.fenced:
             # A clean leave: the others hand nothing over and fence nobody
             # (without it, losing node 0's connection fences node 1).
             for peer in sorted(on.net.connected()):

@@ -10,7 +10,7 @@ import dataclasses
 import os
 import sys
 
-from replfs.errors import EXIT_CONFIG, EXIT_EXEC, EXIT_STATE, EXIT_USAGE, ReplfsError
+from replfs.errors import EXIT_CONFIG, EXIT_STATE, EXIT_USAGE, ReplfsError
 from replfs.ipc.client import SyncClient, rundir_from_env, socket_path
 from replfs.locking import cluster_conf as cc
 
@@ -127,33 +127,9 @@ def _nargs(args, lo, hi, what):
 def _ensure_daemon(g) -> None:
     """Start this node's replfsd if none answers (o2cb's load brings the
     stack up; here the stack lives in replfsd)."""
-    import subprocess
-    import time
+    from replfs.cli.main import start_daemon
     from replfs.daemon.main import node_name
-    from replfs.ipc.client import DaemonNotRunning
-    rundir = rundir_from_env(g["rundir"])
-    try:
-        with SyncClient(socket_path(rundir), timeout=5) as c:
-            c.call("ping")
-        return
-    except DaemonNotRunning:
-        pass
-    cmd = [sys.executable, "-m", "replfs.daemon.main", "--node", node_name(g["node"]),
-           "--rundir", rundir]
-    if g["config"]:
-        cmd += ["-c", os.path.abspath(g["config"])]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise ReplfsError(f"could not start replfsd: {proc.stderr.strip()}", EXIT_EXEC)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            with SyncClient(socket_path(rundir), timeout=5) as c:
-                c.call("ping")
-            return
-        except (DaemonNotRunning, OSError):
-            time.sleep(0.05)
-    raise ReplfsError(f"replfsd did not come up (see {rundir}/replfsd.log)", EXIT_EXEC)
+    start_daemon(node_name(g["node"]), rundir_from_env(g["rundir"]), g["config"])
 
 
 def cmd_load(g, args, out):

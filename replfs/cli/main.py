@@ -86,31 +86,39 @@ def _daemon_call(ctx: Ctx, op: str, res: str | None = None, **args) -> dict:
         return reply
 
 
-def _start_daemon(ctx: Ctx) -> None:
-    """Start replfsd for this node if it is not answering yet."""
-    try:
-        with ctx.client() as c:
+def start_daemon(node: str, rundir: str, config: str | None, *, dry_run: bool = False,
+                 out=print) -> None:
+    """Start replfsd for ``node`` if none answers on ``rundir`` yet (used
+    by ``up`` and by ``cluster load``)."""
+    def ping() -> None:
+        with SyncClient(socket_path(rundir), timeout=5) as c:
             c.call("ping")
+    try:
+        ping()
         return
     except DaemonNotRunning:
         pass
-    if ctx.dry_run:
-        ctx.out(f"replfsd --node {ctx.node} --rundir {ctx.rundir} -c {ctx.config_path}")
+    cmd = [sys.executable, "-m", "replfs.daemon.main", "--node", node, "--rundir", rundir]
+    if config:
+        cmd += ["-c", os.path.abspath(config)]
+    if dry_run:
+        out(" ".join(["replfsd"] + cmd[3:]))
         return
-    cmd = [sys.executable, "-m", "replfs.daemon.main", "--node", ctx.node,
-           "--rundir", ctx.rundir, "-c", os.path.abspath(ctx.config_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise ReplfsError(f"could not start replfsd: {proc.stderr.strip()}", EXIT_EXEC)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         try:
-            with ctx.client() as c:
-                c.call("ping")
+            ping()
             return
         except (DaemonNotRunning, OSError):
             time.sleep(0.05)
-    raise ReplfsError(f"replfsd did not come up (see {ctx.rundir}/replfsd.log)", EXIT_EXEC)
+    raise ReplfsError(f"replfsd did not come up (see {rundir}/replfsd.log)", EXIT_EXEC)
+
+
+def _start_daemon(ctx: Ctx) -> None:
+    start_daemon(ctx.node, ctx.rundir, ctx.config_path, dry_run=ctx.dry_run, out=ctx.out)
 
 
 def _status(ctx: Ctx, res: str | None = None) -> list[dict]:

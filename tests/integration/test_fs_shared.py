@@ -823,6 +823,30 @@ def test_paused_node_wakes_after_it_was_declared_dead(tmp_path):
         fsck_clean(a)
 
 
+def test_forced_offline_under_a_shared_mount_fences_it(tmp_path):
+    """`cluster force-offline` while beta's mount holds locks: beta's mount
+    must stop writing before alpha, seeing beta gone, recovers its slot."""
+    with shared_pair(tmp_path) as (pair, ma, mb, _):
+        a, b = pair.alpha, pair.beta
+        mount(a, ma)
+        mount(b, mb)
+        fd = os.open(mb / "before", os.O_CREAT | os.O_WRONLY, 0o644)
+        os.write(fd, b"beta, durable")
+        os.fsync(fd)
+        os.close(fd)
+        b.adm("cluster", "force-offline", "tc")
+        wait_log(b, "FENCING node beta")
+        with pytest.raises(OSError) as e:
+            (mb / "after").write_bytes(b"must not happen")
+        assert e.value.errno == 5
+        wait_log(a, "recovered the slot(s) 1 of dead node 1")
+        assert (ma / "before").read_bytes() == b"beta, durable"
+        assert not (ma / "after").exists()
+        run("umount", ma)
+        wait_closed(a)
+        fsck_clean(a)
+
+
 def test_mount_is_refused_when_sharing_is_unsafe(tmp_path):
     # a fencing policy that lets a node go on writing after it lost its
     # peer: the mirror and the locks could pick different survivors, so
