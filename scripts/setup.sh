@@ -5,7 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES="fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv e2fsprogs fio"
+# nftables and iproute2: the network-namespace fault tests
+# (tests/integration/test_netns_faults.py) cut links with nft inside the
+# namespaces they make.
+APT_PACKAGES="fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv e2fsprogs fio nftables iproute2"
 
 missing=""
 for p in $APT_PACKAGES; do
@@ -17,7 +20,7 @@ if [ -n "$missing" ]; then
     apt-get update -qq
     # python3-dev/python3-venv may not match a non-Debian Python; they are
     # best-effort, the rest is required.
-    apt-get install -y -qq $missing >/dev/null || apt-get install -y -qq fuse3 libfuse3-dev pkg-config gcc e2fsprogs fio >/dev/null
+    apt-get install -y -qq $missing >/dev/null || apt-get install -y -qq fuse3 libfuse3-dev pkg-config gcc e2fsprogs fio nftables iproute2 >/dev/null
 fi
 
 PY=${PYTHON:-python3}
