@@ -18,8 +18,11 @@ moved on so far that the bitmap no longer covers it (full sync), both
 moved on from a common point (split brain), or the data never had a
 common ancestor (unrelated).  ``compare`` is that decision, pure.
 
-UUIDs are 64-bit integers.  The lowest bit is reserved (DRBD uses it to
-mark "was Primary"), so comparisons mask it off.
+UUIDs are 64-bit integers.  The lowest bit (``PRIMARY_BIT``) is a flag,
+not part of the generation: as in DRBD, the bitmap UUID carries it when
+the node was Primary at the moment its generation ended (the split; see
+``with_new_current``), which after-sb's discard-younger-primary and
+discard-older-primary read (core/splitbrain.py).  Comparisons mask it off.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ import enum
 from dataclasses import dataclass, field
 
 JUST_CREATED = 4          # current UUID of fresh meta-data, never a real generation
-MASK = ~1 & 0xFFFF_FFFF_FFFF_FFFF
+PRIMARY_BIT = 1
+MASK = ~PRIMARY_BIT & 0xFFFF_FFFF_FFFF_FFFF
 HISTORY_LEN = 2
 
 
@@ -41,17 +45,22 @@ class Uuids:
         if len(self.history) != HISTORY_LEN:
             raise ValueError("history must have exactly %d entries" % HISTORY_LEN)
 
-    def with_new_current(self, fresh: int) -> "Uuids":
+    def with_new_current(self, fresh: int, *, was_primary: bool = False) -> "Uuids":
         """Start a new generation, tracking changes since the old one.
 
-        If the bitmap already tracks an older generation, keep that: the
-        bitmap then covers both generations' changes, which is what a
-        later resync against the old peer needs.
+        ``was_primary``: this node was Primary when the old generation
+        ended (when it lost its peer); recorded in the lowest bit of the
+        bitmap UUID, as DRBD does.
+
+        If the bitmap already tracks an older generation, keep that (and
+        its flag): the bitmap then covers both generations' changes, which
+        is what a later resync against the old peer needs.
         """
         fresh &= MASK
         if self.bitmap:
             return Uuids(fresh, self.bitmap, self.history)
-        return Uuids(fresh, self.current, self.history)
+        return Uuids(fresh, (self.current & MASK) | (PRIMARY_BIT if was_primary else 0),
+                     self.history)
 
     def retire_bitmap(self) -> "Uuids":
         """After a completed resync as source: the bitmap generation is history."""
