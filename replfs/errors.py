@@ -7,6 +7,8 @@ that scripts written for DRBD keep working:
 
     1  usage            (bad command line)
     2  syntax           (config file does not parse)
+    5  timed out        (wait-connect, wait-sync; also a disk that is
+                         below Outdated already, as drbdsetup says)
     10 config           (config parses but is not valid for this node)
     11 state change     (generic state change refusal)
     16 no local disk
@@ -16,6 +18,8 @@ that scripts written for DRBD keep working:
 
 EXIT_USAGE = 1
 EXIT_SYNTAX = 2
+EXIT_TIMEOUT = 5
+EXIT_LOWER_THAN_OUTDATED = 5
 EXIT_CONFIG = 10
 EXIT_STATE = 11
 EXIT_NO_LOCAL_DISK = 16

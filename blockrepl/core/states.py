@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from replfs.errors import EXIT_NO_LOCAL_DISK, EXIT_NO_UPTODATE, EXIT_STATE
+from replfs.errors import (EXIT_CONFIG, EXIT_LOWER_THAN_OUTDATED, EXIT_NO_LOCAL_DISK,
+                           EXIT_NO_UPTODATE, EXIT_STATE, ReplfsError)
 
 
 class Role(enum.Enum):
@@ -74,32 +76,129 @@ class DiskState(enum.Enum):
     UpToDate = "UpToDate"
 
 
-class StateChangeRefused(Exception):
-    """A refused state change: DRBD's numbered reason plus an exit code."""
+class Refusal(NamedTuple):
+    """One of DRBD's numbered reasons for refusing a state change."""
+    code: int
+    text: str
 
-    def __init__(self, code: int, text: str, exit_code: int = EXIT_STATE):
+    @property
+    def exit_code(self) -> int:
+        return exit_code_for(self.code)
+
+    @property
+    def message(self) -> str:
+        return f"State change failed: ({self.code}) {self.text}"
+
+
+# DRBD 8.4's refusal table: the numbers of enum drbd_state_rv (drbd.h) and
+# the words drbdsetup prints for them.  Scripts match on both, so they are
+# DRBD's exactly; tests/unit/test_states_table.py holds its own copy and
+# fails if one drifts.  (-3 is unused in DRBD too.)
+SS_TWO_PRIMARIES = Refusal(-1, "Multiple primaries not allowed by config")
+SS_NO_UP_TO_DATE_DISK = Refusal(-2, "Need access to UpToDate data")
+SS_NO_LOCAL_DISK = Refusal(-4, "Can not resync without local disk")
+SS_NO_REMOTE_DISK = Refusal(-5, "Can not resync without remote disk")
+SS_CONNECTED_OUTDATES = Refusal(-6, "Refusing to be Outdated while Connected")
+SS_PRIMARY_NOP = Refusal(-7, "Refusing to be Primary while peer is not outdated")
+SS_RESYNC_RUNNING = Refusal(-8, "Can not start OV/resync since it is already active")
+SS_ALREADY_STANDALONE = Refusal(-9, "Can not disconnect a StandAlone device")
+SS_CW_FAILED_BY_PEER = Refusal(-10, "State change was refused by peer node")
+SS_IS_DISKLESS = Refusal(-11, "Device is diskless, the requested operation requires a disk")
+SS_DEVICE_IN_USE = Refusal(-12, "Device is held open by someone")
+SS_NO_NET_CONFIG = Refusal(-13, "Have no net/connection configuration")
+SS_NO_VERIFY_ALG = Refusal(-14, "Need a verify algorithm to start online verify")
+SS_NEED_CONNECTION = Refusal(-15, "Need a connection to start verify or resync")
+SS_LOWER_THAN_OUTDATED = Refusal(-16, "Disk state is lower than outdated")
+SS_NOT_SUPPORTED = Refusal(-17, "Peer does not support protocol")
+SS_IN_TRANSIENT_STATE = Refusal(-18, "In transient state, retry after next state change")
+SS_CONCURRENT_ST_CHG = Refusal(-19, "Concurrent state changes detected and aborted")
+SS_O_VOL_PEER_PRI = Refusal(-20, "Other vol primary on peer not allowed by config")
+SS_OUTDATE_WO_CONN = Refusal(-21, "Need a connection for a graceful disconnect/outdate peer")
+
+SS_TABLE: dict[int, Refusal] = {r.code: r for r in (
+    SS_TWO_PRIMARIES, SS_NO_UP_TO_DATE_DISK, SS_NO_LOCAL_DISK, SS_NO_REMOTE_DISK,
+    SS_CONNECTED_OUTDATES, SS_PRIMARY_NOP, SS_RESYNC_RUNNING, SS_ALREADY_STANDALONE,
+    SS_CW_FAILED_BY_PEER, SS_IS_DISKLESS, SS_DEVICE_IN_USE, SS_NO_NET_CONFIG,
+    SS_NO_VERIFY_ALG, SS_NEED_CONNECTION, SS_LOWER_THAN_OUTDATED, SS_NOT_SUPPORTED,
+    SS_IN_TRANSIENT_STATE, SS_CONCURRENT_ST_CHG, SS_O_VOL_PEER_PRI, SS_OUTDATE_WO_CONN)}
+
+
+def exit_code_for(code: int) -> int:
+    """The exit code drbdsetup ends with for a refusal: 17 when no UpToDate
+    data is reachable, 16 for no local disk, 5 for a disk below Outdated,
+    11 for every other refusal."""
+    return {SS_NO_UP_TO_DATE_DISK.code: EXIT_NO_UPTODATE,
+            SS_NO_LOCAL_DISK.code: EXIT_NO_LOCAL_DISK,
+            SS_LOWER_THAN_OUTDATED.code: EXIT_LOWER_THAN_OUTDATED}.get(code, EXIT_STATE)
+
+
+class StateChangeRefused(Exception):
+    """A refused state change: DRBD's numbered reason and its exit code.
+
+    Prints as drbdsetup does: ``State change failed: (-2) Need access to
+    UpToDate data``.  Without ``text`` the table's words are used, without
+    ``exit_code`` the exit code drbdsetup gives that number.
+    """
+
+    def __init__(self, code: int, text: str | None = None, exit_code: int | None = None):
+        if text is None:
+            known = SS_TABLE.get(code)
+            text = known.text if known else "unknown error"
         super().__init__(f"State change failed: ({code}) {text}")
         self.code = code
         self.text = text
-        self.exit_code = exit_code
+        self.exit_code = exit_code_for(code) if exit_code is None else exit_code
 
 
-# DRBD's refusal numbers and texts that replfs can produce.
-SS_NO_UP_TO_DATE_DISK = (-2, "Refusing to be Primary without at least one UpToDate disk")
-SS_TWO_PRIMARIES = (-1, "Multiple primaries not allowed by config")
-SS_NO_LOCAL_DISK = (-4, "Need access to UpToDate data")  # used for verbs needing a disk
-SS_DEVICE_IN_USE = (-12, "Device is held open by someone")
-SS_NO_NET_CONFIG = (-13, "Need a connection to start verify or resync")
-SS_IS_DISKLESS = (-17, "Device is diskless, the requested operation requires a disk")
-SS_LOWER_THAN_OUTDATED = (-9, "Disk state is lower than outdated")
-SS_PRIMARY_NOP = (-8, "Refusing to be Outdated while Primary")
-SS_RESYNC_RUNNING = (-10, "Can not start OV/resync since it is already active")
-SS_NEED_CONNECTION = (-15, "Need a connection to start verify or resync")
-SS_ALREADY_STANDALONE = (-6, "Already StandAlone")
-
-
-def refuse(reason: tuple[int, str], exit_code: int = EXIT_STATE) -> StateChangeRefused:
+def refuse(reason: tuple[int, str], exit_code: int | None = None) -> StateChangeRefused:
+    """The exception for one of the table's refusals (give the constant)."""
     return StateChangeRefused(reason[0], reason[1], exit_code)
+
+
+# The hand-written refusals of blockrepl/driver/resource.py, named: each is
+# the reason DRBD 8.4 gives in the same situation (see is_valid_state() and
+# is_valid_soft_transition() in DRBD's drbd_state.c).
+DETACH_PRIMARY_WITHOUT_UPTODATE_PEER = SS_NO_UP_TO_DATE_DISK   # detach: last good disk of a Primary
+DEMOTE_WHILE_OPEN = SS_DEVICE_IN_USE                            # secondary/down: device open
+OUTDATE_WHILE_CONNECTED = SS_CONNECTED_OUTDATES                 # outdate of a connected disk
+INVALIDATE_PRIMARY_DISCONNECTED = SS_NEED_CONNECTION            # invalidate of a Primary, no peer
+SYNC_SOURCE_WITHOUT_UPTODATE = SS_NO_UP_TO_DATE_DISK            # invalidate-remote, local not UpToDate
+VERIFY_WITHOUT_LOCAL_DISK = SS_NO_LOCAL_DISK                    # verify on a Diskless node
+VERIFY_WITHOUT_CONNECTION = SS_NEED_CONNECTION                  # verify while not Connected
+PROMOTE_REFUSED_BY_PEER = SS_CW_FAILED_BY_PEER                  # the peer said no to our promotion
+
+
+def refused_by_peer(peer_code: int) -> StateChangeRefused:
+    """Our promotion was refused by the peer: DRBD reports (-10) to the
+    admin and logs the peer's own reason; the exception carries that
+    reason (``peer_code``, ``peer_text``) for the log line."""
+    e = refuse(PROMOTE_REFUSED_BY_PEER)
+    peer = SS_TABLE.get(peer_code)
+    e.peer_code = peer_code
+    e.peer_text = peer.text if peer else "unknown error"
+    return e
+
+
+# Failures that are not state changes: drbdsetup prints them as
+# ``Failure: (N) text`` and ends with exit code 10.  Numbers and words of
+# DRBD 8.4's enum drbd_ret_code, for the checks replfs makes.
+class Failure(NamedTuple):
+    code: int
+    text: str
+
+    @property
+    def message(self) -> str:
+        return f"Failure: ({self.code}) {self.text}"
+
+
+ERR_DISCARD_IMPOSSIBLE = Failure(123, "--discard-my-data not allowed when primary.")
+ERR_NO_DISK = Failure(138, "Device does not have a disk-config")
+ERR_TABLE: dict[int, Failure] = {f.code: f for f in (ERR_DISCARD_IMPOSSIBLE, ERR_NO_DISK)}
+
+
+def fail(failure: Failure, where: str) -> ReplfsError:
+    """``where: Failure: (N) text``, exit code 10, as drbdsetup reports it."""
+    return ReplfsError(f"{where}: {failure.message}", EXIT_CONFIG)
 
 
 @dataclass(frozen=True)
@@ -126,20 +225,27 @@ def check_promote(v: View, *, force: bool) -> None:
     if v.disk is DiskState.Diskless:
         if v.peer_disk is DiskState.UpToDate and v.conn.is_connected:
             return
-        raise refuse(SS_NO_UP_TO_DATE_DISK, EXIT_NO_UPTODATE)
+        raise refuse(SS_NO_UP_TO_DATE_DISK)
     if v.disk is DiskState.UpToDate:
         return
     if v.disk in (DiskState.Consistent, DiskState.Outdated, DiskState.Inconsistent):
         if force:
             return
-        raise refuse(SS_NO_UP_TO_DATE_DISK, EXIT_NO_UPTODATE)
-    raise refuse(SS_NO_UP_TO_DATE_DISK, EXIT_NO_UPTODATE)
+        raise refuse(SS_NO_UP_TO_DATE_DISK)
+    raise refuse(SS_NO_UP_TO_DATE_DISK)
 
 
 def check_outdate(v: View) -> None:
-    if v.role is Role.Primary:
-        raise refuse(SS_PRIMARY_NOP)
+    """Raise StateChangeRefused if the local disk may not become Outdated,
+    with the reason DRBD gives: a disconnected Primary would lose its only
+    UpToDate data (-2); a connected disk stays what the peer knows (-6); a
+    Diskless node has nothing to outdate (-11); an Inconsistent disk is
+    already below Outdated (-16)."""
+    if v.role is Role.Primary and not v.conn.is_connected:
+        raise refuse(SS_NO_UP_TO_DATE_DISK)
+    if v.conn.is_connected and v.disk is not DiskState.Inconsistent:
+        raise refuse(OUTDATE_WHILE_CONNECTED)
     if v.disk is DiskState.Diskless:
-        raise refuse(SS_IS_DISKLESS, EXIT_NO_LOCAL_DISK)
+        raise refuse(SS_IS_DISKLESS)
     if v.disk is DiskState.Inconsistent:
         raise refuse(SS_LOWER_THAN_OUTDATED)

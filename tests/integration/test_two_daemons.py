@@ -34,7 +34,7 @@ def test_full_sync_makes_backing_disks_identical(cluster):
     # The walkthrough's refusal, word for word, with exit code 17.
     cp = a.adm("primary", "r0", check=False)
     assert cp.returncode == 17
-    assert "State change failed: (-2) Refusing to be Primary without at least one UpToDate disk" in cp.stderr
+    assert "State change failed: (-2) Need access to UpToDate data" in cp.stderr
     # The DRBD 8 spelling of the override.
     a.adm("--", "--overwrite-data-of-peer", "primary", "r0")
     cluster.wait_synced()
@@ -212,7 +212,7 @@ def test_outdate_invalidate_and_verify_verbs(cluster):
     assert b.adm("dstate", "r0").stdout.strip() == "Outdated/DUnknown"
     cp = b.adm("primary", "r0", check=False)
     assert cp.returncode == 17
-    assert "Refusing to be Primary without at least one UpToDate disk" in cp.stderr
+    assert "State change failed: (-2) Need access to UpToDate data" in cp.stderr
     b.adm("connect", "r0")
     cluster.wait_synced()
     # invalidate: beta throws its data away and gets all of it again.
