@@ -33,13 +33,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 SIZE = 32 * 1024 * 1024
 
 
-def cluster_conf(name: str, p0: int, p1: int) -> str:
+ADDRS = ("127.0.0.1", "127.0.0.2")
+
+
+def cluster_conf(name: str, p0: int, p1: int, addrs: tuple[str, str] = ADDRS) -> str:
     """An o2cb cluster.conf for the two local nodes: alpha (number 0) on
-    127.0.0.1:p0 and beta (number 1) on 127.0.0.2:p1."""
+    addrs[0]:p0 (127.0.0.1) and beta (number 1) on addrs[1]:p1 (127.0.0.2)."""
     nodes = "".join(f"node:\n\tip_port = {port}\n\tip_address = {addr}\n\tnumber = {num}\n"
                     f"\tname = {node}\n\tcluster = {name}\n\n"
-                    for num, (node, addr, port) in enumerate((("alpha", "127.0.0.1", p0),
-                                                               ("beta", "127.0.0.2", p1))))
+                    for num, (node, addr, port) in enumerate((("alpha", addrs[0], p0),
+                                                               ("beta", addrs[1], p1))))
     return f"cluster:\n\tnode_count = 2\n\tname = {name}\n\n" + nodes.rstrip("\n") + "\n"
 
 
@@ -105,6 +108,9 @@ class Node:
     disk: str = ""
     proc: subprocess.Popen | None = None
     env: dict = field(default_factory=dict)
+    # argv prefix replfsd is started with, e.g. nsenter into a network
+    # namespace (tests/harness/netns.py); the admin commands need none
+    launcher: list = field(default_factory=list)
 
     @property
     def rundir(self) -> str:
@@ -124,8 +130,8 @@ class Node:
         os.makedirs(self.rundir, exist_ok=True)
         log = open(os.path.join(self.root, "replfsd.out"), "ab")
         self.proc = subprocess.Popen(
-            [PY, "-m", "replfs.daemon.main", "-f", "--node", self.name, "--rundir",
-             self.rundir, "-c", self.conf], stdout=log, stderr=log, env=self.env)
+            [*self.launcher, PY, "-m", "replfs.daemon.main", "-f", "--node", self.name,
+             "--rundir", self.rundir, "-c", self.conf], stdout=log, stderr=log, env=self.env)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -188,16 +194,21 @@ class Node:
 
 class LocalPair:
     def __init__(self, root, protocol="C", extra_net="", proxy_port=None, size=SIZE,
-                 extra_res="", dual: bool = False):
+                 extra_res="", dual: bool = False, addrs: tuple[str, str] = ADDRS,
+                 launchers: tuple[list, list] = ([], [])):
         """``extra_net``: lines for the common net section; ``extra_res``:
         for the resource (disk/handlers sections, as text).  ``dual``: a
         second resource r1 as the seed's step 9 has it (protocol C,
-        allow-two-primaries)."""
+        allow-two-primaries).  ``addrs``: alpha's and beta's replication
+        addresses; ``launchers``: the argv prefix each node's replfsd is
+        started with (both for nodes in network namespaces)."""
         self.root = str(root)
         port = free_port("127.0.0.1")
         self.port = port
-        self.alpha = Node("alpha", "127.0.0.1", os.path.join(self.root, "alpha"))
-        self.beta = Node("beta", "127.0.0.2", os.path.join(self.root, "beta"))
+        self.alpha = Node("alpha", addrs[0], os.path.join(self.root, "alpha"),
+                          launcher=list(launchers[0]))
+        self.beta = Node("beta", addrs[1], os.path.join(self.root, "beta"),
+                         launcher=list(launchers[1]))
         env = dict(os.environ)
         env.pop("REPLFS_NODE", None)
         for n in self.nodes:
@@ -216,7 +227,7 @@ class LocalPair:
                       alpha_dev=os.path.join(self.alpha.root, "drbd0"),
                       beta_dev=os.path.join(self.beta.root, "drbd0"),
                       alpha_disk=self.alpha.disk, beta_disk=self.beta.disk,
-                      alpha_addr=f"127.0.0.1:{port}", beta_addr=f"127.0.0.2:{port}")
+                      alpha_addr=f"{addrs[0]}:{port}", beta_addr=f"{addrs[1]}:{port}")
         if dual:
             fields.update(alpha_dev1=os.path.join(self.alpha.root, "drbd1"),
                           beta_dev1=os.path.join(self.beta.root, "drbd1"),

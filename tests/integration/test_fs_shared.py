@@ -64,18 +64,27 @@ def wait_closed(node, timeout=20.0) -> None:
 
 @contextlib.contextmanager
 def shared_pair(tmp_path, *, extra_res: str = "", cluster: bool = True, slots: int = 2,
-                proxy_port: int | None = None, before_up=None):
+                proxy_port: int | None = None, before_up=None, netns=None):
     """Two nodes, r0 Primary on both (allow-two-primaries; the seed's r1
     has no fencing options: the default ``extra_res``), a volume made on
     alpha; the cluster stack online on both unless ``cluster`` is False.
+    ``netns``: a tests.harness.netns.NetnsPair whose namespaces the two
+    replfsd run in, talking over its veth addresses.
     Yields (pair, alpha's mount dir, beta's mount dir, cdir)."""
-    pair = LocalPair(tmp_path, extra_net="allow-two-primaries;", extra_res=extra_res,
-                     proxy_port=proxy_port)
+    if netns is None:
+        pair = LocalPair(tmp_path, extra_net="allow-two-primaries;", extra_res=extra_res,
+                         proxy_port=proxy_port)
+        pair.cluster_ports = (free_port("127.0.0.1"), free_port("127.0.0.2"))
+        addrs = ("127.0.0.1", "127.0.0.2")
+    else:
+        addrs = netns.addrs
+        pair = LocalPair(tmp_path, extra_net="allow-two-primaries;", extra_res=extra_res,
+                         addrs=addrs, launchers=netns.launchers)
+        pair.cluster_ports = (netns.O2NET_PORT, netns.O2NET_PORT)   # a namespace each
     cdir = str(tmp_path / "etc")
     os.makedirs(cdir)
-    pair.cluster_ports = (free_port("127.0.0.1"), free_port("127.0.0.2"))
     with open(os.path.join(cdir, "cluster.conf"), "w") as f:
-        f.write(cluster_conf("tc", *pair.cluster_ports))
+        f.write(cluster_conf("tc", *pair.cluster_ports, addrs=addrs))
     with open(os.path.join(cdir, "o2cb"), "w") as f:
         f.write(TIMEOUTS)
     ma, mb = tmp_path / "ma", tmp_path / "mb"
