@@ -67,7 +67,7 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
     }),
     "disk": frozenset({"resync-rate", "al-extents", "on-io-error", "fencing"}),
     "syncer": frozenset({"rate", "verify-alg", "al-extents"}),
-    "startup": frozenset({"wfc-timeout"}),
+    "startup": frozenset({"wfc-timeout", "degr-wfc-timeout", "outdated-wfc-timeout"}),
     "options": frozenset(),
     "handlers": frozenset({"split-brain", "local-io-error", "fence-peer",
                            "before-resync-target", "after-resync-target"}),
@@ -105,7 +105,7 @@ INTEGER = {
     "net": ("ping-int", "ping-timeout", "timeout", "connect-int"),
     "disk": ("al-extents",),
     "syncer": ("al-extents",),
-    "startup": ("wfc-timeout",),
+    "startup": ("wfc-timeout", "degr-wfc-timeout", "outdated-wfc-timeout"),
 }
 # Options whose value is a size or rate: a number with optional k/M/G.
 SIZE = {"disk": ("resync-rate",), "syncer": ("rate",)}

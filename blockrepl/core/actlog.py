@@ -41,14 +41,24 @@ class ActivityLog:
         When it returns True the caller must persist ``extents`` before
         issuing the write.
         """
+        # All or nothing: a refusal must leave no extent counted, or a
+        # retried write would pin its extents for ever.
+        wanted = range(first_extent, last_extent + 1)
+        new = sum(1 for e in wanted if e not in self._lru)
+        room = self.capacity - len(self._lru)
+        if new > room:
+            idle = sum(1 for e, pending in self._lru.items()
+                       if pending == 0 and e not in wanted)
+            if new - room > idle:
+                raise ActivityLogFull("all activity-log extents have writes in flight")
         changed = False
-        for e in range(first_extent, last_extent + 1):
+        for e in wanted:
             if e in self._lru:
                 self._lru.move_to_end(e)
                 self._lru[e] += 1
                 continue
             if len(self._lru) >= self.capacity:
-                self._evict_one()
+                self._evict_one(wanted)
             self._lru[e] = 1
             changed = True
         if changed:
@@ -63,9 +73,9 @@ class ActivityLog:
     def in_flight(self) -> int:
         return sum(self._lru.values())
 
-    def _evict_one(self) -> None:
+    def _evict_one(self, keep: range = range(0)) -> None:
         for e, pending in self._lru.items():
-            if pending == 0:
+            if pending == 0 and e not in keep:
                 del self._lru[e]
                 return
         raise ActivityLogFull("all activity-log extents have writes in flight")

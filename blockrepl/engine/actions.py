@@ -1,0 +1,106 @@
+"""What the mirror engine asks its driver to do (actions), as values.
+
+Every engine call returns a list of these, to be carried out in order.
+Tokens are ints from the engine; the driver reports each one's outcome
+with ``Engine.done(token, result)``:
+
+    DiskWrite / DiskFlush / PersistMeta    result 0, or an errno
+    DiskRead                               result bytes, or an errno (int)
+    RunHandler                             the handler's exit code, or None
+                                           (no handler configured)
+
+Driver obligations (the engine's correctness depends on them):
+
+* ``Send`` packets go out on the session's connection in the order given;
+  a send on a connection that has failed is dropped silently (the driver
+  reports the failure with ``connection_lost``).
+* Disk I/O may run concurrently and complete in any order, but a
+  ``DiskWrite`` is reported done only once the data is in the backing
+  file (the page cache is enough: durability is what ``DiskFlush`` adds).
+* ``PersistMeta`` writes, in this order, the bitmap pages, the activity
+  log record (if any) and the superblock (if any), then flushes the
+  meta-data device; it is reported done only once all of it is durable.
+* ``Complete`` answers an application request (write, read, flush);
+  ``OpDone`` an administrative one (primary, attach, ...).
+* ``CloseConnection`` closes the session's socket; the driver does not
+  report that session's loss back (the engine already knows).
+* ``ReleaseDisk`` closes the backing files once the I/O already issued on
+  them has finished.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..meta import format as md
+from ..proto import packets as P
+
+
+@dataclass(frozen=True)
+class Send:
+    session: int
+    pkt: P.Packet
+
+
+@dataclass(frozen=True)
+class DiskWrite:
+    token: int
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class DiskRead:
+    token: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class DiskFlush:
+    token: int
+
+
+@dataclass(frozen=True)
+class PersistMeta:
+    token: int
+    bitmap_pages: tuple[tuple[int, bytes], ...] = ()
+    al_extents: tuple[int, ...] | None = None
+    superblock: md.Superblock | None = None
+
+
+@dataclass(frozen=True)
+class ReleaseDisk:
+    pass
+
+
+@dataclass(frozen=True)
+class Complete:
+    req: Any
+    error: int = 0              # 0, or an errno
+    data: bytes | None = None   # a read's data
+    text: str = ""              # why it failed
+
+
+@dataclass(frozen=True)
+class OpDone:
+    op: Any
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class RunHandler:
+    token: int
+    name: str
+
+
+@dataclass(frozen=True)
+class CloseConnection:
+    session: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Log:
+    level: str      # "info" | "warning" | "error"
+    text: str

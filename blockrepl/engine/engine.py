@@ -1,0 +1,1925 @@
+"""Engine: one node's side of one replicated resource, sans I/O.
+
+The engine owns every rule of the mirror: roles and disk states, the
+handshake's sync decision, the write path (epochs, the activity log, when
+protocols A, B and C complete), the receive path (the epoch barrier,
+acknowledgements), remote reads, the bitmap exchange, resync as source
+and target, online verify, fencing and suspended I/O, and what a lost
+connection leaves out of sync.  It does no I/O and reads no clock: the
+driver feeds it events and carries out the actions it returns
+(``actions.py`` lists them with the driver's obligations).
+
+Events (each returns the list of actions it causes):
+
+    application   write(req, offset, data)  read(req, offset, length)
+                  flush(req)
+    admin         attach(op, sb, bitmap, al_extents)  detach(op)
+                  primary(op, force)  secondary(op)  outdate(op)
+                  invalidate(op)  invalidate_remote(op)  verify(op)
+                  new_current_uuid(op)  connect(op, discard_my_data)
+                  disconnect(op)  resume_io(op)  opened(kind)  closed(kind)
+    network       connecting()  connected() -> session
+                  receive(session, pkt)  connection_lost(session, state, why)
+    completions   done(token, result)
+    time          tick(now)        (``deadline`` says when it is next due)
+
+Inside, each sequence of steps is a *flow* (``flows.py``): a generator
+that yields what it waits for.  A connection is a *session*; its flows
+(handshake, receiver, pinger, resync sender) end with it.  Writes applied
+for the peer and resync writes are not session flows: once issued, a disk
+write always finishes under its range lock, and the next handshake waits
+for them, so a late write can never land on a block a newer one covers.
+
+What is deliberately like DRBD 8.4: the state names and their log lines
+("conn( WFReportParams -> Connected )"), the UUID rules (core/uuids.py),
+the activity log and bitmap (core/), the epoch barrier, protocol C
+completing only after both disks have the write, and a Primary that loses
+an UpToDate peer fencing before it acknowledges anything more.
+
+Differences, on purpose: a new data generation starts lazily, at the first
+write that cannot be replicated (not when the connection is lost); acks
+travel on the one data connection (no separate meta socket).
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import math
+import secrets
+import zlib
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from replfs.errors import EXIT_NO_LOCAL_DISK, EXIT_STATE, ReplfsError
+
+from ..core.actlog import ActivityLog, ActivityLogFull, BLOCKS_PER_EXTENT, extents_of
+from ..core.bitmap import BLOCK, Bitmap, blocks_of
+from ..core.intervals import IntervalSet
+from ..core.states import (SS_IS_DISKLESS, SS_NEED_CONNECTION, SS_PRIMARY_NOP,
+                           SS_RESYNC_RUNNING,
+                           ConnState, DiskState, Role, StateChangeRefused, View,
+                           check_outdate, check_promote, refuse)
+from ..core.uuids import JUST_CREATED, Decision, Side, Uuids, compare
+from ..meta import format as md
+from ..proto import packets as P
+from .actions import (CloseConnection, Complete, DiskFlush, DiskRead, DiskWrite, Log,
+                      OpDone, PersistMeta, ReleaseDisk, RunHandler, Send)
+from .flows import FlowSet, Wait
+
+RESYNC_CHUNK = 256 * 1024
+RESYNC_WINDOW = 8 * 1024 * 1024
+RECV_PARALLEL = 32
+VERIFY_WINDOW = 8
+
+# Connection states in which new application writes wait: the generation
+# and bitmap the peer is being told about must stay true meanwhile.
+_HOLD_WRITES = frozenset({ConnState.WFReportParams, ConnState.WFBitMapS,
+                          ConnState.StartingSyncS})
+
+
+# ---------------------------------------------------------------- config
+@dataclass(frozen=True)
+class EngineConfig:
+    """The parts of a resource's configuration the engine acts on."""
+    name: str
+    node: str
+    peer: str
+    protocol: str = "C"
+    two_primaries: bool = False
+    fencing: str | None = None          # as configured (None: not configured)
+    after_sb_0pri: str = "disconnect"
+    after_sb_1pri: str = "disconnect"
+    after_sb_2pri: str = "disconnect"
+    on_io_error: str = "detach"
+    ping_int: float = 10.0
+    ping_timeout: float = 0.5
+    timeout: float = 6.0
+    connect_int: float = 10.0
+    resync_rate: int = 250 * 1024 * 1024   # bytes per second
+    al_extents: int = 1237
+    handlers: frozenset[str] = frozenset()  # names of configured handlers
+
+    @classmethod
+    def from_conf(cls, conf, node: str) -> "EngineConfig":
+        peer = conf.peer_of(node)
+        return cls(
+            name=conf.name, node=node, peer=peer.name if peer else "",
+            protocol=conf.protocol, two_primaries=conf.allow_two_primaries,
+            fencing=conf.disk.get("fencing") or conf.net.get("fencing") or None,
+            after_sb_0pri=conf.after_sb_0pri, after_sb_1pri=conf.after_sb_1pri,
+            after_sb_2pri=conf.after_sb_2pri, on_io_error=conf.on_io_error,
+            ping_int=conf.ping_int_s, ping_timeout=conf.ping_timeout_s,
+            timeout=conf.timeout_s, connect_int=conf.connect_int_s,
+            resync_rate=conf.resync_rate_kib * 1024, al_extents=conf.al_extents,
+            handlers=frozenset(k for k, v in conf.handlers.items() if v))
+
+
+# ---------------------------------------------------------------- failures
+class IOFailure(Exception):
+    """An application request fails with ``errno``."""
+
+    def __init__(self, err: int, text: str):
+        super().__init__(text)
+        self.errno = err
+
+
+class MetaIOError(Exception):
+    """The meta-data could not be written."""
+
+    def __init__(self, err: int):
+        super().__init__(f"meta-data write failed (errno {err})")
+        self.errno = err
+
+
+class Fatal(Exception):
+    """The connection must not be retried (split brain, unrelated data...)."""
+
+
+class Drop(Exception):
+    """Drop this connection and go back to WFConnection."""
+
+    def __init__(self, msg: str, state: ConnState = ConnState.NetworkFailure):
+        super().__init__(msg)
+        self.state = state
+
+
+# ---------------------------------------------------------------- records
+class Disk:
+    """The engine's view of the attached backing disk: its meta-data."""
+
+    def __init__(self, sb: md.Superblock, bitmap: Bitmap, al_capacity: int):
+        self.sb = sb
+        self.bitmap = bitmap
+        self.al = ActivityLog(min(al_capacity, 3000))
+        self.crashed_primary = False
+
+
+@dataclass(eq=False)
+class Pending:
+    """A replicated write the peer has not confirmed yet."""
+    offset: int
+    length: int
+    epoch: int
+    t0: float
+    disk: Disk | None = None       # whose activity log still covers it
+    extents: tuple = (0, -1)
+    acked: bool = False            # the peer's disk has it
+    received: bool = False         # the peer has it (protocol B)
+    done: bool = False
+
+
+@dataclass(eq=False)
+class SyncRun:
+    role: str                      # "source" | "target"
+    total: int                     # blocks
+    start: float
+    window: int = RESYNC_WINDOW // RESYNC_CHUNK
+    acked: int = 0
+
+
+@dataclass(eq=False)
+class VerifyRun:
+    start: float
+    total: int
+    done: int = 0
+    oos: int = 0
+    window: int = VERIFY_WINDOW
+
+
+def _role_code(r: Role) -> int:
+    return P.ROLE_CODES.index(r.value)
+
+
+def _disk_code(d: DiskState) -> int:
+    return P.DISK_CODES.index(d.value)
+
+
+def _peer_role(code: int) -> Role:
+    if not 0 <= code < len(P.ROLE_CODES):
+        raise P.RemoteProtocolError(f"bad role code {code}")
+    return Role(P.ROLE_CODES[code])
+
+
+def _peer_disk(code: int) -> DiskState:
+    if not 0 <= code < len(P.DISK_CODES):
+        raise P.RemoteProtocolError(f"bad disk state code {code}")
+    return DiskState(P.DISK_CODES[code])
+
+
+def block_digests(data: bytes) -> bytes:
+    """16-byte digests of each 4 KiB block (online verify compares these)."""
+    return b"".join(hashlib.blake2b(data[i:i + BLOCK], digest_size=16).digest()
+                    for i in range(0, len(data), BLOCK))
+
+
+def _until(pred: Callable[[], bool], until: float = math.inf):
+    """Wait until ``pred()`` (or the clock reaches ``until``)."""
+    if not pred():
+        yield Wait(pred, until)
+
+
+# ---------------------------------------------------------------- the engine
+class Engine:
+    """One node's replication state machine for one resource."""
+
+    # State attribute -> the word DRBD logs its changes under.
+    _STATE_WORDS = (("cstate", "conn"), ("dstate", "disk"), ("role", "role"),
+                    ("pdsk", "pdsk"), ("peer_role", "peer"))
+
+    def __init__(self, cfg: EngineConfig, *, new_uuid: Callable[[], int] | None = None,
+                 now: float = 0.0):
+        self.cfg = cfg
+        self.now = now
+        self._new_uuid = new_uuid or (lambda: secrets.randbits(63) << 1)
+        self.flows = FlowSet(lambda: self.now, self._flow_failed)
+        self._out: list = []
+        # States, as DRBD shows them.
+        self.role = Role.Secondary
+        self.peer_role = Role.Unknown
+        self.cstate = ConnState.StandAlone
+        self.dstate = DiskState.Diskless
+        self.pdsk = DiskState.DUnknown
+        self.disk: Disk | None = None
+        self.size = 0                  # agreed device size (kept while Diskless)
+        self.want_connect = False
+        self.discard_my_data = False
+        self.split_brain = False
+        self.last_event = ""
+        self.susp = False              # fencing: writes wait for resume-io
+        # The fence-peer handler said this node lost (exit 6): its disk is
+        # Outdated, nothing more is written or acknowledged, and no new data
+        # generation starts, so that when the link is back it is a plain
+        # SyncTarget of the winner (no split brain).
+        self.fence_lost = False
+        self.concurrent_writes = 0
+        # Opens of the device, by kind ("any" counts all of them).
+        self.opens = {"any": 0, "single": 0, "shared": 0}
+        self._peer_promotion_allowed_at = -math.inf
+        # Session (one per established connection).
+        self.session = 0
+        self.live = False              # the current session's connection is up
+        self._losing = False           # a lost connection is being cleaned up
+        self._rx: deque = deque()
+        self.last_heard = now
+        self._sent_params: P.Params | None = None
+        self.peer_params: P.Params | None = None
+        self._peer_bitmap_done = False
+        self._quiesce = 0              # handshakes agreeing generation/bitmap
+        # Write path.
+        self._seq = 0
+        self._epoch = 0                # epoch of the writes being sent
+        self._epoch_closed = False     # a write completed since the last send
+        self._pending: dict[int, Pending] = {}
+        self._flushes: dict[int, bool] = {}
+        self._reads: dict[int, list] = {}
+        self._role_replies: dict[int, int | None] = {}
+        self._ranges = IntervalSet()   # application ranges being written / resynced
+        self._app_writes: dict[int, tuple[int, int]] = {}
+        self._unrepl_inflight = 0
+        self._uuid_busy = False
+        # Receive path.
+        self._recv_ranges = IntervalSet()
+        self._recv_epoch = 0
+        self._recv_slots = 0
+        self._sync: SyncRun | None = None
+        self._verify: VerifyRun | None = None
+        # /proc/drbd counters (bytes or counts).
+        self.ns = self.nr = self.dw = self.dr = 0
+        self.lo = self.ap = self.ua = 0
+        self.al_writes = self.bm_writes = 0
+
+    # ============================================================ plumbing
+    def _emit(self, action) -> None:
+        self._out.append(action)
+
+    def _drain(self) -> list:
+        # (never called from inside a flow: the actions would go astray)
+        assert not self.flows.running, "an engine event called from inside a flow"
+        self.flows.run()
+        out, self._out = self._out, []
+        return out
+
+    def _log(self, level: str, text: str) -> None:
+        self._emit(Log(level, f"{self.cfg.name}: {text}"))
+
+    def _start(self, gen, *, group: Any = None, name: str = "") -> None:
+        self.flows.start(gen, group=group, name=name)
+
+    def _flow_failed(self, flow, exc: BaseException) -> None:
+        if flow.group is not None and flow.group == self.session and self.live:
+            self._session_failed(exc)
+            return
+        if isinstance(exc, (Drop, Fatal, P.RemoteProtocolError)):
+            return      # a session flow of a connection already gone
+        self._log("error", f"internal error in {flow.name}: {exc!r}")
+
+    def _set(self, **changes) -> None:
+        """Change states, logging each change the way DRBD does."""
+        for attr, word in self._STATE_WORDS:
+            new = changes.pop(attr, None)
+            old = getattr(self, attr)
+            if new is not None and new is not old:
+                self._log("info", f"{word}( {old.value} -> {new.value} )")
+                setattr(self, attr, new)
+        assert not changes, f"unknown state fields {sorted(changes)}"
+        if self.fence_lost and self.dstate is DiskState.UpToDate:
+            # resynced from the winner: the lost decision is behind us
+            self.fence_lost = False
+            if self.susp:
+                self._log("warning", "susp( 1 -> 0 ) resynced after a lost fence-peer "
+                                     "decision")
+            self.susp = False
+
+    def _send(self, pkt: P.Packet) -> None:
+        if self.live:
+            self._emit(Send(self.session, pkt))
+
+    def _tell_peer_state(self) -> None:
+        if self.live and self.cstate.is_connected:
+            self._send(P.StateUpdate(_role_code(self.role), _disk_code(self.dstate)))
+
+    def view(self) -> View:
+        return View(self.role, self.peer_role, self.dstate, self.pdsk, self.cstate,
+                    self.cfg.two_primaries)
+
+    @property
+    def deadline(self) -> float:
+        """When ``tick`` must be called next (inf: not before another event)."""
+        return self.flows.next_deadline()
+
+    @property
+    def can_connect(self) -> bool:
+        """The driver should be establishing a connection now."""
+        return self.want_connect and not self.live and not self._losing
+
+    @property
+    def fencing(self) -> str:
+        """The policy in effect: the configured one; with none configured,
+        resource-and-stonith while a filesystem is mounted on both nodes
+        (two writers must never both go on after losing each other)."""
+        if self.cfg.fencing:
+            return self.cfg.fencing
+        return "resource-and-stonith" if self.opens["shared"] else "dont-care"
+
+    # ------------------------------------------------------------ waiting helpers
+    def _issue(self, action_type, *args) -> int:
+        token = self.flows.token()
+        self._emit(action_type(token, *args))
+        return token
+
+    def _persist(self, disk: Disk, *, sb: md.Superblock | None = None,
+                 al: bool = False):
+        """Write the bitmap's dirty pages (and the activity log, and ``sb``)."""
+        pages = tuple(disk.bitmap.take_dirty_pages())
+        if sb is not None:
+            disk.sb = sb
+        if not pages and sb is None and not al:
+            return
+        self.bm_writes += len(pages)
+        self.al_writes += al
+        token = self._issue(PersistMeta, pages, tuple(disk.al.extents) if al else None, sb)
+        err = yield token
+        if err:
+            disk.bitmap.mark_all_pages_dirty()
+            raise MetaIOError(err)
+
+    def _op(self, op, gen):
+        """Run an administrative request; OpDone carries its refusal."""
+        try:
+            yield from gen
+        except (ReplfsError, StateChangeRefused) as e:
+            self._emit(OpDone(op, e))
+        except MetaIOError as e:
+            self._emit(OpDone(op, ReplfsError(f"{self.cfg.name}: {e}", EXIT_STATE)))
+        except Exception as e:      # a bug: say so, and never leave the caller waiting
+            self._log("error", f"internal error: {e!r}")
+            self._emit(OpDone(op, ReplfsError(f"{self.cfg.name}: internal error: {e!r}",
+                                              EXIT_STATE)))
+        else:
+            self._emit(OpDone(op, None))
+
+    def _app(self, req, gen):
+        """Run an application request; Complete carries its result."""
+        try:
+            data = yield from gen
+        except IOFailure as e:
+            self._emit(Complete(req, e.errno, None, str(e)))
+        except MetaIOError as e:
+            self._emit(Complete(req, errno.EIO, None, str(e)))
+        except Exception as e:      # a bug: say so, and never leave the caller waiting
+            self._log("error", f"internal error: {e!r}")
+            self._emit(Complete(req, errno.EIO, None, f"internal error: {e!r}"))
+        else:
+            self._emit(Complete(req, 0, data))
+
+    # ============================================================ events
+    def tick(self, now: float) -> list:
+        self.now = max(self.now, now)
+        return self._drain()
+
+    def done(self, token: int, result: Any = 0) -> list:
+        self.flows.complete(token, result)
+        return self._drain()
+
+    def opened(self, kind: str = "any") -> list:
+        self.opens["any"] += 1
+        if kind != "any":
+            self.opens[kind] += 1
+        return self._drain()
+
+    def closed(self, kind: str = "any") -> list:
+        self.opens["any"] = max(0, self.opens["any"] - 1)
+        if kind != "any":
+            self.opens[kind] = max(0, self.opens[kind] - 1)
+        return self._drain()
+
+    def check_single_open(self) -> None:
+        """Raise if a filesystem mounted for one node alone may not open the
+        device now: the peer is Primary or was just allowed to become it."""
+        recently = self.now - self._peer_promotion_allowed_at < self.cfg.timeout + 2
+        if self.peer_role is Role.Primary or recently:
+            raise ReplfsError(
+                f"{self.cfg.name}: the peer is Primary too; this filesystem is mounted "
+                f"on one node at a time: unmount it there and make it Secondary "
+                f"('replfsadm secondary {self.cfg.name}' on the peer)", EXIT_STATE)
+
+    # ============================================================ disk
+    def attach(self, op, sb: md.Superblock, bitmap: Bitmap, al_extents: list[int]) -> list:
+        self._start(self._op(op, self._attach(sb, bitmap, al_extents)), name="attach")
+        return self._drain()
+
+    def _attach(self, sb, bitmap, al_extents):
+        if self.disk is not None:
+            return
+        disk = Disk(sb, bitmap, self.cfg.al_extents)
+        nblocks = len(bitmap)
+        if sb.has(md.F_PRIMARY):
+            # Went down while Primary: blocks of every hot extent may
+            # differ from the peer's copy.
+            disk.crashed_primary = True
+            for e in al_extents:
+                first = e * BLOCKS_PER_EXTENT
+                if first < nblocks:
+                    bitmap.set_range(first, min(BLOCKS_PER_EXTENT, nblocks - first))
+            if al_extents:
+                self._log("warning", f"was Primary when it went down; marking "
+                                     f"{len(al_extents)} activity-log extents out of sync")
+        self._set(dstate=DiskState.Attaching)
+        try:
+            yield from self._persist(disk)
+            if self.role is Role.Primary:
+                yield from self._persist(disk, sb=disk.sb.with_flags(set_=md.F_PRIMARY))
+        except MetaIOError:
+            self._set(dstate=DiskState.Diskless)
+            self._emit(ReleaseDisk())
+            raise
+        self.disk = disk
+        self.size = sb.data_size
+        if not sb.has(md.F_CONSISTENT):
+            ds = DiskState.Inconsistent
+        elif sb.has(md.F_OUTDATED):
+            ds = DiskState.Outdated
+        elif sb.has(md.F_WAS_UP_TO_DATE):
+            ds = DiskState.UpToDate
+        else:
+            ds = DiskState.Consistent
+        self._set(dstate=ds)
+        self._tell_peer_state()
+        if self.live and self.cstate.is_connected:
+            # A disk attached under a live connection: agree on it afresh.
+            self._end_session(ConnState.NetworkFailure, False, "disk attached: reconnecting")
+
+    def detach(self, op) -> list:
+        self._start(self._op(op, self._detach()), name="detach")
+        return self._drain()
+
+    def _detach(self):
+        if self.disk is None:
+            return
+        if self.role is Role.Primary and not self._peer_serves():
+            raise ReplfsError(f"{self.cfg.name}: State change failed: (-2) Refusing to "
+                              f"detach the disk of a Primary without an UpToDate peer",
+                              EXIT_STATE)
+        if self.cstate.is_syncing:
+            raise refuse(SS_RESYNC_RUNNING)
+        yield from _until(lambda: not len(self._ranges) and not self.lo)
+        disk, self.disk = self.disk, None
+        try:
+            yield from self._persist(disk)
+        finally:
+            self._emit(ReleaseDisk())
+            self._set(dstate=DiskState.Diskless)
+            self._tell_peer_state()
+
+    # ============================================================ roles
+    def primary(self, op, force: bool = False) -> list:
+        self._start(self._op(op, self._primary(force)), name="primary")
+        return self._drain()
+
+    def _primary(self, force: bool):
+        if self.role is Role.Primary:
+            return
+        while True:
+            yield from _until(lambda: not self._losing)
+            link = (self.session, self.live)
+            yield from self._may_promote(force)
+            disk = self.disk
+            if disk is not None and not disk.sb.has(md.F_PRIMARY):
+                yield from self._persist(disk, sb=disk.sb.with_flags(set_=md.F_PRIMARY))
+            if (self.session, self.live) == link and not self._losing:
+                break
+            # The connection came or went while we waited: what the peer
+            # agreed to (or could not object to) is stale; judge again.
+            self._log("info", "connection changed during promotion; checking again")
+        self._set(role=Role.Primary)
+        self._tell_peer_state()
+        if force and self.cstate is ConnState.Connected and self.pdsk in (
+                DiskState.Inconsistent, DiskState.Outdated, DiskState.Consistent):
+            # Connected fresh pair: the forced node's data wins, full sync now.
+            self._start(self._begin_sync_as_source(True), group=self.session,
+                        name="sync-source")
+
+    def _may_promote(self, force: bool):
+        """Raise unless this node may become Primary now (may ask the peer,
+        or have it fenced)."""
+        try:
+            if self.live and self.cstate.is_connected:
+                # Ask the peer first: its reply travels behind any role change
+                # it made a moment ago, so the check below sees its real role.
+                result = yield from self._ask_peer_role(Role.Primary)
+                # (no answer because the connection went away: judged below
+                # as a disconnected node, never taken as a yes)
+                yield from _until(lambda: not self._losing)
+                if result and self.live and self.cstate.is_connected:
+                    raise StateChangeRefused(result, {
+                        -1: "Multiple primaries not allowed by config",
+                        -12: "Device is held open by the peer: a replfs filesystem is "
+                             "mounted there for one node alone (unmount it there first)",
+                    }.get(result, "Refused by peer"))
+            check_promote(self.view(), force=force)
+            if self.fencing != "dont-care" and not (self.live and self.cstate.is_connected) \
+                    and self.pdsk in (DiskState.DUnknown, DiskState.Consistent,
+                                      DiskState.UpToDate):
+                # As DRBD: with fencing, a node that cannot see its peer has
+                # the peer fenced (outdated, or shot) before it may be Primary.
+                code = yield from self._handler("fence-peer")
+                if code not in (3, 4, 5, 7):
+                    self._log("warning", f"fence-peer helper returned {code}: not "
+                                         f"becoming Primary")
+                    raise refuse(SS_PRIMARY_NOP)
+                self._log("warning", f"fence-peer helper returned {code}: peer outdated")
+                self._set(pdsk=DiskState.Outdated)
+            if self.disk is None and not self._peer_serves():
+                raise refuse(SS_IS_DISKLESS, EXIT_NO_LOCAL_DISK)
+            if force and self.dstate is not DiskState.UpToDate:
+                yield from self._force_uptodate()
+        except (StateChangeRefused, ReplfsError):
+            disk = self.disk
+            if disk is not None and disk.sb.has(md.F_PRIMARY):
+                # set by an earlier round of this promotion: not Primary after all
+                yield from self._persist(disk, sb=disk.sb.with_flags(clear=md.F_PRIMARY))
+            raise
+
+    def _ask_peer_role(self, role: Role):
+        """Ask the connected peer whether we may take ``role``; 0 means yes."""
+        self._seq += 1
+        token = self._seq
+        self._role_replies[token] = None
+        session = self.session
+        self._send(P.RoleRequest(token, _role_code(role)))
+        yield from _until(lambda: self._role_replies.get(token) is not None
+                          or self.session != session or not self.live,
+                          self.now + self.cfg.timeout + 1)
+        return self._role_replies.pop(token, None) or 0
+
+    def _force_uptodate(self):
+        """`primary --force`: declare the local data good (a new generation)."""
+        disk = self.disk
+        uuids = disk.sb.uuids
+        if uuids.current == JUST_CREATED:
+            uuids = Uuids(self._new_uuid(), 0, uuids.history)
+        else:
+            uuids = uuids.with_new_current(self._new_uuid())
+        sb = replace(disk.sb.with_flags(set_=md.F_CONSISTENT | md.F_WAS_UP_TO_DATE,
+                                        clear=md.F_OUTDATED), uuids=uuids)
+        if self.pdsk is not DiskState.UpToDate:
+            disk.bitmap.set_all()
+        yield from self._persist(disk, sb=sb)
+        self._set(dstate=DiskState.UpToDate)
+
+    def secondary(self, op) -> list:
+        self._start(self._op(op, self._secondary()), name="secondary")
+        return self._drain()
+
+    def _secondary(self):
+        if self.role is Role.Secondary:
+            return
+        if self.opens["any"]:
+            raise ReplfsError(f"{self.cfg.name}: State change failed: (-12) Device is held "
+                              f"open by someone", EXIT_STATE)
+        yield from _until(lambda: not len(self._ranges) and not self.lo)
+        if self.disk is not None:
+            yield from self._persist(self.disk, sb=self.disk.sb.with_flags(clear=md.F_PRIMARY))
+        self._set(role=Role.Secondary)
+        self._tell_peer_state()
+
+    def outdate(self, op) -> list:
+        self._start(self._op(op, self._outdate()), name="outdate")
+        return self._drain()
+
+    def _outdate(self):
+        check_outdate(self.view())
+        if self.cstate.is_connected:
+            raise ReplfsError(f"{self.cfg.name}: State change failed: (-10) Refusing to "
+                              f"outdate a connected disk", EXIT_STATE)
+        if self.dstate is DiskState.Outdated:
+            return
+        yield from self._persist(self.disk, sb=self.disk.sb.with_flags(set_=md.F_OUTDATED))
+        self._set(dstate=DiskState.Outdated)
+
+    def new_current_uuid(self, op) -> list:
+        def gen():
+            if self.disk is None:
+                raise refuse(SS_IS_DISKLESS, EXIT_NO_LOCAL_DISK)
+            yield from self._new_generation(force=True)
+        self._start(self._op(op, gen()), name="new-current-uuid")
+        return self._drain()
+
+    def _new_generation(self, *, force: bool = False):
+        """Start a new data generation: writes from here on are not on the peer."""
+        yield from _until(lambda: not self._uuid_busy)
+        disk = self.disk
+        if disk is None:
+            return
+        uuids = disk.sb.uuids
+        if uuids.bitmap and not force:
+            return
+        self._uuid_busy = True
+        try:
+            yield from self._persist(disk, sb=replace(
+                disk.sb, uuids=uuids.with_new_current(self._new_uuid())))
+        finally:
+            self._uuid_busy = False
+        self._log("info", "new current UUID %016X (bitmap UUID %016X)"
+                  % (disk.sb.uuids.current, disk.sb.uuids.bitmap))
+
+    def invalidate(self, op) -> list:
+        self._start(self._op(op, self._invalidate()), name="invalidate")
+        return self._drain()
+
+    def _invalidate(self):
+        """Discard local data; full sync from the peer (now, or on connect)."""
+        if self.disk is None:
+            raise refuse(SS_IS_DISKLESS, EXIT_NO_LOCAL_DISK)
+        if self.role is Role.Primary:
+            raise ReplfsError(f"{self.cfg.name}: State change failed: (-2) Refusing to "
+                              f"invalidate the data of a Primary", EXIT_STATE)
+        if self.cstate.is_syncing:
+            raise refuse(SS_RESYNC_RUNNING)
+        disk = self.disk
+        disk.bitmap.set_all()
+        yield from self._persist(disk, sb=disk.sb.with_flags(
+            clear=md.F_CONSISTENT | md.F_WAS_UP_TO_DATE))
+        self._set(dstate=DiskState.Inconsistent)
+        self._tell_peer_state()
+        if self.live and self.cstate is ConnState.Connected:
+            self._end_session(ConnState.NetworkFailure, False, "invalidated: reconnecting")
+
+    def invalidate_remote(self, op) -> list:
+        def gen():
+            if self.disk is None:
+                raise refuse(SS_IS_DISKLESS, EXIT_NO_LOCAL_DISK)
+            if self.cstate is not ConnState.Connected:
+                raise refuse(SS_NEED_CONNECTION)
+            if self.dstate is not DiskState.UpToDate:
+                raise refuse((-2, "Refusing to be SyncSource without an UpToDate disk"))
+            self._start(self._begin_sync_as_source(True), group=self.session,
+                        name="sync-source")
+            return
+            yield
+        self._start(self._op(op, gen()), name="invalidate-remote")
+        return self._drain()
+
+    def resume_io(self, op=None) -> list:
+        self._resume_io()
+        if op is not None:
+            self._emit(OpDone(op, None))
+        return self._drain()
+
+    def _resume_io(self) -> None:
+        if self.susp:
+            self._log("warning", "susp( 1 -> 0 )")
+        self.susp = False
+
+    # ============================================================ application I/O
+    def _require_io(self) -> Disk | None:
+        """The local disk to use, or None when the peer serves the I/O."""
+        if self.role is not Role.Primary:
+            raise IOFailure(errno.EMEDIUMTYPE,
+                            f"{self.cfg.name} is Secondary: no application I/O")
+        if self.disk is not None and self.dstate in (DiskState.UpToDate, DiskState.Consistent):
+            return self.disk
+        if self.disk is not None and self.dstate is DiskState.Inconsistent \
+                and self._peer_serves():
+            return self.disk     # SyncTarget while Primary: stale blocks come from the peer
+        if self.disk is None and self._peer_serves():
+            return None          # Diskless Primary
+        raise IOFailure(errno.EIO, f"{self.cfg.name}: no UpToDate disk reachable")
+
+    def _peer_serves(self) -> bool:
+        return self.live and self.cstate.is_connected and self.pdsk is DiskState.UpToDate
+
+    def _replicating(self) -> bool:
+        return (self.live and self.cstate.is_connected
+                and self.pdsk in (DiskState.UpToDate, DiskState.Inconsistent,
+                                  DiskState.Consistent, DiskState.Outdated))
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0:
+            raise IOFailure(errno.EINVAL, "negative offset or length")
+        if offset + length > self.size:
+            raise IOFailure(errno.ENOSPC, f"I/O beyond end of device "
+                            f"({offset}+{length} > {self.size})")
+
+    def _lock_range(self, start: int, end: int):
+        yield from _until(lambda: not self._ranges.overlaps(start, end))
+        return self._ranges.add(start, end)
+
+    # ------------------------------------------------------------ read
+    def read(self, req, offset: int, length: int) -> list:
+        self._start(self._app(req, self._read(offset, length)), name="read")
+        return self._drain()
+
+    def _read(self, offset: int, length: int):
+        disk = self._require_io()
+        if offset < 0 or length < 0:
+            raise IOFailure(errno.EINVAL, "negative offset or length")
+        length = max(0, min(length, self.size - offset))
+        if disk is not None and self.dstate is DiskState.Inconsistent:
+            first, count = blocks_of(offset, length)
+            if any(disk.bitmap.test(b) for b in range(first, first + count)):
+                return (yield from self._remote_read(offset, length))
+        if disk is None:
+            return (yield from self._remote_read(offset, length))
+        self.lo += 1
+        try:
+            result = yield self._issue(DiskRead, offset, length)
+        finally:
+            self.lo -= 1
+        if isinstance(result, int):
+            yield from self._local_io_error("read", result, offset, length)
+            if self._peer_serves():
+                return (yield from self._remote_read(offset, length))
+            raise IOFailure(errno.EIO, f"{self.cfg.name}: local read failed and no peer "
+                                       f"has the data")
+        self.dr += len(result)
+        return result
+
+    def _remote_read(self, offset: int, length: int):
+        if not self._peer_serves():
+            raise IOFailure(errno.EIO, f"{self.cfg.name}: no UpToDate disk reachable")
+        self._seq += 1
+        seq = self._seq
+        box: list = []
+        self._reads[seq] = box
+        try:
+            self._send(P.ReadRequest(seq, offset, length))
+            yield from _until(lambda: bool(box))
+        finally:
+            self._reads.pop(seq, None)
+        if isinstance(box[0], int):
+            raise IOFailure(box[0] or errno.EIO, f"{self.cfg.name}: read through the peer "
+                                                 f"failed")
+        self.nr += len(box[0])
+        return box[0]
+
+    # ------------------------------------------------------------ write
+    def write(self, req, offset: int, data: bytes) -> list:
+        self._start(self._app(req, self._write(offset, data)), name="write")
+        return self._drain()
+
+    def _write(self, offset: int, data: bytes):
+        self._require_io()
+        self._check_range(offset, len(data))
+        if not data:
+            return None
+        yield from _until(lambda: not self.susp or self.fence_lost)
+        if self.fence_lost:
+            raise IOFailure(errno.EIO, f"{self.cfg.name}: this node lost the fence-peer "
+                                       f"decision; its disk is Outdated")
+        yield from _until(lambda: self.cstate not in _HOLD_WRITES)
+        self.ap += 1
+        # Ranges are locked in whole 4 KiB blocks: the unit of the bitmap,
+        # of resync, and of a read-modify-write below.
+        lock_start = offset - offset % BLOCK
+        lock_end = -(-(offset + len(data)) // BLOCK) * BLOCK
+        token = None
+        try:
+            token = yield from self._lock_range(lock_start, lock_end)
+            self._app_writes[token] = (offset, offset + len(data))
+            disk = self._require_io()   # may have changed while we waited
+            if disk is None:
+                yield from self._replicated_write(None, offset, data)
+                return None
+            target = self.dstate is DiskState.Inconsistent
+            if target:
+                offset, data = yield from self._fill_stale_blocks(disk, offset, data)
+            e_first, e_last = extents_of(offset, len(data))
+            yield from self._al_begin(disk, e_first, e_last)
+            try:
+                yield from self._replicated_write(disk, offset, data)
+            finally:
+                disk.al.end(e_first, e_last)
+            if target and self.disk is disk:
+                # These blocks are now current here and on the peer: a resync
+                # chunk for them still in flight must not overwrite them.
+                first = -(-offset // BLOCK)
+                last = (offset + len(data)) // BLOCK
+                if last > first:
+                    disk.bitmap.clear_range(first, last - first)
+        finally:
+            if token is not None:
+                self._app_writes.pop(token, None)
+                self._ranges.remove(token)
+            self.ap -= 1
+        return None
+
+    def _fill_stale_blocks(self, disk: Disk, offset: int, data: bytes):
+        """A Primary that is SyncTarget writes part of a block this disk does
+        not have yet: complete the block from the peer's copy first."""
+        first, count = blocks_of(offset, len(data))
+        end = offset + len(data)
+        head_stale = offset % BLOCK and disk.bitmap.test(first)
+        tail_stale = end % BLOCK and disk.bitmap.test(first + count - 1)
+        if not (head_stale or tail_stale):
+            return offset, data
+        start = first * BLOCK
+        current = bytearray((yield from self._remote_read(start, count * BLOCK)))
+        current[offset - start:end - start] = data
+        return start, bytes(current)
+
+    def _al_begin(self, disk: Disk, first: int, last: int):
+        while True:
+            try:
+                changed = disk.al.begin(first, last)
+                break
+            except ActivityLogFull:
+                in_flight = disk.al.in_flight()
+                yield Wait(lambda: disk.al.in_flight() < in_flight)
+        if changed:
+            yield from self._persist(disk, al=True)
+
+    def _replicated_write(self, disk: Disk | None, offset: int, data: bytes):
+        yield from _until(lambda: self._replicating() or not self._quiesce)
+        if disk is None and not self._replicating():
+            raise IOFailure(errno.EIO, f"{self.cfg.name}: no UpToDate disk reachable")
+        pending = None
+        local_error = 0
+        if self._replicating():
+            self._seq += 1
+            seq = self._seq
+            if self._epoch_closed:
+                # Some write completed since the last one was sent: this one
+                # may depend on it, so it starts a new epoch.
+                self._epoch += 1
+                self._epoch_closed = False
+            pending = Pending(offset, len(data), self._epoch, self.now)
+            if disk is not None:
+                # The activity log covers this write until the peer has it
+                # (WriteAck) or the bitmap records that it does not.
+                pending.disk = disk
+                pending.extents = extents_of(offset, len(data))
+                disk.al.begin(*pending.extents)   # hot already: no transaction
+            self._pending[seq] = pending
+            self._send(P.Data(seq, pending.epoch, offset, data))
+            self.ns += len(data)
+            if disk is not None:
+                local_error = yield from self._local_write(offset, data)
+            proto = self.cfg.protocol
+            if disk is None or proto == "C":
+                yield from _until(lambda: pending.done)
+            elif proto == "B":
+                yield from _until(lambda: pending.received)
+            self._epoch_closed = True
+            # Completed by a connection loss rather than by the peer: with
+            # fencing that failed, nothing more is acknowledged until the
+            # admin resumes I/O.
+            yield from _until(lambda: pending.acked or not self.susp or self.fence_lost)
+            if not pending.acked and self.fence_lost:
+                raise IOFailure(errno.EIO, f"{self.cfg.name}: not acknowledged: this node "
+                                           f"lost the fence-peer decision")
+        else:
+            self._unrepl_inflight += 1
+            try:
+                yield from self._mark_unreplicated(offset, len(data))
+                local_error = yield from self._local_write(offset, data)
+            finally:
+                self._unrepl_inflight -= 1
+        if local_error:
+            yield from self._local_io_error("write", local_error, offset, len(data))
+            # The write still counts if the peer's disk has it.
+            if pending is None:
+                raise IOFailure(errno.EIO, f"{self.cfg.name}: local write failed and there "
+                                           f"is no peer to hold it")
+            yield from _until(lambda: pending.done)
+        if (local_error or disk is None) and not (pending and pending.acked):
+            raise IOFailure(errno.EIO, f"{self.cfg.name}: the write reached no disk")
+
+    def _local_write(self, offset: int, data: bytes):
+        self.lo += 1
+        try:
+            err = yield self._issue(DiskWrite, offset, data)
+        finally:
+            self.lo -= 1
+        if not err:
+            self.dw += len(data)
+        return err
+
+    def _mark_unreplicated(self, offset: int, length: int):
+        """This write will not reach the peer: remember it in the bitmap."""
+        disk = self.disk
+        if disk is None:
+            return
+        if not disk.sb.uuids.bitmap and self.role is Role.Primary:
+            yield from self._new_generation()
+        first, count = blocks_of(offset, length)
+        disk.bitmap.set_range(first, count)
+
+    def _peer_lacks(self, offset: int, length: int):
+        """The peer's disk does not have this range (it failed or is gone)."""
+        disk = self.disk
+        if disk is None:
+            return
+        if not disk.sb.uuids.bitmap:
+            yield from self._new_generation()
+        first, count = blocks_of(offset, length)
+        if disk.bitmap.set_range(first, count):
+            # This node may be the only one that knows: persist before the
+            # write that made it so is acknowledged.
+            yield from self._persist(disk)
+
+    def _al_release(self, p: Pending) -> None:
+        """The peer has the write, or the bitmap says it lacks it."""
+        if p.disk is not None:
+            p.disk.al.end(*p.extents)
+            p.disk = None
+
+    # ------------------------------------------------------------ flush
+    def flush(self, req) -> list:
+        self._start(self._app(req, self._flush()), name="flush")
+        return self._drain()
+
+    def _flush(self):
+        disk = self._require_io()
+        seq = None
+        if self._replicating() and (self.cfg.protocol != "A" or disk is None):
+            self._seq += 1
+            seq = self._seq
+            self._flushes[seq] = False
+            self._send(P.Flush(seq))
+        try:
+            if disk is not None:
+                err = yield self._issue(DiskFlush)
+                if not err:
+                    try:
+                        yield from self._persist(disk)
+                    except MetaIOError as e:
+                        err = e.errno
+                if err:
+                    yield from self._local_io_error("flush", err, 0, 0)
+                    if seq is None:
+                        raise IOFailure(errno.EIO, f"{self.cfg.name}: flush failed and no "
+                                                   f"peer holds the data")
+            elif seq is None:
+                raise IOFailure(errno.EIO, f"{self.cfg.name}: no UpToDate disk reachable")
+            if seq is not None:
+                yield from _until(lambda: self._flushes.get(seq, True))
+        finally:
+            if seq is not None:
+                self._flushes.pop(seq, None)
+        return None
+
+    # ------------------------------------------------------------ local I/O errors
+    def _local_io_error(self, what: str, err: int, offset: int, length: int):
+        """A local read or write failed: apply the on-io-error policy."""
+        policy = self.cfg.on_io_error
+        self._log("error", "Local IO failed in %s at %d+%d: errno %d. %s" % (
+            what, offset, length, err,
+            "Passing the error on." if policy == "pass_on" else "Detaching..."))
+        if policy == "call-local-io-error":
+            yield from self._handler("local-io-error")
+        if policy == "pass_on" or self.disk is None:
+            return
+        # The peer must resync this range (and everything the disk misses
+        # from now on) into this disk should it come back.
+        if self.cstate.is_connected:
+            self._send(P.OutOfSync(offset, length))
+        disk, self.disk = self.disk, None
+        self._set(dstate=DiskState.Failed)
+        try:
+            yield from self._persist(disk, sb=disk.sb.with_flags(clear=md.F_CONSISTENT))
+        except MetaIOError:
+            self._log("error", "could not mark the failed disk inconsistent")
+        self._emit(ReleaseDisk())
+        self._set(dstate=DiskState.Diskless)
+        self._tell_peer_state()
+
+    def _handler(self, name: str):
+        """Run handler ``name``; its exit code, or None if none runs."""
+        code = yield self._issue(RunHandler, name)
+        return code
+
+    # ============================================================ connection
+    def connect(self, op=None, *, discard_my_data: bool = False) -> list:
+        if discard_my_data and self.role is Role.Primary and not self.cfg.two_primaries:
+            err = ReplfsError(f"{self.cfg.name}: --discard-my-data is refused on a Primary; "
+                              f"run 'replfsadm secondary {self.cfg.name}' first", EXIT_STATE)
+            if op is not None:
+                self._emit(OpDone(op, err))
+                return self._drain()
+            raise err
+        if discard_my_data:
+            self.discard_my_data = True
+        if not self.want_connect:
+            self.want_connect = True
+            self.split_brain = False
+            if not self.live and not self._losing:
+                self._set(cstate=ConnState.Unconnected)
+        if op is not None:
+            self._emit(OpDone(op, None))
+        return self._drain()
+
+    def connecting(self) -> list:
+        """The driver listens and connects (WFConnection)."""
+        if self.want_connect and not self.live:
+            self._set(cstate=ConnState.WFConnection)
+        return self._drain()
+
+    def disconnect(self, op=None) -> list:
+        self.want_connect = False
+        if self.live:
+            self._set(cstate=ConnState.Disconnecting)
+            self._send(P.Goodbye())
+            self._end_session(ConnState.TearDown, False, "disconnecting")
+        self._start(self._op(op, self._disconnected()) if op is not None
+                    else self._disconnected(), name="disconnect")
+        return self._drain()
+
+    def _disconnected(self):
+        yield from _until(lambda: not self._losing)
+        if not self.want_connect:
+            self._set(cstate=ConnState.StandAlone, pdsk=DiskState.DUnknown,
+                      peer_role=Role.Unknown)
+
+    def connected(self) -> tuple[int, list]:
+        """A connection to the peer is up and authenticated: a new session."""
+        assert not self.live, "a session is already live"
+        self.session += 1
+        self.live = True
+        self._rx.clear()
+        self.last_heard = self.now
+        self._start(self._session_main(), group=self.session, name="session")
+        return self.session, self._drain()
+
+    def receive(self, session: int, pkt: P.Packet) -> list:
+        if session != self.session or not self.live:
+            return []
+        self._rx.append(pkt)
+        self.last_heard = self.now
+        return self._drain()
+
+    def connection_lost(self, session: int, state: ConnState = ConnState.NetworkFailure,
+                        why: str = "connection lost") -> list:
+        if session == self.session and self.live:
+            self._log("warning", why)
+            self._end_session(state, False, why, close=False)
+        return self._drain()
+
+    def _session_failed(self, exc: BaseException) -> None:
+        if isinstance(exc, Fatal):
+            self._log("error", str(exc))
+            self.last_event = str(exc)
+            self._end_session(ConnState.StandAlone, True, str(exc))
+        elif isinstance(exc, Drop):
+            self._log("warning", str(exc))
+            self._end_session(exc.state, False, str(exc))
+        elif isinstance(exc, P.RemoteProtocolError):
+            self._log("error", f"protocol error from peer: {exc}")
+            self._end_session(ConnState.ProtocolError, False, f"protocol error: {exc}")
+        elif isinstance(exc, MetaIOError):
+            self._log("error", f"{exc}; dropping the connection")
+            self._end_session(ConnState.NetworkFailure, False, str(exc))
+        else:
+            # Whatever the peer sent, or whatever went wrong handling it,
+            # costs this connection, never the resource.
+            self._log("error", f"error handling the peer's data ({exc!r}); dropping the "
+                               f"connection")
+            self._end_session(ConnState.ProtocolError, False, repr(exc))
+
+    def _end_session(self, state: ConnState, fatal: bool, why: str, *,
+                     close: bool = True) -> None:
+        if not self.live:
+            return
+        session = self.session
+        self.live = False
+        if close:
+            self._emit(CloseConnection(session, why))
+        self.flows.cancel_group(session)
+        if self._quiesce:
+            self._quiesce = 0
+        if fatal:
+            self.want_connect = False
+        self._losing = True
+        self._start(self._connection_lost(state, fatal), name="connection-lost")
+
+    def _connection_lost(self, state: ConnState, fatal: bool):
+        """Every write the peer has not confirmed is now out of sync."""
+        try:
+            self._sync = None
+            self._verify = None
+            if self.role is Role.Primary and self.pdsk is DiskState.UpToDate \
+                    and self.disk is not None and self.want_connect:
+                # Not an orderly disconnect: fence before completing anything.
+                yield from self._fence_peer()
+            pendings = list(self._pending.values())
+            self._pending.clear()
+            try:
+                if pendings and self.disk is not None:
+                    if self.role is Role.Primary and not self.fence_lost:
+                        # (the loser starts no generation: its unacknowledged
+                        # blocks, marked below, come back from the winner)
+                        yield from self._new_generation()
+                    disk = self.disk
+                    if disk is not None:
+                        for p in pendings:
+                            first, count = blocks_of(p.offset, p.length)
+                            disk.bitmap.set_range(first, count)
+                if self.disk is not None:
+                    yield from self._persist(self.disk)
+            except MetaIOError as e:
+                # The meta-data cannot record what the peer misses: this disk
+                # can no longer be trusted to know; give it up.
+                yield from self._local_io_error("meta-data write", e.errno, 0, 0)
+            finally:
+                for p in pendings:
+                    self._al_release(p)
+                    p.received = p.done = True
+                for seq in self._flushes:
+                    self._flushes[seq] = True
+                for box in self._reads.values():
+                    if not box:
+                        box.append(errno.EIO)
+                for token in self._role_replies:
+                    if self._role_replies[token] is None:
+                        self._role_replies[token] = 0
+        finally:
+            self._losing = False
+        # A fenced peer is known to be Outdated (ds:UpToDate/Outdated).
+        pdsk = DiskState.Outdated if self.pdsk is DiskState.Outdated else DiskState.DUnknown
+        self._set(cstate=state, peer_role=Role.Unknown, pdsk=pdsk)
+        if fatal or not self.want_connect:
+            self.want_connect = False
+            self._set(cstate=ConnState.StandAlone)
+        else:
+            self._set(cstate=ConnState.Unconnected)
+
+    def _fence_peer(self):
+        """A Primary lost an UpToDate peer: make sure the peer cannot be
+        promoted with old data before anything more is acknowledged."""
+        if self.fencing == "dont-care" or self.role is not Role.Primary:
+            return
+        stonith = self.fencing == "resource-and-stonith"
+        if stonith:
+            self.susp = True
+            self._log("warning", "susp( 0 -> 1 ) fencing the peer")
+        code = yield from self._handler("fence-peer")
+        if code == 6 and stonith:
+            # The peer goes on (the cluster stack chose it): this node
+            # outdates itself and fails what it held.
+            self._log("warning", "fence-peer helper returned 6 (peer is primary, "
+                                 "outdating myself)")
+            self.fence_lost = True
+            self.last_event = "fence-peer: this node lost; disk Outdated"
+            if self.disk is not None:
+                try:
+                    yield from self._persist(self.disk, sb=self.disk.sb.with_flags(
+                        set_=md.F_OUTDATED))
+                except MetaIOError as e:
+                    self._log("error", f"cannot record Outdated: {e}")
+                self._set(dstate=DiskState.Outdated)
+            self._start(self._demote_when_unused(), name="demote-when-unused")
+            return
+        if code in (3, 4, 5, 7):
+            what = {3: "peer is inconsistent or outdated already", 4: "peer was fenced",
+                    5: "peer is unreachable, assumed to be dead",
+                    7: "peer was stonithed"}[code]
+            self._log("warning", f"fence-peer helper returned {code} ({what})")
+            self._set(pdsk=DiskState.Outdated)
+            self._resume_io()
+        else:
+            self._log("error", "fence-peer helper %s (returned %s); %s" % (
+                "missing" if code is None and "fence-peer" not in self.cfg.handlers
+                else "broken", code,
+                "I/O stays suspended until 'replfsadm resume-io'" if stonith
+                else "continuing without fencing"))
+            self.last_event = f"fence-peer failed ({code})"
+
+    def _demote_when_unused(self):
+        """After a lost fence-peer decision: once nothing has the device open
+        (the fenced mounts are unmounted), become Secondary, so the next
+        connection makes this node the winner's SyncTarget."""
+        yield from _until(lambda: not self.fence_lost or self.role is not Role.Primary
+                          or not self.opens["any"])
+        if self.fence_lost and self.role is Role.Primary:
+            try:
+                yield from self._secondary()
+                self._log("warning", "demoted after losing the fence-peer decision; it "
+                                     "resyncs from the peer when the link is back")
+            except (ReplfsError, MetaIOError) as e:
+                self._log("error", f"cannot demote after a lost fence-peer decision: {e}")
+
+    # ------------------------------------------------------------ handshake
+    def _recv(self, until: float = math.inf):
+        yield from _until(lambda: bool(self._rx), until)
+        if not self._rx:
+            raise Drop("handshake timed out", ConnState.Timeout)
+        return self._rx.popleft()
+
+    def _my_params(self) -> P.Params:
+        disk = self.disk
+        proto = self.cfg.protocol.encode()
+        common = (proto, int(self.cfg.two_primaries), int(self.discard_my_data),
+                  _role_code(self.role), _disk_code(self.dstate))
+        if disk is None:
+            return P.Params(*common, 0, 0, 0, 0, 0, 0, 0, 0)
+        u = disk.sb.uuids
+        flags = 0
+        if self.dstate is DiskState.Inconsistent:
+            flags |= P.PF_INCONSISTENT
+        if disk.crashed_primary:
+            flags |= P.PF_CRASHED_PRIMARY
+        return P.Params(*common, flags, disk.sb.data_size, disk.sb.device_uuid,
+                        u.current, u.bitmap, u.history[0], u.history[1], disk.bitmap.count)
+
+    def _session_main(self):
+        self._set(cstate=ConnState.WFReportParams)
+        # From here until the sync decision is made, nothing may change the
+        # generation or the bitmap we tell the peer about: writes that
+        # cannot be replicated wait, and those already running finish
+        # first; so do the previous session's writes for the peer.
+        self._quiesce += 1
+        limit = self.now + max(self.cfg.timeout, 5.0)
+        yield from _until(lambda: not self._unrepl_inflight and not len(self._recv_ranges),
+                          limit)
+        self._sent_params = self._my_params()
+        self._send(self._sent_params)
+        params = yield from self._recv(limit)
+        if not isinstance(params, P.Params):
+            raise P.RemoteProtocolError(f"expected Params, got {type(params).__name__}")
+        if self.disk is None and params.data_size:
+            self.size = params.data_size
+        if params.protocol.decode(errors="replace") != self.cfg.protocol:
+            raise Fatal(f"incompatible protocol settings (we use {self.cfg.protocol}, "
+                        f"peer uses {params.protocol.decode(errors='replace')})")
+        if bool(params.two_primaries) != self.cfg.two_primaries:
+            raise Fatal("incompatible allow-two-primaries settings")
+        if self.disk is not None and params.data_size and params.data_size != self.size:
+            raise Fatal(f"the peer's disk size ({params.data_size} bytes) differs from "
+                        f"ours ({self.size} bytes); resizing is not supported")
+        self.peer_params = params
+        self._set(peer_role=_peer_role(params.role), pdsk=_peer_disk(params.disk))
+        decision = self._decide(params)
+        if decision is Decision.SPLIT_BRAIN:
+            self.split_brain = True
+            yield from self._handler("split-brain")
+            raise Fatal("Split-Brain detected, dropping connection!")
+        if decision is Decision.UNRELATED:
+            raise Fatal("Unrelated data, aborting!")
+        if decision.i_am_target and self.role is Role.Primary and \
+                self.dstate is not DiskState.Inconsistent:
+            if self.fence_lost:
+                raise Drop("I shall become SyncTarget, but I am primary (the loser of the "
+                           "fence-peer decision: retrying once it is demoted)")
+            raise Fatal("I shall become SyncTarget, but I am primary!")
+        if (self.role is Role.Primary and self.peer_role is Role.Primary
+                and not self.cfg.two_primaries):
+            raise Fatal("both nodes are Primary and allow-two-primaries is not set; "
+                        "demote one with 'replfsadm secondary'")
+        self.discard_my_data = False
+        self._peer_bitmap_done = False
+        # Go straight to the state the decision calls for: showing
+        # "Connected" first would tell wait-sync (and admins) that the
+        # disks agree before the resync has even started.
+        if decision.i_am_source:
+            self._set(cstate=ConnState.StartingSyncS if decision.full else ConnState.WFBitMapS)
+        elif decision.i_am_target:
+            self._set(cstate=ConnState.StartingSyncT if decision.full else ConnState.WFBitMapT)
+        else:
+            self._set(cstate=ConnState.Connected)
+        self._quiesce = 0
+        session = self.session
+        self._start(self._receiver(), group=session, name="receiver")
+        self._start(self._pinger(), group=session, name="pinger")
+        if decision is Decision.NO_SYNC and self.disk is not None:
+            yield from self._connected_in_sync(params)
+        elif decision.i_am_source:
+            yield from self._begin_sync_as_source(decision.full)
+        elif decision.i_am_target:
+            if not decision.full:
+                self._send_bitmap()
+        elif decision is Decision.BOTH_FRESH:
+            self._log("info", "both disks are fresh (just created): no sync until one "
+                              "node is made Primary with --force")
+
+    def _decide(self, params: P.Params) -> Decision:
+        # Decide from exactly what we told the peer, so both sides reach
+        # mirror-image decisions even if something changed meanwhile.
+        sp = self._sent_params
+        if self.disk is None or sp.data_size == 0 or params.data_size == 0:
+            return Decision.NO_SYNC
+        me = Side(Uuids(sp.current, sp.bitmap, (sp.history1, sp.history2)),
+                  bool(sp.flags & P.PF_INCONSISTENT), bool(sp.flags & P.PF_CRASHED_PRIMARY),
+                  sp.role == _role_code(Role.Primary), sp.oos_blocks, self.cfg.node)
+        peer = Side(Uuids(params.current, params.bitmap, (params.history1, params.history2)),
+                    bool(params.flags & P.PF_INCONSISTENT),
+                    bool(params.flags & P.PF_CRASHED_PRIMARY),
+                    params.role == _role_code(Role.Primary), params.oos_blocks,
+                    self.cfg.peer)
+        decision = compare(me, peer)
+        self._log("info", f"uuid_compare: {decision.value} (me {me.uuids.show()}, "
+                          f"peer {peer.uuids.show()})")
+        if decision is Decision.SPLIT_BRAIN:
+            mine, theirs = self.discard_my_data, bool(params.discard_my_data)
+            if mine and not theirs:
+                self._log("warning", "Split-Brain detected, manually solved. Sync from "
+                                     "peer node")
+                return Decision.BITMAP_TARGET
+            if theirs and not mine:
+                self._log("warning", "Split-Brain detected, manually solved. Sync from "
+                                     "this node")
+                return Decision.BITMAP_SOURCE
+            auto = self._after_split_brain(me, peer)
+            if auto is not None:
+                return auto
+        return decision
+
+    def _after_split_brain(self, me: Side, peer: Side) -> Decision | None:
+        """The after-sb-0pri automatic recovery policies (no Primary involved)."""
+        if me.primary or peer.primary:
+            return None
+        policy = self.cfg.after_sb_0pri
+        if policy == "discard-zero-changes":
+            if me.oos_blocks == 0 and peer.oos_blocks:
+                return Decision.BITMAP_TARGET
+            if peer.oos_blocks == 0 and me.oos_blocks:
+                return Decision.BITMAP_SOURCE
+        elif policy == "discard-least-changes":
+            if me.oos_blocks != peer.oos_blocks:
+                return (Decision.BITMAP_TARGET if me.oos_blocks < peer.oos_blocks
+                        else Decision.BITMAP_SOURCE)
+        elif policy.startswith("discard-node-"):
+            victim = policy[len("discard-node-"):]
+            if victim == me.name:
+                return Decision.BITMAP_TARGET
+            if victim == peer.name:
+                return Decision.BITMAP_SOURCE
+        return None
+
+    def _connected_in_sync(self, params: P.Params):
+        disk = self.disk
+        peer_disk = _peer_disk(params.disk)
+        if self.dstate in (DiskState.Consistent, DiskState.Outdated) and \
+                peer_disk in (DiskState.UpToDate, DiskState.Consistent, DiskState.Outdated):
+            yield from self._persist(disk, sb=disk.sb.with_flags(
+                set_=md.F_CONSISTENT | md.F_WAS_UP_TO_DATE, clear=md.F_OUTDATED))
+            self._set(dstate=DiskState.UpToDate)
+            self._tell_peer_state()
+        yield from self._forget_crash()
+
+    def _forget_crash(self):
+        """The peer has what we had: a past crash as Primary no longer matters."""
+        disk = self.disk
+        if disk is not None and disk.crashed_primary:
+            disk.crashed_primary = False
+            if self.role is not Role.Primary and disk.sb.has(md.F_PRIMARY):
+                yield from self._persist(disk, sb=disk.sb.with_flags(clear=md.F_PRIMARY))
+
+    # ------------------------------------------------------------ keepalive
+    def _pinger(self):
+        token = 0
+        interval = min(self.cfg.ping_int, self.cfg.ping_timeout, 1.0)
+        while True:
+            yield Wait(until=self.now + interval)
+            now = self.now
+            if now - self.last_heard > self.cfg.ping_int + self.cfg.ping_timeout:
+                raise Drop("PingAck did not arrive in time.", ConnState.Timeout)
+            if now - self.last_heard > self.cfg.ping_int / 2:
+                token += 1
+                self._send(P.Ping(token))
+            oldest = min((p.t0 for p in self._pending.values()), default=now)
+            if now - oldest > max(self.cfg.timeout, self.cfg.ping_timeout):
+                raise Drop("peer did not acknowledge writes in time", ConnState.Timeout)
+
+    # ============================================================ resync
+    def _send_bitmap(self) -> None:
+        raw = self.disk.bitmap.to_bytes()
+        step = 1024 * 1024
+        for off in range(0, max(len(raw), 1), step):
+            last = int(off + step >= len(raw))
+            self._send(P.BitmapChunk(off, last, zlib.compress(raw[off:off + step], 1)))
+
+    def _begin_sync_as_source(self, full: bool):
+        disk = self.disk
+        if full:
+            self._set(cstate=ConnState.StartingSyncS)
+            disk.bitmap.set_all()
+            yield from self._persist(disk)
+        else:
+            self._set(cstate=ConnState.WFBitMapS)
+            self._send_bitmap()
+            limit = self.now + max(self.cfg.timeout * 3, 30)
+            yield from _until(lambda: self._peer_bitmap_done, limit)
+            if not self._peer_bitmap_done:
+                raise Drop("the peer's bitmap did not arrive in time", ConnState.Timeout)
+        total = disk.bitmap.count
+        self._send(P.SyncStart(disk.sb.uuids.current, total, int(full)))
+        self._sync = SyncRun("source", total, self.now)
+        self._set(cstate=ConnState.SyncSource, pdsk=DiskState.Inconsistent)
+        self._start(self._resync_sender(), group=self.session, name="resync-sender")
+
+    def _resync_sender(self):
+        disk = self.disk
+        sync = self._sync
+        full_window = RESYNC_WINDOW // RESYNC_CHUNK
+        chunk_blocks = RESYNC_CHUNK // BLOCK
+        started = self.now
+        sent = 0
+        while True:
+            for first, count in list(disk.bitmap.runs()):
+                pos = first
+                while pos < first + count:
+                    n = min(chunk_blocks, first + count - pos)
+                    yield from _until(lambda: sync.window > 0)
+                    sync.window -= 1
+                    off = pos * BLOCK
+                    token = yield from self._lock_range(off, off + n * BLOCK)
+                    try:
+                        data = yield self._issue(DiskRead, off, n * BLOCK)
+                    finally:
+                        self._ranges.remove(token)
+                    if isinstance(data, int):
+                        yield from self._local_io_error("read (resync)", data, off, n * BLOCK)
+                        raise Drop("local read failed during resync")
+                    self.dr += len(data)
+                    self._send(P.ResyncData(off, data))
+                    self.ns += len(data)
+                    sent += len(data)
+                    pos += n
+                    # Rate limit: wait until we are back under the configured rate.
+                    ahead = sent / max(self.cfg.resync_rate, 1) - (self.now - started)
+                    if ahead > 0:
+                        yield Wait(until=self.now + ahead)
+            # Wait until every chunk is acknowledged, then finish.
+            yield from _until(lambda: sync.window == full_window)
+            if not disk.bitmap.count:
+                break
+            # Blocks marked again while we were syncing: go round once more.
+        self._send(P.SyncDone(disk.sb.uuids.current))
+
+    def _finish_sync_as_source(self):
+        disk = self.disk
+        yield from self._persist(disk, sb=replace(disk.sb, uuids=disk.sb.uuids.retire_bitmap()))
+        yield from self._forget_crash()
+        elapsed = self.now - self._sync.start if self._sync else 0
+        self._log("info", "Resync done (total %d sec; paused 0 sec; %d K/sec)" % (
+            elapsed, (self._sync.total * 4 / elapsed) if self._sync and elapsed else 0))
+        self._sync = None
+        self._set(cstate=ConnState.Connected, pdsk=DiskState.UpToDate)
+
+    def _begin_sync_as_target(self, pkt: P.SyncStart):
+        if "before-resync-target" in self.cfg.handlers:
+            yield from self._handler("before-resync-target")
+        disk = self.disk
+        if pkt.full:
+            disk.bitmap.set_all()
+        yield from self._persist(disk, sb=disk.sb.with_flags(clear=md.F_CONSISTENT))
+        self._sync = SyncRun("target", disk.bitmap.count, self.now)
+        self._set(cstate=ConnState.SyncTarget, dstate=DiskState.Inconsistent)
+
+    def _apply_resync(self, session: int, pkt: P.ResyncData, recv_token: int):
+        ok = False
+        try:
+            disk = self.disk
+            if disk is None:
+                return
+            # Under the application range lock, and only into blocks still
+            # marked: a Primary that is SyncTarget may have written newer
+            # data into some of them since the peer read this chunk.
+            app = yield from self._lock_range(pkt.offset, pkt.offset + len(pkt.data))
+            try:
+                first, count = blocks_of(pkt.offset, len(pkt.data))
+                blk = first
+                while blk < first + count:
+                    if not disk.bitmap.test(blk):
+                        blk += 1
+                        continue
+                    run = blk
+                    while run < first + count and disk.bitmap.test(run):
+                        run += 1
+                    lo, hi = (blk - first) * BLOCK, (run - first) * BLOCK
+                    err = yield self._issue(DiskWrite, pkt.offset + lo, pkt.data[lo:hi])
+                    if err:
+                        yield from self._local_io_error("write (resync)", err,
+                                                        pkt.offset + lo, hi - lo)
+                        return
+                    self.dw += hi - lo
+                    disk.bitmap.clear_range(blk, run - blk)
+                    blk = run
+                ok = True
+            finally:
+                self._ranges.remove(app)
+        finally:
+            self._recv_ranges.remove(recv_token)
+            self._recv_slots -= 1
+        if ok and self.session == session and self.live:
+            if self._sync is not None:
+                self._sync.acked += len(pkt.data)
+            self._send(P.ResyncAck(pkt.offset, len(pkt.data)))
+
+    def _finish_sync_as_target(self, pkt: P.SyncDone):
+        disk = self.disk
+        err = yield self._issue(DiskFlush)
+        if err:
+            raise MetaIOError(err)
+        disk.bitmap.clear_all()
+        sb = disk.sb
+        flags = (sb.flags | md.F_CONSISTENT | md.F_WAS_UP_TO_DATE) & ~md.F_OUTDATED
+        yield from self._persist(disk, sb=replace(sb, uuids=sb.uuids.adopt(pkt.source_current),
+                                                  flags=flags))
+        yield from self._forget_crash()
+        elapsed = self.now - self._sync.start if self._sync else 0
+        self._log("info", "Resync done (total %d sec; paused 0 sec)" % elapsed)
+        self._sync = None
+        self._set(cstate=ConnState.Connected, dstate=DiskState.UpToDate)
+        if "after-resync-target" in self.cfg.handlers:
+            self._start(self._handler("after-resync-target"), name="after-resync-target")
+
+    # ============================================================ verify
+    def verify(self, op) -> list:
+        def gen():
+            if self.cstate is not ConnState.Connected or not self.live:
+                raise refuse(SS_NEED_CONNECTION)
+            if self.disk is None or self.dstate is not DiskState.UpToDate:
+                raise refuse(SS_IS_DISKLESS, EXIT_NO_LOCAL_DISK)
+            self._verify = VerifyRun(self.now, self.size)
+            self._set(cstate=ConnState.VerifyS)
+            self._start(self._verify_sender(), group=self.session, name="verify-sender")
+            return
+            yield
+        self._start(self._op(op, gen()), name="verify")
+        return self._drain()
+
+    def _verify_sender(self):
+        v = self._verify
+        step = RESYNC_CHUNK
+        for off in range(0, self.size, step):
+            n = min(step, self.size - off)
+            yield from _until(lambda: v.window > 0)
+            v.window -= 1
+            token = yield from self._lock_range(off, off + n)
+            try:
+                data = yield self._issue(DiskRead, off, n)
+            finally:
+                self._ranges.remove(token)
+            if isinstance(data, int):
+                raise Drop("local read failed during verify")
+            self.dr += len(data)
+            self._send(P.VerifyRequest(off, n, block_digests(data)))
+            ahead = (off + n) / max(self.cfg.resync_rate, 1) - (self.now - v.start)
+            if ahead > 0:
+                yield Wait(until=self.now + ahead)
+        yield from _until(lambda: v.window == VERIFY_WINDOW)
+        yield from self._persist(self.disk)
+        self._send(P.VerifyDone(v.oos))
+        elapsed = self.now - v.start
+        self._log("info", "Online verify done (total %d sec; paused 0 sec; %d K/sec)" % (
+            elapsed, self.size / 1024 / max(elapsed, 0.001)))
+        if v.oos:
+            self._log("warning", f"Online verify found {v.oos} 4k block out of sync!")
+        self.last_event = f"online verify found {v.oos} 4k blocks out of sync"
+        self._set(cstate=ConnState.Connected)
+
+    def _log_oos_runs(self, first: int, bits: list[bool]) -> int:
+        """Mark and log each run of differing blocks; the number marked."""
+        marked = 0
+        run_start = None
+        for i in range(len(bits) + 1):
+            differs = i < len(bits) and bits[i]
+            if differs and run_start is None:
+                run_start = i
+            elif not differs and run_start is not None:
+                count = i - run_start
+                marked += count
+                if self.disk is not None:
+                    self.disk.bitmap.set_range(first + run_start, count)
+                self._log("warning", "Out of sync: start=%d, size=%d (sectors)" % (
+                    (first + run_start) * BLOCK // 512, count * BLOCK // 512))
+                run_start = None
+        return marked
+
+    # ============================================================ receiving
+    def _receiver(self):
+        while True:
+            yield from _until(lambda: bool(self._rx))
+            pkt = self._rx.popleft()
+            handler = self._HANDLERS.get(type(pkt))
+            if handler is None:
+                raise P.RemoteProtocolError(
+                    f"unexpected {type(pkt).__name__} on an established connection")
+            step = handler(self, pkt)
+            if step is not None:
+                yield from step
+
+    def _need_disk(self, what: str) -> Disk:
+        if self.disk is None:
+            raise P.RemoteProtocolError(f"{what} received but this node has no disk")
+        return self.disk
+
+    def _check_peer_range(self, offset: int, length: int) -> None:
+        if self.disk is None or offset < 0 or offset + length > self.size:
+            raise P.RemoteProtocolError(f"peer wrote outside the device ({offset}+{length})")
+
+    def _check_concurrent(self, offset: int, length: int) -> None:
+        """Both nodes Primary and the peer's write overlaps one of ours in
+        flight: the two disks may end up with the two writes in different
+        orders.  Not resolved here (the cluster filesystem's locks must
+        prevent it): logged as DRBD does, counted, and the blocks marked
+        out of sync so the next resync or verify makes the disks agree."""
+        if self.role is not Role.Primary or not self._app_writes:
+            return
+        end = offset + length
+        for start, stop in self._app_writes.values():
+            if start < end and offset < stop:
+                self.concurrent_writes += 1
+                self._log("error", "Concurrent local write detected! new: %ds +%d; "
+                          "pending: %ds +%d (both nodes are Primary: the blocks are marked "
+                          "out of sync)" % (offset // 512, length, start // 512, stop - start))
+                if self.disk is not None:
+                    first, count = blocks_of(offset, length)
+                    self.disk.bitmap.set_range(first, count)
+                return
+
+    def _on_data(self, pkt: P.Data):
+        self.nr += len(pkt.data)
+        if self.disk is None:
+            self._send(P.NegAck(pkt.seq, errno.EIO))
+            return
+        self._check_peer_range(pkt.offset, len(pkt.data))
+        if pkt.epoch != self._recv_epoch:
+            # Barrier: everything of the earlier epochs lands first.
+            yield from _until(lambda: not len(self._recv_ranges))
+            self._recv_epoch = pkt.epoch
+        self._check_concurrent(pkt.offset, len(pkt.data))
+        start, end = pkt.offset, pkt.offset + len(pkt.data)
+        yield from _until(lambda: self._recv_slots < RECV_PARALLEL
+                          and not self._recv_ranges.overlaps(start, end))
+        token = self._recv_ranges.add(start, end)
+        self._recv_slots += 1
+        self.ua += 1
+        if self.cfg.protocol == "B":
+            self._send(P.RecvAck(pkt.seq))
+        self._start(self._apply_peer_write(self.session, pkt, token), name="peer-write")
+
+    def _apply_peer_write(self, session: int, pkt: P.Data, token: int):
+        failed = 0
+        try:
+            disk = self.disk
+            if disk is None:
+                failed = errno.EIO
+            else:
+                failed = yield from self._local_write(pkt.offset, pkt.data)
+                if not failed and self.pdsk in (DiskState.Diskless, DiskState.Failed):
+                    # The sender has no disk: this is the only copy.
+                    yield from self._peer_lacks(pkt.offset, len(pkt.data))
+        except MetaIOError as e:
+            failed = e.errno      # written, but what the peer lacks is not recorded
+        finally:
+            self._recv_ranges.remove(token)
+            self._recv_slots -= 1
+            self.ua -= 1
+        if failed and self.disk is not None:
+            yield from self._local_io_error("write (peer data)", failed, pkt.offset,
+                                            len(pkt.data))
+        if self.session == session and self.live:
+            self._send(P.NegAck(pkt.seq, failed) if failed else P.WriteAck(pkt.seq))
+
+    def _on_ack(self, pkt):
+        read = self._reads.get(pkt.seq)
+        if read is not None and type(pkt) is P.NegAck:
+            read.append(pkt.errno or errno.EIO)
+            return
+        p = self._pending.pop(pkt.seq, None)
+        if p is None:
+            return
+        p.acked = type(pkt) is P.WriteAck
+        try:
+            if type(pkt) is P.NegAck and self.disk is not None:
+                self._log("error", "peer failed to write %d bytes at %d (errno %d); marking "
+                          "out of sync" % (p.length, p.offset, pkt.errno))
+                yield from self._mark_unreplicated(p.offset, p.length)
+                yield from self._persist(self.disk)
+        finally:
+            self._al_release(p)
+            p.received = p.done = True
+
+    def _on_recv_ack(self, pkt: P.RecvAck):
+        p = self._pending.get(pkt.seq)
+        if p is not None:
+            p.received = True
+
+    def _on_flush(self, pkt: P.Flush):
+        yield from _until(lambda: not len(self._recv_ranges))
+        if self.disk is not None:
+            err = yield self._issue(DiskFlush)
+            if err:
+                yield from self._local_io_error("flush (peer)", err, 0, 0)
+                raise Drop("local flush failed")
+        self._send(P.FlushAck(pkt.seq))
+
+    def _on_flush_ack(self, pkt: P.FlushAck):
+        if pkt.seq in self._flushes:
+            self._flushes[pkt.seq] = True
+
+    def _on_read_request(self, pkt: P.ReadRequest):
+        if self.disk is None or self.dstate is not DiskState.UpToDate:
+            self._send(P.NegAck(pkt.seq, errno.EIO))
+            return
+        self._check_peer_range(pkt.offset, pkt.length)
+        start, end = pkt.offset, pkt.offset + pkt.length
+        yield from _until(lambda: not self._recv_ranges.overlaps(start, end))
+        data = yield self._issue(DiskRead, pkt.offset, pkt.length)
+        if isinstance(data, int):
+            self._send(P.NegAck(pkt.seq, data or errno.EIO))
+            yield from self._local_io_error("read", data, pkt.offset, pkt.length)
+            return
+        self.dr += len(data)
+        self._send(P.ReadReply(pkt.seq, data))
+        self.ns += len(data)
+
+    def _on_read_reply(self, pkt: P.ReadReply):
+        read = self._reads.get(pkt.seq)
+        if read is not None:
+            read.append(pkt.data)
+
+    def _on_out_of_sync(self, pkt: P.OutOfSync):
+        self._check_peer_range(pkt.offset, pkt.length)
+        yield from self._peer_lacks(pkt.offset, pkt.length)
+
+    def _on_ping(self, pkt: P.Ping):
+        self._send(P.PingAck(pkt.token))
+
+    def _on_ping_ack(self, pkt: P.PingAck):
+        return None
+
+    def _on_state_update(self, pkt: P.StateUpdate):
+        self._set(peer_role=_peer_role(pkt.role), pdsk=_peer_disk(pkt.disk))
+        if self.peer_role is Role.Primary:
+            # the promotion we allowed is done; peer_role tells from now on
+            self._peer_promotion_allowed_at = -math.inf
+
+    def _on_role_request(self, pkt: P.RoleRequest):
+        result = 0
+        if pkt.role == _role_code(Role.Primary):
+            if self.role is Role.Primary and not self.cfg.two_primaries:
+                result = -1
+            elif self.opens["single"]:
+                result = -12
+            else:
+                self._peer_promotion_allowed_at = self.now
+        self._send(P.RoleReply(pkt.token, result))
+
+    def _on_role_reply(self, pkt: P.RoleReply):
+        if pkt.token in self._role_replies:
+            self._role_replies[pkt.token] = pkt.result
+
+    def _on_bitmap_chunk(self, pkt: P.BitmapChunk):
+        disk = self._need_disk("BitmapChunk")
+        limit = (len(disk.bitmap) + 7) // 8
+        if pkt.offset > limit:
+            raise P.RemoteProtocolError("bitmap chunk beyond the bitmap")
+        try:
+            dec = zlib.decompressobj()
+            bits = dec.decompress(pkt.data, limit - pkt.offset + 1)
+        except zlib.error:
+            raise P.RemoteProtocolError("corrupt bitmap chunk") from None
+        if len(bits) > limit - pkt.offset:
+            raise P.RemoteProtocolError("bitmap chunk larger than the bitmap")
+        disk.bitmap.merge(bits, pkt.offset)
+        if pkt.last:
+            self._peer_bitmap_done = True
+
+    def _on_sync_start(self, pkt: P.SyncStart):
+        self._need_disk("SyncStart")
+        yield from self._begin_sync_as_target(pkt)
+
+    def _on_resync_data(self, pkt: P.ResyncData):
+        self.nr += len(pkt.data)
+        self._check_peer_range(pkt.offset, len(pkt.data))
+        start, end = pkt.offset, pkt.offset + len(pkt.data)
+        yield from _until(lambda: self._recv_slots < RECV_PARALLEL
+                          and not self._recv_ranges.overlaps(start, end))
+        token = self._recv_ranges.add(start, end)
+        self._recv_slots += 1
+        self._start(self._apply_resync(self.session, pkt, token), name="resync-write")
+
+    def _on_resync_ack(self, pkt: P.ResyncAck):
+        self._check_peer_range(pkt.offset, pkt.length)
+        if self._sync is None or self._sync.role != "source":
+            raise P.RemoteProtocolError("ResyncAck while not SyncSource")
+        first, count = blocks_of(pkt.offset, pkt.length)
+        self.disk.bitmap.clear_range(first, count)
+        self._sync.acked += pkt.length
+        self._sync.window += 1
+
+    def _on_sync_done(self, pkt: P.SyncDone):
+        if self._sync is None or self._sync.role != "target":
+            raise P.RemoteProtocolError("SyncDone while not SyncTarget")
+        yield from _until(lambda: not len(self._recv_ranges))
+        yield from self._finish_sync_as_target(pkt)
+        self._send(P.SyncDoneAck())
+
+    def _on_sync_done_ack(self, pkt: P.SyncDoneAck):
+        if self._sync is None or self._sync.role != "source":
+            raise P.RemoteProtocolError("SyncDoneAck while not SyncSource")
+        yield from self._finish_sync_as_source()
+
+    def _on_verify_request(self, pkt: P.VerifyRequest):
+        self._check_peer_range(pkt.offset, pkt.length)
+        nblocks = (pkt.length + BLOCK - 1) // BLOCK
+        if len(pkt.digests) != 16 * nblocks:
+            raise P.RemoteProtocolError("VerifyRequest digest count does not match")
+        if self.cstate is ConnState.Connected:
+            self._set(cstate=ConnState.VerifyT)
+        data = yield self._issue(DiskRead, pkt.offset, pkt.length)
+        if isinstance(data, int):
+            raise Drop("local read failed during verify")
+        self.dr += len(data)
+        mine = block_digests(data)
+        bits = [mine[i * 16:(i + 1) * 16] != pkt.digests[i * 16:(i + 1) * 16]
+                for i in range(nblocks)]
+        self._log_oos_runs(pkt.offset // BLOCK, bits)
+        mismatch = bytearray((nblocks + 7) // 8)
+        for i, differs in enumerate(bits):
+            if differs:
+                mismatch[i >> 3] |= 1 << (i & 7)
+        self._send(P.VerifyReply(pkt.offset, pkt.length, bytes(mismatch)))
+
+    def _on_verify_reply(self, pkt: P.VerifyReply):
+        self._check_peer_range(pkt.offset, pkt.length)
+        v = self._verify
+        if v is None:
+            return
+        v.done += pkt.length
+        nblocks = (pkt.length + BLOCK - 1) // BLOCK
+        bits = [(i >> 3) < len(pkt.mismatch) and bool(pkt.mismatch[i >> 3] & (1 << (i & 7)))
+                for i in range(nblocks)]
+        v.oos += self._log_oos_runs(pkt.offset // BLOCK, bits)
+        v.window += 1
+
+    def _on_verify_done(self, pkt: P.VerifyDone):
+        if self.disk is not None:
+            yield from self._persist(self.disk)
+        self._set(cstate=ConnState.Connected)
+        if pkt.oos_blocks:
+            self._log("warning", f"Online verify found {pkt.oos_blocks} 4k block out of sync!")
+
+    def _on_goodbye(self, pkt: P.Goodbye):
+        raise Drop("peer disconnected", ConnState.TearDown)
+
+    _HANDLERS: dict = {
+        P.Data: _on_data,
+        P.WriteAck: _on_ack,
+        P.NegAck: _on_ack,
+        P.RecvAck: _on_recv_ack,
+        P.Flush: _on_flush,
+        P.FlushAck: _on_flush_ack,
+        P.ReadRequest: _on_read_request,
+        P.ReadReply: _on_read_reply,
+        P.OutOfSync: _on_out_of_sync,
+        P.Ping: _on_ping,
+        P.PingAck: _on_ping_ack,
+        P.StateUpdate: _on_state_update,
+        P.RoleRequest: _on_role_request,
+        P.RoleReply: _on_role_reply,
+        P.BitmapChunk: _on_bitmap_chunk,
+        P.SyncStart: _on_sync_start,
+        P.ResyncData: _on_resync_data,
+        P.ResyncAck: _on_resync_ack,
+        P.SyncDone: _on_sync_done,
+        P.SyncDoneAck: _on_sync_done_ack,
+        P.VerifyRequest: _on_verify_request,
+        P.VerifyReply: _on_verify_reply,
+        P.VerifyDone: _on_verify_done,
+        P.Goodbye: _on_goodbye,
+    }

@@ -1,0 +1,686 @@
+"""A deterministic two-node simulation of the mirror engine.
+
+Two ``Engine``s (blockrepl/engine) run against simulated parts, every step
+picked by one seeded random.Random:
+
+* disks: each node's backing file is a durable image plus a volatile cache
+  (written, not yet flushed).  Writes, reads, flushes and meta-data writes
+  are in flight until a random step completes them, in any order.  A
+  *process* crash (kill -9) keeps the cache (it is the kernel's page
+  cache); a *power* crash loses it, and in-flight writes land or not.
+* network: one connection at a time, a byte stream each way carrying the
+  real packet encoding, delivered in random-sized chunks (so packets
+  arrive split anywhere).  A cut loses what is in flight; each side hears
+  of it at its own later step.  A close delivers what was sent, then EOF.
+* a cluster manager: promotes a node only as a careful admin (or
+  Pacemaker) would -- when the other node is Secondary or down --, answers
+  fence-peer as o2cb's quorum rule does (the lower node wins a split; a
+  dead peer is fenced), and "unmounts" a fenced node's filesystem.
+* a workload: Primaries write tagged blocks (each write's content names
+  it), flush, and read; in dual-primary runs each node writes its own
+  half of the device, as a cluster filesystem's locks would make it.
+
+Checked after every step: no application request completes twice or with
+a result that contradicts the engine's own rules (a read returns a value
+the block may hold); and at the end, after every fault is healed and the
+pair has settled: both nodes Connected and UpToDate, no split brain, both
+disks identical, and every block holds its last *required* write or a
+write issued after it.  A write is required once it is acknowledged, and
+stays required through power failures only once a flush that began after
+its acknowledgement has completed.
+"""
+from __future__ import annotations
+
+import errno
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+from replfs.blockrepl.core.bitmap import BLOCK, Bitmap
+from replfs.blockrepl.core.states import ConnState, DiskState, Role
+from replfs.blockrepl.core.uuids import Uuids
+from replfs.blockrepl.engine import actions as A
+from replfs.blockrepl.engine.engine import Engine, EngineConfig
+from replfs.blockrepl.meta import format as md
+from replfs.blockrepl.proto import packets as P
+
+NBLOCKS = 48
+SIZE = NBLOCKS * BLOCK
+
+
+class InvariantError(AssertionError):
+    pass
+
+
+def tag_block(tag: int) -> bytes:
+    return tag.to_bytes(8, "little") * (BLOCK // 8)
+
+
+def tag_of(block: bytes) -> int:
+    return int.from_bytes(block[:8], "little")
+
+
+# ---------------------------------------------------------------- disk
+class SimDisk:
+    """One node's backing file and meta-data, with a volatile cache."""
+
+    def __init__(self):
+        self.durable: dict[int, bytes] = {}
+        self.cache: dict[int, bytes] = {}
+        self.sb = md.Superblock(SIZE, Uuids(), 0, 0x5EED << 1, 61, None)
+        self.bitmap = bytearray((NBLOCKS + 7) // 8)
+        self.al: list[int] = []
+
+    def block(self, b: int) -> bytes:
+        return self.cache.get(b, self.durable.get(b, bytes(BLOCK)))
+
+    def write(self, offset: int, data: bytes) -> None:
+        assert offset % BLOCK == 0 and len(data) % BLOCK == 0, (offset, len(data))
+        for i in range(len(data) // BLOCK):
+            self.cache[offset // BLOCK + i] = bytes(data[i * BLOCK:(i + 1) * BLOCK])
+
+    def read(self, offset: int, length: int) -> bytes:
+        out = bytearray()
+        pos = offset
+        while pos < offset + length:
+            b, within = divmod(pos, BLOCK)
+            n = min(BLOCK - within, offset + length - pos)
+            out += self.block(b)[within:within + n]
+            pos += n
+        return bytes(out)
+
+    def flush(self) -> None:
+        self.durable.update(self.cache)
+        self.cache.clear()
+
+    def persist(self, act: A.PersistMeta, parts=None) -> None:
+        """Apply a meta-data write (all of it, or the parts chosen)."""
+        for i, (index, page) in enumerate(act.bitmap_pages):
+            if parts is None or parts.random() < 0.5:
+                start = index * BLOCK
+                self.bitmap[start:start + len(page)] = page[:len(self.bitmap) - start]
+        if act.al_extents is not None and (parts is None or parts.random() < 0.5):
+            self.al = list(act.al_extents)
+        if act.superblock is not None and (parts is None or parts.random() < 0.5):
+            self.sb = act.superblock
+
+    def image(self) -> list[bytes]:
+        return [self.block(b) for b in range(NBLOCKS)]
+
+
+# ---------------------------------------------------------------- network
+@dataclass
+class Conn:
+    ends: dict            # node index -> session at that node
+    buf: dict = field(default_factory=lambda: {0: bytearray(), 1: bytearray()})  # to node
+    dec: dict = field(default_factory=lambda: {0: P.Decoder(), 1: P.Decoder()})
+    cut: bool = False
+    closed_by: int | None = None
+    told: set = field(default_factory=set)   # nodes that heard of its end
+
+
+# ---------------------------------------------------------------- records
+@dataclass
+class WriteRec:
+    node: int
+    tag: int
+    blocks: range
+    issued: int           # step
+    state: str = "in-flight"     # in-flight | acked | failed
+    acked_at: int = -1
+    flushed: bool = False        # a flush begun after its ack has completed
+
+
+@dataclass
+class Node:
+    idx: int
+    name: str
+    disk: SimDisk = field(default_factory=SimDisk)
+    engine: Engine | None = None
+    io: dict = field(default_factory=dict)        # token -> action in flight
+    reqs: dict = field(default_factory=dict)      # req -> ("write", rec) / ("read", ...) ...
+    ops: dict = field(default_factory=dict)       # op -> name
+    mounted: bool = False                         # dual-primary: fs mounted here
+    logs: deque = field(default_factory=lambda: deque(maxlen=30))
+    released: bool = False
+
+
+class Sim:
+    def __init__(self, seed: int, *, steps: int = 400, dual: bool | None = None,
+                 power: bool | None = None, protocol: str = "C", crash_rate: float = 0.01,
+                 cut_rate: float = 0.02, max_faults: int = 4):
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.steps = steps
+        self.dual = self.rng.random() < 0.35 if dual is None else dual
+        self.power = self.rng.random() < 0.5 if power is None else power
+        self.protocol = protocol
+        self.crash_rate = crash_rate
+        self.cut_rate = cut_rate
+        self.max_faults = max_faults
+        self.faults = 0
+        self.now = 0.0
+        self.step_no = 0
+        self.next_id = 1
+        self.nodes = [Node(0, "alpha"), Node(1, "beta")]
+        self.conn: Conn | None = None
+        self.writes: list[WriteRec] = []
+        self.by_tag: dict[int, WriteRec] = {}
+        self.power_crashes: list[int] = []       # steps
+        self.constrained: set[int] = set()       # nodes that may not be promoted
+        self.flushes: dict = {}                  # (node, req) -> step issued
+        self.trace: deque = deque(maxlen=150)
+        self.stats = {"writes": 0, "acked": 0, "failed": 0, "reads": 0, "flushes": 0,
+                      "crashes": 0, "cuts": 0, "resyncs": 0, "packets": 0, "failovers": 0,
+                      "fence6": 0, "steps": 0}
+        self.cfg = {n.idx: EngineConfig(
+            name="r0", node=n.name, peer=self.nodes[1 - n.idx].name, protocol=protocol,
+            two_primaries=self.dual,
+            fencing="resource-and-stonith",
+            ping_int=1.0, ping_timeout=0.5, timeout=2.0, connect_int=1.0,
+            resync_rate=4 * 1024 * 1024, al_extents=61,
+            handlers=frozenset({"fence-peer"}))
+            for n in self.nodes}
+
+    # ---------------------------------------------------------- plumbing
+    def fail(self, what: str) -> None:
+        lines = [f"seed {self.seed} (dual={self.dual}, power={self.power}) step "
+                 f"{self.step_no}: {what}", "last steps:"]
+        lines += ["  " + t for t in self.trace]
+        for n in self.nodes:
+            e = n.engine
+            state = ("down" if e is None else
+                     f"{e.role.value} {e.cstate.value} {e.dstate.value}/{e.pdsk.value} "
+                     f"susp={e.susp} lost={e.fence_lost} io={sorted(n.io)} "
+                     f"flows={e.flows.describe()[:6]}")
+            lines.append(f"{n.name}: {state}")
+            lines += ["    " + x for x in n.logs]
+        raise InvariantError("\n".join(lines))
+
+    def new_id(self) -> int:
+        self.next_id += 1
+        return self.next_id
+
+    def note(self, text: str) -> None:
+        self.trace.append(f"[{self.step_no}] {text}")
+
+    def handle(self, node: Node, actions: list) -> None:
+        for act in actions:
+            t = type(act)
+            if t is A.Send:
+                c = self.conn
+                if c is not None and not c.cut and c.closed_by is None \
+                        and c.ends.get(node.idx) == act.session:
+                    c.buf[1 - node.idx] += P.encode(act.pkt)
+            elif t in (A.DiskWrite, A.DiskRead, A.DiskFlush, A.PersistMeta, A.RunHandler):
+                node.io[act.token] = act
+                if t is A.RunHandler:
+                    self.note(f"{node.name} runs handler {act.name}")
+                    if act.name == "fence-peer" and not self.dual:
+                        # crm-fence-peer: a constraint keeps the peer from
+                        # being promoted until it has resynced
+                        self.constrained.add(1 - node.idx)
+            elif t is A.Complete:
+                self.on_complete(node, act)
+            elif t is A.OpDone:
+                name = node.ops.pop(act.op, None)
+                if name is None:
+                    self.fail(f"{node.name}: OpDone for unknown op {act.op}")
+                self.note(f"{node.name} {name} -> {act.error or 'ok'}")
+            elif t is A.CloseConnection:
+                c = self.conn
+                if c is not None and c.ends.get(node.idx) == act.session:
+                    if not c.cut and c.closed_by is None:
+                        c.closed_by = node.idx
+                    c.told.add(node.idx)
+                    c.buf[node.idx].clear()
+            elif t is A.ReleaseDisk:
+                node.released = True
+            elif t is A.Log:
+                node.logs.append(act.text)
+                self.note(f"{node.name}: {act.text}")
+                if "Split-Brain detected" in act.text and "solved" not in act.text:
+                    self.fail(f"{node.name}: {act.text}")
+            else:
+                self.fail(f"unknown action {act!r}")
+
+    def call(self, node: Node, method: str, *args, **kw):
+        e = node.engine
+        out = getattr(e, method)(*args, **kw)
+        if method == "connected":
+            session, out = out
+            self.handle(node, out)
+            return session
+        self.handle(node, out)
+        return None
+
+    def op(self, node: Node, name: str, *args, **kw) -> None:
+        op = self.new_id()
+        node.ops[op] = name
+        self.call(node, name, op, *args, **kw)
+
+    # ---------------------------------------------------------- workload
+    def on_complete(self, node: Node, act: A.Complete) -> None:
+        kind = node.reqs.pop(act.req, None)
+        if kind is None:
+            self.fail(f"{node.name}: Complete for unknown request {act.req}")
+        if kind[0] == "write":
+            rec: WriteRec = kind[1]
+            if act.error:
+                rec.state = "failed"
+                self.stats["failed"] += 1
+            else:
+                rec.state = "acked"
+                rec.acked_at = self.step_no
+                self.stats["acked"] += 1
+        elif kind[0] == "read":
+            _, first, count, issued = kind
+            if act.error:
+                return
+            if len(act.data) != count * BLOCK:
+                self.fail(f"{node.name}: read returned {len(act.data)} bytes, "
+                          f"wanted {count * BLOCK}")
+            for i in range(count):
+                got = tag_of(act.data[i * BLOCK:(i + 1) * BLOCK])
+                allowed = self.allowed(first + i, issued)
+                if got not in allowed:
+                    self.fail(f"{node.name}: read of block {first + i} returned tag {got}, "
+                              f"allowed {sorted(allowed)}")
+        elif kind[0] == "flush":
+            issued = kind[1]
+            if not act.error:
+                for rec in self.writes:
+                    if rec.node == node.idx and rec.state == "acked" \
+                            and rec.acked_at < issued:
+                        rec.flushed = True
+
+    def required(self, rec: WriteRec) -> bool:
+        if rec.state != "acked":
+            return False
+        if rec.flushed:
+            return True
+        return not any(s > rec.acked_at for s in self.power_crashes)
+
+    def allowed(self, block: int, read_issued: int | None = None) -> set[int]:
+        """Tags block ``block`` may hold: its last required write (or zero)
+        and every write to it issued after that one."""
+        history = [w for w in self.writes if block in w.blocks]
+        last = -1
+        for i, w in enumerate(history):
+            if self.required(w) and (read_issued is None or w.acked_at < read_issued):
+                last = i
+        tags = {history[last].tag} if last >= 0 else {0}
+        tags |= {w.tag for w in history[last + 1:]}
+        return tags
+
+    def my_blocks(self, node: Node) -> range:
+        if not self.dual:
+            return range(NBLOCKS)
+        half = NBLOCKS // 2
+        return range(0, half) if node.idx == 0 else range(half, NBLOCKS)
+
+    def do_write(self, node: Node) -> None:
+        area = self.my_blocks(node)
+        count = self.rng.choice((1, 1, 1, 2, 3))
+        first = self.rng.randrange(area.start, area.stop - count + 1)
+        # A Primary does not write a block it is still writing (the page
+        # cache and the filesystem serialise that); two writes to the same
+        # block in flight at once have no defined order.
+        busy = {b for w in self.writes if w.state == "in-flight" for b in w.blocks}
+        if any(b in busy for b in range(first, first + count)):
+            return
+        tag = self.new_id()
+        rec = WriteRec(node.idx, tag, range(first, first + count), self.step_no)
+        self.writes.append(rec)
+        self.by_tag[tag] = rec
+        req = self.new_id()
+        node.reqs[req] = ("write", rec)
+        self.stats["writes"] += 1
+        self.note(f"{node.name} write blocks {first}+{count} tag {tag}")
+        self.call(node, "write", req, first * BLOCK, tag_block(tag) * count)
+
+    def do_read(self, node: Node) -> None:
+        count = self.rng.choice((1, 2))
+        first = self.rng.randrange(0, NBLOCKS - count + 1)
+        busy = {b for w in self.writes if w.state == "in-flight" for b in w.blocks}
+        if any(b in busy for b in range(first, first + count)):
+            return
+        req = self.new_id()
+        node.reqs[req] = ("read", first, count, self.step_no)
+        self.stats["reads"] += 1
+        self.call(node, "read", req, first * BLOCK, count * BLOCK)
+
+    def do_flush(self, node: Node) -> None:
+        req = self.new_id()
+        node.reqs[req] = ("flush", self.step_no)
+        self.stats["flushes"] += 1
+        self.note(f"{node.name} flush")
+        self.call(node, "flush", req)
+
+    # ---------------------------------------------------------- disk I/O
+    def complete_io(self, node: Node, token: int) -> None:
+        act = node.io.pop(token)
+        t = type(act)
+        d = node.disk
+        if t is A.DiskWrite:
+            d.write(act.offset, act.data)
+            result = 0
+        elif t is A.DiskRead:
+            result = d.read(act.offset, act.length)
+        elif t is A.DiskFlush:
+            d.flush()
+            result = 0
+        elif t is A.PersistMeta:
+            d.persist(act)
+            result = 0
+        else:
+            result = self.fence_answer(node) if act.name == "fence-peer" else 0
+            self.note(f"{node.name} handler {act.name} -> {result}")
+        self.call(node, "done", token, result)
+
+    def fence_answer(self, node: Node) -> int:
+        """Single Primary: Pacemaker's constraint (placed when the handler
+        started) fences the peer: 4.  Two Primaries: the cluster stack's
+        decision (o2cb: the lower node survives a split; a dead peer is
+        fenced)."""
+        peer = self.nodes[1 - node.idx]
+        if not self.dual:
+            return 4
+        if peer.engine is None:
+            return 7
+        if node.idx < peer.idx:
+            return 7
+        self.stats["fence6"] += 1
+        return 6
+
+    # ---------------------------------------------------------- nodes
+    def boot(self, node: Node) -> None:
+        cfg = self.cfg[node.idx]
+        node.engine = Engine(cfg, new_uuid=lambda: self.rng.getrandbits(62) << 1, now=self.now)
+        node.io.clear()
+        node.reqs.clear()
+        node.ops.clear()
+        node.released = False
+        node.mounted = False
+        d = node.disk
+        self.op(node, "attach", d.sb, Bitmap(NBLOCKS, bytes(d.bitmap)), list(d.al))
+        self.call(node, "connect")
+
+    def crash(self, node: Node, power: bool) -> None:
+        self.stats["crashes"] += 1
+        self.faults += 1
+        self.note(f"{node.name} {'POWER' if power else 'process'} crash")
+        d = node.disk
+        for act in node.io.values():
+            # what was in flight lands or not
+            if type(act) is A.DiskWrite and self.rng.random() < 0.5:
+                d.write(act.offset, act.data)
+            elif type(act) is A.PersistMeta:
+                d.persist(act, self.rng)
+        if power:
+            self.power_crashes.append(self.step_no)
+            for b in list(d.cache):
+                if self.rng.random() < 0.3:
+                    d.durable[b] = d.cache[b]
+            d.cache.clear()
+        for rec in self.writes:
+            if rec.node == node.idx and rec.state == "in-flight":
+                rec.state = "failed"       # its caller died with it: outcome unknown
+        node.engine = None
+        node.io.clear()
+        node.reqs.clear()
+        c = self.conn
+        if c is not None and node.idx in c.ends:
+            c.cut = True
+            c.told.add(node.idx)
+
+    # ---------------------------------------------------------- network
+    def deliver(self, to: int, nbytes: int) -> None:
+        c = self.conn
+        node = self.nodes[to]
+        buf = c.buf[to]
+        chunk = bytes(buf[:nbytes])
+        del buf[:nbytes]
+        dec = c.dec[to]
+        dec.receive_data(chunk)
+        while True:
+            try:
+                pkt = dec.next_packet()
+            except P.RemoteProtocolError as e:
+                self.fail(f"packet decoding failed: {e}")
+            if pkt is None:
+                break
+            self.stats["packets"] += 1
+            if node.engine is not None:
+                self.call(node, "receive", c.ends[to], pkt)
+            if self.conn is not c or c.cut:
+                break
+
+    def tell_lost(self, idx: int) -> None:
+        c = self.conn
+        c.told.add(idx)
+        node = self.nodes[idx]
+        if node.engine is not None:
+            self.note(f"{node.name} hears the connection is gone")
+            self.call(node, "connection_lost", c.ends[idx], ConnState.NetworkFailure,
+                      "connection lost (simulated)")
+
+    def net_step(self) -> bool:
+        """Advance the network by one random event; False if nothing to do."""
+        c = self.conn
+        if c is None:
+            a, b = self.nodes
+            if a.engine and b.engine and a.engine.can_connect and b.engine.can_connect:
+                # (a session number is the engine's count of connections)
+                self.conn = Conn({0: a.engine.session + 1, 1: b.engine.session + 1})
+                if (self.call(a, "connected"), self.call(b, "connected")) != \
+                        (self.conn.ends[0], self.conn.ends[1]):
+                    self.fail("session numbers are not consecutive")
+                self.note("connected")
+                return True
+            return False
+        choices = []
+        for to in (0, 1):
+            if c.buf[to] and not c.cut:
+                choices.append(("deliver", to))
+        for idx in (0, 1):
+            if idx in c.told:
+                continue
+            if c.cut:
+                choices.append(("lost", idx))
+            elif c.closed_by is not None and idx != c.closed_by and not c.buf[idx]:
+                choices.append(("lost", idx))
+        if c.told >= {0, 1} or (c.cut and not choices):
+            self.conn = None
+            return True
+        if not choices:
+            return False
+        kind, idx = self.rng.choice(choices)
+        if kind == "deliver":
+            self.deliver(idx, self.rng.choice((7, 64, 1000, 5000, 1 << 20)))
+        else:
+            self.tell_lost(idx)
+        return True
+
+    # ---------------------------------------------------------- the cluster manager
+    def manage(self) -> None:
+        """Promote / demote / mount as a careful cluster manager would."""
+        for node in self.nodes:
+            e = node.engine
+            if e is None or node.ops:
+                continue
+            peer = self.nodes[1 - node.idx]
+            pe = peer.engine
+            if e.cstate is ConnState.Connected and e.dstate is DiskState.UpToDate \
+                    and e.pdsk is DiskState.UpToDate:
+                self.constrained.discard(node.idx)     # crm-unfence-peer
+            if self.dual:
+                if e.fence_lost and node.mounted:
+                    node.mounted = False        # the fenced fs latched and was unmounted
+                    self.call(node, "closed", "shared")
+                    self.note(f"{node.name} unmounts (fenced)")
+                elif e.role is Role.Primary and not node.mounted and not e.fence_lost:
+                    node.mounted = True
+                    self.call(node, "opened", "shared")
+                elif e.role is Role.Secondary and e.dstate is DiskState.UpToDate \
+                        and not e.fence_lost and (
+                            (e.cstate is ConnState.Connected and e.pdsk is DiskState.UpToDate)
+                            or pe is None and self.rng.random() < 0.5):
+                    self.op(node, "primary")
+            else:
+                if e.role is Role.Secondary and e.dstate is DiskState.UpToDate and (
+                        pe is None or pe.role is Role.Secondary) and \
+                        node.idx not in self.constrained and \
+                        self.rng.random() < (0.5 if pe is None else 0.02) and \
+                        not (pe is not None and not e.cstate.is_connected):
+                    if pe is None:
+                        self.stats["failovers"] += 1
+                    self.op(node, "primary")
+                elif e.role is Role.Primary and pe is not None and not node.reqs \
+                        and e.cstate is ConnState.Connected and self.rng.random() < 0.01:
+                    self.op(node, "secondary")
+
+    # ---------------------------------------------------------- the run
+    def setup(self) -> None:
+        for node in self.nodes:
+            self.boot(node)
+        self.settle(200)
+        a = self.nodes[0]
+        self.op(a, "primary", force=True)
+        self.settle(400)
+
+    def settle(self, limit: int) -> None:
+        """Run I/O and network only (no workload, no faults)."""
+        for _ in range(limit):
+            if not self.background_step():
+                break
+
+    def background_step(self) -> bool:
+        moves = []
+        for node in self.nodes:
+            if node.io:
+                moves.append(("io", node))
+        if self.conn is not None or all(n.engine and n.engine.can_connect for n in self.nodes):
+            moves.append(("net", None))
+        if not moves:
+            return self.advance_time()
+        kind, node = self.rng.choice(moves)
+        if kind == "io":
+            self.complete_io(node, self.rng.choice(list(node.io)))
+            return True
+        if not self.net_step():
+            return self.advance_time()
+        return True
+
+    def advance_time(self, dt: float | None = None) -> bool:
+        deadlines = [n.engine.deadline for n in self.nodes if n.engine]
+        if dt is None:
+            soonest = min(deadlines, default=float("inf"))
+            if soonest == float("inf"):
+                return False
+            self.now = max(self.now, soonest)
+        else:
+            self.now += dt
+        for node in self.nodes:
+            if node.engine is not None:
+                self.call(node, "tick", self.now)
+        return True
+
+    def step(self) -> None:
+        self.step_no += 1
+        r = self.rng.random()
+        alive = [n for n in self.nodes if n.engine is not None]
+        primaries = [n for n in alive if n.engine.role is Role.Primary]
+        if r < 0.35:
+            self.background_step()
+        elif r < 0.55 and primaries:
+            self.do_write(self.rng.choice(primaries))
+        elif r < 0.58 and primaries:
+            self.do_flush(self.rng.choice(primaries))
+        elif r < 0.62 and primaries:
+            self.do_read(self.rng.choice(primaries))
+        elif r < 0.70:
+            self.advance_time(self.rng.choice((0.001, 0.01, 0.05, 0.3)))
+        elif r < 0.74:
+            self.manage()
+        elif r < 0.74 + self.cut_rate and self.conn is not None \
+                and self.faults < self.max_faults:
+            self.faults += 1
+            self.stats["cuts"] += 1
+            self.note("network cut")
+            self.conn.cut = True
+        elif r < 0.80 and self.faults < self.max_faults and alive \
+                and self.rng.random() < self.crash_rate * 10:
+            node = self.rng.choice(alive)
+            self.crash(node, power=self.power and self.rng.random() < 0.5)
+        elif r < 0.84:
+            for node in self.nodes:
+                if node.engine is None and self.rng.random() < 0.3:
+                    self.note(f"{node.name} restarts")
+                    self.boot(node)
+        elif r < 0.86:
+            # background writeback of one cached block
+            node = self.rng.choice(self.nodes)
+            if node.disk.cache:
+                b = self.rng.choice(list(node.disk.cache))
+                node.disk.durable[b] = node.disk.cache.pop(b)
+        else:
+            self.background_step()
+
+    def heal(self) -> None:
+        """Stop the faults and let the pair settle: the end state."""
+        for node in self.nodes:
+            if node.engine is None:
+                self.note(f"{node.name} restarts (heal)")
+                self.boot(node)
+        for _ in range(20000):
+            self.step_no += 1
+            for node in self.nodes:
+                e = node.engine
+                if e.fence_lost and node.mounted:
+                    node.mounted = False
+                    self.call(node, "closed", "shared")
+                if not e.want_connect and e.cstate is ConnState.StandAlone \
+                        and not e.split_brain and not node.ops:
+                    self.call(node, "connect")
+            if self.settled():
+                return
+            if not self.background_step():
+                self.advance_time(0.5)
+        self.fail("the pair did not settle (Connected, UpToDate/UpToDate, no I/O)")
+
+    def settled(self) -> bool:
+        for node in self.nodes:
+            e = node.engine
+            if e is None or node.io or node.reqs or node.ops:
+                return False
+            if e.cstate is not ConnState.Connected or e.dstate is not DiskState.UpToDate \
+                    or e.pdsk is not DiskState.UpToDate:
+                return False
+        return self.conn is not None and not any(self.conn.buf.values())
+
+    def check_end(self) -> None:
+        a, b = self.nodes
+        ia, ib = a.disk.image(), b.disk.image()
+        for blk in range(NBLOCKS):
+            allowed = self.allowed(blk)
+            ta, tb = tag_of(ia[blk]), tag_of(ib[blk])
+            if ta != tb:
+                self.fail(f"UpToDate/UpToDate but block {blk} differs: {a.name} has tag "
+                          f"{ta}, {b.name} has tag {tb} (allowed {sorted(allowed)}; "
+                          f"writes {[ (w.tag, w.node, w.state, w.acked_at, w.flushed) for w in self.writes if blk in w.blocks][-4:]})")
+            if ta not in allowed:
+                self.fail(f"block {blk} holds tag {ta}; it must hold one of "
+                          f"{sorted(allowed)} (an acknowledged write was lost)")
+        for node in self.nodes:
+            if node.engine.split_brain:
+                self.fail(f"{node.name} saw a split brain")
+
+    def run(self) -> dict:
+        self.setup()
+        for _ in range(self.steps):
+            self.step()
+        self.heal()
+        self.check_end()
+        self.stats["steps"] = self.step_no
+        return self.stats
