@@ -10,6 +10,8 @@ defaults, validation -> model.Config), dump (model -> canonical text).
 """
 from __future__ import annotations
 
+import dataclasses
+
 from . import parser as _parser
 from .dump import dump
 from .model import Config, Host, Location, MetaDisk, Resource, Section
@@ -31,9 +33,22 @@ def load(path: str = DEFAULT_PATH, *, node: str | None = None) -> Config:
     act on a resource call check_node().
     """
     del node
-    return postparse(_parser.parse_file(path))
+    return _checked(_parser.parse_file(path))
 
 
 def parse_text(text: str, path: str = "<string>") -> Config:
     """Parse configuration text; path is used in messages and for includes."""
-    return postparse(_parser.parse_text(text, path))
+    return _checked(_parser.parse_text(text, path))
+
+
+def _checked(raw: _parser.RawConfig) -> Config:
+    return dataclasses.replace(postparse(raw), secret_files=_files_setting(raw, "shared-secret"))
+
+
+def _files_setting(raw: _parser.RawConfig, name: str) -> tuple[str, ...]:
+    """The files in which some section sets option ``name``, in order."""
+    sections = list(raw.common.values())
+    for r in raw.resources:
+        sections += r.sections.values()
+    files = (o.where.file for s in sections for o in s.options if o.name == name)
+    return tuple(dict.fromkeys(files))

@@ -174,6 +174,8 @@ class Config:
     # ``protocol X;`` (or ``net { protocol X; }``) in the common section, as
     # written; every Resource.protocol already has it applied.
     common_protocol: str | None = None
+    # The files that set a shared-secret (replfsadm checks who may read them).
+    secret_files: tuple[str, ...] = field(default=(), compare=False)
 
     def resource(self, name: str) -> Resource:
         return self.resources[name]

@@ -23,6 +23,8 @@ from typing import Awaitable, Callable, Optional
 
 import trio
 
+from replfs.filemode import exposed_secret_warning
+
 from ..cluster_conf import Node, Timeouts
 from . import proto
 
@@ -36,12 +38,11 @@ def load_key(conf_path: str) -> bytes:
     path = os.path.join(os.path.dirname(os.path.abspath(conf_path)), "key")
     try:
         with open(path, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if mode & 0o077:
-                # as drbdadm warns of a world-readable shared-secret
-                log.warning("%s: the cluster key is readable by group or others (mode "
-                            "%04o); anyone who reads it can join the cluster: chmod 600 %s",
-                            path, mode & 0o777, path)
+            warning = exposed_secret_warning(path, os.fstat(f.fileno()).st_mode,
+                                             "the cluster key",
+                                             "anyone who reads it can join the cluster")
+            if warning:
+                log.warning("%s", warning)
             return f.read().strip()
     except FileNotFoundError:
         return b""

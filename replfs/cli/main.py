@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from replfs.errors import (EXIT_CONFIG, EXIT_EXEC, EXIT_USAGE, ReplfsError)
+from replfs.filemode import check_secret_file
 from replfs.ipc.client import DaemonNotRunning, SyncClient, rundir_from_env, socket_path
 
 from . import render
@@ -47,6 +48,11 @@ class Ctx:
             self._config = confmod.load(self.config_path)
             for w in self._config.warnings:
                 self.err(w)
+            for path in self._config.secret_files:
+                w = check_secret_file(path, "it holds a shared-secret and",
+                                      "anyone who reads it can pose as a peer")
+                if w:
+                    self.err(f"warning: {w}")
         return self._config
 
     def client(self) -> SyncClient:
