@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from replfs.errors import (EXIT_CONFIG, EXIT_EXEC, EXIT_USAGE, ReplfsError)
+from replfs.errors import EXIT_CONFIG, EXIT_EXEC, EXIT_TIMEOUT, EXIT_USAGE, ReplfsError
 from replfs.filemode import check_secret_file
 from replfs.ipc.client import DaemonNotRunning, SyncClient, rundir_from_env, socket_path
 
@@ -37,6 +37,8 @@ class Ctx:
     opts: dict
     out: Callable[[str], None]
     err: Callable[[str], None]
+    write: Callable[[str], None] | None = None   # output without a newline (progress dots)
+    stdin: object = None                          # where the boot wait reads 'yes'
     _config: object = None
 
     def config(self):
@@ -82,12 +84,15 @@ def _resources(ctx: Ctx, arg: str | None) -> list[str]:
     return [arg]
 
 
-def _daemon_call(ctx: Ctx, op: str, res: str | None = None, **args) -> dict:
+def _daemon_call(ctx: Ctx, op: str, res: str | None = None, *, wait: bool = False,
+                 **args) -> dict:
+    """One request to replfsd; ``wait``: it may take any time (no socket
+    timeout), for the verbs that wait for the peer."""
     if ctx.dry_run:
         extra = " ".join(f"--{k.replace('_', '-')}" for k, v in args.items() if v is True)
         ctx.out(f"replfsd {op}{' ' + extra if extra else ''}{' ' + res if res else ''}")
         return {}
-    with ctx.client() as c:
+    with (SyncClient(socket_path(ctx.rundir), timeout=None) if wait else ctx.client()) as c:
         reply, _ = c.call(op, res=res, conf=os.path.abspath(ctx.config_path), **args)
         return reply
 
@@ -289,10 +294,15 @@ def _gi(ctx: Ctx, res: str) -> tuple[str, str]:
     return sb.uuids.show(), state
 
 
-@_for_each
-def v_up(ctx: Ctx, res: str) -> None:
-    _start_daemon(ctx)
-    _daemon_call(ctx, "up", res)
+def v_up(ctx: Ctx, arg: str | None) -> None:
+    """Bring resources up; with --wait, then wait for their peers as the
+    boot script does (wait-con-int)."""
+    names = _resources(ctx, arg)
+    for res in names:
+        _start_daemon(ctx)
+        _daemon_call(ctx, "up", res)
+    if ctx.opts.get("wait"):
+        _boot_wait(ctx, names)
 
 
 @_for_each
@@ -399,19 +409,204 @@ def v_proc(ctx: Ctx, arg: str | None) -> None:
     ctx.out(render.proc_drbd(sts, unconfigured=down))
 
 
+def _seconds(value, what: str) -> int:
+    try:
+        n = int(str(value), 10)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ReplfsError(f"{what} expects a whole number of seconds (0: for ever), "
+                          f"not '{value}'", EXIT_USAGE)
+    return n
+
+
+def _startup_timeouts(ctx: Ctx, res: str) -> dict:
+    """wfc/degr/outdated seconds for res: the verb's options, else the
+    resource's ``startup`` section, as drbdadm passes them to drbdsetup
+    (a degr or outdated timeout left unset is None).  Notes about values
+    the rules cut are printed once."""
+    from replfs.blockrepl.core import startup
+    section = ctx.config().resources[res].startup
+    out: dict = {}
+    for key, opt, option in (("wfc", "timeout", startup.WFC),
+                             ("degr", "degr_timeout", startup.DEGR),
+                             ("outdated", "outdated_timeout", startup.OUTDATED)):
+        value = ctx.opts.get(opt)
+        if value is None:
+            value = section.get(option)
+        out[key] = None if value is None else _seconds(value, option)
+    out["wfc"] = out["wfc"] or 0
+    for note in startup.effective(out["wfc"], out["degr"], out["outdated"])[1]:
+        ctx.err(f"{res}: {note}")
+    return out
+
+
 def v_wait_connect(ctx: Ctx, arg: str | None) -> None:
-    """Wait for the connection: -t/--wfc-timeout, else the resource's
-    ``startup { wfc-timeout N; }`` as drbdadm passes it (0: for ever)."""
+    """Wait for the connection, as long as drbdsetup wait-connect would:
+    wfc-timeout, or degr-wfc-timeout on a node that went down as a
+    Primary without its peer, or outdated-wfc-timeout when the peer is
+    Outdated; -t and the other verb options override the config."""
     for res in _resources(ctx, arg):
-        timeout = ctx.opts.get("timeout")
-        if timeout is None:
-            timeout = ctx.config().resources[res].startup.get("wfc-timeout") or 0
-        _daemon_call(ctx, "wait-connect", res, timeout=float(timeout))
+        _daemon_call(ctx, "wait-connect", res, wait=True, **_startup_timeouts(ctx, res))
 
 
 def v_wait_sync(ctx: Ctx, arg: str | None) -> None:
     for res in _resources(ctx, arg):
-        _daemon_call(ctx, "wait-sync", res, timeout=ctx.opts.get("timeout") or 0)
+        _daemon_call(ctx, "wait-sync", res, wait=True,
+                     timeout=_seconds(ctx.opts.get("timeout") or 0, "--timeout"))
+
+
+def v_wait_con_int(ctx: Ctx, arg: str | None) -> None:
+    """drbdadm's wait-con-int: wait for the peers of all of this node's
+    resources at once, as the boot script does."""
+    from replfs.blockrepl import conf as confmod
+    _boot_wait(ctx, [r.name for r in confmod.for_node(ctx.config(), ctx.node)])
+
+
+# The boot wait prints a dot a second this long before it explains itself
+# and offers to stop (drbdadm: 10 seconds).
+QUIET_SECONDS = 10
+
+
+def _boot_wait(ctx: Ctx, names: list[str]) -> None:
+    """Wait for every resource in names to connect, each with its own
+    startup timeout, in parallel, as the DRBD init script does with
+    ``drbdadm wait-con-int``: dots first, then what it waits for and a
+    prompt -- typing 'yes' stops waiting.  A timeout or a 'yes' is no
+    error (booting goes on; exit 0); a resource that is not up, or a
+    daemon that is not there, is."""
+    import threading
+    from replfs.blockrepl.core import startup
+    waits = {res: _startup_timeouts(ctx, res) for res in names}
+    if ctx.dry_run:
+        for res in names:
+            ctx.out(f"replfsd wait-connect {res}")
+        return
+    results: dict[str, ReplfsError | None] = {}
+    clients: list[SyncClient] = []
+
+    def wait_one(res: str) -> None:
+        try:
+            c = SyncClient(socket_path(ctx.rundir), timeout=None)
+            clients.append(c)
+            with c:
+                c.call("wait-connect", res=res, conf=os.path.abspath(ctx.config_path),
+                       **waits[res])
+            results[res] = None
+        except ReplfsError as e:
+            results[res] = e
+        except OSError as e:
+            results[res] = ReplfsError(f"{res}: {e.strerror or e}", EXIT_EXEC)
+
+    threads = [threading.Thread(target=wait_one, args=(r,), daemon=True) for r in names]
+    for t in threads:
+        t.start()
+
+    def pending() -> list[str]:
+        return [r for r, t in zip(names, threads) if t.is_alive()]
+
+    write = ctx.write or ctx.out
+    start = time.monotonic()
+    dots = False
+    stopped: set[str] = set()
+    for _ in range(QUIET_SECONDS):
+        _join(threads, 1.0)
+        if not pending():
+            break
+        write(".")
+        dots = True
+    if pending():
+        kinds = {}
+        for res in pending():
+            try:
+                kinds[res] = _daemon_call(ctx, "timeout-type", res).get("kind", startup.WFC)
+            except (ReplfsError, OSError):
+                kinds[res] = startup.WFC
+        ctx.out(_boot_banner(waits, kinds, dots))
+        if _prompt_until_done(ctx, threads, pending, start):
+            stopped = set(pending())
+            for c in list(clients):
+                c.abort()
+    elif dots:
+        ctx.out("")
+    failed = []
+    for res in names:
+        e = results.get(res)
+        if res in stopped:
+            ctx.err(f"{res}: stopped waiting for the connection")
+        elif e is None:
+            continue
+        elif e.exit_code == EXIT_TIMEOUT:
+            ctx.err(e.message)
+        else:
+            failed.append(e)
+    for e in failed:
+        ctx.err(e.message)
+    if failed:
+        raise ReplfsError(f"could not wait for {len(failed)} resource(s)", failed[0].exit_code)
+
+
+def _join(threads, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+
+
+def _boot_banner(waits: dict, kinds: dict[str, str], after_dots: bool) -> str:
+    from replfs.blockrepl.core import startup
+    why = {startup.WFC: "its peer was there before",
+           startup.DEGR: "it went down as a Primary without its peer",
+           startup.OUTDATED: "its peer is Outdated"}
+    lines = ["" if after_dots else None,
+             "*" * 63,
+             " replfs is waiting for the peer nodes of this node's resources.",
+             " How long depends on how each resource went down:"]
+    for res, kind in kinds.items():
+        values, _ = startup.effective(waits[res]["wfc"], waits[res]["degr"],
+                                      waits[res]["outdated"])
+        secs = values[kind]
+        lines.append(f"   {res}: {'for ever' if secs == 0 else f'{secs} seconds'} "
+                     f"[{kind}] -- {why[kind]}")
+    lines.append(" (startup section of replfs.conf; 0 seconds waits for ever)")
+    return "\n".join(x for x in lines if x is not None)
+
+
+def _prompt_until_done(ctx: Ctx, threads, pending, start: float) -> bool:
+    """Offer to stop waiting until every wait has ended; True if the
+    admin typed 'yes'."""
+    import select
+    stdin = ctx.stdin if ctx.stdin is not None else sys.stdin
+    write = ctx.write or ctx.out
+    live = (ctx.write is not None and hasattr(sys.stdout, "isatty") and sys.stdout.isatty())
+    try:
+        fd = stdin.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = None
+    prompt = " To stop waiting, enter 'yes'"
+    write(f"{prompt} [{0:4d}]: " if live else f"{prompt}: ")
+    while pending():
+        if live:
+            write(f"\r{prompt} [{int(time.monotonic() - start):4d}]: ")
+        if fd is None:
+            _join(threads, 1.0)
+            continue
+        try:
+            ready, _, _ = select.select([fd], [], [], 1.0)
+        except (OSError, ValueError):
+            fd = None
+            continue
+        if not ready:
+            continue
+        line = stdin.readline()
+        if not line:            # end of input: just wait
+            fd = None
+            continue
+        if line.strip() == "yes":
+            write("\n")
+            return True
+        write(f"{prompt}: ")
+    write("\n")
+    return False
 
 
 def v_dump(ctx: Ctx, arg: str | None) -> None:
@@ -444,7 +639,8 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
          summary="list replfs volumes on the resources and the nodes that mount them"),
     Verb("show-gi", v_show_gi, summary="show the generation identifiers, explained"),
     Verb("get-gi", v_get_gi, summary="print the generation identifiers on one line"),
-    Verb("up", v_up, summary="start replfsd if needed, attach the disk and connect"),
+    Verb("up", v_up, summary="start replfsd if needed, attach and connect (--wait: as at boot)",
+         options=("wait", "timeout", "degr-wfc-timeout", "outdated-wfc-timeout")),
     Verb("down", v_down, summary="demote, disconnect and detach"),
     Verb("attach", _simple("attach"), summary="attach the backing disk and its meta-data"),
     Verb("detach", _simple("detach"), summary="detach the backing disk (becomes Diskless)"),
@@ -475,8 +671,12 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
     Verb("overview", v_overview, res_optional=True,
          summary="one line per resource, like drbd-overview"),
     Verb("proc", v_proc, needs_res=False, summary="print status in the /proc/drbd format"),
-    Verb("wait-connect", v_wait_connect, summary="wait until connected",
-         options=("timeout",)),
+    Verb("wait-connect", v_wait_connect,
+         summary="wait until connected (startup's wfc-timeouts; then exit 5)",
+         options=("timeout", "degr-wfc-timeout", "outdated-wfc-timeout")),
+    Verb("wait-con-int", v_wait_con_int, needs_res=False,
+         summary="boot-time wait for all resources' peers; 'yes' stops it",
+         options=("timeout", "degr-wfc-timeout", "outdated-wfc-timeout")),
     Verb("wait-sync", v_wait_sync, summary="wait until connected and both disks UpToDate",
          options=("timeout",)),
     Verb("dump", v_dump, res_optional=True, summary="print the configuration, canonical form"),
@@ -495,12 +695,16 @@ OPTION_SPELLINGS = {
     "-t": ("timeout", True),
     "--timeout": ("timeout", True),
     "--wfc-timeout": ("timeout", True),
+    "--degr-wfc-timeout": ("degr_timeout", True),
+    "--outdated-wfc-timeout": ("outdated_timeout", True),
+    "--wait": ("wait", False),
     "-f": ("full", False),
     "--full": ("full", False),
 }
 _OPT_VERB_NAME = {"force": "force", "discard_my_data": "discard-my-data", "json": "json",
                   "verbose": "verbose", "timeout": "timeout",
-                  "full": "full"}
+                  "degr_timeout": "degr-wfc-timeout", "outdated_timeout": "outdated-wfc-timeout",
+                  "wait": "wait", "full": "full"}
 
 
 def usage() -> str:
@@ -521,7 +725,12 @@ def usage() -> str:
         "  --force, -o, --overwrite-data-of-peer   (primary, create-md) override the safety checks",
         "  --discard-my-data                       (connect) become SyncTarget after a split brain",
         "  --json, --verbose                       (status)",
-        "  -t, --timeout SECONDS                   (wait-connect, wait-sync)",
+        "  -t, --timeout, --wfc-timeout SECONDS    (wait-connect, wait-con-int, up --wait,",
+        "                                          wait-sync) 0: for ever",
+        "  --degr-wfc-timeout SECONDS              (wait-connect, wait-con-int, up --wait) when",
+        "                                          the node went down a Primary without its peer",
+        "  --outdated-wfc-timeout SECONDS          (same verbs) when the peer is Outdated",
+        "  --wait                                  (up) then wait for the peers, as at boot",
         "",
         "VERBS:",
     ]
@@ -529,8 +738,8 @@ def usage() -> str:
         arg = "" if not v.needs_res else (" [RES]" if v.res_optional else " RES")
         lines.append(f"  {v.name + arg:<24} {v.summary}")
     lines += ["", "Cluster stack and filesystem verbs: see replfsadm(8).",
-              "Exit codes: 0 ok, 1 usage, 2 config syntax, 10 config, 11 state change,",
-              "16 no local disk, 17 no UpToDate disk, 20 daemon/exec."]
+              "Exit codes: 0 ok, 1 usage, 2 config syntax, 5 timed out, 10 config,",
+              "11 state change, 16 no local disk, 17 no UpToDate disk, 20 daemon/exec."]
     return "\n".join(lines)
 
 
@@ -608,8 +817,14 @@ def parse(argv: list[str]) -> tuple[dict, str | None, str | None, dict]:
     return g, verb, res, opts
 
 
-def main(argv: list[str] | None = None, *, out=None, err=None) -> int:
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None, *, out=None, err=None, stdin=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    custom_out = out is not None
     out = out or (lambda s: print(s))
     err = err or (lambda s: print(s, file=sys.stderr))
     try:
@@ -647,12 +862,13 @@ def main(argv: list[str] | None = None, *, out=None, err=None) -> int:
         ctx = Ctx(config_path=g["config"] or os.environ.get("REPLFS_CONF")
                   or "/etc/replfs/replfs.conf",
                   node=node_name(g["node"]), rundir=rundir_from_env(g["rundir"]),
-                  dry_run=g["dry_run"], opts=opts, out=out, err=err)
+                  dry_run=g["dry_run"], opts=opts, out=out, err=err,
+                  write=None if custom_out else _write_stdout, stdin=stdin)
         v.handler(ctx, res)
         return 0
     except ReplfsError as e:
         err(e.message)
-        if "State change failed" in e.message:
+        if "State change failed" in e.message or "Failure: (" in e.message:
             err(f"Command 'replfsadm {verb} {res}' terminated with exit code {e.exit_code}")
         return e.exit_code
     except KeyboardInterrupt:

@@ -17,13 +17,17 @@ from typing import Awaitable, Callable
 import trio
 
 from replfs.blockdev import BlockDeviceError
-from replfs.errors import EXIT_CONFIG, EXIT_EXEC, EXIT_STATE, EXIT_USAGE, ReplfsError
+from replfs.errors import EXIT_CONFIG, EXIT_EXEC, EXIT_TIMEOUT, EXIT_USAGE, ReplfsError
 from replfs.ipc import frames
 from replfs.ipc.client import SOCKET_NAME
 
 from replfs.blockrepl import conf as confmod
-from replfs.blockrepl.core.states import StateChangeRefused
+from replfs.blockrepl.core import startup
+from replfs.blockrepl.core.states import (DEMOTE_WHILE_OPEN, ERR_DISCARD_IMPOSSIBLE, ERR_NO_DISK,
+                                          DiskState, Role, StateChangeRefused, fail,
+                                          refuse)
 from replfs.blockrepl.driver.resource import Resource
+from replfs.blockrepl.meta import format as md
 
 from .devices import DeviceFiles
 
@@ -153,11 +157,15 @@ class Daemon:
     # AsyncClient when the call is cancelled on its side): lock requests,
     # which would otherwise stay queued and be granted to nobody.
     CANCELLABLE = frozenset({"dlm-lock", "dlm-convert"})
+    # Requests that only wait: they end when their client goes away (an
+    # admin who stopped a boot wait leaves no wait behind in the daemon).
+    WAITS = frozenset({"wait-connect", "wait-sync"})
 
     async def _serve_conn(self, stream: trio.SocketStream) -> None:
         dec = frames.FrameDecoder()
         conn = ClientConn(stream)
-        waiting: dict = {}          # request id -> CancelScope (cancellable ops)
+        waiting: dict = {}          # request id -> CancelScope (cancellable ops, waits)
+        waits: set = set()          # request ids of WAITS
 
         async def handle(req: dict, body: bytes) -> None:
             try:
@@ -170,13 +178,16 @@ class Daemon:
         async def answer(req: dict, body: bytes) -> None:
             rid = req.get("id")
             try:
-                if req.get("op") in self.CANCELLABLE:
+                if req.get("op") in self.CANCELLABLE or req.get("op") in self.WAITS:
                     with trio.CancelScope() as scope:
                         waiting[rid] = scope
+                        if req.get("op") in self.WAITS:
+                            waits.add(rid)
                         try:
                             out, data = await self._dispatch(req, body, conn)
                         finally:
                             waiting.pop(rid, None)
+                            waits.discard(rid)
                     if scope.cancelled_caught:
                         await conn.send({"id": rid, "ok": False, "errno": errno.ECANCELED,
                                          "error": "cancelled by the client"})
@@ -225,8 +236,12 @@ class Daemon:
                 finally:
                     # Requests still running (a lock that waits, a write in
                     # flight) finish on their own and see that nobody is
-                    # left to answer.
+                    # left to answer; mere waits end now.
                     conn.closed = True
+                    for rid in list(waits):
+                        scope = waiting.get(rid)
+                        if scope is not None:
+                            scope.cancel()
         finally:
             conn.closed = True
             with trio.CancelScope(shield=True):
@@ -322,15 +337,17 @@ class Daemon:
     async def op_detach(self, req, body, conn):
         res = self._res(req)
         if res.open_count:
-            raise ReplfsError(f"{res.me.device}: State change failed: (-12) Device is held "
-                              f"open by someone", EXIT_STATE)
+            raise refuse(DEMOTE_WHILE_OPEN)
         await self.devices.stop(res.conf.name)
         await res.detach()
         return {}
 
     async def op_connect(self, req, body, conn):
         res = await self._ensure(req)
-        res.connect(discard_my_data=bool(req.get("discard_my_data")))
+        discard = bool(req.get("discard_my_data"))
+        if discard and res.role is Role.Primary and not res.conf.allow_two_primaries:
+            raise fail(ERR_DISCARD_IMPOSSIBLE, res.me.device)
+        res.connect(discard_my_data=discard)
         return {}
 
     async def op_disconnect(self, req, body, conn):
@@ -366,8 +383,7 @@ class Daemon:
             return
         await self._wait_openers(res)
         if res.open_count:
-            raise ReplfsError(f"{res.me.device}: State change failed: (-12) Device is held "
-                              f"open by someone", EXIT_STATE)
+            raise refuse(DEMOTE_WHILE_OPEN)
         await self.devices.stop(name)
         await res.down()
         scope = self._res_scopes.pop(name, None)
@@ -375,12 +391,20 @@ class Daemon:
         if scope is not None:
             scope.cancel()
 
+    @staticmethod
+    def _needs_disk(res: Resource) -> Resource:
+        """Verbs that work on the local data refuse a Diskless node before
+        they start, as DRBD's admin layer does: Failure (138), exit 10."""
+        if res.disk is None:
+            raise fail(ERR_NO_DISK, res.me.device)
+        return res
+
     async def op_invalidate(self, req, body, conn):
-        await self._res(req).invalidate()
+        await self._needs_disk(self._res(req)).invalidate()
         return {}
 
     async def op_invalidate_remote(self, req, body, conn):
-        await self._res(req).invalidate_remote()
+        await self._needs_disk(self._res(req)).invalidate_remote()
         return {}
 
     async def op_outdate(self, req, body, conn):
@@ -388,7 +412,7 @@ class Daemon:
         return {}
 
     async def op_new_current_uuid(self, req, body, conn):
-        await self._res(req).new_current_uuid()
+        await self._needs_disk(self._res(req)).new_current_uuid()
         return {}
 
     async def op_resume_io(self, req, body, conn):
@@ -427,15 +451,41 @@ class Daemon:
             out.append(res.status())
         return {"resources": out, "node": self.node}
 
+    @staticmethod
+    def _timeout_kind(res: Resource) -> str:
+        """Which startup timeout applies to res (DRBD's timeout type)."""
+        disk = res.disk
+        sb = disk.sb if disk is not None else None
+        return startup.kind_from_metadata(
+            primary_flag=bool(sb and sb.has(md.F_PRIMARY)),
+            is_primary=res.role is Role.Primary,
+            bitmap_uuid=sb.uuids.bitmap if sb else 0,
+            peer_outdated=(res.pdsk is DiskState.Outdated
+                           or bool(sb and sb.has(md.F_PEER_OUTDATED))))
+
+    async def op_timeout_type(self, req, body, conn):
+        return {"kind": self._timeout_kind(self._res(req))}
+
     async def op_wait_connect(self, req, body, conn):
+        """Wait until connected.  ``timeout`` waits that long; otherwise
+        ``wfc``/``degr``/``outdated`` (startup's three timeouts) and the
+        resource's state choose, as drbdsetup wait-connect does."""
         res = self._res(req)
-        timeout = float(req.get("timeout") or 0) or float("inf")
-        with trio.move_on_after(timeout):
+        if "wfc" in req:
+            degr, outdated = req.get("degr"), req.get("outdated")
+            choice = startup.choose(self._timeout_kind(res), int(req["wfc"] or 0),
+                                    None if degr is None else int(degr),
+                                    None if outdated is None else int(outdated))
+            kind, seconds = choice.kind, choice.seconds
+        else:
+            kind, seconds = None, float(req.get("timeout") or 0)
+        with trio.move_on_after(seconds or float("inf")):
             while not res.cstate.is_connected:
                 await res.wait_state_change()
-            return {"cstate": res.cstate.value}
+            return {"cstate": res.cstate.value, "kind": kind}
+        using = f", {kind} {seconds:g}s" if kind else ""
         raise ReplfsError(f"{res.conf.name}: timed out waiting for the connection "
-                          f"(cstate {res.cstate.value})", EXIT_EXEC)
+                          f"(cstate {res.cstate.value}{using})", EXIT_TIMEOUT)
 
     async def op_wait_sync(self, req, body, conn):
         """Wait until the resource is Connected with both disks UpToDate."""
@@ -447,7 +497,7 @@ class Daemon:
                 await res.wait_state_change()
             return {}
         raise ReplfsError(f"{res.conf.name}: timed out waiting for sync "
-                          f"({res.cstate.value} {res.dstate.value}/{res.pdsk.value})", EXIT_EXEC)
+                          f"({res.cstate.value} {res.dstate.value}/{res.pdsk.value})", EXIT_TIMEOUT)
 
     # ------------------------------------------------------------ block I/O
     async def op_open(self, req, body, conn):

@@ -82,6 +82,15 @@ class SyncClient:
     def close(self) -> None:
         self._sock.close()
 
+    def abort(self) -> None:
+        """Give up a call another thread is blocked in (it raises OSError
+        or ReplfsError); the daemon sees the connection go."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
     def __enter__(self):
         return self
 
