@@ -70,7 +70,8 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
     "startup": frozenset({"wfc-timeout", "degr-wfc-timeout", "outdated-wfc-timeout"}),
     "options": frozenset(),
     "handlers": frozenset({"split-brain", "local-io-error", "fence-peer",
-                           "before-resync-target", "after-resync-target"}),
+                           "before-resync-target", "after-resync-target",
+                           "pri-lost-after-sb"}),
 }
 
 SECTIONS = ("net", "disk", "syncer", "startup", "handlers", "options")
@@ -96,6 +97,15 @@ AFTER_SB = {
     "after-sb-1pri": ("disconnect", "consensus", "violently-as0p",
                       "discard-secondary", "call-pri-lost-after-sb"),
     "after-sb-2pri": ("disconnect", "violently-as0p", "call-pri-lost-after-sb"),
+}
+# With allow-two-primaries (a filesystem mounted on both nodes), the
+# after-sb policies that throw away data a Primary wrote (post-parse warns).
+AFTER_SB_UNSAFE_DUAL = {
+    "after-sb-0pri": ("discard-younger-primary", "discard-older-primary",
+                      "discard-zero-changes", "discard-least-changes", "discard-local",
+                      "discard-remote"),
+    "after-sb-1pri": ("violently-as0p", "discard-secondary"),
+    "after-sb-2pri": ("violently-as0p",),
 }
 ON_IO_ERROR = ("pass_on", "call-local-io-error", "detach")
 FENCING = ("dont-care", "resource-only", "resource-and-stonith")

@@ -36,6 +36,7 @@ from ..core.actlog import ActivityLogFull, extents_of
 from ..core.bitmap import BLOCK, blocks_of
 from ..core.intervals import IntervalSet
 from ..core.progress import progress_line
+from ..core.splitbrain import Policies, Resolution, resolve
 from ..core.states import (SS_IS_DISKLESS, SS_NEED_CONNECTION, SS_RESYNC_RUNNING,
                            ConnState, DiskState, Role, StateChangeRefused, View,
                            check_outdate, check_promote, refuse)
@@ -228,6 +229,14 @@ class Resource:
         # configured, the resource fences as resource-and-stonith with it.
         self.shared_opens = 0
         self.fence_peer_hook = None
+        # Set by replfsd's mounts: stop this node's filesystem mounts of the
+        # resource at once (called with the reason) when after-sb
+        # call-pri-lost-after-sb discards this Primary's data in use.
+        self.pri_lost_hook = None
+        # Role when the last connection ended: whether this node was
+        # Primary at the split, which a new generation records in the
+        # bitmap UUID (discard-younger/older-primary read it).
+        self._role_at_split: Role | None = None
         self._peer_promotion_allowed_at = float("-inf")
         self.last_event = ""
         self.split_brain = False
@@ -429,7 +438,14 @@ class Resource:
         if uuids.current == JUST_CREATED:
             uuids = Uuids(secrets.randbits(63) << 1, 0, uuids.history)
         else:
-            uuids = uuids.with_new_current(secrets.randbits(63) << 1)
+            # (as in _new_generation: was this node Primary at the split?)
+            if self._chan is not None:
+                was_primary = self.role is Role.Primary
+            elif self._role_at_split is not None:
+                was_primary = self._role_at_split is Role.Primary
+            else:
+                was_primary = disk.crashed_primary
+            uuids = uuids.with_new_current(secrets.randbits(63) << 1, was_primary=was_primary)
         sb = disk.sb.with_flags(set_=md.F_CONSISTENT | md.F_WAS_UP_TO_DATE,
                                 clear=md.F_OUTDATED)
         await disk.write_superblock(md.Superblock(sb.data_size, uuids, sb.flags,
@@ -474,9 +490,23 @@ class Resource:
             uuids = disk.sb.uuids
             if uuids.bitmap and not force:
                 return
+            # Was this node Primary when it lost its peer?  DRBD starts the
+            # generation right then and flags the old one (now the bitmap
+            # UUID) with the role; replfs starts it lazily, at the first
+            # write the peer misses, so it asks: connected now -- its role
+            # now; else its role when the last connection ended; not
+            # connected since replfsd started -- whether it went down as
+            # Primary.
+            if self._chan is not None:
+                was_primary = self.role is Role.Primary
+            elif self._role_at_split is not None:
+                was_primary = self._role_at_split is Role.Primary
+            else:
+                was_primary = disk.crashed_primary
             sb = disk.sb
             await disk.write_superblock(md.Superblock(
-                sb.data_size, uuids.with_new_current(secrets.randbits(63) << 1),
+                sb.data_size, uuids.with_new_current(secrets.randbits(63) << 1,
+                                                     was_primary=was_primary),
                 sb.flags, sb.device_uuid, sb.al_extents, sb.layout))
             log.info("%s: new current UUID %016X (bitmap UUID %016X)", self.conf.name,
                      disk.sb.uuids.current, disk.sb.uuids.bitmap)
@@ -1277,12 +1307,14 @@ class Resource:
         _peer_role(params.role), _peer_disk(params.disk)   # validate
         return params
 
-    def _decide(self, params: P.Params) -> Decision:
+    def _decide(self, params: P.Params) -> tuple[Decision, Resolution | None]:
+        """The sync decision, and after a split brain how it is resolved
+        (core/splitbrain.py), or None when there was none."""
         # Decide from exactly what we told the peer, so both sides reach
         # mirror-image decisions even if something changed meanwhile.
         sp = self._sent_params
         if self.disk is None or sp.data_size == 0 or params.data_size == 0:
-            return Decision.NO_SYNC
+            return Decision.NO_SYNC, None
         me = Side(Uuids(sp.current, sp.bitmap, (sp.history1, sp.history2)),
                   bool(sp.flags & P.PF_INCONSISTENT), bool(sp.flags & P.PF_CRASHED_PRIMARY),
                   sp.role == _role_code(Role.Primary), sp.oos_blocks, self.node)
@@ -1294,51 +1326,66 @@ class Resource:
         decision = compare(me, peer)
         log.info("%s: uuid_compare: %s (me %s, peer %s)", self.conf.name, decision.value,
                  me.uuids.show(), peer.uuids.show())
-        if decision is Decision.SPLIT_BRAIN:
-            mine, theirs = self.discard_my_data, bool(params.discard_my_data)
-            if mine and not theirs:
-                log.warning("%s: Split-Brain detected, manually solved. Sync from peer node",
-                            self.conf.name)
-                return Decision.BITMAP_TARGET
-            if theirs and not mine:
-                log.warning("%s: Split-Brain detected, manually solved. Sync from this node",
-                            self.conf.name)
-                return Decision.BITMAP_SOURCE
-            auto = self._after_split_brain(me, peer)
-            if auto is not None:
-                return auto
-        return decision
+        if decision is not Decision.SPLIT_BRAIN:
+            return decision, None
+        conf = self.conf
+        resolution = resolve(me, peer, Policies(conf.after_sb_0pri, conf.after_sb_1pri,
+                                                conf.after_sb_2pri),
+                             discard_mine=bool(sp.discard_my_data),
+                             discard_peer=bool(params.discard_my_data))
+        return resolution.decision, resolution
 
-    def _after_split_brain(self, me: Side, peer: Side) -> Decision | None:
-        """The after-sb-0pri automatic recovery policies (no Primary involved)."""
-        if me.primary or peer.primary:
-            return None
-        policy = self.conf.after_sb_0pri
-        if policy == "discard-zero-changes":
-            if me.oos_blocks == 0 and peer.oos_blocks:
-                return Decision.BITMAP_TARGET
-            if peer.oos_blocks == 0 and me.oos_blocks:
-                return Decision.BITMAP_SOURCE
-        elif policy == "discard-least-changes":
-            if me.oos_blocks != peer.oos_blocks:
-                return (Decision.BITMAP_TARGET if me.oos_blocks < peer.oos_blocks
-                        else Decision.BITMAP_SOURCE)
-        elif policy.startswith("discard-node-"):
-            victim = policy[len("discard-node-"):]
-            if victim == me.name:
-                return Decision.BITMAP_TARGET
-            if victim == peer.name:
-                return Decision.BITMAP_SOURCE
-        return None
+    async def _after_split_brain(self, chan: _Channel, sb: Resolution) -> Decision:
+        """Act on how a split brain is resolved: log it as DRBD does; a
+        Primary whose data call-pri-lost-after-sb discards gives up its
+        role, or, when it cannot (the device is in use), stops its
+        filesystem mounts, runs the pri-lost-after-sb handler, and the split
+        brain stays unresolved.  Unresolved: the split-brain handler runs
+        and the connection is dropped for good (StandAlone)."""
+        name = self.conf.name
+        for note in sb.notes:
+            log.warning("%s: %s", name, note)
+        if sb.pri_lost and self.role is Role.Primary:
+            gave_up = False
+            if not self.open_count and not self.ap:
+                try:
+                    await self.secondary()
+                    gave_up = True
+                except (ReplfsError, OSError) as e:
+                    log.error("%s: cannot give up the primary role: %s", name, e)
+            if gave_up:
+                log.warning("%s: Successfully gave up primary role.", name)
+
+                async def tell_peer_once_connected() -> None:
+                    # (the peer was told "Primary" in the handshake)
+                    while self._chan is chan and not self.cstate.is_connected:
+                        await self._state_changed.wait()
+                    if self._chan is chan:
+                        await self._tell_peer_state()
+                self._nursery.start_soon(tell_peer_once_connected)
+            else:
+                why = ("split brain: after-sb call-pri-lost-after-sb discards the data of "
+                       "this Primary")
+                log.critical("%s: %s, and the device is in use: its filesystem mounts are "
+                             "stopped and pri-lost-after-sb runs", name, why)
+                self.last_event = why
+                if self.pri_lost_hook is not None:
+                    self.pri_lost_hook(why)
+                await self.handler("pri-lost-after-sb")
+                sb = sb.refused()
+        if sb.resolved:
+            log.warning("%s: %s", name, sb.line)
+            return sb.decision
+        self.split_brain = True
+        await self.handler("split-brain")
+        raise _Fatal(sb.line)         # logged as an error by the connection loop
 
     async def _session(self, chan: _Channel) -> None:
         params = self._peer_params
-        decision = self._decide(params)
+        decision, split_brain = self._decide(params)
         name = self.conf.name
-        if decision is Decision.SPLIT_BRAIN:
-            self.split_brain = True
-            await self.handler("split-brain")
-            raise _Fatal("Split-Brain detected, dropping connection!")
+        if split_brain is not None:
+            decision = await self._after_split_brain(chan, split_brain)
         if decision is Decision.UNRELATED:
             raise _Fatal("Unrelated data, aborting!")
         if decision.i_am_target and self.role is Role.Primary and \
@@ -1348,6 +1395,10 @@ class Resource:
                 # its last opener is gone; try again until then
                 raise _Drop("I shall become SyncTarget, but I am primary (the loser of the "
                             "fence-peer decision: retrying once it is demoted)")
+            # (DRBD's rr-conflict disconnect, its default; replfs has no
+            # other: after-sb violently-as0p that discards a Primary's data
+            # ends here too, as it does in DRBD unless rr-conflict says
+            # violently)
             raise _Fatal("I shall become SyncTarget, but I am primary!")
         if (self.role is Role.Primary and self.peer_role is Role.Primary
                 and not self.conf.allow_two_primaries):
@@ -1359,6 +1410,7 @@ class Resource:
             await self._run_session(chan, params, decision)
         finally:
             self._session_nursery = None
+            self._role_at_split = self.role
 
     async def _run_session(self, chan: _Channel, params: P.Params, decision: Decision) -> None:
         name = self.conf.name

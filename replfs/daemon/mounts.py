@@ -38,6 +38,13 @@ again; a fence stops the mount writing at once (its device refuses
 writes, every call answers EIO) until it is unmounted.  A resource
 without ``allow-two-primaries`` is mounted by one node (node-local locks;
 the peer's promotion is refused while it is mounted).
+
+After a split brain, ``after-sb-1pri``/``after-sb-2pri``
+``call-pri-lost-after-sb`` may discard the data of this node while it is
+Primary and mounted: the resource then calls ``pri_lost_hook``, and every
+mount of that resource stops writing at once (as on a fence); a shared
+mount also fences the node in the cluster, as a failed shared filesystem
+does, so that the other node recovers its slot and gets its locks.
 """
 from __future__ import annotations
 
@@ -181,6 +188,17 @@ class _SharedMount:
                          self.mountpoint, node, e)
             self._fence(f"recovery of node {node} failed: {e}")
 
+    def pri_lost(self, why: str) -> None:
+        """This node's data is to be discarded (after-sb
+        call-pri-lost-after-sb): stop writing now; the EX locks held cover
+        changes the other node will never have, so fence the node (the
+        other node then recovers this slot), as ``_failed`` does."""
+        if self.fenced is not None:
+            return
+        self._fence(why)
+        if self.cluster is not None:
+            self.nursery.start_soon(self.cluster.fence_self, f"{self.mountpoint}: {why}")
+
     def _fence(self, why: str) -> None:
         if self.fenced is not None:
             return
@@ -235,6 +253,8 @@ class MountService:
         self.lock_service = fuse.LockService()
         self._nursery: trio.Nursery | None = None
         self.ops = {"mount": self.op_mount, "mounts": self.op_mounts}
+        # mount point -> (resource, stop it): what Resource.pri_lost_hook does
+        self._stoppers: dict[str, tuple[str, object]] = {}
 
     async def run(self, daemon, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.daemon = daemon
@@ -312,6 +332,19 @@ class MountService:
                 raise
             raise ReplfsError(refusal.message, refusal.exit_code) from None
         return {"slot": src.slot, "shared": cs is not None}
+
+    def _pri_lost(self, name: str, why: str) -> None:
+        """Resource.pri_lost_hook: stop every mount of resource ``name``."""
+        for mountpoint, (res_name, stop) in list(self._stoppers.items()):
+            if res_name == name:
+                stop(why)
+
+    @staticmethod
+    def _stop_single(dev: ResourceDevice, mountpoint: str, why: str) -> None:
+        if dev.fenced is None:
+            dev.fence(why)
+            log.critical("%s: stopped (%s): nothing more is written; every write answers "
+                         "EIO until it is unmounted", mountpoint, why)
 
     @staticmethod
     async def _fence_peer(cs, res) -> int:
@@ -433,8 +466,11 @@ class MountService:
                     rec["slot"] = src.slot
                     self.mounts[mountpoint] = rec
                     task_status.started()
+            res.pri_lost_hook = lambda why, name=src.name: self._pri_lost(name, why)
             # (serve closes dev at its end, whatever happens)
             if cs is None:
+                self._stoppers[mountpoint] = (
+                    src.name, lambda why: self._stop_single(dev, mountpoint, why))
                 await M.serve(src, mountpoint, o, ready, dev=dev,
                               lock_service=self.lock_service, signals=False,
                               session_hook=lambda s: rec.__setitem__("session", s))
@@ -449,6 +485,7 @@ class MountService:
             async with trio.open_nursery() as nursery:
                 shared = _SharedMount(mountpoint, dom, node, dev, nursery, cluster=cs)
                 cs.listeners.append(shared.event)
+                self._stoppers[mountpoint] = (src.name, shared.pri_lost)
                 try:
                     await M.serve(src, mountpoint, o, ready, dev=dev,
                                   lock_service=self.lock_service, signals=False,
@@ -459,6 +496,7 @@ class MountService:
                     nursery.cancel_scope.cancel()
         finally:
             self.mounts.pop(mountpoint, None)
+            self._stoppers.pop(mountpoint, None)
             if handler is not None:
                 logging.getLogger("replfs").removeHandler(handler)
                 handler.close()

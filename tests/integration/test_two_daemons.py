@@ -153,7 +153,7 @@ def test_split_brain_detected_and_manual_recovery(cluster):
     b.adm("connect", "r0")
     for n in cluster.nodes:
         n.wait(lambda s: s["cstate"] == "StandAlone" and s["split_brain"], what="split brain")
-        assert "Split-Brain detected, dropping connection!" in n.log()
+        assert "Split-Brain detected but unresolved, dropping connection!" in n.log()
     # Nothing was overwritten on either side.
     assert read_data(a.disk, 4096) == b"a" * 4096
     assert read_data(b.disk, 8192)[4096:] == b"b" * 4096

@@ -86,3 +86,27 @@ async def test_failed_filesystem_fences_the_node(nursery):
     fs._fail("journal write failed: EIO")
     await trio.sleep(0.1)
     assert len(cluster.fenced) == 1 and "journal write failed" in cluster.fenced[0]
+
+
+async def test_pri_lost_after_split_brain_stops_the_mount_and_fences_the_node(nursery):
+    dev, cluster = FakeDev(), FakeCluster()
+    m = _SharedMount("/mnt", FakeDom(), 0, dev, nursery, cluster=cluster)
+    fs, ops = FakeFs(), FakeOps()
+    m.mounted(fs, ops, None)
+    m.pri_lost("split brain: this Primary's data is discarded")
+    assert dev.fenced and "split brain" in fs.failed and ops.lost
+    await trio.sleep(0.1)
+    assert len(cluster.fenced) == 1 and "split brain" in cluster.fenced[0]
+    m.pri_lost("again")                  # once is enough
+    await trio.sleep(0.1)
+    assert len(cluster.fenced) == 1
+
+
+def test_pri_lost_hook_stops_only_the_mounts_of_that_resource():
+    from replfs.daemon.mounts import MountService
+    svc = MountService()
+    stopped = []
+    svc._stoppers = {"/m0": ("r0", lambda why: stopped.append(("/m0", why))),
+                     "/m1": ("r1", lambda why: stopped.append(("/m1", why)))}
+    svc._pri_lost("r0", "lost")
+    assert stopped == [("/m0", "lost")]
