@@ -167,6 +167,8 @@ def _resource(raw_res: RawResource, raw: RawConfig, common: dict[str, Section],
         where = _option_where(raw_res.sections.get("net"), "allow-two-primaries") \
             or _option_where(raw.common.get("net"), "allow-two-primaries") or raw_res.where
         raise config_error(where, "allow-two-primaries requires protocol C")
+    _check_congestion(raw_res, raw, net, protocol)
+    _check_after_sb(raw_res, raw, net, warn)
 
     if len(raw_res.hosts) != 2:
         count = len(raw_res.hosts)
@@ -190,6 +192,51 @@ def _resource(raw_res: RawResource, raw: RawConfig, common: dict[str, Section],
                                     f"{a.node_id}")
     return Resource(name=raw_res.name, protocol=protocol, hosts=hosts, where=raw_res.where,
                     **sections)
+
+
+def _where(raw_res: RawResource, raw: RawConfig, name: str) -> Location | None:
+    """Where the net option ``name`` in effect for raw_res was written."""
+    return (_option_where(raw_res.sections.get("net"), name)
+            or _option_where(raw.common.get("net"), name) or raw_res.where)
+
+
+def _check_congestion(raw_res: RawResource, raw: RawConfig, net: Section,
+                      protocol: str) -> None:
+    """DRBD allows an on-congestion policy other than block (pull-ahead,
+    disconnect) with protocol A only: with B or C (which allow-two-primaries
+    needs) a write completes only once the peer has it, so there is no
+    send buffer to be congested."""
+    policy = net.get("on-congestion")
+    if policy in ("pull-ahead", "disconnect") and protocol != "A":
+        two = " and allow-two-primaries" if net.get("allow-two-primaries") in ("", "yes") \
+            else ""
+        raise config_error(_where(raw_res, raw, "on-congestion"),
+                           f"on-congestion {policy} requires protocol A (resource "
+                           f"{raw_res.name} uses protocol {protocol}{two}); DRBD allows only "
+                           f"on-congestion block with protocols B and C")
+
+
+def _check_after_sb(raw_res: RawResource, raw: RawConfig, net: Section, warn) -> None:
+    """Warn of after-sb policies that would throw away a Primary's data
+    while both nodes may be Primary (a filesystem mounted on both), and of
+    discard-local/discard-remote, which need the other node's replfs.conf
+    to say the opposite."""
+    dual = net.get("allow-two-primaries") in ("", "yes")
+    for name, unsafe in opts.AFTER_SB_UNSAFE_DUAL.items():
+        policy = net.get(name)
+        if dual and policy in unsafe:
+            warn(f"{_where(raw_res, raw, name)}: warning: {name} {policy} with "
+                 f"allow-two-primaries: with a filesystem mounted on both nodes it discards "
+                 f"acknowledged writes beneath live caches; 'disconnect' is the only safe "
+                 f"setting with two Primaries")
+    policy = net.get("after-sb-0pri")
+    if policy in ("discard-local", "discard-remote"):
+        other, both = (("discard-remote", "discard") if policy == "discard-local"
+                       else ("discard-local", "keep"))
+        warn(f"{_where(raw_res, raw, 'after-sb-0pri')}: warning: after-sb-0pri {policy} "
+             f"applies to the node whose replfs.conf says it: the other node's must say "
+             f"{other} (replfs does not compare the two when they connect; with the same "
+             f"setting on both nodes, both would {both} their own data)")
 
 
 def _option_where(section: RawSection | None, name: str) -> Location | None:

@@ -477,3 +477,76 @@ def test_package_imports_no_trio_or_socket():
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- after-sb policies and on-congestion (checks of combinations) --------------
+
+def _net(net: str, protocol: str = "C") -> str:
+    return f"resource r {{\n protocol {protocol};\n net {{\n{net} }}\n" + GOOD_HOSTS + "}\n"
+
+
+UNSAFE = ("with allow-two-primaries: with a filesystem mounted on both nodes it discards "
+          "acknowledged writes beneath live caches; 'disconnect' is the only safe setting "
+          "with two Primaries")
+
+
+def test_policies_that_discard_a_primarys_data_are_warned_about_with_two_primaries():
+    config = parse_text(_net("  allow-two-primaries;\n  after-sb-0pri discard-zero-changes;\n"
+                             "  after-sb-1pri discard-secondary;\n"
+                             "  after-sb-2pri violently-as0p;\n"), "t.conf")
+    assert config.warnings == (
+        f"t.conf:5: warning: after-sb-0pri discard-zero-changes {UNSAFE}",
+        f"t.conf:6: warning: after-sb-1pri discard-secondary {UNSAFE}",
+        f"t.conf:7: warning: after-sb-2pri violently-as0p {UNSAFE}",
+    )
+    config = parse_text(_net("  allow-two-primaries;\n  after-sb-1pri violently-as0p;\n"),
+                        "t.conf")
+    assert config.warnings == (f"t.conf:5: warning: after-sb-1pri violently-as0p {UNSAFE}",)
+
+
+def test_policy_from_common_is_warned_about_where_it_is_written():
+    text = ("common {\n net {\n  after-sb-2pri violently-as0p;\n }\n}\n"
+            + _net("  allow-two-primaries;\n"))
+    assert parse_text(text, "t.conf").warnings == (
+        f"t.conf:3: warning: after-sb-2pri violently-as0p {UNSAFE}",)
+
+
+def test_safe_policies_and_single_primary_draw_no_warning():
+    assert parse_text(_net("  allow-two-primaries;\n  after-sb-0pri disconnect;\n"
+                           "  after-sb-1pri disconnect;\n  after-sb-2pri disconnect;\n"), "t.conf"
+                      ).warnings == ()
+    assert parse_text(_net("  allow-two-primaries;\n  after-sb-1pri consensus;\n"
+                           "  after-sb-2pri call-pri-lost-after-sb;\n"), "t.conf").warnings == ()
+    # without allow-two-primaries the same policies are fine
+    assert parse_text(_net("  after-sb-0pri discard-zero-changes;\n"
+                           "  after-sb-1pri discard-secondary;\n"
+                           "  after-sb-2pri violently-as0p;\n"), "t.conf").warnings == ()
+
+
+def test_discard_local_and_remote_say_what_the_other_node_needs():
+    (w,) = parse_text(_net("  after-sb-0pri discard-local;\n"), "t.conf").warnings
+    assert w.startswith("t.conf:4: warning: after-sb-0pri discard-local applies to the node "
+                        "whose replfs.conf says it: the other node's must say discard-remote")
+    (w,) = parse_text(_net("  after-sb-0pri discard-remote;\n"), "t.conf").warnings
+    assert "must say discard-local" in w and "both would keep their own data" in w
+
+
+@pytest.mark.parametrize("protocol,extra,policy", [
+    ("C", "", "pull-ahead"), ("B", "", "pull-ahead"), ("C", "  allow-two-primaries;\n",
+                                                       "pull-ahead"),
+    ("C", "", "disconnect")])
+def test_on_congestion_other_than_block_needs_protocol_a(protocol, extra, policy):
+    err = error_of(_net(f"{extra}  on-congestion {policy};\n", protocol))
+    assert err.exit_code == EXIT_CONFIG
+    two = " and allow-two-primaries" if extra else ""
+    line = 5 if extra else 4
+    assert err.message == (f"t.conf:{line}: on-congestion {policy} requires protocol A "
+                           f"(resource r uses protocol {protocol}{two}); DRBD allows only "
+                           f"on-congestion block with protocols B and C")
+
+
+def test_on_congestion_with_protocol_a_or_block_is_accepted_with_its_warning():
+    for text in (_net("  on-congestion pull-ahead;\n", "A"),
+                 _net("  on-congestion block;\n", "C")):
+        assert parse_text(text, "t.conf").warnings == (
+            "t.conf:4: warning: option 'on-congestion' is accepted but has no effect in replfs",)
