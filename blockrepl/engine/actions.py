@@ -17,9 +17,14 @@ Driver obligations (the engine's correctness depends on them):
 * Disk I/O may run concurrently and complete in any order, but a
   ``DiskWrite`` is reported done only once the data is in the backing
   file (the page cache is enough: durability is what ``DiskFlush`` adds).
-* ``PersistMeta`` writes, in this order, the bitmap pages, the activity
-  log record (if any) and the superblock (if any), then flushes the
-  meta-data device; it is reported done only once all of it is durable.
+* ``PersistMeta`` first flushes the data device (Linux's REQ_PREFLUSH:
+  every data write already reported done becomes durable), then writes,
+  in this order, the bitmap pages, the activity log record (if any) and
+  the superblock (if any), then flushes the meta-data device; it is
+  reported done only once all of it is durable.  The preflush is what
+  lets a bitmap that says "in sync" never be more durable than the data
+  it vouches for (a resync target's cleared bits, an extent leaving the
+  activity log).
 * ``Complete`` answers an application request (write, read, flush);
   ``OpDone`` an administrative one (primary, attach, ...).
 * ``CloseConnection`` closes the session's socket; the driver does not

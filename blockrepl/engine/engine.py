@@ -152,6 +152,7 @@ class Disk:
         self.sb = sb
         self.bitmap = bitmap
         self.al = ActivityLog(min(al_capacity, 3000))
+        self.al_unsettled: set[int] = set()   # made hot by a transaction in flight
         self.crashed_primary = False
 
 
@@ -272,6 +273,16 @@ class Engine:
         self._epoch_closed = False     # a write completed since the last send
         self._pending: dict[int, Pending] = {}
         self._flushes: dict[int, bool] = {}
+        # The transfer log: writes the peer acknowledged but may still hold
+        # only in a volatile cache (its disk's, or its page cache before a
+        # power failure).  A FlushAck for a Flush sent after them proves
+        # them durable; a connection lost before that leaves them out of
+        # sync, so that a peer that lost its cache is resynced (DRBD keeps
+        # requests in its transfer log until the epoch's barrier ack).
+        self._unstable: deque = deque()      # (offset, length)
+        self._unstable_added = 0             # ever appended
+        self._unstable_dropped = 0           # ever proven durable
+        self._flush_marks: dict[int, int] = {}   # Flush seq -> _unstable_added then
         self._reads: dict[int, list] = {}
         self._role_replies: dict[int, int | None] = {}
         self._ranges = IntervalSet()   # application ranges being written / resynced
@@ -486,8 +497,9 @@ class Engine:
             ds = DiskState.Consistent
         self._set(dstate=ds)
         self._tell_peer_state()
-        if self.live and self.cstate.is_connected:
-            # A disk attached under a live connection: agree on it afresh.
+        if self.live:
+            # A disk attached under a live connection (or during its
+            # handshake, which told the peer there was none): agree afresh.
             self._end_session(ConnState.NetworkFailure, False, "disk attached: reconnecting")
 
     def detach(self, op) -> list:
@@ -860,7 +872,10 @@ class Engine:
         return start, bytes(current)
 
     def _al_begin(self, disk: Disk, first: int, last: int):
+        """Make extents [first, last] hot, and durably so before the write."""
+        mine = set(range(first, last + 1))
         while True:
+            before = set(disk.al.extents)
             try:
                 changed = disk.al.begin(first, last)
                 break
@@ -868,7 +883,16 @@ class Engine:
                 in_flight = disk.al.in_flight()
                 yield Wait(lambda: disk.al.in_flight() < in_flight)
         if changed:
-            yield from self._persist(disk, al=True)
+            added = mine - before
+            disk.al_unsettled |= added
+            try:
+                yield from self._persist(disk, al=True)
+            finally:
+                disk.al_unsettled -= added
+        else:
+            # Hot already, but perhaps only by a transaction still being
+            # written: a crash now must still find the extent in the log.
+            yield from _until(lambda: not (mine & disk.al_unsettled))
 
     def _replicated_write(self, disk: Disk | None, offset: int, data: bytes):
         yield from _until(lambda: self._replicating() or not self._quiesce)
@@ -910,6 +934,12 @@ class Engine:
                 raise IOFailure(errno.EIO, f"{self.cfg.name}: not acknowledged: this node "
                                            f"lost the fence-peer decision")
         else:
+            # Not while the peer is being fenced: the generation may only
+            # move on on the winner.
+            yield from _until(lambda: not self.susp or self.fence_lost)
+            if self.fence_lost:
+                raise IOFailure(errno.EIO, f"{self.cfg.name}: this node lost the fence-peer "
+                                           f"decision; its disk is Outdated")
             self._unrepl_inflight += 1
             try:
                 yield from self._mark_unreplicated(offset, len(data))
@@ -977,7 +1007,7 @@ class Engine:
             self._seq += 1
             seq = self._seq
             self._flushes[seq] = False
-            self._send(P.Flush(seq))
+            self._send_flush(seq)
         try:
             if disk is not None:
                 err = yield self._issue(DiskFlush)
@@ -999,6 +1029,17 @@ class Engine:
             if seq is not None:
                 self._flushes.pop(seq, None)
         return None
+
+    def _send_flush(self, seq: int) -> None:
+        self._flush_marks[seq] = self._unstable_added
+        self._send(P.Flush(seq))
+
+    def _barrier(self) -> None:
+        """Ask the peer to make what it acknowledged durable, so that the
+        transfer log stays short, unless such a request is in flight."""
+        if self._unstable and self.live and not self._flush_marks:
+            self._seq += 1
+            self._send_flush(self._seq)
 
     # ------------------------------------------------------------ local I/O errors
     def _local_io_error(self, what: str, err: int, offset: int, length: int):
@@ -1130,6 +1171,11 @@ class Engine:
             self._quiesce = 0
         if fatal:
             self.want_connect = False
+        if self._must_fence() and self.fencing == "resource-and-stonith":
+            # Suspended from this moment: no write may complete, or start
+            # a new generation, before the fence-peer decision.
+            self.susp = True
+            self._log("warning", "susp( 0 -> 1 ) fencing the peer")
         self._losing = True
         self._start(self._connection_lost(state, fatal), name="connection-lost")
 
@@ -1138,22 +1184,26 @@ class Engine:
         try:
             self._sync = None
             self._verify = None
-            if self.role is Role.Primary and self.pdsk is DiskState.UpToDate \
-                    and self.disk is not None and self.want_connect:
+            if self._must_fence():
                 # Not an orderly disconnect: fence before completing anything.
                 yield from self._fence_peer()
             pendings = list(self._pending.values())
             self._pending.clear()
+            unstable = list(self._unstable)
+            self._unstable.clear()
+            self._unstable_dropped = self._unstable_added
+            self._flush_marks.clear()
             try:
-                if pendings and self.disk is not None:
+                if (pendings or unstable) and self.disk is not None:
                     if self.role is Role.Primary and not self.fence_lost:
                         # (the loser starts no generation: its unacknowledged
                         # blocks, marked below, come back from the winner)
                         yield from self._new_generation()
                     disk = self.disk
                     if disk is not None:
-                        for p in pendings:
-                            first, count = blocks_of(p.offset, p.length)
+                        for offset, length in [(p.offset, p.length) for p in pendings] \
+                                + unstable:
+                            first, count = blocks_of(offset, length)
                             disk.bitmap.set_range(first, count)
                 if self.disk is not None:
                     yield from self._persist(self.disk)
@@ -1184,15 +1234,17 @@ class Engine:
         else:
             self._set(cstate=ConnState.Unconnected)
 
+    def _must_fence(self) -> bool:
+        return (self.role is Role.Primary and self.pdsk is DiskState.UpToDate
+                and self.disk is not None and self.want_connect
+                and self.fencing != "dont-care")
+
     def _fence_peer(self):
         """A Primary lost an UpToDate peer: make sure the peer cannot be
         promoted with old data before anything more is acknowledged."""
         if self.fencing == "dont-care" or self.role is not Role.Primary:
             return
         stonith = self.fencing == "resource-and-stonith"
-        if stonith:
-            self.susp = True
-            self._log("warning", "susp( 0 -> 1 ) fencing the peer")
         code = yield from self._handler("fence-peer")
         if code == 6 and stonith:
             # The peer goes on (the cluster stack chose it): this node
@@ -1417,6 +1469,7 @@ class Engine:
             if now - self.last_heard > self.cfg.ping_int / 2:
                 token += 1
                 self._send(P.Ping(token))
+            self._barrier()
             oldest = min((p.t0 for p in self._pending.values()), default=now)
             if now - oldest > max(self.cfg.timeout, self.cfg.ping_timeout):
                 raise Drop("peer did not acknowledge writes in time", ConnState.Timeout)
@@ -1723,6 +1776,11 @@ class Engine:
         if p is None:
             return
         p.acked = type(pkt) is P.WriteAck
+        if p.acked and self.disk is not None:
+            self._unstable.append((p.offset, p.length))
+            self._unstable_added += 1
+            if len(self._unstable) >= 256:
+                self._barrier()
         try:
             if type(pkt) is P.NegAck and self.disk is not None:
                 self._log("error", "peer failed to write %d bytes at %d (errno %d); marking "
@@ -1750,6 +1808,11 @@ class Engine:
     def _on_flush_ack(self, pkt: P.FlushAck):
         if pkt.seq in self._flushes:
             self._flushes[pkt.seq] = True
+        mark = self._flush_marks.pop(pkt.seq, None)
+        if mark is not None:
+            while self._unstable_dropped < mark and self._unstable:
+                self._unstable.popleft()
+                self._unstable_dropped += 1
 
     def _on_read_request(self, pkt: P.ReadRequest):
         if self.disk is None or self.dstate is not DiskState.UpToDate:

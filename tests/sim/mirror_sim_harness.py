@@ -169,7 +169,7 @@ class Sim:
         self.power_crashes: list[int] = []       # steps
         self.constrained: set[int] = set()       # nodes that may not be promoted
         self.flushes: dict = {}                  # (node, req) -> step issued
-        self.trace: deque = deque(maxlen=150)
+        self.trace: deque = deque(maxlen=1500)
         self.stats = {"writes": 0, "acked": 0, "failed": 0, "reads": 0, "flushes": 0,
                       "crashes": 0, "cuts": 0, "resyncs": 0, "packets": 0, "failovers": 0,
                       "fence6": 0, "steps": 0}
@@ -340,8 +340,11 @@ class Sim:
         self.call(node, "write", req, first * BLOCK, tag_block(tag) * count)
 
     def do_read(self, node: Node) -> None:
+        # (in dual-primary runs only its own half: nothing orders a read
+        # against the other node's writes there, as a lock would)
+        area = self.my_blocks(node)
         count = self.rng.choice((1, 2))
-        first = self.rng.randrange(0, NBLOCKS - count + 1)
+        first = self.rng.randrange(area.start, area.stop - count + 1)
         busy = {b for w in self.writes if w.state == "in-flight" for b in w.blocks}
         if any(b in busy for b in range(first, first + count)):
             return
@@ -371,6 +374,7 @@ class Sim:
             d.flush()
             result = 0
         elif t is A.PersistMeta:
+            d.flush()           # REQ_PREFLUSH
             d.persist(act)
             result = 0
         else:
@@ -415,7 +419,8 @@ class Sim:
             # what was in flight lands or not
             if type(act) is A.DiskWrite and self.rng.random() < 0.5:
                 d.write(act.offset, act.data)
-            elif type(act) is A.PersistMeta:
+            elif type(act) is A.PersistMeta and self.rng.random() < 0.5:
+                d.flush()       # the preflush was done, some of the rest landed
                 d.persist(act, self.rng)
         if power:
             self.power_crashes.append(self.step_no)
