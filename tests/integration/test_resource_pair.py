@@ -231,3 +231,76 @@ async def test_concurrent_writes_of_two_primaries_are_detected(tmp_path, nursery
     p.a.connect(); p.b.connect()
     await wait_for(p.in_sync, 30)
     assert md5(p.a.me.disk, p.a.size) == md5(p.b.me.disk, p.b.size)
+
+
+async def _split_brain(p, *, a_blocks, b_blocks):
+    """alpha Primary and in sync with beta; the link is cut (alpha stays
+    Primary), beta is promoted; each writes its own blocks (alpha at
+    0.., beta from 1 MiB); beta is demoted again."""
+    a, b = p.a, p.b
+    a.connect(); b.connect()
+    await wait_for(p.connected)
+    await a.primary(force=True)
+    await wait_for(p.in_sync)
+    await a.disconnect()
+    await b.disconnect()
+    await b.primary()
+    for i in range(a_blocks):
+        await a.write(i * 4096, b"A" * 4096)
+    for i in range(b_blocks):
+        await b.write(1024 * 1024 + i * 4096, b"B" * 4096)
+    await b.secondary()
+
+
+def _pri_lost_conf(tmp_path, marker):
+    import dataclasses
+    conf = make_conf(tmp_path, net=(("after-sb-0pri", "discard-least-changes"),
+                                    ("after-sb-1pri", "call-pri-lost-after-sb")))
+    return dataclasses.replace(conf, handlers=Section(
+        (("pri-lost-after-sb", f"echo lost > {marker}"),)))
+
+
+async def test_call_pri_lost_after_sb_primary_not_in_use_gives_up_its_role(
+        tmp_path, nursery, caplog):
+    caplog.set_level("INFO", logger="replfs.blockrepl")
+    marker = tmp_path / "pri-lost"
+    p = Pair(_pri_lost_conf(tmp_path, marker))
+    await p.start(nursery)
+    a, b = p.a, p.b
+    # alpha (Primary) changed less: discard-least-changes discards its data
+    await _split_brain(p, a_blocks=1, b_blocks=3)
+    a.connect(); b.connect()
+    await wait_for(p.in_sync)
+    assert a.role is Role.Secondary and not a.split_brain and not marker.exists()
+    assert md5(a.me.disk, a.size) == md5(b.me.disk, b.size)
+    with open(a.me.disk, "rb") as f:
+        assert f.read(4096) == bytes(4096)          # alpha's split-brain write is gone
+    text = caplog.text
+    assert "Successfully gave up primary role." in text
+    assert "r0: Split-Brain detected, 1 primaries, automatically solved. Sync from peer node" \
+        in text
+    assert "r0: Split-Brain detected, 1 primaries, automatically solved. Sync from this node" \
+        in text
+    # beta learned that alpha is Secondary now
+    await wait_for(lambda: b.peer_role is Role.Secondary)
+
+
+async def test_call_pri_lost_after_sb_primary_in_use_stops_its_mounts_and_runs_the_handler(
+        tmp_path, nursery):
+    marker = tmp_path / "pri-lost"
+    p = Pair(_pri_lost_conf(tmp_path, marker))
+    await p.start(nursery)
+    a, b = p.a, p.b
+    await _split_brain(p, a_blocks=1, b_blocks=3)
+    stopped = []
+    a.pri_lost_hook = stopped.append
+    a.open_count += 1                # a filesystem has the device open
+    a.connect(); b.connect()
+    await wait_for(lambda: a.cstate is ConnState.StandAlone and a.split_brain)
+    assert a.role is Role.Primary
+    assert len(stopped) == 1 and "call-pri-lost-after-sb" in stopped[0]
+    await wait_for(lambda: marker.exists())
+    assert a.last_event == "Split-Brain detected but unresolved, dropping connection!"
+    with open(a.me.disk, "rb") as f:
+        assert f.read(4096) == b"A" * 4096          # nothing was overwritten
+    a.open_count -= 1

@@ -234,3 +234,76 @@ def test_outdate_invalidate_and_verify_verbs(cluster):
            what="verify to finish")
     assert "Out of sync: start=56, size=" in a.log()
     assert a.status()["counters"]["oos"] == 4   # exactly the one 4 KiB block
+
+
+def _pair_with(tmp_path, net: str):
+    from replfs.localpair import LocalPair
+    return LocalPair(tmp_path, extra_net="".join(f"\n\t\t{line};" for line in net.split(";")
+                                                 if line.strip()))
+
+
+def _split_brain_alpha_older(pair, *, alpha_blocks: int, beta_blocks: int) -> None:
+    """The link is cut while alpha is Primary; beta is promoted during the
+    split; each writes its own blocks (alpha from 0, beta from 1 MiB);
+    beta is demoted again (alpha stays Primary)."""
+    a, b = pair.alpha, pair.beta
+    pair.up_fresh()
+    a.adm("disconnect", "r0")
+    b.adm("disconnect", "r0")
+    b.adm("primary", "r0")
+    with SyncClient(socket_path(a.rundir)) as c:
+        for i in range(alpha_blocks):
+            c.call("write", b"a" * 4096, res="r0", off=i * 4096)
+    with SyncClient(socket_path(b.rundir)) as c:
+        for i in range(beta_blocks):
+            c.call("write", b"b" * 4096, res="r0", off=1024 * 1024 + i * 4096)
+    b.adm("secondary", "r0")
+
+
+def test_split_brain_0pri_discard_younger_primary(tmp_path):
+    """No Primary when they meet: the node promoted during the split
+    (beta) loses, although it changed more (discard-least-changes, the
+    fallback when the flags do not decide, would discard alpha's)."""
+    pair = _pair_with(tmp_path, "after-sb-0pri discard-younger-primary")
+    try:
+        a, b = pair.alpha, pair.beta
+        _split_brain_alpha_older(pair, alpha_blocks=1, beta_blocks=3)
+        a.adm("secondary", "r0")
+        a.adm("connect", "r0")
+        b.adm("connect", "r0")
+        pair.wait_synced()
+        assert ("Split-Brain detected, 0 primaries, automatically solved. Sync from this node"
+                in a.log())
+        assert ("Split-Brain detected, 0 primaries, automatically solved. Sync from peer node"
+                in b.log())
+        size = a.status()["size"]
+        assert data_md5(a, size) == data_md5(b, size)
+        data = read_data(b.disk, 2 * 1024 * 1024)
+        assert data[:4096] == b"a" * 4096
+        assert data[1024 * 1024:] == bytes(1024 * 1024)    # beta's changes are gone
+        assert not a.status()["split_brain"] and not b.status()["split_brain"]
+    finally:
+        pair.teardown()
+
+
+def test_split_brain_1pri_discard_secondary(tmp_path):
+    """One Primary when they meet: the Secondary's changes go, whatever
+    the 0pri policy would say (beta changed more; its 0pri policy says
+    disconnect)."""
+    pair = _pair_with(tmp_path, "after-sb-1pri discard-secondary")
+    try:
+        a, b = pair.alpha, pair.beta
+        _split_brain_alpha_older(pair, alpha_blocks=1, beta_blocks=3)
+        a.adm("connect", "r0")
+        b.adm("connect", "r0")
+        pair.wait_synced()
+        assert ("Split-Brain detected, 1 primaries, automatically solved. Sync from this node"
+                in a.log())
+        assert ("Split-Brain detected, 1 primaries, automatically solved. Sync from peer node"
+                in b.log())
+        assert a.adm("role", "r0").stdout.strip() == "Primary/Secondary"
+        size = a.status()["size"]
+        assert data_md5(a, size) == data_md5(b, size)
+        assert read_data(b.disk, 2 * 1024 * 1024)[1024 * 1024:] == bytes(1024 * 1024)
+    finally:
+        pair.teardown()
