@@ -289,6 +289,7 @@ class Engine:
         self._app_writes: dict[int, tuple[int, int]] = {}
         self._unrepl_inflight = 0
         self._uuid_busy = False
+        self._gen_pending = 0          # a lost link's new generation is not written yet
         # Receive path.
         self._recv_ranges = IntervalSet()
         self._recv_epoch = 0
@@ -491,9 +492,15 @@ class Engine:
             ds = DiskState.Inconsistent
         elif sb.has(md.F_OUTDATED):
             ds = DiskState.Outdated
-        elif sb.has(md.F_WAS_UP_TO_DATE):
+        elif sb.has(md.F_WAS_UP_TO_DATE) and (not self.cfg.fencing
+                                              or self.cfg.fencing == "dont-care"
+                                              or sb.has(md.F_PEER_OUTDATED)):
             ds = DiskState.UpToDate
         else:
+            # As DRBD: with fencing, data not known to be newer than the
+            # peer's is only Consistent until the pair connects or the peer
+            # is fenced (a node that rebooted alone may have missed writes
+            # the peer made after fencing it).
             ds = DiskState.Consistent
         self._set(dstate=ds)
         self._tell_peer_state()
@@ -569,19 +576,26 @@ class Engine:
                         -12: "Device is held open by the peer: a replfs filesystem is "
                              "mounted there for one node alone (unmount it there first)",
                     }.get(result, "Refused by peer"))
-            check_promote(self.view(), force=force)
             if self.fencing != "dont-care" and not (self.live and self.cstate.is_connected) \
                     and self.pdsk in (DiskState.DUnknown, DiskState.Consistent,
-                                      DiskState.UpToDate):
+                                      DiskState.UpToDate) \
+                    and self.dstate in (DiskState.UpToDate, DiskState.Consistent) \
+                    and not force:
                 # As DRBD: with fencing, a node that cannot see its peer has
-                # the peer fenced (outdated, or shot) before it may be Primary.
+                # the peer fenced (outdated, or shot) before it may be Primary;
+                # then Consistent data is the newest there is.
                 code = yield from self._handler("fence-peer")
                 if code not in (3, 4, 5, 7):
                     self._log("warning", f"fence-peer helper returned {code}: not "
                                          f"becoming Primary")
                     raise refuse(SS_PRIMARY_NOP)
                 self._log("warning", f"fence-peer helper returned {code}: peer outdated")
-                self._set(pdsk=DiskState.Outdated)
+                yield from self._peer_outdated()
+                if self.dstate is DiskState.Consistent and self.disk is not None:
+                    yield from self._persist(self.disk, sb=self.disk.sb.with_flags(
+                        set_=md.F_WAS_UP_TO_DATE))
+                    self._set(dstate=DiskState.UpToDate)
+            check_promote(self.view(), force=force)
             if self.disk is None and not self._peer_serves():
                 raise refuse(SS_IS_DISKLESS, EXIT_NO_LOCAL_DISK)
             if force and self.dstate is not DiskState.UpToDate:
@@ -929,7 +943,8 @@ class Engine:
             # Completed by a connection loss rather than by the peer: with
             # fencing that failed, nothing more is acknowledged until the
             # admin resumes I/O.
-            yield from _until(lambda: pending.acked or not self.susp or self.fence_lost)
+            yield from _until(lambda: pending.acked or self.fence_lost
+                              or not (self.susp or self._gen_pending))
             if not pending.acked and self.fence_lost:
                 raise IOFailure(errno.EIO, f"{self.cfg.name}: not acknowledged: this node "
                                            f"lost the fence-peer decision")
@@ -1196,9 +1211,18 @@ class Engine:
             try:
                 if (pendings or unstable) and self.disk is not None:
                     if self.role is Role.Primary and not self.fence_lost:
-                        # (the loser starts no generation: its unacknowledged
-                        # blocks, marked below, come back from the winner)
-                        yield from self._new_generation()
+                        # The writes the peer may lack are a new generation,
+                        # started before any of them completes -- but never
+                        # while fencing is undecided (only a winner moves on;
+                        # the loser's blocks, marked below, come back from
+                        # the winner), so it may wait for resume-io.
+                        self._gen_pending += 1
+                        try:
+                            yield from _until(lambda: not self.susp or self.fence_lost)
+                            if not self.fence_lost:
+                                yield from self._new_generation()
+                        finally:
+                            self._gen_pending -= 1
                     disk = self.disk
                     if disk is not None:
                         for offset, length in [(p.offset, p.length) for p in pendings] \
@@ -1234,6 +1258,20 @@ class Engine:
         else:
             self._set(cstate=ConnState.Unconnected)
 
+    def _peer_outdated(self):
+        """The peer is known not to have our newest data: remember it (a
+        restart then finds this disk UpToDate, as DRBD's peer-outdated flag)."""
+        self._set(pdsk=DiskState.Outdated)
+        disk = self.disk
+        if disk is not None and not disk.sb.has(md.F_PEER_OUTDATED):
+            yield from self._persist(disk, sb=disk.sb.with_flags(set_=md.F_PEER_OUTDATED))
+
+    def _peer_current(self):
+        """The peer is connected and UpToDate again."""
+        disk = self.disk
+        if disk is not None and disk.sb.has(md.F_PEER_OUTDATED):
+            yield from self._persist(disk, sb=disk.sb.with_flags(clear=md.F_PEER_OUTDATED))
+
     def _must_fence(self) -> bool:
         return (self.role is Role.Primary and self.pdsk is DiskState.UpToDate
                 and self.disk is not None and self.want_connect
@@ -1267,7 +1305,10 @@ class Engine:
                     5: "peer is unreachable, assumed to be dead",
                     7: "peer was stonithed"}[code]
             self._log("warning", f"fence-peer helper returned {code} ({what})")
-            self._set(pdsk=DiskState.Outdated)
+            try:
+                yield from self._peer_outdated()
+            except MetaIOError as e:
+                self._log("error", f"cannot record the peer as outdated: {e}")
             self._resume_io()
         else:
             self._log("error", "fence-peer helper %s (returned %s); %s" % (
@@ -1376,6 +1417,12 @@ class Engine:
         if decision is Decision.NO_SYNC and self.disk is not None:
             yield from self._connected_in_sync(params)
         elif decision.i_am_source:
+            if self.dstate is DiskState.Consistent:
+                # the comparison found this data the newest there is
+                yield from self._persist(self.disk, sb=self.disk.sb.with_flags(
+                    set_=md.F_WAS_UP_TO_DATE))
+                self._set(dstate=DiskState.UpToDate)
+                self._tell_peer_state()
             yield from self._begin_sync_as_source(decision.full)
         elif decision.i_am_target:
             if not decision.full:
@@ -1447,6 +1494,8 @@ class Engine:
                 set_=md.F_CONSISTENT | md.F_WAS_UP_TO_DATE, clear=md.F_OUTDATED))
             self._set(dstate=DiskState.UpToDate)
             self._tell_peer_state()
+        if self.dstate is DiskState.UpToDate and peer_disk is DiskState.UpToDate:
+            yield from self._peer_current()
         yield from self._forget_crash()
 
     def _forget_crash(self):
@@ -1542,7 +1591,8 @@ class Engine:
 
     def _finish_sync_as_source(self):
         disk = self.disk
-        yield from self._persist(disk, sb=replace(disk.sb, uuids=disk.sb.uuids.retire_bitmap()))
+        yield from self._persist(disk, sb=replace(
+            disk.sb.with_flags(clear=md.F_PEER_OUTDATED), uuids=disk.sb.uuids.retire_bitmap()))
         yield from self._forget_crash()
         elapsed = self.now - self._sync.start if self._sync else 0
         self._log("info", "Resync done (total %d sec; paused 0 sec; %d K/sec)" % (

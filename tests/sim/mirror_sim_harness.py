@@ -168,6 +168,7 @@ class Sim:
         self.by_tag: dict[int, WriteRec] = {}
         self.power_crashes: list[int] = []       # steps
         self.constrained: set[int] = set()       # nodes that may not be promoted
+        self.fence_answers: dict = {}
         self.flushes: dict = {}                  # (node, req) -> step issued
         self.trace: deque = deque(maxlen=1500)
         self.stats = {"writes": 0, "acked": 0, "failed": 0, "reads": 0, "flushes": 0,
@@ -216,10 +217,9 @@ class Sim:
                 node.io[act.token] = act
                 if t is A.RunHandler:
                     self.note(f"{node.name} runs handler {act.name}")
-                    if act.name == "fence-peer" and not self.dual:
-                        # crm-fence-peer: a constraint keeps the peer from
-                        # being promoted until it has resynced
-                        self.constrained.add(1 - node.idx)
+                    if act.name == "fence-peer":
+                        # the cluster acts when the handler starts
+                        self.fence_answers[(node.idx, act.token)] = self.fence_decision(node)
             elif t is A.Complete:
                 self.on_complete(node, act)
             elif t is A.OpDone:
@@ -378,23 +378,32 @@ class Sim:
             d.persist(act)
             result = 0
         else:
-            result = self.fence_answer(node) if act.name == "fence-peer" else 0
+            result = self.fence_answers.pop((node.idx, token), 0) \
+                if act.name == "fence-peer" else 0
             self.note(f"{node.name} handler {act.name} -> {result}")
         self.call(node, "done", token, result)
 
-    def fence_answer(self, node: Node) -> int:
-        """Single Primary: Pacemaker's constraint (placed when the handler
-        started) fences the peer: 4.  Two Primaries: the cluster stack's
-        decision (o2cb: the lower node survives a split; a dead peer is
-        fenced)."""
+    def fence_decision(self, node: Node) -> int:
+        """What a careful cluster answers fence-peer: a node the cluster
+        fenced earlier (and that has not resynced since) fences nobody (1);
+        a dead peer is fenced (7); one Primary: a constraint keeps the peer
+        from being promoted (4, as crm-fence-peer); two Primaries: o2cb's
+        quorum rule, the lower node survives the split (7 / 6).  The fenced
+        node stays constrained until it has resynced."""
         peer = self.nodes[1 - node.idx]
-        if not self.dual:
-            return 4
+        if node.idx in self.constrained:
+            return 6 if peer.engine is not None and self.dual else 1
         if peer.engine is None:
+            self.constrained.add(peer.idx)
             return 7
+        if not self.dual:
+            self.constrained.add(peer.idx)
+            return 4
         if node.idx < peer.idx:
+            self.constrained.add(peer.idx)
             return 7
         self.stats["fence6"] += 1
+        self.constrained.add(node.idx)
         return 6
 
     # ---------------------------------------------------------- nodes
@@ -527,13 +536,15 @@ class Sim:
                 elif e.role is Role.Primary and not node.mounted and not e.fence_lost:
                     node.mounted = True
                     self.call(node, "opened", "shared")
-                elif e.role is Role.Secondary and e.dstate is DiskState.UpToDate \
-                        and not e.fence_lost and (
+                elif e.role is Role.Secondary and e.dstate in (
+                        DiskState.UpToDate, DiskState.Consistent) \
+                        and node.idx not in self.constrained and not e.fence_lost and (
                             (e.cstate is ConnState.Connected and e.pdsk is DiskState.UpToDate)
                             or pe is None and self.rng.random() < 0.5):
                     self.op(node, "primary")
             else:
-                if e.role is Role.Secondary and e.dstate is DiskState.UpToDate and (
+                if e.role is Role.Secondary and e.dstate in (
+                        DiskState.UpToDate, DiskState.Consistent) and (
                         pe is None or pe.role is Role.Secondary) and \
                         node.idx not in self.constrained and \
                         self.rng.random() < (0.5 if pe is None else 0.02) and \
