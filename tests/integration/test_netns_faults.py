@@ -453,41 +453,73 @@ class Cluster:
         return "\n".join(f"===== {n}'s replfsd log (tail) =====\n{self.node[n].log()[-6000:]}"
                          for n in self.node)
 
-    def restore(self) -> None:
+    def restore(self, restart_first: bool, log) -> None:
         """Bring both nodes back to Primary with the cluster online and both
-        mounted, as an admin would: restart a dead daemon, unmount a fenced
-        or dead mount, wait for the resync, primary, cluster online."""
-        for name, n in self.node.items():
+        mounted, as an admin would: restart a dead daemon (``up``) and
+        unmount a fenced mount (either first), wait for the resync,
+        primary, cluster offline/online, mount."""
+        for name in self.node:
             self.resume(name)
-        refresh = set()
-        for name, n in self.node.items():
-            if not self.alive(name):
+        dead = [name for name in self.node if not self.alive(name)]
+        fenced = [name for name in self.node
+                  if name not in dead and self.cluster_status(name).get("fenced")]
+
+        def restart():
+            for name in dead:
                 force_unmount(self.mnt[name])
-                n.start()
-                n.adm("up", "r0")
-                refresh.add(name)
-        for name, n in self.node.items():
-            if name in refresh:
-                continue
-            cs = self.cluster_status(name)
-            if cs.get("fenced"):
-                refresh.add(name)
+                self.node[name].start()
+                self.node[name].adm("up", "r0")
+
+        def unmount_fenced():
+            for name in fenced:
                 if mounted(self.mnt[name]):
                     run("umount", self.mnt[name])
-                n.wait(lambda s: s["role"] == "Secondary", what=f"{name} demoted itself")
-        for n in self.node.values():
-            n.wait(lambda s: s["cstate"] == "Connected" and s["dstate"] == "UpToDate"
-                   and s["pdsk"] == "UpToDate", timeout=60, what="both disks UpToDate")
+                self.node[name].wait(lambda s: s["role"] == "Secondary",
+                                     what=f"{name} demoted itself")
+        for step in ((restart, unmount_fenced) if restart_first else (unmount_fenced, restart)):
+            step()
+        self.wait_uptodate(log)
         for n in self.node.values():
             if n.status()["role"] != "Primary":
                 n.adm("primary", "r0")
-        for name in refresh:
-            if self.cluster_status(name).get("online"):
-                call(self.node[name], "cluster-offline", cluster="tc")
+        for name in fenced:
+            call(self.node[name], "cluster-offline", cluster="tc")
         online(self.pair, self.cdir)
         for name, n in self.node.items():
             if not mounted(self.mnt[name]):
                 mount(n, self.mnt[name])
+
+    def wait_uptodate(self, log, timeout: float = 60.0) -> None:
+        """Both Connected and UpToDate.  KNOWN BUG (see
+        test_sync_source_left_outdated): a fenced, Outdated Primary that
+        became the SyncSource of a crashed Primary's activity-log extents
+        stays Outdated after the resync, while its peer is UpToDate; then
+        it is reconnected (disconnect, connect), as an admin would, and
+        the run says so."""
+        deadline = time.monotonic() + timeout
+        stuck_since = None
+        while True:
+            st = {name: self.status(name) for name in self.node}
+            if all(s.get("cstate") == "Connected" and s.get("dstate") == "UpToDate"
+                   and s.get("pdsk") == "UpToDate" for s in st.values()):
+                return
+            outdated = [name for name, s in st.items()
+                        if s.get("cstate") == "Connected" and s.get("dstate") == "Outdated"
+                        and s.get("pdsk") == "UpToDate" and s.get("out_of_sync_kib") == 0]
+            if outdated:
+                stuck_since = stuck_since or time.monotonic()
+                if time.monotonic() - stuck_since > 3.0:
+                    name = outdated[0]
+                    log(f"  KNOWN BUG: {name} Connected, Outdated, its peer UpToDate, nothing "
+                        f"out of sync; reconnecting it")
+                    self.node[name].adm("disconnect", "r0")
+                    self.node[name].adm("connect", "r0")
+                    stuck_since = None
+            else:
+                stuck_since = None
+            if time.monotonic() > deadline:
+                raise RunFailed(f"the disks did not become UpToDate in {timeout:.0f} s: {st}")
+            time.sleep(0.1)
 
 
 @contextlib.contextmanager
@@ -705,7 +737,10 @@ def run_seed(tmp_path, seed: int, n_faults: int) -> None:
                     f"failed, beta {workers[1].acked} / {workers[1].failed}")
                 if f.kind.startswith("kill"):
                     time.sleep(f.length)
-                c.restore()
+                first = random.Random(seed * 7 + i).random() < 0.5
+                log(f"  restore: {'restart a dead daemon' if first else 'unmount a fenced mount'}"
+                    f" first")
+                c.restore(restart_first=first, log=log)
                 log("  restored: both Primary, UpToDate, mounted")
                 for n in ("alpha", "beta"):
                     hist.check_tree(snapshot(c.mnt[n]), f"{n} after phase {i}")
@@ -716,9 +751,7 @@ def run_seed(tmp_path, seed: int, n_faults: int) -> None:
                 run("umount", c.mnt[n])
             for n in c.node.values():
                 wait_closed(n)
-            for n in c.node.values():
-                n.wait(lambda s: s["cstate"] == "Connected" and s["dstate"] == "UpToDate"
-                       and s["pdsk"] == "UpToDate", timeout=60, what="both disks UpToDate")
+            c.wait_uptodate(log)
             size = c.node["alpha"].status()["size"]
             sums = {n: data_md5(c.node[n].disk, size) for n in c.node}
             if sums["alpha"] != sums["beta"]:
@@ -744,7 +777,28 @@ def run_seed(tmp_path, seed: int, n_faults: int) -> None:
                   "history (tail):", hist.tail()]
         if c is not None:
             detail += ["faults done:", *c.ns.events, c.logs()]
+            keep = keep_logs(tmp_path, seed)
+            if keep:
+                detail.append(f"(the daemons' whole logs are in {keep})")
         raise RunFailed("\n".join(detail)) from e
+
+
+def keep_logs(tmp_path, seed: int) -> str | None:
+    """Copy the nodes' logs where the next pytest run does not remove them
+    (pytest keeps only its last few temporary directories)."""
+    import shutil
+    import tempfile
+    try:
+        dest = tempfile.mkdtemp(prefix=f"netns-faults-seed{seed}-",
+                                dir=os.environ.get("REPLFS_KEEP_LOGS", "/tmp"))
+        for n in ("alpha", "beta"):
+            for rel in ("replfsd.out", "run/replfsd.log", "run/mount-r0.log"):
+                src = os.path.join(str(tmp_path), n, rel)
+                if os.path.exists(src):
+                    shutil.copy(src, os.path.join(dest, f"{n}-{rel.replace('/', '-')}"))
+        return dest
+    except OSError:
+        return None
 
 
 def data_md5(path: str, size: int) -> str:
@@ -779,7 +833,41 @@ def test_namespaced_nodes_share_one_volume(tmp_path):
     assert not mounted(c.mnt["alpha"]) and not mounted(c.mnt["beta"])
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.xfail(strict=True, reason=(
+    "product bug: a fenced, Outdated Primary that becomes the SyncSource of the restarted "
+    "crashed Primary's activity-log extents stays Outdated after the resync (its peer "
+    "UpToDate, nothing out of sync): it cannot be made Primary until it is reconnected "
+    "(blockrepl/engine/engine.py, not ours to change now)"))
+def test_sync_source_left_outdated(tmp_path):
+    """alpha's daemon is killed -9 while both nodes mount the volume; beta
+    fences itself (the quorum rule: it cannot reach node 0), its disk
+    Outdated, its mount refusing writes.  alpha's daemon is restarted and
+    brought up while beta's fenced mount is still there (beta still
+    Primary): beta wins the sync decision ("a node that is Primary now
+    wins") and resyncs alpha's activity-log extents.  Afterwards both
+    disks must be UpToDate, so that beta can be made Primary again."""
+    with netns_cluster(tmp_path) as c:
+        a, b = c.node["alpha"], c.node["beta"]
+        with open(os.path.join(c.mnt["alpha"], "a", "x.0"), "wb") as f:
+            f.write(b"before")
+            os.fsync(f.fileno())
+        c.kill9("alpha")
+        force_unmount(c.mnt["alpha"])
+        wait_until(lambda: c.cluster_status("beta").get("fenced"), HANG_BOUND, "beta fenced")
+        a.start()
+        a.adm("up", "r0")
+        a.wait(lambda s: s["cstate"] == "Connected" and s["out_of_sync_kib"] == 0,
+               what="alpha resynced")
+        assert "bitmap-sync-source" in b.log()       # beta (Outdated) was the source
+        run("umount", c.mnt["beta"])
+        b.wait(lambda s: s["role"] == "Secondary", what="beta demoted itself")
+        time.sleep(3)
+        st = {n: c.status(n) for n in ("alpha", "beta")}
+        assert st["beta"]["dstate"] == "UpToDate" and st["alpha"]["pdsk"] == "UpToDate", st
+        b.adm("primary", "r0")
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3] + [int(s) for s in os.environ.get("NETNS_SEEDS", "").split(",") if s])
 def test_netns_faults(tmp_path, seed):
     run_seed(tmp_path, seed, 1)
 
