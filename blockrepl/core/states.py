@@ -228,6 +228,9 @@ def check_promote(v: View, *, force: bool) -> None:
         raise refuse(SS_NO_UP_TO_DATE_DISK)
     if v.disk is DiskState.UpToDate:
         return
+    if v.disk is DiskState.Inconsistent and v.conn.is_connected \
+            and v.peer_disk is DiskState.UpToDate:
+        return      # a SyncTarget: what it lacks is read from the peer (as DRBD 8.4)
     if v.disk in (DiskState.Consistent, DiskState.Outdated, DiskState.Inconsistent):
         if force:
             return

@@ -540,13 +540,17 @@ class Engine:
         if self.role is Role.Primary:
             return
         while True:
-            yield from _until(lambda: not self._losing)
-            link = (self.session, self.live)
+            # (judged with the link settled: not while it is being lost,
+            # nor while a handshake is still agreeing who syncs from whom)
+            yield from _until(lambda: not self._losing and not (
+                self.live and self.cstate is ConnState.WFReportParams))
+            link = (self.session, self.live, self.cstate.is_connected)
             yield from self._may_promote(force)
             disk = self.disk
             if disk is not None and not disk.sb.has(md.F_PRIMARY):
                 yield from self._persist(disk, sb=disk.sb.with_flags(set_=md.F_PRIMARY))
-            if (self.session, self.live) == link and not self._losing:
+            if (self.session, self.live, self.cstate.is_connected) == link \
+                    and not self._losing:
                 break
             # The connection came or went while we waited: what the peer
             # agreed to (or could not object to) is stale; judge again.
@@ -914,6 +918,10 @@ class Engine:
             raise IOFailure(errno.EIO, f"{self.cfg.name}: no UpToDate disk reachable")
         pending = None
         local_error = 0
+        target = disk is not None and self.dstate is not DiskState.UpToDate \
+            and self.dstate is not DiskState.Consistent
+        if target and not self._replicating():
+            raise IOFailure(errno.EIO, f"{self.cfg.name}: no UpToDate disk reachable")
         if self._replicating():
             self._seq += 1
             seq = self._seq
@@ -968,7 +976,9 @@ class Engine:
                 raise IOFailure(errno.EIO, f"{self.cfg.name}: local write failed and there "
                                            f"is no peer to hold it")
             yield from _until(lambda: pending.done)
-        if (local_error or disk is None) and not (pending and pending.acked):
+        if (local_error or disk is None or target) and not (pending and pending.acked):
+            # (an Inconsistent disk -- a Primary that is SyncTarget -- is not
+            # a copy anyone may rely on: only the peer's counts)
             raise IOFailure(errno.EIO, f"{self.cfg.name}: the write reached no disk")
 
     def _local_write(self, offset: int, data: bytes):
@@ -1210,7 +1220,8 @@ class Engine:
             self._flush_marks.clear()
             try:
                 if (pendings or unstable) and self.disk is not None:
-                    if self.role is Role.Primary and not self.fence_lost:
+                    if self.role is Role.Primary and not self.fence_lost \
+                            and self.dstate is DiskState.UpToDate:
                         # The writes the peer may lack are a new generation,
                         # started before any of them completes -- but never
                         # while fencing is undecided (only a winner moves on;
@@ -1273,7 +1284,9 @@ class Engine:
             yield from self._persist(disk, sb=disk.sb.with_flags(clear=md.F_PEER_OUTDATED))
 
     def _must_fence(self) -> bool:
+        # (only a peer we were connected to: not one lost mid-handshake)
         return (self.role is Role.Primary and self.pdsk is DiskState.UpToDate
+                and self.dstate is DiskState.UpToDate and self.cstate.is_connected
                 and self.disk is not None and self.want_connect
                 and self.fencing != "dont-care")
 

@@ -167,7 +167,9 @@ class Sim:
         self.writes: list[WriteRec] = []
         self.by_tag: dict[int, WriteRec] = {}
         self.power_crashes: list[int] = []       # steps
-        self.constrained: set[int] = set()       # nodes that may not be promoted
+        # nodes that may not be promoted -> the connection count then
+        self.constrained: dict[int, int] = {}
+        self.connections = 0
         self.fence_answers: dict = {}
         self.flushes: dict = {}                  # (node, req) -> step issued
         self.trace: deque = deque(maxlen=1500)
@@ -291,7 +293,8 @@ class Sim:
             if not act.error:
                 for rec in self.writes:
                     if rec.node == node.idx and rec.state == "acked" \
-                            and rec.acked_at < issued:
+                            and rec.acked_at < issued and not any(
+                                rec.acked_at < s <= issued for s in self.power_crashes):
                         rec.flushed = True
 
     def required(self, rec: WriteRec) -> bool:
@@ -394,16 +397,16 @@ class Sim:
         if node.idx in self.constrained:
             return 6 if peer.engine is not None and self.dual else 1
         if peer.engine is None:
-            self.constrained.add(peer.idx)
+            self.constrained[peer.idx] = self.connections
             return 7
         if not self.dual:
-            self.constrained.add(peer.idx)
+            self.constrained[peer.idx] = self.connections
             return 4
         if node.idx < peer.idx:
-            self.constrained.add(peer.idx)
+            self.constrained[peer.idx] = self.connections
             return 7
         self.stats["fence6"] += 1
-        self.constrained.add(node.idx)
+        self.constrained[node.idx] = self.connections
         return 6
 
     # ---------------------------------------------------------- nodes
@@ -487,6 +490,7 @@ class Sim:
             if a.engine and b.engine and a.engine.can_connect and b.engine.can_connect:
                 # (a session number is the engine's count of connections)
                 self.conn = Conn({0: a.engine.session + 1, 1: b.engine.session + 1})
+                self.connections += 1
                 if (self.call(a, "connected"), self.call(b, "connected")) != \
                         (self.conn.ends[0], self.conn.ends[1]):
                     self.fail("session numbers are not consecutive")
@@ -526,8 +530,9 @@ class Sim:
             peer = self.nodes[1 - node.idx]
             pe = peer.engine
             if e.cstate is ConnState.Connected and e.dstate is DiskState.UpToDate \
-                    and e.pdsk is DiskState.UpToDate:
-                self.constrained.discard(node.idx)     # crm-unfence-peer
+                    and e.pdsk is DiskState.UpToDate \
+                    and self.constrained.get(node.idx, self.connections) < self.connections:
+                del self.constrained[node.idx]     # resynced since: crm-unfence-peer
             if self.dual:
                 if e.fence_lost and node.mounted:
                     node.mounted = False        # the fenced fs latched and was unmounted
@@ -584,9 +589,14 @@ class Sim:
         if kind == "io":
             self.complete_io(node, self.rng.choice(list(node.io)))
             return True
-        if not self.net_step():
-            return self.advance_time()
-        return True
+        if self.net_step():
+            return True
+        # (time jumps to the next deadline only when nothing else can happen)
+        if any(n.io for n in self.nodes):
+            node = self.rng.choice([n for n in self.nodes if n.io])
+            self.complete_io(node, self.rng.choice(list(node.io)))
+            return True
+        return self.advance_time()
 
     def advance_time(self, dt: float | None = None) -> bool:
         deadlines = [n.engine.deadline for n in self.nodes if n.engine]
