@@ -130,6 +130,7 @@ class Side:
     primary: bool = False          # is Primary now
     oos_blocks: int = 0            # bits set in its bitmap
     name: str = ""                 # node name, the last tie-breaker
+    outdated: bool = False         # disk is Outdated (it lost a fence-peer decision)
 
 
 def compare(me: Side, peer: Side) -> Decision:
@@ -161,6 +162,10 @@ def compare(me: Side, peer: Side) -> Decision:
         # view is what applications saw), then the crashed Primary, then
         # the lower node name.
         if me.crashed_primary or peer.crashed_primary or me.oos_blocks or peer.oos_blocks:
+            # An Outdated disk never wins: it was fenced (its writes since
+            # then failed), whatever its role or history.
+            if me.outdated != peer.outdated:
+                return Decision.BITMAP_TARGET if me.outdated else Decision.BITMAP_SOURCE
             if me.primary != peer.primary:
                 return Decision.BITMAP_SOURCE if me.primary else Decision.BITMAP_TARGET
             if me.crashed_primary != peer.crashed_primary:

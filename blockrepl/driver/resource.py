@@ -43,6 +43,7 @@ from ..core.states import (SS_IS_DISKLESS, SS_NEED_CONNECTION, SS_RESYNC_RUNNING
 from ..core.uuids import JUST_CREATED, Decision, Side, Uuids, compare
 from ..meta import format as md
 from ..proto import packets as P
+from ..engine.engine import side_of
 from .disk import LocalDisk
 from .handlers import handler_env, run_handler
 
@@ -1315,14 +1316,8 @@ class Resource:
         sp = self._sent_params
         if self.disk is None or sp.data_size == 0 or params.data_size == 0:
             return Decision.NO_SYNC, None
-        me = Side(Uuids(sp.current, sp.bitmap, (sp.history1, sp.history2)),
-                  bool(sp.flags & P.PF_INCONSISTENT), bool(sp.flags & P.PF_CRASHED_PRIMARY),
-                  sp.role == _role_code(Role.Primary), sp.oos_blocks, self.node)
-        peer = Side(Uuids(params.current, params.bitmap, (params.history1, params.history2)),
-                    bool(params.flags & P.PF_INCONSISTENT),
-                    bool(params.flags & P.PF_CRASHED_PRIMARY),
-                    params.role == _role_code(Role.Primary), params.oos_blocks,
-                    self.peer.name)
+        me = side_of(sp, self.node)
+        peer = side_of(params, self.peer.name)
         decision = compare(me, peer)
         log.info("%s: uuid_compare: %s (me %s, peer %s)", self.conf.name, decision.value,
                  me.uuids.show(), peer.uuids.show())

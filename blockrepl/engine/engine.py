@@ -168,6 +168,7 @@ class Pending:
     acked: bool = False            # the peer's disk has it
     received: bool = False         # the peer has it (protocol B)
     done: bool = False
+    abandoned: bool = False        # held while fencing, then the peer came back
 
 
 @dataclass(eq=False)
@@ -206,6 +207,15 @@ def _peer_disk(code: int) -> DiskState:
     if not 0 <= code < len(P.DISK_CODES):
         raise P.RemoteProtocolError(f"bad disk state code {code}")
     return DiskState(P.DISK_CODES[code])
+
+
+def side_of(p: P.Params, name: str) -> Side:
+    """One node's inputs to the sync decision, from the Params it sent."""
+    return Side(Uuids(p.current, p.bitmap, (p.history1, p.history2)),
+                inconsistent=bool(p.flags & P.PF_INCONSISTENT),
+                crashed_primary=bool(p.flags & P.PF_CRASHED_PRIMARY),
+                primary=p.role == _role_code(Role.Primary), oos_blocks=p.oos_blocks,
+                name=name, outdated=p.disk == _disk_code(DiskState.Outdated))
 
 
 def block_digests(data: bytes) -> bytes:
@@ -290,6 +300,7 @@ class Engine:
         self._unrepl_inflight = 0
         self._uuid_busy = False
         self._gen_pending = 0          # a lost link's new generation is not written yet
+        self._held: list[Pending] = []  # completed by a lost link while fencing
         # Receive path.
         self._recv_ranges = IntervalSet()
         self._recv_epoch = 0
@@ -741,6 +752,7 @@ class Engine:
         if self.susp:
             self._log("warning", "susp( 1 -> 0 )")
         self.susp = False
+        self._held.clear()       # they complete: this node goes on
 
     # ============================================================ application I/O
     def _require_io(self) -> Disk | None:
@@ -913,7 +925,18 @@ class Engine:
             yield from _until(lambda: not (mine & disk.al_unsettled))
 
     def _replicated_write(self, disk: Disk | None, offset: int, data: bytes):
-        yield from _until(lambda: self._replicating() or not self._quiesce)
+        while True:
+            yield from _until(lambda: self._replicating() or not self._quiesce)
+            if self._replicating() or not self.susp or self.fence_lost:
+                break
+            # Not replicable while the peer is being fenced: wait for the
+            # decision (or the peer's return), since the generation may
+            # only move on on the winner.
+            yield from _until(lambda: self._replicating() or not self.susp
+                              or self.fence_lost)
+        if self.fence_lost and not self._replicating():
+            raise IOFailure(errno.EIO, f"{self.cfg.name}: this node lost the fence-peer "
+                                       f"decision; its disk is Outdated")
         if disk is None and not self._replicating():
             raise IOFailure(errno.EIO, f"{self.cfg.name}: no UpToDate disk reachable")
         pending = None
@@ -956,13 +979,10 @@ class Engine:
             if not pending.acked and self.fence_lost:
                 raise IOFailure(errno.EIO, f"{self.cfg.name}: not acknowledged: this node "
                                            f"lost the fence-peer decision")
+            if not pending.acked and pending.abandoned:
+                raise IOFailure(errno.EIO, f"{self.cfg.name}: not acknowledged: held while "
+                                           f"fencing, and the peer was back first")
         else:
-            # Not while the peer is being fenced: the generation may only
-            # move on on the winner.
-            yield from _until(lambda: not self.susp or self.fence_lost)
-            if self.fence_lost:
-                raise IOFailure(errno.EIO, f"{self.cfg.name}: this node lost the fence-peer "
-                                           f"decision; its disk is Outdated")
             self._unrepl_inflight += 1
             try:
                 yield from self._mark_unreplicated(offset, len(data))
@@ -1227,13 +1247,12 @@ class Engine:
                         # while fencing is undecided (only a winner moves on;
                         # the loser's blocks, marked below, come back from
                         # the winner), so it may wait for resume-io.
-                        self._gen_pending += 1
-                        try:
-                            yield from _until(lambda: not self.susp or self.fence_lost)
-                            if not self.fence_lost:
-                                yield from self._new_generation()
-                        finally:
-                            self._gen_pending -= 1
+                        if self.susp:
+                            self._gen_pending += 1
+                            self._start(self._bump_after_fencing(self.session),
+                                        name="bump-after-fencing")
+                        else:
+                            yield from self._new_generation()
                     disk = self.disk
                     if disk is not None:
                         for offset, length in [(p.offset, p.length) for p in pendings] \
@@ -1250,6 +1269,8 @@ class Engine:
                 for p in pendings:
                     self._al_release(p)
                     p.received = p.done = True
+                    if self.susp and not p.acked:
+                        self._held.append(p)
                 for seq in self._flushes:
                     self._flushes[seq] = True
                 for box in self._reads.values():
@@ -1268,6 +1289,19 @@ class Engine:
             self._set(cstate=ConnState.StandAlone)
         else:
             self._set(cstate=ConnState.Unconnected)
+
+    def _bump_after_fencing(self, session: int):
+        """The new generation for writes a lost link left unconfirmed, once
+        this node is known to go on (resume-io); not if it lost, nor if the
+        peer came back first (that handshake settled them)."""
+        try:
+            yield from _until(lambda: not self.susp or self.fence_lost)
+            if not self.fence_lost and self.session == session:
+                yield from self._new_generation()
+        except MetaIOError as e:
+            self._log("error", f"cannot start a new generation: {e}")
+        finally:
+            self._gen_pending -= 1
 
     def _peer_outdated(self):
         """The peer is known not to have our newest data: remember it (a
@@ -1414,6 +1448,17 @@ class Engine:
                         "demote one with 'replfsadm secondary'")
         self.discard_my_data = False
         self._peer_bitmap_done = False
+        if self.susp and not self.fence_lost:
+            # The peer is back before anyone decided the fence: the writes
+            # held since the link was lost were settled by this handshake
+            # (marked out of sync, resynced whichever way it says), so they
+            # fail rather than claim a place in a generation never started.
+            self._log("warning", "susp( 1 -> 0 ) the peer is back: writes held since the "
+                                 "link was lost fail")
+            for p in self._held:
+                p.abandoned = True
+            self._held.clear()
+            self.susp = False
         # Go straight to the state the decision calls for: showing
         # "Connected" first would tell wait-sync (and admins) that the
         # disks agree before the resync has even started.
@@ -1450,14 +1495,8 @@ class Engine:
         sp = self._sent_params
         if self.disk is None or sp.data_size == 0 or params.data_size == 0:
             return Decision.NO_SYNC
-        me = Side(Uuids(sp.current, sp.bitmap, (sp.history1, sp.history2)),
-                  bool(sp.flags & P.PF_INCONSISTENT), bool(sp.flags & P.PF_CRASHED_PRIMARY),
-                  sp.role == _role_code(Role.Primary), sp.oos_blocks, self.cfg.node)
-        peer = Side(Uuids(params.current, params.bitmap, (params.history1, params.history2)),
-                    bool(params.flags & P.PF_INCONSISTENT),
-                    bool(params.flags & P.PF_CRASHED_PRIMARY),
-                    params.role == _role_code(Role.Primary), params.oos_blocks,
-                    self.cfg.peer)
+        me = side_of(sp, self.cfg.node)
+        peer = side_of(params, self.cfg.peer)
         decision = compare(me, peer)
         self._log("info", f"uuid_compare: {decision.value} (me {me.uuids.show()}, "
                           f"peer {peer.uuids.show()})")

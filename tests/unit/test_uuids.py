@@ -57,6 +57,18 @@ def test_crashed_primary_resyncs_its_activity_log_unless_peer_is_primary_now():
     assert compare(crashed, promoted) is Decision.BITMAP_TARGET
 
 
+def test_an_outdated_disk_never_wins_within_a_generation():
+    # The loser of a fence-peer decision (Outdated, still Primary until its
+    # mounts are gone) with the writes it held marked out of sync meets the
+    # winner, which never moved on: the winner is the source all the same.
+    loser = side(A, primary=True, oos_blocks=3, outdated=True, name="beta")
+    winner = side(A, name="alpha")
+    assert compare(loser, winner) is Decision.BITMAP_TARGET
+    assert compare(winner, loser) is Decision.BITMAP_SOURCE
+    crashed = side(A, crashed_primary=True, name="alpha")
+    assert compare(loser, crashed) is Decision.BITMAP_TARGET
+
+
 def test_lowest_bit_is_ignored():
     assert compare(side(A | 1), side(A)) is Decision.NO_SYNC
 
