@@ -169,6 +169,7 @@ class Pending:
     received: bool = False         # the peer has it (protocol B)
     done: bool = False
     abandoned: bool = False        # held while fencing, then the peer came back
+    local_ok: bool = False         # the local disk has it
 
 
 @dataclass(eq=False)
@@ -869,17 +870,21 @@ class Engine:
                 offset, data = yield from self._fill_stale_blocks(disk, offset, data)
             e_first, e_last = extents_of(offset, len(data))
             yield from self._al_begin(disk, e_first, e_last)
+            sent: list[Pending] = []
             try:
-                yield from self._replicated_write(disk, offset, data)
+                yield from self._replicated_write(disk, offset, data, sent)
             finally:
                 disk.al.end(e_first, e_last)
-            if target and self.disk is disk:
-                # These blocks are now current here and on the peer: a resync
-                # chunk for them still in flight must not overwrite them.
-                first = -(-offset // BLOCK)
-                last = (offset + len(data)) // BLOCK
-                if last > first:
-                    disk.bitmap.clear_range(first, last - first)
+                if target and self.disk is disk and sent and sent[0].local_ok \
+                        and (sent[0].acked or not sent[0].done):
+                    # These blocks are now current here and (or soon) on the
+                    # peer, even if this write is failed for want of the
+                    # peer's ack: a resync chunk for them read before it
+                    # must not overwrite them.
+                    first = -(-offset // BLOCK)
+                    last = (offset + len(data)) // BLOCK
+                    if last > first:
+                        disk.bitmap.clear_range(first, last - first)
         finally:
             if token is not None:
                 self._app_writes.pop(token, None)
@@ -922,9 +927,14 @@ class Engine:
         else:
             # Hot already, but perhaps only by a transaction still being
             # written: a crash now must still find the extent in the log.
-            yield from _until(lambda: not (mine & disk.al_unsettled))
+            yield from _until(lambda: self._al_settled(disk, mine))
 
-    def _replicated_write(self, disk: Disk | None, offset: int, data: bytes):
+    @staticmethod
+    def _al_settled(disk: Disk, extents: set[int]) -> bool:
+        return not (extents & disk.al_unsettled)
+
+    def _replicated_write(self, disk: Disk | None, offset: int, data: bytes,
+                          sent: list | None = None):
         while True:
             yield from _until(lambda: self._replicating() or not self._quiesce)
             if self._replicating() or not self.susp or self.fence_lost:
@@ -961,21 +971,19 @@ class Engine:
                 pending.extents = extents_of(offset, len(data))
                 disk.al.begin(*pending.extents)   # hot already: no transaction
             self._pending[seq] = pending
+            if sent is not None:
+                sent.append(pending)
             self._send(P.Data(seq, pending.epoch, offset, data))
             self.ns += len(data)
             if disk is not None:
                 local_error = yield from self._local_write(offset, data)
-            proto = self.cfg.protocol
-            if disk is None or proto == "C":
-                yield from _until(lambda: pending.done)
-            elif proto == "B":
-                yield from _until(lambda: pending.received)
+                pending.local_ok = not local_error
+            yield from self._peer_has_it(pending, disk)
             self._epoch_closed = True
             # Completed by a connection loss rather than by the peer: with
             # fencing that failed, nothing more is acknowledged until the
             # admin resumes I/O.
-            yield from _until(lambda: pending.acked or self.fence_lost
-                              or not (self.susp or self._gen_pending))
+            yield from _until(lambda: self._lost_write_may_complete(pending))
             if not pending.acked and self.fence_lost:
                 raise IOFailure(errno.EIO, f"{self.cfg.name}: not acknowledged: this node "
                                            f"lost the fence-peer decision")
@@ -1000,6 +1008,21 @@ class Engine:
             # (an Inconsistent disk -- a Primary that is SyncTarget -- is not
             # a copy anyone may rely on: only the peer's counts)
             raise IOFailure(errno.EIO, f"{self.cfg.name}: the write reached no disk")
+
+    def _peer_has_it(self, pending: Pending, disk: Disk | None):
+        """Wait until the peer's part of a write is done, as the protocol
+        says: A when sent, B when received, C when on the peer's disk (and
+        always C without a local disk: the peer's is the only copy)."""
+        proto = self.cfg.protocol
+        if disk is None or proto == "C":
+            yield from _until(lambda: pending.done)
+        elif proto == "B":
+            yield from _until(lambda: pending.received)
+
+    def _lost_write_may_complete(self, pending: Pending) -> bool:
+        """A write the link lost before the peer confirmed it completes only
+        once fencing is decided and its new generation is written."""
+        return pending.acked or self.fence_lost or not (self.susp or self._gen_pending)
 
     def _local_write(self, offset: int, data: bytes):
         self.lo += 1
@@ -1074,6 +1097,14 @@ class Engine:
             if seq is not None:
                 self._flushes.pop(seq, None)
         return None
+
+    def _keep_until_durable(self, p: Pending) -> None:
+        """An acknowledged write stays in the transfer log until the peer
+        has made it durable."""
+        self._unstable.append((p.offset, p.length))
+        self._unstable_added += 1
+        if len(self._unstable) >= 256:
+            self._barrier()
 
     def _send_flush(self, seq: int) -> None:
         self._flush_marks[seq] = self._unstable_added
@@ -1240,8 +1271,7 @@ class Engine:
             self._flush_marks.clear()
             try:
                 if (pendings or unstable) and self.disk is not None:
-                    if self.role is Role.Primary and not self.fence_lost \
-                            and self.dstate is DiskState.UpToDate:
+                    if self._may_start_generation():
                         # The writes the peer may lack are a new generation,
                         # started before any of them completes -- but never
                         # while fencing is undecided (only a winner moves on;
@@ -1253,12 +1283,7 @@ class Engine:
                                         name="bump-after-fencing")
                         else:
                             yield from self._new_generation()
-                    disk = self.disk
-                    if disk is not None:
-                        for offset, length in [(p.offset, p.length) for p in pendings] \
-                                + unstable:
-                            first, count = blocks_of(offset, length)
-                            disk.bitmap.set_range(first, count)
+                    self._mark_lost([(p.offset, p.length) for p in pendings] + unstable)
                 if self.disk is not None:
                     yield from self._persist(self.disk)
             except MetaIOError as e:
@@ -1289,6 +1314,20 @@ class Engine:
             self._set(cstate=ConnState.StandAlone)
         else:
             self._set(cstate=ConnState.Unconnected)
+
+    def _may_start_generation(self) -> bool:
+        """Only a Primary with good data that did not lose the fence-peer
+        decision moves the data generation on."""
+        return (self.role is Role.Primary and not self.fence_lost
+                and self.dstate is DiskState.UpToDate)
+
+    def _mark_lost(self, ranges: list[tuple[int, int]]) -> None:
+        """These ranges may be missing on the peer: resync them later."""
+        disk = self.disk
+        if disk is not None:
+            for offset, length in ranges:
+                first, count = blocks_of(offset, length)
+                disk.bitmap.set_range(first, count)
 
     def _bump_after_fencing(self, session: int):
         """The new generation for writes a lost link left unconfirmed, once
@@ -1831,10 +1870,7 @@ class Engine:
             self._send(P.NegAck(pkt.seq, errno.EIO))
             return
         self._check_peer_range(pkt.offset, len(pkt.data))
-        if pkt.epoch != self._recv_epoch:
-            # Barrier: everything of the earlier epochs lands first.
-            yield from _until(lambda: not len(self._recv_ranges))
-            self._recv_epoch = pkt.epoch
+        yield from self._epoch_barrier(pkt.epoch)
         self._check_concurrent(pkt.offset, len(pkt.data))
         start, end = pkt.offset, pkt.offset + len(pkt.data)
         yield from _until(lambda: self._recv_slots < RECV_PARALLEL
@@ -1845,6 +1881,13 @@ class Engine:
         if self.cfg.protocol == "B":
             self._send(P.RecvAck(pkt.seq))
         self._start(self._apply_peer_write(self.session, pkt, token), name="peer-write")
+
+    def _epoch_barrier(self, epoch: int):
+        """A write of a new epoch starts only once every write of the
+        earlier epochs has landed (DRBD's write barriers)."""
+        if epoch != self._recv_epoch:
+            yield from _until(lambda: not len(self._recv_ranges))
+            self._recv_epoch = epoch
 
     def _apply_peer_write(self, session: int, pkt: P.Data, token: int):
         failed = 0
@@ -1879,10 +1922,7 @@ class Engine:
             return
         p.acked = type(pkt) is P.WriteAck
         if p.acked and self.disk is not None:
-            self._unstable.append((p.offset, p.length))
-            self._unstable_added += 1
-            if len(self._unstable) >= 256:
-                self._barrier()
+            self._keep_until_durable(p)
         try:
             if type(pkt) is P.NegAck and self.disk is not None:
                 self._log("error", "peer failed to write %d bytes at %d (errno %d); marking "
@@ -1980,9 +2020,13 @@ class Engine:
             raise P.RemoteProtocolError("corrupt bitmap chunk") from None
         if len(bits) > limit - pkt.offset:
             raise P.RemoteProtocolError("bitmap chunk larger than the bitmap")
-        disk.bitmap.merge(bits, pkt.offset)
+        self._merge_peer_bitmap(disk, bits, pkt.offset)
         if pkt.last:
             self._peer_bitmap_done = True
+
+    def _merge_peer_bitmap(self, disk: Disk, bits: bytes, offset: int) -> None:
+        """Both sides' out-of-sync blocks are resynced: the union."""
+        disk.bitmap.merge(bits, offset)
 
     def _on_sync_start(self, pkt: P.SyncStart):
         self._need_disk("SyncStart")
