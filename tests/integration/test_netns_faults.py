@@ -20,6 +20,11 @@ call recorded with its start, end and result), then one fault:
 * ``blip``: a symmetric partition shorter than every timeout
 * ``kill-alpha`` / ``kill-beta``: kill -9 of the daemon (its mount dies)
 * ``pause-alpha`` / ``pause-beta``: SIGSTOP past the dead time, SIGCONT
+* ``eio-alpha`` / ``eio-beta``: the node's backing disk answers EIO to
+  every read, write and flush (tests/harness/faultydisk.py: the disk is a
+  single-file FUSE mount over the image; only in runs that have this
+  fault, and only with REPLFS_NETNS_EIO=1 until the bug that
+  test_failing_disk_is_detached shows is fixed)
 
 What the cluster stack's rule says must happen (locking/heartbeat/core.py
 quorum_decision; no disk heartbeat, so both nodes count as heartbeating):
@@ -28,7 +33,10 @@ a two-node cluster that loses its link keeps node 0 (alpha) and node 1
 node, leaves alpha writing and beta fenced (its mount answers EIO until
 it is unmounted); a killed beta leaves alpha; a killed alpha leaves
 nobody (beta cannot tell a dead alpha from a partition: it fences
-itself) until alpha is back.  A blip may fence beta, never alpha.
+itself) until alpha is back.  A blip may fence beta, never alpha.  A
+failing disk fences nobody (``on-io-error detach``, the default,
+docs/architecture.md): its node detaches it, goes Diskless and goes on
+through its peer's disk; the disk is attached again when it works.
 
 After the fault the cluster is healed and brought back the way an admin
 does (unmount the fenced mount, restart a killed daemon, wait for the
@@ -90,6 +98,11 @@ HANG_BOUND = 15.0
 DEAD_TIME = 1.5                      # o2net idle timeout
 FAULTS = ("partition", "oneway-ab", "oneway-ba", "link-down", "blip",
           "kill-alpha", "kill-beta", "pause-alpha", "pause-beta")
+# A failing disk takes the whole cluster down now (a product bug, see
+# test_failing_disk_is_detached): in the seeded schedules only with
+# REPLFS_NETNS_EIO=1, so that the other faults keep being explored.
+if os.environ.get("REPLFS_NETNS_EIO", "") not in ("", "0"):
+    FAULTS += ("eio-alpha", "eio-beta")
 DIRS = ("a", "b", "s")               # alpha's, beta's, shared
 
 
@@ -415,11 +428,16 @@ class Cluster:
     """The two namespaced nodes with their mounts, and what the runner
     does to them."""
 
-    def __init__(self, ns, pair, ma, mb, cdir):
+    def __init__(self, ns, pair, ma, mb, cdir, disks):
         self.ns, self.pair, self.cdir = ns, pair, cdir
         self.mnt = {"alpha": str(ma), "beta": str(mb)}
         self.node = {"alpha": pair.alpha, "beta": pair.beta}
         self.paused: set[str] = set()
+        self.disks: dict[str, "subprocess.Popen"] = disks    # faultydisk servers
+
+    def disk_fails(self, name: str, failing: bool) -> None:
+        self.disks[name].send_signal(signal.SIGUSR1 if failing else signal.SIGUSR2)
+        self.ns.note(f"{name}'s disk {'fails' if failing else 'works again'}")
 
     def status(self, name: str) -> dict:
         try:
@@ -453,7 +471,7 @@ class Cluster:
         return "\n".join(f"===== {n}'s replfsd log (tail) =====\n{self.node[n].log()[-6000:]}"
                          for n in self.node)
 
-    def restore(self, restart_first: bool, log) -> None:
+    def restore(self, restart_first: bool, log, timeout: float = 60.0) -> None:
         """Bring both nodes back to Primary with the cluster online and both
         mounted, as an admin would: restart a dead daemon (``up``) and
         unmount a fenced mount (either first), wait for the resync,
@@ -478,7 +496,10 @@ class Cluster:
                                      what=f"{name} demoted itself")
         for step in ((restart, unmount_fenced) if restart_first else (unmount_fenced, restart)):
             step()
-        self.wait_uptodate(log)
+        for name, n in self.node.items():
+            if self.status(name).get("dstate") == "Diskless":
+                n.adm("attach", "r0")           # a failed disk that works again
+        self.wait_uptodate(log, timeout)
         for n in self.node.values():
             if n.status()["role"] != "Primary":
                 n.adm("primary", "r0")
@@ -522,15 +543,55 @@ class Cluster:
             time.sleep(0.1)
 
 
+def start_faulty_disk(node) -> "subprocess.Popen":
+    """Put ``node``'s backing disk behind tests/harness/faultydisk.py: the
+    image moves to disk.img.raw, disk.img becomes its FUSE mount."""
+    import subprocess
+    import sys
+    raw = node.disk + ".raw"
+    os.rename(node.disk, raw)
+    open(node.disk, "w").close()
+    err = open(os.path.join(node.root, "faultydisk.log"), "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "tests.harness.faultydisk", raw, node.disk],
+                            stdout=subprocess.PIPE, stderr=err, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("READY"):
+        proc.kill()
+        proc.wait(10)
+        raise RuntimeError(f"faultydisk for {node.name} did not start: {line!r}")
+    return proc
+
+
+def stop_faulty_disk(proc, path: str) -> None:
+    proc.send_signal(signal.SIGUSR2)
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except Exception:               # noqa: BLE001
+        proc.kill()
+        proc.wait(10)
+    force_unmount(path)
+
+
 @contextlib.contextmanager
-def netns_cluster(tmp_path):
-    """Two namespaces, the volume made, both nodes mounted.  Everything
-    (mounts, daemons, namespaces, veth) is removed on the way out, also
-    when the test fails."""
-    with netns_mod.NetnsPair() as ns:
+def netns_cluster(tmp_path, faulty: tuple[str, ...] = ()):
+    """Two namespaces, the volume made, both nodes mounted; the nodes named
+    in ``faulty`` on a disk that can fail.  Everything (mounts, daemons,
+    disk servers, namespaces, veth) is removed on the way out, also when
+    the test fails."""
+    disks: dict = {}
+
+    def before_up(pair):
+        for name in faulty:
+            disks[name] = start_faulty_disk(getattr(pair, name))
+    with netns_mod.NetnsPair() as ns, contextlib.ExitStack() as stack:
+        @stack.callback
+        def _stop_disks():
+            for name, proc in disks.items():
+                stop_faulty_disk(proc, os.path.join(str(tmp_path), name, "disk.img"))
         try:
-            with shared_pair(tmp_path, netns=ns) as (pair, ma, mb, cdir):
-                c = Cluster(ns, pair, ma, mb, cdir)
+            with shared_pair(tmp_path, netns=ns, before_up=before_up) as (pair, ma, mb, cdir):
+                c = Cluster(ns, pair, ma, mb, cdir, disks)
                 try:
                     mount(pair.alpha, ma)
                     mount(pair.beta, mb)
@@ -694,6 +755,25 @@ def run_fault(c: Cluster, f: Fault, log) -> dict:
         ns.note("SIGCONT alpha")
         writes("alpha")
         return f.length
+    elif k.startswith("eio-"):
+        who = k.split("-")[1]
+        c.disk_fails(who, True)
+        # its next disk I/O fails: it detaches and goes on Diskless
+        st = wait_until(lambda: (s := c.status(who)).get("dstate") == "Diskless" and s,
+                        HANG_BOUND, f"{who} to detach its failing disk")
+        log(f"  {who} detached its disk: {st['dstate']}, role {st['role']}, "
+            f"peer disk {st['pdsk']}")
+        for n in ("alpha", "beta"):
+            writes(n)
+            cs = c.cluster_status(n)
+            if cs.get("fenced"):
+                raise RunFailed(f"{n} fenced itself over a failed disk: {cs}")
+        rest()
+        for n in ("alpha", "beta"):
+            cs = c.cluster_status(n)
+            if cs.get("fenced"):
+                raise RunFailed(f"{n} fenced itself while {who}'s disk was failing: {cs}")
+        c.disk_fails(who, False)
     else:
         raise ValueError(k)
     return 0.0
@@ -711,8 +791,10 @@ def run_seed(tmp_path, seed: int, n_faults: int) -> None:
     log(f"seed {seed}: " + "; ".join(map(str, faults)))
     c = None
     try:
-        with netns_cluster(tmp_path) as c:
-            log(f"namespaces {c.ns.ns}, nft: {c.ns.nft}")
+        faulty = tuple(sorted({f.kind.split("-")[1] for f in faults
+                               if f.kind.startswith("eio-")}))
+        with netns_cluster(tmp_path, faulty) as c:
+            log(f"namespaces {c.ns.ns}, nft: {c.ns.nft}, failing disks: {faulty or 'none'}")
             for i, f in enumerate(faults):
                 log(f"phase {i}: {f}")
                 workers = [Worker(hist, n, c.mnt[n], seed * 100 + i * 2 + j).start()
@@ -780,6 +862,9 @@ def run_seed(tmp_path, seed: int, n_faults: int) -> None:
             keep = keep_logs(tmp_path, seed)
             if keep:
                 detail.append(f"(the daemons' whole logs are in {keep})")
+                with open(os.path.join(keep, "failure.txt"), "w") as f:
+                    f.write("\n".join(detail) + "\n\nwhole history:\n"
+                            + hist.tail(len(hist.all)) + "\n")
         raise RunFailed("\n".join(detail)) from e
 
 
@@ -867,7 +952,53 @@ def test_sync_source_left_outdated(tmp_path):
         b.adm("primary", "r0")
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3] + [int(s) for s in os.environ.get("NETNS_SEEDS", "").split(",") if s])
+@pytest.mark.xfail(strict=True, reason=(
+    "product bugs: (a) a local disk EIO met inside the replication session is taken for a "
+    "lost connection ('connection lost: [Errno 5] Input/output error', blockrepl/driver/"
+    "resource.py's connection loop) instead of detaching the disk: fence-peer runs, beta "
+    "fences itself; with alpha's disk failing alpha then fails to recover beta's slot from "
+    "its own disk and fences too -- the whole cluster down for one failed disk; (b) when the "
+    "disk was detached properly, attaching it again under the mount makes it UpToDate at "
+    "once (it could not be marked inconsistent when it failed) and drops the connection "
+    "('connection lost: another task closed this fd'): fence-peer, beta fences itself "
+    "(blockrepl/driver and engine, not ours to change now)"))
+def test_failing_disk_is_detached(tmp_path):
+    """Both nodes run the workload; one node's backing disk starts answering
+    EIO (faultydisk).  With on-io-error detach (the default) that node
+    detaches it and goes on Diskless through its peer's disk: nobody is
+    fenced, both mounts keep writing.  Then the disk works again, is
+    attached and resynced, with nobody fenced either.  Up to five rounds,
+    alternating the node."""
+    hist = History(0)
+    lines: list[str] = []
+
+    def log(text):
+        lines.append(text)
+    with netns_cluster(tmp_path, ("alpha", "beta")) as c:
+        for round_ in range(5):
+            who = ("beta", "alpha")[round_ % 2]
+            workers = [Worker(hist, n, c.mnt[n], round_ * 2 + j).start()
+                       for j, n in enumerate(("alpha", "beta"))]
+            try:
+                time.sleep(0.5)
+                try:
+                    run_fault(c, Fault(f"eio-{who}", 0.0, 2.0), log)
+                except RunFailed as e:
+                    raise AssertionError(f"round {round_}, {who}'s disk failing: {e}\n"
+                                         + "\n".join(lines) + "\n" + c.logs()) from None
+            finally:
+                for w in workers:
+                    w.stop.set()
+                for w in workers:
+                    w.thread.join(HANG_BOUND)
+            assert not any(w.thread.is_alive() for w in workers), hist.tail(4)
+            c.restore(restart_first=True, log=log, timeout=20)
+            for n in ("alpha", "beta"):
+                hist.check_tree(snapshot(c.mnt[n]), f"{n} after round {round_}")
+            assert not hist.violations, hist.violations
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
 def test_netns_faults(tmp_path, seed):
     run_seed(tmp_path, seed, 1)
 
@@ -875,4 +1006,4 @@ def test_netns_faults(tmp_path, seed):
 @pytest.mark.soak
 @pytest.mark.parametrize("seed", soak.seeds(range(1000, 1120)))
 def test_netns_faults_soak(tmp_path, seed):
-    run_seed(tmp_path, seed, soak.size(3, 1))
+    run_seed(tmp_path, seed, soak.size(2, 1))
