@@ -511,33 +511,13 @@ class Cluster:
                 mount(n, self.mnt[name])
 
     def wait_uptodate(self, log, timeout: float = 60.0) -> None:
-        """Both Connected and UpToDate.  KNOWN BUG (see
-        test_sync_source_left_outdated): a fenced, Outdated Primary that
-        became the SyncSource of a crashed Primary's activity-log extents
-        stays Outdated after the resync, while its peer is UpToDate; then
-        it is reconnected (disconnect, connect), as an admin would, and
-        the run says so."""
+        """Both Connected and UpToDate."""
         deadline = time.monotonic() + timeout
-        stuck_since = None
         while True:
             st = {name: self.status(name) for name in self.node}
             if all(s.get("cstate") == "Connected" and s.get("dstate") == "UpToDate"
                    and s.get("pdsk") == "UpToDate" for s in st.values()):
                 return
-            outdated = [name for name, s in st.items()
-                        if s.get("cstate") == "Connected" and s.get("dstate") == "Outdated"
-                        and s.get("pdsk") == "UpToDate" and s.get("out_of_sync_kib") == 0]
-            if outdated:
-                stuck_since = stuck_since or time.monotonic()
-                if time.monotonic() - stuck_since > 3.0:
-                    name = outdated[0]
-                    log(f"  KNOWN BUG: {name} Connected, Outdated, its peer UpToDate, nothing "
-                        f"out of sync; reconnecting it")
-                    self.node[name].adm("disconnect", "r0")
-                    self.node[name].adm("connect", "r0")
-                    stuck_since = None
-            else:
-                stuck_since = None
             if time.monotonic() > deadline:
                 raise RunFailed(f"the disks did not become UpToDate in {timeout:.0f} s: {st}")
             time.sleep(0.1)
@@ -919,18 +899,19 @@ def test_namespaced_nodes_share_one_volume(tmp_path):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "product bug: a fenced, Outdated Primary that becomes the SyncSource of the restarted "
-    "crashed Primary's activity-log extents stays Outdated after the resync (its peer "
-    "UpToDate, nothing out of sync): it cannot be made Primary until it is reconnected "
-    "(blockrepl/engine/engine.py, not ours to change now)"))
-def test_sync_source_left_outdated(tmp_path):
+    "product bug: alpha's fsync'd file reads back empty (size 0, as just created) after "
+    "alpha's remount replayed the journals of slots [0, 1] (fs/: slot 1 is beta's, fenced "
+    "without recovery)"))
+def test_killed_alpha_comes_back_while_beta_is_fenced(tmp_path):
     """alpha's daemon is killed -9 while both nodes mount the volume; beta
     fences itself (the quorum rule: it cannot reach node 0), its disk
     Outdated, its mount refusing writes.  alpha's daemon is restarted and
     brought up while beta's fenced mount is still there (beta still
-    Primary): beta wins the sync decision ("a node that is Primary now
-    wins") and resyncs alpha's activity-log extents.  Afterwards both
-    disks must be UpToDate, so that beta can be made Primary again."""
+    Primary).  The Outdated beta must not become the SyncSource (seed 7 of
+    the fault runs found it did, and stayed Outdated -- not promotable --
+    after the resync; fixed in da4aeac): once its mount is gone it
+    resyncs from alpha, both disks end UpToDate, beta can be Primary again,
+    and alpha's fsync'd file is there."""
     with netns_cluster(tmp_path) as c:
         a, b = c.node["alpha"], c.node["beta"]
         with open(os.path.join(c.mnt["alpha"], "a", "x.0"), "wb") as f:
@@ -941,15 +922,22 @@ def test_sync_source_left_outdated(tmp_path):
         wait_until(lambda: c.cluster_status("beta").get("fenced"), HANG_BOUND, "beta fenced")
         a.start()
         a.adm("up", "r0")
-        a.wait(lambda s: s["cstate"] == "Connected" and s["out_of_sync_kib"] == 0,
-               what="alpha resynced")
-        assert "bitmap-sync-source" in b.log()       # beta (Outdated) was the source
+        a.wait(lambda s: s["cstate"] in ("Connected", "WFConnection", "WFReportParams"),
+               what="alpha up")
+        time.sleep(1.0)                 # a handshake with beta still Primary
         run("umount", c.mnt["beta"])
         b.wait(lambda s: s["role"] == "Secondary", what="beta demoted itself")
-        time.sleep(3)
-        st = {n: c.status(n) for n in ("alpha", "beta")}
-        assert st["beta"]["dstate"] == "UpToDate" and st["alpha"]["pdsk"] == "UpToDate", st
+        c.wait_uptodate(print, timeout=30)
+        assert "bitmap-sync-source" not in b.log(), "the Outdated beta was a SyncSource"
         b.adm("primary", "r0")
+        a.adm("primary", "r0")
+        call(b, "cluster-offline", cluster="tc")
+        online(c.pair, c.cdir)
+        mount(a, c.mnt["alpha"])
+        mount(b, c.mnt["beta"])
+        for n in ("alpha", "beta"):
+            with open(os.path.join(c.mnt[n], "a", "x.0"), "rb") as f:
+                assert f.read() == b"before", n
 
 
 @pytest.mark.xfail(strict=True, reason=(
