@@ -53,11 +53,12 @@ from typing import Any, Callable
 
 from replfs.errors import EXIT_NO_LOCAL_DISK, EXIT_STATE, ReplfsError
 
-from ..core.actlog import ActivityLog, ActivityLogFull, BLOCKS_PER_EXTENT, extents_of
+from ..core.actlog import EXTENT, ActivityLog, ActivityLogFull
 from ..core.bitmap import BLOCK, Bitmap, blocks_of
 from ..core.intervals import IntervalSet
-from ..core.states import (SS_IS_DISKLESS, SS_NEED_CONNECTION, SS_PRIMARY_NOP,
-                           SS_RESYNC_RUNNING,
+from ..core.states import (SS_CONCURRENT_ST_CHG, SS_IS_DISKLESS, SS_NEED_CONNECTION,
+                           SS_PRIMARY_NOP, SS_RESYNC_RUNNING, SS_TWO_PRIMARIES,
+                           refused_by_peer,
                            ConnState, DiskState, Role, StateChangeRefused, View,
                            check_outdate, check_promote, refuse)
 from ..core.uuids import JUST_CREATED, Decision, Side, Uuids, compare
@@ -73,9 +74,12 @@ RECV_PARALLEL = 32
 VERIFY_WINDOW = 8
 
 # Connection states in which new application writes wait: the generation
-# and bitmap the peer is being told about must stay true meanwhile.
+# and bitmaps being exchanged must stay true meanwhile (on a SyncTarget, a
+# write before the source's bitmap is merged would have its bits set again
+# by the merge, and a stale resync chunk written over it).
 _HOLD_WRITES = frozenset({ConnState.WFReportParams, ConnState.WFBitMapS,
-                          ConnState.StartingSyncS})
+                          ConnState.StartingSyncS, ConnState.WFBitMapT,
+                          ConnState.StartingSyncT})
 
 
 # ---------------------------------------------------------------- config
@@ -98,6 +102,7 @@ class EngineConfig:
     connect_int: float = 10.0
     resync_rate: int = 250 * 1024 * 1024   # bytes per second
     al_extents: int = 1237
+    al_extent_size: int = EXTENT            # bytes one activity-log extent covers
     handlers: frozenset[str] = frozenset()  # names of configured handlers
 
     @classmethod
@@ -153,6 +158,8 @@ class Disk:
         self.bitmap = bitmap
         self.al = ActivityLog(min(al_capacity, 3000))
         self.al_unsettled: set[int] = set()   # made hot by a transaction in flight
+        self.sb_dirty = False                  # sb changed since it was last written
+        self.meta_busy = False                 # a meta-data write is in flight
         self.crashed_primary = False
 
 
@@ -290,7 +297,7 @@ class Engine:
         # them durable; a connection lost before that leaves them out of
         # sync, so that a peer that lost its cache is resynced (DRBD keeps
         # requests in its transfer log until the epoch's barrier ack).
-        self._unstable: deque = deque()      # (offset, length)
+        self._unstable: deque = deque()      # of Pending (still holding the AL)
         self._unstable_added = 0             # ever appended
         self._unstable_dropped = 0           # ever proven durable
         self._flush_marks: dict[int, int] = {}   # Flush seq -> _unstable_added then
@@ -300,6 +307,7 @@ class Engine:
         self._app_writes: dict[int, tuple[int, int]] = {}
         self._unrepl_inflight = 0
         self._uuid_busy = False
+        self._promoting = 0            # a promotion of this node is being decided
         self._gen_pending = 0          # a lost link's new generation is not written yet
         self._held: list[Pending] = []  # completed by a lost link while fencing
         # Receive path.
@@ -394,18 +402,33 @@ class Engine:
 
     def _persist(self, disk: Disk, *, sb: md.Superblock | None = None,
                  al: bool = False):
-        """Write the bitmap's dirty pages (and the activity log, and ``sb``)."""
-        pages = tuple(disk.bitmap.take_dirty_pages())
+        """Write the bitmap's dirty pages (and the activity log, and ``sb``).
+
+        One meta-data write at a time, each with what memory holds when it
+        starts: written concurrently, a later one (a superblock clearing
+        the Primary flag) could land before an earlier one (the bits of
+        the writes the peer lacks), and a crash in between lose both."""
         if sb is not None:
             disk.sb = sb
-        if not pages and sb is None and not al:
+            disk.sb_dirty = True
+        yield from _until(lambda: not disk.meta_busy)
+        pages = tuple(disk.bitmap.take_dirty_pages())
+        sbw = disk.sb if disk.sb_dirty else None
+        if not pages and sbw is None and not al:
             return
+        disk.sb_dirty = False
+        disk.meta_busy = True
         self.bm_writes += len(pages)
         self.al_writes += al
-        token = self._issue(PersistMeta, pages, tuple(disk.al.extents) if al else None, sb)
-        err = yield token
+        try:
+            token = self._issue(PersistMeta, pages, tuple(disk.al.extents) if al else None,
+                                sbw)
+            err = yield token
+        finally:
+            disk.meta_busy = False
         if err:
             disk.bitmap.mark_all_pages_dirty()
+            disk.sb_dirty = disk.sb_dirty or sbw is not None
             raise MetaIOError(err)
 
     def _op(self, op, gen):
@@ -483,9 +506,10 @@ class Engine:
             # differ from the peer's copy.
             disk.crashed_primary = True
             for e in al_extents:
-                first = e * BLOCKS_PER_EXTENT
+                per = self.cfg.al_extent_size // BLOCK
+                first = e * per
                 if first < nblocks:
-                    bitmap.set_range(first, min(BLOCKS_PER_EXTENT, nblocks - first))
+                    bitmap.set_range(first, min(per, nblocks - first))
             if al_extents:
                 self._log("warning", f"was Primary when it went down; marking "
                                      f"{len(al_extents)} activity-log extents out of sync")
@@ -551,6 +575,13 @@ class Engine:
     def _primary(self, force: bool):
         if self.role is Role.Primary:
             return
+        self._promoting += 1
+        try:
+            yield from self._become_primary(force)
+        finally:
+            self._promoting -= 1
+
+    def _become_primary(self, force: bool):
         while True:
             # (judged with the link settled: not while it is being lost,
             # nor while a handshake is still agreeing who syncs from whom)
@@ -579,6 +610,10 @@ class Engine:
         """Raise unless this node may become Primary now (may ask the peer,
         or have it fenced)."""
         try:
+            if not self.cfg.two_primaries and \
+                    self.now - self._peer_promotion_allowed_at < self.cfg.timeout + 2:
+                # we just told the peer it may become Primary
+                raise refuse(SS_TWO_PRIMARIES)
             if self.live and self.cstate.is_connected:
                 # Ask the peer first: its reply travels behind any role change
                 # it made a moment ago, so the check below sees its real role.
@@ -587,11 +622,10 @@ class Engine:
                 # as a disconnected node, never taken as a yes)
                 yield from _until(lambda: not self._losing)
                 if result and self.live and self.cstate.is_connected:
-                    raise StateChangeRefused(result, {
-                        -1: "Multiple primaries not allowed by config",
-                        -12: "Device is held open by the peer: a replfs filesystem is "
-                             "mounted there for one node alone (unmount it there first)",
-                    }.get(result, "Refused by peer"))
+                    e = refused_by_peer(result)
+                    self._log("warning", f"State change failed: ({result}) {e.peer_text} "
+                                         f"(the peer refused this node's promotion)")
+                    raise e
             if self.fencing != "dont-care" and not (self.live and self.cstate.is_connected) \
                     and self.pdsk in (DiskState.DUnknown, DiskState.Consistent,
                                       DiskState.UpToDate) \
@@ -600,7 +634,10 @@ class Engine:
                 # As DRBD: with fencing, a node that cannot see its peer has
                 # the peer fenced (outdated, or shot) before it may be Primary;
                 # then Consistent data is the newest there is.
+                link = (self.session, self.live)
                 code = yield from self._handler("fence-peer")
+                if (self.session, self.live) != link:
+                    return      # the peer is back meanwhile: judged again
                 if code not in (3, 4, 5, 7):
                     self._log("warning", f"fence-peer helper returned {code}: not "
                                          f"becoming Primary")
@@ -868,7 +905,7 @@ class Engine:
             target = self.dstate is DiskState.Inconsistent
             if target:
                 offset, data = yield from self._fill_stale_blocks(disk, offset, data)
-            e_first, e_last = extents_of(offset, len(data))
+            e_first, e_last = self._extents_of(offset, len(data))
             yield from self._al_begin(disk, e_first, e_last)
             sent: list[Pending] = []
             try:
@@ -929,6 +966,11 @@ class Engine:
             # written: a crash now must still find the extent in the log.
             yield from _until(lambda: self._al_settled(disk, mine))
 
+    def _extents_of(self, offset: int, length: int) -> tuple[int, int]:
+        """The first and last activity-log extent a byte range touches."""
+        last = offset + max(length, 1) - 1
+        return offset // self.cfg.al_extent_size, last // self.cfg.al_extent_size
+
     @staticmethod
     def _al_settled(disk: Disk, extents: set[int]) -> bool:
         return not (extents & disk.al_unsettled)
@@ -936,7 +978,10 @@ class Engine:
     def _replicated_write(self, disk: Disk | None, offset: int, data: bytes,
                           sent: list | None = None):
         while True:
-            yield from _until(lambda: self._replicating() or not self._quiesce)
+            # (checked again here: the write may have waited for its range
+            # or the activity log while a new handshake began)
+            yield from _until(lambda: (self._replicating() or not self._quiesce)
+                              and self.cstate not in _HOLD_WRITES)
             if self._replicating() or not self.susp or self.fence_lost:
                 break
             # Not replicable while the peer is being fenced: wait for the
@@ -968,7 +1013,7 @@ class Engine:
                 # The activity log covers this write until the peer has it
                 # (WriteAck) or the bitmap records that it does not.
                 pending.disk = disk
-                pending.extents = extents_of(offset, len(data))
+                pending.extents = self._extents_of(offset, len(data))
                 disk.al.begin(*pending.extents)   # hot already: no transaction
             self._pending[seq] = pending
             if sent is not None:
@@ -1022,7 +1067,8 @@ class Engine:
     def _lost_write_may_complete(self, pending: Pending) -> bool:
         """A write the link lost before the peer confirmed it completes only
         once fencing is decided and its new generation is written."""
-        return pending.acked or self.fence_lost or not (self.susp or self._gen_pending)
+        return pending.acked or self.fence_lost or not (
+            self.susp or self._gen_pending or self._losing)
 
     def _local_write(self, offset: int, data: bytes):
         self.lo += 1
@@ -1098,13 +1144,14 @@ class Engine:
                 self._flushes.pop(seq, None)
         return None
 
-    def _keep_until_durable(self, p: Pending) -> None:
-        """An acknowledged write stays in the transfer log until the peer
-        has made it durable."""
-        self._unstable.append((p.offset, p.length))
+    def _keep_until_durable(self, p: Pending) -> bool:
+        """An acknowledged write stays in the transfer log, its extents hot
+        in the activity log, until the peer has made it durable."""
+        self._unstable.append(p)
         self._unstable_added += 1
         if len(self._unstable) >= 256:
             self._barrier()
+        return True
 
     def _send_flush(self, seq: int) -> None:
         self._flush_marks[seq] = self._unstable_added
@@ -1260,15 +1307,20 @@ class Engine:
         try:
             self._sync = None
             self._verify = None
-            if self._must_fence():
-                # Not an orderly disconnect: fence before completing anything.
-                yield from self._fence_peer()
             pendings = list(self._pending.values())
             self._pending.clear()
             unstable = list(self._unstable)
             self._unstable.clear()
             self._unstable_dropped = self._unstable_added
             self._flush_marks.clear()
+            # No acknowledgement can come for these any more; when they may
+            # complete is _lost_write_may_complete's rule (not before this
+            # cleanup, nor while fencing is undecided).
+            for p in pendings:
+                p.received = p.done = True
+            if self._must_fence():
+                # Not an orderly disconnect: fence before completing anything.
+                yield from self._fence_peer()
             try:
                 if (pendings or unstable) and self.disk is not None:
                     if self._may_start_generation():
@@ -1283,7 +1335,7 @@ class Engine:
                                         name="bump-after-fencing")
                         else:
                             yield from self._new_generation()
-                    self._mark_lost([(p.offset, p.length) for p in pendings] + unstable)
+                    self._mark_lost([(p.offset, p.length) for p in pendings + unstable])
                 if self.disk is not None:
                     yield from self._persist(self.disk)
             except MetaIOError as e:
@@ -1291,9 +1343,10 @@ class Engine:
                 # can no longer be trusted to know; give it up.
                 yield from self._local_io_error("meta-data write", e.errno, 0, 0)
             finally:
+                for p in unstable:
+                    self._al_release(p)
                 for p in pendings:
                     self._al_release(p)
-                    p.received = p.done = True
                     if self.susp and not p.acked:
                         self._held.append(p)
                 for seq in self._flushes:
@@ -1335,7 +1388,7 @@ class Engine:
         peer came back first (that handshake settled them)."""
         try:
             yield from _until(lambda: not self.susp or self.fence_lost)
-            if not self.fence_lost and self.session == session:
+            if self._may_start_generation() and self.session == session:
                 yield from self._new_generation()
         except MetaIOError as e:
             self._log("error", f"cannot start a new generation: {e}")
@@ -1487,6 +1540,12 @@ class Engine:
                         "demote one with 'replfsadm secondary'")
         self.discard_my_data = False
         self._peer_bitmap_done = False
+        if decision.i_am_target and self.dstate in (DiskState.UpToDate, DiskState.Consistent):
+            # As DRBD: a node that is to be SyncTarget has no data anyone
+            # should rely on from this moment, even if the sync never
+            # starts (the link breaks first): Outdated at most.
+            yield from self._persist(self.disk, sb=self.disk.sb.with_flags(set_=md.F_OUTDATED))
+            self._set(dstate=DiskState.Outdated)
         if self.susp and not self.fence_lost:
             # The peer is back before anyone decided the fence: the writes
             # held since the link was lost were settled by this handshake
@@ -1921,8 +1980,7 @@ class Engine:
         if p is None:
             return
         p.acked = type(pkt) is P.WriteAck
-        if p.acked and self.disk is not None:
-            self._keep_until_durable(p)
+        kept = p.acked and self.disk is not None and self._keep_until_durable(p)
         try:
             if type(pkt) is P.NegAck and self.disk is not None:
                 self._log("error", "peer failed to write %d bytes at %d (errno %d); marking "
@@ -1930,7 +1988,8 @@ class Engine:
                 yield from self._mark_unreplicated(p.offset, p.length)
                 yield from self._persist(self.disk)
         finally:
-            self._al_release(p)
+            if not kept:
+                self._al_release(p)
             p.received = p.done = True
 
     def _on_recv_ack(self, pkt: P.RecvAck):
@@ -1953,7 +2012,7 @@ class Engine:
         mark = self._flush_marks.pop(pkt.seq, None)
         if mark is not None:
             while self._unstable_dropped < mark and self._unstable:
-                self._unstable.popleft()
+                self._al_release(self._unstable.popleft())
                 self._unstable_dropped += 1
 
     def _on_read_request(self, pkt: P.ReadRequest):
@@ -1998,6 +2057,9 @@ class Engine:
         if pkt.role == _role_code(Role.Primary):
             if self.role is Role.Primary and not self.cfg.two_primaries:
                 result = -1
+            elif self._promoting and not self.cfg.two_primaries:
+                # both asked at once: neither goes on (DRBD's -19)
+                result = SS_CONCURRENT_ST_CHG.code
             elif self.opens["single"]:
                 result = -12
             else:

@@ -1,0 +1,79 @@
+"""The mirror simulation must be able to fail: each mutant breaks one rule
+of the engine (blockrepl/engine/engine.py), and the seeds the normal run
+uses must catch it (within the first few hundred)."""
+import pytest
+
+from mirror_sim_harness import InvariantError, Sim
+from replfs.blockrepl.engine.engine import Engine
+
+
+def mutant_protocol_c_acks_before_the_peer_has_it(mp):
+    # Complete a protocol C write once it is sent, as protocol A would.
+    orig = Engine._peer_has_it
+
+    def mutated(self, pending, disk):
+        if disk is None:
+            return (yield from orig(self, pending, disk))
+        return None
+        yield
+    mp.setattr(Engine, "_peer_has_it", mutated)
+
+
+def mutant_no_epoch_barrier(mp):
+    def barrier(self, epoch):
+        self._recv_epoch = epoch
+        return
+        yield
+    mp.setattr(Engine, "_epoch_barrier", barrier)
+
+
+def mutant_lost_writes_not_marked_out_of_sync(mp):
+    mp.setattr(Engine, "_mark_lost", lambda self, ranges: None)
+
+
+def mutant_acknowledges_while_fencing(mp):
+    mp.setattr(Engine, "_lost_write_may_complete", lambda self, pending: True)
+
+
+def mutant_fence_loser_starts_a_generation(mp):
+    from replfs.blockrepl.core.states import DiskState, Role
+    mp.setattr(Engine, "_may_start_generation",
+               lambda self: self.role is Role.Primary and self.dstate in (
+                   DiskState.UpToDate, DiskState.Outdated))
+
+
+def mutant_resync_of_the_source_bitmap_only(mp):
+    mp.setattr(Engine, "_merge_peer_bitmap", lambda self, disk, bits, offset: None)
+
+
+def mutant_no_transfer_log(mp):
+    mp.setattr(Engine, "_keep_until_durable", lambda self, p: False)
+
+
+def mutant_write_does_not_wait_for_activity_log(mp):
+    mp.setattr(Engine, "_al_settled", staticmethod(lambda disk, extents: True))
+
+
+# Each mutant with the runs it shows in: the epoch barrier matters where a
+# write completes before the peer has it (protocols A and B) and both nodes
+# then fail; fencing where both nodes are Primary.
+MUTANTS = [
+    (mutant_protocol_c_acks_before_the_peer_has_it, {}),
+    (mutant_no_epoch_barrier, {"protocol": "A", "crash_rate": 0.05, "max_faults": 8,
+                               "power": False}),
+    (mutant_lost_writes_not_marked_out_of_sync, {}),
+    (mutant_acknowledges_while_fencing, {"dual": True}),
+    (mutant_fence_loser_starts_a_generation, {"dual": True}),
+    (mutant_resync_of_the_source_bitmap_only, {}),
+    (mutant_no_transfer_log, {"power": True}),
+    (mutant_write_does_not_wait_for_activity_log, {}),
+]
+
+
+@pytest.mark.parametrize("mutant,kw", MUTANTS, ids=lambda m: getattr(m, "__name__", "")[7:])
+def test_simulation_catches(mutant, kw, monkeypatch):
+    mutant(monkeypatch)
+    with pytest.raises(InvariantError) as info:
+        for seed in range(600):
+            Sim(seed, **kw).run()
+    print(f"caught by seed {seed}:", str(info.value).splitlines()[0])
