@@ -94,6 +94,13 @@ class OpDone:
 
 
 @dataclass(frozen=True)
+class PriLost:
+    """This Primary's data is being discarded (after-sb call-pri-lost-after-
+    sb) while the device is in use: stop what uses it (its mounts)."""
+    why: str
+
+
+@dataclass(frozen=True)
 class RunHandler:
     token: int
     name: str

@@ -61,11 +61,12 @@ from ..core.states import (SS_CONCURRENT_ST_CHG, SS_IS_DISKLESS, SS_NEED_CONNECT
                            refused_by_peer,
                            ConnState, DiskState, Role, StateChangeRefused, View,
                            check_outdate, check_promote, refuse)
+from ..core.splitbrain import Policies, Resolution, resolve
 from ..core.uuids import JUST_CREATED, Decision, Side, Uuids, compare
 from ..meta import format as md
 from ..proto import packets as P
 from .actions import (CloseConnection, Complete, DiskFlush, DiskRead, DiskWrite, Log,
-                      OpDone, PersistMeta, ReleaseDisk, RunHandler, Send)
+                      OpDone, PersistMeta, PriLost, ReleaseDisk, RunHandler, Send)
 from .flows import FlowSet, Wait
 
 RESYNC_CHUNK = 256 * 1024
@@ -308,6 +309,8 @@ class Engine:
         self._unrepl_inflight = 0
         self._uuid_busy = False
         self._promoting = 0            # a promotion of this node is being decided
+        self._role_news = False        # tell the peer our role once connected
+        self._role_at_split: Role | None = None   # our role when the last link ended
         self._gen_pending = 0          # a lost link's new generation is not written yet
         self._held: list[Pending] = []  # completed by a lost link while fencing
         # Receive path.
@@ -470,15 +473,14 @@ class Engine:
         return self._drain()
 
     def opened(self, kind: str = "any") -> list:
-        self.opens["any"] += 1
-        if kind != "any":
-            self.opens[kind] += 1
+        """The device was opened: "any" counts every open; "single" (a
+        filesystem mounted for one node alone) and "shared" (mounted on
+        both nodes) are counted on their own, besides."""
+        self.opens[kind] += 1
         return self._drain()
 
     def closed(self, kind: str = "any") -> list:
-        self.opens["any"] = max(0, self.opens["any"] - 1)
-        if kind != "any":
-            self.opens[kind] = max(0, self.opens[kind] - 1)
+        self.opens[kind] = max(0, self.opens[kind] - 1)
         return self._drain()
 
     def check_single_open(self) -> None:
@@ -679,7 +681,7 @@ class Engine:
         if uuids.current == JUST_CREATED:
             uuids = Uuids(self._new_uuid(), 0, uuids.history)
         else:
-            uuids = uuids.with_new_current(self._new_uuid())
+            uuids = uuids.with_new_current(self._new_uuid(), was_primary=self._was_primary())
         sb = replace(disk.sb.with_flags(set_=md.F_CONSISTENT | md.F_WAS_UP_TO_DATE,
                                         clear=md.F_OUTDATED), uuids=uuids)
         if self.pdsk is not DiskState.UpToDate:
@@ -737,11 +739,23 @@ class Engine:
         self._uuid_busy = True
         try:
             yield from self._persist(disk, sb=replace(
-                disk.sb, uuids=uuids.with_new_current(self._new_uuid())))
+                disk.sb, uuids=uuids.with_new_current(self._new_uuid(),
+                                                      was_primary=self._was_primary())))
         finally:
             self._uuid_busy = False
         self._log("info", "new current UUID %016X (bitmap UUID %016X)"
                   % (disk.sb.uuids.current, disk.sb.uuids.bitmap))
+
+    def _was_primary(self) -> bool:
+        """Was this node Primary when the generation being left began to
+        diverge (the split)?  Recorded in the new UUIDs for the after-sb
+        younger/older-primary policies: the role now if connected, else the
+        role when the link ended, else whether it crashed as Primary."""
+        if self.live:
+            return self.role is Role.Primary
+        if self._role_at_split is not None:
+            return self._role_at_split is Role.Primary
+        return bool(self.disk and self.disk.crashed_primary)
 
     def invalidate(self, op) -> list:
         self._start(self._op(op, self._invalidate()), name="invalidate")
@@ -1287,6 +1301,7 @@ class Engine:
             return
         session = self.session
         self.live = False
+        self._role_at_split = self.role
         if close:
             self._emit(CloseConnection(session, why))
         self.flows.cancel_group(session)
@@ -1521,11 +1536,9 @@ class Engine:
                         f"ours ({self.size} bytes); resizing is not supported")
         self.peer_params = params
         self._set(peer_role=_peer_role(params.role), pdsk=_peer_disk(params.disk))
-        decision = self._decide(params)
-        if decision is Decision.SPLIT_BRAIN:
-            self.split_brain = True
-            yield from self._handler("split-brain")
-            raise Fatal("Split-Brain detected, dropping connection!")
+        decision, split_brain = self._decide(params)
+        if split_brain is not None:
+            decision = yield from self._after_split_brain(split_brain)
         if decision is Decision.UNRELATED:
             raise Fatal("Unrelated data, aborting!")
         if decision.i_am_target and self.role is Role.Primary and \
@@ -1533,6 +1546,9 @@ class Engine:
             if self.fence_lost:
                 raise Drop("I shall become SyncTarget, but I am primary (the loser of the "
                            "fence-peer decision: retrying once it is demoted)")
+            # (DRBD's rr-conflict disconnect, its default; replfs has no
+            # other: after-sb violently-as0p that discards a Primary's data
+            # ends here too, as it does in DRBD unless rr-conflict says so)
             raise Fatal("I shall become SyncTarget, but I am primary!")
         if (self.role is Role.Primary and self.peer_role is Role.Primary
                 and not self.cfg.two_primaries):
@@ -1567,6 +1583,9 @@ class Engine:
         else:
             self._set(cstate=ConnState.Connected)
         self._quiesce = 0
+        if self._role_news:
+            self._role_news = False
+            self._tell_peer_state()
         session = self.session
         self._start(self._receiver(), group=session, name="receiver")
         self._start(self._pinger(), group=session, name="pinger")
@@ -1587,53 +1606,63 @@ class Engine:
             self._log("info", "both disks are fresh (just created): no sync until one "
                               "node is made Primary with --force")
 
-    def _decide(self, params: P.Params) -> Decision:
-        # Decide from exactly what we told the peer, so both sides reach
-        # mirror-image decisions even if something changed meanwhile.
+    def _decide(self, params: P.Params) -> tuple[Decision, Resolution | None]:
+        """The sync decision, and after a split brain how the after-sb
+        policies resolve it (core/splitbrain.py), or None when there was
+        none.  Decided from exactly what we told the peer, so both sides
+        reach mirror-image decisions even if something changed meanwhile."""
         sp = self._sent_params
         if self.disk is None or sp.data_size == 0 or params.data_size == 0:
-            return Decision.NO_SYNC
+            return Decision.NO_SYNC, None
         me = side_of(sp, self.cfg.node)
         peer = side_of(params, self.cfg.peer)
         decision = compare(me, peer)
         self._log("info", f"uuid_compare: {decision.value} (me {me.uuids.show()}, "
                           f"peer {peer.uuids.show()})")
-        if decision is Decision.SPLIT_BRAIN:
-            mine, theirs = self.discard_my_data, bool(params.discard_my_data)
-            if mine and not theirs:
-                self._log("warning", "Split-Brain detected, manually solved. Sync from "
-                                     "peer node")
-                return Decision.BITMAP_TARGET
-            if theirs and not mine:
-                self._log("warning", "Split-Brain detected, manually solved. Sync from "
-                                     "this node")
-                return Decision.BITMAP_SOURCE
-            auto = self._after_split_brain(me, peer)
-            if auto is not None:
-                return auto
-        return decision
+        if decision is not Decision.SPLIT_BRAIN:
+            return decision, None
+        cfg = self.cfg
+        resolution = resolve(me, peer, Policies(cfg.after_sb_0pri, cfg.after_sb_1pri,
+                                                cfg.after_sb_2pri),
+                             discard_mine=bool(sp.discard_my_data),
+                             discard_peer=bool(params.discard_my_data))
+        return resolution.decision, resolution
 
-    def _after_split_brain(self, me: Side, peer: Side) -> Decision | None:
-        """The after-sb-0pri automatic recovery policies (no Primary involved)."""
-        if me.primary or peer.primary:
-            return None
-        policy = self.cfg.after_sb_0pri
-        if policy == "discard-zero-changes":
-            if me.oos_blocks == 0 and peer.oos_blocks:
-                return Decision.BITMAP_TARGET
-            if peer.oos_blocks == 0 and me.oos_blocks:
-                return Decision.BITMAP_SOURCE
-        elif policy == "discard-least-changes":
-            if me.oos_blocks != peer.oos_blocks:
-                return (Decision.BITMAP_TARGET if me.oos_blocks < peer.oos_blocks
-                        else Decision.BITMAP_SOURCE)
-        elif policy.startswith("discard-node-"):
-            victim = policy[len("discard-node-"):]
-            if victim == me.name:
-                return Decision.BITMAP_TARGET
-            if victim == peer.name:
-                return Decision.BITMAP_SOURCE
-        return None
+    def _after_split_brain(self, sb: Resolution):
+        """Act on how a split brain is resolved: log it as DRBD does; a
+        Primary whose data call-pri-lost-after-sb discards gives up its
+        role, or, when it cannot (the device is in use), has its mounts
+        stopped (PriLost), runs the pri-lost-after-sb handler, and the split
+        brain stays unresolved.  Unresolved: the split-brain handler runs
+        and the connection is dropped for good (StandAlone)."""
+        for note in sb.notes:
+            self._log("warning", note)
+        if sb.pri_lost and self.role is Role.Primary:
+            gave_up = False
+            if not self.opens["any"] and not self.ap:
+                try:
+                    yield from self._secondary()
+                    gave_up = True
+                except (ReplfsError, StateChangeRefused, MetaIOError) as e:
+                    self._log("error", f"cannot give up the primary role: {e}")
+            if gave_up:
+                self._log("warning", "Successfully gave up primary role.")
+                self._role_news = True      # (the peer was told "Primary" in Params)
+            else:
+                why = ("split brain: after-sb call-pri-lost-after-sb discards the data of "
+                       "this Primary")
+                self._log("error", f"{why}, and the device is in use: its filesystem "
+                                   f"mounts are stopped and pri-lost-after-sb runs")
+                self.last_event = why
+                self._emit(PriLost(why))
+                yield from self._handler("pri-lost-after-sb")
+                sb = sb.refused()
+        if sb.resolved:
+            self._log("warning", sb.line)
+            return sb.decision
+        self.split_brain = True
+        yield from self._handler("split-brain")
+        raise Fatal(sb.line)
 
     def _connected_in_sync(self, params: P.Params):
         disk = self.disk

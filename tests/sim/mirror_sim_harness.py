@@ -227,6 +227,8 @@ class Sim:
                     c.buf[1 - node.idx] += P.encode(act.pkt)
             elif t in (A.DiskWrite, A.DiskRead, A.DiskFlush, A.PersistMeta, A.RunHandler):
                 node.io[act.token] = act
+                if t is A.RunHandler and act.name == "split-brain":
+                    self.fail(f"{node.name}: a split brain was detected")
                 if t is A.RunHandler:
                     self.note(f"{node.name} runs handler {act.name}")
                     if act.name == "fence-peer":
@@ -246,6 +248,8 @@ class Sim:
                         c.closed_by = node.idx
                     c.told.add(node.idx)
                     c.buf[node.idx].clear()
+            elif t is A.PriLost:
+                self.note(f"{node.name}: pri-lost: {act.why}")
             elif t is A.ReleaseDisk:
                 node.released = True
             elif t is A.Log:
@@ -547,10 +551,12 @@ class Sim:
                 if e.fence_lost and node.mounted:
                     node.mounted = False        # the fenced fs latched and was unmounted
                     self.call(node, "closed", "shared")
+                    self.call(node, "closed", "any")
                     self.note(f"{node.name} unmounts (fenced)")
                 elif e.role is Role.Primary and not node.mounted and not e.fence_lost:
                     node.mounted = True
                     self.call(node, "opened", "shared")
+                    self.call(node, "opened", "any")
                 elif e.role is Role.Secondary and e.dstate in (
                         DiskState.UpToDate, DiskState.Consistent) \
                         and node.idx not in self.constrained and not e.fence_lost and (
@@ -676,6 +682,7 @@ class Sim:
                 if e.fence_lost and node.mounted:
                     node.mounted = False
                     self.call(node, "closed", "shared")
+                    self.call(node, "closed", "any")
                 if not e.want_connect and e.cstate is ConnState.StandAlone \
                         and not e.split_brain and not node.ops:
                     self.call(node, "connect")
