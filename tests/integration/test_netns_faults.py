@@ -72,7 +72,9 @@ import random
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+import subprocess
+import sys
+from dataclasses import dataclass
 
 import pytest
 
@@ -263,9 +265,11 @@ class History:
 
     @staticmethod
     def _show(cands) -> str:
-        return ", ".join(("absent" if c.path is None else
-                          f"{c.path}({len(c.data)}{'' if c.low is None else f' from {len(c.low)}'})")
-                         for c in cands)
+        def one(c):
+            if c.path is None:
+                return "absent"
+            return f"{c.path}({len(c.data)}{'' if c.low is None else f' from {len(c.low)}'})"
+        return ", ".join(map(one, cands))
 
     def tail(self, n: int = 40) -> str:
         with self.lock:
@@ -433,7 +437,7 @@ class Cluster:
         self.mnt = {"alpha": str(ma), "beta": str(mb)}
         self.node = {"alpha": pair.alpha, "beta": pair.beta}
         self.paused: set[str] = set()
-        self.disks: dict[str, "subprocess.Popen"] = disks    # faultydisk servers
+        self.disks: dict[str, subprocess.Popen] = disks    # faultydisk servers
 
     def disk_fails(self, name: str, failing: bool) -> None:
         self.disks[name].send_signal(signal.SIGUSR1 if failing else signal.SIGUSR2)
@@ -523,11 +527,9 @@ class Cluster:
             time.sleep(0.1)
 
 
-def start_faulty_disk(node) -> "subprocess.Popen":
+def start_faulty_disk(node) -> subprocess.Popen:
     """Put ``node``'s backing disk behind tests/harness/faultydisk.py: the
     image moves to disk.img.raw, disk.img becomes its FUSE mount."""
-    import subprocess
-    import sys
     raw = node.disk + ".raw"
     os.rename(node.disk, raw)
     open(node.disk, "w").close()
