@@ -835,7 +835,7 @@ def run_seed(tmp_path, seed: int, n_faults: int) -> None:
                                      default=0.0)
             if took > limit:
                 raise RunFailed(f"a call took {took:.1f} s (bound {limit:.1f} s): {what}")
-    except BaseException as e:
+    except Exception as e:              # (not KeyboardInterrupt: ^C stops the run)
         detail = [f"seed {seed} failed: {e}", "schedule: " + "; ".join(map(str, faults)),
                   "run log:", *lines, "violations:", *hist.violations[:20],
                   "history (tail):", hist.tail()]
