@@ -900,10 +900,6 @@ def test_namespaced_nodes_share_one_volume(tmp_path):
     assert not mounted(c.mnt["alpha"]) and not mounted(c.mnt["beta"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: alpha's fsync'd file reads back empty (size 0, as just created) after "
-    "alpha's remount replayed the journals of slots [0, 1] (fs/: slot 1 is beta's, fenced "
-    "without recovery)"))
 def test_killed_alpha_comes_back_while_beta_is_fenced(tmp_path):
     """alpha's daemon is killed -9 while both nodes mount the volume; beta
     fences itself (the quorum rule: it cannot reach node 0), its disk
@@ -918,6 +914,7 @@ def test_killed_alpha_comes_back_while_beta_is_fenced(tmp_path):
         a, b = c.node["alpha"], c.node["beta"]
         with open(os.path.join(c.mnt["alpha"], "a", "x.0"), "wb") as f:
             f.write(b"before")
+            f.flush()           # out of Python's buffer: fsync(2) syncs what was written
             os.fsync(f.fileno())
         c.kill9("alpha")
         force_unmount(c.mnt["alpha"])
