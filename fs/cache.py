@@ -16,6 +16,14 @@ two tasks that miss on one block at once end with the object the first
 of them inserted, and a block whose committed image is still on its way
 home (``homing``) is decoded from that image, not read from the disk.
 
+``drop_clean`` (after a journal replay changed blocks under the cache)
+breaks that rule on purpose: the next ``get`` decodes the disk afresh.
+An object dropped that way may still be held (the allocator's group
+descriptors and local-alloc block, an inode an operation is changing) and
+be marked again; it then comes back into the cache with the owner its
+block had -- owners are per block, and kept for dropped objects -- so that
+the lock which covers it still drops it when it goes to another node.
+
 The cache does not know operations: every change calls ``on_dirty``,
 through which the filesystem counts the operation into the running
 transaction.
@@ -58,6 +66,10 @@ class MetaCache:
         self.dirty: dict[int, object] = {}
         # evicted objects that may still be held by a running operation
         self.evicted: weakref.WeakValueDictionary[int, object] = weakref.WeakValueDictionary()
+        # objects dropped by drop_clean that someone may still hold (and
+        # mark again): never handed out by get, only kept track of so that
+        # their blocks' owners are not pruned
+        self.detached: weakref.WeakValueDictionary[int, object] = weakref.WeakValueDictionary()
         self.revokes: list[tuple[int, int]] = []
         self.limit = limit
         self.reads = 0            # block reads issued, for tests
@@ -139,7 +151,7 @@ class MetaCache:
                 self.evicted[blkno] = self.objs.pop(blkno)
         if len(self.owner) > 2 * self.limit:
             self.owner = {b: o for b, o in self.owner.items()
-                          if b in self.objs or b in self.evicted}
+                          if b in self.objs or b in self.evicted or b in self.detached}
 
     def new(self, blkno: int, obj, owner=None) -> None:
         """A freshly allocated block: cached and dirty, never read."""
@@ -152,15 +164,19 @@ class MetaCache:
         self.dirty[blkno] = obj
         self.on_dirty()
         if self.objs.get(blkno) is not obj:
-            # evicted while its holder was changing it: cached again, so
-            # the next get finds this object and not the older disk copy
+            # evicted (or dropped by drop_clean) while its holder was
+            # changing it: cached again, so the next get finds this object
+            # and not the older disk copy; its block's owner was kept, so
+            # its lock still drops it
             self.evicted.pop(blkno, None)
+            self.detached.pop(blkno, None)
             self.objs[blkno] = obj
         self.objs.move_to_end(blkno)
 
     def forget(self, blkno: int) -> None:
         self.objs.pop(blkno, None)
         self.evicted.pop(blkno, None)
+        self.detached.pop(blkno, None)
         self.dirty.pop(blkno, None)
         self.owner.pop(blkno, None)
 
@@ -169,17 +185,23 @@ class MetaCache:
             if blkno not in self.dirty:
                 self.objs.pop(blkno, None)
                 self.evicted.pop(blkno, None)
+                self.detached.pop(blkno, None)
                 self.owner.pop(blkno, None)
 
     def drop_clean(self) -> None:
+        """Forget every clean object: the next get reads the disk.  The
+        owners of their blocks are kept: a holder may mark a dropped
+        object again (see the module notes), and it must come back as
+        its lock's block, or that lock's hand-over would not drop it (the
+        survivor of a slot recovery kept stale group descriptors that way,
+        and freed clusters of the other node's next window twice)."""
         for blkno in list(self.objs):
             if blkno not in self.dirty:
-                del self.objs[blkno]
-                self.owner.pop(blkno, None)
+                self.detached[blkno] = self.objs.pop(blkno)
         for blkno in list(self.evicted.keys()):
-            self.evicted.pop(blkno, None)
-            if blkno not in self.dirty:
-                self.owner.pop(blkno, None)
+            obj = self.evicted.pop(blkno, None)
+            if obj is not None and blkno not in self.dirty:
+                self.detached[blkno] = obj
 
     def take_transaction(self) -> tuple[dict[int, bytes], list[tuple[int, int]]]:
         images = {b: self.encode(b, o) for b, o in self.dirty.items()}

@@ -761,3 +761,106 @@ async def test_crossed_directory_renames_on_both_nodes(tmp_path, autojump_clock,
                 shapes.append(top)
             assert shapes[0] == shapes[1], shapes
     await _two_nodes(tmp_path, seed, body)
+
+
+async def run_dead_node_comes_back(tmp_path, seed: int = 1) -> None:
+    """Node 0 holds the global bitmap's lock (cached EX) when node 1 dies;
+    it recovers node 1's slot (the replay, then node 1's window back to
+    the global bitmap under that lock).  Node 1 comes back, mounts the
+    slot again and takes a new window from the global bitmap, writing a
+    file into it.  Node 0 then deletes that file: its clusters go back to
+    the global bitmap, which node 0 must read afresh under the lock.
+    (The netns fault runs' seeds 1005 and 1028: "cluster N already free in
+    the global bitmap" on the survivor, after its slot recovery had left
+    the group descriptors in its cache without their lock as owner.)"""
+    path = make_image(tmp_path / f"back{seed}.img", 64 << 20)
+    await format_image(path, slots=2)
+    with open(path, "rb") as f:
+        disk = SharedDisk(f.read())
+    c = Cluster(disk, seed)
+    async with trio.open_nursery() as nursery:
+        cut = set()
+        doms = await dlm_pair(nursery, seed, cut)
+        try:
+            with trio.fail_after(3600):
+                await c.mount(nursery, doms)
+                a, b = c.fss
+                d = await a.mkdir(a.root_ino, "d")
+                # node 1 writes (it takes a window from the global bitmap)
+                await b.lookup(b.root_ino, "d")
+                fh, _ = await b.create(d.ino, "b0")
+                await b.write(fh, 0, b"y" * 9000)
+                await b.release(fh)
+                await b.fsync()
+                # node 0 frees clusters: it takes the bitmap's lock EX and
+                # keeps it cached
+                fh, _ = await a.create(d.ino, "gone")
+                await a.write(fh, 0, b"x" * 20000)
+                await a.release(fh)
+                await a.unlink(d.ino, "gone")
+                await a.fsync()
+                assert a.locks.cached_ex(("bitmap", 0))
+                # node 1 changes more (its journal is dirty), then dies
+                fh, _ = await b.create(d.ino, "b00")
+                await b.write(fh, 0, b"w" * 5000)
+                await b.release(fh)
+                await b.fsync()
+                assert a.locks.cached_ex(("bitmap", 0))
+                b.dev.dead = True
+                cut.add(1)
+                await doms[1].fence("node died")
+                a.node_dead(1)
+                await doms[0].node_down(1)
+                assert await a.recover_node(1) == [1]
+                # node 1 comes back: a new lock domain, a new mount
+                await doms[0].node_up(1)
+                dom1 = DlmDomain(DOMAIN, 1, [0, 1], doms[1]._send, epoch=doms[0].core.epoch)
+                await nursery.start(dom1.run)
+                doms[1] = dom1
+                cut.discard(1)
+                await dom1._apply(dom1.core.join())
+                locks = ClusterLockManager(InProcessDlm({DOMAIN: dom1}, nursery), DOMAIN,
+                                           nursery)
+                b2 = await Filesystem.mount(JitterDevice(disk, seed * 10 + 5), None,
+                                            locks=locks, node=1, recover_dirty_slots=False)
+                c.fss.append(b2)
+                assert b2.slot == 1
+                dd = await b2.lookup(b2.root_ino, "d")
+                fh, _ = await b2.create(dd.ino, "b1")
+                await b2.write(fh, 0, b"z" * 30000)     # from a new window of slot 1
+                await b2.release(fh)
+                await b2.fsync()
+                # node 0 deletes it: the clusters go back to the global bitmap
+                await a.unlink(d.ino, "b1")
+                await a.fsync()
+                assert a.failed is None, a.failed
+                # node 1 writes again and dies again: node 0 recovers the
+                # slot a second time, and gives the new window back
+                fh, _ = await b2.create(dd.ino, "b2")
+                await b2.write(fh, 0, b"v" * 5000)
+                await b2.release(fh)
+                await b2.fsync()
+                b2.dev.dead = True
+                cut.add(1)
+                await dom1.fence("node died again")
+                a.node_dead(1)
+                await doms[0].node_down(1)
+                assert await a.recover_node(1) == [1]
+                assert a.failed is None, a.failed
+                for name, data in [("b0", b"y" * 9000), ("b00", b"w" * 5000),
+                                   ("b2", b"v" * 5000)]:
+                    f = await a.lookup(d.ino, name)
+                    fh = await a.open(f.ino)
+                    assert await a.read(fh, 0, 10000) == data, name
+                    await a.release(fh)
+                await a.unmount()
+                assert a.failed is None, a.failed
+        finally:
+            await cut_off(c, doms)
+        nursery.cancel_scope.cancel()
+    problems = await check_volume(disk)
+    assert not problems, problems
+
+
+async def test_dead_node_comes_back_after_recovery(tmp_path, autojump_clock):
+    await run_dead_node_comes_back(tmp_path)
