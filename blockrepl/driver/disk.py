@@ -112,6 +112,8 @@ def create_md(host: Host, *, force: bool = False, al_extents: int = 1237) -> lis
 class LocalDisk:
     """An attached backing disk: data, superblock, bitmap and activity log."""
 
+    engine_disk = None
+
     def __init__(self, host: Host, al_extents: int):
         self.host = host
         self.md_path, self.layout = layout_for(host)
@@ -126,7 +128,11 @@ class LocalDisk:
                 f"now gives {self.layout.data_size}; resizing is not supported", EXIT_EXEC)
         self.data = FileBlockDevice(host.disk, self.layout.data_size)
         self.meta = FileBlockDevice(self.md_path)
-        self.bitmap: Bitmap | None = None
+        self._bitmap: Bitmap | None = None
+        # Once attached, the mirror engine owns the meta-data in memory
+        # (engine.Disk); sb and bitmap are then its.
+        self.engine_disk = None
+        self.al_extents_on_disk: list[int] = []
         self.al = ActivityLog(min(al_extents, 3000))
         self._al_seq = 0
         self.crashed_primary = False
@@ -134,13 +140,33 @@ class LocalDisk:
         self.al_writes = 0
         self.bm_writes = 0
 
-    async def load(self) -> None:
+    @property
+    def sb(self) -> md.Superblock:
+        return self.engine_disk.sb if self.engine_disk is not None else self._sb
+
+    @sb.setter
+    def sb(self, value: md.Superblock) -> None:
+        self._sb = value
+
+    @property
+    def bitmap(self) -> Bitmap | None:
+        return self.engine_disk.bitmap if self.engine_disk is not None else self._bitmap
+
+    @bitmap.setter
+    def bitmap(self, value: Bitmap | None) -> None:
+        self._bitmap = value
+
+    async def load(self, *, mark_al: bool = True) -> None:
+        """Read the bitmap and the activity log.  ``mark_al`` (a crash
+        view): if the node went down as Primary, mark every hot extent out
+        of sync, as the engine does at attach."""
         lay = self.layout
         raw = await self.meta.read(lay.bm_offset, lay.bm_bytes)
         self.bitmap = Bitmap(lay.nblocks, raw)
         seq, extents = md.decode_al_area(await self.meta.read(lay.al_offset, md.AL_AREA))
         self._al_seq = seq
-        if self.sb.has(md.F_PRIMARY):
+        self.al_extents_on_disk = list(extents)
+        if mark_al and self.sb.has(md.F_PRIMARY):
             # We went down while Primary: blocks of every hot extent may
             # differ from the peer's copy.
             self.crashed_primary = True
@@ -181,6 +207,23 @@ class LocalDisk:
         await self.meta.write(self.layout.al_offset + offset, rec)
         await self.meta.flush()
         self.al_writes += 1
+
+    async def persist(self, pages, al_extents, sb) -> None:
+        """The engine's PersistMeta: preflush the data, then the bitmap
+        pages, the activity-log record and the superblock, then flush."""
+        await self.data.flush()
+        lay = self.layout
+        for index, page in pages:
+            await self.meta.write(lay.bm_offset + index * md.BLOCK, page)
+            self.bm_writes += 1
+        if al_extents is not None:
+            self._al_seq += 1
+            offset, rec = md.encode_al_record(self._al_seq, list(al_extents))
+            await self.meta.write(lay.al_offset + offset, rec)
+            self.al_writes += 1
+        if sb is not None:
+            await self.meta.write(lay.sb_offset, md.encode_superblock(sb))
+        await self.meta.flush()
 
     async def close(self) -> None:
         await self.data.close()

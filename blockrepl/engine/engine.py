@@ -118,7 +118,7 @@ class EngineConfig:
             ping_int=conf.ping_int_s, ping_timeout=conf.ping_timeout_s,
             timeout=conf.timeout_s, connect_int=conf.connect_int_s,
             resync_rate=conf.resync_rate_kib * 1024, al_extents=conf.al_extents,
-            handlers=frozenset(k for k, v in conf.handlers.items() if v))
+            handlers=frozenset(k for k, v in conf.handlers.options if v))
 
 
 # ---------------------------------------------------------------- failures
@@ -310,6 +310,8 @@ class Engine:
         self._uuid_busy = False
         self._promoting = 0            # a promotion of this node is being decided
         self._role_news = False        # tell the peer our role once connected
+        self._deciding = False         # the handshake's decision is being made
+        self._lost_after_decision: tuple | None = None
         self._role_at_split: Role | None = None   # our role when the last link ended
         self._gen_pending = 0          # a lost link's new generation is not written yet
         self._held: list[Pending] = []  # completed by a lost link while fencing
@@ -377,6 +379,13 @@ class Engine:
     def view(self) -> View:
         return View(self.role, self.peer_role, self.dstate, self.pdsk, self.cstate,
                     self.cfg.two_primaries)
+
+    def counters(self) -> dict:
+        """What status shows of the engine's inside: requests waiting for
+        the peer (pe), their epochs (ep), the resync and verify runs."""
+        return {"pe": len(self._pending),
+                "ep": max(1, len({p.epoch for p in self._pending.values()})),
+                "sync": self._sync, "verify": self._verify}
 
     @property
     def deadline(self) -> float:
@@ -623,6 +632,8 @@ class Engine:
                 # (no answer because the connection went away: judged below
                 # as a disconnected node, never taken as a yes)
                 yield from _until(lambda: not self._losing)
+                if result == SS_TWO_PRIMARIES.code and self.live:
+                    raise refuse(SS_TWO_PRIMARIES)     # (the peer is Primary: say so)
                 if result and self.live and self.cstate.is_connected:
                     e = refused_by_peer(result)
                     self._log("warning", f"State change failed: ({result}) {e.peer_text} "
@@ -1255,6 +1266,8 @@ class Engine:
         assert not self.live, "a session is already live"
         self.session += 1
         self.live = True
+        self._deciding = False
+        self._lost_after_decision = None
         self._rx.clear()
         self.last_heard = self.now
         self._start(self._session_main(), group=self.session, name="session")
@@ -1270,6 +1283,13 @@ class Engine:
     def connection_lost(self, session: int, state: ConnState = ConnState.NetworkFailure,
                         why: str = "connection lost") -> list:
         if session == self.session and self.live:
+            if self._deciding or (self.cstate is ConnState.WFReportParams and any(
+                    isinstance(p, P.Params) for p in self._rx)):
+                # The peer's Params arrived before its close: the decision
+                # (a split brain, say) is made and acted on first, as it
+                # would be had the close come a moment later.
+                self._lost_after_decision = (state, why)
+                return self._drain()
             self._log("warning", why)
             self._end_session(state, False, why, close=False)
         return self._drain()
@@ -1536,9 +1556,16 @@ class Engine:
                         f"ours ({self.size} bytes); resizing is not supported")
         self.peer_params = params
         self._set(peer_role=_peer_role(params.role), pdsk=_peer_disk(params.disk))
-        decision, split_brain = self._decide(params)
-        if split_brain is not None:
-            decision = yield from self._after_split_brain(split_brain)
+        self._deciding = True
+        try:
+            decision, split_brain = self._decide(params)
+            if split_brain is not None:
+                decision = yield from self._after_split_brain(split_brain)
+        finally:
+            self._deciding = False
+        if self._lost_after_decision is not None:
+            state, why = self._lost_after_decision
+            raise Drop(why, state)
         if decision is Decision.UNRELATED:
             raise Fatal("Unrelated data, aborting!")
         if decision.i_am_target and self.role is Role.Primary and \

@@ -121,8 +121,10 @@ async def test_online_verify_finds_silent_corruption_and_reconnect_repairs_it(tm
         f.seek(5 * 4096 + 100)
         f.write(b"corrupt")
     await a.verify()
-    await wait_for(lambda: a.cstate is ConnState.Connected and a._verify is not None
-                   and a._verify["done"] >= a.size, 30)
+    def verified() -> bool:
+        v = a.engine.counters()["verify"]
+        return a.cstate is ConnState.Connected and v is not None and v.done >= a.size
+    await wait_for(verified, 30)
     await wait_for(lambda: a.cstate is ConnState.Connected)
     assert a.disk.bitmap.count == 1
     assert a.disk.bitmap.test(5)
@@ -144,7 +146,7 @@ async def test_protocols_a_and_b_replicate(tmp_path, nursery, protocol):
         await a.write(i * 8192, os.urandom(8192))
     await a.flush()
     # Every write is on the peer once the pending acks have drained.
-    await wait_for(lambda: not a._pending)
+    await wait_for(lambda: a.engine.counters()["pe"] == 0)
     assert md5(a.me.disk, a.size) == md5(b.me.disk, b.size)
 
 
