@@ -385,6 +385,22 @@ class MountService:
                 f"fencing option: the cluster stack then fences), so that a node that lost "
                 f"its peer never goes on writing unless the cluster stack says the peer is "
                 f"dead", EXIT_MOUNT_FAIL)
+        if res.conf.after_sb_2pri == "violently-as0p":
+            # Two Primaries that split would have one's acknowledged writes
+            # discarded beneath its live caches and journals.
+            raise ReplfsError(
+                f"cannot mount resource {name} on both nodes: it has 'after-sb-2pri "
+                f"violently-as0p;', which after a split brain discards the data of one "
+                f"Primary beneath its mounted filesystem; use 'after-sb-2pri disconnect;' "
+                f"(the only safe setting with two Primaries) or call-pri-lost-after-sb",
+                EXIT_MOUNT_FAIL)
+        for option, value in (("after-sb-0pri", res.conf.after_sb_0pri),
+                              ("after-sb-1pri", res.conf.after_sb_1pri)):
+            if value not in ("disconnect", "consensus", "call-pri-lost-after-sb"):
+                log.warning("%s: '%s %s;' may discard acknowledged writes after a split "
+                            "brain once one node has unmounted; 'disconnect' is the safe "
+                            "setting for a filesystem mounted on both nodes", name, option,
+                            value)
         handler = res.conf.handlers.get("fence-peer")
         if handler and "replfs-fence-peer" not in handler:
             log.warning("%s: fence-peer handler %r is not replfs-fence-peer: it must agree "

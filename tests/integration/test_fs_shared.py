@@ -873,6 +873,18 @@ def test_mount_is_refused_when_sharing_is_unsafe(tmp_path):
         assert not mounted(ma) and not mounted(mb)
 
 
+def test_mount_is_refused_with_a_split_brain_policy_that_discards_a_primary(tmp_path):
+    # after-sb-2pri violently-as0p would discard one Primary's acknowledged
+    # writes beneath its mounted filesystem after a split brain
+    policy = "\tnet { after-sb-2pri violently-as0p; }"
+    with shared_pair(tmp_path, extra_res=policy, cluster=False) as (pair, ma, mb, cdir):
+        online(pair, cdir)
+        cp = mount(pair.alpha, ma, check=False)
+        assert cp.returncode == 32 and "violently-as0p" in cp.stderr, cp.stderr
+        assert "after-sb-2pri disconnect" in cp.stderr
+        assert not mounted(ma)
+
+
 def test_mount_is_refused_when_the_slots_run_out_or_the_cluster_differs(tmp_path):
     with shared_pair(tmp_path, slots=1) as (pair, ma, mb, _):
         a, b = pair.alpha, pair.beta
