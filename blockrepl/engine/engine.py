@@ -83,6 +83,11 @@ _HOLD_WRITES = frozenset({ConnState.WFReportParams, ConnState.WFBitMapS,
                           ConnState.StartingSyncT})
 
 
+# Packets that answer this node's own requests (see Engine.receive).
+_ANSWERS = frozenset({P.WriteAck, P.NegAck, P.RecvAck, P.FlushAck, P.PingAck,
+                      P.ReadReply, P.RoleReply})
+
+
 # ---------------------------------------------------------------- config
 @dataclass(frozen=True)
 class EngineConfig:
@@ -977,6 +982,7 @@ class Engine:
                 changed = disk.al.begin(first, last)
                 break
             except ActivityLogFull:
+                self._barrier()     # (acknowledged writes hold extents until durable)
                 in_flight = disk.al.in_flight()
                 yield Wait(lambda: disk.al.in_flight() < in_flight)
         if changed:
@@ -1276,9 +1282,22 @@ class Engine:
     def receive(self, session: int, pkt: P.Packet) -> list:
         if session != self.session or not self.live:
             return []
-        self._rx.append(pkt)
         self.last_heard = self.now
+        if type(pkt) in _ANSWERS and self.cstate.is_connected:
+            # Answers to our own requests are taken at once, not queued
+            # behind the peer's data (DRBD sends them on a socket of their
+            # own): a peer write waiting for a range our write holds must
+            # not keep that write's ack, or the FlushAck that frees the
+            # activity log, from us.
+            self._start(self._answer(pkt), group=self.session, name="answer")
+        else:
+            self._rx.append(pkt)
         return self._drain()
+
+    def _answer(self, pkt: P.Packet):
+        step = self._HANDLERS[type(pkt)](self, pkt)
+        if step is not None:
+            yield from step
 
     def connection_lost(self, session: int, state: ConnState = ConnState.NetworkFailure,
                         why: str = "connection lost") -> list:
