@@ -213,17 +213,24 @@ class LocalDisk:
         pages, the activity-log record and the superblock, then flush."""
         await self.data.flush()
         lay = self.layout
-        for index, page in pages:
-            await self.meta.write(lay.bm_offset + index * md.BLOCK, page)
-            self.bm_writes += 1
+        # Each part durable before the next: a crash (or a power failure,
+        # which keeps no order between unflushed writes) may stop between
+        # them, but never leaves an activity log or superblock that
+        # vouches for bits that were not written.
+        if pages:
+            for index, page in pages:
+                await self.meta.write(lay.bm_offset + index * md.BLOCK, page)
+                self.bm_writes += 1
+            await self.meta.flush()
         if al_extents is not None:
             self._al_seq += 1
             offset, rec = md.encode_al_record(self._al_seq, list(al_extents))
             await self.meta.write(lay.al_offset + offset, rec)
             self.al_writes += 1
+            await self.meta.flush()
         if sb is not None:
             await self.meta.write(lay.sb_offset, md.encode_superblock(sb))
-        await self.meta.flush()
+            await self.meta.flush()
 
     async def close(self) -> None:
         await self.data.close()

@@ -19,8 +19,8 @@ Driver obligations (the engine's correctness depends on them):
   file (the page cache is enough: durability is what ``DiskFlush`` adds).
 * ``PersistMeta`` first flushes the data device (Linux's REQ_PREFLUSH:
   every data write already reported done becomes durable), then writes,
-  in this order, the bitmap pages, the activity log record (if any) and
-  the superblock (if any), then flushes the meta-data device; it is
+  in this order and each durable before the next, the bitmap pages, the
+  activity log record (if any) and the superblock (if any); it is
   reported done only once all of it is durable.  The preflush is what
   lets a bitmap that says "in sync" never be more durable than the data
   it vouches for (a resync target's cleared bits, an extent leaving the

@@ -94,15 +94,25 @@ class SimDisk:
         self.durable.update(self.cache)
         self.cache.clear()
 
-    def persist(self, act: A.PersistMeta, parts=None) -> None:
-        """Apply a meta-data write (all of it, or the parts chosen)."""
-        for i, (index, page) in enumerate(act.bitmap_pages):
-            if parts is None or parts.random() < 0.5:
+    def persist(self, act: A.PersistMeta, rng=None) -> None:
+        """Apply a meta-data write: all of it, or (a crash in the middle,
+        ``rng`` given) the bitmap pages in any subset, then -- only if all
+        of them landed -- maybe the activity log, then maybe the
+        superblock: each part is durable before the next is written."""
+        landed = True
+        for index, page in act.bitmap_pages:
+            if rng is None or rng.random() < 0.5:
                 start = index * BLOCK
                 self.bitmap[start:start + len(page)] = page[:len(self.bitmap) - start]
-        if act.al_extents is not None and (parts is None or parts.random() < 0.5):
+            else:
+                landed = False
+        if not landed:
+            return
+        if act.al_extents is not None:
+            if rng is not None and rng.random() < 0.5:
+                return
             self.al = list(act.al_extents)
-        if act.superblock is not None and (parts is None or parts.random() < 0.5):
+        if act.superblock is not None and (rng is None or rng.random() < 0.5):
             self.sb = act.superblock
 
     def image(self) -> list[bytes]:
