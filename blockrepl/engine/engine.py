@@ -1638,10 +1638,10 @@ class Engine:
         if decision is Decision.NO_SYNC and self.disk is not None:
             yield from self._connected_in_sync(params)
         elif decision.i_am_source:
-            if self.dstate is DiskState.Consistent:
+            if self.dstate in (DiskState.Consistent, DiskState.Outdated):
                 # the comparison found this data the newest there is
                 yield from self._persist(self.disk, sb=self.disk.sb.with_flags(
-                    set_=md.F_WAS_UP_TO_DATE))
+                    set_=md.F_WAS_UP_TO_DATE, clear=md.F_OUTDATED))
                 self._set(dstate=DiskState.UpToDate)
                 self._tell_peer_state()
             yield from self._begin_sync_as_source(decision.full)
