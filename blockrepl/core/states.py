@@ -193,7 +193,13 @@ class Failure(NamedTuple):
 
 ERR_DISCARD_IMPOSSIBLE = Failure(123, "--discard-my-data not allowed when primary.")
 ERR_NO_DISK = Failure(138, "Device does not have a disk-config")
-ERR_TABLE: dict[int, Failure] = {f.code: f for f in (ERR_DISCARD_IMPOSSIBLE, ERR_NO_DISK)}
+ERR_PAUSE_IS_SET = Failure(134, "Sync-pause flag is already set")
+ERR_PAUSE_IS_CLEAR = Failure(135, "Sync-pause flag is already cleared")
+ERR_PIC_PEER_DEP = Failure(157, "Sync-pause flag is already cleared.\n"
+                                "Note: Resync pause caused by the peer node.")
+ERR_TABLE: dict[int, Failure] = {f.code: f for f in (
+    ERR_DISCARD_IMPOSSIBLE, ERR_NO_DISK, ERR_PAUSE_IS_SET, ERR_PAUSE_IS_CLEAR,
+    ERR_PIC_PEER_DEP)}
 
 
 def fail(failure: Failure, where: str) -> ReplfsError:

@@ -17,7 +17,8 @@ Events (each returns the list of actions it causes):
                   primary(op, force)  secondary(op)  outdate(op)
                   invalidate(op)  invalidate_remote(op)  verify(op)
                   new_current_uuid(op)  connect(op, discard_my_data)
-                  disconnect(op)  resume_io(op)  opened(kind)  closed(kind)
+                  disconnect(op)  resume_io(op)  pause_sync(op)  resume_sync(op)
+                  opened(kind)  closed(kind)
     network       connecting()  connected() -> session
                   receive(session, pkt)  connection_lost(session, state, why)
     completions   done(token, result)
@@ -29,6 +30,15 @@ that yields what it waits for.  A connection is a *session*; its flows
 for the peer and resync writes are not session flows: once issued, a disk
 write always finishes under its range lock, and the next handshake waits
 for them, so a late write can never land on a block a newer one covers.
+
+Resync is pushed by the SyncSource, paced by core/resync_rate.py (a fixed
+resync-rate, or DRBD's c-plan-ahead controller, throttled to c-min-rate
+while application I/O competes); pause-sync on either node holds it
+(PausedSyncS/PausedSyncT on both, told with SyncPause).  With csums-alg
+the first pass sends block digests (ResyncCsum): the target clears the
+blocks it has equal and answers which differ, and a later pass sends
+only their data.  With data-integrity-alg every data-carrying packet
+follows a DataDigest of its data, and a mismatch drops the connection.
 
 What is deliberately like DRBD 8.4: the state names and their log lines
 ("conn( WFReportParams -> Connected )"), the UUID rules (core/uuids.py),
@@ -56,9 +66,11 @@ from replfs.errors import EXIT_NO_LOCAL_DISK, EXIT_STATE, ReplfsError
 from ..core.actlog import EXTENT, ActivityLog, ActivityLogFull
 from ..core.bitmap import BLOCK, Bitmap, blocks_of
 from ..core.intervals import IntervalSet
-from ..core.states import (SS_CONCURRENT_ST_CHG, SS_IS_DISKLESS, SS_NEED_CONNECTION,
+from ..core.resync_rate import RateConfig, RateController
+from ..core.states import (ERR_PAUSE_IS_CLEAR, ERR_PAUSE_IS_SET, ERR_PIC_PEER_DEP,
+                           SS_CONCURRENT_ST_CHG, SS_IS_DISKLESS, SS_NEED_CONNECTION,
                            SS_PRIMARY_NOP, SS_RESYNC_RUNNING, SS_TWO_PRIMARIES,
-                           refused_by_peer,
+                           fail, refused_by_peer,
                            ConnState, DiskState, Role, StateChangeRefused, View,
                            check_outdate, check_promote, refuse)
 from ..core.splitbrain import Policies, Resolution, resolve
@@ -88,6 +100,11 @@ _ANSWERS = frozenset({P.WriteAck, P.NegAck, P.RecvAck, P.FlushAck, P.PingAck,
                       P.ReadReply, P.RoleReply})
 
 
+# Packets that carry data: with data-integrity-alg, each comes after the
+# DataDigest of its data.
+_DIGESTED = (P.Data, P.ResyncData, P.ReadReply)
+
+
 # ---------------------------------------------------------------- config
 @dataclass(frozen=True)
 class EngineConfig:
@@ -106,7 +123,14 @@ class EngineConfig:
     ping_timeout: float = 0.5
     timeout: float = 6.0
     connect_int: float = 10.0
-    resync_rate: int = 250 * 1024 * 1024   # bytes per second
+    resync_rate: int = 250 * 1024 * 1024   # bytes per second (the fixed rate, and the start)
+    c_plan_ahead: float = 2.0               # seconds; 0: resync_rate is a fixed rate
+    c_fill_target: int = 100 * 512          # bytes in flight; 0: use c_delay_target
+    c_delay_target: float = 1.0             # seconds
+    c_max_rate: int = 100 * 1024 * 1024     # bytes per second
+    c_min_rate: int = 250 * 1024            # bytes per second under application I/O; 0: off
+    csums_alg: str | None = None            # hashlib name: resync compares digests first
+    integrity_alg: str | None = None        # hashlib name: every data packet is checked
     al_extents: int = 1237
     al_extent_size: int = EXTENT            # bytes one activity-log extent covers
     handlers: frozenset[str] = frozenset()  # names of configured handlers
@@ -122,8 +146,17 @@ class EngineConfig:
             after_sb_2pri=conf.after_sb_2pri, on_io_error=conf.on_io_error,
             ping_int=conf.ping_int_s, ping_timeout=conf.ping_timeout_s,
             timeout=conf.timeout_s, connect_int=conf.connect_int_s,
-            resync_rate=conf.resync_rate_kib * 1024, al_extents=conf.al_extents,
+            resync_rate=conf.resync_rate_kib * 1024, c_plan_ahead=conf.c_plan_ahead_s,
+            c_fill_target=conf.c_fill_target_bytes, c_delay_target=conf.c_delay_target_s,
+            c_max_rate=conf.c_max_rate_kib * 1024, c_min_rate=conf.c_min_rate_kib * 1024,
+            csums_alg=conf.csums_alg, integrity_alg=conf.data_integrity_alg,
+            al_extents=conf.al_extents,
             handlers=frozenset(k for k, v in conf.handlers.options if v))
+
+    @property
+    def rate(self) -> RateConfig:
+        return RateConfig(self.resync_rate, self.c_plan_ahead, self.c_fill_target,
+                          self.c_delay_target, self.c_max_rate, self.c_min_rate)
 
 
 # ---------------------------------------------------------------- failures
@@ -192,6 +225,16 @@ class SyncRun:
     start: float
     window: int = RESYNC_WINDOW // RESYNC_CHUNK
     acked: int = 0
+    rate: RateController | None = None     # the source's pacing
+    app_seen: int = 0              # Engine.app_io when the pacing last looked
+    paused_since: float | None = None
+    paused_total: float = 0.0      # seconds spent paused (pause-sync)
+    csum_blocks: int = 0           # blocks compared by digest (csums-alg)
+    equal_blocks: int = 0          # ... of which were equal (no data sent)
+
+    def paused_time(self, now: float) -> float:
+        extra = now - self.paused_since if self.paused_since is not None else 0.0
+        return self.paused_total + extra
 
 
 @dataclass(eq=False)
@@ -201,6 +244,8 @@ class VerifyRun:
     done: int = 0
     oos: int = 0
     window: int = VERIFY_WINDOW
+    rate: RateController | None = None
+    app_seen: int = 0
 
 
 def _role_code(r: Role) -> int:
@@ -230,6 +275,22 @@ def side_of(p: P.Params, name: str) -> Side:
                 crashed_primary=bool(p.flags & P.PF_CRASHED_PRIMARY),
                 primary=p.role == _role_code(Role.Primary), oos_blocks=p.oos_blocks,
                 name=name, outdated=p.disk == _disk_code(DiskState.Outdated))
+
+
+def csums_of(alg: str, data: bytes) -> bytes:
+    """The ``alg`` digest of each 4 KiB block (csums-alg resync)."""
+    return b"".join(hashlib.new(alg, data[i:i + BLOCK]).digest()
+                    for i in range(0, len(data), BLOCK))
+
+
+def digest_size(alg: str) -> int | None:
+    """The digest size of hashlib algorithm ``alg`` (None: unknown, or
+    one of variable length)."""
+    try:
+        size = hashlib.new(alg).digest_size
+    except (ValueError, TypeError):
+        return None
+    return size or None
 
 
 def block_digests(data: bytes) -> bytes:
@@ -326,6 +387,12 @@ class Engine:
         self._recv_slots = 0
         self._sync: SyncRun | None = None
         self._verify: VerifyRun | None = None
+        self._rx_digest: bytes | None = None   # data-integrity-alg: for the next data packet
+        # pause-sync: this node's flag (kept across resyncs and connections,
+        # as DRBD's user_isp) and the peer's (known while connected).
+        self.user_isp = False
+        self.peer_isp = False
+        self.app_io = 0                # application requests ever started (here or the peer's)
         # /proc/drbd counters (bytes or counts).
         self.ns = self.nr = self.dw = self.dr = 0
         self.lo = self.ap = self.ua = 0
@@ -376,6 +443,35 @@ class Engine:
     def _send(self, pkt: P.Packet) -> None:
         if self.live:
             self._emit(Send(self.session, pkt))
+
+    def _send_data(self, pkt: P.Packet, data: bytes) -> None:
+        """Send a packet carrying data; with data-integrity-alg, its digest
+        goes right before it."""
+        alg = self.cfg.integrity_alg
+        if alg and self.live:
+            self._send(P.DataDigest(hashlib.new(alg, data).digest()))
+        self._send(pkt)
+
+    def _check_integrity(self, pkt) -> None:
+        """data-integrity-alg: the data of ``pkt`` must match the digest
+        sent before it; if not, DRBD's error, and the connection goes."""
+        digest, self._rx_digest = self._rx_digest, None
+        if digest is None:
+            raise P.RemoteProtocolError(f"{type(pkt).__name__} without its digest "
+                                        f"(data-integrity-alg)")
+        data = pkt.data
+        if not self._digest_ok(hashlib.new(self.cfg.integrity_alg, data).digest(), digest):
+            where = getattr(pkt, "offset", None)
+            where = f"{where // 512}s +{len(data)}" if where is not None else \
+                f"read reply {pkt.seq} +{len(data)}"
+            self._log("error", f"Digest integrity check FAILED: {where}")
+            self.last_event = f"data-integrity-alg: digest integrity check failed ({where})"
+            raise Drop(f"Digest integrity check FAILED: {where}; dropping the connection",
+                       ConnState.ProtocolError)
+
+    @staticmethod
+    def _digest_ok(mine: bytes, theirs: bytes) -> bool:
+        return mine == theirs
 
     def _tell_peer_state(self) -> None:
         if self.live and self.cstate.is_connected:
@@ -816,6 +912,61 @@ class Engine:
             self._emit(OpDone(op, None))
         return self._drain()
 
+    # ------------------------------------------------------------ pause-sync
+    def pause_sync(self, op) -> list:
+        """Set this node's sync-pause flag: a resync (now or later) stays
+        PausedSyncS/PausedSyncT on both nodes until resume-sync."""
+        if self.user_isp:
+            self._emit(OpDone(op, fail(ERR_PAUSE_IS_SET, self.cfg.name)))
+        else:
+            self._set_isp(user=True)
+            self._emit(OpDone(op, None))
+        return self._drain()
+
+    def resume_sync(self, op) -> list:
+        if not self.user_isp:
+            why = ERR_PIC_PEER_DEP if self.peer_isp and self.cstate in (
+                ConnState.PausedSyncS, ConnState.PausedSyncT) else ERR_PAUSE_IS_CLEAR
+            self._emit(OpDone(op, fail(why, self.cfg.name)))
+        else:
+            self._set_isp(user=False)
+            self._emit(OpDone(op, None))
+        return self._drain()
+
+    def _set_isp(self, *, user: bool | None = None, peer: bool | None = None) -> None:
+        """Change a sync-pause flag (logged as DRBD does), tell the peer of
+        ours, and move a running resync to or from its Paused state."""
+        if user is not None and user != self.user_isp:
+            self._log("info", f"user_isp( {int(self.user_isp)} -> {int(user)} )")
+            self.user_isp = user
+            if self.live and self.cstate.is_connected:
+                self._send(P.SyncPause(int(user)))
+        if peer is not None and peer != self.peer_isp:
+            self._log("info", f"peer_isp( {int(self.peer_isp)} -> {int(peer)} )")
+            self.peer_isp = peer
+        if self.cstate.is_syncing:
+            self._set(cstate=self._sync_state())
+
+    def _sync_paused(self) -> bool:
+        return self.user_isp or self.peer_isp
+
+    def _sync_state(self) -> ConnState:
+        """SyncSource/SyncTarget, or their Paused forms while a flag is set;
+        a change starts or ends the run's paused time."""
+        sync = self._sync
+        source = sync.role == "source" if sync is not None else \
+            self.cstate in (ConnState.SyncSource, ConnState.PausedSyncS)
+        paused = self._sync_paused()
+        if sync is not None:
+            if paused and sync.paused_since is None:
+                sync.paused_since = self.now
+            elif not paused and sync.paused_since is not None:
+                sync.paused_total += self.now - sync.paused_since
+                sync.paused_since = None
+        if source:
+            return ConnState.PausedSyncS if paused else ConnState.SyncSource
+        return ConnState.PausedSyncT if paused else ConnState.SyncTarget
+
     def _resume_io(self) -> None:
         if self.susp:
             self._log("warning", "susp( 1 -> 0 )")
@@ -863,6 +1014,7 @@ class Engine:
 
     def _read(self, offset: int, length: int):
         disk = self._require_io()
+        self.app_io += 1
         if offset < 0 or length < 0:
             raise IOFailure(errno.EINVAL, "negative offset or length")
         length = max(0, min(length, self.size - offset))
@@ -920,6 +1072,7 @@ class Engine:
                                        f"decision; its disk is Outdated")
         yield from _until(lambda: self.cstate not in _HOLD_WRITES)
         self.ap += 1
+        self.app_io += 1
         # Ranges are locked in whole 4 KiB blocks: the unit of the bitmap,
         # of resync, and of a read-modify-write below.
         lock_start = offset - offset % BLOCK
@@ -1049,7 +1202,7 @@ class Engine:
             self._pending[seq] = pending
             if sent is not None:
                 sent.append(pending)
-            self._send(P.Data(seq, pending.epoch, offset, data))
+            self._send_data(P.Data(seq, pending.epoch, offset, data), data)
             self.ns += len(data)
             if disk is not None:
                 local_error = yield from self._local_write(offset, data)
@@ -1340,6 +1493,8 @@ class Engine:
             return
         session = self.session
         self.live = False
+        self.peer_isp = False
+        self._rx_digest = None
         self._role_at_split = self.role
         if close:
             self._emit(CloseConnection(session, why))
@@ -1537,8 +1692,9 @@ class Engine:
         proto = self.cfg.protocol.encode()
         common = (proto, int(self.cfg.two_primaries), int(self.discard_my_data),
                   _role_code(self.role), _disk_code(self.dstate))
+        alg = (self.cfg.integrity_alg or "").encode()
         if disk is None:
-            return P.Params(*common, 0, 0, 0, 0, 0, 0, 0, 0)
+            return P.Params(*common, 0, 0, 0, 0, 0, 0, 0, 0, alg)
         u = disk.sb.uuids
         flags = 0
         if self.dstate is DiskState.Inconsistent:
@@ -1546,7 +1702,8 @@ class Engine:
         if disk.crashed_primary:
             flags |= P.PF_CRASHED_PRIMARY
         return P.Params(*common, flags, disk.sb.data_size, disk.sb.device_uuid,
-                        u.current, u.bitmap, u.history[0], u.history[1], disk.bitmap.count)
+                        u.current, u.bitmap, u.history[0], u.history[1], disk.bitmap.count,
+                        alg)
 
     def _session_main(self):
         self._set(cstate=ConnState.WFReportParams)
@@ -1570,6 +1727,10 @@ class Engine:
                         f"peer uses {params.protocol.decode(errors='replace')})")
         if bool(params.two_primaries) != self.cfg.two_primaries:
             raise Fatal("incompatible allow-two-primaries settings")
+        peer_alg = params.integrity_alg.rstrip(b"\0").decode(errors="replace")
+        if peer_alg != (self.cfg.integrity_alg or ""):
+            raise Fatal(f"incompatible data-integrity-alg settings (we use "
+                        f"{self.cfg.integrity_alg or 'none'}, peer uses {peer_alg or 'none'})")
         if self.disk is not None and params.data_size and params.data_size != self.size:
             raise Fatal(f"the peer's disk size ({params.data_size} bytes) differs from "
                         f"ours ({self.size} bytes); resizing is not supported")
@@ -1632,6 +1793,8 @@ class Engine:
         if self._role_news:
             self._role_news = False
             self._tell_peer_state()
+        if self.user_isp:
+            self._send(P.SyncPause(1))      # (the peer's flag for us starts cleared)
         session = self.session
         self._start(self._receiver(), group=session, name="receiver")
         self._start(self._pinger(), group=session, name="pinger")
@@ -1771,23 +1934,28 @@ class Engine:
                 raise Drop("the peer's bitmap did not arrive in time", ConnState.Timeout)
         total = disk.bitmap.count
         self._send(P.SyncStart(disk.sb.uuids.current, total, int(full)))
-        self._sync = SyncRun("source", total, self.now)
-        self._set(cstate=ConnState.SyncSource, pdsk=DiskState.Inconsistent)
+        self._sync = SyncRun("source", total, self.now,
+                             rate=RateController(self.cfg.rate, self.now))
+        self._set(cstate=self._sync_state(), pdsk=DiskState.Inconsistent)
         self._start(self._resync_sender(), group=self.session, name="resync-sender")
 
     def _resync_sender(self):
+        """Send what the bitmap marks, paced by the rate controller.  With
+        csums-alg, the first pass sends each block's digest instead of its
+        data; the target clears what it has already, and the blocks that
+        differ stay marked for a later pass, which sends data."""
         disk = self.disk
         sync = self._sync
         full_window = RESYNC_WINDOW // RESYNC_CHUNK
         chunk_blocks = RESYNC_CHUNK // BLOCK
-        started = self.now
-        sent = 0
+        alg = self.cfg.csums_alg
+        first_pass = True
         while True:
             for first, count in list(disk.bitmap.runs()):
                 pos = first
                 while pos < first + count:
                     n = min(chunk_blocks, first + count - pos)
-                    yield from _until(lambda: sync.window > 0)
+                    yield from self._pace(sync, paused=self._sync_paused)
                     sync.window -= 1
                     off = pos * BLOCK
                     token = yield from self._lock_range(off, off + n * BLOCK)
@@ -1799,31 +1967,62 @@ class Engine:
                         yield from self._local_io_error("read (resync)", data, off, n * BLOCK)
                         raise Drop("local read failed during resync")
                     self.dr += len(data)
-                    self._send(P.ResyncData(off, data))
-                    self.ns += len(data)
-                    sent += len(data)
+                    if alg and first_pass:
+                        self._send(P.ResyncCsum(off, len(data), alg.encode(),
+                                                csums_of(alg, data)))
+                        sync.csum_blocks += n
+                    else:
+                        self._send_data(P.ResyncData(off, data), data)
+                        self.ns += len(data)
+                    sync.rate.sent(len(data))
                     pos += n
-                    # Rate limit: wait until we are back under the configured rate.
-                    ahead = sent / max(self.cfg.resync_rate, 1) - (self.now - started)
-                    if ahead > 0:
-                        yield Wait(until=self.now + ahead)
             # Wait until every chunk is acknowledged, then finish.
             yield from _until(lambda: sync.window == full_window)
             if not disk.bitmap.count:
                 break
-            # Blocks marked again while we were syncing: go round once more.
+            # Blocks that differed, or were marked again while we were
+            # syncing: go round once more (with data).
+            first_pass = False
         self._send(P.SyncDone(disk.sb.uuids.current))
+
+    def _pace(self, run, paused: Callable[[], bool] = lambda: False):
+        """Wait until ``run`` may send its next chunk: not paused, a slot in
+        its window, and the rate controller allows it (application I/O
+        since it last looked, or in flight, counts as competing)."""
+        ctl = run.rate
+        while True:
+            yield from _until(lambda: run.window > 0 and not paused())
+            busy = bool(self.ap or self.ua) or self.app_io != run.app_seen
+            run.app_seen = self.app_io
+            if ctl.may_send(self.now, busy):
+                return
+            yield Wait(until=ctl.next_turn)
 
     def _finish_sync_as_source(self):
         disk = self.disk
         yield from self._persist(disk, sb=replace(
             disk.sb.with_flags(clear=md.F_PEER_OUTDATED), uuids=disk.sb.uuids.retire_bitmap()))
         yield from self._forget_crash()
-        elapsed = self.now - self._sync.start if self._sync else 0
-        self._log("info", "Resync done (total %d sec; paused 0 sec; %d K/sec)" % (
-            elapsed, (self._sync.total * 4 / elapsed) if self._sync and elapsed else 0))
+        sync = self._sync
+        if sync is not None:
+            self._log_sync_done(sync)
         self._sync = None
         self._set(cstate=ConnState.Connected, pdsk=DiskState.UpToDate)
+
+    def _log_sync_done(self, sync: SyncRun) -> None:
+        paused = sync.paused_time(self.now)
+        active = self.now - sync.start - paused
+        self._log("info", "Resync done (total %d sec; paused %d sec; %d K/sec)" % (
+            self.now - sync.start, paused, sync.total * 4 / active if active > 0 else 0))
+        if sync.csum_blocks:
+            equal = sync.equal_blocks
+            self._log("info", "csums-alg %s: %d of %d 4k blocks had equal checksums "
+                      "(%d %%), eliminated: %dK; transferred %dK total %dK" % (
+                          self.cfg.csums_alg, equal, sync.csum_blocks,
+                          100 * equal // sync.csum_blocks, equal * 4,
+                          (sync.total - equal) * 4, sync.total * 4))
+            self.last_event = (f"resync skipped {equal} blocks with equal checksums "
+                               f"({equal * 4}K of {sync.total * 4}K)")
 
     def _begin_sync_as_target(self, pkt: P.SyncStart):
         if "before-resync-target" in self.cfg.handlers:
@@ -1833,7 +2032,7 @@ class Engine:
             disk.bitmap.set_all()
         yield from self._persist(disk, sb=disk.sb.with_flags(clear=md.F_CONSISTENT))
         self._sync = SyncRun("target", disk.bitmap.count, self.now)
-        self._set(cstate=ConnState.SyncTarget, dstate=DiskState.Inconsistent)
+        self._set(cstate=self._sync_state(), dstate=DiskState.Inconsistent)
 
     def _apply_resync(self, session: int, pkt: P.ResyncData, recv_token: int):
         ok = False
@@ -1886,8 +2085,8 @@ class Engine:
         yield from self._persist(disk, sb=replace(sb, uuids=sb.uuids.adopt(pkt.source_current),
                                                   flags=flags))
         yield from self._forget_crash()
-        elapsed = self.now - self._sync.start if self._sync else 0
-        self._log("info", "Resync done (total %d sec; paused 0 sec)" % elapsed)
+        if self._sync is not None:
+            self._log_sync_done(self._sync)
         self._sync = None
         self._set(cstate=ConnState.Connected, dstate=DiskState.UpToDate)
         if "after-resync-target" in self.cfg.handlers:
@@ -1900,7 +2099,8 @@ class Engine:
                 raise refuse(SS_NEED_CONNECTION)
             if self.disk is None or self.dstate is not DiskState.UpToDate:
                 raise refuse(SS_IS_DISKLESS, EXIT_NO_LOCAL_DISK)
-            self._verify = VerifyRun(self.now, self.size)
+            self._verify = VerifyRun(self.now, self.size,
+                                     rate=RateController(self.cfg.rate, self.now))
             self._set(cstate=ConnState.VerifyS)
             self._start(self._verify_sender(), group=self.session, name="verify-sender")
             return
@@ -1913,7 +2113,7 @@ class Engine:
         step = RESYNC_CHUNK
         for off in range(0, self.size, step):
             n = min(step, self.size - off)
-            yield from _until(lambda: v.window > 0)
+            yield from self._pace(v)
             v.window -= 1
             token = yield from self._lock_range(off, off + n)
             try:
@@ -1924,9 +2124,7 @@ class Engine:
                 raise Drop("local read failed during verify")
             self.dr += len(data)
             self._send(P.VerifyRequest(off, n, block_digests(data)))
-            ahead = (off + n) / max(self.cfg.resync_rate, 1) - (self.now - v.start)
-            if ahead > 0:
-                yield Wait(until=self.now + ahead)
+            v.rate.sent(n)
         yield from _until(lambda: v.window == VERIFY_WINDOW)
         yield from self._persist(self.disk)
         self._send(P.VerifyDone(v.oos))
@@ -1961,6 +2159,12 @@ class Engine:
         while True:
             yield from _until(lambda: bool(self._rx))
             pkt = self._rx.popleft()
+            if self.cfg.integrity_alg:
+                if type(pkt) is P.DataDigest:
+                    self._rx_digest = pkt.digest
+                    continue
+                if type(pkt) in _DIGESTED:
+                    self._check_integrity(pkt)
             handler = self._HANDLERS.get(type(pkt))
             if handler is None:
                 raise P.RemoteProtocolError(
@@ -2000,6 +2204,7 @@ class Engine:
 
     def _on_data(self, pkt: P.Data):
         self.nr += len(pkt.data)
+        self.app_io += 1
         if self.disk is None:
             self._send(P.NegAck(pkt.seq, errno.EIO))
             return
@@ -2103,7 +2308,7 @@ class Engine:
             yield from self._local_io_error("read", data, pkt.offset, pkt.length)
             return
         self.dr += len(data)
-        self._send(P.ReadReply(pkt.seq, data))
+        self._send_data(P.ReadReply(pkt.seq, data), data)
         self.ns += len(data)
 
     def _on_read_reply(self, pkt: P.ReadReply):
@@ -2187,6 +2392,97 @@ class Engine:
         self.disk.bitmap.clear_range(first, count)
         self._sync.acked += pkt.length
         self._sync.window += 1
+        self._sync.rate.acked(pkt.length)
+
+    def _on_resync_csum(self, pkt: P.ResyncCsum):
+        """csums-alg, on the SyncTarget: compare the source's digests with
+        this disk's blocks."""
+        self._check_peer_range(pkt.offset, pkt.length)
+        if self._sync is None or self._sync.role != "target":
+            raise P.RemoteProtocolError("ResyncCsum while not SyncTarget")
+        alg = pkt.alg.rstrip(b"\0").decode(errors="replace")
+        size = digest_size(alg)
+        if size is None:
+            raise P.RemoteProtocolError(f"ResyncCsum with unknown csums-alg {alg!r}")
+        if pkt.offset % BLOCK or pkt.length % BLOCK \
+                or len(pkt.digests) != size * (pkt.length // BLOCK):
+            raise P.RemoteProtocolError("ResyncCsum digests do not match its range")
+        start, end = pkt.offset, pkt.offset + pkt.length
+        yield from _until(lambda: self._recv_slots < RECV_PARALLEL
+                          and not self._recv_ranges.overlaps(start, end))
+        token = self._recv_ranges.add(start, end)
+        self._recv_slots += 1
+        self._start(self._compare_csums(self.session, pkt, alg, size, token),
+                    name="resync-csum")
+
+    def _compare_csums(self, session: int, pkt: P.ResyncCsum, alg: str, size: int,
+                       recv_token: int):
+        """Blocks still marked whose digest equals the source's are in
+        sync: cleared here, and the reply tells the source which ones still
+        differ (it sends their data).  Under the application range lock,
+        as a resync write: a Primary's newer write is never compared with
+        (or overwritten by) an older copy."""
+        ok = False
+        nblocks = pkt.length // BLOCK
+        mismatch = bytearray((nblocks + 7) // 8)
+        try:
+            disk = self.disk
+            if disk is None:
+                return
+            app = yield from self._lock_range(pkt.offset, pkt.offset + pkt.length)
+            try:
+                data = yield self._issue(DiskRead, pkt.offset, pkt.length)
+                if isinstance(data, int):
+                    yield from self._local_io_error("read (resync checksums)", data,
+                                                    pkt.offset, pkt.length)
+                    return
+                self.dr += len(data)
+                first = pkt.offset // BLOCK
+                equal = 0
+                for i in range(nblocks):
+                    if not disk.bitmap.test(first + i):
+                        continue        # written here since: needs nothing
+                    mine = hashlib.new(alg, data[i * BLOCK:(i + 1) * BLOCK]).digest()
+                    if self._csum_equal(mine, pkt.digests[i * size:(i + 1) * size]):
+                        disk.bitmap.clear_range(first + i, 1)
+                        equal += 1
+                    else:
+                        mismatch[i >> 3] |= 1 << (i & 7)
+                ok = True
+            finally:
+                self._ranges.remove(app)
+        finally:
+            self._recv_ranges.remove(recv_token)
+            self._recv_slots -= 1
+        if ok and self.session == session and self.live:
+            if self._sync is not None:
+                self._sync.csum_blocks += nblocks
+                self._sync.equal_blocks += equal
+            self._send(P.ResyncCsumReply(pkt.offset, pkt.length, bytes(mismatch)))
+
+    @staticmethod
+    def _csum_equal(mine: bytes, theirs: bytes) -> bool:
+        return mine == theirs
+
+    def _on_resync_csum_reply(self, pkt: P.ResyncCsumReply):
+        """csums-alg, on the SyncSource: blocks the target did not ask for
+        are in sync; the others stay marked for the next pass."""
+        self._check_peer_range(pkt.offset, pkt.length)
+        sync = self._sync
+        if sync is None or sync.role != "source":
+            raise P.RemoteProtocolError("ResyncCsumReply while not SyncSource")
+        first, count = blocks_of(pkt.offset, pkt.length)
+        for i in range(count):
+            differs = (i >> 3) < len(pkt.mismatch) and pkt.mismatch[i >> 3] & (1 << (i & 7))
+            if not differs:
+                self.disk.bitmap.clear_range(first + i, 1)
+                sync.equal_blocks += 1
+        sync.acked += pkt.length
+        sync.window += 1
+        sync.rate.acked(pkt.length)
+
+    def _on_sync_pause(self, pkt: P.SyncPause):
+        self._set_isp(peer=bool(pkt.paused))
 
     def _on_sync_done(self, pkt: P.SyncDone):
         if self._sync is None or self._sync.role != "target":
@@ -2232,6 +2528,7 @@ class Engine:
                 for i in range(nblocks)]
         v.oos += self._log_oos_runs(pkt.offset // BLOCK, bits)
         v.window += 1
+        v.rate.acked(pkt.length)
 
     def _on_verify_done(self, pkt: P.VerifyDone):
         if self.disk is not None:
@@ -2264,6 +2561,9 @@ class Engine:
         P.ResyncAck: _on_resync_ack,
         P.SyncDone: _on_sync_done,
         P.SyncDoneAck: _on_sync_done_ack,
+        P.ResyncCsum: _on_resync_csum,
+        P.ResyncCsumReply: _on_resync_csum_reply,
+        P.SyncPause: _on_sync_pause,
         P.VerifyRequest: _on_verify_request,
         P.VerifyReply: _on_verify_reply,
         P.VerifyDone: _on_verify_done,

@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2     # 2: Params carries data-integrity-alg
 MAGIC = 0x5246
 HEADER = struct.Struct("<HBBI")
 MAX_PAYLOAD = 16 * 1024 * 1024 + 64
@@ -155,7 +155,7 @@ class Auth(Packet):
 class Params(Packet):
     """Everything the sync decision and the compatibility checks need."""
     TYPE = 3
-    FIXED = "cBBBBBQQQQQQQ"
+    FIXED = "cBBBBBQQQQQQQ16s"
     protocol: bytes          # b"A" / b"B" / b"C"
     two_primaries: int
     discard_my_data: int
@@ -169,6 +169,10 @@ class Params(Packet):
     history1: int
     history2: int
     oos_blocks: int          # bits set in my bitmap
+    integrity_alg: bytes = b""   # data-integrity-alg (NUL-padded); both must agree
+
+    def __post_init__(self):
+        object.__setattr__(self, "integrity_alg", bytes(self.integrity_alg).rstrip(b"\0"))
 
 
 PF_INCONSISTENT = 1
@@ -285,6 +289,17 @@ class OutOfSync(Packet):
 
 
 @dataclass(frozen=True)
+class DataDigest(Packet):
+    """data-integrity-alg: the digest of the data of the very next packet
+    (Data, ResyncData or ReadReply), computed by the sender before it
+    went on the wire; the receiver checks it before using the data."""
+    TYPE = 22
+    FIXED = ""
+    TAIL = "digest"
+    digest: bytes
+
+
+@dataclass(frozen=True)
 class Ping(Packet):
     TYPE = 20
     FIXED = "Q"
@@ -366,6 +381,45 @@ class SyncDone(Packet):
 class SyncDoneAck(Packet):
     TYPE = 35
     FIXED = ""
+
+
+@dataclass(frozen=True)
+class SyncPause(Packet):
+    """The sender's sync-pause flag changed (pause-sync / resume-sync): the
+    receiver shows PausedSyncS/T while either side has it set, and a
+    SyncSource sends no resync data meanwhile (DRBD's peer_isp)."""
+    TYPE = 36
+    FIXED = "B"
+    paused: int
+
+
+@dataclass(frozen=True)
+class ResyncCsum(Packet):
+    """csums-alg: instead of the data, the SyncSource sends the digest of
+    each 4 KiB block of a range it is to resync, computed with ``alg``
+    (a hashlib name, NUL-padded); the target answers ResyncCsumReply."""
+    TYPE = 37
+    FIXED = "QQ16s"
+    TAIL = "digests"
+    offset: int
+    length: int
+    alg: bytes
+    digests: bytes
+
+    def __post_init__(self):
+        object.__setattr__(self, "alg", bytes(self.alg).rstrip(b"\0"))
+
+
+@dataclass(frozen=True)
+class ResyncCsumReply(Packet):
+    """Which blocks of a ResyncCsum range the target still needs (one bit
+    per 4 KiB block, set = its copy differs); the others are in sync."""
+    TYPE = 38
+    FIXED = "QQ"
+    TAIL = "mismatch"
+    offset: int
+    length: int
+    mismatch: bytes
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,11 @@ picked by one seeded random.Random:
   Pacemaker) would -- when the other node is Secondary or down --, answers
   fence-peer as o2cb's quorum rule does (the lower node wins a split; a
   dead peer is fenced), and "unmounts" a fenced node's filesystem.
+* resync options, per seed: csums-alg on none, one or both nodes, a
+  data-integrity-alg (then, rarely, a bit of a Data/ResyncData packet is
+  flipped on the wire, which the receiver must catch), a fixed or planned
+  resync rate, a c-min-rate throttle; an admin pauses and resumes sync on
+  either node at random steps (resumed before the end).
 * a workload: Primaries write tagged blocks (each write's content names
   it), flush, and read; in dual-primary runs each node writes its own
   half of the device, as a cluster filesystem's locks would make it.
@@ -31,6 +36,7 @@ its acknowledgement has completed.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import random
@@ -160,7 +166,10 @@ class Sim:
     def __init__(self, seed: int, *, steps: int = 400, dual: bool | None = None,
                  power: bool | None = None, protocol: str | None = None,
                  crash_rate: float = 0.01,
-                 cut_rate: float = 0.02, max_faults: int = 4):
+                 cut_rate: float = 0.02, max_faults: int = 4,
+                 csums: str | None = None, integrity: str | None = None,
+                 pause_rate: float = 0.01, corrupt_rate: float = 0.01,
+                 plan_ahead: float | None = None, min_rate: int | None = None):
         self.seed = seed
         self.rng = random.Random(seed)
         self.steps = steps
@@ -177,6 +186,7 @@ class Sim:
         self.crash_rate = crash_rate
         self.cut_rate = cut_rate
         self.max_faults = max_faults
+        self.corrupt_rate = corrupt_rate
         self.faults = 0
         self.now = 0.0
         self.step_no = 0
@@ -194,13 +204,30 @@ class Sim:
         self.trace: deque = deque(maxlen=int(os.environ.get("REPLFS_SIM_TRACE", "1500")))
         self.stats = {"writes": 0, "acked": 0, "failed": 0, "reads": 0, "flushes": 0,
                       "crashes": 0, "cuts": 0, "resyncs": 0, "packets": 0, "failovers": 0,
-                      "fence6": 0, "steps": 0}
+                      "fence6": 0, "steps": 0, "pauses": 0, "corrupted": 0,
+                      "csum_equal": 0, "paused_syncs": 0}
+        # Resync options, from a stream of their own (the schedule's stays
+        # as it was): csums-alg per node (the SyncSource's is used), one
+        # data-integrity-alg for both (they must agree), fixed or planned
+        # rate, and whether application I/O throttles resync.
+        opt = random.Random(seed ^ 0x5EED5)
+        integrity = opt.choice((None, None, "sha1", "md5")) if integrity is None \
+            else integrity or None
+        self.integrity = integrity
+        self.csums = {n.idx: (opt.choice((None, "md5", "sha256", "blake2b"))
+                              if csums is None else csums or None) for n in self.nodes}
+        plan = opt.choice((0.0, 2.0, 2.0)) if plan_ahead is None else plan_ahead
+        min_rate = opt.choice((0, 64 * 1024, 1024 * 1024)) if min_rate is None else min_rate
+        self.pause_rate = pause_rate
         self.cfg = {n.idx: EngineConfig(
             name="r0", node=n.name, peer=self.nodes[1 - n.idx].name, protocol=protocol,
             two_primaries=self.dual,
             fencing="resource-and-stonith",
             ping_int=1.0, ping_timeout=0.5, timeout=2.0, connect_int=1.0,
-            resync_rate=4 * 1024 * 1024, al_extents=4, al_extent_size=4 * BLOCK,
+            resync_rate=4 * 1024 * 1024, c_plan_ahead=plan, c_min_rate=min_rate,
+            c_fill_target=opt.choice((100 * 512, 64 * 1024)),
+            csums_alg=self.csums[n.idx], integrity_alg=integrity,
+            al_extents=4, al_extent_size=4 * BLOCK,
             handlers=frozenset({"fence-peer"}))
             for n in self.nodes}
 
@@ -234,7 +261,19 @@ class Sim:
                 c = self.conn
                 if c is not None and not c.cut and c.closed_by is None \
                         and c.ends.get(node.idx) == act.session:
-                    c.buf[1 - node.idx] += P.encode(act.pkt)
+                    pkt = act.pkt
+                    if self.integrity and type(pkt) in (P.Data, P.ResyncData) and pkt.data \
+                            and self.faults < self.max_faults \
+                            and self.rng.random() < self.corrupt_rate:
+                        # a bit flipped on the wire (a bad NIC): the
+                        # receiver's data-integrity check must catch it
+                        self.faults += 1
+                        self.stats["corrupted"] += 1
+                        bad = bytearray(pkt.data)
+                        bad[self.rng.randrange(len(bad))] ^= 1 << self.rng.randrange(8)
+                        pkt = dataclasses.replace(pkt, data=bytes(bad))
+                        self.note(f"{node.name} -> corrupted {type(pkt).__name__}")
+                    c.buf[1 - node.idx] += P.encode(pkt)
             elif t in (A.DiskWrite, A.DiskRead, A.DiskFlush, A.PersistMeta, A.RunHandler):
                 node.io[act.token] = act
                 if t is A.RunHandler and act.name == "split-brain":
@@ -265,6 +304,10 @@ class Sim:
             elif t is A.Log:
                 node.logs.append(act.text)
                 self.note(f"{node.name}: {act.text}")
+                if "had equal checksums" in act.text:
+                    self.stats["csum_equal"] += 1
+                if "-> PausedSync" in act.text:
+                    self.stats["paused_syncs"] += 1
                 if "Split-Brain detected" in act.text and "solved" not in act.text:
                     self.fail(f"{node.name}: {act.text}")
             else:
@@ -670,6 +713,13 @@ class Sim:
                 if node.engine is None and self.rng.random() < 0.3:
                     self.note(f"{node.name} restarts")
                     self.boot(node)
+        elif r < 0.845 and alive and self.pause_rate \
+                and self.rng.random() < self.pause_rate * 67:
+            # an admin pauses or resumes resync (either node, syncing or not)
+            node = self.rng.choice(alive)
+            name = "resume_sync" if node.engine.user_isp else "pause_sync"
+            self.stats["pauses"] += name == "pause_sync"
+            self.op(node, name)
         elif r < 0.86:
             # background writeback of one cached block
             node = self.rng.choice(self.nodes)
@@ -696,6 +746,8 @@ class Sim:
                 if not e.want_connect and e.cstate is ConnState.StandAlone \
                         and not e.split_brain and not node.ops:
                     self.call(node, "connect")
+                if e.user_isp and not node.ops:
+                    self.op(node, "resume_sync")
             if self.settled():
                 return
             if not self.background_step():

@@ -54,19 +54,33 @@ def mutant_write_does_not_wait_for_activity_log(mp):
     mp.setattr(Engine, "_al_settled", staticmethod(lambda disk, extents: True))
 
 
+def mutant_csums_target_takes_a_differing_block_for_equal(mp):
+    mp.setattr(Engine, "_csum_equal", staticmethod(lambda mine, theirs: True))
+
+
+def mutant_data_integrity_check_passes_anything(mp):
+    mp.setattr(Engine, "_digest_ok", staticmethod(lambda mine, theirs: True))
+
+
 # Each mutant with the runs it shows in: the epoch barrier matters where a
 # write completes before the peer has it (protocols A and B) and both nodes
 # then fail; fencing where both nodes are Primary.
 MUTANTS = [
     (mutant_protocol_c_acks_before_the_peer_has_it, {}),
+    # (a rare schedule: caught by seed 437, in runs without the resync
+    # options' variations -- fixed rate, no csums, no integrity, no pauses)
     (mutant_no_epoch_barrier, {"protocol": "A", "crash_rate": 0.05, "max_faults": 8,
-                               "power": False}),
+                               "power": False, "csums": "", "integrity": "",
+                               "pause_rate": 0, "plan_ahead": 0, "min_rate": 0}),
     (mutant_lost_writes_not_marked_out_of_sync, {}),
     (mutant_acknowledges_while_fencing, {"dual": True}),
     (mutant_fence_loser_starts_a_generation, {"dual": True}),
     (mutant_resync_of_the_source_bitmap_only, {}),
     (mutant_no_transfer_log, {"power": True}),
     (mutant_write_does_not_wait_for_activity_log, {}),
+    (mutant_csums_target_takes_a_differing_block_for_equal, {"csums": "md5"}),
+    (mutant_data_integrity_check_passes_anything, {"integrity": "sha1",
+                                                   "corrupt_rate": 0.05}),
 ]
 
 

@@ -17,6 +17,9 @@ SAMPLES = [
     P.SyncDoneAck(), P.VerifyRequest(0, 8192, b"d" * 32), P.VerifyReply(0, 8192, b"\x02"),
     P.Goodbye(), P.Refuse(b"no"), P.ReadRequest(1, 4096, 8192), P.ReadReply(1, b"z" * 10),
     P.OutOfSync(0, 4096), P.RoleRequest(1, 1), P.RoleReply(1, -1),
+    P.Params(b"C", 0, 0, 2, 8, 0, 1 << 20, 7, 11, 12, 13, 14, 0, b"sha256"),
+    P.DataDigest(b"g" * 20), P.SyncPause(1), P.SyncPause(0),
+    P.ResyncCsum(8192, 8192, b"md5", b"c" * 32), P.ResyncCsumReply(8192, 8192, b"\x01"),
 ]
 
 
