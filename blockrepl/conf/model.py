@@ -137,6 +137,47 @@ class Resource:
     def resync_rate_kib(self) -> int:
         return _size(self.disk.get("resync-rate", self.syncer.get("rate")), 250 * 1024)
 
+    def _disk_opt(self, name: str) -> str | None:
+        """A resync option: the disk section (8.4) over the syncer's (8.3)."""
+        return self.disk.get(name, self.syncer.get(name))
+
+    @property
+    def c_plan_ahead_s(self) -> float:
+        # tenths of a second; DRBD 8.4's default 20 (0: fixed resync-rate)
+        return _int(self._disk_opt("c-plan-ahead") or "20") / 10
+
+    @property
+    def c_fill_target_bytes(self) -> int:
+        # sectors by default (DRBD's unit), or with a k/M/G suffix
+        value = self._disk_opt("c-fill-target")
+        if value is None:
+            return 100 * 512
+        if value and value[-1] in "sS":
+            return _int(value[:-1]) * 512
+        if value and value[-1] in "kKmMgG":
+            return _size(value, 0) * 1024
+        return _int(value) * 512
+
+    @property
+    def c_delay_target_s(self) -> float:
+        return _int(self._disk_opt("c-delay-target") or "10") / 10
+
+    @property
+    def c_max_rate_kib(self) -> int:
+        return _size(self._disk_opt("c-max-rate"), 100 * 1024)
+
+    @property
+    def c_min_rate_kib(self) -> int:
+        return _size(self._disk_opt("c-min-rate"), 250)
+
+    @property
+    def csums_alg(self) -> str | None:
+        return self.net.get("csums-alg", self.syncer.get("csums-alg")) or None
+
+    @property
+    def data_integrity_alg(self) -> str | None:
+        return self.net.get("data-integrity-alg") or None
+
     @property
     def al_extents(self) -> int:
         value = self.disk.get("al-extents", self.syncer.get("al-extents", "1237"))

@@ -11,6 +11,8 @@ When the engine starts to honour an option, move it into IMPLEMENTED
 """
 from __future__ import annotations
 
+import hashlib
+
 # Section name -> every option name accepted there.  ``handlers`` is
 # absent on purpose: any handler name is accepted.
 KNOWN: dict[str, frozenset[str]] = {
@@ -64,9 +66,14 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
         "protocol", "allow-two-primaries", "shared-secret", "ping-int",
         "ping-timeout", "timeout", "connect-int", "after-sb-0pri",
         "after-sb-1pri", "after-sb-2pri", "verify-alg", "fencing",
+        "csums-alg", "data-integrity-alg",
     }),
-    "disk": frozenset({"resync-rate", "al-extents", "on-io-error", "fencing"}),
-    "syncer": frozenset({"rate", "verify-alg", "al-extents"}),
+    "disk": frozenset({"resync-rate", "al-extents", "on-io-error", "fencing",
+                       "c-plan-ahead", "c-fill-target", "c-delay-target", "c-max-rate",
+                       "c-min-rate"}),
+    "syncer": frozenset({"rate", "verify-alg", "al-extents", "csums-alg",
+                         "c-plan-ahead", "c-fill-target", "c-delay-target", "c-max-rate",
+                         "c-min-rate"}),
     "startup": frozenset({"wfc-timeout", "degr-wfc-timeout", "outdated-wfc-timeout"}),
     "options": frozenset(),
     "handlers": frozenset({"split-brain", "local-io-error", "fence-peer",
@@ -113,9 +120,26 @@ YES_NO = ("", "yes", "no")
 # Options whose value is a whole number (seconds, tenths of seconds, counts).
 INTEGER = {
     "net": ("ping-int", "ping-timeout", "timeout", "connect-int"),
-    "disk": ("al-extents",),
-    "syncer": ("al-extents",),
+    "disk": ("al-extents", "c-plan-ahead", "c-delay-target"),
+    "syncer": ("al-extents", "c-plan-ahead", "c-delay-target"),
     "startup": ("wfc-timeout", "degr-wfc-timeout", "outdated-wfc-timeout"),
 }
 # Options whose value is a size or rate: a number with optional k/M/G.
-SIZE = {"disk": ("resync-rate",), "syncer": ("rate",)}
+SIZE = {"disk": ("resync-rate", "c-max-rate", "c-min-rate"),
+        "syncer": ("rate", "c-max-rate", "c-min-rate")}
+# c-fill-target: sectors, or a size with s/k/M/G.
+SECTORS = ("c-fill-target",)
+# DRBD 8.4's ranges (drbd_limits.h), in the options' own units.
+RANGES = {
+    "c-plan-ahead": (0, 300),           # tenths of a second
+    "c-delay-target": (1, 100),         # tenths of a second
+    "c-fill-target": (0, 1 << 20),      # sectors
+    "c-max-rate": (250, 4 << 20),       # KiB/s
+    "c-min-rate": (0, 4 << 20),         # KiB/s
+}
+
+
+def digest_algorithms() -> list[str]:
+    """The names csums-alg and data-integrity-alg accept: hashlib's fixed-
+    size digests that every Python has (both nodes must know the name)."""
+    return sorted(a for a in hashlib.algorithms_guaranteed if not a.startswith("shake_"))

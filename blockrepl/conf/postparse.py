@@ -23,6 +23,7 @@ _DRBD_DEVICE = re.compile(r"/dev/drbd(\d+)")
 _META_INDEX = re.compile(r"\[(\d+)\]")
 _META_JOINED = re.compile(r"(.+)\[(\d+)\]")
 _SIZE = re.compile(r"\d+[kKmMgG]?")
+_SECTORS = re.compile(r"\d+[sSkKmMgG]?")
 _INT = re.compile(r"\d+")
 MAX_NODE_ID = 31
 MAX_DIGITS = 18
@@ -116,14 +117,48 @@ def _check_value(section: str, name: str, value: str, where: Location) -> None:
             raise bad("a whole number")
         if _whole(value) is None:
             raise bad(f"a whole number of at most {MAX_DIGITS} digits")
+        _check_range(name, _whole(value), bad)
     elif name in opts.SIZE.get(section, ()):
         if not _SIZE.fullmatch(value):
             raise bad("a number of KiB, optionally with suffix k, M or G")
         if _whole(value.rstrip("kKmMgG")) is None:
             raise bad(f"a number of at most {MAX_DIGITS} digits")
+        _check_range(name, _kib(value), bad)
+    elif name in opts.SECTORS:
+        if not _SECTORS.fullmatch(value):
+            raise bad("a number of 512-byte sectors, or a size with suffix s, k, M or G")
+        number = _whole(value.rstrip("sSkKmMgG"))
+        if number is None:
+            raise bad(f"a number of at most {MAX_DIGITS} digits")
+        sectors = number if value[-1] not in "kKmMgG" else _kib(value) * 2
+        _check_range(name, sectors, bad)
+    elif name in ("csums-alg", "data-integrity-alg"):
+        if value not in opts.digest_algorithms():
+            raise config_error(where, f"unknown {name} '{value}' in section '{section}': "
+                                      f"replfs accepts {', '.join(opts.digest_algorithms())}"
+                                      f" (Python's hashlib; DRBD's kernel-only names such "
+                                      f"as crc32c are not available)")
     elif name in ("verify-alg", "shared-secret"):
         if not value:
             raise bad("a value")
+
+
+def _kib(value: str) -> int:
+    """A size option's value in KiB (plain numbers are KiB, as DRBD's rates)."""
+    mult = {"k": 1, "K": 1, "m": 1024, "M": 1024, "g": 1 << 20, "G": 1 << 20}
+    if value[-1] in mult:
+        return int(value[:-1].lstrip("0") or "0") * mult[value[-1]]
+    return int(value.lstrip("0") or "0")
+
+
+def _check_range(name: str, number: int, bad) -> None:
+    limits = opts.RANGES.get(name)
+    if limits is not None and not limits[0] <= number <= limits[1]:
+        raise bad(f"{limits[0]} to {limits[1]}{_RANGE_UNITS.get(name, '')}")
+
+
+_RANGE_UNITS = {"c-plan-ahead": " tenths of a second", "c-delay-target": " tenths of a second",
+                "c-fill-target": " sectors", "c-max-rate": " KiB/s", "c-min-rate": " KiB/s"}
 
 
 def _protocol_of(statement: RawStatement | None, net: RawSection | None,

@@ -550,3 +550,44 @@ def test_on_congestion_with_protocol_a_or_block_is_accepted_with_its_warning():
                  _net("  on-congestion block;\n", "C")):
         assert parse_text(text, "t.conf").warnings == (
             "t.conf:4: warning: option 'on-congestion' is accepted but has no effect in replfs",)
+
+
+# --- resync options (issue 10) -------------------------------------------------
+
+def test_resync_controller_and_checksum_options_are_implemented():
+    config = parse_text(
+        "resource r { disk { c-plan-ahead 10; c-fill-target 1M; c-delay-target 5; "
+        "c-max-rate 50M; c-min-rate 1M; } net { csums-alg sha256; data-integrity-alg md5; } "
+        + GOOD_HOSTS + "}", "c.conf")
+    r = config.resource("r")
+    assert config.warnings == ()
+    assert (r.c_plan_ahead_s, r.c_fill_target_bytes, r.c_delay_target_s) == (1.0, 1 << 20, 0.5)
+    assert (r.c_max_rate_kib, r.c_min_rate_kib) == (50 * 1024, 1024)
+    assert (r.csums_alg, r.data_integrity_alg) == ("sha256", "md5")
+    assert parse_text(dump(config), "c.conf") == config
+    # DRBD 8.4's defaults; c-fill-target in sectors without a suffix
+    d = parse_text("resource r { disk { c-fill-target 2048; } " + GOOD_HOSTS + "}").resource("r")
+    assert (d.c_plan_ahead_s, d.c_fill_target_bytes, d.c_delay_target_s) == (2.0, 1 << 20, 1.0)
+    assert (d.c_max_rate_kib, d.c_min_rate_kib, d.csums_alg) == (100 * 1024, 250, None)
+    # the DRBD 8.3 syncer spellings; disk wins over syncer
+    s = parse_text("resource r { syncer { csums-alg md5; c-plan-ahead 0; c-min-rate 0; } "
+                   "disk { c-min-rate 4M; } " + GOOD_HOSTS + "}").resource("r")
+    assert (s.csums_alg, s.c_plan_ahead_s, s.c_min_rate_kib) == ("md5", 0.0, 4096)
+
+
+@pytest.mark.parametrize("option, message", [
+    ("disk { c-plan-ahead 301; }", "expected 0 to 300 tenths of a second"),
+    ("disk { c-delay-target 0; }", "expected 1 to 100 tenths of a second"),
+    ("disk { c-max-rate 100k; }", "expected 250 to 4194304 KiB/s"),
+    ("disk { c-fill-target 2G; }", "expected 0 to 1048576 sectors"),
+    ("disk { c-fill-target 1x; }", "a number of 512-byte sectors"),
+    ("net { csums-alg crc32c; }", "unknown csums-alg 'crc32c' in section 'net': replfs "
+                                  "accepts blake2b, blake2s, md5, sha1"),
+    ("net { data-integrity-alg shake_128; }", "unknown data-integrity-alg 'shake_128'"),
+])
+def test_resync_option_values_are_checked(option, message):
+    with pytest.raises(ReplfsError) as info:
+        parse_text("resource r {\n " + option + "\n" + GOOD_HOSTS + "}", "v.conf")
+    assert info.value.exit_code == EXIT_CONFIG
+    assert str(info.value).startswith("v.conf:2: ")
+    assert message in str(info.value)

@@ -31,6 +31,11 @@ def implemented_value(section: str, name: str) -> st.SearchStrategy[str]:
         return st.sampled_from(opts.ON_IO_ERROR)
     if name == "fencing":
         return st.sampled_from(opts.FENCING)
+    if name in ("csums-alg", "data-integrity-alg"):
+        return st.sampled_from(opts.digest_algorithms())
+    if name in opts.RANGES:
+        lo, hi = opts.RANGES[name]
+        return st.integers(lo, hi).map(str)
     if name in opts.INTEGER.get(section, ()):
         return st.integers(0, 10**6).map(str)
     if name in opts.SIZE.get(section, ()):
