@@ -419,6 +419,14 @@ class Daemon:
         self._res(req).resume_io()
         return {}
 
+    async def op_pause_sync(self, req, body, conn):
+        await self._res(req).pause_sync()
+        return {}
+
+    async def op_resume_sync(self, req, body, conn):
+        await self._res(req).resume_sync()
+        return {}
+
     async def op_verify(self, req, body, conn):
         await self._res(req).verify()
         return {}
