@@ -438,6 +438,12 @@ class Resource:
     def resume_io(self) -> None:
         self._call(self.engine.resume_io)
 
+    async def pause_sync(self) -> None:
+        await self._op(self.engine.pause_sync)
+
+    async def resume_sync(self) -> None:
+        await self._op(self.engine.resume_sync)
+
     def open_single_node(self) -> None:
         """Register an open by a filesystem that relies on being the only
         node with the volume mounted: refused while the peer is Primary or
@@ -745,6 +751,9 @@ class Resource:
             "io_suspended": self.io_suspended,
             "concurrent_writes": self.concurrent_writes,
             "fence_lost": self.fence_lost,
+            # sync-pause flags (DRBD's user_isp, and the peer's as peer_isp)
+            "user_isp": eng.user_isp,
+            "peer_isp": eng.peer_isp,
             "counters": {
                 "ns": eng.ns // 1024, "nr": eng.nr // 1024, "dw": eng.dw // 1024,
                 "dr": eng.dr // 1024, "al": disk.al_writes if disk else 0,
@@ -759,14 +768,20 @@ class Resource:
         sync = inner["sync"]
         if sync is not None and self.cstate.is_syncing:
             total = sync.total * 4
-            elapsed = eng.now - sync.start
+            paused = sync.paused_time(eng.now)
+            elapsed = eng.now - sync.start - paused     # (DRBD leaves paused time out)
+            want = None
+            if sync.rate is not None:
+                want = int(sync.rate.rate() // 1024)     # the controller's current rate
+            elif sync.role == "target" and self.conf.c_plan_ahead_s == 0:
+                want = self.conf.resync_rate_kib
             st["sync"] = {
                 "role": sync.role, "total_kib": total, "left_kib": oos_kib,
                 "percent": round(100.0 * (total - oos_kib) / total, 1) if total else 100.0,
-                "line": progress_line(
-                    total, oos_kib, elapsed, 0.0,
-                    want_kib_s=(self.conf.resync_rate_kib if sync.role == "target"
-                                else None)),
+                "paused": self.cstate in (ConnState.PausedSyncS, ConnState.PausedSyncT),
+                "paused_s": round(paused, 1),
+                "csum_blocks": sync.csum_blocks, "equal_blocks": sync.equal_blocks,
+                "line": progress_line(total, oos_kib, elapsed, 0.0, want_kib_s=want),
             }
         v = inner["verify"]
         if v is not None and self.cstate is ConnState.VerifyS:

@@ -35,6 +35,7 @@ def status_json(st: dict | None, name: str) -> dict:
     }
     if "sync" in st:
         out["connection"]["percent-in-sync"] = st["sync"]["percent"]
+    out["connection"]["resync-suspended"] = _resync_suspended(st) or "no"
     return out
 
 
@@ -50,6 +51,9 @@ def status_text(st: dict | None, name: str, verbose: bool = False) -> str:
     peer = f"    peer-disk:{st['pdsk']}"
     if st["cstate"] in _SYNC_STATES and "sync" in st:
         peer = f"    replication:{st['cstate']} peer-disk:{st['pdsk']} done:{st['sync']['percent']:.2f}"
+        why = _resync_suspended(st)
+        if why and st["cstate"] in ("PausedSyncS", "PausedSyncT"):
+            peer += f" resync-suspended:{why}"
     elif st["counters"]["oos"]:
         peer += f" out-of-sync:{st['counters']['oos']}"
     if verbose:
@@ -61,9 +65,19 @@ def status_text(st: dict | None, name: str, verbose: bool = False) -> str:
 
 
 def _flags(st: dict) -> str:
-    # r: I/O running (never suspended in replfs); the other positions are
-    # DRBD's sync-pause and fencing flags, which replfs does not set.
-    return "r-----"
+    """DRBD 8.4's six flag letters: s/r (application I/O suspended or
+    running), a (resync-after dependency: never in replfs), p (the peer
+    paused sync), u (this node paused sync), then congestion and
+    activity-log suspension (never set in replfs)."""
+    return ("s" if st.get("io_suspended") else "r") + "-" \
+        + ("p" if st.get("peer_isp") else "-") + ("u" if st.get("user_isp") else "-") + "--"
+
+
+def _resync_suspended(st: dict) -> str | None:
+    """Why a resync is paused, as drbdsetup status says it ("user": this
+    node's pause-sync, "peer": the peer's), or None."""
+    why = [w for w, flag in (("user", "user_isp"), ("peer", "peer_isp")) if st.get(flag)]
+    return ",".join(why) or None
 
 
 def proc_drbd(statuses: list[dict], unconfigured: list[int] = ()) -> str:
@@ -81,7 +95,8 @@ def proc_drbd(statuses: list[dict], unconfigured: list[int] = ()) -> str:
         lines.append(f"    ns:{c['ns']} nr:{c['nr']} dw:{c['dw']} dr:{c['dr']} al:{c['al']} "
                      f"bm:{c['bm']} lo:{c['lo']} pe:{c['pe']} ua:{c['ua']} ap:{c['ap']} "
                      f"ep:{c['ep']} wo:{c['wo']} oos:{c['oos']}")
-        if "sync" in st and st["cstate"] in _SYNC_STATES:
+        if "sync" in st and st["cstate"] in ("SyncSource", "SyncTarget"):
+            # (as DRBD 8.4: no progress lines while the resync is paused)
             for part in st["sync"]["line"].split("\n"):
                 lines.append("\t" + part.lstrip("\t"))
         elif "line" in (st.get("verify") or {}):
@@ -142,7 +157,7 @@ def overview(rows: list[tuple[str, dict | None, object]], node: str,
             out.append(f"{minor:3d}:{name:<18} Unconfigured . . . .")
             continue
         line = (f"{minor:3d}:{name:<18} {st['cstate']:<12} {st['role'] + '/' + st['peer_role']:<19} "
-                f"{st['dstate'] + '/' + st['pdsk']:<21} {st['protocol']} r---")
+                f"{st['dstate'] + '/' + st['pdsk']:<21} {st['protocol']} {_flags(st)[:4]}")
         if "sync" in st and st["cstate"] in _SYNC_STATES:
             line += f" {st['sync']['line'].splitlines()[0]}"
         m = find_mount(st["device"], name)
