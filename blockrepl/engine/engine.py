@@ -388,6 +388,7 @@ class Engine:
         self._sync: SyncRun | None = None
         self._verify: VerifyRun | None = None
         self._rx_digest: bytes | None = None   # data-integrity-alg: for the next data packet
+        self._integrity: str | None = None     # the session's data-integrity-alg (agreed)
         # pause-sync: this node's flag (kept across resyncs and connections,
         # as DRBD's user_isp) and the peer's (known while connected).
         self.user_isp = False
@@ -447,7 +448,7 @@ class Engine:
     def _send_data(self, pkt: P.Packet, data: bytes) -> None:
         """Send a packet carrying data; with data-integrity-alg, its digest
         goes right before it."""
-        alg = self.cfg.integrity_alg
+        alg = self._integrity
         if alg and self.live:
             self._send(P.DataDigest(hashlib.new(alg, data).digest()))
         self._send(pkt)
@@ -460,7 +461,7 @@ class Engine:
             raise P.RemoteProtocolError(f"{type(pkt).__name__} without its digest "
                                         f"(data-integrity-alg)")
         data = pkt.data
-        if not self._digest_ok(hashlib.new(self.cfg.integrity_alg, data).digest(), digest):
+        if not self._digest_ok(hashlib.new(self._integrity, data).digest(), digest):
             where = getattr(pkt, "offset", None)
             where = f"{where // 512}s +{len(data)}" if where is not None else \
                 f"read reply {pkt.seq} +{len(data)}"
@@ -1425,6 +1426,8 @@ class Engine:
         assert not self.live, "a session is already live"
         self.session += 1
         self.live = True
+        # (a config change applies at the next connection, as on both nodes)
+        self._integrity = self.cfg.integrity_alg
         self._deciding = False
         self._lost_after_decision = None
         self._rx.clear()
@@ -1692,7 +1695,7 @@ class Engine:
         proto = self.cfg.protocol.encode()
         common = (proto, int(self.cfg.two_primaries), int(self.discard_my_data),
                   _role_code(self.role), _disk_code(self.dstate))
-        alg = (self.cfg.integrity_alg or "").encode()
+        alg = (self._integrity or "").encode()
         if disk is None:
             return P.Params(*common, 0, 0, 0, 0, 0, 0, 0, 0, alg)
         u = disk.sb.uuids
@@ -1728,9 +1731,9 @@ class Engine:
         if bool(params.two_primaries) != self.cfg.two_primaries:
             raise Fatal("incompatible allow-two-primaries settings")
         peer_alg = params.integrity_alg.rstrip(b"\0").decode(errors="replace")
-        if peer_alg != (self.cfg.integrity_alg or ""):
+        if peer_alg != (self._integrity or ""):
             raise Fatal(f"incompatible data-integrity-alg settings (we use "
-                        f"{self.cfg.integrity_alg or 'none'}, peer uses {peer_alg or 'none'})")
+                        f"{self._integrity or 'none'}, peer uses {peer_alg or 'none'})")
         if self.disk is not None and params.data_size and params.data_size != self.size:
             raise Fatal(f"the peer's disk size ({params.data_size} bytes) differs from "
                         f"ours ({self.size} bytes); resizing is not supported")
@@ -2159,7 +2162,7 @@ class Engine:
         while True:
             yield from _until(lambda: bool(self._rx))
             pkt = self._rx.popleft()
-            if self.cfg.integrity_alg:
+            if self._integrity:
                 if type(pkt) is P.DataDigest:
                     self._rx_digest = pkt.digest
                     continue
