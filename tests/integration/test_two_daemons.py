@@ -307,3 +307,43 @@ def test_split_brain_1pri_discard_secondary(tmp_path):
         assert read_data(b.disk, 2 * 1024 * 1024)[1024 * 1024:] == bytes(1024 * 1024)
     finally:
         pair.teardown()
+
+
+def test_pause_sync_and_resume_sync_verbs(tmp_path):
+    """pause-sync/resume-sync through replfsadm and replfsd: both nodes show
+    the Paused state (proc flags u and p), the resync waits, and finishes
+    after resume-sync; DRBD's Failure (134)/(135) for a flag already set /
+    cleared."""
+    from replfs.localpair import LocalPair
+    pair = LocalPair(tmp_path, size=8 << 20,
+                     extra_res="disk { c-plan-ahead 0; resync-rate 2M; }")
+    try:
+        a, b = pair.alpha, pair.beta
+        for n in pair.nodes:
+            n.adm("create-md", "r0")
+            n.start()
+            n.adm("up", "r0")
+        a.wait(lambda s: s["cstate"] == "Connected", what="connection")
+        b.adm("pause-sync", "r0")
+        cp = b.adm("pause-sync", "r0", check=False)
+        assert cp.returncode == 10 and "Failure: (134) Sync-pause flag is already set" \
+            in cp.stderr
+        a.adm("primary", "--force", "r0")
+        a.wait(lambda s: s["cstate"] == "PausedSyncS", what="PausedSyncS")
+        b.wait(lambda s: s["cstate"] == "PausedSyncT", what="PausedSyncT")
+        assert " C r--u--" in b.adm("proc").stdout
+        assert " C r-p---" in a.adm("proc").stdout
+        assert "resync-suspended:user" in b.adm("status", "r0").stdout
+        left = a.status()["counters"]["oos"]
+        assert left > 0
+        time.sleep(0.5)
+        assert a.status()["counters"]["oos"] == left
+        b.adm("resume-sync", "r0")
+        cp = b.adm("resume-sync", "r0", check=False)
+        assert cp.returncode == 10 and "Failure: (135) Sync-pause flag is already cleared" \
+            in cp.stderr
+        pair.wait_synced()
+        size = a.status()["size"]
+        assert data_md5(a, size) == data_md5(b, size)
+    finally:
+        pair.teardown()
