@@ -513,7 +513,7 @@ class ClusterService:
     async def op_fence_peer(self, req, body, conn):
         """The replfs-fence-peer handler's request: fence resource
         ``res``'s peer as this cluster stack decides (see fence_peer)."""
-        code, why = await self.fence_resource_peer(self.daemon._res(req))
+        code, why = await self.fence_resource_peer(self.daemon.mirror.res(req))
         return {"code": code, "why": why}
 
     async def fence_resource_peer(self, res) -> tuple[int, str]:

@@ -310,7 +310,7 @@ class MountService:
                 # one node, one slot: a second mount would share its journal
                 raise ReplfsError(f"cannot mount resource {name}: it is already mounted on "
                                   f"{rec['mountpoint']} on this node", EXIT_MOUNT_FAIL)
-        res = self.daemon._res({"res": name})
+        res = self.daemon.mirror.res({"res": name})
         if res.role.value != "Primary":
             raise ReplfsError(f"cannot mount resource {name}: this node ({self.daemon.node}) "
                               f"is {res.role.value}, not Primary; make it Primary first "
