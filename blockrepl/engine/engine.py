@@ -103,6 +103,7 @@ _ANSWERS = frozenset({P.WriteAck, P.NegAck, P.RecvAck, P.FlushAck, P.PingAck,
 # Packets that carry data: with data-integrity-alg, each comes after the
 # DataDigest of its data.
 _DIGESTED = (P.Data, P.ResyncData, P.ReadReply)
+_CHECKED = frozenset(_DIGESTED + (P.DataDigest,))
 
 
 # ---------------------------------------------------------------- config
@@ -453,6 +454,18 @@ class Engine:
             self._send(P.DataDigest(hashlib.new(alg, data).digest()))
         self._send(pkt)
 
+    def _take_digest(self, pkt) -> bool:
+        """data-integrity-alg, as packets arrive: keep a DataDigest for the
+        packet after it (True: nothing more to do with it), check that
+        packet's data against it."""
+        if type(pkt) is P.DataDigest:
+            if self._rx_digest is not None:
+                raise P.RemoteProtocolError("two DataDigests in a row")
+            self._rx_digest = pkt.digest
+            return True
+        self._check_integrity(pkt)
+        return False
+
     def _check_integrity(self, pkt) -> None:
         """data-integrity-alg: the data of ``pkt`` must match the digest
         sent before it; if not, DRBD's error, and the connection goes."""
@@ -467,8 +480,8 @@ class Engine:
                 f"read reply {pkt.seq} +{len(data)}"
             self._log("error", f"Digest integrity check FAILED: {where}")
             self.last_event = f"data-integrity-alg: digest integrity check failed ({where})"
-            raise Drop(f"Digest integrity check FAILED: {where}; dropping the connection",
-                       ConnState.ProtocolError)
+            raise Drop("data-integrity-alg: the data did not match its digest; dropping "
+                       "the connection", ConnState.ProtocolError)
 
     @staticmethod
     def _digest_ok(mine: bytes, theirs: bytes) -> bool:
@@ -1439,6 +1452,14 @@ class Engine:
         if session != self.session or not self.live:
             return []
         self.last_heard = self.now
+        if self._integrity and type(pkt) in _CHECKED:
+            # (paired in arrival order, before answers are taken out of turn)
+            try:
+                if self._take_digest(pkt):
+                    return self._drain()
+            except (Drop, P.RemoteProtocolError) as e:
+                self._session_failed(e)
+                return self._drain()
         if type(pkt) in _ANSWERS and self.cstate.is_connected:
             # Answers to our own requests are taken at once, not queued
             # behind the peer's data (DRBD sends them on a socket of their
@@ -2162,12 +2183,6 @@ class Engine:
         while True:
             yield from _until(lambda: bool(self._rx))
             pkt = self._rx.popleft()
-            if self._integrity:
-                if type(pkt) is P.DataDigest:
-                    self._rx_digest = pkt.digest
-                    continue
-                if type(pkt) in _DIGESTED:
-                    self._check_integrity(pkt)
             handler = self._HANDLERS.get(type(pkt))
             if handler is None:
                 raise P.RemoteProtocolError(

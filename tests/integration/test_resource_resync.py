@@ -13,6 +13,7 @@ import os
 import pytest
 import trio
 
+from replfs.blockdev import BlockDeviceError
 from replfs.blockrepl.conf.model import Section
 from replfs.blockrepl.core.states import ConnState, DiskState
 from replfs.blockrepl.engine.engine import RESYNC_CHUNK, RESYNC_WINDOW
@@ -214,10 +215,11 @@ async def test_c_min_rate_throttles_resync_while_the_application_writes(tmp_path
     assert md5(a.me.disk, a.size) == md5(b.me.disk, b.size)
 
 
-async def corrupting_relay(nursery, listen_host, target, corrupt_once):
-    """A TCP relay alpha -> beta that flips one bit in the data of the first
-    Data packet after ``corrupt_once`` is set (the framing is left intact:
-    only what a bad NIC behind TCP's checksum would do)."""
+async def corrupting_relay(nursery, listen_host, target, corrupt_once, kind=P.Data):
+    """A TCP relay alpha <-> beta that flips one bit in the data of the
+    first packet of type ``kind`` (Data: alpha -> beta; ReadReply: beta ->
+    alpha) after ``corrupt_once`` is set (the framing is left intact: only
+    what a bad NIC behind TCP's checksum would do)."""
     listeners = await trio.open_tcp_listeners(0, host=listen_host)
     port = listeners[0].socket.getsockname()[1]
     flipped = []
@@ -238,11 +240,11 @@ async def corrupting_relay(nursery, listen_host, target, corrupt_once):
                 dec.receive_data(data)
                 out = bytearray()
                 while (pkt := dec.next_packet()) is not None:
-                    if type(pkt) is P.Data and corrupt_once.is_set() and not flipped:
+                    if type(pkt) is kind and corrupt_once.is_set() and not flipped:
                         bad = bytearray(pkt.data)
                         bad[len(bad) // 2] ^= 0x10
                         pkt = dataclasses.replace(pkt, data=bytes(bad))
-                        flipped.append(pkt.offset)
+                        flipped.append(getattr(pkt, "offset", pkt.data))
                     out += P.encode(pkt)
                 await dst.send_all(bytes(out))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -253,8 +255,12 @@ async def corrupting_relay(nursery, listen_host, target, corrupt_once):
     async def handle(client):
         server = await trio.open_tcp_stream(*target)
         async with trio.open_nursery() as n:
-            n.start_soon(pump_corrupting, client, server)
-            n.start_soon(pump_plain, server, client)
+            if kind is P.Data:
+                n.start_soon(pump_corrupting, client, server)
+                n.start_soon(pump_plain, server, client)
+            else:
+                n.start_soon(pump_plain, client, server)
+                n.start_soon(pump_corrupting, server, client)
 
     nursery.start_soon(trio.serve_listeners, handle, listeners)
     return port, flipped
@@ -301,3 +307,43 @@ async def test_data_integrity_alg_must_agree(tmp_path, nursery, caplog):
     await wait_for(lambda: "incompatible data-integrity-alg settings" in caplog.text)
     await wait_for(lambda: a.cstate is ConnState.StandAlone
                    or b.cstate is ConnState.StandAlone)
+
+
+async def test_data_integrity_alg_covers_reads_through_the_peer(tmp_path, nursery, caplog):
+    """A Diskless Primary reads through its peer: the ReadReply (an answer
+    taken out of turn) is checked against the digest sent before it."""
+    caplog.set_level(logging.INFO, logger="replfs")
+    conf = with_options(make_conf(tmp_path), net=(("data-integrity-alg", "sha256"),))
+    a, b = await up_and_synced(nursery, conf)
+    data = {i: os.urandom(BLOCK) for i in range(16)}
+    for i, d in data.items():
+        await a.write(i * 3 * BLOCK, d)
+    await a.detach()
+    assert a.dstate is DiskState.Diskless
+    for _ in range(3):
+        for i, d in data.items():
+            assert await a.read(i * 3 * BLOCK, BLOCK) == d
+            await a.write(i * 3 * BLOCK + BLOCK, d)
+    assert "Digest integrity check FAILED" not in caplog.text
+    assert a.cstate is ConnState.Connected
+
+
+async def test_data_integrity_alg_checks_read_replies_too(tmp_path, nursery, caplog):
+    caplog.set_level(logging.INFO, logger="replfs")
+    conf = with_options(make_conf(tmp_path), net=(("data-integrity-alg", "md5"),))
+    beta = conf.host("beta")
+    corrupt = trio.Event()
+    port, flipped = await corrupting_relay(nursery, "127.0.0.3", (beta.address, beta.port),
+                                           corrupt, kind=P.ReadReply)
+    a, b = await up_and_synced(nursery, with_peer_address(conf, "beta", "127.0.0.3", port),
+                               conf)
+    data = os.urandom(BLOCK)
+    await a.write(0, data)
+    await a.detach()
+    corrupt.set()
+    # The corrupted reply is caught: the connection goes, and the read
+    # fails rather than return wrong data.
+    with pytest.raises(BlockDeviceError):
+        await a.read(0, BLOCK)
+    assert flipped
+    await wait_for(lambda: "Digest integrity check FAILED: read reply" in caplog.text)

@@ -205,7 +205,8 @@ class Sim:
         self.stats = {"writes": 0, "acked": 0, "failed": 0, "reads": 0, "flushes": 0,
                       "crashes": 0, "cuts": 0, "resyncs": 0, "packets": 0, "failovers": 0,
                       "fence6": 0, "steps": 0, "pauses": 0, "corrupted": 0,
-                      "csum_equal": 0, "paused_syncs": 0}
+                      "csum_equal": 0, "paused_syncs": 0,
+                      "integrity_failed": 0}
         # Resync options, from a stream of their own (the schedule's stays
         # as it was): csums-alg per node (the SyncSource's is used), one
         # data-integrity-alg for both (they must agree), fixed or planned
@@ -308,6 +309,11 @@ class Sim:
                     self.stats["csum_equal"] += 1
                 if "-> PausedSync" in act.text:
                     self.stats["paused_syncs"] += 1
+                if "Digest integrity check FAILED" in act.text:
+                    self.stats["integrity_failed"] += 1
+                    if self.stats["integrity_failed"] > self.stats["corrupted"]:
+                        self.fail(f"{node.name}: an integrity check failed, but nothing "
+                                  f"was corrupted")
                 if "Split-Brain detected" in act.text and "solved" not in act.text:
                     self.fail(f"{node.name}: {act.text}")
             else:
