@@ -123,7 +123,8 @@ class Resource:
         self.me: Host = me
         self.peer: Host = peer
         self._conf = conf
-        self.engine = Engine(EngineConfig.from_conf(conf, node), now=time.monotonic())
+        self.engine = Engine(EngineConfig.from_conf(conf, node), now=time.monotonic(),
+                             new_uuid=lambda: secrets.randbits(63) << 1)
         self.disk: LocalDisk | None = None
         self._nursery: trio.Nursery | None = None
         self._state_changed = trio.Event()

@@ -55,7 +55,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import math
-import secrets
 import zlib
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -314,11 +313,11 @@ class Engine:
     _STATE_WORDS = (("cstate", "conn"), ("dstate", "disk"), ("role", "role"),
                     ("pdsk", "pdsk"), ("peer_role", "peer"))
 
-    def __init__(self, cfg: EngineConfig, *, new_uuid: Callable[[], int] | None = None,
+    def __init__(self, cfg: EngineConfig, *, new_uuid: Callable[[], int],
                  now: float = 0.0):
         self.cfg = cfg
         self.now = now
-        self._new_uuid = new_uuid or (lambda: secrets.randbits(63) << 1)
+        self._new_uuid = new_uuid      # fresh generation UUIDs (randomness is an input)
         self.flows = FlowSet(lambda: self.now, self._flow_failed)
         self._out: list = []
         # States, as DRBD shows them.

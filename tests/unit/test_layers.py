@@ -34,15 +34,13 @@ LAYERS = [("ground", GROUND), ("mirror", ("replfs.blockrepl",)),
 RANK = {"ground": 0, "mirror": 1, "locking": 1, "fs": 2, "roof": 3}
 
 PURE = [
-    "replfs.blockrepl.core", "replfs.blockrepl.engine.actions", "replfs.blockrepl.engine.flows",
+    "replfs.blockrepl.core",
     "replfs.blockrepl.proto", "replfs.blockrepl.meta", "replfs.blockrepl.conf.lexer",
     "replfs.blockrepl.conf.model", "replfs.blockrepl.conf.options",
     "replfs.locking.dlm", "replfs.locking.heartbeat.core", "replfs.locking.net.proto",
     "replfs.fuse.proto", "replfs.fuse.locks", "replfs.ipc.frames",
     "replfs.fs.format", "replfs.fs.journal", "replfs.fs.extents", "replfs.fs.dirs",
-    "replfs.fs.alloc", "replfs.fs.cache",
-    # replfs.blockrepl.engine.engine joins once it takes its UUID source
-    # from the driver (it defaults to secrets today)
+    "replfs.fs.alloc", "replfs.fs.cache", "replfs.blockrepl.engine",
 ]
 IMPURE = {"trio", "socket", "os", "time", "random", "secrets", "threading", "subprocess",
           "asyncio", "select", "fcntl", "signal", "shutil", "pyfuse3", "io", "tempfile"}

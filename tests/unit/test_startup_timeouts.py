@@ -11,7 +11,7 @@ from replfs.blockrepl.core.states import DiskState, Role
 from replfs.blockrepl.core.uuids import Uuids
 from replfs.blockrepl.meta import format as md
 from replfs.cli.main import main
-from replfs.daemon.server import Daemon
+from replfs.daemon.mirror import MirrorService
 
 
 def kind(primary_flag=False, is_primary=False, bitmap_uuid=0, peer_outdated=False):
@@ -55,7 +55,7 @@ def res_stub(flags=0, bitmap=0, role=Role.Secondary, pdsk=DiskState.DUnknown, di
 
 
 def test_the_daemon_reads_the_kind_from_the_meta_data():
-    k = Daemon._timeout_kind
+    k = MirrorService._timeout_kind
     assert k(res_stub()) == S.WFC
     assert k(res_stub(flags=md.F_PRIMARY | md.F_CONSISTENT, bitmap=0x20)) == S.DEGR
     assert k(res_stub(flags=md.F_PRIMARY, bitmap=0x20, role=Role.Primary)) == S.WFC
