@@ -132,13 +132,13 @@ def _check_value(section: str, name: str, value: str, where: Location) -> None:
             raise bad(f"a number of at most {MAX_DIGITS} digits")
         sectors = number if value[-1] not in "kKmMgG" else _kib(value) * 2
         _check_range(name, sectors, bad)
-    elif name in ("csums-alg", "data-integrity-alg"):
+    elif name in ("csums-alg", "data-integrity-alg", "verify-alg"):
         if value not in opts.digest_algorithms():
             raise config_error(where, f"unknown {name} '{value}' in section '{section}': "
                                       f"replfs accepts {', '.join(opts.digest_algorithms())}"
                                       f" (Python's hashlib; DRBD's kernel-only names such "
                                       f"as crc32c are not available)")
-    elif name in ("verify-alg", "shared-secret"):
+    elif name == "shared-secret":
         if not value:
             raise bad("a value")
 

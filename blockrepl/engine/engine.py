@@ -131,6 +131,7 @@ class EngineConfig:
     c_min_rate: int = 250 * 1024            # bytes per second under application I/O; 0: off
     csums_alg: str | None = None            # hashlib name: resync compares digests first
     integrity_alg: str | None = None        # hashlib name: every data packet is checked
+    verify_alg: str | None = None           # hashlib name for online verify (None: BLAKE2b)
     al_extents: int = 1237
     al_extent_size: int = EXTENT            # bytes one activity-log extent covers
     handlers: frozenset[str] = frozenset()  # names of configured handlers
@@ -150,6 +151,7 @@ class EngineConfig:
             c_fill_target=conf.c_fill_target_bytes, c_delay_target=conf.c_delay_target_s,
             c_max_rate=conf.c_max_rate_kib * 1024, c_min_rate=conf.c_min_rate_kib * 1024,
             csums_alg=conf.csums_alg, integrity_alg=conf.data_integrity_alg,
+            verify_alg=conf.verify_alg,
             al_extents=conf.al_extents,
             handlers=frozenset(k for k, v in conf.handlers.options if v))
 
@@ -293,9 +295,14 @@ def digest_size(alg: str) -> int | None:
     return size or None
 
 
-def block_digests(data: bytes) -> bytes:
-    """16-byte digests of each 4 KiB block (online verify compares these)."""
-    return b"".join(hashlib.blake2b(data[i:i + BLOCK], digest_size=16).digest()
+def block_digests(data: bytes, alg: str | None = None) -> bytes:
+    """16-byte digests of each 4 KiB block, as online verify compares them:
+    verify-alg's digest (cut or zero-padded to 16 bytes), BLAKE2b-128
+    when none is configured."""
+    if not alg:
+        return b"".join(hashlib.blake2b(data[i:i + BLOCK], digest_size=16).digest()
+                        for i in range(0, len(data), BLOCK))
+    return b"".join(hashlib.new(alg, data[i:i + BLOCK]).digest()[:16].ljust(16, b"\0")
                     for i in range(0, len(data), BLOCK))
 
 
@@ -389,6 +396,7 @@ class Engine:
         self._verify: VerifyRun | None = None
         self._rx_digest: bytes | None = None   # data-integrity-alg: for the next data packet
         self._integrity: str | None = None     # the session's data-integrity-alg (agreed)
+        self._verify_alg: str | None = None    # the session's verify-alg (agreed)
         # pause-sync: this node's flag (kept across resyncs and connections,
         # as DRBD's user_isp) and the peer's (known while connected).
         self.user_isp = False
@@ -1440,6 +1448,7 @@ class Engine:
         self.live = True
         # (a config change applies at the next connection, as on both nodes)
         self._integrity = self.cfg.integrity_alg
+        self._verify_alg = self.cfg.verify_alg      # (agreed in the handshake)
         self._deciding = False
         self._lost_after_decision = None
         self._rx.clear()
@@ -1716,8 +1725,9 @@ class Engine:
         common = (proto, int(self.cfg.two_primaries), int(self.discard_my_data),
                   _role_code(self.role), _disk_code(self.dstate))
         alg = (self._integrity or "").encode()
+        valg = (self.cfg.verify_alg or "").encode()
         if disk is None:
-            return P.Params(*common, 0, 0, 0, 0, 0, 0, 0, 0, alg)
+            return P.Params(*common, 0, 0, 0, 0, 0, 0, 0, 0, alg, valg)
         u = disk.sb.uuids
         flags = 0
         if self.dstate is DiskState.Inconsistent:
@@ -1726,7 +1736,7 @@ class Engine:
             flags |= P.PF_CRASHED_PRIMARY
         return P.Params(*common, flags, disk.sb.data_size, disk.sb.device_uuid,
                         u.current, u.bitmap, u.history[0], u.history[1], disk.bitmap.count,
-                        alg)
+                        alg, valg)
 
     def _session_main(self):
         self._set(cstate=ConnState.WFReportParams)
@@ -1754,6 +1764,10 @@ class Engine:
         if peer_alg != (self._integrity or ""):
             raise Fatal(f"incompatible data-integrity-alg settings (we use "
                         f"{self._integrity or 'none'}, peer uses {peer_alg or 'none'})")
+        peer_valg = params.verify_alg.decode(errors="replace")
+        if peer_valg != (self.cfg.verify_alg or ""):
+            raise Fatal(f"incompatible verify-alg settings (we use "
+                        f"{self.cfg.verify_alg or 'none'}, peer uses {peer_valg or 'none'})")
         if self.disk is not None and params.data_size and params.data_size != self.size:
             raise Fatal(f"the peer's disk size ({params.data_size} bytes) differs from "
                         f"ours ({self.size} bytes); resizing is not supported")
@@ -2146,7 +2160,7 @@ class Engine:
             if isinstance(data, int):
                 raise Drop("local read failed during verify")
             self.dr += len(data)
-            self._send(P.VerifyRequest(off, n, block_digests(data)))
+            self._send(P.VerifyRequest(off, n, block_digests(data, self._verify_alg)))
             v.rate.sent(n)
         yield from _until(lambda: v.window == VERIFY_WINDOW)
         yield from self._persist(self.disk)
@@ -2524,7 +2538,7 @@ class Engine:
         if isinstance(data, int):
             raise Drop("local read failed during verify")
         self.dr += len(data)
-        mine = block_digests(data)
+        mine = block_digests(data, self._verify_alg)
         bits = [mine[i * 16:(i + 1) * 16] != pkt.digests[i * 16:(i + 1) * 16]
                 for i in range(nblocks)]
         self._log_oos_runs(pkt.offset // BLOCK, bits)

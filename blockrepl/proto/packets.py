@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
-PROTOCOL_VERSION = 2     # 2: Params carries data-integrity-alg
+PROTOCOL_VERSION = 3     # 2: Params carries data-integrity-alg; 3: and verify-alg
 MAGIC = 0x5246
 HEADER = struct.Struct("<HBBI")
 MAX_PAYLOAD = 16 * 1024 * 1024 + 64
@@ -155,7 +155,7 @@ class Auth(Packet):
 class Params(Packet):
     """Everything the sync decision and the compatibility checks need."""
     TYPE = 3
-    FIXED = "cBBBBBQQQQQQQ16s"
+    FIXED = "cBBBBBQQQQQQQ16s16s"
     protocol: bytes          # b"A" / b"B" / b"C"
     two_primaries: int
     discard_my_data: int
@@ -170,9 +170,11 @@ class Params(Packet):
     history2: int
     oos_blocks: int          # bits set in my bitmap
     integrity_alg: bytes = b""   # data-integrity-alg (NUL-padded); both must agree
+    verify_alg: bytes = b""      # verify-alg (NUL-padded); both must agree
 
     def __post_init__(self):
         object.__setattr__(self, "integrity_alg", bytes(self.integrity_alg).rstrip(b"\0"))
+        object.__setattr__(self, "verify_alg", bytes(self.verify_alg).rstrip(b"\0"))
 
 
 PF_INCONSISTENT = 1

@@ -109,8 +109,10 @@ async def test_shared_secret_mismatch_is_refused(tmp_path, nursery, caplog):
     assert a.cstate is not ConnState.Connected
 
 
-async def test_online_verify_finds_silent_corruption_and_reconnect_repairs_it(tmp_path, nursery):
-    conf = make_conf(tmp_path)
+@pytest.mark.parametrize("alg", [None, "sha256"])
+async def test_online_verify_finds_silent_corruption_and_reconnect_repairs_it(tmp_path, nursery,
+                                                                             alg):
+    conf = make_conf(tmp_path, net=(("verify-alg", alg),) if alg else ())
     a, b = await start_pair(nursery, conf, conf)
     a.connect(); b.connect()
     await wait_for(lambda: a.cstate is ConnState.Connected)
@@ -269,3 +271,16 @@ async def test_fencing_holds_writes_until_the_peer_is_fenced(tmp_path, nursery, 
         a.resume_io()
         await wait_for(done.is_set, 20)
     assert a.disk.bitmap.test(0)
+
+
+async def test_verify_alg_must_agree(tmp_path, nursery, caplog):
+    """Digests of different algorithms never match: a pair that disagrees
+    on verify-alg does not connect (as with data-integrity-alg)."""
+    caplog.set_level(logging.ERROR, logger="replfs")
+    conf = make_conf(tmp_path, net=(("verify-alg", "sha256"),))
+    other = dataclasses.replace(conf, net=Section(tuple(
+        (k, "md5" if k == "verify-alg" else v) for k, v in conf.net.options)))
+    a, b = await start_pair(nursery, conf, other)
+    a.connect(); b.connect()
+    await wait_for(lambda: a.cstate is ConnState.StandAlone
+                   and "incompatible verify-alg settings" in caplog.text, 30)

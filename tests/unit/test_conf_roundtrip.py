@@ -31,7 +31,7 @@ def implemented_value(section: str, name: str) -> st.SearchStrategy[str]:
         return st.sampled_from(opts.ON_IO_ERROR)
     if name == "fencing":
         return st.sampled_from(opts.FENCING)
-    if name in ("csums-alg", "data-integrity-alg"):
+    if name in ("csums-alg", "data-integrity-alg", "verify-alg"):
         return st.sampled_from(opts.digest_algorithms())
     if name in opts.RANGES:
         lo, hi = opts.RANGES[name]
@@ -41,7 +41,7 @@ def implemented_value(section: str, name: str) -> st.SearchStrategy[str]:
     if name in opts.SIZE.get(section, ()):
         return st.tuples(st.integers(0, 10**5), st.sampled_from(["", "k", "M", "G"])).map(
             lambda t: f"{t[0]}{t[1]}")
-    return st.text(alphabet=TRICKY, min_size=1, max_size=12)  # verify-alg, shared-secret
+    return st.text(alphabet=TRICKY, min_size=1, max_size=12)  # shared-secret
 
 
 @st.composite
