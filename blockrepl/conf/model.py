@@ -175,6 +175,27 @@ class Resource:
         return self.net.get("csums-alg", self.syncer.get("csums-alg")) or None
 
     @property
+    def on_congestion(self) -> str:
+        return self.net.get("on-congestion", "block") or "block"
+
+    @property
+    def congestion_fill_bytes(self) -> int:
+        """0: not limited by the data in flight (DRBD's default)."""
+        value = self.net.get("congestion-fill")
+        if not value:
+            return 0
+        if value[-1] in "sS":
+            return _int(value[:-1]) * 512
+        if value[-1] in "kKmMgG":
+            return _size(value, 0) * 1024
+        return _int(value) * 512
+
+    @property
+    def congestion_extents(self) -> int:
+        value = self.net.get("congestion-extents")
+        return _int(value) if value else self.al_extents
+
+    @property
     def data_integrity_alg(self) -> str | None:
         return self.net.get("data-integrity-alg") or None
 

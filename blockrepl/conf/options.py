@@ -66,7 +66,8 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
         "protocol", "allow-two-primaries", "shared-secret", "ping-int",
         "ping-timeout", "timeout", "connect-int", "after-sb-0pri",
         "after-sb-1pri", "after-sb-2pri", "verify-alg", "fencing",
-        "csums-alg", "data-integrity-alg",
+        "csums-alg", "data-integrity-alg", "on-congestion", "congestion-fill",
+        "congestion-extents",
     }),
     "disk": frozenset({"resync-rate", "al-extents", "on-io-error", "fencing",
                        "c-plan-ahead", "c-fill-target", "c-delay-target", "c-max-rate",
@@ -116,10 +117,11 @@ AFTER_SB_UNSAFE_DUAL = {
 }
 ON_IO_ERROR = ("pass_on", "call-local-io-error", "detach")
 FENCING = ("dont-care", "resource-only", "resource-and-stonith")
+ON_CONGESTION = ("block", "pull-ahead", "disconnect")
 YES_NO = ("", "yes", "no")
 # Options whose value is a whole number (seconds, tenths of seconds, counts).
 INTEGER = {
-    "net": ("ping-int", "ping-timeout", "timeout", "connect-int"),
+    "net": ("ping-int", "ping-timeout", "timeout", "connect-int", "congestion-extents"),
     "disk": ("al-extents", "c-plan-ahead", "c-delay-target"),
     "syncer": ("al-extents", "c-plan-ahead", "c-delay-target"),
     "startup": ("wfc-timeout", "degr-wfc-timeout", "outdated-wfc-timeout"),
@@ -128,7 +130,7 @@ INTEGER = {
 SIZE = {"disk": ("resync-rate", "c-max-rate", "c-min-rate"),
         "syncer": ("rate", "c-max-rate", "c-min-rate")}
 # c-fill-target: sectors, or a size with s/k/M/G.
-SECTORS = ("c-fill-target",)
+SECTORS = ("c-fill-target", "congestion-fill")
 # DRBD 8.4's ranges (drbd_limits.h), in the options' own units.
 RANGES = {
     "c-plan-ahead": (0, 300),           # tenths of a second
@@ -136,6 +138,8 @@ RANGES = {
     "c-fill-target": (0, 1 << 20),      # sectors
     "c-max-rate": (250, 4 << 20),       # KiB/s
     "c-min-rate": (0, 4 << 20),         # KiB/s
+    "congestion-fill": (0, 20 << 20),   # sectors (10 GiB)
+    "congestion-extents": (67, 6433),
 }
 
 

@@ -112,6 +112,9 @@ def _check_value(section: str, name: str, value: str, where: Location) -> None:
     elif name == "fencing":
         if value not in opts.FENCING:
             raise bad(", ".join(opts.FENCING))
+    elif name == "on-congestion":
+        if value not in opts.ON_CONGESTION:
+            raise bad(", ".join(opts.ON_CONGESTION))
     elif name in opts.INTEGER.get(section, ()):
         if not _INT.fullmatch(value):
             raise bad("a whole number")
@@ -158,7 +161,8 @@ def _check_range(name: str, number: int, bad) -> None:
 
 
 _RANGE_UNITS = {"c-plan-ahead": " tenths of a second", "c-delay-target": " tenths of a second",
-                "c-fill-target": " sectors", "c-max-rate": " KiB/s", "c-min-rate": " KiB/s"}
+                "c-fill-target": " sectors", "c-max-rate": " KiB/s", "c-min-rate": " KiB/s",
+                "congestion-fill": " sectors"}
 
 
 def _protocol_of(statement: RawStatement | None, net: RawSection | None,

@@ -44,6 +44,8 @@ class ConnState(enum.Enum):
     PausedSyncT = "PausedSyncT"
     VerifyS = "VerifyS"
     VerifyT = "VerifyT"
+    Ahead = "Ahead"           # on-congestion pull-ahead: writes only marked for the peer
+    Behind = "Behind"         # the peer is Ahead: this node will be resynced
 
     @property
     def is_connected(self) -> bool:
@@ -61,6 +63,7 @@ _CONNECTED = frozenset({
     ConnState.WFBitMapS, ConnState.WFBitMapT, ConnState.WFSyncUUID,
     ConnState.SyncSource, ConnState.SyncTarget, ConnState.PausedSyncS,
     ConnState.PausedSyncT, ConnState.VerifyS, ConnState.VerifyT,
+    ConnState.Ahead, ConnState.Behind,
 })
 
 

@@ -132,6 +132,9 @@ class EngineConfig:
     csums_alg: str | None = None            # hashlib name: resync compares digests first
     integrity_alg: str | None = None        # hashlib name: every data packet is checked
     verify_alg: str | None = None           # hashlib name for online verify (None: BLAKE2b)
+    on_congestion: str = "block"            # block | pull-ahead | disconnect (protocol A)
+    congestion_fill: int = 0                # bytes in flight that mean congestion (0: off)
+    congestion_extents: int = 1237          # hot activity-log extents that mean it too
     al_extents: int = 1237
     al_extent_size: int = EXTENT            # bytes one activity-log extent covers
     handlers: frozenset[str] = frozenset()  # names of configured handlers
@@ -151,7 +154,9 @@ class EngineConfig:
             c_fill_target=conf.c_fill_target_bytes, c_delay_target=conf.c_delay_target_s,
             c_max_rate=conf.c_max_rate_kib * 1024, c_min_rate=conf.c_min_rate_kib * 1024,
             csums_alg=conf.csums_alg, integrity_alg=conf.data_integrity_alg,
-            verify_alg=conf.verify_alg,
+            verify_alg=conf.verify_alg, on_congestion=conf.on_congestion,
+            congestion_fill=conf.congestion_fill_bytes,
+            congestion_extents=conf.congestion_extents,
             al_extents=conf.al_extents,
             handlers=frozenset(k for k, v in conf.handlers.options if v))
 
@@ -1187,13 +1192,16 @@ class Engine:
             # or the activity log while a new handshake began)
             yield from _until(lambda: (self._replicating() or not self._quiesce)
                               and self.cstate not in _HOLD_WRITES)
-            if self._replicating() or not self.susp or self.fence_lost:
+            if self._replicating() or self.fence_lost:
                 break
-            # Not replicable while the peer is being fenced: wait for the
-            # decision (or the peer's return), since the generation may
-            # only move on on the winner.
-            yield from _until(lambda: self._replicating() or not self.susp
-                              or self.fence_lost)
+            if self.susp:
+                # Not replicable while the peer is being fenced: wait for the
+                # decision (or the peer's return), since the generation may
+                # only move on on the winner.
+                yield from _until(lambda: self._replicating() or not self.susp
+                                  or self.fence_lost)
+                continue
+            break
         if self.fence_lost and not self._replicating():
             raise IOFailure(errno.EIO, f"{self.cfg.name}: this node lost the fence-peer "
                                        f"decision; its disk is Outdated")
@@ -1205,6 +1213,28 @@ class Engine:
             and self.dstate is not DiskState.Consistent
         if target and not self._replicating():
             raise IOFailure(errno.EIO, f"{self.cfg.name}: no UpToDate disk reachable")
+        if self._replicating() and disk is not None and not target and (
+                self.cstate is ConnState.Ahead
+                or (self.cstate is ConnState.Connected and self._congested())):
+            if self.cfg.on_congestion == "disconnect" and self.cstate is not ConnState.Ahead:
+                self._end_session(ConnState.NetworkFailure, False,
+                                  "congestion: dropping the connection (on-congestion "
+                                  "disconnect)")
+                yield from _until(lambda: not self._losing)
+            else:
+                if self.cstate is not ConnState.Ahead:
+                    self._go_ahead()
+                # Ahead: written here, only marked for the peer (its resync
+                # brings the data when the congestion is over).
+                first, count = blocks_of(offset, len(data))
+                disk.bitmap.set_range(first, count)
+                self._send(P.OutOfSync(offset, len(data)))
+                local_error = yield from self._local_write(offset, data)
+                if local_error:
+                    yield from self._local_io_error("write", local_error, offset, len(data))
+                    raise IOFailure(errno.EIO, f"{self.cfg.name}: local write failed while "
+                                               f"Ahead (the peer does not have it)")
+                return
         if self._replicating():
             self._seq += 1
             seq = self._seq
@@ -1258,6 +1288,41 @@ class Engine:
             # (an Inconsistent disk -- a Primary that is SyncTarget -- is not
             # a copy anyone may rely on: only the peer's counts)
             raise IOFailure(errno.EIO, f"{self.cfg.name}: the write reached no disk")
+
+    # ------------------------------------------------------------ congestion
+    def _congested(self) -> bool:
+        """on-congestion (protocol A): too much data in flight to the peer,
+        or too many activity-log extents hot."""
+        if self.cfg.on_congestion == "block" or self.cfg.protocol != "A":
+            return False
+        if self.cfg.congestion_fill:
+            in_flight = sum(p.length for p in self._pending.values())
+            if in_flight >= self.cfg.congestion_fill:
+                return True
+        disk = self.disk
+        hot = sum(1 for n in disk.al._lru.values() if n) if disk is not None else 0
+        return hot >= self.cfg.congestion_extents
+
+    def _go_ahead(self) -> None:
+        self._log("warning", "Congestion detected: going Ahead (on-congestion pull-ahead)")
+        # (the peer goes Behind and Outdated -- it must not be promoted with
+        # the data it is only told about -- and says so: pdsk follows its
+        # StateUpdate, never our assumption, or a lost Congestion packet
+        # would leave it UpToDate while we believe it fenced)
+        self._set(cstate=ConnState.Ahead)
+        self._send(P.Congestion(1))
+        self._start(self._leave_ahead(), group=self.session, name="leave-ahead")
+
+    def _leave_ahead(self):
+        """Once what was in flight has reached the peer, resync what was
+        only marked: Ahead becomes SyncSource, the peer SyncTarget."""
+        yield from _until(lambda: not self._pending)
+        yield Wait(until=self.now + 1.0)        # (as DRBD: not at once)
+        yield from _until(lambda: not self._pending)
+        if self.cstate is not ConnState.Ahead:
+            return
+        self._log("info", "Congestion over: resyncing the peer (Ahead -> SyncSource)")
+        yield from self._begin_sync_as_source(False, exchange=False)
 
     def _peer_has_it(self, pending: Pending, disk: Disk | None):
         """Wait until the peer's part of a write is done, as the protocol
@@ -1956,11 +2021,16 @@ class Engine:
             last = int(off + step >= len(raw))
             self._send(P.BitmapChunk(off, last, zlib.compress(raw[off:off + step], 1)))
 
-    def _begin_sync_as_source(self, full: bool):
+    def _begin_sync_as_source(self, full: bool, *, exchange: bool = True):
+        """Start a resync to the peer.  ``exchange``: send our bitmap and
+        merge the peer's first (after a handshake); not after Ahead, where
+        the peer was told every block by OutOfSync."""
         disk = self.disk
         if full:
             self._set(cstate=ConnState.StartingSyncS)
             disk.bitmap.set_all()
+            yield from self._persist(disk)
+        elif not exchange:
             yield from self._persist(disk)
         else:
             self._set(cstate=ConnState.WFBitMapS)
@@ -2349,7 +2419,25 @@ class Engine:
 
     def _on_out_of_sync(self, pkt: P.OutOfSync):
         self._check_peer_range(pkt.offset, pkt.length)
+        if self.cstate is ConnState.Behind and self.disk is not None:
+            # the peer is Ahead: it has the data, we resync it later (no
+            # generation of our own starts)
+            first, count = blocks_of(pkt.offset, pkt.length)
+            if self.disk.bitmap.set_range(first, count):
+                yield from self._persist(self.disk)
+            return
         yield from self._peer_lacks(pkt.offset, pkt.length)
+
+    def _on_congestion(self, pkt: P.Congestion):
+        if pkt.ahead and self.cstate is ConnState.Connected and self.disk is not None:
+            # Our data falls behind the peer's until the resync: Outdated
+            # (not promotable) from now on, as DRBD's Behind.
+            self._set(cstate=ConnState.Behind)
+            if self.dstate is DiskState.UpToDate:
+                yield from self._persist(self.disk, sb=self.disk.sb.with_flags(
+                    set_=md.F_OUTDATED))
+                self._set(dstate=DiskState.Outdated)
+                self._tell_peer_state()
 
     def _on_ping(self, pkt: P.Ping):
         self._send(P.PingAck(pkt.token))
@@ -2581,6 +2669,7 @@ class Engine:
         P.ReadRequest: _on_read_request,
         P.ReadReply: _on_read_reply,
         P.OutOfSync: _on_out_of_sync,
+        P.Congestion: _on_congestion,
         P.Ping: _on_ping,
         P.PingAck: _on_ping_ack,
         P.StateUpdate: _on_state_update,

@@ -302,6 +302,16 @@ class DataDigest(Packet):
 
 
 @dataclass(frozen=True)
+class Congestion(Packet):
+    """on-congestion pull-ahead: the sender goes Ahead (1: its writes now
+    reach this node only as OutOfSync marks, to be resynced) -- the
+    receiver is Behind until that resync starts."""
+    TYPE = 23
+    FIXED = "B"
+    ahead: int
+
+
+@dataclass(frozen=True)
 class Ping(Packet):
     TYPE = 20
     FIXED = "Q"

@@ -284,3 +284,33 @@ async def test_verify_alg_must_agree(tmp_path, nursery, caplog):
     a.connect(); b.connect()
     await wait_for(lambda: a.cstate is ConnState.StandAlone
                    and "incompatible verify-alg settings" in caplog.text, 30)
+
+
+async def test_on_congestion_pull_ahead_goes_ahead_and_resyncs(tmp_path, nursery, caplog):
+    """Protocol A with on-congestion pull-ahead: with more than
+    congestion-fill in flight the Primary goes Ahead (writes only marked for
+    the peer, which is Behind and Outdated), and once the data in flight has
+    drained it resyncs the peer; the disks end identical."""
+    caplog.set_level(logging.INFO, logger="replfs")
+    conf = make_conf(tmp_path, protocol="A",
+                     net=(("on-congestion", "pull-ahead"), ("congestion-fill", "8s")))
+    a, b = await start_pair(nursery, conf, conf)
+    a.connect(); b.connect()
+    await wait_for(lambda: a.cstate is ConnState.Connected)
+    await a.primary(force=True)
+    await wait_for(lambda: synced(a, b), 30)
+    seen = set()
+
+    async def watch():
+        while True:
+            seen.add((a.cstate, b.cstate, b.dstate))
+            await trio.sleep(0.001)
+    nursery.start_soon(watch)
+    async with trio.open_nursery() as writers:
+        for i in range(64):
+            writers.start_soon(a.write, i * 4096, os.urandom(4096))
+    assert "going Ahead" in caplog.text
+    await wait_for(lambda: synced(a, b) and a.disk.bitmap.count == 0, 30)
+    assert any(s[0] is ConnState.Ahead for s in seen), seen
+    assert any(s[1] is ConnState.Behind and s[2] is DiskState.Outdated for s in seen), seen
+    assert md5(a.me.disk, a.size) == md5(b.me.disk, b.size)

@@ -231,6 +231,14 @@ class Sim:
             al_extents=4, al_extent_size=4 * BLOCK,
             handlers=frozenset({"fence-peer"}))
             for n in self.nodes}
+        # on-congestion (protocol A only): go Ahead, or drop the link, when
+        # more than a few blocks are in flight.
+        self.congestion = opt.choice(("block", "pull-ahead", "pull-ahead", "disconnect")) \
+            if protocol == "A" else "block"
+        fill = opt.choice((2, 3, 6)) * BLOCK
+        for idx, cfg in self.cfg.items():
+            self.cfg[idx] = dataclasses.replace(cfg, on_congestion=self.congestion,
+                                                congestion_fill=fill, congestion_extents=5)
 
     # ---------------------------------------------------------- plumbing
     def fail(self, what: str) -> None:

@@ -545,11 +545,21 @@ def test_on_congestion_other_than_block_needs_protocol_a(protocol, extra, policy
                            f"on-congestion block with protocols B and C")
 
 
-def test_on_congestion_with_protocol_a_or_block_is_accepted_with_its_warning():
-    for text in (_net("  on-congestion pull-ahead;\n", "A"),
-                 _net("  on-congestion block;\n", "C")):
-        assert parse_text(text, "t.conf").warnings == (
-            "t.conf:4: warning: option 'on-congestion' is accepted but has no effect in replfs",)
+def test_on_congestion_with_protocol_a_or_block_is_accepted_and_acted_on():
+    for text, policy in ((_net("  on-congestion pull-ahead;\n  congestion-fill 128s;\n",
+                               "A"), "pull-ahead"),
+                         (_net("  on-congestion block;\n", "C"), "block")):
+        config = parse_text(text, "t.conf")
+        assert config.warnings == ()
+        res = next(iter(config.resources.values()))
+        assert res.on_congestion == policy
+    res = next(iter(parse_text(_net("  on-congestion pull-ahead;\n  congestion-fill 128s;\n",
+                                    "A"), "t.conf").resources.values()))
+    assert res.congestion_fill_bytes == 128 * 512
+    assert res.congestion_extents == res.al_extents
+    with pytest.raises(ReplfsError) as e:
+        parse_text(_net("  on-congestion drop;\n", "A"), "t.conf")
+    assert "block, pull-ahead, disconnect" in e.value.message
 
 
 # --- resync options (issue 10) -------------------------------------------------

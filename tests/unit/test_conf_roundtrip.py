@@ -31,6 +31,8 @@ def implemented_value(section: str, name: str) -> st.SearchStrategy[str]:
         return st.sampled_from(opts.ON_IO_ERROR)
     if name == "fencing":
         return st.sampled_from(opts.FENCING)
+    if name == "on-congestion":
+        return st.just("block")  # the others only with protocol A; see test_conf.py
     if name in ("csums-alg", "data-integrity-alg", "verify-alg"):
         return st.sampled_from(opts.digest_algorithms())
     if name in opts.RANGES:
