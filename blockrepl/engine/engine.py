@@ -387,6 +387,7 @@ class Engine:
         self._unrepl_inflight = 0
         self._uuid_busy = False
         self._promoting = 0            # a promotion of this node is being decided
+        self._fencing = False          # a fence-peer run for writes without the peer
         self._role_news = False        # tell the peer our role once connected
         self._deciding = False         # the handshake's decision is being made
         self._lost_after_decision: tuple | None = None
@@ -1201,6 +1202,13 @@ class Engine:
                 yield from _until(lambda: self._replicating() or not self.susp
                                   or self.fence_lost)
                 continue
+            if self._unfenced_peer():
+                # About to write what the peer will lack, and the peer was
+                # never fenced (the link was lost before a handshake ended,
+                # say): fence it first, as DRBD suspends a disconnected
+                # Primary whose peer is not known Outdated.
+                yield from self._fence_alone()
+                continue
             break
         if self.fence_lost and not self._replicating():
             raise IOFailure(errno.EIO, f"{self.cfg.name}: this node lost the fence-peer "
@@ -1715,6 +1723,31 @@ class Engine:
         if disk is not None and disk.sb.has(md.F_PEER_OUTDATED):
             yield from self._persist(disk, sb=disk.sb.with_flags(clear=md.F_PEER_OUTDATED))
 
+    def _unfenced_peer(self) -> bool:
+        return (self.role is Role.Primary and self.fencing != "dont-care"
+                and self.dstate is DiskState.UpToDate and not self.live
+                and not self._losing
+                and self.pdsk in (DiskState.DUnknown, DiskState.Consistent,
+                                  DiskState.UpToDate))
+
+    def _fence_alone(self):
+        """Have the peer fenced before writing without it (one fence-peer
+        run at a time; every writer waits for its outcome)."""
+        if not self._fencing:
+            self._fencing = True
+            if self.fencing == "resource-and-stonith":
+                self.susp = True
+                self._log("warning", "susp( 0 -> 1 ) fencing the peer before writing "
+                                     "without it")
+            self._start(self._fence_alone_flow(), name="fence-peer")
+        yield from _until(lambda: not self._fencing)
+
+    def _fence_alone_flow(self):
+        try:
+            yield from self._fence_peer()
+        finally:
+            self._fencing = False
+
     def _must_fence(self) -> bool:
         # (only a peer we were connected to: not one lost mid-handshake)
         return (self.role is Role.Primary and self.pdsk is DiskState.UpToDate
@@ -1729,6 +1762,13 @@ class Engine:
             return
         stonith = self.fencing == "resource-and-stonith"
         code = yield from self._handler("fence-peer")
+        if self.live:
+            # The peer came back while the handler ran: the handshake
+            # settled who has what (and ended the suspension); a late
+            # answer about a peer we are connected to means nothing now.
+            self._log("warning", f"fence-peer helper returned {code} after the peer was "
+                                 f"back; not applied")
+            return
         if code == 6 and stonith:
             # The peer goes on (the cluster stack chose it): this node
             # outdates itself and fails what it held.
