@@ -770,8 +770,7 @@ class Engine:
             if self.fencing != "dont-care" and not (self.live and self.cstate.is_connected) \
                     and self.pdsk in (DiskState.DUnknown, DiskState.Consistent,
                                       DiskState.UpToDate) \
-                    and self.dstate in (DiskState.UpToDate, DiskState.Consistent) \
-                    and not force:
+                    and (force or self.dstate in (DiskState.UpToDate, DiskState.Consistent)):
                 # As DRBD: with fencing, a node that cannot see its peer has
                 # the peer fenced (outdated, or shot) before it may be Primary;
                 # then Consistent data is the newest there is.
@@ -780,15 +779,21 @@ class Engine:
                 if (self.session, self.live) != link:
                     return      # the peer is back meanwhile: judged again
                 if code not in (3, 4, 5, 7):
-                    self._log("warning", f"fence-peer helper returned {code}: not "
-                                         f"becoming Primary")
-                    raise refuse(SS_PRIMARY_NOP)
-                self._log("warning", f"fence-peer helper returned {code}: peer outdated")
-                yield from self._peer_outdated()
-                if self.dstate is DiskState.Consistent and self.disk is not None:
-                    yield from self._persist(self.disk, sb=self.disk.sb.with_flags(
-                        set_=md.F_WAS_UP_TO_DATE))
-                    self._set(dstate=DiskState.UpToDate)
+                    if not force:
+                        self._log("warning", f"fence-peer helper returned {code}: not "
+                                             f"becoming Primary")
+                        raise refuse(SS_PRIMARY_NOP)
+                    # as DRBD: --force goes on, and says what it risks
+                    self._log("warning", f"fence-peer helper returned {code}: Forced into "
+                                         f"split brain situation!")
+                    self._set(pdsk=DiskState.Outdated)
+                else:
+                    self._log("warning", f"fence-peer helper returned {code}: peer outdated")
+                    yield from self._peer_outdated()
+                    if self.dstate is DiskState.Consistent and self.disk is not None:
+                        yield from self._persist(self.disk, sb=self.disk.sb.with_flags(
+                            set_=md.F_WAS_UP_TO_DATE))
+                        self._set(dstate=DiskState.UpToDate)
             check_promote(self.view(), force=force)
             if self.disk is None and not self._peer_serves():
                 raise refuse(SS_IS_DISKLESS, EXIT_NO_LOCAL_DISK)

@@ -91,3 +91,19 @@ def test_the_fence_loser_writes_nothing():
     assert h.results["w"].error != 0
     assert not any(type(a) is A.DiskWrite for a in h.log)
     assert h.e.fence_lost and h.e.dstate is DiskState.Outdated
+
+
+def test_primary_force_still_runs_fence_peer_and_says_what_it_risks():
+    cfg = EngineConfig(name="r0", node="alpha", peer="beta",
+                       fencing="resource-and-stonith", handlers=frozenset({"fence-peer"}))
+    e = Engine(cfg, new_uuid=iter(range(2 << 20, 3 << 20, 2)).__next__)
+    h = Host(e, [1])
+    sb = md.Superblock(NBLOCKS * BLOCK, Uuids(0x1000, 0, (0, 0)),
+                       md.F_CONSISTENT | md.F_OUTDATED, 0x2, 61)
+    h.run(e.attach("attach", sb, Bitmap(NBLOCKS), []))
+    h.run(e.primary("promote", force=True))
+    assert h.results["promote"].error is None
+    assert any(type(a) is A.RunHandler and a.name == "fence-peer" for a in h.log)
+    assert any(type(a) is A.Log and "Forced into split brain situation!" in a.text
+               for a in h.log)
+    assert e.role is Role.Primary and e.dstate is DiskState.UpToDate
