@@ -169,7 +169,8 @@ class Sim:
                  cut_rate: float = 0.02, max_faults: int = 4,
                  csums: str | None = None, integrity: str | None = None,
                  pause_rate: float = 0.01, corrupt_rate: float = 0.01,
-                 plan_ahead: float | None = None, min_rate: int | None = None):
+                 plan_ahead: float | None = None, min_rate: int | None = None,
+                 congestion: str | None = None):
         self.seed = seed
         self.rng = random.Random(seed)
         self.steps = steps
@@ -235,6 +236,8 @@ class Sim:
         # more than a few blocks are in flight.
         self.congestion = opt.choice(("block", "pull-ahead", "pull-ahead", "disconnect")) \
             if protocol == "A" else "block"
+        if congestion is not None:
+            self.congestion = congestion
         fill = opt.choice((2, 3, 6)) * BLOCK
         for idx, cfg in self.cfg.items():
             self.cfg[idx] = dataclasses.replace(cfg, on_congestion=self.congestion,

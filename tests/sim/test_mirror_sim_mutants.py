@@ -71,7 +71,8 @@ MUTANTS = [
     # options' variations -- fixed rate, no csums, no integrity, no pauses)
     (mutant_no_epoch_barrier, {"protocol": "A", "crash_rate": 0.05, "max_faults": 8,
                                "power": False, "csums": "", "integrity": "",
-                               "pause_rate": 0, "plan_ahead": 0, "min_rate": 0}),
+                               "pause_rate": 0, "plan_ahead": 0, "min_rate": 0,
+                               "congestion": "block"}),
     (mutant_lost_writes_not_marked_out_of_sync, {}),
     (mutant_acknowledges_while_fencing, {"dual": True}),
     (mutant_fence_loser_starts_a_generation, {"dual": True}),
