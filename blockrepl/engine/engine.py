@@ -749,10 +749,6 @@ class Engine:
         """Raise unless this node may become Primary now (may ask the peer,
         or have it fenced)."""
         try:
-            if not self.cfg.two_primaries and \
-                    self.now - self._peer_promotion_allowed_at < self.cfg.timeout + 2:
-                # we just told the peer it may become Primary
-                raise refuse(SS_TWO_PRIMARIES)
             if self.live and self.cstate.is_connected:
                 # Ask the peer first: its reply travels behind any role change
                 # it made a moment ago, so the check below sees its real role.
