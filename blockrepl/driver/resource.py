@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import logging
 import math
+import os
 import secrets
 import time
 
@@ -37,7 +38,8 @@ from ..conf.model import Host, Resource as ResourceConf
 from ..core.progress import progress_line
 from ..core.states import ConnState, DiskState, Role
 from ..engine import actions as A
-from ..engine.engine import Engine, EngineConfig, IOFailure, side_of  # noqa: F401
+from ..engine.engine import (Drop, Engine, EngineConfig, Fatal, IOFailure,  # noqa: F401
+                             side_of)
 from ..proto import packets as P
 from .disk import LocalDisk
 from .handlers import handler_env, run_handler
@@ -46,18 +48,6 @@ log = logging.getLogger("replfs.blockrepl")
 
 _LOG_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _SEND_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-
-
-class _Fatal(Exception):
-    """The connection must not be retried (authentication failed...)."""
-
-
-class _Drop(Exception):
-    """This connection attempt failed; try again."""
-
-    def __init__(self, msg: str, state: ConnState = ConnState.NetworkFailure):
-        super().__init__(msg)
-        self.state = state
 
 
 class _Channel:
@@ -89,7 +79,7 @@ class _Channel:
             if not data:
                 self.decoder.receive_data(b"")
                 self.decoder.next_packet()  # raises if closed mid-packet
-                raise _Drop("peer closed the connection", ConnState.BrokenPipe)
+                raise Drop("peer closed the connection", ConnState.BrokenPipe)
             self.decoder.receive_data(data)
 
     async def aclose(self) -> None:
@@ -143,7 +133,6 @@ class Resource:
         # mounts when after-sb call-pri-lost-after-sb discards this Primary.
         self.fence_peer_hook = None
         self.pri_lost_hook = None
-        self.devfile_proc = None
 
     # ------------------------------------------------------------ the engine's state
     @property
@@ -474,7 +463,7 @@ class Resource:
     async def _io(self, method, *args):
         done = await self._request(method, *args)
         if done.error:
-            raise BlockDeviceError(done.error, done.text or os_strerror(done.error))
+            raise BlockDeviceError(done.error, done.text or os.strerror(done.error))
         return done.data
 
     async def read(self, offset: int, length: int) -> bytes:
@@ -569,15 +558,15 @@ class Resource:
                     with trio.move_on_after(max(self.conf.timeout_s, 5)) as scope:
                         await self._hello(chan)
                     if scope.cancelled_caught:
-                        raise _Drop(f"handshake with {chan.remote} timed out")
+                        raise Drop(f"handshake with {chan.remote} timed out")
                     if not won:
                         won.append(chan)
                         ok = True
                         n.cancel_scope.cancel()
-                except _Fatal as e:
+                except Fatal as e:
                     fatal.append(f"{e} ({chan.remote})")
                     n.cancel_scope.cancel()
-                except (_Drop, P.RemoteProtocolError, ValueError, IndexError, KeyError,
+                except (Drop, P.RemoteProtocolError, ValueError, IndexError, KeyError,
                         *_SEND_ERRORS) as e:
                     log.warning("%s: handshake with %s failed: %s", self.conf.name,
                                 chan.remote, e)
@@ -626,18 +615,18 @@ class Resource:
         await chan.send(P.Hello.make(P.PROTOCOL_VERSION, nonce, self.conf.name, self.node))
         hello = await chan.recv()
         if isinstance(hello, P.Refuse):
-            raise _Drop(f"peer refused the connection: {hello.reason.decode(errors='replace')}")
+            raise Drop(f"peer refused the connection: {hello.reason.decode(errors='replace')}")
         if not isinstance(hello, P.Hello):
             raise P.RemoteProtocolError(f"expected Hello, got {type(hello).__name__}")
         res, node = hello.split_names()
         if hello.version != P.PROTOCOL_VERSION:
             await chan.send(P.Refuse(b"incompatible protocol version"))
-            raise _Drop(f"peer speaks protocol version {hello.version}, we speak "
+            raise Drop(f"peer speaks protocol version {hello.version}, we speak "
                         f"{P.PROTOCOL_VERSION}", ConnState.ProtocolError)
         if res != self.conf.name or node != self.peer.name:
             await chan.send(P.Refuse(f"expected resource {self.conf.name} node "
                                      f"{self.node}".encode()))
-            raise _Drop(f"wrong peer: connection presented resource '{res}' node '{node}', "
+            raise Drop(f"wrong peer: connection presented resource '{res}' node '{node}', "
                         f"expected resource '{self.conf.name}' node '{self.peer.name}'",
                         ConnState.ProtocolError)
         secret = (self.conf.shared_secret or "").encode()
@@ -647,7 +636,7 @@ class Resource:
             raise P.RemoteProtocolError(f"expected Auth, got {type(auth).__name__}")
         want = hmac.new(secret, nonce, hashlib.sha256).digest()
         if not hmac.compare_digest(auth.mac, want):
-            raise _Fatal("Authentication of peer failed (shared-secret mismatch); "
+            raise Fatal("Authentication of peer failed (shared-secret mismatch); "
                          "not retrying: fix the secret, then 'replfsadm connect'")
 
     async def _run_session(self, chan: _Channel) -> None:
@@ -666,7 +655,7 @@ class Resource:
                         while True:
                             pkt = await chan.recv()
                             self._call(self.engine.receive, number, pkt)
-                    except _Drop as e:
+                    except Drop as e:
                         state, why = e.state, str(e)
                     except P.RemoteProtocolError as e:
                         state, why = ConnState.ProtocolError, f"protocol error from peer: {e}"
@@ -792,10 +781,3 @@ class Resource:
                                                  elapsed, 0.0, verify=True)
         return st
 
-
-def os_strerror(code: int) -> str:
-    import os
-    try:
-        return os.strerror(code)
-    except ValueError:
-        return f"errno {code}"

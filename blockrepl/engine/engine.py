@@ -122,7 +122,6 @@ class EngineConfig:
     ping_int: float = 10.0
     ping_timeout: float = 0.5
     timeout: float = 6.0
-    connect_int: float = 10.0
     resync_rate: int = 250 * 1024 * 1024   # bytes per second (the fixed rate, and the start)
     c_plan_ahead: float = 2.0               # seconds; 0: resync_rate is a fixed rate
     c_fill_target: int = 100 * 512          # bytes in flight; 0: use c_delay_target
@@ -149,7 +148,7 @@ class EngineConfig:
             after_sb_0pri=conf.after_sb_0pri, after_sb_1pri=conf.after_sb_1pri,
             after_sb_2pri=conf.after_sb_2pri, on_io_error=conf.on_io_error,
             ping_int=conf.ping_int_s, ping_timeout=conf.ping_timeout_s,
-            timeout=conf.timeout_s, connect_int=conf.connect_int_s,
+            timeout=conf.timeout_s,
             resync_rate=conf.resync_rate_kib * 1024, c_plan_ahead=conf.c_plan_ahead_s,
             c_fill_target=conf.c_fill_target_bytes, c_delay_target=conf.c_delay_target_s,
             c_max_rate=conf.c_max_rate_kib * 1024, c_min_rate=conf.c_min_rate_kib * 1024,

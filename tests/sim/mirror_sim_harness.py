@@ -225,7 +225,7 @@ class Sim:
             name="r0", node=n.name, peer=self.nodes[1 - n.idx].name, protocol=protocol,
             two_primaries=self.dual,
             fencing="resource-and-stonith",
-            ping_int=1.0, ping_timeout=0.5, timeout=2.0, connect_int=1.0,
+            ping_int=1.0, ping_timeout=0.5, timeout=2.0,
             resync_rate=4 * 1024 * 1024, c_plan_ahead=plan, c_min_rate=min_rate,
             c_fill_target=opt.choice((100 * 512, 64 * 1024)),
             csums_alg=self.csums[n.idx], integrity_alg=integrity,
