@@ -104,6 +104,13 @@ _ANSWERS = frozenset({P.WriteAck, P.NegAck, P.RecvAck, P.FlushAck, P.PingAck,
 _DIGESTED = (P.Data, P.ResyncData, P.ReadReply)
 _CHECKED = frozenset(_DIGESTED + (P.DataDigest,))
 
+# A peer disk in one of these states holds data (and acknowledges writes).
+_DISK_HOLDS_DATA = frozenset({DiskState.UpToDate, DiskState.Inconsistent,
+                              DiskState.Consistent, DiskState.Outdated})
+
+_LOST = "lost"        # an app flush whose FlushAck cannot come any more
+_REDECIDE = "redecide"    # a write decided for no disk, and one was attached
+
 
 # ---------------------------------------------------------------- config
 @dataclass(frozen=True)
@@ -218,10 +225,26 @@ class Pending:
     disk: Disk | None = None       # whose activity log still covers it
     extents: tuple = (0, -1)
     acked: bool = False            # the peer's disk has it
+    acked_uptodate: bool = False   # ... and that disk was UpToDate then
     received: bool = False         # the peer has it (protocol B)
     done: bool = False
     abandoned: bool = False        # held while fencing, then the peer came back
     local_ok: bool = False         # the local disk has it
+
+
+@dataclass(eq=False)
+class _Join:
+    """A disk attached under a live connection, waiting for the peer's
+    AttachReply.  result: None while waiting, then whether it joined."""
+    disk: Disk
+    dstate: DiskState
+    result: bool | None = None
+    reason: str = ""
+    error: int = 0                 # the disk failed while joining (errno)
+    # our writes that went to the peer only while the join was under way:
+    # the peer may not have marked them (it may have taken our Params
+    # first), so the new disk's bitmap does
+    missed: list = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -362,13 +385,27 @@ class Engine:
         self._sent_params: P.Params | None = None
         self.peer_params: P.Params | None = None
         self._peer_bitmap_done = False
+        self._joining: _Join | None = None     # a disk attached under the live connection
+        self._joined_unmerged = False          # ... joined; the peer's bitmap not yet merged
+        self._peer_joining = False             # the peer's attached disk joins; no bitmap yet
+        self.ed_uuid = 0                       # see _note_exposed_data
+        self._disk_failed = False              # a local disk failed; none attached since
+        # Writes completed with only this disk's volatile cache holding them
+        # (no UpToDate peer acknowledged them), and how many of those a
+        # completed flush covers.  A disk failure with some not covered
+        # fails the next flush once (as Linux reports a writeback error).
+        self._lone_writes = 0
+        self._lone_flushed = 0
+        self._writeback_error = False
         self._quiesce = 0              # handshakes agreeing generation/bitmap
         # Write path.
         self._seq = 0
         self._epoch = 0                # epoch of the writes being sent
         self._epoch_closed = False     # a write completed since the last send
         self._pending: dict[int, Pending] = {}
-        self._flushes: dict[int, bool] = {}
+        # app flushes waiting for the peer's FlushAck: False while waiting,
+        # True once it came, _LOST if the peer's disk or the link went first
+        self._flushes: dict[int, object] = {}
         # The transfer log: writes the peer acknowledged but may still hold
         # only in a volatile cache (its disk's, or its page cache before a
         # power failure).  A FlushAck for a Flush sent after them proves
@@ -446,6 +483,7 @@ class Engine:
                 self._log("info", f"{word}( {old.value} -> {new.value} )")
                 setattr(self, attr, new)
         assert not changes, f"unknown state fields {sorted(changes)}"
+        self._note_exposed_data()
         if self.fence_lost and self.dstate is DiskState.UpToDate:
             # resynced from the winner: the lost decision is behind us
             self.fence_lost = False
@@ -453,6 +491,19 @@ class Engine:
                 self._log("warning", "susp( 1 -> 0 ) resynced after a lost fence-peer "
                                      "decision")
             self.susp = False
+
+    def _note_exposed_data(self, peer_current: int = 0) -> None:
+        """ed_uuid, as DRBD's: the generation of the data this Primary
+        serves -- its own disk's, or (without one) the peer's it last
+        connected to.  A Primary that lost its disk may connect only to a
+        peer with that data or data grown from it (_session_main)."""
+        if self.role is not Role.Primary:
+            return
+        disk = self.disk
+        if disk is not None and self.dstate in (DiskState.UpToDate, DiskState.Consistent):
+            self.ed_uuid = disk.sb.uuids.current
+        elif disk is None and peer_current:
+            self.ed_uuid = peer_current
 
     def _send(self, pkt: P.Packet) -> None:
         if self.live:
@@ -499,9 +550,9 @@ class Engine:
     def _digest_ok(mine: bytes, theirs: bytes) -> bool:
         return mine == theirs
 
-    def _tell_peer_state(self) -> None:
+    def _tell_peer_state(self, dstate: DiskState | None = None) -> None:
         if self.live and self.cstate.is_connected:
-            self._send(P.StateUpdate(_role_code(self.role), _disk_code(self.dstate)))
+            self._send(P.StateUpdate(_role_code(self.role), _disk_code(dstate or self.dstate)))
 
     def view(self) -> View:
         return View(self.role, self.peer_role, self.dstate, self.pdsk, self.cstate,
@@ -568,6 +619,12 @@ class Engine:
         if err:
             disk.bitmap.mark_all_pages_dirty()
             disk.sb_dirty = disk.sb_dirty or sbw is not None
+            if self.disk is disk:
+                # A meta-data write that fails is a local I/O error like any
+                # other (on-io-error): with detach, the disk goes at once --
+                # a write waiting for this activity-log transaction, or for
+                # these bits to be on disk, must not be issued to it.
+                yield from self._local_io_error("meta-data write", err, 0, 0)
             raise MetaIOError(err)
 
     def _op(self, op, gen):
@@ -637,8 +694,22 @@ class Engine:
     def _attach(self, sb, bitmap, al_extents):
         if self.disk is not None:
             return
+        if self.dstate is DiskState.Failed:
+            self._emit(ReleaseDisk())
+            raise ReplfsError(f"{self.cfg.name}: the failed disk is still being detached; "
+                              f"try again in a moment", EXIT_STATE)
         disk = Disk(sb, bitmap, self.cfg.al_extents)
         nblocks = len(bitmap)
+        if self.role is Role.Primary and not self._may_join_live(disk):
+            # (DRBD: "Can only attach to data with current UUID") A Primary
+            # without a disk serves its peer's data; a disk attached now
+            # may be older than that -- it missed what was written while
+            # it was away -- and only the peer can say by how much.
+            self._emit(ReleaseDisk())
+            raise ReplfsError(
+                f"{self.cfg.name}: State change failed: this node is Primary without a "
+                f"disk: a disk can only be attached while Connected to an UpToDate peer "
+                f"(it then resyncs from it); or demote this node first", EXIT_STATE)
         if sb.has(md.F_PRIMARY):
             # Went down while Primary: blocks of every hot extent may
             # differ from the peer's copy.
@@ -660,28 +731,92 @@ class Engine:
             self._set(dstate=DiskState.Diskless)
             self._emit(ReleaseDisk())
             raise
+        ds = self._attached_state(disk.sb)
+        if self._may_join_live(disk):
+            if (yield from self._join_live(disk, ds)):
+                return
+        if self.role is Role.Primary:
+            # The peer refused, or the link went while the disk was being
+            # prepared: the rule checked at the start holds.
+            self._set(dstate=DiskState.Diskless)
+            self._emit(ReleaseDisk())
+            raise ReplfsError(f"{self.cfg.name}: State change failed: this node is Primary "
+                              f"without a disk and the peer did not take the attached disk "
+                              f"as SyncTarget (see the log); demote this node first",
+                              EXIT_STATE)
+        if self._disk_failed and ds in (DiskState.UpToDate, DiskState.Consistent):
+            # A disk that failed under this node and is attached again
+            # without its peer: what it missed is known only to the peer
+            # (it could not even record that it failed).  Outdated until it
+            # has resynced from it: never promoted on its own.
+            try:
+                yield from self._persist(disk, sb=disk.sb.with_flags(set_=md.F_OUTDATED))
+            except MetaIOError:
+                self._set(dstate=DiskState.Diskless)
+                self._emit(ReleaseDisk())
+                raise
+            self._log("warning", "this disk failed earlier: Outdated until it has resynced "
+                                 "from the peer")
+            ds = DiskState.Outdated
+        self._disk_failed = False
         self.disk = disk
         self.size = sb.data_size
-        if not sb.has(md.F_CONSISTENT):
-            ds = DiskState.Inconsistent
-        elif sb.has(md.F_OUTDATED):
-            ds = DiskState.Outdated
-        elif sb.has(md.F_WAS_UP_TO_DATE) and (not self.cfg.fencing
-                                              or self.cfg.fencing == "dont-care"
-                                              or sb.has(md.F_PEER_OUTDATED)):
-            ds = DiskState.UpToDate
-        else:
-            # As DRBD: with fencing, data not known to be newer than the
-            # peer's is only Consistent until the pair connects or the peer
-            # is fenced (a node that rebooted alone may have missed writes
-            # the peer made after fencing it).
-            ds = DiskState.Consistent
         self._set(dstate=ds)
         self._tell_peer_state()
         if self.live:
             # A disk attached under a live connection (or during its
-            # handshake, which told the peer there was none): agree afresh.
+            # handshake, which told the peer there was none) that the peer
+            # would not resync in place: agree afresh.
             self._end_session(ConnState.NetworkFailure, False, "disk attached: reconnecting")
+
+    def _attached_state(self, sb: md.Superblock) -> DiskState:
+        """The state a disk with this superblock has when it is attached."""
+        if not sb.has(md.F_CONSISTENT):
+            return DiskState.Inconsistent
+        if sb.has(md.F_OUTDATED):
+            return DiskState.Outdated
+        if sb.has(md.F_WAS_UP_TO_DATE) and (not self.cfg.fencing
+                                           or self.cfg.fencing == "dont-care"
+                                           or sb.has(md.F_PEER_OUTDATED)):
+            return DiskState.UpToDate
+        # As DRBD: with fencing, data not known to be newer than the peer's
+        # is only Consistent until the pair connects or the peer is fenced
+        # (a node that rebooted alone may have missed writes the peer made
+        # after fencing it).
+        return DiskState.Consistent
+
+    def _may_join_live(self, disk: Disk) -> bool:
+        """A disk attached while Connected to an UpToDate peer (a disk that
+        failed and came back, say) is offered to the peer as SyncTarget on
+        the same connection, as DRBD does: dropping the connection instead
+        would make a Primary peer fence this node."""
+        return (self.live and self.cstate is ConnState.Connected
+                and self.pdsk is DiskState.UpToDate and self._joining is None
+                and disk.sb.data_size == self.size)
+
+    def _join_live(self, disk: Disk, ds: DiskState):
+        """Send the attached disk's Params on the live connection and wait
+        for the peer's AttachReply (_on_attach_reply installs the disk).
+        True: joined; False: the caller attaches it the old way."""
+        session = self.session
+        join = _Join(disk, ds)
+        join.missed = [(p.offset, p.length) for p in self._pending.values() if p.disk is None]
+        self._joining = join
+        try:
+            self._log("info", "disk attached while connected: asking the peer to resync it")
+            self._send(self._my_params(disk, ds))
+            yield from _until(lambda: join.result is not None or self.session != session
+                              or not self.live)
+        finally:
+            self._joining = None
+        if join.error:
+            raise MetaIOError(join.error)
+        if join.result is None:
+            return False        # the link went first
+        if not join.result:
+            self._log("warning", f"the peer will not resync the attached disk on this "
+                                 f"connection ({join.reason}): reconnecting")
+        return join.result
 
     def detach(self, op) -> list:
         self._start(self._op(op, self._detach()), name="detach")
@@ -698,6 +833,7 @@ class Engine:
             raise refuse(SS_RESYNC_RUNNING)
         yield from _until(lambda: not len(self._ranges) and not self.lo)
         disk, self.disk = self.disk, None
+        self._tell_peer_state(DiskState.Diskless)    # (before any write goes to it alone)
         try:
             yield from self._persist(disk)
         finally:
@@ -737,6 +873,8 @@ class Engine:
             # agreed to (or could not object to) is stale; judge again.
             self._log("info", "connection changed during promotion; checking again")
         self._set(role=Role.Primary)
+        if self.peer_params is not None and self.live:
+            self._note_exposed_data(self.peer_params.current)
         self._tell_peer_state()
         if force and self.cstate is ConnState.Connected and self.pdsk in (
                 DiskState.Inconsistent, DiskState.Outdated, DiskState.Consistent):
@@ -867,7 +1005,9 @@ class Engine:
         return self._drain()
 
     def _new_generation(self, *, force: bool = False):
-        """Start a new data generation: writes from here on are not on the peer."""
+        """Start a new data generation: writes from here on are not on the
+        peer.  Returns once it is on disk (also when another flow started
+        it); a no-op when the generation has moved on already."""
         yield from _until(lambda: not self._uuid_busy)
         disk = self.disk
         if disk is None:
@@ -884,6 +1024,7 @@ class Engine:
             self._uuid_busy = False
         self._log("info", "new current UUID %016X (bitmap UUID %016X)"
                   % (disk.sb.uuids.current, disk.sb.uuids.bitmap))
+        self._note_exposed_data()
 
     def _was_primary(self) -> bool:
         """Was this node Primary when the generation being left began to
@@ -1045,6 +1186,10 @@ class Engine:
         if offset < 0 or length < 0:
             raise IOFailure(errno.EINVAL, "negative offset or length")
         length = max(0, min(length, self.size - offset))
+        if disk is not None and self._joined_unmerged:
+            # (joined under the live connection: until the peer's bitmap is
+            # merged, this one does not say which blocks are stale)
+            return (yield from self._remote_read(offset, length))
         if disk is not None and self.dstate is DiskState.Inconsistent:
             first, count = blocks_of(offset, length)
             if any(disk.bitmap.test(b) for b in range(first, first + count)):
@@ -1108,15 +1253,20 @@ class Engine:
         try:
             token = yield from self._lock_range(lock_start, lock_end)
             self._app_writes[token] = (offset, offset + len(data))
-            disk = self._require_io()   # may have changed while we waited
-            if disk is None:
-                yield from self._replicated_write(None, offset, data)
-                return None
-            target = self.dstate is DiskState.Inconsistent
-            if target:
-                offset, data = yield from self._fill_stale_blocks(disk, offset, data)
-            e_first, e_last = self._extents_of(offset, len(data))
-            yield from self._al_begin(disk, e_first, e_last)
+            while True:
+                disk = self._require_io()   # may have changed while we waited
+                if disk is None:
+                    if (yield from self._replicated_write(None, offset, data)) is _REDECIDE:
+                        continue    # a disk was attached meanwhile
+                    return None
+                target = self.dstate is DiskState.Inconsistent
+                if target:
+                    offset, data = yield from self._fill_stale_blocks(disk, offset, data)
+                e_first, e_last = self._extents_of(offset, len(data))
+                if (yield from self._al_begin(disk, e_first, e_last)):
+                    break
+                # (the disk was detached while this write waited for the
+                # activity log: decide again where it goes)
             sent: list[Pending] = []
             try:
                 yield from self._replicated_write(disk, offset, data, sent)
@@ -1154,9 +1304,13 @@ class Engine:
         return start, bytes(current)
 
     def _al_begin(self, disk: Disk, first: int, last: int):
-        """Make extents [first, last] hot, and durably so before the write."""
+        """Make extents [first, last] hot, and durably so before the write.
+        True once they are; False (nothing held) if the disk was detached
+        while waiting for room."""
         mine = set(range(first, last + 1))
         while True:
+            if self.disk is not disk:
+                return False
             before = set(disk.al.extents)
             try:
                 changed = disk.al.begin(first, last)
@@ -1164,18 +1318,27 @@ class Engine:
             except ActivityLogFull:
                 self._barrier()     # (acknowledged writes hold extents until durable)
                 in_flight = disk.al.in_flight()
-                yield Wait(lambda: disk.al.in_flight() < in_flight)
+                yield Wait(lambda: disk.al.in_flight() < in_flight or self.disk is not disk)
         if changed:
             added = mine - before
             disk.al_unsettled |= added
             try:
                 yield from self._persist(disk, al=True)
+            except MetaIOError:
+                disk.al.end(first, last)
+                if self.disk is not disk:
+                    return False        # detached (_persist): decide again
+                raise
             finally:
                 disk.al_unsettled -= added
         else:
             # Hot already, but perhaps only by a transaction still being
             # written: a crash now must still find the extent in the log.
-            yield from _until(lambda: self._al_settled(disk, mine))
+            yield from _until(lambda: self._al_settled(disk, mine) or self.disk is not disk)
+        if self.disk is not disk:
+            disk.al.end(first, last)
+            return False
+        return True
 
     def _extents_of(self, offset: int, length: int) -> tuple[int, int]:
         """The first and last activity-log extent a byte range touches."""
@@ -1195,6 +1358,8 @@ class Engine:
                               and self.cstate not in _HOLD_WRITES)
             if self._replicating() or self.fence_lost:
                 break
+            if disk is None and self.disk is not None:
+                return _REDECIDE
             if self.susp:
                 # Not replicable while the peer is being fenced: wait for the
                 # decision (or the peer's return), since the generation may
@@ -1242,6 +1407,7 @@ class Engine:
                     yield from self._local_io_error("write", local_error, offset, len(data))
                     raise IOFailure(errno.EIO, f"{self.cfg.name}: local write failed while "
                                                f"Ahead (the peer does not have it)")
+                self._lone_writes += 1
                 return
         if self._replicating():
             self._seq += 1
@@ -1251,7 +1417,11 @@ class Engine:
                 # may depend on it, so it starts a new epoch.
                 self._epoch += 1
                 self._epoch_closed = False
+            if disk is None and self.disk is not None:
+                return _REDECIDE
             pending = Pending(offset, len(data), self._epoch, self.now)
+            if disk is None and self._joining is not None:
+                self._joining.missed.append((offset, len(data)))
             if disk is not None:
                 # The activity log covers this write until the peer has it
                 # (WriteAck) or the bitmap records that it does not.
@@ -1292,10 +1462,18 @@ class Engine:
                 raise IOFailure(errno.EIO, f"{self.cfg.name}: local write failed and there "
                                            f"is no peer to hold it")
             yield from _until(lambda: pending.done)
-        if (local_error or disk is None or target) and not (pending and pending.acked):
-            # (an Inconsistent disk -- a Primary that is SyncTarget -- is not
-            # a copy anyone may rely on: only the peer's counts)
+        if (local_error or disk is None or target) and not (pending and pending.acked_uptodate):
+            # (an Inconsistent disk -- a Primary that is SyncTarget, or a
+            # peer that is -- is not a copy anyone may rely on: only an
+            # UpToDate peer's counts)
             raise IOFailure(errno.EIO, f"{self.cfg.name}: the write reached no disk")
+        if not (pending and pending.acked_uptodate):
+            if self.disk is not disk:
+                # written, but the disk failed (detached) before the write
+                # could complete: its cache may not have kept it
+                raise IOFailure(errno.EIO, f"{self.cfg.name}: the local disk failed before "
+                                           f"the write completed, and no peer has it")
+            self._lone_writes += 1      # only this disk's volatile cache has it
 
     # ------------------------------------------------------------ congestion
     def _congested(self) -> bool:
@@ -1363,20 +1541,28 @@ class Engine:
         disk = self.disk
         if disk is None:
             return
-        if not disk.sb.uuids.bitmap and self.role is Role.Primary:
-            yield from self._new_generation()
+        # (the bits first: a flow cancelled in the wait below -- an answer
+        # flow when the session ends -- must not lose them)
         first, count = blocks_of(offset, length)
         disk.bitmap.set_range(first, count)
+        if self.role is Role.Primary:
+            # (called even when the bitmap UUID is set: it may be one whose
+            # write is still in flight, and this write must not complete
+            # before the new generation is on disk)
+            yield from self._new_generation()
 
     def _peer_lacks(self, offset: int, length: int):
         """The peer's disk does not have this range (it failed or is gone)."""
         disk = self.disk
         if disk is None:
             return
-        if not disk.sb.uuids.bitmap:
-            yield from self._new_generation()
         first, count = blocks_of(offset, length)
-        if disk.bitmap.set_range(first, count):
+        changed = disk.bitmap.set_range(first, count)   # (first: see _mark_unreplicated)
+        if self.dstate is DiskState.UpToDate:       # (see _mark_unreplicated)
+            # (an Inconsistent disk holds no generation of its own to move
+            # on from: the blocks are only marked)
+            yield from self._new_generation()
+        if changed:
             # This node may be the only one that knows: persist before the
             # write that made it so is acknowledged.
             yield from self._persist(disk)
@@ -1394,6 +1580,7 @@ class Engine:
 
     def _flush(self):
         disk = self._require_io()
+        covers = self._lone_writes
         seq = None
         if self._replicating() and (self.cfg.protocol != "A" or disk is None):
             self._seq += 1
@@ -1416,10 +1603,20 @@ class Engine:
             elif seq is None:
                 raise IOFailure(errno.EIO, f"{self.cfg.name}: no UpToDate disk reachable")
             if seq is not None:
-                yield from _until(lambda: self._flushes.get(seq, True))
+                yield from _until(lambda: self._flushes.get(seq, True) is not False)
+                if disk is None and self._flushes.get(seq) is _LOST:
+                    raise IOFailure(errno.EIO, f"{self.cfg.name}: flush: the peer's disk "
+                                               f"went away before it confirmed, and this "
+                                               f"node has none")
         finally:
             if seq is not None:
                 self._flushes.pop(seq, None)
+        if self._writeback_error:
+            self._writeback_error = False
+            self._lone_flushed = self._lone_writes
+            raise IOFailure(errno.EIO, f"{self.cfg.name}: flush: the local disk failed with "
+                                       f"writes no peer had confirmed; they may be lost")
+        self._lone_flushed = max(self._lone_flushed, covers)
         return None
 
     def _keep_until_durable(self, p: Pending) -> bool:
@@ -1451,14 +1648,28 @@ class Engine:
             "Passing the error on." if policy == "pass_on" else "Detaching..."))
         if policy == "call-local-io-error":
             yield from self._handler("local-io-error")
-        if policy == "pass_on" or self.disk is None:
+        if policy == "pass_on":
             return
         # The peer must resync this range (and everything the disk misses
-        # from now on) into this disk should it come back.
-        if self.cstate.is_connected:
+        # from now on) into this disk should it come back -- also for an
+        # I/O that fails after the disk was given up (it was issued before).
+        if self.cstate.is_connected and self.pdsk in _DISK_HOLDS_DATA and length:
             self._send(P.OutOfSync(offset, length))
+        if self.disk is None:
+            return
         disk, self.disk = self.disk, None
+        self._disk_failed = True
+        if self._lone_writes > self._lone_flushed:
+            self._writeback_error = True
         self._set(dstate=DiskState.Failed)
+        # Told at once, before anything else is sent: from here on our
+        # writes go to the peer alone, and it must know that of each.
+        self._tell_peer_state()
+        # (a flow of its own: the flow that met the error may be one the
+        # end of a session cancels, and the disk must be released anyway)
+        self._start(self._release_failed_disk(disk), name="release-failed-disk")
+
+    def _release_failed_disk(self, disk: Disk):
         try:
             yield from self._persist(disk, sb=disk.sb.with_flags(clear=md.F_CONSISTENT))
         except MetaIOError:
@@ -1600,6 +1811,8 @@ class Engine:
         self.live = False
         self.peer_isp = False
         self._rx_digest = None
+        self._joined_unmerged = False
+        self._peer_joining = False
         self._role_at_split = self.role
         if close:
             self._emit(CloseConnection(session, why))
@@ -1664,7 +1877,8 @@ class Engine:
                     if self.susp and not p.acked:
                         self._held.append(p)
                 for seq in self._flushes:
-                    self._flushes[seq] = True
+                    if self._flushes[seq] is False:
+                        self._flushes[seq] = _LOST
                 for box in self._reads.values():
                     if not box:
                         box.append(errno.EIO)
@@ -1774,15 +1988,19 @@ class Engine:
             # outdates itself and fails what it held.
             self._log("warning", "fence-peer helper returned 6 (peer is primary, "
                                  "outdating myself)")
-            self.fence_lost = True
             self.last_event = "fence-peer: this node lost; disk Outdated"
+            if self.disk is not None:
+                # (Outdated in memory first: while the meta-data is being
+                # written this disk must not count as UpToDate anywhere --
+                # _set takes an UpToDate disk with fence_lost as resynced)
+                self._set(dstate=DiskState.Outdated)
+            self.fence_lost = True
             if self.disk is not None:
                 try:
                     yield from self._persist(self.disk, sb=self.disk.sb.with_flags(
                         set_=md.F_OUTDATED))
                 except MetaIOError as e:
                     self._log("error", f"cannot record Outdated: {e}")
-                self._set(dstate=DiskState.Outdated)
             self._start(self._demote_when_unused(), name="demote-when-unused")
             return
         if code in (3, 4, 5, 7):
@@ -1824,18 +2042,22 @@ class Engine:
             raise Drop("handshake timed out", ConnState.Timeout)
         return self._rx.popleft()
 
-    def _my_params(self) -> P.Params:
-        disk = self.disk
+    def _my_params(self, disk: Disk | None = None, dstate: DiskState | None = None
+                   ) -> P.Params:
+        """What this node tells the peer in a handshake (or, with ``disk``,
+        about a disk attached under a live connection)."""
+        if disk is None:
+            disk, dstate = self.disk, self.dstate
         proto = self.cfg.protocol.encode()
         common = (proto, int(self.cfg.two_primaries), int(self.discard_my_data),
-                  _role_code(self.role), _disk_code(self.dstate))
+                  _role_code(self.role), _disk_code(dstate))
         alg = (self._integrity or "").encode()
         valg = (self.cfg.verify_alg or "").encode()
         if disk is None:
             return P.Params(*common, 0, 0, 0, 0, 0, 0, 0, 0, alg, valg)
         u = disk.sb.uuids
         flags = 0
-        if self.dstate is DiskState.Inconsistent:
+        if dstate is DiskState.Inconsistent:
             flags |= P.PF_INCONSISTENT
         if disk.crashed_primary:
             flags |= P.PF_CRASHED_PRIMARY
@@ -1878,6 +2100,17 @@ class Engine:
                         f"ours ({self.size} bytes); resizing is not supported")
         self.peer_params = params
         self._set(peer_role=_peer_role(params.role), pdsk=_peer_disk(params.disk))
+        if self.role is Role.Primary and self.disk is None and self.ed_uuid \
+                and params.data_size:
+            # (DRBD: "Can only connect to data with current UUID") The data
+            # this diskless Primary served may be newer than the peer's
+            # disk: one that missed writes must not take new ones.
+            ed = self.ed_uuid & ~1
+            if (params.current & ~1) != ed and (params.bitmap & ~1) != ed:
+                raise Fatal(f"Can only connect to data with current UUID={self.ed_uuid:016X} "
+                            f"(this node is Primary without a disk; the peer's data is "
+                            f"{params.current:016X})")
+            self._note_exposed_data(params.current)
         self._deciding = True
         try:
             decision, split_brain = self._decide(params)
@@ -1932,7 +2165,10 @@ class Engine:
         else:
             self._set(cstate=ConnState.Connected)
         self._quiesce = 0
-        if self._role_news:
+        sp = self._sent_params
+        if self._role_news or sp.role != _role_code(self.role) \
+                or sp.disk != _disk_code(self.dstate):
+            # (changed since our Params went out: told now, or never)
             self._role_news = False
             self._tell_peer_state()
         if self.user_isp:
@@ -2177,6 +2413,7 @@ class Engine:
         disk = self.disk
         if pkt.full:
             disk.bitmap.set_all()
+        self._joined_unmerged = False
         yield from self._persist(disk, sb=disk.sb.with_flags(clear=md.F_CONSISTENT))
         self._sync = SyncRun("target", disk.bitmap.count, self.now)
         self._set(cstate=self._sync_state(), dstate=DiskState.Inconsistent)
@@ -2360,7 +2597,14 @@ class Engine:
         self.ua += 1
         if self.cfg.protocol == "B":
             self._send(P.RecvAck(pkt.seq))
-        self._start(self._apply_peer_write(self.session, pkt, token), name="peer-write")
+        # Whether the sender wrote this to a disk of its own is what its
+        # state was when it sent it -- the state now, in stream order --,
+        # not when our write completes.  While a peer that just attached a
+        # disk joins, its Data may still be writes it did without it.
+        only_copy = self.pdsk in (DiskState.Diskless, DiskState.Failed) \
+            or self._peer_joining
+        self._start(self._apply_peer_write(self.session, pkt, token, only_copy),
+                    name="peer-write")
 
     def _epoch_barrier(self, epoch: int):
         """A write of a new epoch starts only once every write of the
@@ -2369,19 +2613,21 @@ class Engine:
             yield from _until(lambda: not len(self._recv_ranges))
             self._recv_epoch = epoch
 
-    def _apply_peer_write(self, session: int, pkt: P.Data, token: int):
+    def _apply_peer_write(self, session: int, pkt: P.Data, token: int, only_copy: bool):
         failed = 0
         try:
             disk = self.disk
             if disk is None:
                 failed = errno.EIO
             else:
-                failed = yield from self._local_write(pkt.offset, pkt.data)
-                if not failed and self.pdsk in (DiskState.Diskless, DiskState.Failed):
-                    # The sender has no disk: this is the only copy.
+                if only_copy:
+                    # The sender has no disk: this will be the only copy.
+                    # Recorded (durably) before it is written: a crash
+                    # between the two must not leave data no bitmap knows.
                     yield from self._peer_lacks(pkt.offset, len(pkt.data))
+                failed = yield from self._local_write(pkt.offset, pkt.data)
         except MetaIOError as e:
-            failed = e.errno      # written, but what the peer lacks is not recorded
+            failed = e.errno      # what the peer lacks could not be recorded
         finally:
             self._recv_ranges.remove(token)
             self._recv_slots -= 1
@@ -2401,11 +2647,17 @@ class Engine:
         if p is None:
             return
         p.acked = type(pkt) is P.WriteAck
+        p.acked_uptodate = p.acked and self.pdsk is DiskState.UpToDate
         kept = p.acked and self.disk is not None and self._keep_until_durable(p)
         try:
             if type(pkt) is P.NegAck and self.disk is not None:
                 self._log("error", "peer failed to write %d bytes at %d (errno %d); marking "
                           "out of sync" % (p.length, p.offset, pkt.errno))
+                if self.live and self.cstate.is_connected and self.pdsk is DiskState.Inconsistent:
+                    # The peer's disk is joining as SyncTarget (it failed
+                    # this write before it had one): it must mark the range
+                    # too, or it drops the resync of it as not needed.
+                    self._send(P.OutOfSync(p.offset, p.length))
                 yield from self._mark_unreplicated(p.offset, p.length)
                 yield from self._persist(self.disk)
         finally:
@@ -2424,7 +2676,14 @@ class Engine:
             err = yield self._issue(DiskFlush)
             if err:
                 yield from self._local_io_error("flush (peer)", err, 0, 0)
-                raise Drop("local flush failed")
+                if self.disk is not None:
+                    # (on-io-error pass_on: the disk stays, and the peer
+                    # cannot be told which writes it may have lost)
+                    raise Drop("local flush failed")
+                # Detached: the StateUpdate sent before this answer tells
+                # the peer that what it asked to make durable is not here
+                # (_on_peer_lost_disk marks it), so no FlushAck follows.
+                return
         self._send(P.FlushAck(pkt.seq))
 
     def _on_flush_ack(self, pkt: P.FlushAck):
@@ -2458,6 +2717,8 @@ class Engine:
             read.append(pkt.data)
 
     def _on_out_of_sync(self, pkt: P.OutOfSync):
+        if self.disk is None:
+            return      # (sent before our StateUpdate said we have no disk)
         self._check_peer_range(pkt.offset, pkt.length)
         if self.cstate is ConnState.Behind and self.disk is not None:
             # the peer is Ahead: it has the data, we resync it later (no
@@ -2486,10 +2747,116 @@ class Engine:
         return None
 
     def _on_state_update(self, pkt: P.StateUpdate):
+        had_disk = self.pdsk in _DISK_HOLDS_DATA
         self._set(peer_role=_peer_role(pkt.role), pdsk=_peer_disk(pkt.disk))
         if self.peer_role is Role.Primary:
             # the promotion we allowed is done; peer_role tells from now on
             self._peer_promotion_allowed_at = -math.inf
+        if had_disk and self.pdsk in (DiskState.Diskless, DiskState.Failed):
+            yield from self._on_peer_lost_disk()
+
+    def _on_peer_lost_disk(self):
+        """The peer detached its disk (it failed, or an admin detached it).
+        What it acknowledged but had not made durable may be gone with it:
+        marked out of sync here, as after a lost link, in a new generation
+        (this disk is the only copy from now on); app flushes waiting for
+        its FlushAck are answered by this node's disk alone."""
+        unstable = list(self._unstable)
+        self._unstable.clear()
+        self._unstable_dropped = self._unstable_added
+        self._flush_marks.clear()
+        for seq in self._flushes:
+            if self._flushes[seq] is False:
+                self._flushes[seq] = _LOST
+        try:
+            disk = self.disk
+            if disk is not None:
+                if self.dstate is DiskState.UpToDate and not disk.sb.uuids.bitmap:
+                    yield from self._new_generation()
+                self._mark_lost([(p.offset, p.length) for p in unstable])
+                yield from self._persist(disk)
+        except MetaIOError as e:
+            yield from self._local_io_error("meta-data write", e.errno, 0, 0)
+        finally:
+            for p in unstable:
+                self._al_release(p)
+
+    def _on_params(self, params: P.Params):
+        """Params on an established connection: the peer attached a disk
+        and asks to join as SyncTarget (_join_live).  Accepted when this
+        node's disk is UpToDate, nothing else is going on, and the UUIDs
+        say the peer's disk is behind ours or the same generation; the
+        resync exchanges both bitmaps (their union is resynced).  Anything
+        else -- a split brain, the peer's data newer -- is left to a full
+        handshake: the peer reconnects."""
+        reason = None
+        if self.disk is None or self.dstate is not DiskState.UpToDate:
+            reason = f"this node's disk is {self.dstate.value}"
+        elif self.cstate is not ConnState.Connected or self._sync or self._verify:
+            reason = f"this node is busy ({self.cstate.value})"
+        elif self.pdsk not in (DiskState.Diskless, DiskState.Failed):
+            reason = f"the peer's disk was {self.pdsk.value}"
+        elif params.data_size != self.size:
+            reason = (f"the disk's size ({params.data_size} bytes) differs from "
+                      f"ours ({self.size} bytes)")
+        else:
+            me = side_of(self._my_params(), self.cfg.node)
+            peer = side_of(params, self.cfg.peer)
+            decision = compare(me, peer)
+            self._log("info", f"uuid_compare: {decision.value} for the disk the peer attached "
+                              f"(me {me.uuids.show()}, peer {peer.uuids.show()})")
+            if decision is not Decision.NO_SYNC and not decision.i_am_source:
+                reason = f"the UUIDs say {decision.value}"
+        if reason is not None:
+            self._log("warning", f"the peer attached a disk; not resyncing it on this "
+                                 f"connection: {reason}")
+            self._send(P.AttachReply(0, 0, reason.encode()))
+            return
+        full = decision.i_am_source and decision.full
+        self.peer_params = params
+        self._peer_bitmap_done = False
+        self._peer_joining = True
+        self._send(P.AttachReply(1, int(full)))
+        # From here on writes go to the peer's disk too; what it misses is
+        # in the bitmaps the resync exchanges.
+        self._set(pdsk=DiskState.Inconsistent)
+        self._log("info", "the peer attached its disk: %s resync" % (
+            "full" if full else "bitmap"))
+        self._start(self._begin_sync_as_source(full), group=self.session, name="join-sync")
+
+    def _on_attach_reply(self, pkt: P.AttachReply):
+        join = self._joining
+        if join is None or join.result is not None:
+            raise P.RemoteProtocolError("AttachReply without an attach waiting for it")
+        if not pkt.result:
+            join.reason = pkt.reason.decode(errors="replace")
+            join.result = False
+            return
+        disk = join.disk
+        try:
+            # (in this handler: the peer's bitmap and data follow at once)
+            yield from self._persist(disk, sb=disk.sb.with_flags(clear=md.F_CONSISTENT))
+        except MetaIOError as e:
+            self._emit(ReleaseDisk())
+            self._set(dstate=DiskState.Diskless)
+            join.error = e.errno
+            join.result = False
+            raise Drop("the attached disk failed while joining") from None
+        self.disk = disk
+        self.size = disk.sb.data_size
+        self._joined_unmerged = True
+        join.result = True
+        # Our writes that went to the peer alone while we joined (none
+        # starts from here on: they see the disk) are marked at once ...
+        self._mark_lost(join.missed)
+        self._set(dstate=DiskState.Inconsistent)
+        self._tell_peer_state()
+        # ... and the bitmap goes out only once the peer has them all, so
+        # that the resync it starts reads them, not what was there before.
+        # (Should the link go first, the next handshake exchanges bitmaps.)
+        yield from _until(lambda: not any(p.disk is None for p in self._pending.values()))
+        if not pkt.full:
+            self._send_bitmap()
 
     def _on_role_request(self, pkt: P.RoleRequest):
         result = 0
@@ -2524,6 +2891,7 @@ class Engine:
         self._merge_peer_bitmap(disk, bits, pkt.offset)
         if pkt.last:
             self._peer_bitmap_done = True
+            self._peer_joining = False
 
     def _merge_peer_bitmap(self, disk: Disk, bits: bytes, offset: int) -> None:
         """Both sides' out-of-sync blocks are resynced: the union."""
@@ -2728,4 +3096,6 @@ class Engine:
         P.VerifyReply: _on_verify_reply,
         P.VerifyDone: _on_verify_done,
         P.Goodbye: _on_goodbye,
+        P.Params: _on_params,
+        P.AttachReply: _on_attach_reply,
     }

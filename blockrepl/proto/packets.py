@@ -16,7 +16,8 @@ import struct
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
-PROTOCOL_VERSION = 3     # 2: Params carries data-integrity-alg; 3: and verify-alg
+PROTOCOL_VERSION = 4     # 2: Params carries data-integrity-alg; 3: and verify-alg;
+                         # 4: AttachReply (a disk attached under a live connection)
 MAGIC = 0x5246
 HEADER = struct.Struct("<HBBI")
 MAX_PAYLOAD = 16 * 1024 * 1024 + 64
@@ -188,6 +189,21 @@ class StateUpdate(Packet):
     FIXED = "BB"
     role: int
     disk: int
+
+
+@dataclass(frozen=True)
+class AttachReply(Packet):
+    """The answer to a Params sent on an established connection: the peer
+    attached a disk and asks to join as SyncTarget without a new handshake.
+    ``result`` 1: yes, a resync follows (``full``: of every block; else the
+    two bitmaps are exchanged first); 0: no, reconnect for a full handshake.
+    The text says why."""
+    TYPE = 6
+    FIXED = "BB"
+    TAIL = "reason"
+    result: int
+    full: int
+    reason: bytes = b""
 
 
 @dataclass(frozen=True)

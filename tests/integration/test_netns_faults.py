@@ -23,8 +23,7 @@ call recorded with its start, end and result), then one fault:
 * ``eio-alpha`` / ``eio-beta``: the node's backing disk answers EIO to
   every read, write and flush (tests/harness/faultydisk.py: the disk is a
   single-file FUSE mount over the image; only in runs that have this
-  fault, and only with REPLFS_NETNS_EIO=1 until the bug that
-  test_failing_disk_is_detached shows is fixed)
+  fault)
 
 What the cluster stack's rule says must happen (locking/heartbeat/core.py
 quorum_decision; no disk heartbeat, so both nodes count as heartbeating):
@@ -99,12 +98,8 @@ pytestmark = [
 HANG_BOUND = 15.0
 DEAD_TIME = 1.5                      # o2net idle timeout
 FAULTS = ("partition", "oneway-ab", "oneway-ba", "link-down", "blip",
-          "kill-alpha", "kill-beta", "pause-alpha", "pause-beta")
-# A failing disk takes the whole cluster down now (a product bug, see
-# test_failing_disk_is_detached): in the seeded schedules only with
-# REPLFS_NETNS_EIO=1, so that the other faults keep being explored.
-if os.environ.get("REPLFS_NETNS_EIO", "") not in ("", "0"):
-    FAULTS += ("eio-alpha", "eio-beta")
+          "kill-alpha", "kill-beta", "pause-alpha", "pause-beta",
+          "eio-alpha", "eio-beta")
 DIRS = ("a", "b", "s")               # alpha's, beta's, shared
 
 
@@ -939,16 +934,6 @@ def test_killed_alpha_comes_back_while_beta_is_fenced(tmp_path):
                 assert f.read() == b"before", n
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bugs: (a) a local disk EIO met inside the replication session is taken for a "
-    "lost connection ('connection lost: [Errno 5] Input/output error', blockrepl/driver/"
-    "resource.py's connection loop) instead of detaching the disk: fence-peer runs, beta "
-    "fences itself; with alpha's disk failing alpha then fails to recover beta's slot from "
-    "its own disk and fences too -- the whole cluster down for one failed disk; (b) when the "
-    "disk was detached properly, attaching it again under the mount makes it UpToDate at "
-    "once (it could not be marked inconsistent when it failed) and drops the connection "
-    "('connection lost: another task closed this fd'): fence-peer, beta fences itself "
-    "(blockrepl/driver and engine, not ours to change now)"))
 def test_failing_disk_is_detached(tmp_path):
     """Both nodes run the workload; one node's backing disk starts answering
     EIO (faultydisk).  With on-io-error detach (the default) that node

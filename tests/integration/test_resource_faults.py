@@ -227,7 +227,8 @@ async def test_io_error_without_peer_fails_the_write_with_eio(tmp_path, nursery)
     with pytest.raises(OSError) as e:
         await a.write(0, b"x" * 4096)
     assert e.value.errno == 5
-    assert a.dstate is DiskState.Diskless
+    assert a.dstate in (DiskState.Failed, DiskState.Diskless)   # (Failed while it is released)
+    await wait_for(lambda: a.dstate is DiskState.Diskless, 10)
 
 
 def fencing_conf(tmp_path, handler_exit: int):

@@ -8,6 +8,11 @@ picked by one seeded random.Random:
   are in flight until a random step completes them, in any order.  A
   *process* crash (kill -9) keeps the cache (it is the kernel's page
   cache); a *power* crash loses it, and in-flight writes land or not.
+* failing disks: a node's disk starts answering EIO to everything
+  (data and meta-data); the engine must detach it (on-io-error detach),
+  and what its volatile cache held lands or not when it does.  Later the
+  disk works again and the admin attaches it, while the pair may be
+  connected (it then joins as SyncTarget on the live connection).
 * network: one connection at a time, a byte stream each way carrying the
   real packet encoding, delivered in random-sized chunks (so packets
   arrive split anywhere).  A cut loses what is in flight; each side hears
@@ -160,6 +165,7 @@ class Node:
     mounted: bool = False                         # dual-primary: fs mounted here
     logs: deque = field(default_factory=lambda: deque(maxlen=30))
     released: bool = False
+    failing: bool = False                         # the disk answers EIO
 
 
 class Sim:
@@ -170,7 +176,7 @@ class Sim:
                  csums: str | None = None, integrity: str | None = None,
                  pause_rate: float = 0.01, corrupt_rate: float = 0.01,
                  plan_ahead: float | None = None, min_rate: int | None = None,
-                 congestion: str | None = None):
+                 congestion: str | None = None, disk_fail_rate: float = 0.004):
         self.seed = seed
         self.rng = random.Random(seed)
         self.steps = steps
@@ -188,6 +194,7 @@ class Sim:
         self.cut_rate = cut_rate
         self.max_faults = max_faults
         self.corrupt_rate = corrupt_rate
+        self.disk_fail_rate = disk_fail_rate
         self.faults = 0
         self.now = 0.0
         self.step_no = 0
@@ -207,7 +214,7 @@ class Sim:
                       "crashes": 0, "cuts": 0, "resyncs": 0, "packets": 0, "failovers": 0,
                       "fence6": 0, "steps": 0, "pauses": 0, "corrupted": 0,
                       "csum_equal": 0, "paused_syncs": 0,
-                      "integrity_failed": 0}
+                      "integrity_failed": 0, "disk_failures": 0, "reattached": 0}
         # Resync options, from a stream of their own (the schedule's stays
         # as it was): csums-alg per node (the SyncSource's is used), one
         # data-integrity-alg for both (they must agree), fixed or planned
@@ -313,6 +320,15 @@ class Sim:
                 self.note(f"{node.name}: pri-lost: {act.why}")
             elif t is A.ReleaseDisk:
                 node.released = True
+                if node.failing and (node.disk.cache or self.protocol != "C"):
+                    # the disk was given up after an error: what its cache
+                    # held when it failed lands or not (for the checker, as
+                    # a power failure: unflushed writes are not required).
+                    # Under protocols A and B the Primary's failed disk may
+                    # also have had the only copy of writes still on their
+                    # way to the peer: as a failover, they may be lost.
+                    self.power_crashes.append(self.step_no)
+                    self.lose_cache(node.disk, 0.5)
             elif t is A.Log:
                 node.logs.append(act.text)
                 self.note(f"{node.name}: {act.text}")
@@ -452,6 +468,10 @@ class Sim:
         act = node.io.pop(token)
         t = type(act)
         d = node.disk
+        if node.failing and t is not A.RunHandler:
+            self.note(f"{node.name} {t.__name__} -> EIO (failing disk)")
+            self.call(node, "done", token, errno.EIO)
+            return
         if t is A.DiskWrite:
             d.write(act.offset, act.data)
             result = 0
@@ -506,13 +526,68 @@ class Sim:
         self.op(node, "attach", d.sb, Bitmap(NBLOCKS, bytes(d.bitmap)), list(d.al))
         self.call(node, "connect")
 
+    def lose_cache(self, d: SimDisk, p: float) -> None:
+        """The volatile cache is gone: each block in it landed with
+        probability ``p``."""
+        for b in list(d.cache):
+            if self.rng.random() < p:
+                d.durable[b] = d.cache[b]
+        d.cache.clear()
+
+    def disk_fault_open(self) -> bool:
+        """One disk fault at a time: a disk fails only once the other has
+        been repaired, reattached and resynced (with both disks failing
+        and their meta-data unwritable, nothing can record what either
+        missed)."""
+        for n in self.nodes:
+            e = n.engine
+            if n.failing or n.released or (e is not None and e.dstate is not DiskState.UpToDate):
+                return True
+        return False
+
+    def fail_disk(self, node: Node) -> None:
+        self.faults += 1
+        self.stats["disk_failures"] += 1
+        node.failing = True
+        self.note(f"{node.name}'s disk starts failing (EIO)")
+
+    def repair_disk(self, node: Node) -> None:
+        """The failing disk works again; once the engine has given it up,
+        the admin attaches it."""
+        node.failing = False
+        e = node.engine
+        if node.released and e is not None and e.disk is None and not node.ops \
+                and e.role is Role.Primary and not (
+                    e.cstate is ConnState.Connected and e.pdsk is DiskState.UpToDate):
+            # (a Primary without a disk may attach one only while connected
+            # to an UpToDate peer: the admin demotes it first, unmounting)
+            if self.rng.random() < 0.5:
+                return
+            if node.mounted:
+                node.mounted = False
+                self.call(node, "closed", "shared")
+                self.call(node, "closed", "any")
+            self.note(f"{node.name}'s disk repaired: demote to attach it")
+            self.op(node, "secondary")
+            return
+        if node.released and e is not None and e.disk is None and not node.ops:
+            self.note(f"{node.name}'s disk repaired: attach")
+            self.stats["reattached"] += 1
+            node.released = False
+            d = node.disk
+            self.op(node, "attach", d.sb, Bitmap(NBLOCKS, bytes(d.bitmap)), list(d.al))
+        else:
+            self.note(f"{node.name}'s disk works again")
+
     def crash(self, node: Node, power: bool) -> None:
         self.stats["crashes"] += 1
         self.faults += 1
         self.note(f"{node.name} {'POWER' if power else 'process'} crash")
         d = node.disk
         for act in node.io.values():
-            # what was in flight lands or not
+            # what was in flight lands or not (nothing on a failing disk)
+            if node.failing:
+                break
             if type(act) is A.DiskWrite and self.rng.random() < 0.5:
                 d.write(act.offset, act.data)
             elif type(act) is A.PersistMeta and self.rng.random() < 0.5:
@@ -520,10 +595,7 @@ class Sim:
                 d.persist(act, self.rng)
         if power:
             self.power_crashes.append(self.step_no)
-            for b in list(d.cache):
-                if self.rng.random() < 0.3:
-                    d.durable[b] = d.cache[b]
-            d.cache.clear()
+            self.lose_cache(d, 0.3)
         for rec in self.writes:
             if rec.node == node.idx and rec.state == "in-flight":
                 rec.state = "failed"       # its caller died with it: outcome unknown
@@ -737,6 +809,17 @@ class Sim:
             name = "resume_sync" if node.engine.user_isp else "pause_sync"
             self.stats["pauses"] += name == "pause_sync"
             self.op(node, name)
+        elif r < 0.85 and self.disk_fail_rate and self.rng.random() < self.disk_fail_rate * 200:
+            node = self.rng.choice(self.nodes)
+            if node.failing:
+                if node.released or node.engine is None or self.rng.random() < 0.2:
+                    self.repair_disk(node)
+            elif node.engine is not None and node.engine.disk is not None \
+                    and self.faults < self.max_faults and not self.disk_fault_open():
+                self.fail_disk(node)
+            elif node.released and node.engine is not None and node.engine.disk is None \
+                    and not node.ops:
+                self.repair_disk(node)      # (an attach that failed earlier)
         elif r < 0.86:
             # background writeback of one cached block
             node = self.rng.choice(self.nodes)
@@ -756,6 +839,8 @@ class Sim:
             self.step_no += 1
             for node in self.nodes:
                 e = node.engine
+                if (node.failing or (node.released and e.disk is None)) and not node.ops:
+                    self.repair_disk(node)
                 if e.fence_lost and node.mounted:
                     node.mounted = False
                     self.call(node, "closed", "shared")
