@@ -108,6 +108,9 @@ _CHECKED = frozenset(_DIGESTED + (P.DataDigest,))
 _DISK_HOLDS_DATA = frozenset({DiskState.UpToDate, DiskState.Inconsistent,
                               DiskState.Consistent, DiskState.Outdated})
 
+# ... and in these it has none (Attaching: not yet serving I/O)
+_NO_DATA_DISK = frozenset({DiskState.Diskless, DiskState.Failed, DiskState.Attaching})
+
 _LOST = "lost"        # an app flush whose FlushAck cannot come any more
 _REDECIDE = "redecide"    # a write decided for no disk, and one was attached
 
@@ -389,7 +392,9 @@ class Engine:
         self._joined_unmerged = False          # ... joined; the peer's bitmap not yet merged
         self._peer_joining = False             # the peer's attached disk joins; no bitmap yet
         self.ed_uuid = 0                       # see _note_exposed_data
+        self.peer_current = 0                  # the peer's current UUID, as last told
         self._disk_failed = False              # a local disk failed; none attached since
+        self._unconfirmed_generation = None    # (new, old) Uuids whose write failed
         # Writes completed with only this disk's volatile cache holding them
         # (no UpToDate peer acknowledged them), and how many of those a
         # completed flush covers.  A disk failure with some not covered
@@ -598,6 +603,7 @@ class Engine:
         starts: written concurrently, a later one (a superblock clearing
         the Primary flag) could land before an earlier one (the bits of
         the writes the peer lacks), and a crash in between lose both."""
+        moved = sb is not None and sb.uuids.current != disk.sb.uuids.current
         if sb is not None:
             disk.sb = sb
             disk.sb_dirty = True
@@ -626,6 +632,9 @@ class Engine:
                 # these bits to be on disk, must not be issued to it.
                 yield from self._local_io_error("meta-data write", err, 0, 0)
             raise MetaIOError(err)
+        if moved and self.disk is disk and self.live and self.cstate.is_connected:
+            # (a peer without a disk serving our data follows it: ed_uuid)
+            self._send(P.CurrentUuid(disk.sb.uuids.current))
 
     def _op(self, op, gen):
         """Run an administrative request; OpDone carries its refusal."""
@@ -731,9 +740,27 @@ class Engine:
             self._set(dstate=DiskState.Diskless)
             self._emit(ReleaseDisk())
             raise
+        unused = self._unconfirmed_generation
+        if unused is not None and disk.sb.uuids.current == unused[0].current:
+            # The disk failed while a new generation was being written to
+            # it: the write landed after all, but it was reported failed,
+            # so no write of that generation was ever acknowledged.  Back
+            # to the one before, which is what this node (and its peer)
+            # went on with.
+            self._log("warning", "new current UUID %016X reached the failed disk although "
+                                 "its write failed; no write of it was acknowledged: back "
+                                 "to %016X" % (unused[0].current, unused[1].current))
+            try:
+                yield from self._persist(disk, sb=replace(disk.sb, uuids=unused[1]))
+            except MetaIOError:
+                self._set(dstate=DiskState.Diskless)
+                self._emit(ReleaseDisk())
+                raise
+        self._unconfirmed_generation = None
         ds = self._attached_state(disk.sb)
         if self._may_join_live(disk):
             if (yield from self._join_live(disk, ds)):
+                self._disk_failed = False
                 return
         if self.role is Role.Primary:
             # The peer refused, or the link went while the disk was being
@@ -873,8 +900,8 @@ class Engine:
             # agreed to (or could not object to) is stale; judge again.
             self._log("info", "connection changed during promotion; checking again")
         self._set(role=Role.Primary)
-        if self.peer_params is not None and self.live:
-            self._note_exposed_data(self.peer_params.current)
+        if self.live:
+            self._note_exposed_data(self.peer_current)
         self._tell_peer_state()
         if force and self.cstate is ConnState.Connected and self.pdsk in (
                 DiskState.Inconsistent, DiskState.Outdated, DiskState.Consistent):
@@ -1016,10 +1043,13 @@ class Engine:
         if uuids.bitmap and not force:
             return
         self._uuid_busy = True
+        new = uuids.with_new_current(self._new_uuid(), was_primary=self._was_primary())
         try:
-            yield from self._persist(disk, sb=replace(
-                disk.sb, uuids=uuids.with_new_current(self._new_uuid(),
-                                                      was_primary=self._was_primary())))
+            yield from self._persist(disk, sb=replace(disk.sb, uuids=new))
+        except MetaIOError:
+            # It may have landed all the same (see _attach).
+            self._unconfirmed_generation = (new, uuids)
+            raise
         finally:
             self._uuid_busy = False
         self._log("info", "new current UUID %016X (bitmap UUID %016X)"
@@ -2110,6 +2140,8 @@ class Engine:
                 raise Fatal(f"Can only connect to data with current UUID={self.ed_uuid:016X} "
                             f"(this node is Primary without a disk; the peer's data is "
                             f"{params.current:016X})")
+        self.peer_current = params.current
+        if self.role is Role.Primary and self.disk is None:
             self._note_exposed_data(params.current)
         self._deciding = True
         try:
@@ -2171,6 +2203,8 @@ class Engine:
             # (changed since our Params went out: told now, or never)
             self._role_news = False
             self._tell_peer_state()
+        if self.disk is not None and sp.current != self.disk.sb.uuids.current:
+            self._send(P.CurrentUuid(self.disk.sb.uuids.current))
         if self.user_isp:
             self._send(P.SyncPause(1))      # (the peer's flag for us starts cleared)
         session = self.session
@@ -2601,7 +2635,7 @@ class Engine:
         # state was when it sent it -- the state now, in stream order --,
         # not when our write completes.  While a peer that just attached a
         # disk joins, its Data may still be writes it did without it.
-        only_copy = self.pdsk in (DiskState.Diskless, DiskState.Failed) \
+        only_copy = self.pdsk in _NO_DATA_DISK \
             or self._peer_joining
         self._start(self._apply_peer_write(self.session, pkt, token, only_copy),
                     name="peer-write")
@@ -2672,6 +2706,11 @@ class Engine:
 
     def _on_flush(self, pkt: P.Flush):
         yield from _until(lambda: not len(self._recv_ranges))
+        if self.disk is None:
+            # No disk (it failed, or was detached, after the peer sent
+            # this): nothing here can be made durable.  The StateUpdate
+            # that said so went first; _on_peer_lost_disk settles it there.
+            return
         if self.disk is not None:
             err = yield self._issue(DiskFlush)
             if err:
@@ -2743,6 +2782,11 @@ class Engine:
     def _on_ping(self, pkt: P.Ping):
         self._send(P.PingAck(pkt.token))
 
+    def _on_current_uuid(self, pkt: P.CurrentUuid):
+        self.peer_current = pkt.uuid
+        if self.disk is None:
+            self._note_exposed_data(pkt.uuid)
+
     def _on_ping_ack(self, pkt: P.PingAck):
         return None
 
@@ -2794,7 +2838,7 @@ class Engine:
             reason = f"this node's disk is {self.dstate.value}"
         elif self.cstate is not ConnState.Connected or self._sync or self._verify:
             reason = f"this node is busy ({self.cstate.value})"
-        elif self.pdsk not in (DiskState.Diskless, DiskState.Failed):
+        elif self.pdsk not in _NO_DATA_DISK:
             reason = f"the peer's disk was {self.pdsk.value}"
         elif params.data_size != self.size:
             reason = (f"the disk's size ({params.data_size} bytes) differs from "
@@ -3098,4 +3142,5 @@ class Engine:
         P.Goodbye: _on_goodbye,
         P.Params: _on_params,
         P.AttachReply: _on_attach_reply,
+        P.CurrentUuid: _on_current_uuid,
     }

@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from typing import ClassVar
 
 PROTOCOL_VERSION = 4     # 2: Params carries data-integrity-alg; 3: and verify-alg;
-                         # 4: AttachReply (a disk attached under a live connection)
+                         # 4: AttachReply (a disk attached under a live connection), CurrentUuid
 MAGIC = 0x5246
 HEADER = struct.Struct("<HBBI")
 MAX_PAYLOAD = 16 * 1024 * 1024 + 64
@@ -204,6 +204,16 @@ class AttachReply(Packet):
     result: int
     full: int
     reason: bytes = b""
+
+
+@dataclass(frozen=True)
+class CurrentUuid(Packet):
+    """My disk's data generation moved on (a new current UUID) while we are
+    connected: a Primary without a disk serving my data keeps track of it
+    (DRBD's ed_uuid)."""
+    TYPE = 7
+    FIXED = "Q"
+    uuid: int
 
 
 @dataclass(frozen=True)

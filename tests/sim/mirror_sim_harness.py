@@ -12,7 +12,10 @@ picked by one seeded random.Random:
   (data and meta-data); the engine must detach it (on-io-error detach),
   and what its volatile cache held lands or not when it does.  Later the
   disk works again and the admin attaches it, while the pair may be
-  connected (it then joins as SyncTarget on the live connection).
+  connected (it then joins as SyncTarget on the live connection).  As an
+  admin would, the cluster manager does not promote that node until it has
+  resynced (if the node restarted meanwhile, nothing on it remembers that
+  its disk failed: the disk could not record it).
 * network: one connection at a time, a byte stream each way carrying the
   real packet encoding, delivered in random-sized chunks (so packets
   arrive split anywhere).  A cut loses what is in flight; each side hears
@@ -549,6 +552,7 @@ class Sim:
         self.faults += 1
         self.stats["disk_failures"] += 1
         node.failing = True
+        self.constrained[node.idx] = self.connections
         self.note(f"{node.name}'s disk starts failing (EIO)")
 
     def repair_disk(self, node: Node) -> None:
