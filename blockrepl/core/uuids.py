@@ -131,6 +131,7 @@ class Side:
     oos_blocks: int = 0            # bits set in its bitmap
     name: str = ""                 # node name, the last tie-breaker
     outdated: bool = False         # disk is Outdated (it lost a fence-peer decision)
+    failed: bool = False           # disk failed under its node since it was last in sync
 
 
 def compare(me: Side, peer: Side) -> Decision:
@@ -156,6 +157,10 @@ def compare(me: Side, peer: Side) -> Decision:
             return Decision.BITMAP_TARGET
         if peer.inconsistent and not me.inconsistent:
             return Decision.BITMAP_SOURCE
+        if me.failed != peer.failed:
+            # A disk that failed under its node lost what its cache held and
+            # could not record it: the other one has all it had, or more.
+            return Decision.BITMAP_TARGET if me.failed else Decision.BITMAP_SOURCE
         # Blocks may differ although the generation is the same: a Primary
         # crashed with writes in flight (its activity-log extents), or online
         # verify found differences.  A node that is Primary now wins (its

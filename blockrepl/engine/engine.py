@@ -216,6 +216,7 @@ class Disk:
         self.sb_dirty = False                  # sb changed since it was last written
         self.meta_busy = False                 # a meta-data write is in flight
         self.crashed_primary = False
+        self.full_if_target = False            # failed under this node (see _attach)
 
 
 @dataclass(eq=False)
@@ -244,10 +245,6 @@ class _Join:
     result: bool | None = None
     reason: str = ""
     error: int = 0                 # the disk failed while joining (errno)
-    # our writes that went to the peer only while the join was under way:
-    # the peer may not have marked them (it may have taken our Params
-    # first), so the new disk's bitmap does
-    missed: list = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -300,13 +297,18 @@ def _peer_disk(code: int) -> DiskState:
     return DiskState(P.DISK_CODES[code])
 
 
+def sp_flags(p: P.Params | None) -> int:
+    return p.flags if p is not None else 0
+
+
 def side_of(p: P.Params, name: str) -> Side:
     """One node's inputs to the sync decision, from the Params it sent."""
     return Side(Uuids(p.current, p.bitmap, (p.history1, p.history2)),
                 inconsistent=bool(p.flags & P.PF_INCONSISTENT),
                 crashed_primary=bool(p.flags & P.PF_CRASHED_PRIMARY),
                 primary=p.role == _role_code(Role.Primary), oos_blocks=p.oos_blocks,
-                name=name, outdated=p.disk == _disk_code(DiskState.Outdated))
+                name=name, outdated=p.disk == _disk_code(DiskState.Outdated),
+                failed=bool(p.flags & P.PF_FULL_IF_TARGET))
 
 
 def csums_of(alg: str, data: bytes) -> bytes:
@@ -390,7 +392,6 @@ class Engine:
         self._peer_bitmap_done = False
         self._joining: _Join | None = None     # a disk attached under the live connection
         self._joined_unmerged = False          # ... joined; the peer's bitmap not yet merged
-        self._peer_joining = False             # the peer's attached disk joins; no bitmap yet
         self.ed_uuid = 0                       # see _note_exposed_data
         self.peer_current = 0                  # the peer's current UUID, as last told
         self._disk_failed = False              # a local disk failed; none attached since
@@ -758,9 +759,27 @@ class Engine:
                 raise
         self._unconfirmed_generation = None
         ds = self._attached_state(disk.sb)
+        if self._disk_failed:
+            # A disk that failed under this node: what it missed at the
+            # moment it failed (writes in its cache, a write that failed on
+            # it while the note of it to the peer was lost with the link)
+            # is recorded nowhere.  Should it be the SyncTarget, all of it
+            # is resynced (PF_FULL_IF_TARGET); and it is Outdated -- never
+            # promoted on its own, never the winner within a generation.
+            disk.full_if_target = True
+            if ds in (DiskState.UpToDate, DiskState.Consistent):
+                try:
+                    yield from self._persist(disk, sb=disk.sb.with_flags(set_=md.F_OUTDATED))
+                except MetaIOError:
+                    self._set(dstate=DiskState.Diskless)
+                    self._emit(ReleaseDisk())
+                    raise
+                ds = DiskState.Outdated
+            self._log("warning", "this disk failed earlier: Outdated; resynced in full if "
+                                 "it is the SyncTarget")
+            self._disk_failed = False
         if self._may_join_live(disk):
             if (yield from self._join_live(disk, ds)):
-                self._disk_failed = False
                 return
         if self.role is Role.Primary:
             # The peer refused, or the link went while the disk was being
@@ -771,21 +790,6 @@ class Engine:
                               f"without a disk and the peer did not take the attached disk "
                               f"as SyncTarget (see the log); demote this node first",
                               EXIT_STATE)
-        if self._disk_failed and ds in (DiskState.UpToDate, DiskState.Consistent):
-            # A disk that failed under this node and is attached again
-            # without its peer: what it missed is known only to the peer
-            # (it could not even record that it failed).  Outdated until it
-            # has resynced from it: never promoted on its own.
-            try:
-                yield from self._persist(disk, sb=disk.sb.with_flags(set_=md.F_OUTDATED))
-            except MetaIOError:
-                self._set(dstate=DiskState.Diskless)
-                self._emit(ReleaseDisk())
-                raise
-            self._log("warning", "this disk failed earlier: Outdated until it has resynced "
-                                 "from the peer")
-            ds = DiskState.Outdated
-        self._disk_failed = False
         self.disk = disk
         self.size = sb.data_size
         self._set(dstate=ds)
@@ -827,10 +831,16 @@ class Engine:
         True: joined; False: the caller attaches it the old way."""
         session = self.session
         join = _Join(disk, ds)
-        join.missed = [(p.offset, p.length) for p in self._pending.values() if p.disk is None]
         self._joining = join
         try:
             self._log("info", "disk attached while connected: asking the peer to resync it")
+            # Our writes that went to the peer alone land there (and are
+            # marked there, as the only copy) before it hears of the disk;
+            # none starts until the join is over (_replicated_write).
+            yield from _until(lambda: not any(p.disk is None for p in self._pending.values())
+                              or self.session != session or not self.live)
+            if self.session != session or not self.live:
+                return False
             self._send(self._my_params(disk, ds))
             yield from _until(lambda: join.result is not None or self.session != session
                               or not self.live)
@@ -1272,7 +1282,10 @@ class Engine:
         if self.fence_lost:
             raise IOFailure(errno.EIO, f"{self.cfg.name}: this node lost the fence-peer "
                                        f"decision; its disk is Outdated")
-        yield from _until(lambda: self.cstate not in _HOLD_WRITES)
+        # (and while a disk that just joined waits for the resync to start:
+        # as during a handshake, the bitmaps are exchanged with no write of
+        # ours landing on it in between)
+        yield from _until(lambda: self.cstate not in _HOLD_WRITES and not self._joined_unmerged)
         self.ap += 1
         self.app_io += 1
         # Ranges are locked in whole 4 KiB blocks: the unit of the bitmap,
@@ -1447,11 +1460,14 @@ class Engine:
                 # may depend on it, so it starts a new epoch.
                 self._epoch += 1
                 self._epoch_closed = False
+            if disk is None and (self._joining is not None or self._joined_unmerged):
+                # A disk is joining: no write goes to the peer alone until
+                # it has (see _join_live); then decide again.
+                yield from _until(lambda: self._joining is None and not self._joined_unmerged)
+                return _REDECIDE
             if disk is None and self.disk is not None:
                 return _REDECIDE
             pending = Pending(offset, len(data), self._epoch, self.now)
-            if disk is None and self._joining is not None:
-                self._joining.missed.append((offset, len(data)))
             if disk is not None:
                 # The activity log covers this write until the peer has it
                 # (WriteAck) or the bitmap records that it does not.
@@ -1492,10 +1508,14 @@ class Engine:
                 raise IOFailure(errno.EIO, f"{self.cfg.name}: local write failed and there "
                                            f"is no peer to hold it")
             yield from _until(lambda: pending.done)
-        if (local_error or disk is None or target) and not (pending and pending.acked_uptodate):
-            # (an Inconsistent disk -- a Primary that is SyncTarget, or a
-            # peer that is -- is not a copy anyone may rely on: only an
-            # UpToDate peer's counts)
+        peer_copy = pending is not None and pending.acked_uptodate and (
+            self._peer_serves() or (not local_error and disk is not None and not target))
+        if (local_error or disk is None or target) and not peer_copy:
+            # Only an UpToDate peer's copy counts (an Inconsistent disk --
+            # a Primary that is SyncTarget, or a peer that is -- is not a
+            # copy anyone may rely on), and when it is the only copy, only
+            # while that peer is still connected and UpToDate: one cut off
+            # meanwhile may be outdated by fencing and resynced over.
             raise IOFailure(errno.EIO, f"{self.cfg.name}: the write reached no disk")
         if not (pending and pending.acked_uptodate):
             if self.disk is not disk:
@@ -1842,7 +1862,6 @@ class Engine:
         self.peer_isp = False
         self._rx_digest = None
         self._joined_unmerged = False
-        self._peer_joining = False
         self._role_at_split = self.role
         if close:
             self._emit(CloseConnection(session, why))
@@ -2091,6 +2110,8 @@ class Engine:
             flags |= P.PF_INCONSISTENT
         if disk.crashed_primary:
             flags |= P.PF_CRASHED_PRIMARY
+        if disk.full_if_target:
+            flags |= P.PF_FULL_IF_TARGET
         return P.Params(*common, flags, disk.sb.data_size, disk.sb.device_uuid,
                         u.current, u.bitmap, u.history[0], u.history[1], disk.bitmap.count,
                         alg, valg)
@@ -2153,6 +2174,14 @@ class Engine:
         if self._lost_after_decision is not None:
             state, why = self._lost_after_decision
             raise Drop(why, state)
+        # A SyncTarget whose disk failed under it is resynced in full (both
+        # sides read the flag from the Params exchanged: the same answer).
+        if decision is Decision.BITMAP_TARGET and sp_flags(self._sent_params) & P.PF_FULL_IF_TARGET:
+            decision = Decision.FULL_TARGET
+        elif decision is Decision.BITMAP_SOURCE and params.flags & P.PF_FULL_IF_TARGET:
+            decision = Decision.FULL_SOURCE
+        if self.disk is not None and not decision.i_am_target:
+            self.disk.full_if_target = False    # its data stands as it is
         if decision is Decision.UNRELATED:
             raise Fatal("Unrelated data, aborting!")
         if decision.i_am_target and self.role is Role.Primary and \
@@ -2375,6 +2404,11 @@ class Engine:
                     yield from self._pace(sync, paused=self._sync_paused)
                     sync.window -= 1
                     off = pos * BLOCK
+                    # (after any write of the peer's to these blocks has
+                    # landed here too: a SyncTarget whose own copy lacks a
+                    # write it sent us must not get the data from before it)
+                    yield from _until(lambda: not self._recv_ranges.overlaps(
+                        off, off + n * BLOCK))
                     token = yield from self._lock_range(off, off + n * BLOCK)
                     try:
                         data = yield self._issue(DiskRead, off, n * BLOCK)
@@ -2449,6 +2483,7 @@ class Engine:
             disk.bitmap.set_all()
         self._joined_unmerged = False
         yield from self._persist(disk, sb=disk.sb.with_flags(clear=md.F_CONSISTENT))
+        disk.full_if_target = False         # (every block it needs is marked, durably)
         self._sync = SyncRun("target", disk.bitmap.count, self.now)
         self._set(cstate=self._sync_state(), dstate=DiskState.Inconsistent)
 
@@ -2633,10 +2668,9 @@ class Engine:
             self._send(P.RecvAck(pkt.seq))
         # Whether the sender wrote this to a disk of its own is what its
         # state was when it sent it -- the state now, in stream order --,
-        # not when our write completes.  While a peer that just attached a
-        # disk joins, its Data may still be writes it did without it.
-        only_copy = self.pdsk in _NO_DATA_DISK \
-            or self._peer_joining
+        # not when our write completes.  (A peer whose disk joins sends no
+        # write it did without it after its Params: _join_live.)
+        only_copy = self.pdsk in _NO_DATA_DISK
         self._start(self._apply_peer_write(self.session, pkt, token, only_copy),
                     name="peer-write")
 
@@ -2815,9 +2849,11 @@ class Engine:
         try:
             disk = self.disk
             if disk is not None:
-                if self.dstate is DiskState.UpToDate and not disk.sb.uuids.bitmap:
-                    yield from self._new_generation()
+                # (marked before anything waits: this runs in the session's
+                # receiver, which the end of the session cancels)
                 self._mark_lost([(p.offset, p.length) for p in unstable])
+                if self.dstate is DiskState.UpToDate:
+                    yield from self._new_generation()
                 yield from self._persist(disk)
         except MetaIOError as e:
             yield from self._local_io_error("meta-data write", e.errno, 0, 0)
@@ -2856,10 +2892,10 @@ class Engine:
                                  f"connection: {reason}")
             self._send(P.AttachReply(0, 0, reason.encode()))
             return
-        full = decision.i_am_source and decision.full
+        full = decision.i_am_source and (
+            decision.full or bool(params.flags & P.PF_FULL_IF_TARGET))
         self.peer_params = params
         self._peer_bitmap_done = False
-        self._peer_joining = True
         self._send(P.AttachReply(1, int(full)))
         # From here on writes go to the peer's disk too; what it misses is
         # in the bitmaps the resync exchanges.
@@ -2890,15 +2926,11 @@ class Engine:
         self.size = disk.sb.data_size
         self._joined_unmerged = True
         join.result = True
-        # Our writes that went to the peer alone while we joined (none
-        # starts from here on: they see the disk) are marked at once ...
-        self._mark_lost(join.missed)
         self._set(dstate=DiskState.Inconsistent)
         self._tell_peer_state()
-        # ... and the bitmap goes out only once the peer has them all, so
-        # that the resync it starts reads them, not what was there before.
-        # (Should the link go first, the next handshake exchanges bitmaps.)
-        yield from _until(lambda: not any(p.disk is None for p in self._pending.values()))
+        # (no write of ours went to the peer alone since our Params: the
+        # bitmaps say all; should the link go first, the next handshake
+        # exchanges them)
         if not pkt.full:
             self._send_bitmap()
 
@@ -2935,7 +2967,6 @@ class Engine:
         self._merge_peer_bitmap(disk, bits, pkt.offset)
         if pkt.last:
             self._peer_bitmap_done = True
-            self._peer_joining = False
 
     def _merge_peer_bitmap(self, disk: Disk, bits: bytes, offset: int) -> None:
         """Both sides' out-of-sync blocks are resynced: the union."""

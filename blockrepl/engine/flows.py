@@ -16,7 +16,10 @@ an event is the same on every run (the simulator relies on that).
 
 Cancellation is ``close()``: the generator gets GeneratorExit at its
 ``yield``, runs its ``finally`` blocks (which must not yield) and is gone,
-as a cancelled trio task would be.  Flows belong to a *group* (the
+as a cancelled trio task would be.  A flow cancelled while an I/O it
+issued is in flight is closed only when that I/O completes: what it holds
+across the I/O (a range lock, the one meta-data write at a time) must not
+be released while the I/O can still land.  Flows belong to a *group* (the
 connection session they serve); a session's end closes its group.
 
 An exception escaping a flow goes to the ``on_error`` callback given to
@@ -41,7 +44,7 @@ _PENDING = object()     # a token whose result has not arrived yet
 
 
 class Flow:
-    __slots__ = ("gen", "group", "name", "waiting", "value", "done")
+    __slots__ = ("gen", "group", "name", "waiting", "value", "done", "cancelled")
 
     def __init__(self, gen: Generator, group: Any, name: str):
         self.gen = gen
@@ -50,6 +53,7 @@ class Flow:
         self.waiting: Any = None     # None (ready), int (token) or Wait
         self.value: Any = None       # sent into the generator on resume
         self.done = False
+        self.cancelled = False       # closed when its I/O in flight completes
 
     def __repr__(self) -> str:
         return f"<flow {self.name} waiting={self.waiting!r}>"
@@ -92,11 +96,15 @@ class FlowSet:
         return flow
 
     def cancel(self, flow: Flow) -> None:
-        if not flow.done:
-            flow.done = True
-            if type(flow.waiting) is int:
-                self._results.pop(flow.waiting, None)   # its result is of no use now
-            flow.gen.close()
+        if flow.done or flow.cancelled:
+            return
+        if type(flow.waiting) is int and self._results.get(flow.waiting) is _PENDING:
+            flow.cancelled = True       # closed by _run once the I/O is done
+            return
+        flow.done = True
+        if type(flow.waiting) is int:
+            self._results.pop(flow.waiting, None)   # its result is of no use now
+        flow.gen.close()
 
     def cancel_group(self, group: Any) -> None:
         for flow in list(self._flows):
@@ -143,6 +151,10 @@ class FlowSet:
                     continue
                 progress = True
                 value, flow.value = flow.value, None
+                if flow.cancelled:
+                    flow.done = True
+                    flow.gen.close()
+                    continue
                 try:
                     flow.waiting = flow.gen.send(value)
                 except StopIteration:

@@ -180,6 +180,7 @@ class Params(Packet):
 
 PF_INCONSISTENT = 1
 PF_CRASHED_PRIMARY = 2
+PF_FULL_IF_TARGET = 4      # this disk failed under its node: as SyncTarget, a full sync
 
 
 @dataclass(frozen=True)
