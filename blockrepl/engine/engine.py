@@ -1508,6 +1508,13 @@ class Engine:
                 raise IOFailure(errno.EIO, f"{self.cfg.name}: local write failed and there "
                                            f"is no peer to hold it")
             yield from _until(lambda: pending.done)
+            if pending.acked_uptodate and self._peer_serves():
+                # The peer's copy is the only one now: it counts once the
+                # peer has made it durable and has taken in that our disk is
+                # gone (our StateUpdate went before this Flush: its new
+                # generation then makes its copy win over ours whatever
+                # becomes of the link).
+                yield from self._peer_flush()
         peer_copy = pending is not None and pending.acked_uptodate and (
             self._peer_serves() or (not local_error and disk is not None and not target))
         if (local_error or disk is None or target) and not peer_copy:
@@ -1637,6 +1644,7 @@ class Engine:
             seq = self._seq
             self._flushes[seq] = False
             self._send_flush(seq)
+        local_ok = False
         try:
             if disk is not None:
                 err = yield self._issue(DiskFlush)
@@ -1650,14 +1658,18 @@ class Engine:
                     if seq is None:
                         raise IOFailure(errno.EIO, f"{self.cfg.name}: flush failed and no "
                                                    f"peer holds the data")
+                else:
+                    local_ok = True
             elif seq is None:
                 raise IOFailure(errno.EIO, f"{self.cfg.name}: no UpToDate disk reachable")
             if seq is not None:
                 yield from _until(lambda: self._flushes.get(seq, True) is not False)
-                if disk is None and self._flushes.get(seq) is _LOST:
-                    raise IOFailure(errno.EIO, f"{self.cfg.name}: flush: the peer's disk "
-                                               f"went away before it confirmed, and this "
-                                               f"node has none")
+                if not local_ok and self._flushes.get(seq) is _LOST:
+                    # Neither disk confirmed: what was acknowledged may be
+                    # in no disk's stable storage.
+                    raise IOFailure(errno.EIO, f"{self.cfg.name}: flush: the peer's disk or "
+                                               f"the link went before it confirmed, and this "
+                                               f"node's disk failed or is gone")
         finally:
             if seq is not None:
                 self._flushes.pop(seq, None)
@@ -1668,6 +1680,19 @@ class Engine:
                                        f"writes no peer had confirmed; they may be lost")
         self._lone_flushed = max(self._lone_flushed, covers)
         return None
+
+    def _peer_flush(self):
+        """One Flush round trip to the peer; False if its answer cannot
+        come (the link or its disk went first)."""
+        self._seq += 1
+        seq = self._seq
+        self._flushes[seq] = False
+        try:
+            self._send_flush(seq)
+            yield from _until(lambda: self._flushes.get(seq, _LOST) is not False)
+            return self._flushes.get(seq) is True
+        finally:
+            self._flushes.pop(seq, None)
 
     def _keep_until_durable(self, p: Pending) -> bool:
         """An acknowledged write stays in the transfer log, its extents hot

@@ -209,6 +209,8 @@ class Sim:
         self.power_crashes: list[int] = []       # steps
         # nodes that may not be promoted -> the connection count then
         self.constrained: dict[int, int] = {}
+        # nodes whose disk failed: not promoted until resynced -> connection count
+        self.disk_failed: dict[int, int] = {}
         self.connections = 0
         self.fence_answers: dict = {}
         self.flushes: dict = {}                  # (node, req) -> step issued
@@ -552,7 +554,7 @@ class Sim:
         self.faults += 1
         self.stats["disk_failures"] += 1
         node.failing = True
-        self.constrained[node.idx] = self.connections
+        self.disk_failed[node.idx] = self.connections
         self.note(f"{node.name}'s disk starts failing (EIO)")
 
     def repair_disk(self, node: Node) -> None:
@@ -693,6 +695,10 @@ class Sim:
                     and e.pdsk is DiskState.UpToDate \
                     and self.constrained.get(node.idx, self.connections) < self.connections:
                 del self.constrained[node.idx]     # resynced since: crm-unfence-peer
+            if e.cstate is ConnState.Connected and e.dstate is DiskState.UpToDate \
+                    and e.pdsk is DiskState.UpToDate and not node.failing \
+                    and self.disk_failed.get(node.idx, self.connections) < self.connections:
+                del self.disk_failed[node.idx]
             if self.dual:
                 if e.fence_lost and node.mounted:
                     node.mounted = False        # the fenced fs latched and was unmounted
@@ -705,7 +711,8 @@ class Sim:
                     self.call(node, "opened", "any")
                 elif e.role is Role.Secondary and e.dstate in (
                         DiskState.UpToDate, DiskState.Consistent) \
-                        and node.idx not in self.constrained and not e.fence_lost and (
+                        and node.idx not in self.constrained and not e.fence_lost \
+                        and node.idx not in self.disk_failed and (
                             (e.cstate is ConnState.Connected and e.pdsk is DiskState.UpToDate)
                             or pe is None and self.rng.random() < 0.5):
                     self.op(node, "primary")
@@ -713,7 +720,7 @@ class Sim:
                 if e.role is Role.Secondary and e.dstate in (
                         DiskState.UpToDate, DiskState.Consistent) and (
                         pe is None or pe.role is Role.Secondary) and \
-                        node.idx not in self.constrained and \
+                        node.idx not in self.constrained and node.idx not in self.disk_failed and \
                         self.rng.random() < (0.5 if pe is None else 0.02) and \
                         not (pe is not None and not e.cstate.is_connected):
                     if pe is None:
