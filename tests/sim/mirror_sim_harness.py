@@ -388,7 +388,11 @@ class Sim:
                 self.fail(f"{node.name}: read returned {len(act.data)} bytes, "
                           f"wanted {count * BLOCK}")
             for i in range(count):
-                got = tag_of(act.data[i * BLOCK:(i + 1) * BLOCK])
+                block = act.data[i * BLOCK:(i + 1) * BLOCK]
+                got = tag_of(block)
+                if block != tag_block(got):
+                    self.fail(f"{node.name}: read of block {first + i} returned damaged "
+                              f"data (tag {got})")
                 allowed = self.allowed(first + i, issued)
                 if got not in allowed:
                     self.fail(f"{node.name}: read of block {first + i} returned tag {got}, "
@@ -884,6 +888,12 @@ class Sim:
         for blk in range(NBLOCKS):
             allowed = self.allowed(blk) if self.protocol == "C" else None
             ta, tb = tag_of(ia[blk]), tag_of(ib[blk])
+            for node, content in ((a, ia[blk]), (b, ib[blk])):
+                if content != tag_block(tag_of(content)):
+                    # (every byte counts: a bit flipped past a block's
+                    # first eight bytes leaves its tag as it was)
+                    self.fail(f"block {blk} on {node.name} is damaged: not the whole of "
+                              f"any write (tag {tag_of(content)})")
             if ta != tb:
                 self.fail(f"UpToDate/UpToDate but block {blk} differs: {a.name} has tag "
                           f"{ta}, {b.name} has tag {tb} (allowed {sorted(allowed or ())}; "
