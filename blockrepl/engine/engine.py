@@ -1508,6 +1508,10 @@ class Engine:
                 raise IOFailure(errno.EIO, f"{self.cfg.name}: local write failed and there "
                                            f"is no peer to hold it")
             yield from _until(lambda: pending.done)
+        # (a local copy in a disk that failed before the write completed
+        # counts no more than one that failed to be written)
+        local_lost = bool(local_error) or (disk is not None and self.disk is not disk)
+        if local_lost and pending is not None:
             if pending.acked_uptodate and self._peer_serves():
                 # The peer's copy is the only one now: it counts once the
                 # peer has made it durable and has taken in that our disk is
@@ -1516,8 +1520,8 @@ class Engine:
                 # becomes of the link).
                 yield from self._peer_flush()
         peer_copy = pending is not None and pending.acked_uptodate and (
-            self._peer_serves() or (not local_error and disk is not None and not target))
-        if (local_error or disk is None or target) and not peer_copy:
+            self._peer_serves() or (not local_lost and disk is not None and not target))
+        if (local_lost or disk is None or target) and not peer_copy:
             # Only an UpToDate peer's copy counts (an Inconsistent disk --
             # a Primary that is SyncTarget, or a peer that is -- is not a
             # copy anyone may rely on), and when it is the only copy, only
@@ -1742,13 +1746,21 @@ class Engine:
         self._tell_peer_state()
         # (a flow of its own: the flow that met the error may be one the
         # end of a session cancels, and the disk must be released anyway)
-        self._start(self._release_failed_disk(disk), name="release-failed-disk")
+        # Marked Inconsistent (if it still takes the write) only when the
+        # peer has UpToDate data to resync it from: without one, this disk
+        # may hold the newest data there is, and keeps its claim to it.
+        peer_good = self._peer_serves()
+        self._start(self._release_failed_disk(disk, peer_good), name="release-failed-disk")
 
-    def _release_failed_disk(self, disk: Disk):
+    def _release_failed_disk(self, disk: Disk, mark_inconsistent: bool):
         try:
-            yield from self._persist(disk, sb=disk.sb.with_flags(clear=md.F_CONSISTENT))
+            if mark_inconsistent:
+                yield from self._persist(disk, sb=disk.sb.with_flags(clear=md.F_CONSISTENT))
+            else:
+                yield from self._persist(disk)
         except MetaIOError:
-            self._log("error", "could not mark the failed disk inconsistent")
+            self._log("error", "could not mark the failed disk inconsistent"
+                      if mark_inconsistent else "could not write the failed disk's meta-data")
         self._emit(ReleaseDisk())
         self._set(dstate=DiskState.Diskless)
         self._tell_peer_state()
@@ -2050,6 +2062,9 @@ class Engine:
             return
         stonith = self.fencing == "resource-and-stonith"
         code = yield from self._handler("fence-peer")
+        # (a handshake under way: its outcome says whether the answer
+        # still matters -- one that fails leaves us without the peer)
+        yield from _until(lambda: not self.live or self.cstate.is_connected)
         if self.live:
             # The peer came back while the handler ran: the handshake
             # settled who has what (and ended the suspension); a late
@@ -2209,6 +2224,10 @@ class Engine:
             self.disk.full_if_target = False    # its data stands as it is
         if decision is Decision.UNRELATED:
             raise Fatal("Unrelated data, aborting!")
+        if decision.i_am_source and self.dstate is DiskState.Inconsistent:
+            # (DRBD's words) newer by its UUIDs, but not a whole copy of
+            # that data: an admin decides (invalidate, or primary --force)
+            raise Fatal("I shall become SyncSource, but I am inconsistent!")
         if decision.i_am_target and self.role is Role.Primary and \
                 self.dstate is not DiskState.Inconsistent:
             if self.fence_lost:
