@@ -62,6 +62,20 @@ def mutant_data_integrity_check_passes_anything(mp):
     mp.setattr(Engine, "_digest_ok", staticmethod(lambda mine, theirs: True))
 
 
+def mutant_peer_disk_failure_not_acted_on(mp):
+    # The peer's disk failed: what it acknowledged but never made durable
+    # is not marked, no new generation starts.
+    def ignored(self):
+        return
+        yield
+    mp.setattr(Engine, "_on_peer_lost_disk", ignored)
+
+
+def mutant_diskless_primary_forgets_the_data_it_served(mp):
+    # No ed_uuid: a Primary whose disk failed connects to any peer data.
+    mp.setattr(Engine, "_note_exposed_data", lambda self, peer_current=0: None)
+
+
 # Each mutant with the runs it shows in: the epoch barrier matters where a
 # write completes before the peer has it (protocols A and B) and both nodes
 # then fail; fencing where both nodes are Primary.
@@ -84,6 +98,8 @@ MUTANTS = [
     (mutant_data_integrity_check_passes_anything, {"integrity": "sha1",
                                                    "corrupt_rate": 0.05,
                                                    "disk_fail_rate": 0}),
+    (mutant_peer_disk_failure_not_acted_on, {"disk_fail_rate": 0.02, "power": True}),
+    (mutant_diskless_primary_forgets_the_data_it_served, {}),
 ]
 
 
