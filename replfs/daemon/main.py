@@ -58,6 +58,21 @@ def _daemonize(rundir: str) -> None:
     os.chdir("/")
 
 
+def secure_rundir(rundir: str) -> str | None:
+    """The run directory holds the admin socket: it must belong to this
+    user and be writable by nobody else (or another user could put a
+    socket of their own where replfsadm looks).  One that already existed
+    with a looser mode is tightened; one owned by someone else is refused.
+    Returns the refusal, or None."""
+    st = os.stat(rundir)
+    if st.st_uid != os.geteuid():
+        return (f"refusing to use {rundir}: it belongs to uid {st.st_uid}, not to this "
+                f"user (uid {os.geteuid()})")
+    if st.st_mode & 0o077:
+        os.chmod(rundir, 0o700)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rundir = rundir_from_env(args.rundir)
@@ -66,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(rundir, mode=0o700, exist_ok=True)
     except OSError as e:
         print(f"replfsd: cannot create {rundir}: {e.strerror}", file=sys.stderr)
+        return EXIT_EXEC
+    problem = secure_rundir(rundir)
+    if problem:
+        print(f"replfsd: {problem}", file=sys.stderr)
         return EXIT_EXEC
     if _already_running(rundir):
         print(f"replfsd: already running (socket {socket_path(rundir)})", file=sys.stderr)
