@@ -129,6 +129,26 @@ class Bitmap:
         self._count += changed if value else -changed
         return changed
 
+    def grow(self, nblocks: int, *, set_new: bool) -> None:
+        """Cover ``nblocks`` blocks (online grow); the new ones are set
+        (out of sync: resynced) or clear.  Marks no page dirty: the
+        caller has written the whole grown bitmap to its new place."""
+        if nblocks < self.nblocks:
+            raise ValueError("a bitmap never shrinks")
+        old = self.nblocks
+        self._bits.extend(bytes((nblocks + 7) // 8 - len(self._bits)))
+        self.nblocks = nblocks
+        if set_new:
+            dirty = set(self._dirty_pages)
+            self._change(old, nblocks - old, True)
+            self._dirty_pages = dirty
+
+    def grown_bytes(self, nblocks: int, *, set_new: bool) -> bytes:
+        """What this bitmap's bytes become after ``grow`` (for writing)."""
+        copy = Bitmap(self.nblocks, bytes(self._bits))
+        copy.grow(nblocks, set_new=set_new)
+        return copy.to_bytes()
+
     # --- persistence bookkeeping ---
     def take_dirty_pages(self) -> list[tuple[int, bytes]]:
         """Return (page_index, page_bytes) for pages changed since last call."""

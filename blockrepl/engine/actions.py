@@ -8,6 +8,10 @@ with ``Engine.done(token, result)``:
     DiskRead                               result bytes, or an errno (int)
     RunHandler                             the handler's exit code, or None
                                            (no handler configured)
+    ProbeDisk                              the backing disk's size in bytes
+                                           (the data disk's, with external
+                                           meta-data), or -errno
+    GrowMeta                               0, or an errno
 
 Driver obligations (the engine's correctness depends on them):
 
@@ -25,6 +29,21 @@ Driver obligations (the engine's correctness depends on them):
   lets a bitmap that says "in sync" never be more durable than the data
   it vouches for (a resync target's cleared bits, an extent leaving the
   activity log).
+* ``ProbeDisk`` measures the backing disk as it is now (an admin may have
+  grown it since it was attached); nothing changes.
+* ``GrowMeta`` (online grow) moves the meta-data to ``layout`` and makes
+  the usable size ``superblock.data_size``, crash-safely: flush the data,
+  write the whole ``bitmap`` and an activity-log record of ``al_extents``
+  (the other record's half zeroed) at the new place, flush, then write
+  the superblock there and flush.  Until that last flush the old
+  superblock, at the old place, is the valid one (the new area lies
+  wholly past the old meta-data, which nothing overwrites before the
+  engine lets I/O into the grown area, after done).  The driver records
+  the new backing-disk size where its attach looks for a superblock that
+  is not at the end of the disk (after a crash, or a disk grown while the
+  resource was down), and from then on does every meta-data write
+  (``PersistMeta``) at the new place and allows data I/O up to the new
+  size.  The engine issues no other meta-data write meanwhile.
 * ``Complete`` answers an application request (write, read, flush);
   ``OpDone`` an administrative one (primary, attach, ...).
 * ``CloseConnection`` closes the session's socket; the driver does not
@@ -72,6 +91,20 @@ class PersistMeta:
     bitmap_pages: tuple[tuple[int, bytes], ...] = ()
     al_extents: tuple[int, ...] | None = None
     superblock: md.Superblock | None = None
+
+
+@dataclass(frozen=True)
+class ProbeDisk:
+    token: int
+
+
+@dataclass(frozen=True)
+class GrowMeta:
+    token: int
+    layout: md.Layout
+    bitmap: bytes
+    al_extents: tuple[int, ...]
+    superblock: md.Superblock
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ Events (each returns the list of actions it causes):
     admin         attach(op, sb, bitmap, al_extents)  detach(op)
                   primary(op, force)  secondary(op)  outdate(op)
                   invalidate(op)  invalidate_remote(op)  verify(op)
+                  resize(op, assume_clean, limit)
                   new_current_uuid(op)  connect(op, discard_my_data)
                   disconnect(op)  resume_io(op)  pause_sync(op)  resume_sync(op)
                   opened(kind)  closed(kind)
@@ -60,24 +61,27 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from replfs.errors import EXIT_NO_LOCAL_DISK, EXIT_STATE, ReplfsError
+from replfs.errors import EXIT_CONFIG, EXIT_NO_LOCAL_DISK, EXIT_STATE, ReplfsError
 
 from ..core.actlog import EXTENT, ActivityLog, ActivityLogFull
 from ..core.bitmap import BLOCK, Bitmap, blocks_of
 from ..core.intervals import IntervalSet
 from ..core.resync_rate import RateConfig, RateController
-from ..core.states import (ERR_PAUSE_IS_CLEAR, ERR_PAUSE_IS_SET, ERR_PIC_PEER_DEP,
+from ..core.states import (ERR_IMPLICIT_SHRINK, ERR_MD_DISK_TOO_SMALL, ERR_PAUSE_IS_CLEAR,
+                           ERR_PAUSE_IS_SET, ERR_PIC_PEER_DEP, ERR_RESIZE_RESYNC,
                            SS_CONCURRENT_ST_CHG, SS_IS_DISKLESS, SS_NEED_CONNECTION,
+                           SS_NO_UP_TO_DATE_DISK,
                            SS_PRIMARY_NOP, SS_RESYNC_RUNNING, SS_TWO_PRIMARIES,
-                           fail, refused_by_peer,
+                           exit_code_for, fail, refused_by_peer,
                            ConnState, DiskState, Role, StateChangeRefused, View,
                            check_outdate, check_promote, refuse)
 from ..core.splitbrain import Policies, Resolution, resolve
 from ..core.uuids import JUST_CREATED, Decision, Side, Uuids, compare
 from ..meta import format as md
 from ..proto import packets as P
-from .actions import (CloseConnection, Complete, DiskFlush, DiskRead, DiskWrite, Log,
-                      OpDone, PersistMeta, PriLost, ReleaseDisk, RunHandler, Send)
+from .actions import (CloseConnection, Complete, DiskFlush, DiskRead, DiskWrite, GrowMeta,
+                      Log, OpDone, PersistMeta, PriLost, ProbeDisk, ReleaseDisk, RunHandler,
+                      Send)
 from .flows import FlowSet, Wait
 
 RESYNC_CHUNK = 256 * 1024
@@ -96,7 +100,7 @@ _HOLD_WRITES = frozenset({ConnState.WFReportParams, ConnState.WFBitMapS,
 
 # Packets that answer this node's own requests (see Engine.receive).
 _ANSWERS = frozenset({P.WriteAck, P.NegAck, P.RecvAck, P.FlushAck, P.PingAck,
-                      P.ReadReply, P.RoleReply})
+                      P.ReadReply, P.RoleReply, P.ResizeReply, P.ResizeDone})
 
 
 # Packets that carry data: with data-integrity-alg, each comes after the
@@ -424,6 +428,12 @@ class Engine:
         self._flush_marks: dict[int, int] = {}   # Flush seq -> _unstable_added then
         self._reads: dict[int, list] = {}
         self._role_replies: dict[int, int | None] = {}
+        # Online grow: this node's resize in progress (the peer refuses
+        # one of its own meanwhile), the backing-disk size measured for
+        # it, the peer's answers by token.
+        self._resizing = False
+        self._probed_disk_size = 0
+        self._resize_answers: dict[int, P.Packet | None] = {}
         self._ranges = IntervalSet()   # application ranges being written / resynced
         self._app_writes: dict[int, tuple[int, int]] = {}
         self._unrepl_inflight = 0
@@ -2187,8 +2197,11 @@ class Engine:
             raise Fatal(f"incompatible verify-alg settings (we use "
                         f"{self.cfg.verify_alg or 'none'}, peer uses {peer_valg or 'none'})")
         if self.disk is not None and params.data_size and params.data_size != self.size:
+            # (an online grow that one node finished and the other did not:
+            # a crash or a lost link between the two nodes' meta-data moves)
             raise Fatal(f"the peer's disk size ({params.data_size} bytes) differs from "
-                        f"ours ({self.size} bytes); resizing is not supported")
+                        f"ours ({self.size} bytes): an online resize was interrupted "
+                        f"on one node (see 'Resize' in docs/mirror-engine.md)")
         self.peer_params = params
         self._set(peer_role=_peer_role(params.role), pdsk=_peer_disk(params.disk))
         if self.role is Role.Primary and self.disk is None and self.ed_uuid \
@@ -2588,6 +2601,220 @@ class Engine:
         self._set(cstate=ConnState.Connected, dstate=DiskState.UpToDate)
         if "after-resync-target" in self.cfg.handlers:
             self._start(self._handler("after-resync-target"), name="after-resync-target")
+
+    # ============================================================ online grow
+    # replfsadm resize (DRBD's drbdadm resize), while Connected with both
+    # disks UpToDate.  The initiator measures its backing disk (ProbeDisk),
+    # asks the peer for what its own allows (ResizeRequest/ResizeReply),
+    # takes the minimum (at most ``limit``), grows its own meta-data
+    # (GrowMeta: moved to the new end of an internal disk, crash-safely),
+    # then tells the peer to do the same (ResizeCommit/ResizeDone).  The
+    # new area is marked out of sync on both nodes (unless assume_clean)
+    # and resynced from the SyncSource: the initiator, unless the peer is
+    # Primary and the initiator is not.  Shrinking is refused.
+    def resize(self, op, *, assume_clean: bool = False, limit: int = 0) -> list:
+        self._start(self._op(op, self._resize(assume_clean, limit)), name="resize")
+        return self._drain()
+
+    def _check_resize(self) -> None:
+        """Raise unless this node can take part in an online grow now."""
+        if self.disk is None:
+            raise refuse(SS_IS_DISKLESS, EXIT_NO_LOCAL_DISK)
+        if self._resizing:
+            raise refuse(SS_CONCURRENT_ST_CHG)      # (both nodes at once: both refused)
+        if self.live and self.cstate.is_connected and self.cstate is not ConnState.Connected:
+            raise fail(ERR_RESIZE_RESYNC, self.cfg.name)
+        if not self.live or self.cstate is not ConnState.Connected:
+            raise refuse((SS_NEED_CONNECTION[0], "Need a connection for an online resize "
+                                                 "(both nodes Connected)"))
+        if self.dstate is not DiskState.UpToDate or self.pdsk is not DiskState.UpToDate:
+            raise refuse((SS_NO_UP_TO_DATE_DISK[0], "Need access to UpToDate data: an "
+                                                    "online resize needs both disks UpToDate"))
+
+    def _probe_resize(self):
+        """(backing disk size, largest usable size it allows, why not more)."""
+        disk = self.disk
+        size = yield self._issue(ProbeDisk)
+        if self.disk is not disk:
+            raise ReplfsError(f"{self.cfg.name}: the disk was detached during resize",
+                              EXIT_STATE)
+        if size < 0:
+            raise ReplfsError(f"{self.cfg.name}: cannot measure the backing disk "
+                              f"(errno {-size})", EXIT_STATE)
+        self._probed_disk_size = size
+        most, why = md.max_grown_size(disk.sb.layout, size)
+        return size, most, why
+
+    def _resize(self, assume_clean: bool, limit: int):
+        self._check_resize()
+        self._resizing = True
+        try:
+            yield from self._resize_steps(assume_clean, limit)
+        finally:
+            self._resizing = False
+            self._probed_disk_size = 0
+
+    def _await_answer(self, token: int, session: int):
+        """The peer's ResizeReply/ResizeDone for ``token`` (None: link lost)."""
+        self._resize_answers[token] = None
+        try:
+            yield from _until(lambda: self._resize_answers[token] is not None
+                              or self.session != session or not self.live)
+            return self._resize_answers[token]
+        finally:
+            del self._resize_answers[token]
+
+    def _resize_steps(self, assume_clean: bool, limit: int):
+        name = self.cfg.name
+        session = self.session
+        disk_size, mine, my_why = yield from self._probe_resize()
+        token = self.flows.token()
+        self._send(P.ResizeRequest(token))
+        reply = yield from self._await_answer(token, session)
+        if reply is None:
+            raise ReplfsError(f"{name}: the connection was lost during resize; nothing "
+                              f"was changed", EXIT_STATE)
+        peer_why = reply.reason.decode(errors="replace")
+        if reply.result:
+            raise ReplfsError(f"{name}: the peer refused the resize: {peer_why}",
+                              exit_code_for(reply.result) if reply.result < 0 else EXIT_STATE)
+        old = self.size
+        limit -= limit % BLOCK
+        new = min(mine, reply.max_size)
+        if limit:
+            if limit < old:
+                raise ReplfsError(f"{name}: {ERR_IMPLICIT_SHRINK.message}\n--size={limit} "
+                                  f"is less than the current size ({old} bytes): shrinking "
+                                  f"online is not supported", EXIT_CONFIG)
+            new = min(new, limit)
+        if new < old:
+            which = (f"this node's allows {mine}" if mine < old
+                     else f"the peer's allows {reply.max_size}")
+            raise ReplfsError(f"{name}: {ERR_IMPLICIT_SHRINK.message}\nA backing disk is "
+                              f"smaller than the device ({old} bytes): {which}; shrinking "
+                              f"online is not supported", EXIT_CONFIG)
+        if new == old:
+            why = my_why if mine == old and my_why else \
+                peer_why if reply.max_size == old and peer_why else ""
+            if why:
+                raise ReplfsError(f"{name}: {ERR_MD_DISK_TOO_SMALL.message}\n{why}",
+                                  EXIT_CONFIG)
+            self._log("info", f"resize: nothing to do: the device already has the size "
+                              f"both backing disks allow ({old} bytes)")
+            self.last_event = f"resize: nothing to do (size {old // 1024} KB)"
+            return
+        self._check_resize_again(session)
+        yield from self._grow(disk_size, new, mark=not assume_clean)
+        source = self.role is Role.Primary or self.peer_role is not Role.Primary
+        flags = (P.RZ_ASSUME_CLEAN if assume_clean else 0) | \
+            (0 if source else P.RZ_YOU_ARE_SOURCE)
+        token = self.flows.token()
+        self._send(P.ResizeCommit(token, new, flags))
+        done = yield from self._await_answer(token, session)
+        if done is None or done.result:
+            why = "the connection was lost" if done is None else \
+                done.reason.decode(errors="replace")
+            self.last_event = f"resize: grown here, not on the peer ({why})"
+            raise ReplfsError(f"{name}: this node grew to {new} bytes but the peer did not "
+                              f"confirm its own grow ({why}); the nodes will not connect "
+                              f"until both have the same size (see 'Resize' in "
+                              f"docs/mirror-engine.md)", EXIT_STATE)
+        self.last_event = f"resized from {old // 1024} KB to {new // 1024} KB"
+        if source and not assume_clean and self.live and self.session == session \
+                and self.cstate is ConnState.Connected:
+            self._start(self._begin_sync_as_source(False, exchange=False), group=session,
+                        name="sync-source")
+
+    def _check_resize_again(self, session: int) -> None:
+        """The state may have changed while the peer answered."""
+        if self.session != session or not self.live or self.cstate is not ConnState.Connected \
+                or self.dstate is not DiskState.UpToDate or self.pdsk is not DiskState.UpToDate:
+            raise ReplfsError(f"{self.cfg.name}: the state changed during resize (now "
+                              f"{self.cstate.value}, {self.dstate.value}/{self.pdsk.value}); "
+                              f"nothing was changed", EXIT_STATE)
+
+    def _grow(self, disk_size: int, new_size: int, *, mark: bool):
+        """Grow the meta-data to ``new_size`` usable bytes (GrowMeta) and
+        then the device; ``mark``: the new blocks are out of sync."""
+        disk = self.disk
+        old = self.size
+        try:
+            lay = md.grown_layout(disk.sb.layout, disk_size, new_size)
+        except md.MetaDataError as e:
+            raise ReplfsError(f"{self.cfg.name}: {ERR_MD_DISK_TOO_SMALL.message}\n{e}",
+                              EXIT_CONFIG) from None
+        nblocks = new_size // BLOCK
+        yield from _until(lambda: not disk.meta_busy)
+        disk.meta_busy = True
+        try:
+            # The whole grown bitmap goes to the new place: the pages not
+            # yet written go with it (marked dirty again if it fails).
+            disk.bitmap.take_dirty_pages()
+            bits = disk.bitmap.grown_bytes(nblocks, set_new=mark)
+            sb = replace(disk.sb, data_size=new_size, layout=lay)
+            self.bm_writes += (len(bits) + BLOCK - 1) // BLOCK
+            self.al_writes += 1
+            err = yield self._issue(GrowMeta, lay, bits, tuple(disk.al.extents), sb)
+        finally:
+            disk.meta_busy = False
+        if err:
+            disk.bitmap.mark_all_pages_dirty()
+            if self.disk is disk:
+                yield from self._local_io_error("meta-data write (resize)", err, 0, 0)
+            raise MetaIOError(err)
+        # (no yield from here on: no flow sees the old size with the new
+        # layout, or the reverse)
+        disk.bitmap.grow(nblocks, set_new=mark)
+        disk.sb = replace(disk.sb, data_size=new_size, layout=lay)
+        if self.disk is disk:
+            self.size = new_size
+        self._log("info", "size = %d KB (was %d KB)%s" % (
+            new_size // 1024, old // 1024, "" if mark else "; new area assumed clean"))
+
+    def _on_resize_request(self, pkt: P.ResizeRequest):
+        self._start(self._answer_resize(self.session, pkt.token), group=self.session,
+                    name="resize-answer")
+
+    def _answer_resize(self, session: int, token: int):
+        try:
+            self._check_resize()
+            _size, most, why = yield from self._probe_resize()
+        except StateChangeRefused as e:
+            self._send(P.ResizeReply(token, 0, e.code, str(e).encode()))
+            return
+        except ReplfsError as e:
+            self._send(P.ResizeReply(token, 0, 1, e.message.encode()))
+            return
+        if self.session == session and self.live:
+            self._send(P.ResizeReply(token, most, 0, why.encode()))
+
+    def _on_resize_commit(self, pkt: P.ResizeCommit):
+        disk = self._need_disk("ResizeCommit")
+        session = self.session
+        mark = not pkt.flags & P.RZ_ASSUME_CLEAN
+        try:
+            if pkt.new_size < self.size:
+                raise ReplfsError("the peer asked to shrink the device", EXIT_STATE)
+            if pkt.new_size > self.size:
+                if not self._probed_disk_size:
+                    yield from self._probe_resize()
+                yield from self._grow(self._probed_disk_size, pkt.new_size, mark=mark)
+        except (ReplfsError, MetaIOError) as e:
+            self._log("error", f"resize to {pkt.new_size} bytes failed: {e}")
+            self._send(P.ResizeDone(pkt.token, 1, str(e).encode()))
+            return
+        finally:
+            self._probed_disk_size = 0
+        self._send(P.ResizeDone(pkt.token, 0))
+        self.last_event = f"resized to {pkt.new_size // 1024} KB by the peer"
+        if pkt.flags & P.RZ_YOU_ARE_SOURCE and mark and disk is self.disk \
+                and self.session == session and self.cstate is ConnState.Connected:
+            self._start(self._begin_sync_as_source(False, exchange=False), group=session,
+                        name="sync-source")
+
+    def _on_resize_answer(self, pkt):
+        if pkt.token in self._resize_answers:
+            self._resize_answers[pkt.token] = pkt
 
     # ============================================================ verify
     def verify(self, op) -> list:
@@ -3218,4 +3445,8 @@ class Engine:
         P.Params: _on_params,
         P.AttachReply: _on_attach_reply,
         P.CurrentUuid: _on_current_uuid,
+        P.ResizeRequest: _on_resize_request,
+        P.ResizeReply: _on_resize_answer,
+        P.ResizeCommit: _on_resize_commit,
+        P.ResizeDone: _on_resize_answer,
     }

@@ -10,7 +10,9 @@ External meta-data (``meta-disk PATH [INDEX]``) puts the same three areas,
 superblock first, in a 128 MiB slot of another file or device.
 
 The superblock holds the generation UUIDs, flags, sizes and area offsets,
-and a CRC32 over itself.  The activity log area holds two alternating
+and a CRC32 over itself.  The offsets it records are the truth: after an
+online grow (``grown_layout``) internal meta-data sits at the end of the
+*grown* disk and the usable size may be less than the disk allows.  The activity log area holds two alternating
 records (each a sequence number, the hot extent list and a CRC), so a torn
 write of one leaves the other readable.
 """
@@ -98,6 +100,67 @@ def external_layout(data_disk_size: int, index: int | None) -> Layout:
         raise MetaDataError("data disk too large for a 128 MiB indexed meta-data slot")
     return Layout(data_disk_size, data, base + SUPERBLOCK_SIZE + AL_AREA, bm,
                   base + SUPERBLOCK_SIZE, base, False)
+
+
+def max_grown_size(old: Layout, disk_size: int) -> tuple[int, str]:
+    """The largest usable size an online grow can give a disk laid out as
+    ``old`` whose backing disk (internal) or data disk (external) is now
+    ``disk_size`` bytes, and why not more ("" when the disk is the limit).
+
+    Internal meta-data moves to the new end of the disk, and the new area
+    must not overlap the old one: the old superblock stays valid until the
+    new one is durable (see grown_layout).  A disk that grew by less than
+    that gives no growth.  A disk that shrank gives less than ``old``."""
+    disk_size -= disk_size % BLOCK
+    if old.internal:
+        if disk_size < old.total_size:
+            try:
+                return internal_layout(disk_size).data_size, "the backing disk shrank"
+            except MetaDataError:
+                return 0, "the backing disk shrank"
+        if disk_size == old.total_size:
+            return old.data_size, ""
+        data = disk_size - AL_AREA - SUPERBLOCK_SIZE - _bitmap_bytes(disk_size)
+        data -= data % BLOCK
+        while data > old.data_size and \
+                data + _bitmap_bytes(data) + AL_AREA + SUPERBLOCK_SIZE > disk_size:
+            data -= BLOCK
+        md_start = disk_size - AL_AREA - SUPERBLOCK_SIZE - _bitmap_bytes(max(data, old.data_size))
+        if md_start < old.total_size:
+            need = old.total_size - md_start
+            return old.data_size, (f"the backing disk grew by {disk_size - old.total_size} "
+                                   f"bytes, too little to move the meta-data past its old "
+                                   f"place: grow it by at least {need} bytes more")
+        return max(data, old.data_size), ""
+    limit = EXTERNAL_SLOT - SUPERBLOCK_SIZE - AL_AREA      # bitmap bytes the slot holds
+    if _bitmap_bytes(disk_size) > limit:
+        cap = limit * 8 * BLOCK
+        return min(disk_size, cap), (f"the 128 MiB external meta-data slot holds the bitmap "
+                                     f"of at most {cap} bytes")
+    return disk_size, ""
+
+
+def grown_layout(old: Layout, disk_size: int, data_size: int) -> Layout:
+    """The layout after growing ``old`` to ``data_size`` usable bytes on a
+    backing disk of ``disk_size`` bytes (data_size <= max_grown_size).
+
+    Internal: bitmap, activity log and superblock at the new end of the
+    disk, wholly past the old end (so writing them never touches the old
+    meta-data).  External: the same slot, a longer bitmap (its first bytes,
+    the old bits, stay where they were)."""
+    disk_size -= disk_size % BLOCK
+    bm = _bitmap_bytes(data_size)
+    if old.internal:
+        sb = disk_size - SUPERBLOCK_SIZE
+        al = sb - AL_AREA
+        lay = Layout(disk_size, data_size, al - bm, bm, al, sb, True)
+        if lay.bm_offset < old.total_size or data_size > lay.bm_offset:
+            raise MetaDataError(f"no room for {data_size} bytes and their meta-data on a "
+                                f"disk of {disk_size} bytes grown from {old.total_size}")
+        return lay
+    if old.sb_offset + SUPERBLOCK_SIZE + AL_AREA + bm > old.sb_offset + EXTERNAL_SLOT:
+        raise MetaDataError("data disk too large for a 128 MiB meta-data slot")
+    return Layout(disk_size, data_size, old.bm_offset, bm, old.al_offset, old.sb_offset, False)
 
 
 @dataclass(frozen=True)

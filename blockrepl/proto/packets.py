@@ -16,8 +16,9 @@ import struct
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
-PROTOCOL_VERSION = 4     # 2: Params carries data-integrity-alg; 3: and verify-alg;
+PROTOCOL_VERSION = 5     # 2: Params carries data-integrity-alg; 3: and verify-alg;
                          # 4: AttachReply (a disk attached under a live connection), CurrentUuid
+                         # 5: ResizeRequest/Reply, ResizeCommit/Done (online grow)
 MAGIC = 0x5246
 HEADER = struct.Struct("<HBBI")
 MAX_PAYLOAD = 16 * 1024 * 1024 + 64
@@ -368,6 +369,54 @@ class RoleReply(Packet):
     FIXED = "Qi"
     token: int
     result: int          # 0 ok, else a negative DRBD state-change code
+
+
+# ---------------------------------------------------------------- online grow
+@dataclass(frozen=True)
+class ResizeRequest(Packet):
+    """The initiator of ``resize`` asks how far the peer's disk can grow."""
+    TYPE = 45
+    FIXED = "Q"
+    token: int
+
+
+@dataclass(frozen=True)
+class ResizeReply(Packet):
+    """``max_size``: the usable size the peer's backing disk allows now;
+    ``result`` 0, or a refusal (a DRBD state-change or failure code) whose
+    words are ``reason`` (the peer is resyncing, its disk cannot grow...)."""
+    TYPE = 46
+    FIXED = "QQi"
+    TAIL = "reason"
+    token: int
+    max_size: int
+    result: int
+    reason: bytes = b""
+
+
+RZ_ASSUME_CLEAN = 1       # no resync of the new area
+RZ_YOU_ARE_SOURCE = 2     # the receiver resyncs the new area to the sender
+
+
+@dataclass(frozen=True)
+class ResizeCommit(Packet):
+    """Grow to ``new_size`` (the sender has grown already)."""
+    TYPE = 47
+    FIXED = "QQB"
+    token: int
+    new_size: int
+    flags: int
+
+
+@dataclass(frozen=True)
+class ResizeDone(Packet):
+    """The receiver of ResizeCommit has grown (``result`` 0) or failed."""
+    TYPE = 48
+    FIXED = "Qi"
+    TAIL = "reason"
+    token: int
+    result: int
+    reason: bytes = b""
 
 
 # ---------------------------------------------------------------- resync
