@@ -70,6 +70,12 @@ class FileBlockDevice:
     def size(self) -> int:
         return self._size
 
+    def set_size(self, size: int | None = None) -> None:
+        """Expose ``size`` bytes (all of the file: None), measured anew:
+        the file may have grown since it was opened (an online resize)."""
+        real = os.lseek(self._fd, 0, os.SEEK_END)
+        self._size = real if size is None else min(size, real)
+
     def _check(self, offset: int, length: int, *, write: bool) -> None:
         if offset < 0 or length < 0:
             raise BlockDeviceError(errno.EINVAL, "negative offset or length")

@@ -4,9 +4,24 @@
 size), the meta-data area (internal or external), the superblock, the
 bitmap and the activity log, and knows how to persist each of them.
 ``create_md`` writes fresh meta-data (replfsadm create-md).
+
+Finding the superblock.  Internal meta-data sits at the end of the
+backing disk, so a disk that grew (``truncate``, ``lvextend``) no longer
+has it at the end until ``replfsadm resize`` moves it there.  As DRBD
+keeps a "last known backing device size" file, replfs keeps, per backing
+disk, the sizes at whose end a valid superblock may sit (``size hints``
+under $REPLFS_STATEDIR, /var/lib/replfs by default).  An online grow adds
+the new size before it writes anything at the new place and leaves only
+the new size once the new superblock is durable; attach looks at the end
+of the disk first, then at the end of each hinted size, largest first,
+and takes the first superblock that is valid and records its own place.
+After a crash between the two writes of a grow, that is the old one (the
+new one is not there yet, or torn and failing its CRC) or the new one:
+never a mixture, since the new meta-data area lies wholly past the old.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
@@ -45,14 +60,78 @@ def layout_for(host: Host) -> tuple[str, md.Layout]:
         raise ReplfsError(f"{host.disk}: {e}", EXIT_CONFIG) from None
 
 
-def read_superblock(host: Host) -> md.Superblock:
+def _hints_path(disk: str) -> str:
+    state = os.environ.get("REPLFS_STATEDIR") or "/var/lib/replfs"
+    key = hashlib.sha256(os.path.realpath(disk).encode()).hexdigest()[:20]
+    return os.path.join(state, f"lkbd-{key}")
+
+
+def read_size_hints(disk: str) -> list[int]:
+    """The backing-disk sizes at whose end a valid superblock may sit."""
+    try:
+        with open(_hints_path(disk)) as f:
+            return sorted({int(w) for w in f.read().split() if w.isdigit()}, reverse=True)
+    except (OSError, ValueError):
+        return []
+
+
+def write_size_hints(disk: str, sizes: list[int]) -> None:
+    """Record ``sizes`` for ``disk`` durably (replaced atomically); a
+    failure is logged: only finding meta-data after a grow depends on it."""
+    path = _hints_path(disk)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(f"# last known sizes of {os.path.realpath(disk)}\n")
+            f.write("".join(f"{n}\n" for n in sorted(set(sizes), reverse=True)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        log.warning("%s: cannot record its size in %s: %s", disk, path, e)
+
+
+def find_superblock(host: Host) -> tuple[md.Superblock, int]:
+    """The valid superblock of ``host``'s meta-data and the size of the
+    disk it sits at the end of (internal; see the module docstring)."""
     path, lay = layout_for(host)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         raw = os.pread(fd, md.SUPERBLOCK_SIZE, lay.sb_offset)
+        try:
+            sb = md.decode_superblock(raw, internal=lay.internal)
+            if not lay.internal or sb.layout.sb_offset == lay.sb_offset:
+                return sb, lay.total_size
+            raise md.MetaDataError("the superblock at the end of the disk records "
+                                   "another place")
+        except md.MetaDataError as e:
+            if not lay.internal:
+                raise
+            first = e
+        for size in read_size_hints(host.disk):
+            size -= size % md.BLOCK
+            if size >= lay.total_size or size < 2 * md.SUPERBLOCK_SIZE:
+                continue
+            off = size - md.SUPERBLOCK_SIZE
+            try:
+                sb = md.decode_superblock(os.pread(fd, md.SUPERBLOCK_SIZE, off))
+            except md.MetaDataError:
+                continue
+            if sb.layout.sb_offset == off and sb.layout.total_size == size:
+                return sb, size
+        raise first
     finally:
         os.close(fd)
-    return md.decode_superblock(raw, internal=lay.internal)
+
+
+def read_superblock(host: Host) -> md.Superblock:
+    return find_superblock(host)[0]
 
 
 def create_md(host: Host, *, force: bool = False, al_extents: int = 1237) -> list[str]:
@@ -116,17 +195,27 @@ class LocalDisk:
 
     def __init__(self, host: Host, al_extents: int):
         self.host = host
-        self.md_path, self.layout = layout_for(host)
+        self.md_path, now = layout_for(host)
         try:
-            self.sb = read_superblock(host)
+            self.sb, _at = find_superblock(host)
         except md.MetaDataError as e:
             raise ReplfsError(
                 f"{host.disk}: {e}\nRun 'replfsadm create-md' first.", EXIT_EXEC) from None
-        if self.sb.data_size != self.layout.data_size:
+        # The superblock's own record of where things are (an online grow
+        # may have left the usable size below what the disk allows).
+        self.layout = self.sb.layout
+        real = _size_of(host.disk)
+        if self.layout.total_size > real:
             raise ReplfsError(
-                f"{host.disk}: meta-data says {self.sb.data_size} bytes but the disk "
-                f"now gives {self.layout.data_size}; resizing is not supported", EXIT_EXEC)
-        self.data = FileBlockDevice(host.disk, self.layout.data_size)
+                f"{host.disk}: meta-data says the disk has {self.layout.total_size} bytes "
+                f"but it now has {real}; shrinking is not supported", EXIT_EXEC)
+        if now.total_size > self.layout.total_size:
+            log.warning("%s: the backing disk grew from %d to %d bytes; 'replfsadm resize' "
+                        "makes the new space usable", host.disk, self.layout.total_size,
+                        now.total_size)
+        if self.layout.internal and read_size_hints(host.disk) != [self.layout.total_size]:
+            write_size_hints(host.disk, [self.layout.total_size])
+        self.data = FileBlockDevice(host.disk, self.sb.data_size)
         self.meta = FileBlockDevice(self.md_path)
         self._bitmap: Bitmap | None = None
         # Once attached, the mirror engine owns the meta-data in memory
@@ -231,6 +320,37 @@ class LocalDisk:
         if sb is not None:
             await self.meta.write(lay.sb_offset, md.encode_superblock(sb))
             await self.meta.flush()
+
+    async def grow(self, layout: md.Layout, bitmap: bytes, al_extents, sb) -> None:
+        """The engine's GrowMeta: move the meta-data to ``layout`` and let
+        data I/O reach the new size.  Crash-safe (see the module
+        docstring): the size hints first, then bitmap and activity log at
+        the new place (all past the old meta-data), flushed, then the new
+        superblock, flushed; the old one stays valid until then."""
+        old = self.layout
+        if layout.internal:
+            write_size_hints(self.host.disk, [layout.total_size, old.total_size])
+        self.meta.set_size()
+        self.data.set_size(old.data_size)
+        await self.data.flush()
+        bits = bytes(bitmap).ljust(layout.bm_bytes, b"\0")
+        step = 1024 * 1024
+        for off in range(0, len(bits), step):
+            await self.meta.write(layout.bm_offset + off, bits[off:off + step])
+        self.bm_writes += len(bits) // md.BLOCK
+        self._al_seq += 1
+        offset, rec = md.encode_al_record(self._al_seq, list(al_extents))
+        area = bytearray(md.AL_AREA)
+        area[offset:offset + len(rec)] = rec
+        await self.meta.write(layout.al_offset, bytes(area))
+        self.al_writes += 1
+        await self.meta.flush()
+        await self.meta.write(layout.sb_offset, md.encode_superblock(sb))
+        await self.meta.flush()
+        self.layout = layout
+        self.data.set_size(layout.data_size)
+        if layout.internal:
+            write_size_hints(self.host.disk, [layout.total_size])
 
     async def close(self) -> None:
         await self.data.close()

@@ -133,6 +133,9 @@ class Resource:
         # mounts when after-sb call-pri-lost-after-sb discards this Primary.
         self.fence_peer_hook = None
         self.pri_lost_hook = None
+        # Called with the new size after an online grow (the device file
+        # tells the kernel its size changed).
+        self.resize_hooks: list = []
 
     # ------------------------------------------------------------ the engine's state
     @property
@@ -273,6 +276,11 @@ class Resource:
                 nursery.start_soon(self._persist, self.disk, a)
             elif t is A.RunHandler:
                 nursery.start_soon(self._run_handler, a)
+            elif t is A.ProbeDisk:
+                nursery.start_soon(self._probe_disk, a.token)
+            elif t is A.GrowMeta:
+                self._io_begin()
+                nursery.start_soon(self._grow, self.disk, a)
             elif t is A.ReleaseDisk:
                 disk, self.disk = self.disk, None
                 if disk is not None:
@@ -323,6 +331,40 @@ class Resource:
         finally:
             self._io_end()
         self._call(self.engine.done, a.token, result)
+
+    async def _probe_disk(self, token: int) -> None:
+        """The backing disk's size now (the data disk's, with external
+        meta-data): an admin may have grown it."""
+        try:
+            fd = os.open(self.me.disk, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                result = os.lseek(fd, 0, os.SEEK_END)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            result = -(e.errno or errno.EIO)
+        await trio.lowlevel.checkpoint()
+        self._call(self.engine.done, token, result)
+
+    async def _grow(self, disk: LocalDisk | None, a: A.GrowMeta) -> None:
+        try:
+            if disk is None:
+                result = errno.EIO
+            else:
+                await disk.grow(a.layout, a.bitmap, a.al_extents, a.superblock)
+                result = 0
+        except (OSError, BlockDeviceError) as e:
+            log.error("%s: moving the meta-data for resize failed: %s", self.conf.name, e)
+            result = getattr(e, "errno", None) or errno.EIO
+        finally:
+            self._io_end()
+        self._call(self.engine.done, a.token, result)
+        if not result:
+            for hook in list(self.resize_hooks):
+                try:
+                    hook(self.size)
+                except Exception:
+                    log.exception("%s: a resize hook failed", self.conf.name)
 
     async def _run_handler(self, a: A.RunHandler) -> None:
         try:
@@ -424,6 +466,10 @@ class Resource:
 
     async def verify(self) -> None:
         await self._op(self.engine.verify)
+
+    async def resize(self, *, assume_clean: bool = False, size: int = 0) -> None:
+        """Online grow to what both backing disks allow (at most ``size``)."""
+        await self._op(self.engine.resize, assume_clean=assume_clean, limit=size)
 
     def resume_io(self) -> None:
         self._call(self.engine.resume_io)

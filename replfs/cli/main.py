@@ -331,6 +331,25 @@ def v_primary(ctx: Ctx, arg: str | None) -> None:
         _daemon_call(ctx, "primary", res, force=bool(ctx.opts.get("force")))
 
 
+def _size_option(text: str) -> int:
+    """--size: bytes, or with a K/M/G/T suffix (powers of 1024), as mkfs.replfs."""
+    from replfs.fs.mkfs import MkfsError, parse_size
+    try:
+        return parse_size(str(text))
+    except MkfsError as e:
+        raise ReplfsError(f"--size: {e}", EXIT_USAGE) from None
+
+
+def v_resize(ctx: Ctx, arg: str | None) -> None:
+    size = _size_option(ctx.opts["size"]) if ctx.opts.get("size") else 0
+    for res in _resources(ctx, arg):
+        reply = _daemon_call(ctx, "resize", res, wait=True,
+                             assume_clean=bool(ctx.opts.get("assume_clean")), size=size)
+        if reply and reply.get("size") == reply.get("old"):
+            ctx.out(f"{res}: nothing to do: the device already has the size both backing "
+                    f"disks allow ({reply['size'] // 1024} KiB)")
+
+
 def v_connect(ctx: Ctx, arg: str | None) -> None:
     for res in _resources(ctx, arg):
         _start_daemon(ctx)
@@ -658,6 +677,8 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
     Verb("new-current-uuid", _simple("new-current-uuid"),
          summary="start a new data generation"),
     Verb("verify", _simple("verify"), summary="online verify against the peer"),
+    Verb("resize", v_resize, options=("assume-clean", "size"),
+         summary="grow the device online to what both (grown) backing disks allow"),
     Verb("resume-io", _simple("resume-io"),
          summary="resume application I/O suspended by fencing"),
     Verb("pause-sync", _simple("pause-sync"),
@@ -704,11 +725,14 @@ OPTION_SPELLINGS = {
     "--wait": ("wait", False),
     "-f": ("full", False),
     "--full": ("full", False),
+    "--assume-clean": ("assume_clean", False),
+    "--size": ("size", True),
 }
 _OPT_VERB_NAME = {"force": "force", "discard_my_data": "discard-my-data", "json": "json",
                   "verbose": "verbose", "timeout": "timeout",
                   "degr_timeout": "degr-wfc-timeout", "outdated_timeout": "outdated-wfc-timeout",
-                  "wait": "wait", "full": "full"}
+                  "wait": "wait", "full": "full", "assume_clean": "assume-clean",
+                  "size": "size"}
 
 
 def usage() -> str:
@@ -735,6 +759,8 @@ def usage() -> str:
         "                                          the node went down a Primary without its peer",
         "  --outdated-wfc-timeout SECONDS          (same verbs) when the peer is Outdated",
         "  --wait                                  (up) then wait for the peers, as at boot",
+        "  --assume-clean                          (resize) no resync of the new area",
+        "  --size SIZE                             (resize) grow to at most SIZE (K/M/G/T)",
         "",
         "VERBS:",
     ]

@@ -70,6 +70,18 @@ class ResourceDeviceOps(DeviceFileOps):
         self.res = res
         self._handles: set[int] = set()
         self._next_fh = 1
+        self._session = None
+
+    def init(self, session) -> None:
+        super().init(session)
+        self._session = session
+        self.res.resize_hooks.append(self._size_changed)
+
+    def _size_changed(self, size: int) -> None:
+        """An online grow: the kernel cached the file's attributes (its
+        size) for a while; tell it they changed."""
+        if self._session is not None:
+            self._session.invalidate_inode(fuse.ROOT_INODE)
 
     async def open(self, inode, flags, ctx):
         self._check_inode(inode)
@@ -95,6 +107,9 @@ class ResourceDeviceOps(DeviceFileOps):
         # the mount went away with files still open: they are not openers
         for fh in list(self._handles):
             self._close(fh)
+        if self._size_changed in self.res.resize_hooks:
+            self.res.resize_hooks.remove(self._size_changed)
+        self._session = None
         await super().destroy(session)
 
 

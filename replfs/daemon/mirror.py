@@ -57,6 +57,7 @@ class MirrorService:
             "pause-sync": self.op_pause_sync,
             "resume-sync": self.op_resume_sync,
             "verify": self.op_verify,
+            "resize": self.op_resize,
             "adjust": self.op_adjust,
             "status": self.op_status,
             "timeout-type": self.op_timeout_type,
@@ -238,6 +239,17 @@ class MirrorService:
     async def op_verify(self, req, body, conn):
         await self._res(req).verify()
         return {}
+
+    async def op_resize(self, req, body, conn):
+        """Online grow (replfsadm resize): the request may hold assume_clean and
+        size (the most usable bytes wanted, 0: what the disks allow)."""
+        res = self._needs_disk(self._res(req))
+        old = res.size
+        size = req.get("size") or 0
+        if not isinstance(size, int) or size < 0:
+            raise ReplfsError(f"{res.conf.name}: bad size {size!r}", EXIT_CONFIG)
+        await res.resize(assume_clean=bool(req.get("assume_clean")), size=size)
+        return {"size": res.size, "old": old}
 
     async def op_adjust(self, req, body, conn):
         """Bring a resource in line with the config: up, attach, connect."""
