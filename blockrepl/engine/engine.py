@@ -2197,11 +2197,7 @@ class Engine:
             raise Fatal(f"incompatible verify-alg settings (we use "
                         f"{self.cfg.verify_alg or 'none'}, peer uses {peer_valg or 'none'})")
         if self.disk is not None and params.data_size and params.data_size != self.size:
-            # (an online grow that one node finished and the other did not:
-            # a crash or a lost link between the two nodes' meta-data moves)
-            raise Fatal(f"the peer's disk size ({params.data_size} bytes) differs from "
-                        f"ours ({self.size} bytes): an online resize was interrupted "
-                        f"on one node (see 'Resize' in docs/mirror-engine.md)")
+            yield from self._finish_interrupted_grow(params.data_size)
         self.peer_params = params
         self._set(peer_role=_peer_role(params.role), pdsk=_peer_disk(params.disk))
         if self.role is Role.Primary and self.disk is None and self.ed_uuid \
@@ -2770,6 +2766,35 @@ class Engine:
             self.size = new_size
         self._log("info", "size = %d KB (was %d KB)%s" % (
             new_size // 1024, old // 1024, "" if mark else "; new area assumed clean"))
+
+    def _finish_interrupted_grow(self, peer_size: int):
+        """The sizes differ in a handshake: an online grow finished on one
+        node only (a crash, or the link lost, between the two nodes'
+        meta-data moves).  The smaller node grows too, if its backing
+        disk allows, with the new area marked out of sync (the handshake
+        after the reconnect then resyncs it: equal UUIDs and set bits
+        make a bitmap resync), and both connect again.  If it cannot,
+        the connection is refused for good on that side; the larger
+        node keeps trying (it may grow later)."""
+        if peer_size < self.size:
+            raise Drop(f"the peer's disk ({peer_size} bytes) is smaller than ours "
+                       f"({self.size} bytes): an online resize was interrupted; waiting "
+                       f"for the peer to finish it")
+        try:
+            disk_size, most, why = yield from self._probe_resize()
+            if most < peer_size:
+                raise ReplfsError(f"this backing disk allows {most} bytes"
+                                  f"{' (' + why + ')' if why else ''}", EXIT_STATE)
+            self._log("warning", f"the peer's disk has {peer_size} bytes, ours {self.size}: "
+                                 f"finishing an interrupted online resize")
+            yield from self._grow(disk_size, peer_size, mark=True)
+        except ReplfsError as e:
+            raise Fatal(f"the peer's disk size ({peer_size} bytes) differs from ours "
+                        f"({self.size} bytes) and ours cannot grow to it: {e}; grow the "
+                        f"backing disk, then connect") from None
+        finally:
+            self._probed_disk_size = 0
+        raise Drop("grew to the peer's size (an interrupted online resize): reconnecting")
 
     def _on_resize_request(self, pkt: P.ResizeRequest):
         self._start(self._answer_resize(self.session, pkt.token), group=self.session,

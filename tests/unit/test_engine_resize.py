@@ -268,3 +268,73 @@ def test_meta_format_grown_layout_never_overlaps_the_old_meta_data():
         assert back.layout == lay
     with pytest.raises(md.MetaDataError):
         md.grown_layout(old, old.total_size + BLOCK, old.data_size + BLOCK)
+
+
+def test_a_grow_interrupted_between_the_nodes_is_finished_at_the_next_handshake():
+    """The link goes after the initiator grew, before the peer heard the
+    ResizeCommit (as a crash of the peer would): at the next handshake
+    the smaller node grows too, both reconnect, and the new area is
+    resynced by bitmap."""
+    p = Pair(4 * MIB, 4 * MIB)
+    old = p.a.e.size
+    p.run(p.a, p.a.e.primary("pri"))
+    p.a.disk_size = p.b.disk_size = 6 * MIB
+    real_feed = p.feed
+
+    def feed(node, actions):       # the link breaks at the ResizeCommit
+        for a in actions:
+            if type(a) is A.Send and type(a.pkt).__name__ == "ResizeCommit":
+                p.link = False
+        real_feed(node, actions)
+    p.feed = feed
+    p.run(p.a, p.a.e.resize("rz"))
+    p.feed = real_feed
+    assert "rz" not in p.a.results            # waiting for the peer's ResizeDone
+    for n in (p.a, p.b):
+        p.feed(n, n.e.connection_lost(n.session))
+    p.settle()
+    done = p.a.results.pop("rz")
+    assert done.error is not None and "did not confirm" in str(done.error)
+    new = p.a.e.size
+    assert new > old and p.b.e.size == old
+    for attempt in range(3):
+        for n in (p.a, p.b):
+            if n.e.live:
+                p.feed(n, n.e.connection_lost(n.session))
+        p.settle()
+        p.link = True
+        for n in (p.a, p.b):
+            n.session, actions = n.e.connected()
+            p.feed(n, actions)
+        p.run(p.a, [])
+        if p.a.e.cstate is ConnState.Connected and p.b.e.cstate is ConnState.Connected:
+            break
+    assert attempt == 1                        # one handshake to grow, one to resync
+    assert p.b.e.size == new and len(p.b.grows) == 1
+    assert p.a.e.dstate is DiskState.UpToDate and p.b.e.dstate is DiskState.UpToDate
+    assert p.b.data[old:new] == p.a.data[old:new] == b"a" * (new - old)
+
+
+def test_a_peer_that_cannot_grow_to_the_other_size_is_refused_for_good():
+    p = Pair(4 * MIB, 4 * MIB)
+    p.a.disk_size = p.b.disk_size = 6 * MIB
+    p.link = True
+    # alpha grew alone earlier; beta's disk did not grow after all
+    p.b.disk_size = 4 * MIB
+    p.run(p.a, p.a.e.disconnect("d"))
+    lay = md.grown_layout(p.a.sb.layout, 6 * MIB, 5 * MIB)
+    p.a.e.disk.sb = md.Superblock(5 * MIB, p.a.sb.uuids, p.a.sb.flags, 2, 61, lay)
+    p.a.e.size = 5 * MIB
+    p.a.e.disk.bitmap.grow(5 * MIB // BLOCK, set_new=True)
+    p.run(p.a, p.a.e.connect("c"))
+    p.link = True
+    for n in (p.a, p.b):
+        if n.e.live:
+            p.feed(n, n.e.connection_lost(n.session))
+    p.settle()
+    for n in (p.a, p.b):
+        n.session, actions = n.e.connected()
+        p.feed(n, actions)
+    p.settle()
+    assert p.b.e.cstate is ConnState.StandAlone and "cannot grow" in p.b.e.last_event
+    assert p.a.e.cstate is not ConnState.Connected
