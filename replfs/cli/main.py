@@ -186,7 +186,8 @@ def v_dump_md(ctx: Ctx, res: str) -> None:
         sb = read_superblock(host)
     except md.MetaDataError as e:
         raise ReplfsError(f"{res}: {e}", EXIT_EXEC) from None
-    path, lay = layout_for(host)
+    path, _now = layout_for(host)
+    lay = sb.layout         # (where the superblock says: a grown disk may differ)
     with open(path, "rb") as f:
         f.seek(lay.bm_offset)
         bits = f.read(lay.bm_bytes)

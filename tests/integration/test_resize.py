@@ -43,6 +43,9 @@ def test_resize_grows_both_nodes_resyncs_the_new_area_and_persists(tmp_path):
         with open(a.disk, "r+b") as f:
             f.seek(8 * MIB)
             f.write(junk)
+        dev = os.path.join(a.root, "drbd0")
+        if os.path.exists(dev):
+            assert os.stat(dev).st_size == old     # (now in the kernel's attribute cache)
         a.adm("resize", "r0")
         new = md.max_grown_size(md.internal_layout(8 * MIB), 16 * MIB)[0]
         assert new > 8 * MIB + 4 * MIB
@@ -50,9 +53,8 @@ def test_resize_grows_both_nodes_resyncs_the_new_area_and_persists(tmp_path):
         c.wait_synced()
         assert md5(a, new) == md5(b, new)
         assert read_data(b.disk, 8 * MIB + 4 * MIB)[8 * MIB:] == junk  # came from alpha
-        dev = os.path.join(a.root, "drbd0")
         if os.path.exists(dev):
-            assert os.stat(dev).st_size == new
+            assert os.stat(dev).st_size == new     # (the kernel was told)
         # The grown area takes writes, mirrored.
         with SyncClient(socket_path(a.rundir)) as cl:
             cl.call("write", b"new!" * 1024, res="r0", off=new - 4096)
@@ -108,6 +110,8 @@ def test_attach_finds_the_meta_data_of_a_disk_grown_while_down(tmp_path):
         assert a.status()["counters"]["oos"] == 0
         for n in (a, b):
             n.adm("down", "r0")
+            dump = n.adm("dump-md", "r0").stdout
+            assert f"usable size {new} bytes" in dump and "bits-set 0;" in dump, dump
             with open(n.disk, "rb") as f:
                 f.seek(12 * MIB - md.SUPERBLOCK_SIZE)
                 sb = md.decode_superblock(f.read(md.SUPERBLOCK_SIZE))
