@@ -341,6 +341,22 @@ class Resource:
                 result = os.lseek(fd, 0, os.SEEK_END)
             finally:
                 os.close(fd)
+            disk = self.disk
+            if result > 0 and disk is not None and not disk.layout.internal:
+                # External meta-data: the bitmap grows in place, up to the
+                # end of the meta-data file (the 128 MiB slot's own limit
+                # is the engine's: meta/format.max_grown_size).
+                fd = os.open(disk.md_path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    room = os.lseek(fd, 0, os.SEEK_END) - disk.layout.bm_offset
+                finally:
+                    os.close(fd)
+                cap = max(0, room - room % 4096) * 8 * 4096
+                if result > cap:
+                    log.warning("%s: the meta-data file %s holds the bitmap of %d bytes "
+                                "of data; the data disk has %d", self.conf.name,
+                                disk.md_path, cap, result)
+                    result = max(cap, disk.layout.data_size)
         except OSError as e:
             result = -(e.errno or errno.EIO)
         await trio.lowlevel.checkpoint()

@@ -118,3 +118,33 @@ def test_a_shrunk_disk_is_refused_at_attach(host):
         with pytest.raises(ReplfsError):
             D.LocalDisk(host, 61)
     trio.run(main)
+
+
+def test_external_meta_data_grows_its_bitmap_in_place(tmp_path, monkeypatch):
+    from replfs.blockrepl.conf.model import MetaDisk
+    monkeypatch.setenv("REPLFS_STATEDIR", str(tmp_path / "state"))
+    data, meta = str(tmp_path / "data.img"), str(tmp_path / "meta.img")
+    for path, size in ((data, 4 * MIB), (meta, 2 * md.EXTERNAL_SLOT)):
+        with open(path, "wb") as f:
+            f.truncate(size)
+    h = Host("alpha", str(tmp_path / "drbd0"), 0, data, "127.0.0.1", 7789,
+             MetaDisk(False, meta, 1))
+    D.create_md(h)
+
+    async def main():
+        d = await attach(h)
+        old = d.layout
+        assert old.sb_offset == md.EXTERNAL_SLOT and old.data_size == 4 * MIB
+        grow_file(h, 64 * MIB)
+        lay, bits, al, sb = grow_args(d, 64 * MIB)
+        assert lay.data_size == 64 * MIB and lay.bm_offset == old.bm_offset
+        await d.grow(lay, bits, al, sb)
+        await d.close()
+        d = await attach(h)
+        assert d.sb.data_size == 64 * MIB and d.data.size == 64 * MIB
+        assert d.bitmap.count == (60 * MIB) // BLOCK
+        await d.close()
+        # the slot's limit: about 4 TiB of data
+        most, why = md.max_grown_size(lay, 8 << 40)
+        assert most < 8 << 40 and "128 MiB" in why
+    trio.run(main)
