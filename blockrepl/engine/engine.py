@@ -2823,6 +2823,11 @@ class Engine:
             if pkt.new_size > self.size:
                 if not self._probed_disk_size:
                     yield from self._probe_resize()
+                most, why = md.max_grown_size(disk.sb.layout, self._probed_disk_size)
+                if pkt.new_size > most or pkt.new_size % BLOCK:
+                    raise ReplfsError(f"this node's backing disk allows {most} bytes, not "
+                                      f"{pkt.new_size}{' (' + why + ')' if why else ''}",
+                                      EXIT_STATE)
                 yield from self._grow(self._probed_disk_size, pkt.new_size, mark=mark)
         except (ReplfsError, MetaIOError) as e:
             self._log("error", f"resize to {pkt.new_size} bytes failed: {e}")

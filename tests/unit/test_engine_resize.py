@@ -338,3 +338,13 @@ def test_a_peer_that_cannot_grow_to_the_other_size_is_refused_for_good():
     p.settle()
     assert p.b.e.cstate is ConnState.StandAlone and "cannot grow" in p.b.e.last_event
     assert p.a.e.cstate is not ConnState.Connected
+
+
+def test_a_commit_beyond_what_the_disk_allows_is_answered_with_an_error():
+    p = Pair(4 * MIB, 4 * MIB)
+    old = p.a.e.size
+    p.a.disk_size, p.b.disk_size = 8 * MIB, 6 * MIB
+    from replfs.blockrepl.proto import packets as P
+    p.run(p.b, p.b.e.receive(p.b.session, P.ResizeCommit(99, 7 * MIB, 0)))
+    assert p.b.e.size == old and not p.b.grows
+    assert p.b.e.cstate is ConnState.Connected      # (an error answer, not a drop)
