@@ -211,6 +211,8 @@ class LocalPair:
                          launcher=list(launchers[1]))
         env = dict(os.environ)
         env.pop("REPLFS_NODE", None)
+        # the backing disks' last-known sizes (resize), kept with the pair
+        env.setdefault("REPLFS_STATEDIR", os.path.join(self.root, "state"))
         for n in self.nodes:
             os.makedirs(n.root, exist_ok=True)
             n.env = env
