@@ -58,8 +58,8 @@ resync, primary, cluster offline/online, mount), and checked:
   daemon logged a traceback.
 
 A failure names its seed and prints the schedule, the history's tail and
-the daemons' logs; ``-k 'seed-N'`` reruns one.  Three short seeds run in
-``make test``; 120 in ``make soak``.
+the daemons' logs; ``-k 'seed-N'`` reruns one.  Two short seeds run in
+``make test`` (and one of the soak's, at its smallest); 120 in ``make soak``.
 """
 from __future__ import annotations
 
@@ -942,15 +942,15 @@ def test_failing_disk_is_detached(tmp_path):
     EIO (faultydisk).  With on-io-error detach (the default) that node
     detaches it and goes on Diskless through its peer's disk: nobody is
     fenced, both mounts keep writing.  Then the disk works again, is
-    attached and resynced, with nobody fenced either.  Up to five rounds,
-    alternating the node."""
+    attached and resynced, with nobody fenced either.  Two rounds: beta's
+    disk, then alpha's (the seeded runs have failing disks too)."""
     hist = History(0)
     lines: list[str] = []
 
     def log(text):
         lines.append(text)
     with netns_cluster(tmp_path, ("alpha", "beta")) as c:
-        for round_ in range(5):
+        for round_ in range(2):
             who = ("beta", "alpha")[round_ % 2]
             workers = [Worker(hist, n, c.mnt[n], round_ * 2 + j).start()
                        for j, n in enumerate(("alpha", "beta"))]
@@ -973,7 +973,7 @@ def test_failing_disk_is_detached(tmp_path):
             assert not hist.violations, hist.violations
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, 2])
 def test_netns_faults(tmp_path, seed):
     run_seed(tmp_path, seed, 1)
 

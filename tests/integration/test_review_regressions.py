@@ -107,9 +107,10 @@ async def test_primary_sync_target_keeps_its_own_writes(tmp_path, nursery):
     """A Primary resyncing a re-attached disk (SyncTarget) used to let late
     resync chunks overwrite the newer data it had just written."""
     conf = make_conf(tmp_path, net=(("timeout", "60"), ("ping-timeout", "60")))
-    # (a fixed 2 MB/s: the dynamic controller would throttle the resync to
-    # c-min-rate while this test writes, and it would last half a minute)
-    conf = dataclasses.replace(conf, disk=Section((("resync-rate", "2M"),
+    # (a fixed rate, slow enough for the writes below to race the resync:
+    # the dynamic controller would throttle it to c-min-rate while this
+    # test writes, and it would last half a minute)
+    conf = dataclasses.replace(conf, disk=Section((("resync-rate", "4M"),
                                                    ("c-plan-ahead", "0"))))
     beta = conf.host("beta")
     proxy = await nursery.start(FaultProxy(("127.0.0.3", 0), (beta.address, beta.port)).run)
