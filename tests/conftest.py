@@ -17,7 +17,9 @@ there is reported and taken down too, and any leak fails the run
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import secrets
 import tempfile
@@ -51,6 +53,12 @@ def pytest_configure(config):
     # The filesystem checks that every allocation was reserved first (a
     # rule of its concurrency model; fs/core.py), in every process here.
     os.environ["REPLFS_FS_STRICT"] = "1"
+    # The mirror's last-known-size records (blockrepl/driver/disk.py) go to
+    # a directory of this run, not /var/lib/replfs, unless a test sets one.
+    if "REPLFS_STATEDIR" not in os.environ:
+        state = tempfile.mkdtemp(prefix="replfs-test-state-")
+        os.environ["REPLFS_STATEDIR"] = state
+        atexit.register(shutil.rmtree, state, True)
 
 
 def pytest_collection_modifyitems(config, items):
