@@ -21,8 +21,6 @@ Task tree (each owned by the resource's nursery):
 from __future__ import annotations
 
 import errno
-import hashlib
-import hmac
 import logging
 import math
 import os
@@ -40,6 +38,7 @@ from ..core.states import ConnState, DiskState, Role
 from ..engine import actions as A
 from ..engine.engine import (Drop, Engine, EngineConfig, Fatal, IOFailure,  # noqa: F401
                              side_of)
+from ..proto import handshake
 from ..proto import packets as P
 from .disk import LocalDisk
 from .handlers import handler_env, run_handler
@@ -691,13 +690,17 @@ class Resource:
             raise Drop(f"wrong peer: connection presented resource '{res}' node '{node}', "
                         f"expected resource '{self.conf.name}' node '{self.peer.name}'",
                         ConnState.ProtocolError)
+        if bytes(hello.nonce) == nonce:
+            # (our own nonce sent back: someone fishing for our answer)
+            raise Drop("peer presented our own challenge", ConnState.ProtocolError)
         secret = (self.conf.shared_secret or "").encode()
-        await chan.send(P.Auth(hmac.new(secret, hello.nonce, hashlib.sha256).digest()))
+        await chan.send(P.Auth(handshake.answer(secret, hello.nonce, self.node, self.peer.name,
+                                                self.conf.name)))
         auth = await chan.recv()
         if not isinstance(auth, P.Auth):
             raise P.RemoteProtocolError(f"expected Auth, got {type(auth).__name__}")
-        want = hmac.new(secret, nonce, hashlib.sha256).digest()
-        if not hmac.compare_digest(auth.mac, want):
+        if not handshake.verify(secret, nonce, auth.mac, self.node, self.peer.name,
+                                self.conf.name):
             raise Fatal("Authentication of peer failed (shared-secret mismatch); "
                          "not retrying: fix the secret, then 'replfsadm connect'")
 

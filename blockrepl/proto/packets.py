@@ -16,9 +16,10 @@ import struct
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
-PROTOCOL_VERSION = 5     # 2: Params carries data-integrity-alg; 3: and verify-alg;
+PROTOCOL_VERSION = 6     # 2: Params carries data-integrity-alg; 3: and verify-alg;
                          # 4: AttachReply (a disk attached under a live connection), CurrentUuid
                          # 5: ResizeRequest/Reply, ResizeCommit/Done (online grow)
+                         # 6: the Auth answer names its sender (proto/handshake.py)
 MAGIC = 0x5246
 HEADER = struct.Struct("<HBBI")
 MAX_PAYLOAD = 16 * 1024 * 1024 + 64
