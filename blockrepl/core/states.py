@@ -202,7 +202,7 @@ ERR_PIC_PEER_DEP = Failure(157, "Sync-pause flag is already cleared.\n"
                                 "Note: Resync pause caused by the peer node.")
 ERR_RESIZE_RESYNC = Failure(130, "Resize not allowed during resync.")
 ERR_MD_DISK_TOO_SMALL = Failure(112, "Meta device too small.")
-ERR_IMPLICIT_SHRINK = Failure(164, "Implicit device shrinking not allowed. See kernel log.")
+ERR_IMPLICIT_SHRINK = Failure(170, "Implicit device shrinking not allowed. See kernel log.")
 ERR_TABLE: dict[int, Failure] = {f.code: f for f in (
     ERR_DISCARD_IMPOSSIBLE, ERR_NO_DISK, ERR_PAUSE_IS_SET, ERR_PAUSE_IS_CLEAR,
     ERR_PIC_PEER_DEP, ERR_RESIZE_RESYNC, ERR_MD_DISK_TOO_SMALL, ERR_IMPLICIT_SHRINK)}

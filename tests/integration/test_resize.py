@@ -29,7 +29,7 @@ def test_resize_grows_both_nodes_resyncs_the_new_area_and_persists(tmp_path):
 
         # Refusals first: a smaller --size is a shrink; nothing grew yet.
         cp = a.adm("resize", "--size=2M", "r0", check=False)
-        assert cp.returncode == 10 and "(164)" in cp.stderr and "shrinking" in cp.stderr
+        assert cp.returncode == 10 and "(170)" in cp.stderr and "shrinking" in cp.stderr
         cp = a.adm("resize", "r0")
         assert "nothing to do" in cp.stdout
         assert a.status()["size"] == old

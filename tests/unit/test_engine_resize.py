@@ -178,7 +178,7 @@ def test_size_limits_the_growth_and_a_smaller_size_is_a_refused_shrink():
     assert p.a.sb.layout.sb_offset == 16 * MIB - md.SUPERBLOCK_SIZE
     done = p.resize(p.a, limit=old)
     assert isinstance(done.error, ReplfsError) and done.error.exit_code == EXIT_CONFIG
-    assert "shrinking" in str(done.error) and "(164)" in str(done.error)
+    assert "shrinking" in str(done.error) and "(170)" in str(done.error)
     assert p.a.e.size == old + MIB
 
 
