@@ -357,7 +357,7 @@ def two_node_workload(tmp_path, seed: int, steps: int) -> None:
 
 
 def test_read_after_write_across_nodes_is_never_stale(tmp_path):
-    read_after_write(tmp_path, 400)
+    read_after_write(tmp_path, 200)
 
 
 @pytest.mark.soak
