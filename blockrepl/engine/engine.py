@@ -743,14 +743,9 @@ class Engine:
                 self._log("warning", f"was Primary when it went down; marking "
                                      f"{len(al_extents)} activity-log extents out of sync")
         self._set(dstate=DiskState.Attaching)
-        try:
-            yield from self._persist(disk)
-            if self.role is Role.Primary:
-                yield from self._persist(disk, sb=disk.sb.with_flags(set_=md.F_PRIMARY))
-        except MetaIOError:
-            self._set(dstate=DiskState.Diskless)
-            self._emit(ReleaseDisk())
-            raise
+        yield from self._attach_persist(disk)
+        if self.role is Role.Primary:
+            yield from self._attach_persist(disk, disk.sb.with_flags(set_=md.F_PRIMARY))
         unused = self._unconfirmed_generation
         if unused is not None and disk.sb.uuids.current == unused[0].current:
             # The disk failed while a new generation was being written to
@@ -761,12 +756,7 @@ class Engine:
             self._log("warning", "new current UUID %016X reached the failed disk although "
                                  "its write failed; no write of it was acknowledged: back "
                                  "to %016X" % (unused[0].current, unused[1].current))
-            try:
-                yield from self._persist(disk, sb=replace(disk.sb, uuids=unused[1]))
-            except MetaIOError:
-                self._set(dstate=DiskState.Diskless)
-                self._emit(ReleaseDisk())
-                raise
+            yield from self._attach_persist(disk, replace(disk.sb, uuids=unused[1]))
         self._unconfirmed_generation = None
         ds = self._attached_state(disk.sb)
         if self._disk_failed:
@@ -778,12 +768,7 @@ class Engine:
             # promoted on its own, never the winner within a generation.
             disk.full_if_target = True
             if ds in (DiskState.UpToDate, DiskState.Consistent):
-                try:
-                    yield from self._persist(disk, sb=disk.sb.with_flags(set_=md.F_OUTDATED))
-                except MetaIOError:
-                    self._set(dstate=DiskState.Diskless)
-                    self._emit(ReleaseDisk())
-                    raise
+                yield from self._attach_persist(disk, disk.sb.with_flags(set_=md.F_OUTDATED))
                 ds = DiskState.Outdated
             self._log("warning", "this disk failed earlier: Outdated; resynced in full if "
                                  "it is the SyncTarget")
@@ -809,6 +794,16 @@ class Engine:
             # handshake, which told the peer there was none) that the peer
             # would not resync in place: agree afresh.
             self._end_session(ConnState.NetworkFailure, False, "disk attached: reconnecting")
+
+    def _attach_persist(self, disk: Disk, sb: md.Superblock | None = None):
+        """A meta-data write of a disk being attached; if it fails, the
+        attach fails and the disk is released."""
+        try:
+            yield from self._persist(disk, sb=sb)
+        except MetaIOError:
+            self._set(dstate=DiskState.Diskless)
+            self._emit(ReleaseDisk())
+            raise
 
     def _attached_state(self, sb: md.Superblock) -> DiskState:
         """The state a disk with this superblock has when it is attached."""
