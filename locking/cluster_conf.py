@@ -47,6 +47,9 @@ class Cluster:
     name: str
     node_count: int
     heartbeat_mode: Optional[str] = None
+    # replfs's own key (o2cb has none): "yes" secures the cluster link
+    # with TLS (replfs/tls.py; the files in tls/ next to cluster.conf)
+    tls: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -83,10 +86,10 @@ class ClusterConf:
 # o2cb_ctl writes them in.
 _STANZA_KEYS = {
     "node": ("ip_port", "ip_address", "number", "name", "cluster"),
-    "cluster": ("node_count", "name", "heartbeat_mode"),
+    "cluster": ("node_count", "name", "heartbeat_mode", "tls"),
     "heartbeat": ("region", "cluster"),
 }
-_OPTIONAL_KEYS = {"cluster": {"heartbeat_mode"}}
+_OPTIONAL_KEYS = {"cluster": {"heartbeat_mode", "tls"}}
 
 
 @dataclass
@@ -193,10 +196,14 @@ def _build(stanzas: list[_Stanza], filename: str):
             if mode is not None and mode not in HEARTBEAT_MODES:
                 raise _fail(filename, st.values["heartbeat_mode"][1],
                             f"heartbeat_mode must be local or global, got {mode!r}")
+            tls = v.get("tls")
+            if tls is not None and tls not in ("yes", "no"):
+                raise _fail(filename, st.values["tls"][1],
+                            f"tls must be yes or no, got {tls!r}")
             obj = Cluster(name=v["name"],
                           node_count=_number(filename, st, "node_count", 0,
                                              MAX_NODE_NUMBER + 1),
-                          heartbeat_mode=mode)
+                          heartbeat_mode=mode, tls=tls)
             clusters.append(obj)
         else:
             region = v["region"]
@@ -291,7 +298,7 @@ def dump(conf: ClusterConf) -> str:
                         "number": n.number, "name": n.name, "cluster": n.cluster})
     for c in conf.clusters:
         stanza("cluster", {"node_count": c.node_count, "name": c.name,
-                           "heartbeat_mode": c.heartbeat_mode})
+                           "heartbeat_mode": c.heartbeat_mode, "tls": c.tls})
     for hb in conf.heartbeats:
         stanza("heartbeat", {"region": hb.region, "cluster": hb.cluster})
     return "\n".join(out)

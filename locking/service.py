@@ -35,6 +35,7 @@ from typing import Optional
 
 import trio
 
+from .. import tls as tlsmod
 from ..errors import EXIT_CONFIG, EXIT_STATE, EXIT_USAGE, ReplfsError
 from ..blockdev import BlockDeviceError
 from . import cluster_conf as cc
@@ -157,9 +158,18 @@ class ClusterService:
                 raise ReplfsError(f"connect_via: no node {name!r} in cluster {cluster}", EXIT_USAGE)
             host, _, port = hp.rpartition(":")
             via[node.number] = (host, int(port))
+        link_tls = None
+        if conf.cluster(cluster).tls == "yes":
+            files = tlsmod.TLSFiles.in_dir(tlsmod.default_dir(path), me.name)
+            try:
+                link_tls = tlsmod.load(files)
+            except tlsmod.TLSError as e:
+                raise ReplfsError(f"cluster {cluster}: {e}", EXIT_CONFIG) from None
+            for warning in link_tls.warnings:
+                log.warning("o2net: %s", warning)
         on.net = O2Net(me=me, nodes=on.nodes, cluster=cluster, timeouts=timeouts, key=on.key,
                        on_message=self._on_message, on_up=self._on_up, on_down=self._on_down,
-                       connect_to=via)
+                       connect_to=via, tls=link_tls)
         # The disk heartbeat region: given explicitly, or for a heartbeat:
         # stanza REGION, the file heartbeat/REGION next to cluster.conf.
         region = req.get("heartbeat")

@@ -30,7 +30,8 @@ KNOWN: dict[str, frozenset[str]] = {
         "tcp-cork", "no-tcp-cork", "on-congestion", "congestion-fill",
         "congestion-extents", "csums-alg", "verify-alg", "use-rle",
         "discard-my-data", "fencing", "csums-after-crash-only",
-        "sock-check-timeo", "transport",
+        "sock-check-timeo", "transport", "tls", "tls-certificate", "tls-privkey",
+        "tls-keyring",
     }),
     "disk": frozenset({
         "on-io-error", "fencing", "disk-barrier", "disk-flushes", "disk-drain",
@@ -67,7 +68,7 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
         "ping-timeout", "timeout", "connect-int", "after-sb-0pri",
         "after-sb-1pri", "after-sb-2pri", "verify-alg", "fencing",
         "csums-alg", "data-integrity-alg", "on-congestion", "congestion-fill",
-        "congestion-extents",
+        "congestion-extents", "tls", "tls-certificate", "tls-privkey", "tls-keyring",
     }),
     "disk": frozenset({"resync-rate", "al-extents", "on-io-error", "fencing",
                        "c-plan-ahead", "c-fill-target", "c-delay-target", "c-max-rate",

@@ -100,7 +100,7 @@ def _check_value(section: str, name: str, value: str, where: Location) -> None:
     if name == "protocol":
         if value not in ("A", "B", "C"):
             raise config_error(where, f"invalid protocol '{value}' (must be A, B or C)")
-    elif name == "allow-two-primaries":
+    elif name in ("allow-two-primaries", "tls"):
         if value not in opts.YES_NO:
             raise bad("no value, 'yes' or 'no'")
     elif name in opts.AFTER_SB:
@@ -141,7 +141,7 @@ def _check_value(section: str, name: str, value: str, where: Location) -> None:
                                       f"replfs accepts {', '.join(opts.digest_algorithms())}"
                                       f" (Python's hashlib; DRBD's kernel-only names such "
                                       f"as crc32c are not available)")
-    elif name == "shared-secret":
+    elif name in ("shared-secret", "tls-certificate", "tls-privkey", "tls-keyring"):
         if not value:
             raise bad("a value")
 
@@ -208,6 +208,11 @@ def _resource(raw_res: RawResource, raw: RawConfig, common: dict[str, Section],
         raise config_error(where, "allow-two-primaries requires protocol C")
     _check_congestion(raw_res, raw, net, protocol)
     _check_after_sb(raw_res, raw, net, warn)
+    if net.get("tls") not in ("", "yes"):
+        for name in ("tls-certificate", "tls-privkey", "tls-keyring"):
+            if net.has(name):
+                warn(f"{_where(raw_res, raw, name)}: warning: '{name}' has no effect in "
+                     f"resource {raw_res.name}: it does not have 'tls yes;'")
 
     if len(raw_res.hosts) != 2:
         count = len(raw_res.hosts)

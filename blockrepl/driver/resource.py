@@ -30,6 +30,7 @@ import time
 import trio
 
 from replfs.blockdev import BlockDeviceError
+from replfs import tls
 from replfs.errors import EXIT_CONFIG, ReplfsError
 
 from ..conf.model import Host, Resource as ResourceConf
@@ -53,15 +54,22 @@ class _Channel:
     """A connected stream with framing and a send lock."""
 
     def __init__(self, stream: trio.SocketStream):
-        self.stream = stream
+        self.stream: trio.abc.Stream = stream
         self.decoder = P.Decoder()
         self.send_lock = trio.Lock()
         self.bytes_sent = 0
+        self.tls: str | None = None     # "TLSv1.3 <cipher>" once secured
         try:
             host, port = stream.socket.getpeername()[:2]
             self.remote = f"{host}:{port}"
         except (OSError, AttributeError, ValueError):
             self.remote = "?"
+
+    async def secure(self, ctxs: tls.Contexts, *, server_side: bool, peer: str) -> None:
+        """TLS over the connection; the peer must present ``peer``'s certificate."""
+        self.stream, _ = await tls.handshake(self.stream, ctxs, server_side=server_side,
+                                             expected=peer, where=self.remote)
+        self.tls = tls.description(self.stream)
 
     async def send(self, pkt: P.Packet) -> None:
         data = P.encode(pkt)
@@ -127,6 +135,8 @@ class Resource:
         self._io_idle = trio.Event()
         self._closing = False
         self.conf_path: str | None = None   # for handlers' DRBD_CONF
+        self._tls: tls.Contexts | None = None   # net { tls yes; }: loaded at connect
+        self._tls_warned: set[str] = set()
         # In-process hooks replfsd sets: the cluster stack's fence-peer
         # decision for a resource mounted on both nodes, and what stops the
         # mounts when after-sb call-pri-lost-after-sb discards this Primary.
@@ -550,10 +560,27 @@ class Resource:
 
     # ------------------------------------------------------------ connection
     def connect(self, *, discard_my_data: bool = False) -> None:
+        self._load_tls()
         self._call(self.engine.connect, None, discard_my_data=discard_my_data)
         if not self._conn_task and self._nursery is not None:
             self._conn_task = True
             self._nursery.start_soon(self._connection_loop)
+
+    def _load_tls(self) -> None:
+        """net { tls yes; }: this node's certificate, key and keyring, read
+        at connect (a missing file fails it) and afresh for each connection
+        attempt (replaced files apply without a restart)."""
+        if not self.conf.tls:
+            self._tls = None
+            return
+        try:
+            self._tls = tls.load(self.conf.tls_files(self.node, self.conf_path))
+        except tls.TLSError as e:
+            raise ReplfsError(f"{self.conf.name}: {e}", EXIT_CONFIG) from None
+        for warning in self._tls.warnings:
+            if warning not in self._tls_warned:
+                self._tls_warned.add(warning)
+                log.warning("%s: %s", self.conf.name, warning)
 
     async def disconnect(self) -> None:
         await self._op(self.engine.disconnect)
@@ -612,11 +639,19 @@ class Resource:
         fatal: list[str] = []
         i_connect = self.node < self.peer.name
         async with trio.open_nursery() as n:
-            async def attempt(stream) -> bool:
+            async def attempt(stream, server_side: bool) -> bool:
                 chan = _Channel(stream)
                 ok = False
                 try:
                     with trio.move_on_after(max(self.conf.timeout_s, 5)) as scope:
+                        if self.conf.tls:
+                            # (read afresh: replaced files apply at the next try)
+                            try:
+                                self._load_tls()
+                            except ReplfsError as e:
+                                raise tls.TLSError(e.message) from None
+                            await chan.secure(self._tls, server_side=server_side,
+                                              peer=self.peer.name)
                         await self._hello(chan)
                     if scope.cancelled_caught:
                         raise Drop(f"handshake with {chan.remote} timed out")
@@ -627,6 +662,10 @@ class Resource:
                 except Fatal as e:
                     fatal.append(f"{e} ({chan.remote})")
                     n.cancel_scope.cancel()
+                except tls.TLSError as e:
+                    # (retried: the admin may fix the files, read at connect)
+                    log.error("%s: %s", self.conf.name, e)
+                    self.last_event = str(e)
                 except (Drop, P.RemoteProtocolError, ValueError, IndexError, KeyError,
                         *_SEND_ERRORS) as e:
                     log.warning("%s: handshake with %s failed: %s", self.conf.name,
@@ -640,7 +679,7 @@ class Resource:
             async def accept_loop():
                 while True:
                     stream = await listeners[0].accept()
-                    n.start_soon(attempt, stream)
+                    n.start_soon(attempt, stream, True)
 
             async def connect_loop():
                 while True:
@@ -650,7 +689,7 @@ class Resource:
                     except (OSError, trio.TooSlowError):
                         await trio.sleep(min(self.conf.connect_int_s, 0.5))
                         continue
-                    if await attempt(stream):
+                    if await attempt(stream, False):
                         return
                     await trio.sleep(min(self.conf.connect_int_s, 1.0))
 
@@ -801,6 +840,9 @@ class Resource:
             "size": self.size,
             "split_brain": self.split_brain,
             "last_event": self.last_event,
+            # the replication link's TLS ("TLSv1.3 <cipher>") when connected
+            "tls": self._chan.tls if self._chan is not None else None,
+            "tls_configured": self.conf.tls,
             "open_count": self.open_count,
             "single_node_opens": self.single_node_opens,
             "io_suspended": self.io_suspended,

@@ -3,7 +3,9 @@
 Every node listens on its cluster.conf ``ip_address:ip_port``; the node
 with the lower number connects to the higher one (as o2net does), so a
 pair never races two connections.  A connection is live only after the
-HELLO/AUTH handshake (see ``proto``).  Liveness: a PING goes out after
+HELLO/AUTH handshake (see ``proto``), inside TLS when cluster.conf's
+cluster stanza has ``tls = yes`` (the peer's certificate must name the
+node that its HELLO then claims).  Liveness: a PING goes out after
 ``keepalive_delay_ms`` without traffic sent; a connection that receives
 nothing for ``idle_timeout_ms`` is dropped.  The connecting side retries
 every ``reconnect_delay_ms``.  Anything malformed drops that connection
@@ -23,6 +25,7 @@ from typing import Awaitable, Callable, Optional
 
 import trio
 
+from replfs import tls
 from replfs.filemode import exposed_secret_warning
 
 from ..cluster_conf import Node, Timeouts
@@ -69,8 +72,10 @@ class O2Net:
                  timeouts: Timeouts, key: bytes = b"",
                  on_message: Callback = _nothing, on_up: Callback = _nothing,
                  on_down: Callback = _nothing,
-                 connect_to: Optional[dict[int, tuple[str, int]]] = None) -> None:
+                 connect_to: Optional[dict[int, tuple[str, int]]] = None,
+                 tls: Optional["tls.Contexts"] = None) -> None:
         self.me = me
+        self.tls = tls
         # Where to connect to each peer, when not its cluster.conf address
         # (a fault proxy in tests).
         self.connect_to = dict(connect_to or {})
@@ -103,7 +108,8 @@ class O2Net:
     async def disconnect(self, node: int) -> None:
         conn = self.conns.get(node)
         if conn is not None:
-            await conn.stream.aclose()
+            # (the TCP stream: a TLS close_notify could wait on a full buffer)
+            await getattr(conn.stream, "transport_stream", conn.stream).aclose()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(self.me.ip_port, host=self.me.ip_address)
@@ -131,7 +137,8 @@ class O2Net:
             except OSError:
                 await trio.sleep(delay)
                 continue
-            await self._serve(stream, expected={peer.number}, where=f"{host}:{port}")
+            await self._serve(stream, expected={peer.number}, where=f"{host}:{port}",
+                              server_side=False)
             await trio.sleep(delay)
 
     async def _accepted(self, stream: trio.SocketStream) -> None:
@@ -141,9 +148,10 @@ class O2Net:
         except OSError:
             where = "?"
         expected = {n for n in self.peers if n < self.me.number}
-        await self._serve(stream, expected=expected, where=where)
+        await self._serve(stream, expected=expected, where=where, server_side=True)
 
-    async def _serve(self, stream: trio.abc.Stream, *, expected: set[int], where: str) -> None:
+    async def _serve(self, stream: trio.abc.Stream, *, expected: set[int], where: str,
+                     server_side: bool) -> None:
         decoder = proto.FrameDecoder()
         pending: list[tuple[int, bytes]] = []
         idle = self.timeouts.idle_timeout_ms / 1000
@@ -161,6 +169,13 @@ class O2Net:
         registered = False
         try:
             async with stream:
+                cert_name = None
+                if self.tls is not None:
+                    names = {self.peers[n].name for n in expected}
+                    with trio.fail_after(idle):
+                        stream, cert_name = await tls.handshake(
+                            stream, self.tls, server_side=server_side, expected=names,
+                            where=where)
                 mine = secrets.token_bytes(proto.NONCE_LEN)
                 await stream.send_all(proto.encode_hello(
                     proto.Hello(proto.VERSION, self.me.number, self.cluster, mine)))
@@ -169,6 +184,10 @@ class O2Net:
                     raise proto.RemoteProtocolError(f"expected HELLO, got frame type {ftype}")
                 hello = proto.decode_hello(payload)
                 why = proto.check_hello(hello, cluster=self.cluster, expected=expected)
+                if why is None and cert_name is not None \
+                        and self.peers[hello.node].name != cert_name:
+                    why = (f"node {hello.node} ({self.peers[hello.node].name}) presented the "
+                           f"TLS certificate of {cert_name}")
                 if why is None and hello.node in self.conns:
                     why = f"node {hello.node} is already connected"
                 if why:
@@ -185,8 +204,9 @@ class O2Net:
                 conn = _Conn(node, stream, last_sent=trio.current_time())
                 self.conns[node] = conn
                 registered = True
-                log.info("o2net: connected to node %d (%s) at %s",
-                         node, self.peers[node].name, where)
+                secured = tls.description(stream)
+                log.info("o2net: connected to node %d (%s) at %s%s", node,
+                         self.peers[node].name, where, f" over {secured}" if secured else "")
                 failure: list[BaseException] = []
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._keepalive, conn)
@@ -209,6 +229,8 @@ class O2Net:
                 if failure:
                     raise failure[0]
         except _Refused as e:
+            log.warning("o2net: refusing connection from %s: %s", where, e)
+        except tls.TLSError as e:
             log.warning("o2net: refusing connection from %s: %s", where, e)
         except proto.RemoteProtocolError as e:
             log.warning("o2net: dropping connection %s: protocol error: %s", where, e)

@@ -651,6 +651,65 @@ def v_shutdown(ctx: Ctx, arg: str | None) -> None:
         time.sleep(0.05)
 
 
+def v_tls_keygen(ctx: Ctx, arg: str | None) -> None:
+    """Make the pair's TLS CA and a key and certificate for each node of
+    the resource(s), and of cluster.conf next to the config if there is
+    one (for the cluster link's ``tls = yes``)."""
+    from replfs import tls
+    config = ctx.config()
+    names = [arg] if arg and arg != "all" else sorted(config.resources)
+    nodes: list[str] = []
+    for name in names:
+        if name not in config.resources:
+            raise ReplfsError(f"'{name}' not defined in your config.", EXIT_CONFIG)
+        for h in config.resources[name].hosts:
+            if h.name not in nodes:
+                nodes.append(h.name)
+    cluster_conf = os.path.join(os.path.dirname(os.path.abspath(ctx.config_path)),
+                                "cluster.conf")
+    if os.path.exists(cluster_conf):
+        from replfs.locking import cluster_conf as cc
+        try:
+            with open(cluster_conf) as f:
+                for n in cc.parse(f.read(), cluster_conf).nodes:
+                    if n.name not in nodes:
+                        nodes.append(n.name)
+        except (OSError, ReplfsError, ValueError) as e:
+            ctx.err(f"warning: {cluster_conf}: not read ({e}); certificates only for the "
+                    f"resources' nodes")
+    directory = ctx.opts.get("dir") or tls.default_dir(ctx.config_path)
+    days = _whole_option(ctx, "days", tls.DEFAULT_DAYS)
+    if ctx.dry_run:
+        ctx.out(f"would make in {directory}: the CA (if missing) and certificates for "
+                f"{', '.join(nodes)}, valid {days} days")
+        return
+    try:
+        written = tls.keygen(directory, nodes, days=days, force=bool(ctx.opts.get("force")))
+    except tls.TLSError as e:
+        raise ReplfsError(str(e), EXIT_CONFIG) from None
+    except OSError as e:
+        raise ReplfsError(f"{directory}: {e.strerror or e}", EXIT_CONFIG) from None
+    if not written:
+        ctx.out(f"{directory}: the CA and the certificates of {', '.join(nodes)} are there "
+                f"already; nothing to do (--force makes new ones)")
+        return
+    for path, what in written:
+        ctx.out(f"wrote {path} ({what})")
+    ctx.out(f"Each node needs ca.crt and its own NODE.crt and NODE.key in {directory} "
+            f"(copy them, keys with mode 600); keep ca.key off the nodes if you can, it "
+            f"makes certificates every node trusts.")
+
+
+def _whole_option(ctx: Ctx, name: str, default: int) -> int:
+    value = ctx.opts.get(name)
+    if value is None:
+        return default
+    if not str(value).isdigit() or not 0 < int(value) <= 100000:
+        raise ReplfsError(f"--{name} needs a whole number from 1 to 100000, not '{value}'",
+                          EXIT_USAGE)
+    return int(value)
+
+
 VERBS: dict[str, Verb] = {v.name: v for v in [
     Verb("create-md", v_create_md, summary="write fresh meta-data on the backing disk",
          options=("force",)),
@@ -707,6 +766,8 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
          options=("timeout",)),
     Verb("dump", v_dump, res_optional=True, summary="print the configuration, canonical form"),
     Verb("shutdown", v_shutdown, needs_res=False, summary="stop replfsd (downs every resource)"),
+    Verb("tls-keygen", v_tls_keygen, res_optional=True, options=("dir", "days", "force"),
+         summary="make the pair's TLS CA, keys and certificates (net { tls yes; })"),
 ]}
 
 # Option spellings -> (canonical name, takes a value)
@@ -728,12 +789,14 @@ OPTION_SPELLINGS = {
     "--full": ("full", False),
     "--assume-clean": ("assume_clean", False),
     "--size": ("size", True),
+    "--dir": ("dir", True),
+    "--days": ("days", True),
 }
 _OPT_VERB_NAME = {"force": "force", "discard_my_data": "discard-my-data", "json": "json",
                   "verbose": "verbose", "timeout": "timeout",
                   "degr_timeout": "degr-wfc-timeout", "outdated_timeout": "outdated-wfc-timeout",
                   "wait": "wait", "full": "full", "assume_clean": "assume-clean",
-                  "size": "size"}
+                  "size": "size", "dir": "dir", "days": "days"}
 
 
 def usage() -> str:
@@ -762,6 +825,8 @@ def usage() -> str:
         "  --wait                                  (up) then wait for the peers, as at boot",
         "  --assume-clean                          (resize) no resync of the new area",
         "  --size SIZE                             (resize) grow to at most SIZE (K/M/G/T)",
+        "  --dir DIR, --days N                     (tls-keygen) where (default: tls/ next to",
+        "                                          the config), how long valid (3650)",
         "",
         "VERBS:",
     ]

@@ -47,7 +47,10 @@ def status_text(st: dict | None, name: str, verbose: bool = False) -> str:
     if verbose:
         disk += f" size:{st['size'] // 1024} read:{st['counters']['dr']} written:{st['counters']['dw']}"
     lines.append(disk)
-    lines.append(f"  {st['peer']} connection:{st['cstate']} role:{st['peer_role']}")
+    conn = f"  {st['peer']} connection:{st['cstate']} role:{st['peer_role']}"
+    if verbose and st.get("tls_configured"):
+        conn += f" tls:{(st.get('tls') or 'yes').replace(' ', ',')}"
+    lines.append(conn)
     peer = f"    peer-disk:{st['pdsk']}"
     if st["cstate"] in _SYNC_STATES and "sync" in st:
         peer = f"    replication:{st['cstate']} peer-disk:{st['pdsk']} done:{st['sync']['percent']:.2f}"
@@ -59,7 +62,8 @@ def status_text(st: dict | None, name: str, verbose: bool = False) -> str:
     if verbose:
         peer += f" sent:{st['counters']['ns']} received:{st['counters']['nr']} pending:{st['counters']['pe']}"
     lines.append(peer)
-    if st.get("last_event") and st["cstate"] == "StandAlone":
+    if st.get("last_event") and (st["cstate"] == "StandAlone" or (
+            verbose and st["cstate"] in ("WFConnection", "Connecting", "Unconnected"))):
         lines.append(f"  last event: {st['last_event']}")
     return "\n".join(lines) + "\n"
 

@@ -23,6 +23,8 @@ free_values = st.text(alphabet=TRICKY, max_size=12)
 
 
 def implemented_value(section: str, name: str) -> st.SearchStrategy[str]:
+    if name == "tls":
+        return st.sampled_from(["yes", "no"])
     if name == "allow-two-primaries":
         return st.just("no")  # "yes"/flag only where protocol C is known; see resources()
     if name in opts.AFTER_SB:
