@@ -193,6 +193,27 @@ class Resource:
         return _size(self._disk_opt("c-min-rate"), 250)
 
     @property
+    def max_buffers(self) -> int:
+        return _int(self.net.get("max-buffers") or "2048")
+
+    def _bytes(self, name: str) -> int:
+        value = self.net.get(name)
+        if not value:
+            return 0
+        if value[-1] in "kKmMgG":
+            return _size(value, 0) * 1024
+        return _int(value)
+
+    @property
+    def sndbuf_size_bytes(self) -> int:
+        """0: the kernel sizes the socket buffer itself."""
+        return self._bytes("sndbuf-size")
+
+    @property
+    def rcvbuf_size_bytes(self) -> int:
+        return self._bytes("rcvbuf-size")
+
+    @property
     def csums_alg(self) -> str | None:
         return self.net.get("csums-alg", self.syncer.get("csums-alg")) or None
 

@@ -69,6 +69,7 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
         "after-sb-1pri", "after-sb-2pri", "verify-alg", "fencing",
         "csums-alg", "data-integrity-alg", "on-congestion", "congestion-fill",
         "congestion-extents", "tls", "tls-certificate", "tls-privkey", "tls-keyring",
+        "max-buffers", "sndbuf-size", "rcvbuf-size",
     }),
     "disk": frozenset({"resync-rate", "al-extents", "on-io-error", "fencing",
                        "c-plan-ahead", "c-fill-target", "c-delay-target", "c-max-rate",
@@ -122,7 +123,8 @@ ON_CONGESTION = ("block", "pull-ahead", "disconnect")
 YES_NO = ("", "yes", "no")
 # Options whose value is a whole number (seconds, tenths of seconds, counts).
 INTEGER = {
-    "net": ("ping-int", "ping-timeout", "timeout", "connect-int", "congestion-extents"),
+    "net": ("ping-int", "ping-timeout", "timeout", "connect-int", "congestion-extents",
+            "max-buffers"),
     "disk": ("al-extents", "c-plan-ahead", "c-delay-target"),
     "syncer": ("al-extents", "c-plan-ahead", "c-delay-target"),
     "startup": ("wfc-timeout", "degr-wfc-timeout", "outdated-wfc-timeout"),
@@ -130,6 +132,8 @@ INTEGER = {
 # Options whose value is a size or rate: a number with optional k/M/G.
 SIZE = {"disk": ("resync-rate", "c-max-rate", "c-min-rate"),
         "syncer": ("rate", "c-max-rate", "c-min-rate")}
+# Socket buffer sizes: bytes, or a size with k/M/G.
+BYTES = ("sndbuf-size", "rcvbuf-size")
 # c-fill-target: sectors, or a size with s/k/M/G.
 SECTORS = ("c-fill-target", "congestion-fill")
 # DRBD 8.4's ranges (drbd_limits.h), in the options' own units.
@@ -137,6 +141,9 @@ RANGES = {
     "c-plan-ahead": (0, 300),           # tenths of a second
     "c-delay-target": (1, 100),         # tenths of a second
     "c-fill-target": (0, 1 << 20),      # sectors
+    "max-buffers": (32, 131072),        # 4 KiB pages
+    "sndbuf-size": (0, 10 << 20),       # bytes
+    "rcvbuf-size": (0, 10 << 20),       # bytes
     "c-max-rate": (250, 4 << 20),       # KiB/s
     "c-min-rate": (0, 4 << 20),         # KiB/s
     "congestion-fill": (0, 20 << 20),   # sectors (10 GiB)

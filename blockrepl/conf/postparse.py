@@ -127,6 +127,12 @@ def _check_value(section: str, name: str, value: str, where: Location) -> None:
         if _whole(value.rstrip("kKmMgG")) is None:
             raise bad(f"a number of at most {MAX_DIGITS} digits")
         _check_range(name, _kib(value), bad)
+    elif name in opts.BYTES:
+        if not _SIZE.fullmatch(value):
+            raise bad("a number of bytes, optionally with suffix k, M or G")
+        if _whole(value.rstrip("kKmMgG")) is None:
+            raise bad(f"a number of at most {MAX_DIGITS} digits")
+        _check_range(name, _bytes(value), bad)
     elif name in opts.SECTORS:
         if not _SECTORS.fullmatch(value):
             raise bad("a number of 512-byte sectors, or a size with suffix s, k, M or G")
@@ -146,6 +152,13 @@ def _check_value(section: str, name: str, value: str, where: Location) -> None:
             raise bad("a value")
 
 
+def _bytes(value: str) -> int:
+    """A byte-size option's value (plain numbers are bytes)."""
+    if value[-1] in "kKmMgG":
+        return _kib(value) * 1024
+    return int(value.lstrip("0") or "0")
+
+
 def _kib(value: str) -> int:
     """A size option's value in KiB (plain numbers are KiB, as DRBD's rates)."""
     mult = {"k": 1, "K": 1, "m": 1024, "M": 1024, "g": 1 << 20, "G": 1 << 20}
@@ -162,7 +175,8 @@ def _check_range(name: str, number: int, bad) -> None:
 
 _RANGE_UNITS = {"c-plan-ahead": " tenths of a second", "c-delay-target": " tenths of a second",
                 "c-fill-target": " sectors", "c-max-rate": " KiB/s", "c-min-rate": " KiB/s",
-                "congestion-fill": " sectors"}
+                "congestion-fill": " sectors", "max-buffers": " pages of 4 KiB",
+                "sndbuf-size": " bytes", "rcvbuf-size": " bytes"}
 
 
 def _protocol_of(statement: RawStatement | None, net: RawSection | None,
@@ -234,8 +248,15 @@ def _resource(raw_res: RawResource, raw: RawConfig, common: dict[str, Section],
     if a.node_id is not None and a.node_id == b.node_id:
         raise config_error(b.where, f"both hosts of resource {raw_res.name} have node-id "
                                     f"{a.node_id}")
-    return Resource(name=raw_res.name, protocol=protocol, hosts=hosts, where=raw_res.where,
-                    **sections)
+    res = Resource(name=raw_res.name, protocol=protocol, hosts=hosts, where=raw_res.where,
+                   **sections)
+    limit = max(res.max_buffers * 4096, res.sndbuf_size_bytes)
+    if res.on_congestion != "block" and res.congestion_fill_bytes > limit:
+        warn(f"{_where(raw_res, raw, 'congestion-fill')}: warning: congestion-fill "
+             f"({res.congestion_fill_bytes // 1024} KiB) is more than the {limit // 1024} KiB "
+             f"that may wait to be sent (max-buffers x 4 KiB, or sndbuf-size): writers wait "
+             f"for the peer before on-congestion {res.on_congestion} can act")
+    return res
 
 
 def _where(raw_res: RawResource, raw: RawConfig, name: str) -> Location | None:

@@ -65,6 +65,16 @@ class _Channel:
         except (OSError, AttributeError, ValueError):
             self.remote = "?"
 
+    def buffers(self, sndbuf: int, rcvbuf: int) -> None:
+        """sndbuf-size / rcvbuf-size: the socket's kernel buffers (0: auto)."""
+        sock = getattr(self.stream, "socket", None)
+        for opt, size in ((trio.socket.SO_SNDBUF, sndbuf), (trio.socket.SO_RCVBUF, rcvbuf)):
+            if size and sock is not None:
+                try:
+                    sock.setsockopt(trio.socket.SOL_SOCKET, opt, size)
+                except OSError as e:
+                    log.warning("cannot set the socket buffer to %d bytes: %s", size, e)
+
     async def secure(self, ctxs: tls.Contexts, *, server_side: bool, peer: str) -> None:
         """TLS over the connection; the peer must present ``peer``'s certificate."""
         self.stream, _ = await tls.handshake(self.stream, ctxs, server_side=server_side,
@@ -103,7 +113,12 @@ class _Session:
         self.number = number
         self.chan = chan
         self.scope = trio.CancelScope()
+        # Unbounded as a channel (the engine's sends cannot wait), bounded in
+        # bytes by Resource.write, which waits while ``queued`` is over the
+        # limit: a peer that stops reading cannot make this node's memory grow.
         self.queue_send, self.queue_recv = trio.open_memory_channel(math.inf)
+        self.queued = 0                 # bytes of data in packets not yet sent
+        self.room = trio.Event()        # set when ``queued`` falls under the limit
         self.closed_by_engine = False
 
 
@@ -137,6 +152,10 @@ class Resource:
         self.conf_path: str | None = None   # for handlers' DRBD_CONF
         self._tls: tls.Contexts | None = None   # net { tls yes; }: loaded at connect
         self._tls_warned: set[str] = set()
+        # max-buffers: data writes on their way to the local disk (the
+        # peer's, as DRBD counts them, and this node's own)
+        self._write_bytes = 0
+        self._write_room = trio.Event()
         # In-process hooks replfsd sets: the cluster stack's fence-peer
         # decision for a resource mounted on both nodes, and what stops the
         # mounts when after-sb call-pri-lost-after-sb discards this Primary.
@@ -242,6 +261,7 @@ class Resource:
                 if s is not None and s.number == a.session:
                     try:
                         s.queue_send.send_nowait(a.pkt)
+                        s.queued += len(getattr(a.pkt, "data", b""))
                     except (trio.ClosedResourceError, trio.BrokenResourceError):
                         pass
             elif t is A.Log:
@@ -272,6 +292,7 @@ class Resource:
                 log.error("%s: engine action %r before the resource runs", self.conf.name, a)
             elif t is A.DiskWrite:
                 self._io_begin()
+                self._write_bytes += len(a.data)
                 nursery.start_soon(self._disk_io, self.disk, a.token, "write", a.offset, a.data)
             elif t is A.DiskRead:
                 self._io_begin()
@@ -326,6 +347,10 @@ class Resource:
             result = e.errno or errno.EIO
         finally:
             self._io_end()
+            if kind == "write":
+                self._write_bytes -= len(arg)
+                if self._write_bytes <= self._buffer_limit:
+                    self._write_room.set()
         self._call(self.engine.done, token, result)
 
     async def _persist(self, disk: LocalDisk | None, a: A.PersistMeta) -> None:
@@ -540,7 +565,27 @@ class Resource:
     async def read(self, offset: int, length: int) -> bytes:
         return await self._io(self.engine.read, offset, length)
 
+    @property
+    def _buffer_limit(self) -> int:
+        """Bytes of data that may wait for the socket, and separately for
+        the local disk: max-buffers pages of 4 KiB (DRBD's default 2048:
+        8 MiB), or sndbuf-size if that is larger."""
+        return max(self.conf.max_buffers * 4096, self.conf.sndbuf_size_bytes)
+
+    async def _send_room(self) -> None:
+        """Wait while the connection's send queue is over the limit (a slow
+        or stalled peer blocks the writers, as a full socket buffer blocks
+        DRBD's; on-congestion pull-ahead goes Ahead before that)."""
+        while True:
+            s = self._session
+            if s is None or s.queued <= self._buffer_limit:
+                return
+            if s.room.is_set():
+                s.room = trio.Event()
+            await s.room.wait()
+
     async def write(self, offset: int, data: bytes) -> None:
+        await self._send_room()
         await self._io(self.engine.write, offset, bytes(data))
 
     async def flush(self) -> None:
@@ -641,6 +686,7 @@ class Resource:
         async with trio.open_nursery() as n:
             async def attempt(stream, server_side: bool) -> bool:
                 chan = _Channel(stream)
+                chan.buffers(self.conf.sndbuf_size_bytes, self.conf.rcvbuf_size_bytes)
                 ok = False
                 try:
                     with trio.move_on_after(max(self.conf.timeout_s, 5)) as scope:
@@ -757,6 +803,12 @@ class Resource:
                     assert got == number, (got, number)
                     try:
                         while True:
+                            # max-buffers: while the local disk has that much
+                            # to write, stop reading (TCP pushes back on the peer)
+                            while self._write_bytes > self._buffer_limit:
+                                if self._write_room.is_set():
+                                    self._write_room = trio.Event()
+                                await self._write_room.wait()
                             pkt = await chan.recv()
                             self._call(self.engine.receive, number, pkt)
                     except Drop as e:
@@ -768,6 +820,8 @@ class Resource:
                     n.cancel_scope.cancel()
         finally:
             s.queue_send.close()
+            s.queued = 0
+            s.room.set()            # (writers waiting for room go on without the peer)
             with trio.CancelScope(shield=True):
                 await chan.aclose()
             if not s.closed_by_engine:
@@ -779,6 +833,11 @@ class Resource:
         try:
             async for pkt in s.queue_recv:
                 await s.chan.send(pkt)
+                n = len(getattr(pkt, "data", b""))
+                if n:
+                    s.queued -= n
+                    if s.queued <= self._buffer_limit:
+                        s.room.set()
             s.scope.cancel()        # closed by the engine, and all sent
         except _SEND_ERRORS as e:
             if not s.closed_by_engine:

@@ -298,12 +298,13 @@ def test_skip_blocks_and_comments_are_ignored():
 
 def test_multi_word_values_are_joined_and_warned():
     config = parse_text("resource r { startup { become-primary-on both; } "
-                        "net { sndbuf-size 512k; } " + GOOD_HOSTS + "}", "v.conf")
+                        "net { ko-count 4; sndbuf-size 512k; } " + GOOD_HOSTS + "}", "v.conf")
     r = config.resource("r")
     assert r.startup.get("become-primary-on") == "both"
+    assert r.sndbuf_size_bytes == 512 * 1024
     assert config.warnings == (
         "v.conf:1: warning: option 'become-primary-on' is accepted but has no effect in replfs",
-        "v.conf:1: warning: option 'sndbuf-size' is accepted but has no effect in replfs",
+        "v.conf:1: warning: option 'ko-count' is accepted but has no effect in replfs",
     )
     config = parse_text("resource r { handlers { split-brain /usr/bin/notify root; } "
                         + GOOD_HOSTS + "}")
@@ -601,3 +602,20 @@ def test_resync_option_values_are_checked(option, message):
     assert info.value.exit_code == EXIT_CONFIG
     assert str(info.value).startswith("v.conf:2: ")
     assert message in str(info.value)
+
+
+def test_buffer_options():
+    r = parse_text("resource r { net { max-buffers 64; rcvbuf-size 2M; } " + GOOD_HOSTS + "}"
+                   ).resource("r")
+    assert (r.max_buffers, r.sndbuf_size_bytes, r.rcvbuf_size_bytes) == (64, 0, 2 << 20)
+    assert parse_text("resource r { " + GOOD_HOSTS + "}").resource("r").max_buffers == 2048
+    for bad, why in (("max-buffers 16;", "32 to 131072 pages of 4 KiB"),
+                     ("sndbuf-size 11M;", "0 to 10485760 bytes"),
+                     ("rcvbuf-size lots;", "a number of bytes")):
+        with pytest.raises(ReplfsError, match=why):
+            parse_text("resource r { net { " + bad + " } " + GOOD_HOSTS + "}")
+    # a congestion-fill the send queue never reaches is warned about
+    config = parse_text("resource r { protocol A; net { on-congestion pull-ahead; "
+                        "congestion-fill 16M; max-buffers 1024; } " + GOOD_HOSTS + "}", "c.conf")
+    assert any("congestion-fill (16384 KiB) is more than the 4096 KiB" in w
+               for w in config.warnings), config.warnings
