@@ -7,6 +7,8 @@ Rows, all measured in this one run on this machine:
 * standalone    — the same through replfsd's local socket, resource
                   Primary with no peer (the cost of the daemon hop);
 * protocol A/B/C — connected to a peer on 127.0.0.2.
+* C vs C+TLS    — what ``net { tls yes; }`` costs: two protocol C pairs,
+                  one with TLS, measured in turns (``--tls-rounds``), medians.
 
 Workloads: sequential 1 MiB writes (MB/s); 4 KiB writes at queue depth 1
 (latency); 4 KiB synchronous writes, each followed by a flush (IOPS and
@@ -112,18 +114,77 @@ async def bench_daemon(rundir: str, args) -> dict:
             n.cancel_scope.cancel()
 
 
+def _up_pair(root: str, args, *, tls: bool, size_mib: int) -> LocalPair:
+    pair = LocalPair(root, protocol="C", size=size_mib * MiB,
+                     extra_net="\n\t\ttls yes;" if tls else "")
+    if tls:
+        pair.alpha.adm("tls-keygen")
+        import shutil
+        src, dst = os.path.join(pair.alpha.root, "tls"), os.path.join(pair.beta.root, "tls")
+        os.makedirs(dst, mode=0o700, exist_ok=True)
+        for name in ("ca.crt", "beta.crt", "beta.key"):
+            shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+    for n in pair.nodes:
+        n.adm("create-md", "r0")
+        n.start()
+        n.adm("up", "r0")
+    pair.alpha.wait(lambda s: s["cstate"] == "Connected", what="connection")
+    pair.alpha.adm("primary", "--force", "r0")
+    pair.wait_synced(timeout=300)
+    return pair
+
+
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+def bench_tls(root: str, args) -> dict:
+    """Protocol C with and without TLS, measured in turns on two live pairs."""
+    size = max(64, args.tls_seq_mib + 24)
+    small = argparse.Namespace(seq_mib=args.tls_seq_mib, small=args.small // 2,
+                               sync=args.sync // 2)
+    pairs = {}
+    try:
+        for name, on in (("C", False), ("C+TLS", True)):
+            pairs[name] = _up_pair(os.path.join(root, f"tls-{name}"), args, tls=on,
+                                   size_mib=size)
+        assert pairs["C+TLS"].alpha.status()["tls"], "the TLS pair is not using TLS"
+        runs: dict[str, list[dict]] = {"C": [], "C+TLS": []}
+        for _ in range(args.tls_rounds):
+            for name, pair in pairs.items():
+                runs[name].append(trio.run(bench_daemon, pair.alpha.rundir, small))
+    finally:
+        for pair in pairs.values():
+            pair.teardown()
+    out = {}
+    for name, rs in runs.items():
+        out[name] = {"seq_write_MBps": _median([r["seq_write_MBps"] for r in rs]),
+                     "write4k_p50_us": _median([r["write4k_qd1"]["p50_us"] for r in rs]),
+                     "sync4k_iops": _median([r["sync4k"]["iops"] for r in rs]),
+                     "runs": rs}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.block")
     ap.add_argument("--seq-mib", type=int, default=128)
     ap.add_argument("--small", type=int, default=2000)
     ap.add_argument("--sync", type=int, default=500)
     ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--tls-rounds", type=int, default=3)
+    ap.add_argument("--tls-seq-mib", type=int, default=64)
+    ap.add_argument("--only-tls", action="store_true", help="only the C vs C+TLS rows")
     args = ap.parse_args(argv)
     results: dict = {"params": vars(args)}
     root = tempfile.mkdtemp(prefix="replfs-bench-")
     raw = os.path.join(root, "raw.img")
     with open(raw, "wb") as f:
         f.truncate(args.size_mib * MiB)
+    if args.only_tls:
+        results["tls"] = bench_tls(root, args)
+        args.tls_rounds = max(args.tls_rounds, 1)
+        return _report_tls(results, args, write_json("block-tls", results))
     print("measuring: loopback TCP round trip", flush=True)
     results["tcp_rtt"] = tcp_rtt()
     print("measuring: raw file", flush=True)
@@ -148,6 +209,9 @@ def main(argv=None) -> int:
             results[mode] = trio.run(bench_daemon, pair.alpha.rundir, args)
         finally:
             pair.teardown()
+    if args.tls_rounds > 0:
+        print(f"measuring: C vs C+TLS ({args.tls_rounds} rounds in turns)", flush=True)
+        results["tls"] = bench_tls(root, args)
     path = write_json("block", results)
     raw_r = results["raw"]
     rows = []
@@ -165,6 +229,22 @@ def main(argv=None) -> int:
     print(f"\nloopback TCP round trip p50 {rtt['p50_us']:.1f} us; protocol C adds "
           f"{c - s:.1f} us p50 per 4 KiB write over standalone "
           f"({(c - s) / rtt['p50_us']:.1f} round trips)")
+    return _report_tls(results, args, path)
+
+
+def _report_tls(results: dict, args, path: str) -> int:
+    if "tls" in results:
+        plain, tls = results["tls"]["C"], results["tls"]["C+TLS"]
+        print()
+        print(table([[name, r["seq_write_MBps"], r["seq_write_MBps"] / plain["seq_write_MBps"],
+                      r["write4k_p50_us"], r["sync4k_iops"],
+                      r["sync4k_iops"] / plain["sync4k_iops"]]
+                     for name, r in (("C", plain), ("C+TLS", tls))],
+                    ["protocol C", "seq MB/s", "x plain", "4k p50 us", "sync IOPS",
+                     "x plain"]))
+        print(f"TLS costs {tls['write4k_p50_us'] - plain['write4k_p50_us']:.0f} us p50 per "
+              f"4 KiB write and {100 * (1 - tls['seq_write_MBps'] / plain['seq_write_MBps']):.0f}"
+              f"% of sequential throughput (medians of {args.tls_rounds} rounds in turns)")
     print(f"results: {path}")
     return 0
 
