@@ -47,9 +47,13 @@ class Cluster:
     name: str
     node_count: int
     heartbeat_mode: Optional[str] = None
-    # replfs's own key (o2cb has none): "yes" secures the cluster link
-    # with TLS (replfs/tls.py; the files in tls/ next to cluster.conf)
+    # replfs's own keys (o2cb has none): "yes" secures the cluster link
+    # with TLS (replfs/tls.py; the files in tls/ next to cluster.conf);
+    # the fence agent (locking/fence.py), its delay and time limit (s)
     tls: Optional[str] = None
+    fence_agent: Optional[str] = None
+    fence_delay: Optional[int] = None
+    fence_timeout: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -86,10 +90,12 @@ class ClusterConf:
 # o2cb_ctl writes them in.
 _STANZA_KEYS = {
     "node": ("ip_port", "ip_address", "number", "name", "cluster"),
-    "cluster": ("node_count", "name", "heartbeat_mode", "tls"),
+    "cluster": ("node_count", "name", "heartbeat_mode", "tls", "fence_agent", "fence_delay",
+                "fence_timeout"),
     "heartbeat": ("region", "cluster"),
 }
-_OPTIONAL_KEYS = {"cluster": {"heartbeat_mode", "tls"}}
+_OPTIONAL_KEYS = {"cluster": {"heartbeat_mode", "tls", "fence_agent", "fence_delay",
+                               "fence_timeout"}}
 
 
 @dataclass
@@ -200,10 +206,18 @@ def _build(stanzas: list[_Stanza], filename: str):
             if tls is not None and tls not in ("yes", "no"):
                 raise _fail(filename, st.values["tls"][1],
                             f"tls must be yes or no, got {tls!r}")
+            for key in ("fence_delay", "fence_timeout"):
+                if key in v and "fence_agent" not in v:
+                    raise _fail(filename, st.values[key][1],
+                                f"{key} has no effect without fence_agent")
             obj = Cluster(name=v["name"],
                           node_count=_number(filename, st, "node_count", 0,
                                              MAX_NODE_NUMBER + 1),
-                          heartbeat_mode=mode, tls=tls)
+                          heartbeat_mode=mode, tls=tls, fence_agent=v.get("fence_agent"),
+                          fence_delay=(_number(filename, st, "fence_delay", 0, 600)
+                                       if "fence_delay" in v else None),
+                          fence_timeout=(_number(filename, st, "fence_timeout", 1, 3600)
+                                         if "fence_timeout" in v else None))
             clusters.append(obj)
         else:
             region = v["region"]
@@ -298,7 +312,9 @@ def dump(conf: ClusterConf) -> str:
                         "number": n.number, "name": n.name, "cluster": n.cluster})
     for c in conf.clusters:
         stanza("cluster", {"node_count": c.node_count, "name": c.name,
-                           "heartbeat_mode": c.heartbeat_mode, "tls": c.tls})
+                           "heartbeat_mode": c.heartbeat_mode, "tls": c.tls,
+                           "fence_agent": c.fence_agent, "fence_delay": c.fence_delay,
+                           "fence_timeout": c.fence_timeout})
     for hb in conf.heartbeats:
         stanza("heartbeat", {"region": hb.region, "cluster": hb.cluster})
     return "\n".join(out)

@@ -42,6 +42,7 @@ from . import cluster_conf as cc
 from .dlmdriver import DlmDomain, HeldLock, LockRefused
 from .dlm.messages import decode as decode_dlm
 from .dlm.modes import Mode
+from .fence import DEFAULT_DELAY, DEFAULT_TIMEOUT, FenceAgent
 from .heartbeat.core import quorum_decision
 from .heartbeat.disk import DiskHeartbeat
 from .net.driver import O2Net, load_key
@@ -79,6 +80,7 @@ class _Online:
         self.hb = None   # DiskHeartbeat, when a heartbeat region is configured
         self.dead: set[int] = set()   # nodes declared dead (until they come back)
         self.left: set[int] = set()   # nodes that said they leave (cluster offline)
+        self.fence: Optional[FenceAgent] = None     # cluster.conf's fence_agent
 
 
 class ClusterService:
@@ -158,8 +160,14 @@ class ClusterService:
                 raise ReplfsError(f"connect_via: no node {name!r} in cluster {cluster}", EXIT_USAGE)
             host, _, port = hp.rpartition(":")
             via[node.number] = (host, int(port))
+        cconf = conf.cluster(cluster)
+        if cconf.fence_agent:
+            on.fence = FenceAgent(cconf.fence_agent, cluster,
+                                  delay=float(cconf.fence_delay if cconf.fence_delay is not None
+                                              else DEFAULT_DELAY),
+                                  timeout=float(cconf.fence_timeout or DEFAULT_TIMEOUT))
         link_tls = None
-        if conf.cluster(cluster).tls == "yes":
+        if cconf.tls == "yes":
             files = tlsmod.TLSFiles.in_dir(tlsmod.default_dir(path), me.name)
             try:
                 link_tls = tlsmod.load(files)
@@ -320,7 +328,24 @@ class ClusterService:
         if verdict == "fence":
             why = (f"lost node {node}; quorum rule: this node ({on.me.number}) cannot reach "
                    f"the lowest-numbered half of the cluster")
-            await self._fence_self(on, why)
+            if on.fence is None:
+                await self._fence_self(on, why)
+                return
+            # The rule would fence this node, but a fence agent can prove the
+            # peer is off: give the peer (if alive, it shoots at once) the
+            # delay to switch this node off first, then shoot.
+            log.warning("%s; with a fence agent: switching node %d off in %.0f s unless it "
+                        "switches this node off first", why, node, on.fence.delay)
+            await trio.sleep(on.fence.delay)
+            if on.fenced or self.online is not on:
+                return
+            if node in on.net.connected():
+                await self._fence_self(on, f"the connection to node {node} dropped and came "
+                                           f"back: lock messages may be lost")
+                return
+            if not await self._shoot(on, node):
+                return
+            await self._recover(on, node, confirmed=True)
             return
         if on.hb is not None and node in everyone and node in on.net.connected():
             # It came back before we had to decide.  DLM messages sent while
@@ -332,17 +357,43 @@ class ClusterService:
                 await self._fence_self(on, f"the connection to node {node} dropped and "
                                            f"came back: lock messages may be lost")
             return
-        # o2cb's timing rule: a node cut off fences itself when its own
-        # idle timeout expires, which is at most about one keepalive
-        # interval after ours.  Wait that long and a margin before its
-        # locks are regranted and its journal replayed, so that nothing it
-        # still writes can land after the recovery started.
-        grace = on.timeouts.keepalive_delay_ms / 1000 + 1.0
-        log.warning("node %d is gone; recovering its locks in %.1f s (its own fence first)",
-                    node, grace)
-        await trio.sleep(grace)
-        if on.fenced or self.online is not on:
+        if on.fence is not None:
+            # Confirmed, not assumed: the peer is switched off before its
+            # locks and journal are taken over.
+            if await self._shoot(on, node):
+                await self._recover(on, node, confirmed=True)
             return
+        await self._recover(on, node, confirmed=False)
+
+    async def _shoot(self, on: _Online, node: int) -> bool:
+        """Run the fence agent on ``node``; a failure fences this node
+        (nothing confirms the peer stopped, and it may be about to shoot)."""
+        peer = next(n for n in on.nodes if n.number == node)
+        ok, out = await on.fence.off(peer)
+        if on.fenced or self.online is not on:
+            return False
+        if not ok:
+            await self._fence_self(on, f"lost node {node} ({peer.name}) and could not switch "
+                                       f"it off: {out}")
+            return False
+        log.warning("node %d (%s) is off: the fence agent confirmed it%s", node, peer.name,
+                    f" ({out})" if out else "")
+        return True
+
+    async def _recover(self, on: _Online, node: int, *, confirmed: bool) -> None:
+        """Declare ``node`` dead: its locks are recovered, its slots replayed."""
+        if not confirmed:
+            # o2cb's timing rule: a node cut off fences itself when its own
+            # idle timeout expires, which is at most about one keepalive
+            # interval after ours.  Wait that long and a margin before its
+            # locks are regranted and its journal replayed, so that nothing it
+            # still writes can land after the recovery started.
+            grace = on.timeouts.keepalive_delay_ms / 1000 + 1.0
+            log.warning("node %d is gone; recovering its locks in %.1f s (its own fence "
+                        "first)", node, grace)
+            await trio.sleep(grace)
+            if on.fenced or self.online is not on:
+                return
         log.warning("node %d is gone; recovering its locks", node)
         # The filesystems hear of the death before the lock manager can
         # regrant a lock the dead node held (OCFS2's eviction callback).

@@ -64,12 +64,14 @@ def wait_closed(node, timeout=20.0) -> None:
 
 @contextlib.contextmanager
 def shared_pair(tmp_path, *, extra_res: str = "", cluster: bool = True, slots: int = 2,
-                proxy_port: int | None = None, before_up=None, netns=None):
+                proxy_port: int | None = None, before_up=None, netns=None,
+                cluster_extra: str = ""):
     """Two nodes, r0 Primary on both (allow-two-primaries; the seed's r1
     has no fencing options: the default ``extra_res``), a volume made on
     alpha; the cluster stack online on both unless ``cluster`` is False.
     ``netns``: a tests.harness.netns.NetnsPair whose namespaces the two
     replfsd run in, talking over its veth addresses.
+    ``cluster_extra``: lines for cluster.conf's cluster stanza.
     Yields (pair, alpha's mount dir, beta's mount dir, cdir)."""
     if netns is None:
         pair = LocalPair(tmp_path, extra_net="allow-two-primaries;", extra_res=extra_res,
@@ -84,7 +86,8 @@ def shared_pair(tmp_path, *, extra_res: str = "", cluster: bool = True, slots: i
     cdir = str(tmp_path / "etc")
     os.makedirs(cdir)
     with open(os.path.join(cdir, "cluster.conf"), "w") as f:
-        f.write(cluster_conf("tc", *pair.cluster_ports, addrs=addrs))
+        text = cluster_conf("tc", *pair.cluster_ports, addrs=addrs)
+        f.write(text.replace("\tname = tc\n", "\tname = tc\n" + cluster_extra, 1))
     with open(os.path.join(cdir, "o2cb"), "w") as f:
         f.write(TIMEOUTS)
     ma, mb = tmp_path / "ma", tmp_path / "mb"

@@ -554,9 +554,10 @@ def stop_faulty_disk(proc, path: str) -> None:
 
 
 @contextlib.contextmanager
-def netns_cluster(tmp_path, faulty: tuple[str, ...] = ()):
+def netns_cluster(tmp_path, faulty: tuple[str, ...] = (), cluster_extra=None):
     """Two namespaces, the volume made, both nodes mounted; the nodes named
-    in ``faulty`` on a disk that can fail.  Everything (mounts, daemons,
+    in ``faulty`` on a disk that can fail; ``cluster_extra(ns)``: lines for
+    cluster.conf's cluster stanza.  Everything (mounts, daemons,
     disk servers, namespaces, veth) is removed on the way out, also when
     the test fails."""
     disks: dict = {}
@@ -570,7 +571,9 @@ def netns_cluster(tmp_path, faulty: tuple[str, ...] = ()):
             for name, proc in disks.items():
                 stop_faulty_disk(proc, os.path.join(str(tmp_path), name, "disk.img"))
         try:
-            with shared_pair(tmp_path, netns=ns, before_up=before_up) as (pair, ma, mb, cdir):
+            extra = cluster_extra(ns) if cluster_extra is not None else ""
+            with shared_pair(tmp_path, netns=ns, before_up=before_up,
+                             cluster_extra=extra) as (pair, ma, mb, cdir):
                 c = Cluster(ns, pair, ma, mb, cdir, disks)
                 try:
                     mount(pair.alpha, ma)
