@@ -7,8 +7,10 @@ cd "$(dirname "$0")/.."
 
 # nftables and iproute2: the network-namespace fault tests
 # (tests/integration/test_netns_faults.py) cut links with nft inside the
-# namespaces they make.
-APT_PACKAGES="fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv e2fsprogs fio nftables iproute2"
+# namespaces they make.  libfaketime (faketime): the clock-skew fault test
+# (tests/integration/test_netns_clock_skew.py) gives one node's daemon a
+# wall clock of its own.
+APT_PACKAGES="fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv e2fsprogs fio nftables iproute2 faketime"
 
 missing=""
 for p in $APT_PACKAGES; do
@@ -20,7 +22,7 @@ if [ -n "$missing" ]; then
     apt-get update -qq
     # python3-dev/python3-venv may not match a non-Debian Python; they are
     # best-effort, the rest is required.
-    apt-get install -y -qq $missing >/dev/null || apt-get install -y -qq fuse3 libfuse3-dev pkg-config gcc e2fsprogs fio nftables iproute2 >/dev/null
+    apt-get install -y -qq $missing >/dev/null || apt-get install -y -qq fuse3 libfuse3-dev pkg-config gcc e2fsprogs fio nftables iproute2 faketime >/dev/null
 fi
 
 PY=${PYTHON:-python3}

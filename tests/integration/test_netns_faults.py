@@ -57,9 +57,16 @@ resync, primary, cluster offline/online, mount), and checked:
   on both nodes, no concurrent writes were seen by the mirror, and no
   daemon logged a traceback.
 
+The same runs with the nodes' wall clocks an hour apart (beta's daemon
+under libfaketime): each file's times are its writer's and both mounts
+show the same ones, and every check above still holds (timeouts run on
+monotonic time).  The network-only heartbeat topology with a fence agent
+is in test_netns_fence_agent.py.
+
 A failure names its seed and prints the schedule, the history's tail and
 the daemons' logs; ``-k 'seed-N'`` reruns one.  Two short seeds run in
-``make test`` (and one of the soak's, at its smallest); 120 in ``make soak``.
+``make test`` (and one of the soak's, at its smallest), plus one with skewed
+clocks; 120 (and 20 with skewed clocks) in ``make soak``.
 """
 from __future__ import annotations
 
@@ -101,6 +108,9 @@ FAULTS = ("partition", "oneway-ab", "oneway-ba", "link-down", "blip",
           "kill-alpha", "kill-beta", "pause-alpha", "pause-beta",
           "eio-alpha", "eio-beta")
 DIRS = ("a", "b", "s")               # alpha's, beta's, shared
+# libfaketime (scripts/setup.sh installs it): the clock-skew runs
+FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+SKEW = 3600                          # beta's wall clock an hour ahead
 
 
 # -- history and model ---------------------------------------------------------
@@ -554,10 +564,13 @@ def stop_faulty_disk(proc, path: str) -> None:
 
 
 @contextlib.contextmanager
-def netns_cluster(tmp_path, faulty: tuple[str, ...] = (), cluster_extra=None):
+def netns_cluster(tmp_path, faulty: tuple[str, ...] = (), cluster_extra=None,
+                  skew: int | None = None):
     """Two namespaces, the volume made, both nodes mounted; the nodes named
     in ``faulty`` on a disk that can fail; ``cluster_extra(ns)``: lines for
-    cluster.conf's cluster stanza.  Everything (mounts, daemons,
+    cluster.conf's cluster stanza; ``skew``: beta's daemon runs with its
+    wall clock that many seconds off (libfaketime; its monotonic clock
+    keeps its rate).  Everything (mounts, daemons,
     disk servers, namespaces, veth) is removed on the way out, also when
     the test fails."""
     disks: dict = {}
@@ -566,6 +579,11 @@ def netns_cluster(tmp_path, faulty: tuple[str, ...] = (), cluster_extra=None):
         for name in faulty:
             disks[name] = start_faulty_disk(getattr(pair, name))
     with netns_mod.NetnsPair() as ns, contextlib.ExitStack() as stack:
+        if skew is not None:
+            ns.launchers = (ns.launchers[0], [*ns.launchers[1], "env",
+                                              f"LD_PRELOAD={FAKETIME_LIB}",
+                                              f"FAKETIME={skew:+d}"])
+
         @stack.callback
         def _stop_disks():
             for name, proc in disks.items():
@@ -762,7 +780,33 @@ def run_fault(c: Cluster, f: Fault, log) -> dict:
     return 0.0
 
 
-def run_seed(tmp_path, seed: int, n_faults: int) -> None:
+def check_skewed_times(c, log, skew: int) -> None:
+    """With beta's wall clock ``skew`` seconds off: a file made on each node
+    carries its writer's time (as OCFS2's do), and both mounts show the
+    same times for it."""
+    made = {}
+    for n in ("alpha", "beta"):
+        path = os.path.join(c.mnt[n], n[0], "clock")
+        with open(path, "wb") as f:
+            f.write(n.encode())
+            f.flush()
+            os.fsync(f.fileno())
+        made[n] = time.time()
+    for n, writer_offset in (("alpha", 0), ("beta", skew)):
+        seen = {m: os.stat(os.path.join(c.mnt[m], n[0], "clock")).st_mtime_ns
+                for m in ("alpha", "beta")}
+        if len(set(seen.values())) != 1:
+            raise RunFailed(f"{n}'s file has different mtimes on the two mounts: {seen}")
+        off = seen["alpha"] / 1e9 - made[n]
+        if abs(off - writer_offset) > 30:
+            raise RunFailed(f"{n}'s file's mtime is {off:+.0f} s off the test's clock, "
+                            f"its writer's clock is {writer_offset:+d} s off")
+    for n in ("alpha", "beta"):
+        os.unlink(os.path.join(c.mnt["alpha"], n[0], "clock"))   # (not in the history)
+    log(f"  times: each file carries its writer's clock (beta {skew:+d} s), both mounts agree")
+
+
+def run_seed(tmp_path, seed: int, n_faults: int, skew: int | None = None) -> None:
     faults = schedule(seed, n_faults)
     hist = History(seed)
     lines: list[str] = []
@@ -776,8 +820,11 @@ def run_seed(tmp_path, seed: int, n_faults: int) -> None:
     try:
         faulty = tuple(sorted({f.kind.split("-")[1] for f in faults
                                if f.kind.startswith("eio-")}))
-        with netns_cluster(tmp_path, faulty) as c:
-            log(f"namespaces {c.ns.ns}, nft: {c.ns.nft}, failing disks: {faulty or 'none'}")
+        with netns_cluster(tmp_path, faulty, skew=skew) as c:
+            log(f"namespaces {c.ns.ns}, nft: {c.ns.nft}, failing disks: {faulty or 'none'}"
+                + (f", beta's wall clock {skew:+d} s" if skew else ""))
+            if skew:
+                check_skewed_times(c, log, skew)
             for i, f in enumerate(faults):
                 log(f"phase {i}: {f}")
                 workers = [Worker(hist, n, c.mnt[n], seed * 100 + i * 2 + j).start()
@@ -985,3 +1032,23 @@ def test_netns_faults(tmp_path, seed):
 @pytest.mark.parametrize("seed", soak.seeds(range(1000, 1120)))
 def test_netns_faults_soak(tmp_path, seed):
     run_seed(tmp_path, seed, soak.size(2, 1))
+
+
+_no_faketime = None if os.path.exists(FAKETIME_LIB) else \
+    f"no {FAKETIME_LIB} (apt install faketime; scripts/setup.sh does)"
+
+
+@pytest.mark.skipif(_no_faketime is not None, reason=str(_no_faketime))
+@pytest.mark.parametrize("seed", [3])
+def test_netns_faults_with_clock_skew(tmp_path, seed):
+    """The nodes' wall clocks disagree by an hour (beta ahead): times in
+    the filesystem are the writer's, the same on both mounts, and the
+    fault run's checks hold -- every timeout runs on monotonic time."""
+    run_seed(tmp_path, seed, 1, skew=SKEW)
+
+
+@pytest.mark.soak
+@pytest.mark.skipif(_no_faketime is not None, reason=str(_no_faketime))
+@pytest.mark.parametrize("seed", soak.seeds(range(2000, 2020)))
+def test_netns_faults_with_clock_skew_soak(tmp_path, seed):
+    run_seed(tmp_path, seed, soak.size(2, 1), skew=-SKEW if seed % 2 else SKEW)
