@@ -53,6 +53,22 @@ def default_dir(conf_path: str | None) -> str:
     return os.path.join(base, DEFAULT_DIR)
 
 
+def resource_files(net, node: str, conf_path: str | None) -> TLSFiles:
+    """Where ``node``'s TLS files are for a resource whose net section is
+    ``net`` (anything with ``get(name)``): the options tls-certificate,
+    tls-privkey and tls-keyring (files, in replfs; relative ones next to
+    the configuration file), each by default in tls/ next to it."""
+    base = os.path.dirname(os.path.abspath(conf_path)) if conf_path else "/etc/replfs"
+    dflt = TLSFiles.in_dir(default_dir(conf_path), node)
+
+    def path(option: str, default: str) -> str:
+        value = net.get(option)
+        return os.path.join(base, value) if value else default
+    return TLSFiles(certificate=path("tls-certificate", dflt.certificate),
+                    privkey=path("tls-privkey", dflt.privkey),
+                    keyring=path("tls-keyring", dflt.keyring))
+
+
 @dataclass(frozen=True)
 class Contexts:
     """The two SSL contexts of one node (accepting and connecting side)."""

@@ -117,23 +117,6 @@ class Resource:
         value = self.net.get("tls")
         return value is not None and value in ("", "yes")
 
-    def tls_files(self, node: str, conf_path: str | None):
-        """Where ``node``'s TLS certificate, key and keyring are: the net
-        options tls-certificate, tls-privkey and tls-keyring (files, in
-        replfs; relative ones next to the configuration file), each by
-        default in tls/ next to the configuration file."""
-        import os
-        from replfs.tls import TLSFiles, default_dir
-        base = os.path.dirname(os.path.abspath(conf_path)) if conf_path else "/etc/replfs"
-        dflt = TLSFiles.in_dir(default_dir(conf_path), node)
-
-        def path(option: str, default: str) -> str:
-            value = self.net.get(option)
-            return os.path.join(base, value) if value else default
-        return TLSFiles(certificate=path("tls-certificate", dflt.certificate),
-                        privkey=path("tls-privkey", dflt.privkey),
-                        keyring=path("tls-keyring", dflt.keyring))
-
     @property
     def shared_secret(self) -> str | None:
         return self.net.get("shared-secret")

@@ -619,7 +619,7 @@ class Resource:
             self._tls = None
             return
         try:
-            self._tls = tls.load(self.conf.tls_files(self.node, self.conf_path))
+            self._tls = tls.load(tls.resource_files(self.conf.net, self.node, self.conf_path))
         except tls.TLSError as e:
             raise ReplfsError(f"{self.conf.name}: {e}", EXIT_CONFIG) from None
         for warning in self._tls.warnings:

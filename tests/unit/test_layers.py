@@ -3,7 +3,7 @@
 Layers, bottom up (a module may import its own layer and those below):
 
     ground   replfs.errors, replfs.blockdev, replfs.filemode, replfs.ipc,
-             replfs.fuse                  (shared by every layer above)
+             replfs.fuse, replfs.tls      (shared by every layer above)
     mirror   replfs.blockrepl            (the DRBD-style block mirror)
     locking  replfs.locking              (the o2cb-style cluster stack)
     fs       replfs.fs                   (the cluster filesystem)
@@ -26,7 +26,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 FOLDERS = {"blockrepl": "replfs.blockrepl", "locking": "replfs.locking", "fs": "replfs.fs",
            "replfs": "replfs"}
 
-GROUND = ("replfs.errors", "replfs.blockdev", "replfs.filemode", "replfs.ipc", "replfs.fuse")
+GROUND = ("replfs.errors", "replfs.blockdev", "replfs.filemode", "replfs.ipc", "replfs.fuse",
+          "replfs.tls")
 LAYERS = [("ground", GROUND), ("mirror", ("replfs.blockrepl",)),
           ("locking", ("replfs.locking",)), ("fs", ("replfs.fs",)),
           ("roof", ("replfs.daemon", "replfs.cli", "replfs.devfile", "replfs.demo",

@@ -173,7 +173,7 @@ def test_net_tls_options_and_their_defaults(tmp_path):
     path = _conf(tmp_path, "\n\t\ttls yes;\n\t\ttls-keyring trust/ca.pem;")
     res = confmod.load(path).resources["r0"]
     assert res.tls
-    files = res.tls_files("alpha", path)
+    files = tls.resource_files(res.net, "alpha", path)
     base = os.path.dirname(path)
     assert files == tls.TLSFiles(certificate=os.path.join(base, "tls", "alpha.crt"),
                                  privkey=os.path.join(base, "tls", "alpha.key"),
