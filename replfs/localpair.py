@@ -127,11 +127,20 @@ class Node:
 
     def start(self) -> None:
         """Start replfsd in the foreground as a child (so kill9 can reach it)."""
+        self.spawn()
+        self.wait_ready()
+
+    def spawn(self) -> None:
+        """Start replfsd without waiting for it (see wait_ready)."""
         os.makedirs(self.rundir, exist_ok=True)
         log = open(os.path.join(self.root, "replfsd.out"), "ab")
         self.proc = subprocess.Popen(
             [*self.launcher, PY, "-m", "replfs.daemon.main", "-f", "--node", self.name,
              "--rundir", self.rundir, "-c", self.conf], stdout=log, stderr=log, env=self.env)
+        log.close()
+
+    def wait_ready(self) -> None:
+        """Wait until the replfsd spawned answers on its socket."""
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -251,12 +260,37 @@ class LocalPair:
     def nodes(self):
         return (self.alpha, self.beta)
 
+    def both(self, fn) -> None:
+        """``fn(node)`` for both nodes at once (each in a thread); the first
+        failure is raised once both are done."""
+        import threading
+        errors: list[BaseException] = []
+
+        def one(n):
+            try:
+                fn(n)
+            except BaseException as e:      # noqa: BLE001 -- re-raised below
+                errors.append(e)
+        threads = [threading.Thread(target=one, args=(n,)) for n in self.nodes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+    def start_both(self) -> None:
+        """Start both daemons at once and wait until both answer."""
+        for n in self.nodes:
+            n.spawn()
+        for n in self.nodes:
+            n.wait_ready()
+
     def up_fresh(self):
         """create-md, start daemons, up, force alpha Primary, wait for sync."""
-        for n in self.nodes:
-            n.adm("create-md", "r0")
-            n.start()
-            n.adm("up", "r0")
+        self.both(lambda n: n.adm("create-md", "r0"))
+        self.start_both()
+        self.both(lambda n: n.adm("up", "r0"))
         self.alpha.wait(lambda s: s["cstate"] == "Connected", what="connection")
         self.alpha.adm("primary", "--force", "r0")
         self.wait_synced()
@@ -267,6 +301,9 @@ class LocalPair:
                    and s["pdsk"] == "UpToDate", timeout, what="both disks UpToDate")
 
     def teardown(self):
+        for n in self.nodes:        # (SIGTERM both first: they go down together)
+            if n.proc is not None and n.proc.poll() is None:
+                n.proc.send_signal(signal.SIGTERM)
         for n in self.nodes:
             n.stop()
         # A replfsd killed with -9 leaves its FUSE mounts (device files,

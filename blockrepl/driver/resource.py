@@ -660,7 +660,11 @@ class Resource:
                             await chan.aclose()
                             continue
                         await self._run_session(chan)
-                        await trio.sleep(min(self.conf.connect_int_s, 1.0))
+                        # (a pause before the next try -- cut short when the
+                        # admin disconnects, so 'down' does not wait for it)
+                        with trio.move_on_after(min(self.conf.connect_int_s, 1.0)):
+                            while self.engine.want_connect:
+                                await self._state_changed.wait()
                 finally:
                     with trio.CancelScope(shield=True):
                         for lst in listeners:
