@@ -176,6 +176,13 @@ class Resource:
         return _size(self._disk_opt("c-min-rate"), 250)
 
     @property
+    def ko_count(self) -> int | None:
+        """None when not given (replfs: unacknowledged writes drop the link
+        after ``timeout``)."""
+        value = self.net.get("ko-count")
+        return None if value is None else _int(value)
+
+    @property
     def max_buffers(self) -> int:
         return _int(self.net.get("max-buffers") or "2048")
 

@@ -69,7 +69,7 @@ IMPLEMENTED: dict[str, frozenset[str]] = {
         "after-sb-1pri", "after-sb-2pri", "verify-alg", "fencing",
         "csums-alg", "data-integrity-alg", "on-congestion", "congestion-fill",
         "congestion-extents", "tls", "tls-certificate", "tls-privkey", "tls-keyring",
-        "max-buffers", "sndbuf-size", "rcvbuf-size",
+        "max-buffers", "sndbuf-size", "rcvbuf-size", "ko-count",
     }),
     "disk": frozenset({"resync-rate", "al-extents", "on-io-error", "fencing",
                        "c-plan-ahead", "c-fill-target", "c-delay-target", "c-max-rate",
@@ -124,7 +124,7 @@ YES_NO = ("", "yes", "no")
 # Options whose value is a whole number (seconds, tenths of seconds, counts).
 INTEGER = {
     "net": ("ping-int", "ping-timeout", "timeout", "connect-int", "congestion-extents",
-            "max-buffers"),
+            "max-buffers", "ko-count"),
     "disk": ("al-extents", "c-plan-ahead", "c-delay-target"),
     "syncer": ("al-extents", "c-plan-ahead", "c-delay-target"),
     "startup": ("wfc-timeout", "degr-wfc-timeout", "outdated-wfc-timeout"),
@@ -142,6 +142,7 @@ RANGES = {
     "c-delay-target": (1, 100),         # tenths of a second
     "c-fill-target": (0, 1 << 20),      # sectors
     "max-buffers": (32, 131072),        # 4 KiB pages
+    "ko-count": (0, 200),
     "sndbuf-size": (0, 10 << 20),       # bytes
     "rcvbuf-size": (0, 10 << 20),       # bytes
     "c-max-rate": (250, 4 << 20),       # KiB/s

@@ -136,6 +136,8 @@ class EngineConfig:
     ping_int: float = 10.0
     ping_timeout: float = 0.5
     timeout: float = 6.0
+    ko_count: int | None = None             # None: unacked writes drop the link after timeout;
+                                            # N: after N x timeout; 0: never (pings only)
     resync_rate: int = 250 * 1024 * 1024   # bytes per second (the fixed rate, and the start)
     c_plan_ahead: float = 2.0               # seconds; 0: resync_rate is a fixed rate
     c_fill_target: int = 100 * 512          # bytes in flight; 0: use c_delay_target
@@ -162,7 +164,7 @@ class EngineConfig:
             after_sb_0pri=conf.after_sb_0pri, after_sb_1pri=conf.after_sb_1pri,
             after_sb_2pri=conf.after_sb_2pri, on_io_error=conf.on_io_error,
             ping_int=conf.ping_int_s, ping_timeout=conf.ping_timeout_s,
-            timeout=conf.timeout_s,
+            timeout=conf.timeout_s, ko_count=conf.ko_count,
             resync_rate=conf.resync_rate_kib * 1024, c_plan_ahead=conf.c_plan_ahead_s,
             c_fill_target=conf.c_fill_target_bytes, c_delay_target=conf.c_delay_target_s,
             c_max_rate=conf.c_max_rate_kib * 1024, c_min_rate=conf.c_min_rate_kib * 1024,
@@ -2397,8 +2399,14 @@ class Engine:
                 self._send(P.Ping(token))
             self._barrier()
             oldest = min((p.t0 for p in self._pending.values()), default=now)
-            if now - oldest > max(self.cfg.timeout, self.cfg.ping_timeout):
-                raise Drop("peer did not acknowledge writes in time", ConnState.Timeout)
+            ko = self.cfg.ko_count
+            limit = max(self.cfg.timeout, self.cfg.ping_timeout) * (ko or 1)
+            if ko != 0 and now - oldest > limit:
+                if ko is None:
+                    raise Drop("peer did not acknowledge writes in time", ConnState.Timeout)
+                raise Drop(f"Remote failed to finish a request within {limit * 1000:.0f}ms > "
+                           f"ko-count ({ko}) * timeout ({self.cfg.timeout * 10:.0f} * 0.1s)",
+                           ConnState.Timeout)
 
     # ============================================================ resync
     def _send_bitmap(self) -> None:

@@ -298,13 +298,13 @@ def test_skip_blocks_and_comments_are_ignored():
 
 def test_multi_word_values_are_joined_and_warned():
     config = parse_text("resource r { startup { become-primary-on both; } "
-                        "net { ko-count 4; sndbuf-size 512k; } " + GOOD_HOSTS + "}", "v.conf")
+                        "net { unplug-watermark 128; sndbuf-size 512k; } " + GOOD_HOSTS + "}", "v.conf")
     r = config.resource("r")
     assert r.startup.get("become-primary-on") == "both"
     assert r.sndbuf_size_bytes == 512 * 1024
     assert config.warnings == (
         "v.conf:1: warning: option 'become-primary-on' is accepted but has no effect in replfs",
-        "v.conf:1: warning: option 'ko-count' is accepted but has no effect in replfs",
+        "v.conf:1: warning: option 'unplug-watermark' is accepted but has no effect in replfs",
     )
     config = parse_text("resource r { handlers { split-brain /usr/bin/notify root; } "
                         + GOOD_HOSTS + "}")
