@@ -42,7 +42,10 @@ does (unmount the fenced mount, restart a killed daemon, wait for the
 resync, primary, cluster offline/online, mount), and checked:
 
 * the expected winner was not fenced and its mount took a new fsync'd
-  file; the loser's mount refused writes;
+  file; the loser's mount refused writes and reads -- a directory
+  listing, files by name, and a file it held open with its pages read
+  before the fault: a fenced node answers EIO, never a possibly stale
+  value;
 * every call's result is explainable by the history: a read returns the
   state left by an operation that completed before it started or one
   running while it ran; both mounts show, for every file, the state its
@@ -288,10 +291,15 @@ def fid_of(path: str) -> str | None:
     return fid if dot else None
 
 
+HARNESS_FILES = ("probe-", "held-")     # the runner's own files, in no history
+
+
 def snapshot(root) -> dict[str, bytes]:
     tree = {}
     for d in DIRS:
         for name in os.listdir(os.path.join(root, d)):
+            if name.startswith(HARNESS_FILES):
+                continue
             with open(os.path.join(root, d, name), "rb") as f:
                 tree[f"{d}/{name}"] = f.read()
     return tree
@@ -413,7 +421,7 @@ class Worker:
                 # (not the harness's own probe files: no operation of the
                 # history makes them)
                 names = [n for n in os.listdir(self._p("s"))
-                         if not n.startswith(node[0]) and not n.startswith("probe-")]
+                         if not n.startswith(node[0]) and not n.startswith(HARNESS_FILES)]
             except OSError:
                 return
             if not names:
@@ -673,11 +681,65 @@ def probe_write(root: str, name: str, timeout: float) -> tuple[bool, float, str]
     return result[0]
 
 
+def probe_read(root: str, timeout: float) -> tuple[bool, str]:
+    """Read the shared directory and a few of its files, as a reader on
+    that node would (its kernel may have them cached): (True, what was
+    read) if anything was served, else (False, the error)."""
+    result: list = []
+
+    def go():
+        try:
+            names = sorted(os.listdir(os.path.join(root, "s")))
+        except OSError as e:
+            result.append((False, f"listdir: {errno.errorcode.get(e.errno)}"))
+            return
+        for name in names[:3]:
+            try:
+                with open(os.path.join(root, "s", name), "rb") as fh:
+                    data = fh.read()
+                result.append((True, f"s/{name} ({len(data)} bytes)"))
+                return
+            except OSError as e:
+                last = f"read s/{name}: {errno.errorcode.get(e.errno)}"
+        result.append((False, last if names else "listdir: served an empty directory"))
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(timeout)
+    if not result:
+        raise RunFailed(f"a read in {root} hung for more than {timeout:.0f} s")
+    return result[0]
+
+
 def run_fault(c: Cluster, f: Fault, log) -> dict:
     """Inject ``f`` and check, while it lasts, what the cluster stack's
     rule says: the loser fenced itself and refuses writes, the winner
     writes.  Returns the pause length (calls on a paused node may take
     that much longer)."""
+    ns, k = c.ns, f.kind
+    # A file each node holds open and has read (its pages in that node's
+    # cache): once the node is fenced, reading it must fail too.
+    held: dict[str, tuple[int, str]] = {}
+    for who in ("alpha", "beta"):
+        path = os.path.join(c.mnt[who], "s", f"held-{who}")
+        try:
+            with open(path, "wb") as fh:
+                fh.write(b"cached " * 100)
+            fd = os.open(path, os.O_RDONLY)
+            os.pread(fd, 4096, 0)
+            held[who] = (fd, path)
+        except OSError:
+            pass
+    try:
+        return _run_fault(c, f, log, held)
+    finally:
+        for fd, path in held.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _run_fault(c: Cluster, f: Fault, log, held) -> dict:
     ns, k = c.ns, f.kind
     t_fault = time.monotonic()
 
@@ -702,7 +764,17 @@ def run_fault(c: Cluster, f: Fault, log) -> dict:
         ok, took, err = probe_write(c.mnt[who], f"s/probe-{who}-{t_fault:.3f}.x", HANG_BOUND)
         if ok:
             raise RunFailed(f"{who} was fenced but its mount took a write")
-        log(f"  {who}'s mount refuses writes ({err})")
+        served, what = probe_read(c.mnt[who], HANG_BOUND)
+        if not served and who in held:
+            try:
+                got = os.pread(held[who][0], 4096, 0)
+                served, what = True, f"{len(got)} bytes through a file it held open"
+            except OSError as e:
+                what += f", held file: {errno.errorcode.get(e.errno)}"
+        if served:
+            raise RunFailed(f"{who} was fenced but its mount served a read: {what} (a read "
+                            f"on a fenced node must be EIO, never a possibly stale value)")
+        log(f"  {who}'s mount refuses writes ({err}) and reads ({what})")
 
     def rest() -> None:
         time.sleep(max(0.0, f.length - (time.monotonic() - t_fault)))
