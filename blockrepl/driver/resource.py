@@ -563,6 +563,20 @@ class Resource:
         return done.data
 
     async def read(self, offset: int, length: int) -> bytes:
+        eng, disk = self.engine, self.disk
+        if disk is not None and eng.local_read_ok(offset, length):
+            # The fast path: straight from the UpToDate backing file.  An
+            # error goes the engine's way (detach, the peer's copy).
+            self._io_begin()
+            try:
+                data = await disk.data.read(offset, length)
+            except OSError:
+                data = None
+            finally:
+                self._io_end()
+            if data is not None:
+                eng.local_read_done(len(data))
+                return data
         return await self._io(self.engine.read, offset, length)
 
     @property

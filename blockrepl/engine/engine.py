@@ -1227,6 +1227,24 @@ class Engine:
         self._start(self._app(req, self._read(offset, length)), name="read")
         return self._drain()
 
+    def local_read_ok(self, offset: int, length: int) -> bool:
+        """Whether the driver may serve this application read from the
+        local disk itself, with no flow (the fast path; DRBD reads locally
+        too): Primary, the local disk attached and UpToDate (every block
+        current here: no stale block to fetch from the peer), I/O not
+        suspended, the range inside the device.  A read the driver so
+        serves is reported with local_read_done; one that fails goes
+        through read() instead, whose flow handles the disk error."""
+        return (self.role is Role.Primary and self.disk is not None
+                and self.dstate is DiskState.UpToDate and not self.susp
+                and not self._joined_unmerged
+                and offset >= 0 and length >= 0 and offset + length <= self.size)
+
+    def local_read_done(self, nbytes: int) -> None:
+        """Count a read served by local_read_ok's fast path (no actions)."""
+        self.app_io += 1
+        self.dr += nbytes
+
     def _read(self, offset: int, length: int):
         disk = self._require_io()
         self.app_io += 1
