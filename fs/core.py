@@ -871,10 +871,12 @@ class Filesystem:
 
     # --- commit
 
-    async def _commit(self) -> None:
+    async def _commit(self) -> bool:
         """Commit the running transaction.  Called inside an operation, at
         a consistent point of it (its changes so far go with the commit),
-        or outside any."""
+        or outside any.  True if this call wrote a transaction: then every
+        device write completed before the call is durable (the journal
+        commit flushes before its record, and after it)."""
         op = _current_op.get()
         if op is not None and op.fs is self:
             self._settle(op)
@@ -883,31 +885,32 @@ class Filesystem:
             try:
                 while self._active:
                     await self._tx_lot.park()
-                await self._commit_now()
+                return await self._commit_now()
             finally:
                 self._closing -= 1
                 self._tx_lot.unpark_all()
 
-    async def _commit_now(self) -> None:
+    async def _commit_now(self) -> bool:
         if self.failed is not None:
             # what operations still in flight changed after the latch
             self.cache.discard_transaction()
             self.alloc.pending = []
             raise FilesystemFailed(errno.EROFS, f"filesystem failed, read-only: {self.failed}")
         if not self.cache.dirty and not self.alloc.pending:
-            return
+            return False
         if self.readonly or not self.mounted:
             # a read-only remount closed the journal clean: nothing more
             # may reach the disk (what an operation still changed is lost
             # with it, as on a read-only mount)
             self.cache.discard_transaction()
             self.alloc.pending = []
-            return
+            return False
         # Once the transaction is taken it is written whole: a cancelled
         # caller (an interrupted fsync, the commit loop at unmount) must
         # not leave memory ahead of the disk and latch the filesystem.
         with trio.CancelScope(shield=True):
             await self._commit_taken()
+        return True
 
     async def _commit_taken(self) -> None:
         try:
@@ -1996,8 +1999,15 @@ class Filesystem:
         if fh is not None:
             self._handle(fh)
         async with self._op():
-            await self._commit()
-        await self.dev.flush()
+            committed = await self._commit()
+        if not committed:
+            # Nothing to commit (another commit took this file's metadata,
+            # or there was none): the data written in place still needs
+            # its flush.  After a commit of this call's own it is durable
+            # already -- written before the commit's first flush, and the
+            # home writes after it are the journal's to replay -- so a
+            # fsync'd write costs two flushes, not three.
+            await self.dev.flush()
 
     async def statfs(self) -> StatFs:
         async with self._op(reading=True):

@@ -40,6 +40,7 @@ class CrashDevice:
         self.reads = 0
         self.dead = False
         self.unflushed: list[tuple[int, bytes, bytes]] = []   # off, old, new
+        self.flushes = 0
 
     @property
     def size(self) -> int:
@@ -69,6 +70,7 @@ class CrashDevice:
         self._alive()
         await self.inner.flush()
         self.unflushed.clear()
+        self.flushes += 1
 
     async def discard(self, off: int, n: int) -> None:
         await self.write(off, bytes(n))
