@@ -102,7 +102,9 @@ class _Channel:
     async def aclose(self) -> None:
         with trio.move_on_after(1) as scope:
             scope.shield = True
-            await self.stream.aclose()
+            # (the TCP stream itself: TLS's close_notify could wait on a
+            # peer that reads nothing)
+            await getattr(self.stream, "transport_stream", self.stream).aclose()
 
 
 class _Session:
