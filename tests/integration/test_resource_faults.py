@@ -315,3 +315,49 @@ async def test_on_congestion_pull_ahead_goes_ahead_and_resyncs(tmp_path, nursery
     assert any(s[0] is ConnState.Ahead for s in seen), seen
     assert any(s[1] is ConnState.Behind and s[2] is DiskState.Outdated for s in seen), seen
     assert md5(a.me.disk, a.size) == md5(b.me.disk, b.size)
+
+
+async def test_a_connection_flood_does_not_stop_replication(tmp_path, nursery):
+    """Hundreds of connections to the replication ports -- silent ones and
+    ones that send garbage -- while the pair replicates: every write goes
+    on completing on the same session, and after a reconnect the real
+    peer still gets in past the backlog of strangers."""
+    conf = make_conf(tmp_path)
+    a, b = await start_pair(nursery, conf, conf)
+    b.connect()
+    a.connect()
+    await wait_for(lambda: a.cstate is ConnState.Connected)
+    await a.primary(force=True)
+    await wait_for(lambda: synced(a, b), 30)
+    session = a.engine.session
+    strangers = []
+
+    async def flood(host, port, n):
+        for i in range(n):
+            try:
+                s = await trio.open_tcp_stream(host, port)
+            except OSError:
+                continue
+            strangers.append(s)
+            if i % 3 == 0:
+                try:
+                    await s.send_all(os.urandom(256))
+                except (trio.BrokenResourceError, OSError):
+                    pass
+    ports = [(h.address, h.port) for h in conf.hosts]
+    with trio.fail_after(60):
+        async with trio.open_nursery() as n:
+            for host, port in ports:
+                n.start_soon(flood, host, port, 150)
+            for i in range(200):
+                await a.write((i % 64) * 4096, bytes([i % 251]) * 4096)
+    assert len(strangers) >= 250, f"only {len(strangers)} connections made"
+    assert a.cstate is ConnState.Connected and a.engine.session == session
+    # a reconnect with the strangers still queued: the peer gets in
+    await a.disconnect()
+    await wait_for(lambda: b.cstate is not ConnState.Connected)
+    a.connect()
+    await wait_for(lambda: synced(a, b), 30)
+    for s in strangers:
+        await s.aclose()
+    assert md5(a.me.disk, a.size) == md5(b.me.disk, b.size)
