@@ -55,7 +55,7 @@ def test_a_stalled_peer_does_not_grow_the_primarys_memory(tmp_path, policy):
         t = threading.Thread(target=writer, daemon=True)
         t.start()
         if policy == "block":
-            time.sleep(5)
+            time.sleep(3)
             # max-buffers (1 MiB) plus what the kernel's socket buffers hold
             assert len(done) < WRITES // 2, f"{len(done)} MiB accepted for a stopped peer"
         else:
