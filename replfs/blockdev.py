@@ -94,6 +94,25 @@ class FileBlockDevice:
         return await trio.to_thread.run_sync(os.pread, self._fd, length, offset,
                                              limiter=self._limiter)
 
+    def read_now(self, offset: int, length: int) -> bytes:
+        """read() of at most INLINE_MAX bytes, done at once (no await): for
+        a caller that must not give up the event loop in between."""
+        self._check(offset, length, write=False)
+        length = max(0, min(length, self._size - offset))
+        return os.pread(self._fd, length, offset) if length else b""
+
+    def write_now(self, offset: int, data: bytes) -> None:
+        """write() of at most INLINE_MAX bytes, done at once (no await)."""
+        if self.readonly:
+            raise BlockDeviceError(errno.EROFS, "device is read-only")
+        self._check(offset, len(data), write=True)
+        view = memoryview(data)
+        pos = offset
+        while view:
+            n = os.pwrite(self._fd, view, pos)
+            view = view[n:]
+            pos += n
+
     async def write(self, offset: int, data: bytes) -> None:
         if self.readonly:
             raise BlockDeviceError(errno.EROFS, "device is read-only")

@@ -19,7 +19,7 @@ from replfs.blockrepl.driver.resource import Resource
 from replfs.blockrepl.proto import packets as P
 from tests.harness.proxy import FaultProxy
 
-from .test_resource_pair import make_conf, md5, wait_for
+from .test_resource_pair import fail_writes, make_conf, md5, wait_for
 
 
 def with_peer_address(conf, node, address, port):
@@ -170,7 +170,13 @@ async def test_epochs_keep_dependent_writes_in_order_on_the_peer(tmp_path, nurse
             await trio.sleep(0.3)
         await real_write(offset, data)
         landed.append(offset)
+    real_write_now = b.disk.data.write_now
+
+    def small_writes(offset, data):     # (the driver does these at once)
+        real_write_now(offset, data)
+        landed.append(offset)
     b.disk.data.write = slow_large_writes
+    b.disk.data.write_now = small_writes
     await a.write(0, os.urandom(1024 * 1024))        # epoch n, slow on beta
     await a.write(2 * 1024 * 1024, os.urandom(4096))  # epoch n+1, fast
     await wait_for(lambda: len(landed) == 2)
@@ -191,9 +197,7 @@ async def test_io_error_on_primary_detaches_and_peer_serves_then_reattach_resync
         written[i * 4096] = os.urandom(4096)
         await a.write(i * 4096, written[i * 4096])
 
-    async def failing_write(offset, data):
-        raise OSError(5, "Input/output error")
-    a.disk.data.write = failing_write
+    fail_writes(a.disk.data)
     # The failing write still succeeds: the peer's disk has it (protocol C).
     written[8 * 4096] = os.urandom(4096)
     await a.write(8 * 4096, written[8 * 4096])
@@ -221,9 +225,7 @@ async def test_io_error_without_peer_fails_the_write_with_eio(tmp_path, nursery)
     a, b = await start_pair(nursery, conf, conf)
     await a.primary(force=True)
 
-    async def failing_write(offset, data):
-        raise OSError(5, "Input/output error")
-    a.disk.data.write = failing_write
+    fail_writes(a.disk.data)
     with pytest.raises(OSError) as e:
         await a.write(0, b"x" * 4096)
     assert e.value.errno == 5

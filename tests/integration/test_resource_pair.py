@@ -42,6 +42,18 @@ def md5(path, size):
         return hashlib.md5(f.read(size)).hexdigest()
 
 
+def fail_writes(dev, err: int = 5) -> None:
+    """Every write to the backing device ``dev`` fails with ``err`` from
+    now on: the awaited write and the small ones the driver does at once
+    (write_now) alike."""
+    async def failing(offset, data):
+        raise OSError(err, os.strerror(err))
+
+    def failing_now(offset, data):
+        raise OSError(err, os.strerror(err))
+    dev.write, dev.write_now = failing, failing_now
+
+
 async def wait_for(pred, timeout=20):
     with trio.fail_after(timeout):
         while not pred():

@@ -16,11 +16,8 @@ from replfs.blockrepl.proto import packets as P
 from tests.harness.proxy import FaultProxy
 
 from .test_resource_faults import start_pair, synced, with_peer_address
-from .test_resource_pair import Pair, make_conf, md5, wait_for
+from .test_resource_pair import Pair, fail_writes, make_conf, md5, wait_for
 
-
-async def failing_write(offset, data):
-    raise OSError(5, "Input/output error")
 
 
 async def test_bad_packet_drops_the_connection_not_the_resource(tmp_path, nursery, caplog):
@@ -119,8 +116,7 @@ async def test_primary_sync_target_keeps_its_own_writes(tmp_path, nursery):
     await wait_for(lambda: a.cstate is ConnState.Connected)
     await a.primary(force=True)
     await wait_for(lambda: synced(a, b), 30)
-    real_write = a.disk.data.write
-    a.disk.data.write = failing_write
+    fail_writes(a.disk.data)
     await a.write(0, os.urandom(4096))
     await wait_for(lambda: a.dstate is DiskState.Diskless and b.pdsk is DiskState.Diskless)
     for i in range(8):
@@ -167,7 +163,7 @@ async def test_peer_persists_out_of_sync_bits_before_acknowledging(tmp_path, nur
     await wait_for(lambda: a.cstate is ConnState.Connected)
     await a.primary(force=True)
     await wait_for(lambda: synced(a, b), 30)
-    a.disk.data.write = failing_write
+    fail_writes(a.disk.data)
     await a.write(0, os.urandom(4096))
     await wait_for(lambda: a.dstate is DiskState.Diskless and b.pdsk is DiskState.Diskless)
     await a.write(40960, os.urandom(4096))
