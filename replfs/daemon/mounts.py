@@ -258,18 +258,47 @@ class MountService:
 
     async def run(self, daemon, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         self.daemon = daemon
-        # Mounts of a replfsd that died are dead ("Transport endpoint is
-        # not connected"): detach them, as the kernel would on reboot.
+        # Mounts of a replfsd of this node that died are dead ("Transport
+        # endpoint is not connected"): detach them, as the kernel would on
+        # reboot.  Only this node's (listed in its run directory): another
+        # replfsd on the machine (a test pair, the demo) owns its own.
         try:
-            cleaned = await trio.to_thread.run_sync(fuse.clean_stale_mounts, "replfs")
+            mine = self._registry_read()
+            cleaned = await trio.to_thread.run_sync(
+                lambda: fuse.clean_stale_mounts("replfs", only=mine))
             for path in cleaned or ():
                 log.warning("detached the dead replfs mount %s", path)
+            self._registry_write(set())
         except Exception as e:      # noqa: BLE001  (never a reason not to start)
             log.warning("could not look for dead replfs mounts: %s", e)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
             await trio.sleep_forever()
+
+    # The mount points this replfsd serves, kept in its run directory so
+    # that the next one detaches only its own dead mounts.
+    def _registry_path(self) -> str:
+        return os.path.join(self.daemon.rundir, "mounts")
+
+    def _registry_read(self) -> set[str]:
+        try:
+            with open(self._registry_path()) as f:
+                return {line.rstrip("\n") for line in f if line.strip()}
+        except FileNotFoundError:
+            return set()
+
+    def _registry_write(self, paths: set[str]) -> None:
+        tmp = self._registry_path() + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(f"{p}\n" for p in sorted(paths))
+        os.replace(tmp, self._registry_path())
+
+    def _registry_sync(self) -> None:
+        try:
+            self._registry_write(set(self.mounts))
+        except OSError as e:
+            log.warning("cannot record the mounts in %s: %s", self._registry_path(), e)
 
     async def stop_users(self) -> None:
         """At daemon shutdown, before the resources go down: unmount."""
@@ -481,6 +510,7 @@ class MountService:
                     started.append(1)
                     rec["slot"] = src.slot
                     self.mounts[mountpoint] = rec
+                    self._registry_sync()
                     task_status.started()
             res.pri_lost_hook = lambda why, name=src.name: self._pri_lost(name, why)
             # (serve closes dev at its end, whatever happens)
@@ -511,7 +541,8 @@ class MountService:
                     cs.listeners.remove(shared.event)
                     nursery.cancel_scope.cancel()
         finally:
-            self.mounts.pop(mountpoint, None)
+            if self.mounts.pop(mountpoint, None) is not None:
+                self._registry_sync()
             self._stoppers.pop(mountpoint, None)
             if handler is not None:
                 logging.getLogger("replfs").removeHandler(handler)

@@ -239,12 +239,16 @@ def _probe(path: str, timeout: float) -> int | None:
     return result[0] if result else None
 
 
-def clean_stale_mounts(subtype: str, *, timeout: float = 2.0) -> list[str]:
+def clean_stale_mounts(subtype: str, *, timeout: float = 2.0,
+                       only: set[str] | None = None) -> list[str]:
     """Lazily unmount every ``fuse.SUBTYPE`` mount whose server is gone
-    (statvfs gives ENOTCONN).  Returns the mount points cleaned."""
+    (statvfs gives ENOTCONN) -- with ``only``, just those of these mount
+    points.  Returns the mount points cleaned."""
     cleaned = []
     for m in mounts():
         if m.fstype != f"fuse.{subtype}":
+            continue
+        if only is not None and m.mountpoint not in only:
             continue
         code = _probe(m.mountpoint, timeout)
         if code in (errno.ENOTCONN, errno.ECONNABORTED):

@@ -909,3 +909,30 @@ def test_mount_is_refused_when_the_slots_run_out_or_the_cluster_differs(tmp_path
         assert cp.returncode == 32 and "made for cluster other" in cp.stderr, cp.stderr
         assert "cluster tc" in cp.stderr
         assert not mounted(mb)
+
+
+def test_a_restarted_replfsd_detaches_only_its_own_dead_mounts(tmp_path):
+    """Both daemons of the pair killed -9: both mounts are dead (ENOTCONN).
+    beta's replfsd comes back and detaches its own dead mount -- not
+    alpha's, which another replfsd on this machine owns (found by the
+    fault runs: a replfsd started by a test beside them detached a
+    killed node's mount under its workload); alpha's detaches its own."""
+    with shared_pair(tmp_path) as (pair, ma, mb, cdir):
+        mount(pair.alpha, ma)
+        mount(pair.beta, mb)
+        pair.alpha.kill9()
+        pair.beta.kill9()
+        assert mounted(ma) and mounted(mb)
+        pair.beta.start()
+        _wait(lambda: "detached the dead replfs mount" in pair.beta.log(), "beta's clean-up")
+        assert not mounted(mb), "beta's replfsd left its own dead mount"
+        assert mounted(ma), "beta's replfsd detached alpha's mount"
+        pair.alpha.start()
+        _wait(lambda: not mounted(ma), "alpha's clean-up")
+
+
+def _wait(pred, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
