@@ -276,6 +276,27 @@ class MountService:
             task_status.started()
             await trio.sleep_forever()
 
+    async def _demote_fenced(self, res, mountpoint: str) -> None:
+        """A shared mount ended because the cluster stack fenced this node:
+        once nothing has the resource open, make it Secondary, as a fenced
+        OCFS2 node comes back.  (When the replication link went too, the
+        mirror's lost fence-peer decision demotes it anyway; this covers
+        a fence with the link still up -- a short blip, a forced offline.)
+        A fenced node left Primary could still be written through its
+        device file while the survivor recovered its slot."""
+        with trio.move_on_after(60):
+            while res.open_count and res.role.value == "Primary":
+                await res.wait_state_change()
+        if res.role.value != "Primary" or res.open_count:
+            return
+        try:
+            await res.secondary()
+            log.warning("%s: %s demoted to Secondary: this node was fenced by the cluster "
+                        "stack", mountpoint, res.conf.name)
+        except ReplfsError as e:
+            log.warning("%s: cannot demote %s after this node was fenced: %s", mountpoint,
+                        res.conf.name, e.message)
+
     # The mount points this replfsd serves, kept in its run directory so
     # that the next one detaches only its own dead mounts.
     def _registry_path(self) -> str:
@@ -540,6 +561,8 @@ class MountService:
                 finally:
                     cs.listeners.remove(shared.event)
                     nursery.cancel_scope.cancel()
+                    if shared.fenced is not None:
+                        self._nursery.start_soon(self._demote_fenced, res, mountpoint)
         finally:
             if self.mounts.pop(mountpoint, None) is not None:
                 self._registry_sync()

@@ -854,6 +854,12 @@ def test_forced_offline_under_a_shared_mount_fences_it(tmp_path):
         wait_log(a, "recovered the slot(s) 1 of dead node 1")
         assert (ma / "before").read_bytes() == b"beta, durable"
         assert not (ma / "after").exists()
+        # the replication link never went: beta's fenced resource demotes
+        # itself once its mount is gone (found by a netns run's blip)
+        assert b.status()["cstate"] == "Connected"
+        run("umount", mb)
+        b.wait(lambda s: s["role"] == "Secondary", what="beta demoted after its fence")
+        assert "demoted to Secondary: this node was fenced" in b.log()
         run("umount", ma)
         wait_closed(a)
         fsck_clean(a)
