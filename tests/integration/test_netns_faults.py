@@ -929,6 +929,11 @@ def run_seed(tmp_path, seed: int, n_faults: int, skew: int | None = None) -> Non
                 for n in ("alpha", "beta"):
                     hist.check_tree(snapshot(c.mnt[n]), f"{n} after phase {i}")
                 if hist.violations:
+                    # a mount's view, or the disks?  (both UpToDate here)
+                    size = c.node["alpha"].status()["size"]
+                    sums = {n: data_md5(c.node[n].disk, size) for n in c.node}
+                    log(f"  backing disks' data areas: {sums} "
+                        f"({'identical' if len(set(sums.values())) == 1 else 'DIFFERENT'})")
                     raise RunFailed("history violated")
             # the end: both unmounted, both disks identical, fsck clean
             for n in ("alpha", "beta"):
@@ -983,6 +988,9 @@ def keep_logs(tmp_path, seed: int) -> str | None:
                 src = os.path.join(str(tmp_path), n, rel)
                 if os.path.exists(src):
                     shutil.copy(src, os.path.join(dest, f"{n}-{rel.replace('/', '-')}"))
+            disk = os.path.join(str(tmp_path), n, "disk.img")
+            if os.path.exists(disk):        # (32 MiB each: for fsck.replfs and a diff)
+                shutil.copy(disk, os.path.join(dest, f"{n}-disk.img"))
         return dest
     except OSError:
         return None
