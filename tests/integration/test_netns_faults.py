@@ -988,9 +988,14 @@ def keep_logs(tmp_path, seed: int) -> str | None:
                 src = os.path.join(str(tmp_path), n, rel)
                 if os.path.exists(src):
                     shutil.copy(src, os.path.join(dest, f"{n}-{rel.replace('/', '-')}"))
-            disk = os.path.join(str(tmp_path), n, "disk.img")
-            if os.path.exists(disk):        # (32 MiB each: for fsck.replfs and a diff)
-                shutil.copy(disk, os.path.join(dest, f"{n}-disk.img"))
+            for name in ("disk.img.raw", "disk.img"):     # (a failing disk's image is .raw)
+                disk = os.path.join(str(tmp_path), n, name)
+                if os.path.exists(disk):    # (32 MiB each: for fsck.replfs and a diff)
+                    try:
+                        shutil.copy(disk, os.path.join(dest, f"{n}-disk.img"))
+                        break
+                    except OSError:
+                        continue
         return dest
     except OSError:
         return None
