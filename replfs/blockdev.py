@@ -84,25 +84,22 @@ class FileBlockDevice:
                                    f"({offset}+{length} > {self._size})")
 
     async def read(self, offset: int, length: int) -> bytes:
-        self._check(offset, length, write=False)
-        length = max(0, min(length, self._size - offset))
-        if length == 0:
-            return b""
         if length <= self.INLINE_MAX:
             await trio.lowlevel.checkpoint()
-            return os.pread(self._fd, length, offset)
-        return await trio.to_thread.run_sync(os.pread, self._fd, length, offset,
+            return self.read_now(offset, length)
+        return await trio.to_thread.run_sync(self.read_now, offset, length,
                                              limiter=self._limiter)
 
     def read_now(self, offset: int, length: int) -> bytes:
-        """read() of at most INLINE_MAX bytes, done at once (no await): for
-        a caller that must not give up the event loop in between."""
+        """read() done at once (no await): for up to INLINE_MAX bytes, or
+        in a worker thread."""
         self._check(offset, length, write=False)
         length = max(0, min(length, self._size - offset))
         return os.pread(self._fd, length, offset) if length else b""
 
     def write_now(self, offset: int, data: bytes) -> None:
-        """write() of at most INLINE_MAX bytes, done at once (no await)."""
+        """write() done at once (no await): for up to INLINE_MAX bytes, or
+        in a worker thread."""
         if self.readonly:
             raise BlockDeviceError(errno.EROFS, "device is read-only")
         self._check(offset, len(data), write=True)
@@ -114,23 +111,11 @@ class FileBlockDevice:
             pos += n
 
     async def write(self, offset: int, data: bytes) -> None:
-        if self.readonly:
-            raise BlockDeviceError(errno.EROFS, "device is read-only")
-        self._check(offset, len(data), write=True)
-
-        def _pwrite_all() -> None:
-            view = memoryview(data)
-            pos = offset
-            while view:
-                n = os.pwrite(self._fd, view, pos)
-                view = view[n:]
-                pos += n
-
         if len(data) <= self.INLINE_MAX:
             await trio.lowlevel.checkpoint()
-            _pwrite_all()
+            self.write_now(offset, data)
             return
-        await trio.to_thread.run_sync(_pwrite_all, limiter=self._limiter)
+        await trio.to_thread.run_sync(self.write_now, offset, data, limiter=self._limiter)
 
     async def flush(self) -> None:
         await trio.to_thread.run_sync(os.fdatasync, self._fd, limiter=self._limiter)

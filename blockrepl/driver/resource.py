@@ -345,19 +345,15 @@ class Resource:
         disk = self.disk
         if disk is None or self._nursery is None:
             return None
-        data = disk.data
-        if type(a) is A.DiskWrite:
-            if len(a.data) > _INLINE_IO or not hasattr(data, "write_now"):
-                return None
-            try:
-                data.write_now(a.offset, a.data)
-                return 0
-            except OSError as e:
-                return e.errno or errno.EIO
-        if a.length > _INLINE_IO or not hasattr(data, "read_now"):
-            return None
         try:
-            return data.read_now(a.offset, a.length)
+            if type(a) is A.DiskWrite:
+                if len(a.data) > _INLINE_IO:
+                    return None
+                disk.data.write_now(a.offset, a.data)
+                return 0
+            if a.length > _INLINE_IO:
+                return None
+            return disk.data.read_now(a.offset, a.length)
         except OSError as e:
             return e.errno or errno.EIO
 
@@ -667,15 +663,19 @@ class Resource:
 
     def _load_tls(self) -> None:
         """net { tls yes; }: this node's certificate, key and keyring, read
-        at connect (a missing file fails it) and afresh for each connection
-        attempt (replaced files apply without a restart)."""
+        at connect (a missing file fails it: ReplfsError) and afresh for
+        each connection attempt (``_tls_now``: replaced files apply without
+        a restart)."""
+        try:
+            self._tls_now()
+        except tls.TLSError as e:
+            raise ReplfsError(f"{self.conf.name}: {e}", EXIT_CONFIG) from None
+
+    def _tls_now(self) -> None:
         if not self.conf.tls:
             self._tls = None
             return
-        try:
-            self._tls = tls.load(tls.resource_files(self.conf.net, self.node, self.conf_path))
-        except tls.TLSError as e:
-            raise ReplfsError(f"{self.conf.name}: {e}", EXIT_CONFIG) from None
+        self._tls = tls.load(tls.resource_files(self.conf.net, self.node, self.conf_path))
         for warning in self._tls.warnings:
             if warning not in self._tls_warned:
                 self._tls_warned.add(warning)
@@ -749,11 +749,7 @@ class Resource:
                 try:
                     with trio.move_on_after(max(self.conf.timeout_s, 5)) as scope:
                         if self.conf.tls:
-                            # (read afresh: replaced files apply at the next try)
-                            try:
-                                self._load_tls()
-                            except ReplfsError as e:
-                                raise tls.TLSError(e.message) from None
+                            self._tls_now()     # (replaced files apply at the next try)
                             await chan.secure(self._tls, server_side=server_side,
                                               peer=self.peer.name)
                         await self._hello(chan)

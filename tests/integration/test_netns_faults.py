@@ -656,11 +656,21 @@ def wait_until(pred, timeout: float, what: str):
         time.sleep(0.1)
 
 
+def _in_thread(fn, timeout: float, hung: str):
+    """``fn()`` in a thread; a call that does not return within
+    ``timeout`` is a hang (RunFailed saying ``hung``)."""
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(fn()), daemon=True)
+    t.start()
+    t.join(timeout)
+    if not result:
+        raise RunFailed(f"{hung} hung for more than {timeout:.0f} s")
+    return result[0]
+
+
 def probe_write(root: str, name: str, timeout: float) -> tuple[bool, float, str]:
     """A create+write+fsync of ``root/name`` in a thread: (ok, seconds,
     error); a call that does not return within ``timeout`` is a hang."""
-    result: list = []
-
     def go():
         t0 = time.monotonic()
         try:
@@ -670,44 +680,31 @@ def probe_write(root: str, name: str, timeout: float) -> tuple[bool, float, str]
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            result.append((True, time.monotonic() - t0, ""))
+            return True, time.monotonic() - t0, ""
         except OSError as e:
-            result.append((False, time.monotonic() - t0, f"{errno.errorcode.get(e.errno)}"))
-    t = threading.Thread(target=go, daemon=True)
-    t.start()
-    t.join(timeout)
-    if not result:
-        raise RunFailed(f"a write to {root}/{name} hung for more than {timeout:.0f} s")
-    return result[0]
+            return False, time.monotonic() - t0, f"{errno.errorcode.get(e.errno)}"
+    return _in_thread(go, timeout, f"a write to {root}/{name}")
 
 
 def probe_read(root: str, timeout: float) -> tuple[bool, str]:
     """Read the shared directory and a few of its files, as a reader on
     that node would (its kernel may have them cached): (True, what was
     read) if anything was served, else (False, the error)."""
-    result: list = []
-
     def go():
         try:
             names = sorted(os.listdir(os.path.join(root, "s")))
         except OSError as e:
-            result.append((False, f"listdir: {errno.errorcode.get(e.errno)}"))
-            return
+            return False, f"listdir: {errno.errorcode.get(e.errno)}"
+        last = "listdir: served an empty directory"
         for name in names[:3]:
             try:
                 with open(os.path.join(root, "s", name), "rb") as fh:
                     data = fh.read()
-                result.append((True, f"s/{name} ({len(data)} bytes)"))
-                return
+                return True, f"s/{name} ({len(data)} bytes)"
             except OSError as e:
                 last = f"read s/{name}: {errno.errorcode.get(e.errno)}"
-        result.append((False, last if names else "listdir: served an empty directory"))
-    t = threading.Thread(target=go, daemon=True)
-    t.start()
-    t.join(timeout)
-    if not result:
-        raise RunFailed(f"a read in {root} hung for more than {timeout:.0f} s")
-    return result[0]
+        return False, last
+    return _in_thread(go, timeout, f"a read in {root}")
 
 
 def run_fault(c: Cluster, f: Fault, log) -> dict:

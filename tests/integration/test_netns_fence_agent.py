@@ -26,17 +26,9 @@ import time
 
 import pytest
 
-from tests.harness import netns as netns_mod
-
-from .test_fs_mount import force_unmount, fuse_usable, mounted
+from .test_fs_mount import force_unmount, mounted
 from .test_netns_faults import HANG_BOUND, netns_cluster, wait_until
-
-_why_not = None if not fuse_usable() else netns_mod.unusable_reason()
-pytestmark = [
-    pytest.mark.fuse,
-    pytest.mark.skipif(not fuse_usable(), reason="needs /dev/fuse, root and mount.fuse3"),
-    pytest.mark.skipif(_why_not is not None, reason=f"no network namespaces: {_why_not}"),
-]
+from .test_netns_faults import pytestmark  # noqa: F401 (the same FUSE/netns skips)
 
 DELAY = 3
 

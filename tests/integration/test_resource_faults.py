@@ -168,15 +168,14 @@ async def test_epochs_keep_dependent_writes_in_order_on_the_peer(tmp_path, nurse
     async def slow_large_writes(offset, data):
         if len(data) > 64 * 1024:
             await trio.sleep(0.3)
-        await real_write(offset, data)
-        landed.append(offset)
+        await real_write(offset, data)      # (which lands through write_now)
     real_write_now = b.disk.data.write_now
 
-    def small_writes(offset, data):     # (the driver does these at once)
+    def landing(offset, data):          # every write lands here, at once or in a thread
         real_write_now(offset, data)
         landed.append(offset)
     b.disk.data.write = slow_large_writes
-    b.disk.data.write_now = small_writes
+    b.disk.data.write_now = landing
     await a.write(0, os.urandom(1024 * 1024))        # epoch n, slow on beta
     await a.write(2 * 1024 * 1024, os.urandom(4096))  # epoch n+1, fast
     await wait_for(lambda: len(landed) == 2)
