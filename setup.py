@@ -28,4 +28,7 @@ def _packages():
     return found
 
 
-setup(packages=_packages(), package_dir=ROOTS)
+# the NFS export's preload library is built from its C source on the
+# node (replfs/nfs/ganesha.py: shim_path), so the source ships with it
+setup(packages=_packages(), package_dir=ROOTS,
+      package_data={"replfs.nfs": ["fsid_preload.c"]})

@@ -10,7 +10,9 @@ cd "$(dirname "$0")/.."
 # namespaces they make.  libfaketime (faketime): the clock-skew fault test
 # (tests/integration/test_netns_clock_skew.py) gives one node's daemon a
 # wall clock of its own.
-APT_PACKAGES="fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv e2fsprogs fio nftables iproute2 faketime"
+# nfs-ganesha, nfs-ganesha-vfs, rpcbind: the NFS export (replfsadm nfs);
+# libnfs-utils (nfs-cp, nfs-cat, nfs-ls): the NFS client of its tests.
+APT_PACKAGES="fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv e2fsprogs fio nftables iproute2 faketime nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils"
 
 missing=""
 for p in $APT_PACKAGES; do
@@ -22,7 +24,7 @@ if [ -n "$missing" ]; then
     apt-get update -qq
     # python3-dev/python3-venv may not match a non-Debian Python; they are
     # best-effort, the rest is required.
-    apt-get install -y -qq $missing >/dev/null || apt-get install -y -qq fuse3 libfuse3-dev pkg-config gcc e2fsprogs fio nftables iproute2 faketime >/dev/null
+    apt-get install -y -qq $missing >/dev/null || apt-get install -y -qq fuse3 libfuse3-dev pkg-config gcc e2fsprogs fio nftables iproute2 faketime nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils >/dev/null
 fi
 
 PY=${PYTHON:-python3}
@@ -46,3 +48,7 @@ if [ "$(id -u)" = 0 ] && [ -d /usr/local/sbin ]; then
         [ -e ".venv/bin/$t" ] && ln -sf "$PWD/.venv/bin/$t" "/usr/local/sbin/$t"
     done
 fi
+
+# The preload library NFS-Ganesha needs to give replfs mounts a stable
+# filesystem id (replfs/nfs/fsid_preload.c; built once, again when changed).
+.venv/bin/python -c "from replfs.nfs import ganesha; ganesha.shim_path()"

@@ -834,6 +834,7 @@ def usage() -> str:
         arg = "" if not v.needs_res else (" [RES]" if v.res_optional else " RES")
         lines.append(f"  {v.name + arg:<24} {v.summary}")
     lines += ["", "Cluster stack and filesystem verbs: see replfsadm(8).",
+              "NFS export of a mounted volume (NFS-Ganesha): replfsadm nfs --help.",
               "Exit codes: 0 ok, 1 usage, 2 config syntax, 5 timed out, 10 config,",
               "11 state change, 16 no local disk, 17 no UpToDate disk, 20 daemon/exec."]
     return "\n".join(lines)
@@ -928,6 +929,10 @@ def main(argv: list[str] | None = None, *, out=None, err=None, stdin=None) -> in
             # The cluster verbs have their own options (-C, -H, ...).
             from replfs.cli import cluster
             return cluster.main(argv, out=out, err=err)
+        if _first_word(argv) == "nfs":
+            # The NFS export verbs act on mounts and have their own options.
+            from replfs.cli import nfs
+            return nfs.main(argv, out=out, err=err)
         g, verb, res, opts = parse(argv)
         if g.get("version"):
             out(f"replfsadm {VERSION}")

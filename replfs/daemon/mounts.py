@@ -518,6 +518,10 @@ class MountService:
                 raise M.MountError(f"slot={src.slot} is out of range: the volume has "
                                    f"{sb.slot_count} slots (0-{sb.slot_count - 1})",
                                    EXIT_USAGE)
+            # the volume's identity: replfsadm nfs derives the NFS export's
+            # fsid from it, the same on both nodes and across remounts
+            rec["uuid"] = sb.uuid.hex()
+            rec["label"] = sb.label
             made_for = getattr(sb, "cluster_name", "")
             if cs is not None and made_for and made_for != cs.online.cluster:
                 await dev.close()
