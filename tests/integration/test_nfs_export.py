@@ -93,10 +93,11 @@ class Server:
         self.node, self.mnt, self.addr = node, mnt, addr
         self.port, self.mport = free_port(addr), free_port(addr)
 
-    def start(self, *extra):
+    def start(self, *extra, check=True):
         return adm_nfs(self.node, "start", str(self.mnt), "--address", self.addr,
                        "--port", str(self.port), "--mount-port", str(self.mport),
-                       "--grace", "3", "--lease", "3", "--squash", "no_root_squash", *extra)
+                       "--grace", "3", "--lease", "3", "--squash", "no_root_squash", *extra,
+                       check=check)
 
     def stop(self):
         return adm_nfs(self.node, "stop", "r0", "--timeout", "20")
@@ -190,6 +191,40 @@ def test_both_nodes_export_one_volume(tmp_path, rpcbind):
                         assert c.getattr(fh).nlink == 0
                     except rpc.NFSError as e:
                         assert e.status == rpc.NFS3ERR_STALE, e
+            # a second start is refused; reload applies export options to
+            # the running server: read-only now, then read-write again
+            again = sa.start(check=False)
+            assert again.returncode == 20 and "already running" in again.stderr, again
+            cfg = adm_nfs(a, "config", str(ma), "--address", "127.0.0.1", "--port",
+                          str(sa.port), "--mount-port", str(sa.mport), "--grace", "3",
+                          "--lease", "3", "--squash", "no_root_squash").stdout
+            with open(os.path.join(a.rundir, "nfs", "r0", "ganesha.conf")) as f:
+                assert f.read().strip() == cfg.strip()
+            pid = G.read_pid(G.Paths(os.path.join(a.rundir, "nfs", "r0")))
+            refused = adm_nfs(a, "reload", "r0", "--port", "1", check=False)
+            assert refused.returncode == 1 and "needs a restart" in refused.stderr
+            adm_nfs(a, "reload", "r0", "--access", "ro")
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    with sa.v3() as c:
+                        c.write(fa, 0, b"must not land")
+                except rpc.NFSError as e:
+                    assert e.status in (rpc.NFS3ERR_ACCES, 30), e       # ACCES or ROFS
+                    break
+                assert time.monotonic() < deadline, "reload --access ro had no effect"
+                time.sleep(0.2)
+            adm_nfs(a, "reload", "r0", "--access", "rw")
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    with sa.v3() as c:
+                        c.write(fa, 0, b"through beta")
+                    break
+                except rpc.NFSError:
+                    assert time.monotonic() < deadline, "reload --access rw had no effect"
+                    time.sleep(0.2)
+            assert G.read_pid(G.Paths(os.path.join(a.rundir, "nfs", "r0"))) == pid
             # once the servers and both kernels let go of it, ESTALE
             stop_all(sa, sb)
             drop_caches()
