@@ -144,6 +144,9 @@ class Resource:
         self.disk: LocalDisk | None = None
         self._nursery: trio.Nursery | None = None
         self._state_changed = trio.Event()
+        # called after every change of the engine's state (replfsd's event
+        # log: replfsadm events2); must be cheap and must not raise
+        self.state_hook = None
         self._tick_wake = trio.Event()
         self._results: dict[int, object] = {}
         self._done_events: dict[int, trio.Event] = {}
@@ -337,6 +340,8 @@ class Resource:
                 log.error("%s: unknown engine action %r", self.conf.name, a)
         self._state_changed.set()
         self._state_changed = trio.Event()
+        if self.state_hook is not None:
+            self.state_hook(self)
         self._tick_wake.set()
 
     def _disk_io_now(self, a) -> object | None:

@@ -700,6 +700,53 @@ def v_tls_keygen(ctx: Ctx, arg: str | None) -> None:
             f"makes certificates every node trusts.")
 
 
+def v_events2(ctx: Ctx, arg: str | None) -> None:
+    """drbdsetup events2: the state of every resource (``exists`` lines, then
+    ``exists -``), then one line per change as it happens; --now stops after
+    the ``exists`` lines."""
+    from replfs.daemon import events as ev
+    only = None if arg in (None, "all") else arg
+    if only is not None:
+        _resources(ctx, only)          # a resource the config names (or: exit 10)
+    as_json = bool(ctx.opts.get("json"))
+    stamps = bool(ctx.opts.get("timestamps"))
+
+    def emit(record: dict) -> None:
+        if as_json:
+            d = {k: v for k, v in record.items() if k != "seq"}
+            if not stamps:
+                d.pop("time", None)
+            ctx.out(json.dumps(d, sort_keys=True))
+        else:
+            ctx.out(ev.format_event(record, timestamps=stamps))
+        if ctx.write is not None:
+            sys.stdout.flush()
+
+    try:
+        with SyncClient(socket_path(ctx.rundir), timeout=None) as c:
+            reply, _ = c.call("events", res=only)
+            for record in reply["events"]:
+                emit(record)
+            emit({"kind": "exists", "object": "-", "name": "", "fields": {},
+                  "time": time.time()})
+            if ctx.opts.get("now"):
+                return
+            seq = reply["seq"]
+            while True:
+                reply, _ = c.call("events", res=only, since=seq, timeout=60)
+                if reply.get("lost"):
+                    ctx.err("replfsadm events2: events were lost (the daemon keeps the last "
+                            "4096); go on from the next one")
+                for record in reply["events"]:
+                    emit(record)
+                seq = reply["seq"]
+    except DaemonNotRunning:
+        raise ReplfsError(f"replfsd is not running on this node ({ctx.rundir})",
+                          EXIT_EXEC) from None
+    except ConnectionError:
+        raise ReplfsError("replfsd went away", EXIT_EXEC) from None
+
+
 def _whole_option(ctx: Ctx, name: str, default: int) -> int:
     value = ctx.opts.get(name)
     if value is None:
@@ -766,6 +813,8 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
          options=("timeout",)),
     Verb("dump", v_dump, res_optional=True, summary="print the configuration, canonical form"),
     Verb("shutdown", v_shutdown, needs_res=False, summary="stop replfsd (downs every resource)"),
+    Verb("events2", v_events2, res_optional=True, options=("now", "timestamps", "json"),
+         summary="print state changes as they happen, as drbdsetup events2 (--now: state, exit)"),
     Verb("tls-keygen", v_tls_keygen, res_optional=True, options=("dir", "days", "force"),
          summary="make the pair's TLS CA, keys and certificates (net { tls yes; })"),
 ]}
@@ -791,12 +840,15 @@ OPTION_SPELLINGS = {
     "--size": ("size", True),
     "--dir": ("dir", True),
     "--days": ("days", True),
+    "--now": ("now", False),
+    "--timestamps": ("timestamps", False),
 }
 _OPT_VERB_NAME = {"force": "force", "discard_my_data": "discard-my-data", "json": "json",
                   "verbose": "verbose", "timeout": "timeout",
                   "degr_timeout": "degr-wfc-timeout", "outdated_timeout": "outdated-wfc-timeout",
                   "wait": "wait", "full": "full", "assume_clean": "assume-clean",
-                  "size": "size", "dir": "dir", "days": "days"}
+                  "size": "size", "dir": "dir", "days": "days", "now": "now",
+                  "timestamps": "timestamps"}
 
 
 def usage() -> str:
@@ -825,6 +877,7 @@ def usage() -> str:
         "  --wait                                  (up) then wait for the peers, as at boot",
         "  --assume-clean                          (resize) no resync of the new area",
         "  --size SIZE                             (resize) grow to at most SIZE (K/M/G/T)",
+        "  --now, --timestamps, --json             (events2) state only; times; JSON lines",
         "  --dir DIR, --days N                     (tls-keygen) where (default: tls/ next to",
         "                                          the config), how long valid (3650)",
         "",

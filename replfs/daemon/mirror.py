@@ -24,6 +24,7 @@ from replfs.blockrepl.driver.resource import Resource
 from replfs.blockrepl.meta import format as md
 
 from .devices import DeviceFiles
+from .events import EventLog
 
 log = logging.getLogger("replfs.daemon")
 
@@ -38,6 +39,7 @@ class MirrorService:
         self._res_scopes: dict[str, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self.devices = DeviceFiles(daemon.rundir)
+        self.events = EventLog()
         # Every request this component answers (name on the admin socket
         # -> handler(req, body, conn)).
         self.ops = {
@@ -60,6 +62,7 @@ class MirrorService:
             "resize": self.op_resize,
             "adjust": self.op_adjust,
             "status": self.op_status,
+            "events": self.op_events,
             "timeout-type": self.op_timeout_type,
             "wait-connect": self.op_wait_connect,
             "wait-sync": self.op_wait_sync,
@@ -123,9 +126,11 @@ class MirrorService:
                 scope_holder.append(scope)
                 await res.run(task_status=task_status)
 
+        res.state_hook = lambda r, name=name: self.events.observe(name, r)
         await self._nursery.start(host)
         self._res_scopes[name] = scope_holder[0]
         self.resources[name] = res
+        self.events.observe(name, res)
         return res
 
     # ------------------------------------------------------------ admin ops
@@ -197,6 +202,8 @@ class MirrorService:
         await res.down()
         scope = self._res_scopes.pop(name, None)
         del self.resources[name]
+        res.state_hook = None
+        self.events.gone(name)
         if scope is not None:
             scope.cancel()
 
@@ -278,6 +285,25 @@ class MirrorService:
                 raise ReplfsError(f"{name}: no such resource is up on this node", EXIT_CONFIG)
             out.append(res.status())
         return {"resources": out, "node": self.daemon.node}
+
+    async def op_events(self, req, body, conn):
+        """events2: without ``since``, the current state of every resource
+        (``exists`` records) and the sequence number it is at; with it, the
+        events after it, waiting up to ``timeout`` seconds for the first."""
+        only = req.get("res") or None      # (need not be up yet: its create is an event)
+        since = req.get("since")
+        if since is None:
+            seq, records = self.events.snapshot(only)
+            return {"seq": seq, "events": records}
+        since = int(since)
+        with trio.move_on_after(min(float(req.get("timeout") or 30), 300)):
+            while True:
+                evs, lost = self.events.since(since, only)
+                if evs or lost:
+                    return {"seq": self.events.seq, "events": evs, "lost": lost}
+                since = self.events.seq        # (events of other resources: skipped)
+                await self.events.wait(since)
+        return {"seq": since, "events": [], "lost": False}
 
     @staticmethod
     def _timeout_kind(res: Resource) -> str:
