@@ -12,7 +12,9 @@ cd "$(dirname "$0")/.."
 # wall clock of its own.
 # nfs-ganesha, nfs-ganesha-vfs, rpcbind: the NFS export (replfsadm nfs);
 # libnfs-utils (nfs-cp, nfs-cat, nfs-ls): the NFS client of its tests.
-APT_PACKAGES="fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv e2fsprogs fio nftables iproute2 faketime nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils"
+# resource-agents (ocf-tester, the heartbeat agents), pacemaker-cli-utils
+# (crm_resource): the OCF agents in replfs/ha/ocf and their tests.
+APT_PACKAGES="fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv e2fsprogs fio nftables iproute2 faketime nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils resource-agents pacemaker-cli-utils"
 
 missing=""
 for p in $APT_PACKAGES; do
@@ -24,7 +26,7 @@ if [ -n "$missing" ]; then
     apt-get update -qq
     # python3-dev/python3-venv may not match a non-Debian Python; they are
     # best-effort, the rest is required.
-    apt-get install -y -qq $missing >/dev/null || apt-get install -y -qq fuse3 libfuse3-dev pkg-config gcc e2fsprogs fio nftables iproute2 faketime nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils >/dev/null
+    apt-get install -y -qq $missing >/dev/null || apt-get install -y -qq fuse3 libfuse3-dev pkg-config gcc e2fsprogs fio nftables iproute2 faketime nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils resource-agents pacemaker-cli-utils >/dev/null
 fi
 
 PY=${PYTHON:-python3}
@@ -46,6 +48,15 @@ fi
 if [ "$(id -u)" = 0 ] && [ -d /usr/local/sbin ]; then
     for t in replfs mkfs.replfs fsck.replfs replfsadm replfsd replfs-fence-peer; do
         [ -e ".venv/bin/$t" ] && ln -sf "$PWD/.venv/bin/$t" "/usr/local/sbin/$t"
+    done
+fi
+
+# The OCF resource agents, where Pacemaker looks for provider "replfs"
+# (ocf:replfs:replfs, ocf:replfs:replfs-fs, ...).
+if [ "$(id -u)" = 0 ]; then
+    mkdir -p /usr/lib/ocf/resource.d/replfs
+    for a in replfs/ha/ocf/*; do
+        ln -sf "$PWD/$a" "/usr/lib/ocf/resource.d/replfs/$(basename "$a")"
     done
 fi
 

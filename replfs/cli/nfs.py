@@ -26,7 +26,8 @@ VERBS = [
     ("start", "MOUNTPOINT", "write the configuration and start Ganesha for the mount"),
     ("reload", "RESOURCE|MOUNTPOINT", "apply changed export options to the running Ganesha"),
     ("stop", "RESOURCE|MOUNTPOINT", "stop the resource's Ganesha (bounded by --timeout)"),
-    ("status", "[RESOURCE|MOUNTPOINT]", "show the resource's NFS server; exit 3 if not running"),
+    ("status", "[RESOURCE|MOUNTPOINT]", "show the resource's NFS server; exit 3 if not running,"
+                                        " 20 if it does not answer"),
 ]
 
 # option -> (ExportSpec field or None, converter)
@@ -235,6 +236,7 @@ def _resource_of(g, arg: str) -> str:
 
 def cmd_status(g, args, opts, out):
     from replfs.nfs import ganesha as G
+    from replfs.nfs import rpc
     _nargs(args, 0, 1, "status [RESOURCE|MOUNTPOINT]")
     if opts.get("dir"):
         d = os.path.abspath(opts["dir"])
@@ -251,7 +253,7 @@ def cmd_status(g, args, opts, out):
         servers = [(res, G.Paths(os.path.join(base, res))) for res in names]
     if not servers:
         out("no NFS exports on this node")
-    running = False
+    running = failed = False
     for res, paths in servers:
         pid = G.read_pid(paths)
         spec = G.load_spec(paths)
@@ -263,11 +265,21 @@ def cmd_status(g, args, opts, out):
         if pid is None:
             out(f"{res}: NFS-Ganesha not running (configured for {where})")
             continue
-        running = True
         hi, lo, derived = G.derive_ids(spec.uuid)
+        try:
+            rpc.probe(spec.address or "127.0.0.1", spec.port, timeout=2.0)
+        except rpc.RPCError as e:
+            # running but not serving: a failure, not "not running" (a
+            # cluster manager must recover it, not start a second one)
+            out(f"{res}: NFS-Ganesha pid {pid} runs but does not answer on {where}: {e}")
+            failed = True
+            continue
+        running = True
         out(f"{res}: NFS-Ganesha running, pid {pid}, {spec.mountpoint} on {where} as "
             f"{spec.pseudo or '/' + res}, export id {spec.export_id or derived}, "
             f"fsid {hi:#x}.{lo:#x}")
+    if failed:
+        return EXIT_EXEC
     return 0 if running else EXIT_NOT_RUNNING
 
 
