@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Optional
 
@@ -25,6 +26,7 @@ import trio
 from .dlm.core import Bast, DlmNode, Grant, Refuse, SendMessage
 from .dlm.messages import FrameDecoder, RemoteProtocolError, encode
 from .dlm.modes import Mode
+from replfs.metrics import Histogram
 
 log = logging.getLogger("replfs.locking.dlm")
 
@@ -60,6 +62,10 @@ class DlmDomain:
         self.held: dict[int, HeldLock] = {}
         self._nursery: Optional[trio.Nursery] = None
         self.fenced: Optional[str] = None
+        # counts for replfsd's metrics: requests, converts, unlocks, BASTs
+        # received, refusals, and the time requests waited (a histogram)
+        self.stats = {"locks": 0, "converts": 0, "unlocks": 0, "basts": 0, "refused": 0}
+        self.waits = Histogram()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -88,6 +94,7 @@ class DlmDomain:
                     continue
                 self._wake(lk, a)
             elif isinstance(a, Refuse):
+                self.stats["refused"] += 1
                 lk = self.held.get(a.lockid)
                 if lk is None:
                     continue
@@ -96,6 +103,7 @@ class DlmDomain:
                     self.held.pop(a.lockid, None)
                 self._wake(lk, a)
             elif isinstance(a, Bast):
+                self.stats["basts"] += 1
                 lk = self.held.get(a.lockid)
                 if lk is not None and lk.on_bast is not None and self._nursery is not None:
                     self._nursery.start_soon(self._run_bast, lk, a.blocked_mode)
@@ -142,6 +150,8 @@ class DlmDomain:
         self._check()
         lk = HeldLock(next(self._ids), resource, on_bast=on_bast, owner=owner)
         self.held[lk.lockid] = lk
+        self.stats["locks"] += 1
+        t0 = time.perf_counter()
         try:
             return await self._wait(lk, self.core.lock(lk.lockid, resource, Mode(mode),
                                                        noqueue=noqueue, timeout=timeout))
@@ -149,14 +159,23 @@ class DlmDomain:
             if lk.lockid not in self.core.locks:
                 self.held.pop(lk.lockid, None)
             raise
+        finally:
+            self.waits.observe(time.perf_counter() - t0)
 
     async def convert(self, lk: HeldLock, mode: Mode, *, noqueue: bool = False,
                       lvb: Optional[bytes] = None, timeout: Optional[float] = None) -> HeldLock:
         self._check()
-        return await self._wait(lk, self.core.convert(lk.lockid, Mode(mode), noqueue=noqueue,
-                                                      lvb=lvb, timeout=timeout))
+        self.stats["converts"] += 1
+        t0 = time.perf_counter()
+        try:
+            return await self._wait(lk, self.core.convert(lk.lockid, Mode(mode),
+                                                          noqueue=noqueue, lvb=lvb,
+                                                          timeout=timeout))
+        finally:
+            self.waits.observe(time.perf_counter() - t0)
 
     async def unlock(self, lk: HeldLock, lvb: Optional[bytes] = None) -> None:
+        self.stats["unlocks"] += 1
         self.held.pop(lk.lockid, None)
         if lk.lockid in self.core.locks:
             await self._apply(self.core.unlock(lk.lockid, lvb))

@@ -33,6 +33,7 @@ import trio
 from replfs.blockdev import BlockDeviceError
 from replfs import tls
 from replfs.errors import EXIT_CONFIG, ReplfsError
+from replfs.metrics import HistogramSet
 
 from ..conf.model import Host, Resource as ResourceConf
 from ..core.progress import progress_line
@@ -144,6 +145,8 @@ class Resource:
         self.disk: LocalDisk | None = None
         self._nursery: trio.Nursery | None = None
         self._state_changed = trio.Event()
+        # the time each read, write and flush took (Prometheus endpoint)
+        self.latency = HistogramSet()
         # called after every change of the engine's state (replfsd's event
         # log: replfsadm events2); must be cheap and must not raise
         self.state_hook = None
@@ -604,6 +607,13 @@ class Resource:
         return done.data
 
     async def read(self, offset: int, length: int) -> bytes:
+        t0 = time.perf_counter()
+        try:
+            return await self._read(offset, length)
+        finally:
+            self.latency.observe("read", time.perf_counter() - t0)
+
+    async def _read(self, offset: int, length: int) -> bytes:
         eng, disk = self.engine, self.disk
         if disk is not None and eng.local_read_ok(offset, length):
             # The fast path: straight from the UpToDate backing file.  An
@@ -640,11 +650,19 @@ class Resource:
             await s.room.wait()
 
     async def write(self, offset: int, data: bytes) -> None:
-        await self._send_room()
-        await self._io(self.engine.write, offset, bytes(data))
+        t0 = time.perf_counter()
+        try:
+            await self._send_room()
+            await self._io(self.engine.write, offset, bytes(data))
+        finally:
+            self.latency.observe("write", time.perf_counter() - t0)
 
     async def flush(self) -> None:
-        await self._io(self.engine.flush)
+        t0 = time.perf_counter()
+        try:
+            await self._io(self.engine.flush)
+        finally:
+            self.latency.observe("flush", time.perf_counter() - t0)
 
     async def discard(self, offset: int, length: int) -> None:
         # Zeroes travel like a write; simple and keeps both copies equal.

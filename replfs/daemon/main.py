@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="socket, pid and log directory (default $REPLFS_RUNDIR, else /run/replfs)")
     p.add_argument("-f", "--foreground", action="store_true",
                    help="stay in the foreground and log to stderr too")
+    p.add_argument("--metrics", metavar="ADDR:PORT", default=os.environ.get("REPLFS_METRICS"),
+                   help="serve Prometheus metrics at http://ADDR:PORT/metrics (default "
+                        "$REPLFS_METRICS; none: no endpoint)")
     p.add_argument("--version", action="version", version=f"replfsd {VERSION}")
     return p
 
@@ -77,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rundir = rundir_from_env(args.rundir)
     node = node_name(args.node)
+    if args.metrics:
+        from .metrics import parse_address
+        try:
+            parse_address(args.metrics)
+        except ReplfsError as e:
+            print(f"replfsd: {e.message}", file=sys.stderr)
+            return e.exit_code
     try:
         os.makedirs(rundir, mode=0o700, exist_ok=True)
     except OSError as e:
@@ -99,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     daemon = Daemon(node, rundir, os.path.abspath(args.config) if args.config else None)
     from .components import default_components
     daemon.components = default_components()
+    if args.metrics:
+        from .metrics import MetricsService
+        daemon.components.append(MetricsService(args.metrics))
     try:
         trio.run(serve, daemon)
     except ReplfsError as e:

@@ -363,9 +363,14 @@ def _opname(op: int) -> str:
         return f"opcode {op}"
 
 
+# opcode -> its name in the mount's latency histograms (lookup, write, ...)
+_OPNAMES = {int(op): op.name.lower() for op in Opcode}
+
+
 async def run_request(s, req: Request) -> None:
     """Run one request's handler and send its one reply (the error funnel)."""
     token = CURRENT_REQUEST.set(req)
+    t0 = time.perf_counter()
     try:
         handler = HANDLERS.get(req.opcode)
         if handler is None:
@@ -401,6 +406,7 @@ async def run_request(s, req: Request) -> None:
             await _give_back(s, req)
     finally:
         CURRENT_REQUEST.reset(token)
+        s.latency.observe(_OPNAMES.get(req.opcode, "other"), time.perf_counter() - t0)
 
 
 async def _give_back(s, req: Request) -> None:

@@ -53,6 +53,7 @@ import threading
 
 import trio
 
+from replfs.metrics import HistogramSet
 from . import dispatch, mount as fmount, proto
 from .dispatch import CURRENT_REQUEST, Request, run_request
 from .errors import FUSEError
@@ -160,6 +161,8 @@ class Session:
         self.destroy_received = False
         self.stats: collections.Counter = collections.Counter()
         self.op_counts: collections.Counter = collections.Counter()
+        # the time each request took, by operation (replfsd's metrics)
+        self.latency = HistogramSet()
         self.violations: list[str] = []        # exactly-one-reply breaches (tests assert empty)
         self._fd: int | None = None
         self._fd_lock = threading.Lock()        # the notify thread vs close()
