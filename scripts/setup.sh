@@ -60,6 +60,11 @@ if [ "$(id -u)" = 0 ]; then
     done
 fi
 
+# The fence agent that hands fencing to Pacemaker (cluster.conf fence_agent).
+if [ "$(id -u)" = 0 ] && [ -d /usr/local/sbin ]; then
+    ln -sf "$PWD/replfs/ha/pacemaker/replfs-fence-pacemaker" /usr/local/sbin/replfs-fence-pacemaker
+fi
+
 # The preload library NFS-Ganesha needs to give replfs mounts a stable
 # filesystem id (replfs/nfs/fsid_preload.c; built once, again when changed).
 .venv/bin/python -c "from replfs.nfs import ganesha; ganesha.shim_path()"
