@@ -1015,6 +1015,10 @@ class Resource:
                 "paused_s": round(paused, 1),
                 "csum_blocks": sync.csum_blocks, "equal_blocks": sync.equal_blocks,
                 "line": progress_line(total, oos_kib, elapsed, 0.0, want_kib_s=want),
+                # KiB/s since the resync began (paused time left out), and
+                # the rate the controller aims at (None: no target)
+                "rate_kib_s": round((total - oos_kib) / elapsed) if elapsed > 0 else 0,
+                "want_kib_s": want,
             }
         v = inner["verify"]
         if v is not None and self.cstate is ConnState.VerifyS:

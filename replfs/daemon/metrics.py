@@ -87,6 +87,12 @@ class _Collector:
             "sync": GaugeMetricFamily("replfs_resource_resync_done_ratio", "Part of the "
                                       "running resync done (0-1); absent when none runs",
                                       labels=["resource"]),
+            "rate": GaugeMetricFamily("replfs_resource_resync_rate_bytes_per_second",
+                                      "Average resync rate since the running resync began",
+                                      labels=["resource"]),
+            "want": GaugeMetricFamily("replfs_resource_resync_target_rate_bytes_per_second",
+                                      "The rate the resync controller aims at (when it has "
+                                      "one)", labels=["resource"]),
             "susp": GaugeMetricFamily("replfs_resource_io_suspended", "1 while application "
                                       "I/O is suspended (fencing)", labels=["resource"]),
             "open": GaugeMetricFamily("replfs_resource_open_count", "Openers of the device "
@@ -121,7 +127,11 @@ class _Collector:
             g["pdsk"].add_metric([name, st["pdsk"]], 1)
             g["oos"].add_metric([name], st.get("out_of_sync_kib", 0) * 1024)
             if st.get("sync"):
-                g["sync"].add_metric([name], st["sync"]["percent"] / 100.0)
+                sync = st["sync"]
+                g["sync"].add_metric([name], sync["percent"] / 100.0)
+                g["rate"].add_metric([name], sync.get("rate_kib_s", 0) * 1024)
+                if sync.get("want_kib_s") is not None:
+                    g["want"].add_metric([name], sync["want_kib_s"] * 1024)
             g["susp"].add_metric([name], 1 if st["io_suspended"] else 0)
             g["open"].add_metric([name], st["open_count"])
             cnt = st["counters"]

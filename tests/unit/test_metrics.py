@@ -47,7 +47,7 @@ def fake_daemon():
     res = types.SimpleNamespace(latency=h, status=lambda: {
         "role": "Primary", "peer_role": "Secondary", "cstate": "SyncSource",
         "dstate": "UpToDate", "pdsk": "Inconsistent", "out_of_sync_kib": 8,
-        "sync": {"percent": 25.0}, "io_suspended": False, "open_count": 1,
+        "sync": {"percent": 25.0, "rate_kib_s": 100, "want_kib_s": None}, "io_suspended": False, "open_count": 1,
         "counters": {"ns": 4, "nr": 0, "dw": 4, "dr": 1, "al": 3, "bm": 2, "lo": 0, "pe": 1,
                      "ua": 0, "ap": 1, "ep": 1, "wo": "f", "oos": 8}})
     broken = types.SimpleNamespace(latency=HistogramSet(), status=lambda: 1 / 0)
@@ -79,6 +79,8 @@ def test_exposition_of_a_daemon():
     assert val("replfs_resource_connection_state", resource="r0", state="SyncSource") == 1
     assert val("replfs_resource_out_of_sync_bytes", resource="r0") == 8192
     assert val("replfs_resource_resync_done_ratio", resource="r0") == 0.25
+    assert val("replfs_resource_resync_rate_bytes_per_second", resource="r0") == 102400
+    assert "replfs_resource_resync_target_rate_bytes_per_second{" not in text   # no target
     assert val("replfs_resource_network_sent_bytes", resource="r0") == 4096
     assert val("replfs_resource_requests_pending", resource="r0", kind="pe") == 1
     assert "replfs_resource_io_seconds_bucket" in text and 'op="write"' in text
