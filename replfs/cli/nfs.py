@@ -183,12 +183,35 @@ def cmd_start(g, args, opts, out):
     _nargs(args, 1, 1, "start MOUNTPOINT [OPTIONS]")
     spec = _spec_for(g, args[0], opts)
     paths = _paths(g, opts, spec.resource)
+    _wait_recovered(g, args[0], _timeout(opts), out)
     pid = G.start(spec, paths, timeout=_timeout(opts))
     hi, lo, derived = G.derive_ids(spec.uuid)
     where = f"{spec.address or '*'}:{spec.port}"
     out(f"{spec.resource}: NFS-Ganesha pid {pid} serves {spec.mountpoint} on {where} as "
         f"{spec.pseudo or '/' + spec.resource} (export id {spec.export_id or derived}, "
         f"fsid {hi:#x}.{lo:#x}, NFSv{'+v'.join(spec.protocols)}); log {paths.log}")
+
+
+def _wait_recovered(g, arg: str, timeout: float, out) -> None:
+    """Wait until the mount has recovered the slots of every dead node:
+    the server's grace period starts when it starts, and must not end
+    before the dead node's state is back (its locks, its journal)."""
+    import time
+    deadline = time.monotonic() + timeout
+    said = False
+    while True:
+        pending = _find(g, arg).get("recovering") or []
+        if not pending:
+            return
+        if not said:
+            out(f"waiting for the mount to recover the slots of dead node(s) "
+                f"{', '.join(map(str, pending))}")
+            said = True
+        if time.monotonic() > deadline:
+            raise ReplfsError(f"{arg}: the slots of dead node(s) {pending} are still not "
+                              f"recovered after {timeout:g} s; not starting the NFS server",
+                              EXIT_EXEC)
+        time.sleep(0.1)
 
 
 def cmd_reload(g, args, opts, out):

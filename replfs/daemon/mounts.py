@@ -140,6 +140,9 @@ class _SharedMount:
         self.early: list[tuple[str, object]] = []     # events before the mount was up
         self.fenced: str | None = None
         self.cluster = cluster
+        # dead nodes whose slots are not recovered yet (replfsadm nfs start
+        # waits for none: an NFS server's grace must outlast the recovery)
+        self.recovering: set[int] = set()
 
     def mounted(self, fs, ops, session) -> None:
         self.fs, self.ops, self.session = fs, ops, session
@@ -156,8 +159,10 @@ class _SharedMount:
             self.early.append((kind, arg))
             return
         if kind == "node-dead":
+            self.recovering.add(arg)
             self.fs.node_dead(arg)
         elif kind == "node-down":
+            self.recovering.add(arg)
             self.fs.node_dead(arg)          # (no-op if told already)
             self.nursery.start_soon(self._recover, arg)
 
@@ -181,6 +186,7 @@ class _SharedMount:
             if slots:
                 log.warning("%s: recovered the slot(s) %s of dead node %d", self.mountpoint,
                             ", ".join(map(str, slots)), node)
+            self.recovering.discard(node)
         except Exception as e:      # noqa: BLE001
             # every lock waits for this recovery: nothing more can be done
             # safely here; say so loudly and stop writing
@@ -339,7 +345,8 @@ class MountService:
         await self.stop_users()
 
     async def op_mounts(self, req, body, conn):
-        return {"mounts": [{k: v for k, v in rec.items() if k != "session"}
+        return {"mounts": [{k: (sorted(v) if isinstance(v, set) else v)
+                            for k, v in rec.items() if k != "session"}
                            for rec in self.mounts.values()]}
 
     async def op_mount(self, req, body, conn):
@@ -555,6 +562,7 @@ class MountService:
             rec["node"] = cs.online.me.name
             async with trio.open_nursery() as nursery:
                 shared = _SharedMount(mountpoint, dom, node, dev, nursery, cluster=cs)
+                rec["recovering"] = shared.recovering
                 cs.listeners.append(shared.event)
                 self._stoppers[mountpoint] = (src.name, shared.pri_lost)
                 try:

@@ -13,6 +13,7 @@ deleted on the other node answers ESTALE; fsck clean after.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -26,7 +27,8 @@ from replfs.nfs import rpc
 
 from .test_fs_handles import drop_caches
 from .test_fs_mount import ENV, VENV_BIN, force_unmount, fuse_usable, run
-from .test_fs_shared import FENCING, fsck_clean, mount, shared_pair, wait_closed, wait_log
+from .test_fs_shared import (FENCING, call, fsck_clean, mount, shared_pair, wait_closed,
+                              wait_log)
 
 _missing = [t for t in ("ganesha.nfsd", "nfs-cp", "nfs-cat", "rpcbind")
             if shutil.which(t) is None and not os.path.exists(f"/usr/sbin/{t}")]
@@ -113,12 +115,34 @@ class Server:
             return m.mnt("/r0")
 
 
+def write_until(server, fh, data, *, refused: bool, timeout: float = 20):
+    """Write through ``server`` until the write is refused (returns the
+    NFSError) or, with refused=False, until it is accepted: a reload takes
+    effect a moment after the signal."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with server.v3() as c:
+                c.write(fh, 0, data)
+            if not refused:
+                return None
+        except rpc.NFSError as e:
+            if refused:
+                return e
+        assert time.monotonic() < deadline, f"the reload had no effect ({data!r})"
+        time.sleep(0.2)
+
+
 def stop_all(*servers):
     for s in servers:
         adm_nfs(s.node, "stop", "r0", "--timeout", "20", check=False)
 
 
-def test_both_nodes_export_one_volume(tmp_path, rpcbind):
+@contextlib.contextmanager
+def two_servers(tmp_path):
+    """Both nodes mount the volume and serve it, alpha on 127.0.0.1 and beta
+    on 127.0.0.2.  Yields (pair, ma, mb, sa, sb); afterwards both servers
+    are stopped, both mounts unmounted, and fsck must find the volume clean."""
     with shared_pair(tmp_path) as (pair, ma, mb, _):
         a, b = pair.alpha, pair.beta
         mount(a, ma)
@@ -128,119 +152,9 @@ def test_both_nodes_export_one_volume(tmp_path, rpcbind):
             out = sa.start().stdout
             assert "NFS-Ganesha pid" in out and "fsid 0x" in out, out
             sb.start()
-            st = adm_nfs(a, "status", "r0")
-            assert "running" in st.stdout and st.returncode == 0, st.stdout
-
-            # both directions through libnfs: written over NFSv3 through one
-            # node's server, read over NFSv3 and NFSv4 through the other's
-            # (libnfs 4.0's NFSv4 writes fail against Ganesha 4.3 even on a
-            # local directory: NFSv4 is read here)
-            src = tmp_path / "src"
-            for w, r in ((sa, sb), (sb, sa)):
-                data = os.urandom(200_000)
-                src.write_bytes(data)
-                name = f"/v3-from-{w.node.name}"
-                nfs_put(str(src), w.url(name, 3))
-                for version in (3, 4):
-                    assert nfs_cat(r.url(name, version)) == data, (version, w.node.name)
-                assert (ma / name[1:]).read_bytes() == data       # and in both mounts
-                assert (mb / name[1:]).read_bytes() == data
-            listing = subprocess.run(["nfs-ls", sb.url("", 3)], capture_output=True,
-                                     text=True).stdout
-            assert "v3-from-alpha" in listing and "v3-from-beta" in listing, listing
-
-            # the two servers hand out the same handle bytes for the same
-            # file, and each server reads with the other's handle
-            ra, rb = sa.root(), sb.root()
-            assert ra == rb
-            hi, lo, _ = G.derive_ids(call_uuid(a))
-            assert G.fsid_bytes(hi, lo) in ra
-            with sa.v3() as ca, sb.v3() as cb:
-                fa = ca.lookup(ra, "v3-from-alpha")
-                assert cb.lookup(rb, "v3-from-alpha") == fa
-                data, _ = cb.read(fa, 0, 4096)
-                assert data == (ma / "v3-from-alpha").read_bytes()[:4096]
-                # a write through beta's server with alpha's handle is what
-                # alpha's server and both mounts read next
-                cb.write(fa, 0, b"through beta", rpc.FILE_SYNC)
-                assert ca.read(fa, 0, 12)[0] == b"through beta"
-                assert (ma / "v3-from-alpha").read_bytes()[:12] == b"through beta"
-                assert ca.getattr(fa).size == cb.getattr(fa).size == 200_000
-                # changes made through a mount are what both servers report
-                # next (no attribute caching in Ganesha: Attr_Expiration_Time 0)
-                with open(mb / "v3-from-alpha", "ab") as f:
-                    f.write(b"appended on beta")
-                assert ca.getattr(fa).size == 200_016
-                assert ca.read(fa, 200_000, 100)[0] == b"appended on beta"
-                os.truncate(ma / "v3-from-alpha", 1000)
-                assert cb.getattr(fa).size == 1000
-                # deleted through one server while the other still has it
-                # open: each server answers with the file's last bytes (an
-                # open-unlinked file, kept until its last user lets go) or
-                # ESTALE -- never with the bytes of a file made since, even
-                # one that reuses the inode number
-                fh = ca.create(ra, "doomed")
-                ca.write(fh, 0, b"x" * 100)
-                assert cb.getattr(fh).size == 100
-                cb.remove(rb, "doomed")
-                for i in range(20):
-                    (mb / f"new{i}").write_bytes(b"n" * 100)
-                for c in (ca, cb):
-                    try:
-                        assert c.read(fh, 0, 100)[0] == b"x" * 100
-                        assert c.getattr(fh).nlink == 0
-                    except rpc.NFSError as e:
-                        assert e.status == rpc.NFS3ERR_STALE, e
-            # a second start is refused; reload applies export options to
-            # the running server: read-only now, then read-write again
-            again = sa.start(check=False)
-            assert again.returncode == 20 and "already running" in again.stderr, again
-            cfg = adm_nfs(a, "config", str(ma), "--address", "127.0.0.1", "--port",
-                          str(sa.port), "--mount-port", str(sa.mport), "--grace", "3",
-                          "--lease", "3", "--squash", "no_root_squash").stdout
-            with open(os.path.join(a.rundir, "nfs", "r0", "ganesha.conf")) as f:
-                assert f.read().strip() == cfg.strip()
-            pid = G.read_pid(G.Paths(os.path.join(a.rundir, "nfs", "r0")))
-            refused = adm_nfs(a, "reload", "r0", "--port", "1", check=False)
-            assert refused.returncode == 1 and "needs a restart" in refused.stderr
-            adm_nfs(a, "reload", "r0", "--access", "ro")
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    with sa.v3() as c:
-                        c.write(fa, 0, b"must not land")
-                except rpc.NFSError as e:
-                    assert e.status in (rpc.NFS3ERR_ACCES, 30), e       # ACCES or ROFS
-                    break
-                assert time.monotonic() < deadline, "reload --access ro had no effect"
-                time.sleep(0.2)
-            adm_nfs(a, "reload", "r0", "--access", "rw")
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    with sa.v3() as c:
-                        c.write(fa, 0, b"through beta")
-                    break
-                except rpc.NFSError:
-                    assert time.monotonic() < deadline, "reload --access rw had no effect"
-                    time.sleep(0.2)
-            assert G.read_pid(G.Paths(os.path.join(a.rundir, "nfs", "r0"))) == pid
-            # once the servers and both kernels let go of it, ESTALE
-            stop_all(sa, sb)
-            drop_caches()
-            time.sleep(0.5)
-            sa.start()
-            sb.start()
-            for s in (sa, sb):
-                with s.v3() as c:
-                    with pytest.raises(rpc.NFSError) as e:
-                        c.getattr(fh)
-                    assert e.value.status == rpc.NFS3ERR_STALE, (s.node.name, e.value)
-                    assert c.read(fa, 0, 12)[0] == b"through beta"   # handles kept
+            yield pair, ma, mb, sa, sb
         finally:
             stop_all(sa, sb)
-        st = adm_nfs(a, "status", "r0", check=False)
-        assert st.returncode == 3 and "not running" in st.stdout, st.stdout
         run("umount", ma)
         run("umount", mb)
         wait_closed(a)
@@ -248,17 +162,145 @@ def test_both_nodes_export_one_volume(tmp_path, rpcbind):
         fsck_clean(a)
 
 
+def test_both_nodes_export_one_volume(tmp_path, rpcbind):
+    with two_servers(tmp_path) as (pair, ma, mb, sa, sb):
+        a, b = pair.alpha, pair.beta
+        st = adm_nfs(a, "status", "r0")
+        assert "running" in st.stdout and st.returncode == 0, st.stdout
+
+        # both directions through libnfs: written over NFSv3 through one
+        # node's server, read over NFSv3 and NFSv4 through the other's
+        # (libnfs 4.0's NFSv4 writes fail against Ganesha 4.3 even on a
+        # local directory: NFSv4 is read here)
+        src = tmp_path / "src"
+        for w, r in ((sa, sb), (sb, sa)):
+            data = os.urandom(200_000)
+            src.write_bytes(data)
+            name = f"/v3-from-{w.node.name}"
+            nfs_put(str(src), w.url(name, 3))
+            for version in (3, 4):
+                assert nfs_cat(r.url(name, version)) == data, (version, w.node.name)
+            assert (ma / name[1:]).read_bytes() == data       # and in both mounts
+            assert (mb / name[1:]).read_bytes() == data
+        # NFSv4.1 with state (sessions, OPEN, WRITE, CLOSE), both ways
+        for w, r in ((sa, sb), (sb, sa)):
+            data = os.urandom(100_000)
+            cw = rpc.NFS41Client(w.addr, w.port)
+            cr = rpc.NFS41Client(r.addr, r.port)
+            try:
+                cw.establish()
+                cr.establish()
+                name = f"v41-from-{w.node.name}"
+                f = cw.open("/r0", name, create=True)
+                for off in range(0, len(data), 32768):
+                    cw.write(f, off, data[off:off + 32768], rpc.UNSTABLE)
+                # visible to the other node's server at once, committed
+                # or not: the mounts are coherent (COMMIT is durability)
+                cw.close_file(f)
+                g = cr.open("/r0", name)
+                got = b""
+                while True:
+                    chunk, eof = cr.read(g, len(got), 65536)
+                    got += chunk
+                    if eof or not chunk:
+                        break
+                cr.close_file(g)
+                assert got == data and g.fh == f.fh, (w.node.name, len(got))
+            finally:
+                for c in (cw, cr):
+                    c.destroy()
+                    c.close()
+        listing = subprocess.run(["nfs-ls", sb.url("", 3)], capture_output=True,
+                                 text=True).stdout
+        assert "v3-from-alpha" in listing and "v3-from-beta" in listing, listing
+
+        # the two servers hand out the same handle bytes for the same
+        # file, and each server reads with the other's handle
+        ra, rb = sa.root(), sb.root()
+        assert ra == rb
+        hi, lo, _ = G.derive_ids(call_uuid(a))
+        assert G.fsid_bytes(hi, lo) in ra
+        with sa.v3() as ca, sb.v3() as cb:
+            fa = ca.lookup(ra, "v3-from-alpha")
+            assert cb.lookup(rb, "v3-from-alpha") == fa
+            data, _ = cb.read(fa, 0, 4096)
+            assert data == (ma / "v3-from-alpha").read_bytes()[:4096]
+            # a write through beta's server with alpha's handle is what
+            # alpha's server and both mounts read next
+            cb.write(fa, 0, b"through beta", rpc.FILE_SYNC)
+            assert ca.read(fa, 0, 12)[0] == b"through beta"
+            assert (ma / "v3-from-alpha").read_bytes()[:12] == b"through beta"
+            assert ca.getattr(fa).size == cb.getattr(fa).size == 200_000
+            # changes made through a mount are what both servers report
+            # next (no attribute caching in Ganesha: Attr_Expiration_Time 0)
+            with open(mb / "v3-from-alpha", "ab") as f:
+                f.write(b"appended on beta")
+            assert ca.getattr(fa).size == 200_016
+            assert ca.read(fa, 200_000, 100)[0] == b"appended on beta"
+            os.truncate(ma / "v3-from-alpha", 1000)
+            assert cb.getattr(fa).size == 1000
+            # deleted through one server while the other still has it
+            # open: each server answers with the file's last bytes (an
+            # open-unlinked file, kept until its last user lets go) or
+            # ESTALE -- never with the bytes of a file made since, even
+            # one that reuses the inode number
+            fh = ca.create(ra, "doomed")
+            ca.write(fh, 0, b"x" * 100)
+            assert cb.getattr(fh).size == 100
+            cb.remove(rb, "doomed")
+            for i in range(20):
+                (mb / f"new{i}").write_bytes(b"n" * 100)
+            for c in (ca, cb):
+                try:
+                    assert c.read(fh, 0, 100)[0] == b"x" * 100
+                    assert c.getattr(fh).nlink == 0
+                except rpc.NFSError as e:
+                    assert e.status == rpc.NFS3ERR_STALE, e
+        # a second start is refused; reload applies export options to
+        # the running server: read-only now, then read-write again
+        again = sa.start(check=False)
+        assert again.returncode == 20 and "already running" in again.stderr, again
+        cfg = adm_nfs(a, "config", str(ma), "--address", "127.0.0.1", "--port",
+                      str(sa.port), "--mount-port", str(sa.mport), "--grace", "3",
+                      "--lease", "3", "--squash", "no_root_squash").stdout
+        with open(os.path.join(a.rundir, "nfs", "r0", "ganesha.conf")) as f:
+            assert f.read().strip() == cfg.strip()
+        pid = G.read_pid(G.Paths(os.path.join(a.rundir, "nfs", "r0")))
+        refused = adm_nfs(a, "reload", "r0", "--port", "1", check=False)
+        assert refused.returncode == 1 and "needs a restart" in refused.stderr
+        adm_nfs(a, "reload", "r0", "--access", "ro")
+        refusal = write_until(sa, fa, b"must not land", refused=True)
+        assert refusal.status in (rpc.NFS3ERR_ACCES, 30), refusal       # ACCES or ROFS
+        adm_nfs(a, "reload", "r0", "--access", "rw")
+        write_until(sa, fa, b"through beta", refused=False)
+        assert G.read_pid(G.Paths(os.path.join(a.rundir, "nfs", "r0"))) == pid
+        # once the servers and both kernels let go of it, ESTALE
+        stop_all(sa, sb)
+        drop_caches()
+        time.sleep(0.5)
+        sa.start()
+        sb.start()
+        for s in (sa, sb):
+            with s.v3() as c:
+                with pytest.raises(rpc.NFSError) as e:
+                    c.getattr(fh)
+                assert e.value.status == rpc.NFS3ERR_STALE, (s.node.name, e.value)
+                assert c.read(fa, 0, 12)[0] == b"through beta"   # handles kept
+        stop_all(sa, sb)
+        st = adm_nfs(a, "status", "r0", check=False)
+        assert st.returncode == 3 and "not running" in st.stdout, st.stdout
+
+
 def call_uuid(node) -> str:
-    from .test_fs_shared import call
     return call(node, "mounts")["mounts"][0]["uuid"]
 
 
-def test_client_keeps_its_handles_across_remount_and_failover(tmp_path, rpcbind):
-    """Active/passive with a floating address: beta serves it and dies (its
-    replfsd and its Ganesha killed -9); alpha takes the address over with
-    the same handles; then alpha's mount is remounted under the client.
-    (beta dies, not alpha: with network heartbeat only, the quorum rule of
-    a two-node cluster keeps node 0 -- see docs/nfs-pair.md.)"""
+@contextlib.contextmanager
+def floating(tmp_path):
+    """Active/passive on one floating address: both nodes mount the volume
+    (fencing resource-and-stonith), and two Servers, beta's and alpha's,
+    share the address and ports; beta's serves first.  Afterwards the
+    servers are stopped, alpha's mount unmounted, fsck must be clean."""
     with shared_pair(tmp_path, extra_res=FENCING) as (pair, ma, mb, _):
         a, b = pair.alpha, pair.beta
         mount(a, ma)
@@ -267,71 +309,263 @@ def test_client_keeps_its_handles_across_remount_and_failover(tmp_path, rpcbind)
         sa = Server(a, ma, FLOATING)
         sa.port, sa.mport = sb.port, sb.mport          # the same address and ports
         try:
-            sb.start()
-            root = sb.root()
-            c = sb.v3()
-            fh = c.create(root, "kept")
-            synced = os.urandom(64 * 1024)
-            c.write(fh, 0, synced, rpc.FILE_SYNC)
-            # an UNSTABLE write, committed later: the verifier tells the
-            # client whether the server kept it
-            _, how, verf1 = c.write(fh, len(synced), b"unstable tail", rpc.UNSTABLE)
-            assert c.commit(fh) == verf1
-            attr = c.getattr(fh)
-            c.close()
-
-            # beta dies: its Ganesha and its replfsd (and with it its mount)
-            pid = G.read_pid(G.Paths(os.path.join(b.rundir, "nfs", "r0")))
-            t0 = time.monotonic()
-            os.kill(pid, 9)
-            b.kill9()
-            force_unmount(mb)
-            # the HA stack on alpha: recovery of beta's slot, then the address
-            wait_log(a, "recovered the slot(s) 1 of dead node 1")
-            sa.start()
-            first = None
-            while first is None:
-                try:
-                    with sa.v3() as ca:
-                        first = ca.read(fh, 0, len(synced))[0]
-                except (rpc.RPCError, rpc.NFSError):
-                    assert time.monotonic() - t0 < 60, "no I/O through alpha within 60 s"
-                    time.sleep(0.1)
-            failover = time.monotonic() - t0
-            assert first == synced
-            print(f"failover: beta killed -> first read through alpha's server: "
-                  f"{failover:.2f} s")
-            with sa.v3() as ca:
-                assert ca.getattr(fh).fileid == attr.fileid
-                assert ca.read(fh, len(synced), 64)[0] == b"unstable tail"
-                # a new server instance: a new write verifier, so a client
-                # holding uncommitted writes resends them
-                _, _, verf2 = ca.write(fh, 0, synced[:10], rpc.UNSTABLE)
-                assert verf2 != verf1
-                assert ca.commit(fh) == verf2
-
-            # remount under the client: stop the server, umount, mount, start
-            sa.stop()
-            run("umount", ma)
-            wait_closed(a)
-            mount(a, ma)
-            sa.start()
-            with sa.v3() as ca:
-                assert ca.read(fh, 0, len(synced))[0] == synced
-                assert sa.root() == root
-            # deleted through the mount: once no server holds it, the kept
-            # handle is stale
-            os.unlink(ma / "kept")
-            sa.stop()
-            drop_caches()
-            time.sleep(0.5)
-            sa.start()
-            with sa.v3() as ca:
-                with pytest.raises(rpc.NFSError) as e:
-                    ca.getattr(fh)
-                assert e.value.status == rpc.NFS3ERR_STALE
+            yield pair, ma, mb, sa, sb
         finally:
             stop_all(sa, sb)
         run("umount", ma)
         wait_closed(a)
         fsck_clean(a)
+
+
+def beta_dies(pair, mb) -> float:
+    """beta's Ganesha and replfsd (with its mount) killed -9; returns when."""
+    pid = G.read_pid(G.Paths(os.path.join(pair.beta.rundir, "nfs", "r0")))
+    t0 = time.monotonic()
+    os.kill(pid, 9)
+    pair.beta.kill9()
+    force_unmount(mb)
+    return t0
+
+
+def test_client_keeps_its_handles_across_remount_and_failover(tmp_path, rpcbind):
+    """Active/passive with a floating address: beta serves it and dies (its
+    replfsd and its Ganesha killed -9); alpha takes the address over with
+    the same handles; then alpha's mount is remounted under the client.
+    (beta dies, not alpha: with network heartbeat only, the quorum rule of
+    a two-node cluster keeps node 0 -- see docs/nfs-pair.md.)"""
+    with floating(tmp_path) as (pair, ma, mb, sa, sb):
+        a, b = pair.alpha, pair.beta
+        sb.start()
+        root = sb.root()
+        c = sb.v3()
+        fh = c.create(root, "kept")
+        synced = os.urandom(64 * 1024)
+        c.write(fh, 0, synced, rpc.FILE_SYNC)
+        # an UNSTABLE write, committed later: the verifier tells the
+        # client whether the server kept it
+        _, how, verf1 = c.write(fh, len(synced), b"unstable tail", rpc.UNSTABLE)
+        assert c.commit(fh) == verf1
+        attr = c.getattr(fh)
+        c.close()
+
+        t0 = beta_dies(pair, mb)
+        # the HA stack on alpha: once beta is fenced and its slot recovered
+        # (replfsadm nfs start also waits for a recovery under way), the
+        # address moves and the server starts
+        wait_log(a, "recovered the slot(s) 1 of dead node 1")
+        assert call(a, "mounts")["mounts"][0]["recovering"] == []
+        sa.start()
+        first = None
+        while first is None:
+            try:
+                with sa.v3() as ca:
+                    first = ca.read(fh, 0, len(synced))[0]
+            except (rpc.RPCError, rpc.NFSError):
+                assert time.monotonic() - t0 < 60, "no I/O through alpha within 60 s"
+                time.sleep(0.1)
+        failover = time.monotonic() - t0
+        assert first == synced
+        print(f"failover: beta killed -> first read through alpha's server: "
+              f"{failover:.2f} s")
+        with sa.v3() as ca:
+            assert ca.getattr(fh).fileid == attr.fileid
+            assert ca.read(fh, len(synced), 64)[0] == b"unstable tail"
+            # a new server instance: a new write verifier, so a client
+            # holding uncommitted writes resends them
+            _, _, verf2 = ca.write(fh, 0, synced[:10], rpc.UNSTABLE)
+            assert verf2 != verf1
+            assert ca.commit(fh) == verf2
+
+        # remount under the client: stop the server, umount, mount, start
+        sa.stop()
+        run("umount", ma)
+        wait_closed(a)
+        mount(a, ma)
+        sa.start()
+        with sa.v3() as ca:
+            assert ca.read(fh, 0, len(synced))[0] == synced
+            assert sa.root() == root
+        # deleted through the mount: once no server holds it, the kept
+        # handle is stale
+        os.unlink(ma / "kept")
+        sa.stop()
+        drop_caches()
+        time.sleep(0.5)
+        sa.start()
+        with sa.v3() as ca:
+            with pytest.raises(rpc.NFSError) as e:
+                ca.getattr(fh)
+            assert e.value.status == rpc.NFS3ERR_STALE
+
+
+class NFSWorker:
+    """One client of a workload through both nodes' exports: each step goes
+    to alpha's or beta's server at random, on names only this worker uses,
+    in the volume's root directory that all workers share.  ``live`` is
+    what the worker's own acknowledged calls say the files hold."""
+
+    def __init__(self, wid: int, seed: int, servers):
+        import random
+        self.wid, self.rng = wid, random.Random(seed)
+        self.clients = [s.v3() for s in servers]
+        self.roots = [s.root() for s in servers]
+        self.live: dict[str, bytes] = {}
+        self.n = 0
+        self.error = None
+        self.ops = 0
+
+    def run(self, steps: int) -> None:
+        try:
+            for _ in range(steps):
+                self.step()
+                self.ops += 1
+        except BaseException as e:      # noqa: BLE001  (reported by the test)
+            self.error = e
+        finally:
+            for c in self.clients:
+                c.close()
+
+    def step(self) -> None:
+        rng = self.rng
+        i = rng.randrange(2)
+        c, root = self.clients[i], self.roots[i]
+        r = rng.random()
+        if r < 0.35 or not self.live:
+            self.n += 1
+            name = f"n{self.wid}-{self.n}"
+            data = rng.randbytes(rng.choice([0, 300, 5000, 40000]))
+            fh = c.create(root, name)
+            for off in range(0, len(data), 32768):
+                c.write(fh, off, data[off:off + 32768], rpc.FILE_SYNC)
+            self.live[name] = data
+            return
+        name = rng.choice(sorted(self.live))
+        data = self.live[name]
+        fh = c.lookup(root, name)
+        if r < 0.55:
+            extra = rng.randbytes(rng.choice([10, 4096, 9000]))
+            # UNSTABLE, then COMMIT under the same verifier: durable
+            _, _, verf = c.write(fh, len(data), extra, rpc.UNSTABLE)
+            assert c.commit(fh) == verf
+            self.live[name] = data + extra
+        elif r < 0.65:
+            c.remove(root, name)
+            del self.live[name]
+        else:
+            got = b""
+            while len(got) < len(data) + 1:
+                chunk, eof = c.read(fh, len(got), 65536)
+                got += chunk
+                if eof or not chunk:
+                    break
+            assert got == data, (self.wid, name, len(got), len(data))
+
+
+def test_concurrent_workload_through_both_exports(tmp_path, rpcbind):
+    """Four clients, each sending every step to either node's server, in one
+    shared directory: every acknowledged write is what both servers and
+    both mounts show at the end, byte for byte; fsck clean."""
+    import threading
+    with two_servers(tmp_path) as (pair, ma, mb, sa, sb):
+        workers = [NFSWorker(w, 900 + w, (sa, sb)) for w in range(4)]
+        threads = [threading.Thread(target=w.run, args=(60,)) for w in workers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        for w in workers:
+            assert w.error is None, (w.wid, w.ops, repr(w.error))
+        want = {}
+        for w in workers:
+            want.update(w.live)
+        names = {n for n in os.listdir(ma) if n.startswith("n")}
+        assert names == set(want) == {n for n in os.listdir(mb) if n.startswith("n")}
+        for name, data in want.items():
+            assert (ma / name).read_bytes() == data, name
+            assert (mb / name).read_bytes() == data, name
+        with sa.v3() as ca, sb.v3() as cb:
+            for name, data in list(want.items())[:40]:
+                for c, root in ((ca, sa.root()), (cb, sb.root())):
+                    fh = c.lookup(root, name)
+                    assert c.getattr(fh).size == len(data)
+        print(f"NFS workload: {sum(w.ops for w in workers)} operations through two "
+              f"servers, {len(want)} files checked")
+
+
+def test_nfsv41_client_reclaims_its_open_after_failover(tmp_path, rpcbind):
+    """An NFSv4.1 client with a file open on beta's server (the floating
+    address); beta dies; alpha takes the address over and starts in grace
+    for beta's clients, read from the recovery directory on the volume:
+    a new client's OPEN waits (NFS4ERR_GRACE) while the old client
+    reclaims its open (CLAIM_PREVIOUS) and reads its data with the
+    reclaimed state.  (And NFSv4.2 ALLOCATE reaches the volume.)"""
+    with floating(tmp_path) as (pair, ma, mb, sa, sb):
+        a, b = pair.alpha, pair.beta
+        grace = ("--grace", "15", "--lease", "5")
+        sb.start(*grace)
+        old = rpc.NFS41Client(FLOATING, sb.port, owner=b"old-client")
+        old.establish()
+        f = old.open("/r0", "v41-kept", create=True)
+        data = os.urandom(20000)
+        old.write(f, 0, data, rpc.FILE_SYNC)
+        assert old.read(f, 0, 30000)[0] == data
+        recov = mb / ".nfs-ganesha" / FLOATING / "v4recov"
+        assert os.listdir(recov), "beta's Ganesha recorded no NFSv4 client on the volume"
+        # NFSv4.2 ALLOCATE reaches the filesystem as fallocate(2)
+        c42 = rpc.NFS41Client(FLOATING, sb.port, minor=2)
+        c42.establish()
+        fa = c42.open("/r0", "allocated", create=True)
+        c42.allocate(fa, 0, 1 << 20)
+        assert c42.getattr_size(fa) == 1 << 20
+        c42.close_file(fa)
+        c42.destroy()
+        c42.close()
+        st = os.stat(ma / "allocated")
+        assert st.st_size == 1 << 20 and st.st_blocks * 512 >= 1 << 20, st
+
+        t0 = beta_dies(pair, mb)
+        old.close()
+        wait_log(a, "recovered the slot(s) 1 of dead node 1")
+        sa.start(*grace)
+        log = open(os.path.join(a.rundir, "nfs", "r0", "ganesha.log")).read()
+        assert "IN GRACE" in log, log[-2000:]
+
+        # a client that held nothing waits for the grace period
+        new = rpc.NFS41Client(FLOATING, sa.port, owner=b"new-client")
+        new.establish()
+        with pytest.raises(rpc.NFS4Error) as e:
+            new.open("/r0", "v41-new", create=True)
+        assert e.value.status == rpc.NFS4ERR_GRACE, e.value
+
+        # the old client (same owner, same incarnation) reclaims its open
+        again = rpc.NFS41Client(FLOATING, sa.port, owner=old.owner)
+        again.verifier = old.verifier
+        again.establish(reclaim_complete=False)
+        g = again.reclaim(f.fh, f.name)
+        again.reclaim_complete()
+        assert again.read(g, 0, 30000)[0] == data
+        again.write(g, len(data), b"after failover", rpc.FILE_SYNC)
+        took = time.monotonic() - t0
+        print(f"NFSv4.1 failover: beta killed -> open reclaimed and read through "
+              f"alpha: {took:.2f} s")
+        assert (ma / "v41-kept").read_bytes() == data + b"after failover"
+
+        # after the grace period (or once every old client reclaimed),
+        # new opens go through
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                h = new.open("/r0", "v41-new", create=True)
+                break
+            except rpc.NFS4Error as e:
+                assert e.status == rpc.NFS4ERR_GRACE and time.monotonic() < deadline, e
+                time.sleep(0.5)
+        new.write(h, 0, b"new")
+        new.close_file(h)
+        again.close_file(g)
+        again.destroy()
+        new.destroy()
+        again.close()
+        new.close()
+
+
