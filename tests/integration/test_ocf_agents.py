@@ -17,7 +17,7 @@ import pytest
 from replfs.localpair import LocalPair, free_port
 
 from .test_fs_mount import ENV, VENV_BIN, fuse_usable
-from .test_fs_shared import call, shared_pair, wait_closed
+from .test_fs_shared import call, mount, shared_pair, wait_closed
 
 AGENTS = os.path.join(os.path.dirname(__file__), "..", "..", "replfs", "ha", "ocf")
 ADM = os.path.join(VENV_BIN, "replfsadm")
@@ -166,3 +166,37 @@ def test_cluster_mount_and_nfs_agents(tmp_path):
             b.proc.send_signal(signal.SIGCONT)
         assert cp.returncode == 1 and "does not answer" in cp.stderr, (cp.returncode, cp.stderr)
         assert took < 10, took
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not fuse_usable(), reason="needs /dev/fuse and root")
+def test_demote_refused_while_another_mount_namespace_keeps_the_mount(tmp_path):
+    """umount succeeds, but a process in another mount namespace (as a
+    container would) keeps the filesystem mounted there: the resource stays
+    open, and the agent's demote fails at once, naming that process, until
+    it is gone."""
+    with shared_pair(tmp_path) as (pair, ma, mb, _):
+        a = pair.alpha
+        mount(pair.alpha, ma)
+        holder = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sleep", "600"])
+        try:
+            deadline = time.monotonic() + 10
+            while os.readlink(f"/proc/{holder.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt"):
+                assert time.monotonic() < deadline, "unshare did not make a namespace"
+                time.sleep(0.02)
+            subprocess.run(["umount", str(ma)], check=True)
+            time.sleep(1)
+            assert a.status()["open_count"] >= 1         # still mounted over there
+            params = dict(resource="r0", config=a.conf, node="alpha", rundir=a.rundir,
+                          replfsadm=ADM)
+            t0 = time.monotonic()
+            cp = agent("replfs", "demote", timeout_ms=30000, **params)
+            assert cp.returncode == 1, (cp.returncode, cp.stderr)
+            assert "held open" in cp.stderr and f" {holder.pid} " in cp.stderr, cp.stderr
+            assert time.monotonic() - t0 < 30
+        finally:
+            holder.kill()
+            holder.wait()
+        wait_closed(a)
+        assert agent("replfs", "demote", **params).returncode == 0
+        assert a.adm("role", "r0").stdout.startswith("Secondary/")
