@@ -3,12 +3,12 @@
 Layers, bottom up (a module may import its own layer and those below):
 
     ground   replfs.errors, replfs.blockdev, replfs.filemode, replfs.ipc,
-             replfs.fuse, replfs.tls      (shared by every layer above)
+             replfs.fuse, replfs.tls, replfs.metrics   (shared by every layer above)
     mirror   replfs.blockrepl            (the DRBD-style block mirror)
     locking  replfs.locking              (the o2cb-style cluster stack)
     fs       replfs.fs                   (the cluster filesystem)
     roof     replfs.daemon, replfs.cli, replfs.devfile, replfs.demo,
-             replfs.localpair            (what runs them)
+             replfs.localpair, replfs.nfs   (what runs them, and serves them)
 
 mirror and locking are side by side: neither imports the other.
 
@@ -27,11 +27,11 @@ FOLDERS = {"blockrepl": "replfs.blockrepl", "locking": "replfs.locking", "fs": "
            "replfs": "replfs"}
 
 GROUND = ("replfs.errors", "replfs.blockdev", "replfs.filemode", "replfs.ipc", "replfs.fuse",
-          "replfs.tls")
+          "replfs.tls", "replfs.metrics")
 LAYERS = [("ground", GROUND), ("mirror", ("replfs.blockrepl",)),
           ("locking", ("replfs.locking",)), ("fs", ("replfs.fs",)),
           ("roof", ("replfs.daemon", "replfs.cli", "replfs.devfile", "replfs.demo",
-                    "replfs.localpair"))]
+                    "replfs.localpair", "replfs.nfs"))]
 RANK = {"ground": 0, "mirror": 1, "locking": 1, "fs": 2, "roof": 3}
 
 PURE = [
