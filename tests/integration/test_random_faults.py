@@ -38,6 +38,13 @@ class DeadDevice:
     """What a killed process's disk looks like to code still running in it:
     nothing it does reaches the disk any more."""
     size = 0
+    INLINE_MAX = 0          # no request is done at once: each waits for ever
+
+    def write_now(self, offset, data):
+        raise AssertionError("a dead disk is never written at once (INLINE_MAX 0)")
+
+    def read_now(self, offset, length):
+        raise AssertionError("a dead disk is never read at once (INLINE_MAX 0)")
 
     async def write(self, offset, data):
         await trio.sleep_forever()
