@@ -19,8 +19,7 @@ from typing import Protocol, runtime_checkable
 import trio
 
 
-class BlockDeviceError(OSError):
-    """An I/O error from a block device; carries an errno like OSError."""
+from replfs.errors import BlockDeviceError  # noqa: E402,F401  (defined there, named here)
 
 
 @runtime_checkable

@@ -37,3 +37,9 @@ class ReplfsError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class BlockDeviceError(OSError):
+    """An I/O error from a block device; carries an errno like OSError.
+    (Here, not in replfs.blockdev, so that the CLI can name it without
+    importing trio; replfs.blockdev re-exports it.)"""

@@ -128,7 +128,7 @@ def _ensure_daemon(g) -> None:
     """Start this node's replfsd if none answers (o2cb's load brings the
     stack up; here the stack lives in replfsd)."""
     from replfs.cli.main import start_daemon
-    from replfs.daemon.main import node_name
+    from replfs.ipc.client import node_name
     start_daemon(node_name(g["node"]), rundir_from_env(g["rundir"]), g["config"])
 
 

@@ -1012,7 +1012,7 @@ def main(argv: list[str] | None = None, *, out=None, err=None, stdin=None) -> in
                 raise ReplfsError(f"'{verb}' does not take --{_OPT_VERB_NAME[key]}", EXIT_USAGE)
         if v.needs_res and not v.res_optional and res is None:
             raise ReplfsError(f"USAGE: replfsadm {v.name} RESOURCE|all", EXIT_USAGE)
-        from replfs.daemon.main import node_name
+        from replfs.ipc.client import node_name
         ctx = Ctx(config_path=g["config"] or os.environ.get("REPLFS_CONF")
                   or "/etc/replfs/replfs.conf",
                   node=node_name(g["node"]), rundir=rundir_from_env(g["rundir"]),

@@ -9,14 +9,12 @@ import sys
 import trio
 
 from replfs.errors import EXIT_EXEC, EXIT_USAGE, ReplfsError
-from replfs.ipc.client import DaemonNotRunning, SyncClient, rundir_from_env, socket_path
+from replfs.ipc.client import (DaemonNotRunning, SyncClient, node_name,  # noqa: F401
+                               rundir_from_env, socket_path)
 
 from .server import VERSION, Daemon, serve, setup_logging
 
 
-def node_name(explicit: str | None = None) -> str:
-    """This node's name: --node, else $REPLFS_NODE, else `uname -n`."""
-    return explicit or os.environ.get("REPLFS_NODE") or os.uname().nodename
 
 
 def build_parser() -> argparse.ArgumentParser:
