@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import errno
 import itertools
+import socket
 
 import trio
 
 from replfs.errors import BlockDeviceError, ReplfsError
 
 from . import frames
-from .client import DaemonNotRunning, _raise_reply, rundir_from_env, socket_path
+from .client import DaemonNotRunning, _raise_reply, socket_path
 
 
 class AsyncClient:

@@ -120,7 +120,8 @@ class Attr:
 
 def _fattr3(u: _Unpacker) -> Attr:
     ftype, mode, nlink, uid, gid = (u.u32() for _ in range(5))
-    size, _used = u.u64(), u.u64()
+    size = u.u64()
+    u.u64()                               # space used
     u.u64()                               # rdev
     fsid, fileid = u.u64(), u.u64()
     u.u64()                               # atime
