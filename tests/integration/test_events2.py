@@ -54,6 +54,7 @@ def test_events2_follows_a_resource_through_its_life(cluster):
     wj = Watch(a, "r0", "--json", "--timestamps")
     try:
         w.expect("exists -")
+        wj.expect('"object": "-"')          # both watching before anything happens
         a.adm("up", "r0")
         w.expect("create resource name:r0 role:Secondary suspended:no")
         w.expect("create device name:r0 volume:0 minor:0 disk:")
