@@ -305,6 +305,33 @@ def snapshot(root) -> dict[str, bytes]:
     return tree
 
 
+def stale_view_report(c, log) -> None:
+    """After a violation: the names one mount lists and the other does not,
+    whether a lookup by name finds them there, and whether they appear once
+    the other node changed each directory (its locks called back, the
+    lister's cached blocks of it dropped): a stale cache, or stale disk
+    blocks read into it?"""
+    trees = {n: set(snapshot(c.mnt[n])) for n in ("alpha", "beta")}
+    for me, other in (("alpha", "beta"), ("beta", "alpha")):
+        missing = sorted(trees[other] - trees[me])
+        if not missing:
+            continue
+        found = [p for p in missing if os.path.exists(os.path.join(c.mnt[me], p))]
+        log(f"  {me} does not list {missing}; a lookup by name finds {found}")
+        try:
+            for d in DIRS:
+                probe = os.path.join(c.mnt[other], d, "probe-bounce")
+                with open(probe, "wb"):
+                    pass
+                os.unlink(probe)
+        except OSError as e:
+            log(f"  (bouncing the directory locks through {other} failed: {e})")
+            continue
+        again = set(snapshot(c.mnt[me]))
+        log(f"  after {other} changed each directory, {me} lists "
+            f"{sorted(p for p in missing if p in again)} of them")
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -931,6 +958,7 @@ def run_seed(tmp_path, seed: int, n_faults: int, skew: int | None = None) -> Non
                     sums = {n: data_md5(c.node[n].disk, size) for n in c.node}
                     log(f"  backing disks' data areas: {sums} "
                         f"({'identical' if len(set(sums.values())) == 1 else 'DIFFERENT'})")
+                    stale_view_report(c, log)
                     raise RunFailed("history violated")
             # the end: both unmounted, both disks identical, fsck clean
             for n in ("alpha", "beta"):
