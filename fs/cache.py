@@ -93,6 +93,21 @@ class MetaCache:
         return obj.encode(self.bs, self.sb.volid)
 
     async def get(self, blkno: int, kind: str, owner=None):
+        if type(owner) is int and blkno not in self.dirty:
+            known = self.owner.get(blkno)
+            if type(known) is int and known != owner:
+                # Cached as another inode's block, asked for as this one's:
+                # the block was freed and given to another inode elsewhere
+                # (the other node), so the new owner's lock hand-over never
+                # dropped this copy.  Read it afresh.  (Suspected in netns
+                # seed 1059: a directory entry stayed missing on one node
+                # across the directory's lock bouncing, both disks holding
+                # it.)  Only inode-owned blocks: the allocator's are asked
+                # for under more than one name on purpose.
+                self.objs.pop(blkno, None)
+                self.evicted.pop(blkno, None)
+                self.detached.pop(blkno, None)
+                self.owner.pop(blkno, None)
         obj = self.objs.get(blkno)
         if obj is None:
             obj = self.evicted.pop(blkno, None)
