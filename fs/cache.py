@@ -99,11 +99,12 @@ class MetaCache:
                 # Cached as another inode's block, asked for as this one's:
                 # the block was freed and given to another inode elsewhere
                 # (the other node), so the new owner's lock hand-over never
-                # dropped this copy.  Read it afresh.  (Suspected in netns
-                # seed 1059: a directory entry stayed missing on one node
+                # dropped this copy.  Read it afresh.  (Suspected first for
+                # netns seed 1059 -- a directory entry missing on one node
                 # across the directory's lock bouncing, both disks holding
-                # it.)  Only inode-owned blocks: the allocator's are asked
-                # for under more than one name on purpose.
+                # it -- which still fails with this: not its cause.)  Only
+                # inode-owned blocks: the allocator's are asked for under
+                # more than one name on purpose.
                 self.objs.pop(blkno, None)
                 self.evicted.pop(blkno, None)
                 self.detached.pop(blkno, None)

@@ -6,8 +6,8 @@ never seen), writing it home before it hands the lock of directory 7
 over.  This node's hand-over of directory 7's lock drops directory 7's
 blocks -- and the cached copy is recorded as directory 5's.  Asked for as
 directory 7's, the cache must read the block afresh, not serve the old
-copy (netns fault seed 1059: a directory entry another node created stayed
-missing on this node, both disks holding it)."""
+copy.  (Written while hunting netns fault seed 1059, whose missing
+directory entry turned out to have another cause.)"""
 from __future__ import annotations
 
 from replfs.blockdev import FileBlockDevice
