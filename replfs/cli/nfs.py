@@ -86,6 +86,8 @@ def _parse(argv: list[str]):
                 raise ReplfsError(f"option {a} needs a value", EXIT_USAGE)
             if key in ("--node", "--rundir"):
                 g[key[2:]] = val
+            elif key in ("-c", "--config"):
+                g["config"] = val
             elif key in _VALUED:
                 opts[_VALUED[key]] = val
         elif a in ("-h", "--help"):
@@ -324,6 +326,12 @@ def main(argv: list[str], *, out=None, err=None) -> int:
             (out if g["help"] else err)(usage())
             return 0 if g["help"] else EXIT_USAGE
         verb, args = pos[0], pos[1:]
+        ignored = [o for o, k in (("--node", "node"), ("-c", "config")) if g.get(k)]
+        if ignored:
+            # the export is found through replfsd's socket (--rundir) and
+            # the mount; say so rather than take the option silently
+            err(f"replfsadm nfs: {' and '.join(ignored)} not used (the mount is found "
+                f"through replfsd in --rundir)")
         fn = _HANDLERS.get(verb)
         if fn is None:
             raise ReplfsError(f"Unknown nfs command '{verb}'\n{usage()}", EXIT_USAGE)
