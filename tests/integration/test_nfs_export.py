@@ -42,25 +42,6 @@ pytestmark = [
 FLOATING = "127.0.0.10"
 
 
-@pytest.fixture(scope="module")
-def rpcbind():
-    """Ganesha registers with rpcbind; start one if this machine runs none
-    (and stop it again after)."""
-    if G._rpcbind_running():
-        yield
-        return
-    exe = shutil.which("rpcbind") or "/usr/sbin/rpcbind"
-    subprocess.run([exe, "-w"], check=True)
-    deadline = time.monotonic() + 10
-    while not G._rpcbind_running():
-        assert time.monotonic() < deadline, "rpcbind did not start"
-        time.sleep(0.05)
-    try:
-        yield
-    finally:
-        subprocess.run(["pkill", "-x", "rpcbind"], check=False)
-
-
 def adm_nfs(node, *args, check=True):
     cp = subprocess.run([os.path.join(VENV_BIN, "replfsadm"), "--rundir", node.rundir,
                          "nfs", *args], capture_output=True, text=True, timeout=120,

@@ -116,7 +116,7 @@ def test_resource_agent_with_ocf_tester_and_crm_resource(tmp_path):
 
 @pytest.mark.fuse
 @pytest.mark.skipif(not fuse_usable(), reason="needs /dev/fuse and root")
-def test_cluster_mount_and_nfs_agents(tmp_path):
+def test_cluster_mount_and_nfs_agents(tmp_path, rpcbind):
     from .test_nfs_export import _missing
     with shared_pair(tmp_path) as (pair, ma, mb, cdir):
         a = pair.alpha
@@ -128,9 +128,6 @@ def test_cluster_mount_and_nfs_agents(tmp_path):
         assert not [n for n in os.listdir(ma) if n.startswith(".replfs-ocf-check")]
 
         if not _missing:
-            from replfs.nfs import ganesha as G
-            if not G._rpcbind_running():
-                subprocess.run(["rpcbind", "-w"], check=True)
             nfs = dict(resource="r0", directory=ma, address="127.0.0.1",
                        port=free_port("127.0.0.1"), mount_port=free_port("127.0.0.1"),
                        grace=3, lease=3, node="alpha", rundir=a.rundir, replfsadm=ADM)
