@@ -230,3 +230,18 @@ class DlmDomain:
                         "requested": lk.requested.name if lk.requested is not None else None,
                         "master": self.core.master_of(lk.resource)})
         return out
+
+    def masterdump(self) -> dict:
+        """What this node knows as a master: each resource it masters with
+        its granted, converting and waiting locks as [owner, lockid, mode],
+        and the domain's epoch and members (for diagnosing a lock two
+        nodes disagree on)."""
+        def q(locks, attr):
+            return [[m.owner, m.lockid, getattr(m, attr).name if getattr(m, attr) else None]
+                    for m in locks]
+        c = self.core
+        return {"epoch": c.epoch, "members": sorted(c.members), "recovering": c.recovering,
+                "resources": {name: {"granted": q(r.granted, "granted"),
+                                     "converting": q(r.converting, "requested"),
+                                     "waiting": q(r.waiting, "requested")}
+                              for name, r in c.mastered.items()}}

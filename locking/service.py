@@ -693,4 +693,7 @@ class ClusterService:
     async def op_locks(self, req, body, conn):
         on = self._need_online()
         names = [req["domain"]] if req.get("domain") else sorted(on.domains)
-        return {"locks": {d: on.domains[d].lockdump() for d in names if d in on.domains}}
+        reply = {"locks": {d: on.domains[d].lockdump() for d in names if d in on.domains}}
+        if req.get("mastered"):
+            reply["mastered"] = {d: on.domains[d].masterdump() for d in names if d in on.domains}
+        return reply

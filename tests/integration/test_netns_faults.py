@@ -318,6 +318,7 @@ def stale_view_report(c, log) -> None:
             continue
         found = [p for p in missing if os.path.exists(os.path.join(c.mnt[me], p))]
         log(f"  {me} does not list {missing}; a lookup by name finds {found}")
+        dlm_view_report(c, log, sorted({p.split("/")[0] for p in missing}))
         try:
             for d in DIRS:
                 probe = os.path.join(c.mnt[other], d, "probe-bounce")
@@ -330,6 +331,32 @@ def stale_view_report(c, log) -> None:
         again = set(snapshot(c.mnt[me]))
         log(f"  after {other} changed each directory, {me} lists "
             f"{sorted(p for p in missing if p in again)} of them")
+        dlm_view_report(c, log, sorted({p.split("/")[0] for p in missing}))
+
+
+def dlm_view_report(c, log, dirs) -> None:
+    """Each node's DLM view of the inode locks of ``dirs``: the locks it
+    owns and, as the master, the queues it keeps -- do the owners and
+    the master agree on who holds what?"""
+    try:
+        inos = {d: os.stat(os.path.join(c.mnt["beta"], d)).st_ino for d in dirs}
+    except OSError as e:
+        log(f"  (no inode numbers: {e})")
+        return
+    names = {f"M{ino:x}": d for d, ino in inos.items()}
+    for n in ("alpha", "beta"):
+        try:
+            r = call(c.node[n], "dlm-locks", mastered=True)
+        except Exception as e:          # noqa: BLE001  (a dead daemon)
+            log(f"  {n}'s DLM: {e!r}")
+            continue
+        for dom, locks in r["locks"].items():
+            owned = [(names[lk["resource"]], lk["granted"], lk["requested"], lk["master"])
+                     for lk in locks if lk["resource"] in names]
+            m = r.get("mastered", {}).get(dom, {})
+            queues = {names[k]: v for k, v in m.get("resources", {}).items() if k in names}
+            log(f"  {n}'s DLM (epoch {m.get('epoch')}, members {m.get('members')}, "
+                f"recovering {m.get('recovering')}): owns {owned}; masters {queues}")
 
 
 def fsync_dir(path: str) -> None:
