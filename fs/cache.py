@@ -24,6 +24,14 @@ be marked again; it then comes back into the cache with the owner its
 block had -- owners are per block, and kept for dropped objects -- so that
 the lock which covers it still drops it when it goes to another node.
 
+On a shared volume a cached block is trusted while its lock is cached,
+with two exceptions: a block a new owner asks for (the other node freed
+it and reused it: its new owner's lock never covered this copy) and an
+inode tombstone (the other node may have made a new inode in the freed
+block, and a new inode's lock is taken by nobody) are read afresh.  A
+block read without its lock (readdir's inode prefetch) is not cached if
+it was forgotten while the read was in flight.
+
 The cache does not know operations: every change calls ``on_dirty``,
 through which the filesystem counts the operation into the running
 transaction.
@@ -76,6 +84,11 @@ class MetaCache:
         # images committed to the journal whose home writes are in flight
         self.homing: dict[int, bytes] = {}
         self.on_dirty = _nothing  # called on every change (the filesystem's hook)
+        # blocks read without their lock (readdir's inode prefetch), and
+        # those of them forgotten while the read was in flight: a copy read
+        # before a lock hand-over must not be cached after it
+        self._unlocked: dict[int, int] = {}
+        self._spoiled: set[int] = set()
 
     def decode(self, kind: str, raw: bytes, blkno: int):
         """Decode a block of ``kind`` read from disk; F.FormatError if it
@@ -99,12 +112,9 @@ class MetaCache:
                 # Cached as another inode's block, asked for as this one's:
                 # the block was freed and given to another inode elsewhere
                 # (the other node), so the new owner's lock hand-over never
-                # dropped this copy.  Read it afresh.  (Suspected first for
-                # netns seed 1059 -- a directory entry missing on one node
-                # across the directory's lock bouncing, both disks holding
-                # it -- which still fails with this: not its cause.)  Only
-                # inode-owned blocks: the allocator's are asked for under
-                # more than one name on purpose.
+                # dropped this copy.  Read it afresh.  Only inode-owned
+                # blocks: the allocator's are asked for under more than
+                # one name on purpose.
                 self.objs.pop(blkno, None)
                 self.evicted.pop(blkno, None)
                 self.detached.pop(blkno, None)
@@ -114,6 +124,16 @@ class MetaCache:
             obj = self.evicted.pop(blkno, None)
             if obj is not None:
                 self._insert(blkno, obj, owner)
+        if (obj is not None and kind == "inode" and isinstance(obj, F.Inode)
+                and not obj.flags & F.INODE_FLAG_VALID and blkno not in self.dirty):
+            # A tombstone is never trusted: the other node may have made a
+            # new inode in the freed block without taking its lock (a new
+            # inode is nobody else's yet -- except a node that still caches
+            # the lock and the tombstone from a stale lookup).  Read afresh.
+            # (netns fault seed 1059: an empty file beta created was missing
+            # from alpha's listing and lookups for good.)
+            self.objs.pop(blkno, None)
+            obj = None
         if obj is not None:
             if kind == "inode" and not isinstance(obj, F.Inode):
                 # a stale inode number whose block now holds other metadata
@@ -189,7 +209,34 @@ class MetaCache:
             self.objs[blkno] = obj
         self.objs.move_to_end(blkno)
 
+    def begin_unlocked_read(self, blks) -> None:
+        """``blks`` are being read without their locks (see
+        ``end_unlocked_read``)."""
+        for b in blks:
+            self._unlocked[b] = self._unlocked.get(b, 0) + 1
+
+    def end_unlocked_read(self, blks) -> set[int]:
+        """The blocks of ``blks`` forgotten since ``begin_unlocked_read``
+        (a lock hand-over or refresh dropped them): what was read of them
+        may be older than the disk and must not be cached."""
+        spoiled = set()
+        for b in blks:
+            if b in self._spoiled:
+                spoiled.add(b)
+            n = self._unlocked.get(b, 0) - 1
+            if n > 0:
+                self._unlocked[b] = n
+            else:
+                self._unlocked.pop(b, None)
+                self._spoiled.discard(b)
+        return spoiled
+
+    def _spoil(self, blkno: int) -> None:
+        if blkno in self._unlocked:
+            self._spoiled.add(blkno)
+
     def forget(self, blkno: int) -> None:
+        self._spoil(blkno)
         self.objs.pop(blkno, None)
         self.evicted.pop(blkno, None)
         self.detached.pop(blkno, None)
@@ -197,6 +244,8 @@ class MetaCache:
         self.owner.pop(blkno, None)
 
     def drop_owner(self, owner) -> None:
+        if self._unlocked and type(owner) is int:
+            self._spoil(owner)          # (an inode's own block)
         for blkno in [b for b, o in self.owner.items() if o == owner]:
             if blkno not in self.dirty:
                 self.objs.pop(blkno, None)
@@ -211,6 +260,7 @@ class MetaCache:
         its lock's block, or that lock's hand-over would not drop it (the
         survivor of a slot recovery kept stale group descriptors that way,
         and freed clusters of the other node's next window twice)."""
+        self._spoiled.update(self._unlocked)
         for blkno in list(self.objs):
             if blkno not in self.dirty:
                 self.detached[blkno] = self.objs.pop(blkno)

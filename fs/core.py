@@ -1647,9 +1647,18 @@ class Filesystem:
         async with self._op(reading=True):
             for run in runs:
                 first = run[0]
-                raw = await self.dev.read(first * bs, (run[-1] - first + 1) * bs)
+                # Read without the inodes' locks: a block forgotten while
+                # the read is in flight (its lock came back from another
+                # node, which may have changed it) is not cached from it.
+                self.cache.begin_unlocked_read(run)
+                try:
+                    raw = await self.dev.read(first * bs, (run[-1] - first + 1) * bs)
+                finally:
+                    spoiled = self.cache.end_unlocked_read(run)
                 self.cache.reads += 1
                 for i in run:
+                    if i in spoiled:
+                        continue
                     if i in self.cache.objs or i in self.cache.evicted or i in self.cache.homing:
                         continue        # changed meanwhile: the cached copy is newer
                     blk = raw[(i - first) * bs:(i - first + 1) * bs]

@@ -674,8 +674,8 @@ async def test_mutant_unlink_without_the_open_lock(tmp_path, autojump_clock, mon
 
 # ------------------------------------------------------------ races on one name
 
-async def _two_nodes(tmp_path, seed, body) -> None:
-    path = make_image(tmp_path / f"race{seed}.img", 64 << 20)
+async def _two_nodes(tmp_path, seed, body, size: int = 64 << 20) -> None:
+    path = make_image(tmp_path / f"race{seed}.img", size)
     await format_image(path, slots=2)
     with open(path, "rb") as f:
         disk = SharedDisk(f.read())
@@ -765,6 +765,69 @@ async def test_crossed_directory_renames_on_both_nodes(tmp_path, autojump_clock,
                 shapes.append(top)
             assert shapes[0] == shapes[1], shapes
     await _two_nodes(tmp_path, seed, body)
+
+
+async def run_new_inode_in_a_block_the_other_node_saw_freed(tmp_path, seed: int = 1):
+    """Node a looks a file of node b's up (caching its inode and lock),
+    b deletes it, a asks for the stale number (and caches the tombstone
+    under the inode's lock), then b makes empty files until one lands in
+    the freed block -- making a new inode takes no lock on it (nobody
+    else knows the number yet).  a must find the new file: by name, by
+    number, in a listing."""
+    async def body(a, b):
+        d = await b.mkdir(b.root_ino, "d")
+        fh, old = await b.create(d.ino, "old")
+        await b.release(fh)
+        da = (await a.lookup(a.root_ino, "d")).ino
+        assert (await a.lookup(da, "old")).ino == old.ino
+        await b.unlink(d.ino, "old")
+        with pytest.raises(OSError) as e:
+            await a.getattr(old.ino)
+        assert e.value.errno == C.errno.ESTALE
+        await b.sync()                      # the free reaches b's window
+        # b's next search of its window starts at the window's beginning,
+        # as once it has wrapped (its refills, which give back a window's
+        # last free clusters, would otherwise keep the block away for long)
+        b.alloc.hint = 0
+        for i in range(20):
+            fh, new = await b.create(d.ino, f"new{i}")
+            b.hold(new.ino)                 # b's kernel knows it (as after a FUSE create)
+            await b.release(fh)             # so the close frees nothing and locks nothing
+            if new.ino == old.ino:
+                break
+        else:
+            pytest.fail("the freed block was never given to a new inode")
+        name = f"new{i}"
+        assert (await a.lookup(da, name)).ino == old.ino
+        assert (await a.getattr(old.ino)).nlink == 1
+        listed = [n for n, _, _ in await a.readdir(da)]
+        assert name.encode() in listed
+    await _two_nodes(tmp_path, seed, body, size=16 << 20)
+
+
+async def test_new_inode_in_a_block_the_other_node_saw_freed(tmp_path, autojump_clock):
+    await run_new_inode_in_a_block_the_other_node_saw_freed(tmp_path)
+
+
+async def test_mutant_tombstone_trusted(tmp_path, autojump_clock, monkeypatch):
+    """A cache that trusts a cached tombstone fails the test above."""
+    from replfs.fs import cache as cache_mod
+    real = cache_mod.MetaCache.get
+
+    async def trusting(self, blkno, kind, owner=None):
+        obj = self.objs.get(blkno)
+        if kind == "inode" and isinstance(obj, cache_mod.F.Inode):
+            return obj
+        return await real(self, blkno, kind, owner)
+    monkeypatch.setattr(cache_mod.MetaCache, "get", trusting)
+    with pytest.raises(BaseException) as e:
+        await run_new_inode_in_a_block_the_other_node_saw_freed(tmp_path)
+
+    def leaves(x):
+        return [y for s in x.exceptions for y in leaves(s)] \
+            if isinstance(x, BaseExceptionGroup) else [x]
+    assert any(isinstance(x, OSError) and x.errno == C.errno.ESTALE
+               for x in leaves(e.value)), e.value
 
 
 async def run_dead_node_comes_back(tmp_path, seed: int = 1) -> None:
