@@ -653,11 +653,14 @@ class Resource:
                 s.room = trio.Event()
             await s.room.wait()
 
-    async def write(self, offset: int, data: bytes) -> None:
+    # PREFLUSH/FUA writes are one engine request (see replfs.blockdev)
+    write_flags = True
+
+    async def write(self, offset: int, data: bytes, flags: int = 0) -> None:
         t0 = time.perf_counter()
         try:
             await self._send_room()
-            await self._io(self.engine.write, offset, bytes(data))
+            await self._io(self.engine.write, offset, bytes(data), flags)
         finally:
             self.latency.observe("write", time.perf_counter() - t0)
 

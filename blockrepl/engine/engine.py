@@ -58,7 +58,7 @@ import hashlib
 import math
 import zlib
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from replfs.errors import EXIT_CONFIG, EXIT_NO_LOCAL_DISK, EXIT_STATE, ReplfsError
@@ -116,6 +116,24 @@ _DISK_HOLDS_DATA = frozenset({DiskState.UpToDate, DiskState.Inconsistent,
 _NO_DATA_DISK = frozenset({DiskState.Diskless, DiskState.Failed, DiskState.Attaching})
 
 _LOST = "lost"        # an app flush whose FlushAck cannot come any more
+
+# Flags of an application write, as Linux's REQ_PREFLUSH and REQ_FUA: the
+# write lands only after every write completed before it is durable
+# (PREFLUSH), and completes only once it is durable itself (FUA).  A
+# journal commit is one such request, and one network round trip: the
+# Flush, the Data and a second Flush go to the peer back to back, which
+# handles them in order.
+WRITE_PREFLUSH = 1
+WRITE_FUA = 2
+
+
+@dataclass(eq=False)
+class _FuaMark:
+    """A FUA write's peer Flush, sent right behind its Data, and the local
+    flush done as soon as the local write is (while the peer's answers
+    are on their way)."""
+    seq: int | None = None
+    flushed: Any = None         # the disk the local flush succeeded on
 _REDECIDE = "redecide"    # a write decided for no disk, and one was attached
 
 
@@ -408,6 +426,7 @@ class Engine:
         # fails the next flush once (as Linux reports a writeback error).
         self._lone_writes = 0
         self._lone_flushed = 0
+        self._demoting = False          # a secondary request is under way
         self._writeback_error = False
         self._quiesce = 0              # handshakes agreeing generation/bitmap
         # Write path.
@@ -1020,10 +1039,18 @@ class Engine:
         if self.opens["any"]:
             raise ReplfsError(f"{self.cfg.name}: State change failed: (-12) Device is held "
                               f"open by someone", EXIT_STATE)
-        yield from _until(lambda: not len(self._ranges) and not self.lo)
-        if self.disk is not None:
-            yield from self._persist(self.disk, sb=self.disk.sb.with_flags(clear=md.F_PRIMARY))
-        self._set(role=Role.Secondary)
+        # No application I/O starts from here on: a write let in while the
+        # meta-data is written would complete on a Secondary, and a resync
+        # in the other direction could take it back.
+        self._demoting = True
+        try:
+            yield from _until(lambda: not len(self._ranges) and not self.lo)
+            if self.disk is not None:
+                yield from self._persist(self.disk,
+                                         sb=self.disk.sb.with_flags(clear=md.F_PRIMARY))
+            self._set(role=Role.Secondary)
+        finally:
+            self._demoting = False
         self._tell_peer_state()
 
     def outdate(self, op) -> list:
@@ -1191,7 +1218,7 @@ class Engine:
     # ============================================================ application I/O
     def _require_io(self) -> Disk | None:
         """The local disk to use, or None when the peer serves the I/O."""
-        if self.role is not Role.Primary:
+        if self.role is not Role.Primary or self._demoting:
             raise IOFailure(errno.EMEDIUMTYPE,
                             f"{self.cfg.name} is Secondary: no application I/O")
         if self.disk is not None and self.dstate in (DiskState.UpToDate, DiskState.Consistent):
@@ -1294,11 +1321,57 @@ class Engine:
         return box[0]
 
     # ------------------------------------------------------------ write
-    def write(self, req, offset: int, data: bytes) -> list:
-        self._start(self._app(req, self._write(offset, data)), name="write")
+    def write(self, req, offset: int, data: bytes, flags: int = 0) -> list:
+        """An application write; ``flags``: WRITE_PREFLUSH | WRITE_FUA."""
+        if flags & ~(WRITE_PREFLUSH | WRITE_FUA):
+            raise ValueError(f"unknown write flags {flags:#x}")
+        gen = self._write_flagged(offset, data, flags) if flags else self._write(offset, data)
+        self._start(self._app(req, gen), name="write")
         return self._drain()
 
-    def _write(self, offset: int, data: bytes):
+    def _write_flagged(self, offset: int, data: bytes, flags: int):
+        """A write with PREFLUSH and/or FUA.  PREFLUSH: the peer's Flush is
+        sent first and the local flush done before the write is issued;
+        the peer handles its Flush before the Data behind it, so its
+        answer is not waited for before the write.  FUA: a Flush follows
+        the Data on the link at once (the peer handles it once the write
+        has landed), and the local disk is flushed once the write is."""
+        seqs: list[int] = []
+        try:
+            if flags & WRITE_PREFLUSH:
+                disk = self._require_io()
+                covers = self._lone_writes
+                seq1 = self._flush_start(disk)
+                if seq1 is not None:
+                    seqs.append(seq1)
+                ok1 = yield from self._flush_local(disk, seq1)
+            fua = _FuaMark() if flags & WRITE_FUA else None
+            yield from self._write(offset, data, fua)
+            if flags & WRITE_PREFLUSH:
+                yield from self._flush_wait(seq1, ok1)
+                self._flush_end(covers)
+            if fua is not None:
+                if fua.seq is not None:
+                    seqs.append(fua.seq)
+                disk = self._require_io()
+                covers = self._lone_writes
+                if fua.seq is None and disk is None:
+                    # no local disk, and the Data went nowhere a Flush could
+                    # follow (the write went to a peer that is now gone):
+                    # nothing can vouch for it
+                    raise IOFailure(errno.EIO, f"{self.cfg.name}: FUA write: no disk "
+                                               f"reachable to make it durable")
+                ok2 = yield from self._flush_local(disk, fua.seq,
+                                                   flushed=disk is not None
+                                                   and fua.flushed is disk)
+                yield from self._flush_wait(fua.seq, ok2)
+                self._flush_end(covers)
+        finally:
+            for seq in seqs:
+                self._flushes.pop(seq, None)
+        return None
+
+    def _write(self, offset: int, data: bytes, fua: _FuaMark | None = None):
         self._require_io()
         self._check_range(offset, len(data))
         if not data:
@@ -1324,7 +1397,8 @@ class Engine:
             while True:
                 disk = self._require_io()   # may have changed while we waited
                 if disk is None:
-                    if (yield from self._replicated_write(None, offset, data)) is _REDECIDE:
+                    if (yield from self._replicated_write(None, offset, data,
+                                                          fua=fua)) is _REDECIDE:
                         continue    # a disk was attached meanwhile
                     return None
                 target = self.dstate is DiskState.Inconsistent
@@ -1337,7 +1411,7 @@ class Engine:
                 # activity log: decide again where it goes)
             sent: list[Pending] = []
             try:
-                yield from self._replicated_write(disk, offset, data, sent)
+                yield from self._replicated_write(disk, offset, data, sent, fua=fua)
             finally:
                 disk.al.end(e_first, e_last)
                 if target and self.disk is disk and sent and sent[0].local_ok \
@@ -1418,7 +1492,7 @@ class Engine:
         return not (extents & disk.al_unsettled)
 
     def _replicated_write(self, disk: Disk | None, offset: int, data: bytes,
-                          sent: list | None = None):
+                          sent: list | None = None, fua: _FuaMark | None = None):
         while True:
             # (checked again here: the write may have waited for its range
             # or the activity log while a new handshake began)
@@ -1504,9 +1578,17 @@ class Engine:
                 sent.append(pending)
             self._send_data(P.Data(seq, pending.epoch, offset, data), data)
             self.ns += len(data)
+            if fua is not None and fua.seq is None:
+                # right behind the Data: the peer flushes once it has landed
+                fua.seq = self._flush_start(disk)
             if disk is not None:
                 local_error = yield from self._local_write(offset, data)
                 pending.local_ok = not local_error
+                if fua is not None and not local_error:
+                    # (an error here is met again, and handled, by the
+                    # flush _write_flagged does when this one failed)
+                    if not (yield self._issue(DiskFlush)):
+                        fua.flushed = disk
             yield from self._peer_has_it(pending, disk)
             self._epoch_closed = True
             # Completed by a connection loss rather than by the peer: with
@@ -1667,48 +1749,67 @@ class Engine:
     def _flush(self):
         disk = self._require_io()
         covers = self._lone_writes
-        seq = None
+        seq = self._flush_start(disk)
+        try:
+            local_ok = yield from self._flush_local(disk, seq)
+            yield from self._flush_wait(seq, local_ok)
+        finally:
+            if seq is not None:
+                self._flushes.pop(seq, None)
+        self._flush_end(covers)
+        return None
+
+    def _flush_start(self, disk: Disk | None) -> int | None:
+        """Send the peer a Flush if its copy counts (protocol B or C, or
+        this node has no disk); its sequence number, or None."""
         if self._replicating() and (self.cfg.protocol != "A" or disk is None):
             self._seq += 1
             seq = self._seq
             self._flushes[seq] = False
             self._send_flush(seq)
-        local_ok = False
-        try:
-            if disk is not None:
-                err = yield self._issue(DiskFlush)
-                if not err:
-                    try:
-                        yield from self._persist(disk)
-                    except MetaIOError as e:
-                        err = e.errno
-                if err:
-                    yield from self._local_io_error("flush", err, 0, 0)
-                    if seq is None:
-                        raise IOFailure(errno.EIO, f"{self.cfg.name}: flush failed and no "
-                                                   f"peer holds the data")
-                else:
-                    local_ok = True
-            elif seq is None:
-                raise IOFailure(errno.EIO, f"{self.cfg.name}: no UpToDate disk reachable")
-            if seq is not None:
-                yield from _until(lambda: self._flushes.get(seq, True) is not False)
-                if not local_ok and self._flushes.get(seq) is _LOST:
-                    # Neither disk confirmed: what was acknowledged may be
-                    # in no disk's stable storage.
-                    raise IOFailure(errno.EIO, f"{self.cfg.name}: flush: the peer's disk or "
-                                               f"the link went before it confirmed, and this "
-                                               f"node's disk failed or is gone")
-        finally:
-            if seq is not None:
-                self._flushes.pop(seq, None)
+            return seq
+        return None
+
+    def _flush_local(self, disk: Disk | None, seq: int | None, flushed: bool = False):
+        """Flush the local disk (unless ``flushed`` already) and persist
+        the meta-data; whether it did.  Raises when neither it nor the
+        peer (``seq``) can."""
+        if disk is not None:
+            err = 0 if flushed else (yield self._issue(DiskFlush))
+            if not err:
+                try:
+                    yield from self._persist(disk)
+                except MetaIOError as e:
+                    err = e.errno
+            if err:
+                yield from self._local_io_error("flush", err, 0, 0)
+                if seq is None:
+                    raise IOFailure(errno.EIO, f"{self.cfg.name}: flush failed and no "
+                                               f"peer holds the data")
+                return False
+            return True
+        if seq is None:
+            raise IOFailure(errno.EIO, f"{self.cfg.name}: no UpToDate disk reachable")
+        return False
+
+    def _flush_wait(self, seq: int | None, local_ok: bool):
+        """Wait for the peer's answer to Flush ``seq``."""
+        if seq is not None:
+            yield from _until(lambda: self._flushes.get(seq, True) is not False)
+            if not local_ok and self._flushes.get(seq) is _LOST:
+                # Neither disk confirmed: what was acknowledged may be
+                # in no disk's stable storage.
+                raise IOFailure(errno.EIO, f"{self.cfg.name}: flush: the peer's disk or "
+                                           f"the link went before it confirmed, and this "
+                                           f"node's disk failed or is gone")
+
+    def _flush_end(self, covers: int) -> None:
         if self._writeback_error:
             self._writeback_error = False
             self._lone_flushed = self._lone_writes
             raise IOFailure(errno.EIO, f"{self.cfg.name}: flush: the local disk failed with "
                                        f"writes no peer had confirmed; they may be lost")
         self._lone_flushed = max(self._lone_flushed, covers)
-        return None
 
     def _peer_flush(self):
         """One Flush round trip to the peer; False if its answer cannot

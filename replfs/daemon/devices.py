@@ -49,8 +49,10 @@ class ResourceIO:
     async def read(self, offset: int, length: int) -> bytes:
         return await self._io(self.res.read(offset, length))
 
-    async def write(self, offset: int, data: bytes) -> None:
-        await self._io(self.res.write(offset, data))
+    write_flags = True      # PREFLUSH/FUA go to the resource as one request
+
+    async def write(self, offset: int, data: bytes, flags: int = 0) -> None:
+        await self._io(self.res.write(offset, data, flags))
 
     async def flush(self) -> None:
         await self._io(self.res.flush())

@@ -100,9 +100,9 @@ class ResourceDevice(ResourceIO):
             raise BlockDeviceError(errno.EIO, f"this node is fenced ({self.fenced}): "
                                    "nothing more is written")
 
-    async def write(self, offset: int, data: bytes) -> None:
+    async def write(self, offset: int, data: bytes, flags: int = 0) -> None:
         self._check()
-        await super().write(offset, data)
+        await super().write(offset, data, flags)
 
     async def flush(self) -> None:
         self._check()

@@ -40,7 +40,10 @@ pair has settled: both nodes Connected and UpToDate, no split brain, both
 disks identical, and every block holds its last *required* write or a
 write issued after it.  A write is required once it is acknowledged, and
 stays required through power failures only once a flush that began after
-its acknowledgement has completed.
+its acknowledgement has completed.  Some writes carry PREFLUSH and/or FUA
+(a journal commit): a FUA write is required through power failures once
+it completes, and a PREFLUSH write that completes counts as a flush begun
+when it was issued.
 """
 from __future__ import annotations
 
@@ -55,7 +58,7 @@ from replfs.blockrepl.core.bitmap import BLOCK, Bitmap
 from replfs.blockrepl.core.states import ConnState, DiskState, Role
 from replfs.blockrepl.core.uuids import Uuids
 from replfs.blockrepl.engine import actions as A
-from replfs.blockrepl.engine.engine import Engine, EngineConfig
+from replfs.blockrepl.engine.engine import WRITE_FUA, WRITE_PREFLUSH, Engine, EngineConfig
 from replfs.blockrepl.meta import format as md
 from replfs.blockrepl.proto import packets as P
 
@@ -154,6 +157,7 @@ class WriteRec:
     state: str = "in-flight"     # in-flight | acked | failed
     acked_at: int = -1
     flushed: bool = False        # a flush begun after its ack has completed
+    flags: int = 0               # WRITE_PREFLUSH | WRITE_FUA
 
 
 @dataclass
@@ -179,9 +183,14 @@ class Sim:
                  csums: str | None = None, integrity: str | None = None,
                  pause_rate: float = 0.01, corrupt_rate: float = 0.01,
                  plan_ahead: float | None = None, min_rate: int | None = None,
-                 congestion: str | None = None, disk_fail_rate: float = 0.004):
+                 congestion: str | None = None, disk_fail_rate: float = 0.004,
+                 flagged_writes: bool = True):
         self.seed = seed
+        self.flagged_writes = flagged_writes
         self.rng = random.Random(seed)
+        # (the write flags from a stream of their own: a seed's schedule
+        # stays what it was before writes had flags)
+        self.flag_rng = random.Random(seed * 7919 + 17)
         self.steps = steps
         self.dual = self.rng.random() < 0.35 if dual is None else dual
         if protocol not in (None, "C"):
@@ -380,6 +389,10 @@ class Sim:
                 rec.state = "acked"
                 rec.acked_at = self.step_no
                 self.stats["acked"] += 1
+                if rec.flags & WRITE_FUA:
+                    rec.flushed = True          # durable once it completed
+                if rec.flags & WRITE_PREFLUSH:
+                    self.flushed_before(node, rec.issued)
         elif kind[0] == "read":
             _, first, count, issued = kind
             if act.error or self.protocol != "C":
@@ -398,13 +411,18 @@ class Sim:
                     self.fail(f"{node.name}: read of block {first + i} returned tag {got}, "
                               f"allowed {sorted(allowed)}")
         elif kind[0] == "flush":
-            issued = kind[1]
             if not act.error:
-                for rec in self.writes:
-                    if rec.node == node.idx and rec.state == "acked" \
-                            and rec.acked_at < issued and not any(
-                                rec.acked_at < s <= issued for s in self.power_crashes):
-                        rec.flushed = True
+                self.flushed_before(node, kind[1])
+
+    def flushed_before(self, node: Node, issued: int) -> None:
+        """A flush (or a PREFLUSH write) issued at step ``issued`` has
+        completed: the node's writes acknowledged before it are durable
+        (those a power failure had not already taken)."""
+        for rec in self.writes:
+            if rec.node == node.idx and rec.state == "acked" \
+                    and rec.acked_at < issued and not any(
+                        rec.acked_at < s <= issued for s in self.power_crashes):
+                rec.flushed = True
 
     def required(self, rec: WriteRec) -> bool:
         if rec.state != "acked":
@@ -442,14 +460,18 @@ class Sim:
         if any(b in busy for b in range(first, first + count)):
             return
         tag = self.new_id()
-        rec = WriteRec(node.idx, tag, range(first, first + count), self.step_no)
+        # some writes are journal commits: PREFLUSH and/or FUA
+        flags = self.flag_rng.choice((0, 0, 0, 0, 0, WRITE_FUA, WRITE_PREFLUSH,
+                                      WRITE_PREFLUSH | WRITE_FUA)) \
+            if self.flagged_writes else 0
+        rec = WriteRec(node.idx, tag, range(first, first + count), self.step_no, flags=flags)
         self.writes.append(rec)
         self.by_tag[tag] = rec
         req = self.new_id()
         node.reqs[req] = ("write", rec)
         self.stats["writes"] += 1
-        self.note(f"{node.name} write blocks {first}+{count} tag {tag}")
-        self.call(node, "write", req, first * BLOCK, tag_block(tag) * count)
+        self.note(f"{node.name} write blocks {first}+{count} tag {tag} flags {flags}")
+        self.call(node, "write", req, first * BLOCK, tag_block(tag) * count, flags)
 
     def do_read(self, node: Node) -> None:
         # (in dual-primary runs only its own half: nothing orders a read
@@ -553,6 +575,17 @@ class Sim:
             if n.failing or n.released or (e is not None and e.dstate is not DiskState.UpToDate):
                 return True
         return False
+
+    def other_disk_current(self, node: Node) -> bool:
+        """Does the other disk hold everything ``node``'s does?  (Tags grow
+        with every write: no block of ``node``'s disk may carry a newer one
+        than the other disk's.)  A disk fails only then: losing the only
+        disk with the newest data is a double failure no engine recovers
+        from on its own (DRBD neither: the admin forces a Primary).  The
+        engines' own view is not enough: a disk says UpToDate until a
+        handshake tells it that the other node wrote on alone."""
+        mine, other = node.disk, self.nodes[1 - node.idx].disk
+        return all(tag_of(mine.block(b)) <= tag_of(other.block(b)) for b in range(NBLOCKS))
 
     def fail_disk(self, node: Node) -> None:
         self.faults += 1
@@ -830,7 +863,8 @@ class Sim:
                 if node.released or node.engine is None or self.rng.random() < 0.2:
                     self.repair_disk(node)
             elif node.engine is not None and node.engine.disk is not None \
-                    and self.faults < self.max_faults and not self.disk_fault_open():
+                    and self.faults < self.max_faults and not self.disk_fault_open() \
+                    and self.other_disk_current(node):
                 self.fail_disk(node)
             elif node.released and node.engine is not None and node.engine.disk is None \
                     and not node.ops:

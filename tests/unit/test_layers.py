@@ -2,7 +2,7 @@
 
 Layers, bottom up (a module may import its own layer and those below):
 
-    ground   replfs.errors, replfs.blockdev, replfs.filemode, replfs.ipc,
+    ground   replfs.errors, replfs.blockdev, replfs.blockflags, replfs.filemode, replfs.ipc,
              replfs.fuse, replfs.tls, replfs.metrics   (shared by every layer above)
     mirror   replfs.blockrepl            (the DRBD-style block mirror)
     locking  replfs.locking              (the o2cb-style cluster stack)
@@ -26,7 +26,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 FOLDERS = {"blockrepl": "replfs.blockrepl", "locking": "replfs.locking", "fs": "replfs.fs",
            "replfs": "replfs"}
 
-GROUND = ("replfs.errors", "replfs.blockdev", "replfs.filemode", "replfs.ipc", "replfs.fuse",
+GROUND = ("replfs.errors", "replfs.blockdev", "replfs.blockflags", "replfs.filemode", "replfs.ipc", "replfs.fuse",
           "replfs.tls", "replfs.metrics")
 LAYERS = [("ground", GROUND), ("mirror", ("replfs.blockrepl",)),
           ("locking", ("replfs.locking",)), ("fs", ("replfs.fs",)),
@@ -41,7 +41,7 @@ PURE = [
     "replfs.locking.dlm", "replfs.locking.heartbeat.core", "replfs.locking.net.proto",
     "replfs.fuse.proto", "replfs.fuse.locks", "replfs.ipc.frames",
     "replfs.fs.format", "replfs.fs.journal", "replfs.fs.extents", "replfs.fs.dirs",
-    "replfs.fs.alloc", "replfs.fs.cache", "replfs.blockrepl.engine",
+    "replfs.fs.alloc", "replfs.fs.cache", "replfs.blockrepl.engine", "replfs.blockflags",
 ]
 IMPURE = {"trio", "socket", "os", "time", "random", "secrets", "threading", "subprocess",
           "asyncio", "select", "fcntl", "signal", "shutil", "pyfuse3", "io", "tempfile"}
