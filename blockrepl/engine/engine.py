@@ -11,8 +11,8 @@ driver feeds it events and carries out the actions it returns
 
 Events (each returns the list of actions it causes):
 
-    application   write(req, offset, data)  read(req, offset, length)
-                  flush(req)
+    application   write(req, offset, data, flags)  read(req, offset, length)
+                  flush(req)       (flags: WRITE_PREFLUSH | WRITE_FUA)
     admin         attach(op, sb, bitmap, al_extents)  detach(op)
                   primary(op, force)  secondary(op)  outdate(op)
                   invalidate(op)  invalidate_remote(op)  verify(op)

@@ -9,11 +9,13 @@ never through its private fields.
 """
 from __future__ import annotations
 
+import errno
 import logging
 
 import trio
 
-from replfs.errors import EXIT_CONFIG, EXIT_TIMEOUT, ReplfsError
+from replfs.blockflags import FUA, PREFLUSH
+from replfs.errors import EXIT_CONFIG, EXIT_TIMEOUT, BlockDeviceError, ReplfsError
 
 from replfs.blockrepl import conf as confmod
 from replfs.blockrepl.core import startup
@@ -386,7 +388,10 @@ class MirrorService:
         return {}, data
 
     async def op_write(self, req, body, conn):
-        await self._res(req).write(int(req["off"]), body)
+        flags = int(req.get("flags", 0))
+        if flags & ~(PREFLUSH | FUA):
+            raise BlockDeviceError(errno.EINVAL, f"unknown write flags {flags:#x}")
+        await self._res(req).write(int(req["off"]), body, flags)
         return {}
 
     async def op_flush(self, req, body, conn):

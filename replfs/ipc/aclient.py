@@ -159,8 +159,11 @@ class DaemonBlockDevice:
         _, data = await self._c.call("read", res=self.resource, off=offset, len=length)
         return data
 
-    async def write(self, offset: int, data: bytes) -> None:
-        await self._c.call("write", bytes(data), res=self.resource, off=offset)
+    write_flags = True      # PREFLUSH/FUA travel with the request
+
+    async def write(self, offset: int, data: bytes, flags: int = 0) -> None:
+        await self._c.call("write", bytes(data), res=self.resource, off=offset,
+                           **({"flags": flags} if flags else {}))
 
     async def flush(self) -> None:
         await self._c.call("flush", res=self.resource)

@@ -1,6 +1,7 @@
 """More of the block mirror through real daemons: a partition through the
 proxy process, external meta-data, the socket's mode, fio on the device
 file, adjust."""
+import errno
 import os
 import shutil
 import stat
@@ -94,3 +95,27 @@ def test_fio_verified_writes_on_the_device_file(cluster):
     assert cp.returncode == 0, cp.stdout + cp.stderr
     size = a.status()["size"]
     assert read_data(a.disk, size) == read_data(b.disk, size)
+
+
+def test_a_preflush_fua_write_through_the_admin_socket(tmp_path):
+    """The IPC write takes PREFLUSH|FUA (replfs.blockflags) as one request;
+    unknown flags are refused with EINVAL and write nothing."""
+    from replfs.blockflags import FUA, PREFLUSH
+    from replfs.errors import BlockDeviceError
+    pair = LocalPair(tmp_path)
+    try:
+        pair.up_fresh()
+        a, b = pair.alpha, pair.beta
+        with SyncClient(socket_path(a.rundir)) as c:
+            c.call("write", b"J" * 8192, res="r0", off=1 << 20, flags=PREFLUSH | FUA)
+            with pytest.raises(BlockDeviceError) as e:
+                c.call("write", b"X" * 4096, res="r0", off=0, flags=8)
+            assert e.value.errno == errno.EINVAL
+            assert c.call("read", res="r0", off=0, len=4096)[1] == bytes(4096)
+        # protocol C: the peer's disk has it once the write completed
+        with open(b.disk, "rb") as f:
+            f.seek(1 << 20)
+            assert f.read(8192) == b"J" * 8192
+        assert a.status()["counters"]["oos"] == 0
+    finally:
+        pair.teardown()
