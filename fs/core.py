@@ -937,16 +937,33 @@ class Filesystem:
             try:
                 await self.journal.commit(images, revokes)
                 try:
-                    # Home writes, coalescing runs of adjacent blocks.
+                    # Home writes, coalescing runs of adjacent blocks, all
+                    # in flight at once (the journal holds them: their
+                    # order does not matter, and on a replicated resource
+                    # each one is a network round trip).
                     blks = sorted(images)
+                    runs = []
                     i = 0
                     while i < len(blks):
                         j = i + 1
                         while j < len(blks) and blks[j] == blks[j - 1] + 1 and j - i < 256:
                             j += 1
-                        await self.dev.write(blks[i] * self.bs,
-                                             b"".join(images[b] for b in blks[i:j]))
+                        runs.append((blks[i] * self.bs, b"".join(images[b] for b in blks[i:j])))
                         i = j
+                    if len(runs) == 1:
+                        await self.dev.write(*runs[0])
+                    elif runs:
+                        try:
+                            async with trio.open_nursery() as n:
+                                for off, data in runs:
+                                    n.start_soon(self.dev.write, off, data)
+                        except BaseExceptionGroup as g:
+                            # one error is enough to say (and a device's own
+                            # exception types reach the caller unwrapped)
+                            first = g.exceptions[0]
+                            while isinstance(first, BaseExceptionGroup):
+                                first = first.exceptions[0]
+                            raise first from None
                 finally:
                     if reopen:
                         self._closing += 1
