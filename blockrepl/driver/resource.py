@@ -812,12 +812,17 @@ class Resource:
                     n.start_soon(attempt, stream, True)
 
             async def connect_loop():
+                # A refused connection (the peer not listening yet: both
+                # nodes brought up together) is tried again soon, then less
+                # often: 50 ms, doubling up to connect-int or 0.5 s.
+                delay = 0.05
                 while True:
                     try:
                         with trio.fail_after(self.conf.connect_int_s + 5):
                             stream = await trio.open_tcp_stream(self.peer.address, self.peer.port)
                     except (OSError, trio.TooSlowError):
-                        await trio.sleep(min(self.conf.connect_int_s, 0.5))
+                        await trio.sleep(min(delay, self.conf.connect_int_s, 0.5))
+                        delay *= 2
                         continue
                     if await attempt(stream, False):
                         return
