@@ -9,6 +9,12 @@ Rows, all measured in this one run on this machine:
 * protocol A/B/C — connected to a peer on 127.0.0.2.
 * C vs C+TLS    — what ``net { tls yes; }`` costs: two protocol C pairs,
                   one with TLS, measured in turns (``--tls-rounds``), medians.
+* device file   — fio on the protocol C resource's device file (what an
+                  application or a filesystem sees) against fio on local
+                  files: the same job on two files in parallel (what the
+                  pair writes underneath) and on the raw backing file,
+                  measured in turns (``--devfile-rounds``), medians, with
+                  the fast-path issue's targets as ratios (``--only-devfile``).
 
 Workloads: sequential 1 MiB writes (MB/s); 4 KiB writes at queue depth 1
 (latency); 4 KiB synchronous writes, each followed by a flush (IOPS and
@@ -166,6 +172,104 @@ def bench_tls(root: str, args) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- device file
+
+def _fio(jobs: list[tuple[str, str]], rw: str, bs: str, size: str, *, runtime: int | None = None,
+         sync: bool = False) -> list[dict]:
+    """One fio run: ``jobs`` [(name, file)] in parallel, O_DIRECT, queue
+    depth 1 (psync); ``sync``: O_DSYNC writes.  fio's JSON per job."""
+    import json
+    import subprocess
+    cmd = ["fio", "--output-format=json", f"--rw={rw}", f"--bs={bs}", f"--size={size}",
+           "--direct=1", "--ioengine=psync", "--iodepth=1", "--randrepeat=0"]
+    if sync:
+        cmd.append("--sync=dsync")
+    if runtime:
+        cmd += ["--time_based=1", f"--runtime={runtime}"]
+    for name, path in jobs:
+        cmd += [f"--name={name}", f"--filename={path}"]
+    cp = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if cp.returncode != 0:
+        raise RuntimeError(f"fio {rw} {bs}: {cp.stderr.strip() or cp.stdout[-500:]}")
+    return json.loads(cp.stdout[cp.stdout.index("{"):])["jobs"]
+
+
+def _devfile_round(dev: str, files: tuple[str, str], raw: str, mib: int, runtime: int) -> dict:
+    """The three workloads on the device file and on their baselines."""
+    def p50_us(job, kind="write"):
+        return job[kind]["clat_ns"]["percentile"]["50.000000"] / 1000
+    out = {}
+    # 4 KiB O_DIRECT|O_DSYNC writes at queue depth 1
+    j = _fio([("dev", dev)], "randwrite", "4k", f"{mib}M", runtime=runtime, sync=True)
+    out["sync4k_p50_us"] = p50_us(j[0])
+    j = _fio([("f1", files[0]), ("f2", files[1])], "randwrite", "4k", f"{mib}M",
+             runtime=runtime, sync=True)
+    out["sync4k_two_files_p50_us"] = max(p50_us(x) for x in j)
+    # 1 MiB sequential writes: the device against both backing files at once
+    j = _fio([("dev", dev)], "write", "1M", f"{mib}M")
+    out["seq_MBps"] = j[0]["write"]["bw_bytes"] / MiB
+    j = _fio([("f1", files[0]), ("f2", files[1])], "write", "1M", f"{mib}M")
+    out["seq_two_files_MBps"] = min(x["write"]["bw_bytes"] for x in j) / MiB
+    # 4 KiB random reads
+    j = _fio([("dev", dev)], "randread", "4k", f"{mib}M", runtime=runtime)
+    out["randread_iops"] = j[0]["read"]["iops"]
+    j = _fio([("raw", raw)], "randread", "4k", f"{mib}M", runtime=runtime)
+    out["randread_raw_iops"] = j[0]["read"]["iops"]
+    return out
+
+
+def bench_devfile(root: str, args, rtt_p50_us: float) -> dict:
+    """fio through the protocol C device file against local files, in turns."""
+    import shutil
+    if shutil.which("fio") is None:
+        print("  (fio is not installed: no device-file rows; scripts/setup.sh installs it)")
+        return {}
+    mib = args.devfile_mib
+    files = []
+    for name in ("two-a.img", "two-b.img", "raw-read.img"):
+        path = os.path.join(root, name)
+        with open(path, "wb") as f:
+            f.write(os.urandom(MiB) * mib)      # written, so reads are reads
+        files.append(path)
+    pair = _up_pair(os.path.join(root, "devfile"), args, tls=False, size_mib=mib + 16)
+    try:
+        dev = os.path.join(pair.alpha.root, "drbd0")
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(dev):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the device file {dev} did not appear")
+            time.sleep(0.1)
+        rounds = [_devfile_round(dev, (files[0], files[1]), files[2], mib, args.devfile_runtime)
+                  for _ in range(args.devfile_rounds)]
+    finally:
+        pair.teardown()
+    out = {k: _median([r[k] for r in rounds]) for k in rounds[0]}
+    out["rounds"] = rounds
+    out["rtt_p50_us"] = rtt_p50_us
+    return out
+
+
+def _report_devfile(d: dict) -> None:
+    if not d:
+        return
+    budget = d["sync4k_two_files_p50_us"] + d["rtt_p50_us"] + 150
+    rows = [["4k O_DSYNC write p50 us", d["sync4k_p50_us"], d["sync4k_two_files_p50_us"],
+             d["sync4k_p50_us"] / d["sync4k_two_files_p50_us"],
+             f"<= {budget:.0f} us (two files + 1 RTT + 150 us): "
+             f"{'met' if d['sync4k_p50_us'] <= budget else 'NOT met'}"],
+            ["1M sequential write MB/s", d["seq_MBps"], d["seq_two_files_MBps"],
+             d["seq_MBps"] / d["seq_two_files_MBps"],
+             f">= 0.5x: {'met' if d['seq_MBps'] >= 0.5 * d['seq_two_files_MBps'] else 'NOT met'}"],
+            ["4k random read IOPS", d["randread_iops"], d["randread_raw_iops"],
+             d["randread_iops"] / d["randread_raw_iops"],
+             f">= 0.8x: {'met' if d['randread_iops'] >= 0.8 * d['randread_raw_iops'] else 'NOT met'}"]]
+    print()
+    print(table(rows, ["device file, protocol C (fio)", "device", "baseline", "ratio",
+                       "target"]))
+    print(f"(baselines: the 4k and 1M jobs on two local files at once, the reads on a "
+          f"local file; medians of {len(d['rounds'])} rounds in turns)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.block")
     ap.add_argument("--seq-mib", type=int, default=128)
@@ -175,6 +279,13 @@ def main(argv=None) -> int:
     ap.add_argument("--tls-rounds", type=int, default=3)
     ap.add_argument("--tls-seq-mib", type=int, default=64)
     ap.add_argument("--only-tls", action="store_true", help="only the C vs C+TLS rows")
+    ap.add_argument("--devfile-rounds", type=int, default=3,
+                    help="rounds of the device-file rows (0: none)")
+    ap.add_argument("--devfile-mib", type=int, default=64, help="file size of the fio jobs")
+    ap.add_argument("--devfile-runtime", type=int, default=5,
+                    help="seconds per timed fio job")
+    ap.add_argument("--only-devfile", action="store_true",
+                    help="only the device-file rows (and the round trip they use)")
     args = ap.parse_args(argv)
     results: dict = {"params": vars(args)}
     root = tempfile.mkdtemp(prefix="replfs-bench-")
@@ -187,6 +298,14 @@ def main(argv=None) -> int:
         return _report_tls(results, args, write_json("block-tls", results))
     print("measuring: loopback TCP round trip", flush=True)
     results["tcp_rtt"] = tcp_rtt()
+    if args.only_devfile:
+        args.devfile_rounds = max(args.devfile_rounds, 1)
+        print(f"measuring: device file ({args.devfile_rounds} rounds in turns)", flush=True)
+        results["devfile"] = bench_devfile(root, args, results["tcp_rtt"]["p50_us"])
+        path = write_json("block-devfile", results)
+        _report_devfile(results["devfile"])
+        print(f"results: {path}")
+        return 0
     print("measuring: raw file", flush=True)
     results["raw"] = trio.run(bench_raw, raw, args)
     for mode in ("standalone", "A", "B", "C"):
@@ -212,6 +331,9 @@ def main(argv=None) -> int:
     if args.tls_rounds > 0:
         print(f"measuring: C vs C+TLS ({args.tls_rounds} rounds in turns)", flush=True)
         results["tls"] = bench_tls(root, args)
+    if args.devfile_rounds > 0:
+        print(f"measuring: device file ({args.devfile_rounds} rounds in turns)", flush=True)
+        results["devfile"] = bench_devfile(root, args, results["tcp_rtt"]["p50_us"])
     path = write_json("block", results)
     raw_r = results["raw"]
     rows = []
@@ -229,6 +351,7 @@ def main(argv=None) -> int:
     print(f"\nloopback TCP round trip p50 {rtt['p50_us']:.1f} us; protocol C adds "
           f"{c - s:.1f} us p50 per 4 KiB write over standalone "
           f"({(c - s) / rtt['p50_us']:.1f} round trips)")
+    _report_devfile(results.get("devfile", {}))
     return _report_tls(results, args, path)
 
 
