@@ -244,8 +244,6 @@ class MetaCache:
         self.owner.pop(blkno, None)
 
     def drop_owner(self, owner) -> None:
-        if self._unlocked and type(owner) is int:
-            self._spoil(owner)          # (an inode's own block)
         for blkno in [b for b, o in self.owner.items() if o == owner]:
             if blkno not in self.dirty:
                 self.objs.pop(blkno, None)

@@ -11,7 +11,9 @@ Offsets and lengths are bytes.  Reads past the end return what exists
 up to the end (short read), writes past the end raise BlockDeviceError.
 
 A write may carry PREFLUSH/FUA flags (replfs.blockflags): a device that
-takes them in one request says so with ``write_flags = True``.
+takes them in one request says so with ``write_flags = True``; for the
+others (a plain file: nothing to gain) ``write_flagged`` does flush,
+write, flush.
 """
 from __future__ import annotations
 
@@ -23,7 +25,6 @@ import trio
 
 
 from replfs.errors import BlockDeviceError  # noqa: E402,F401  (defined there, named here)
-from replfs.blockflags import FUA, PREFLUSH, write_flagged  # noqa: F401  (named here too)
 
 
 @runtime_checkable
@@ -113,18 +114,12 @@ class FileBlockDevice:
             view = view[n:]
             pos += n
 
-    write_flags = True
-
-    async def write(self, offset: int, data: bytes, flags: int = 0) -> None:
-        if flags & PREFLUSH:
-            await self.flush()
+    async def write(self, offset: int, data: bytes) -> None:
         if len(data) <= self.INLINE_MAX:
             await trio.lowlevel.checkpoint()
             self.write_now(offset, data)
-        else:
-            await trio.to_thread.run_sync(self.write_now, offset, data, limiter=self._limiter)
-        if flags & FUA:
-            await self.flush()
+            return
+        await trio.to_thread.run_sync(self.write_now, offset, data, limiter=self._limiter)
 
     async def flush(self) -> None:
         await trio.to_thread.run_sync(os.fdatasync, self._fd, limiter=self._limiter)

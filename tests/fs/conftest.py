@@ -101,9 +101,9 @@ class CountingDevice(FileBlockDevice):
         self.reads += 1
         return await super().read(off, n)
 
-    async def write(self, off, data, flags=0):
+    async def write(self, off, data):
         self.writes += 1
-        return await super().write(off, data, flags)
+        return await super().write(off, data)
 
 
 def make_image(path, size: int = VOLUME) -> str:

@@ -762,10 +762,10 @@ async def test_readonly_mount_refuses_a_volume_needing_recovery(image):
 class FailingWrites(CountingDevice):
     fail = False
 
-    async def write(self, off, data, flags=0):
+    async def write(self, off, data):
         if self.fail:
             raise OSError(errno.EIO, "Input/output error")
-        return await super().write(off, data, flags)
+        return await super().write(off, data)
 
 
 async def test_io_error_below_gives_eio_and_latches_read_only(image, caplog):

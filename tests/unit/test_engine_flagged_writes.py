@@ -7,12 +7,13 @@ again after it, and the write completes only once both disks have it
 durably."""
 import pytest
 
-from replfs.blockrepl.core.bitmap import BLOCK, Bitmap
-from replfs.blockrepl.core.states import ConnState
+from replfs.blockrepl.core.bitmap import BLOCK
 from replfs.blockrepl.core.uuids import Uuids
 from replfs.blockrepl.engine import actions as A
 from replfs.blockrepl.engine.engine import WRITE_FUA, WRITE_PREFLUSH, Engine, EngineConfig
 from replfs.blockrepl.meta import format as md
+
+from engine_pair import bring_up  # (tests/unit is on sys.path)
 from replfs.blockrepl.proto import packets as P
 
 NBLOCKS = 64
@@ -40,16 +41,7 @@ class Pair:
         self.queue = []
         self.hold = False
         self.held: list = []
-        for n in (self.a, self.b):
-            self.feed(n, n.e.attach("attach", n.sb, Bitmap(NBLOCKS), []))
-            self.feed(n, n.e.connect())
-        for n in (self.a, self.b):
-            n.session, actions = n.e.connected()
-            self.feed(n, actions)
-        self.settle()
-        self.feed(self.a, self.a.e.primary("p"))
-        self.settle()
-        assert self.a.e.cstate is ConnState.Connected
+        bring_up(self, NBLOCKS)
         for n in (self.a, self.b):
             n.disk_log.clear()
 

@@ -4,12 +4,14 @@ after ko-count x timeout (after timeout when ko-count is not given), and
 never with ko-count 0; pings alone keep the link up meanwhile."""
 import pytest
 
-from replfs.blockrepl.core.bitmap import BLOCK, Bitmap
+from replfs.blockrepl.core.bitmap import BLOCK
 from replfs.blockrepl.core.states import ConnState
 from replfs.blockrepl.core.uuids import Uuids
 from replfs.blockrepl.engine import actions as A
 from replfs.blockrepl.engine.engine import Engine, EngineConfig
 from replfs.blockrepl.meta import format as md
+
+from engine_pair import bring_up  # (tests/unit is on sys.path)
 
 NBLOCKS = 64
 
@@ -32,16 +34,7 @@ class Pair:
         self.a, self.b = Node("alpha", "beta", ko), Node("beta", "alpha", ko)
         self.a.peer, self.b.peer = self.b, self.a
         self.queue = []
-        for n in (self.a, self.b):
-            self.feed(n, n.e.attach("attach", n.sb, Bitmap(NBLOCKS), []))
-            self.feed(n, n.e.connect())
-        for n in (self.a, self.b):
-            n.session, actions = n.e.connected()
-            self.feed(n, actions)
-        self.settle()
-        self.feed(self.a, self.a.e.primary("p"))
-        self.settle()
-        assert self.a.e.cstate is ConnState.Connected
+        bring_up(self, NBLOCKS)
 
     def feed(self, node, actions):
         self.queue += [(node, a) for a in actions]
