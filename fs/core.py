@@ -1540,6 +1540,9 @@ class Filesystem:
             if flags & RENAME_EXCHANGE and de is None:
                 # (Linux's order: a missing target before the loop check)
                 raise OSError(errno.ENOENT, "no such file or directory")
+            if flags & RENAME_NOREPLACE and de is not None:
+                # (and an existing one, with NOREPLACE, before it too)
+                raise OSError(errno.EEXIST, "file exists")
             # Moving a directory under itself is refused before its lock
             # is taken: the rename holds the new parent, and a descendant
             # is locked after its ancestors everywhere else.

@@ -312,6 +312,10 @@ def _run(tmp_path_factory, ops):
 # (the missing target) before EINVAL (the loop), as Linux orders them
 @example(ops=[("create", 0, 0, 0, 0, 0), ("mkdir", 1, 0, 0, 0, 0),
               ("rename", 1, 20, 0, 0, 3)])
+# RENAME_NOREPLACE of a directory onto an existing name inside itself:
+# EEXIST before EINVAL (the loop), as Linux orders them
+@example(ops=[("create", 0, 0, 0, 0, 0)] * 14 + [("mkdir", 1, 0, 2, 0, 0),
+              ("create", 8, 0, 0, 0, 0), ("rename", 1, 2, 2, 0, 2)])
 def test_model_random_sequences(tmp_path_factory, ops):
     _run(tmp_path_factory, ops)
 
