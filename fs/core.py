@@ -1859,12 +1859,25 @@ class Filesystem:
         No I/O, so it cannot race with an operation."""
         self._opens[ino] = self._opens.get(ino, 0) + 1
 
-    async def pin_open(self, ino: int) -> None:
+    async def pin_open(self, ino: int, generation: int | None = None) -> None:
         """On a shared volume: pin the open lock of ``ino``, held (``hold``)
         here, so the other node does not free it while this node's kernel
-        knows it; released with the last reference (``_unref``)."""
+        knows it; released with the last reference (``_unref``).
+
+        The lookup that found ``ino`` let its locks go before this pin, so
+        the other node may have freed the inode meanwhile, and even made a
+        new one in its block: with ``generation`` (the lookup's), a pin
+        taken now checks that the inode is still the one found, and
+        answers ESTALE if not (the caller drops its reference, which
+        unpins)."""
         if self.clustered and not self.locks.pinned(ino):
             await self.locks.open_pin(ino)
+            if generation is not None:
+                async with self._op(reading=True), self._locked(ino, shared=True):
+                    inode = await self._inode(ino)      # ESTALE if freed
+                    if inode.generation != generation:
+                        raise OSError(errno.ESTALE, f"inode {ino} was freed and used "
+                                      f"again since it was looked up")
 
     async def unhold(self, ino: int) -> None:
         """Drop a ``hold``; frees the inode if that was its last reference

@@ -46,6 +46,7 @@ ROOT = fuse.ROOT_INODE
 _DOT_COOKIE = 1
 _DOTDOT_COOKIE = 2
 _READDIR_BATCH = 256
+_LOOKUP_TRIES = 3        # a lookup that races the other node's unlink and reuse
 
 
 class ReplfsOperations(fuse.LocalLocks, fuse.Operations):
@@ -129,7 +130,7 @@ class ReplfsOperations(fuse.LocalLocks, fuse.Operations):
         self.lookup_counts[e.st_ino] = n + 1
         if self.shared and n == 0 and e.st_ino != ROOT:
             try:
-                await self._call("lookup", self.fs.pin_open, e.st_ino)
+                await self._call("lookup", self.fs.pin_open, e.st_ino, e.generation)
             except BaseException:
                 # no reply will carry this reference: take it back
                 with trio.CancelScope(shield=True):
@@ -205,8 +206,16 @@ class ReplfsOperations(fuse.LocalLocks, fuse.Operations):
     # ---------------------------------------------------------------- names
 
     async def lookup(self, parent_inode, name, ctx=None):
-        a = await self._call("lookup", self.fs.lookup, self._disk(parent_inode), name)
-        return await self._looked_up(self._entry(a))
+        for attempt in range(_LOOKUP_TRIES):
+            a = await self._call("lookup", self.fs.lookup, self._disk(parent_inode), name)
+            try:
+                return await self._looked_up(self._entry(a))
+            except fuse.FUSEError as exc:
+                # ESTALE here: the other node freed (and perhaps reused)
+                # the inode between the lookup and the pin of its open
+                # lock; the name may now lead elsewhere or nowhere: ask again
+                if exc.errno != errno.ESTALE or attempt == _LOOKUP_TRIES - 1:
+                    raise
 
     async def forget(self, inode_list):
         for ino, n in inode_list:

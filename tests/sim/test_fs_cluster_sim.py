@@ -830,6 +830,63 @@ async def test_mutant_tombstone_trusted(tmp_path, autojump_clock, monkeypatch):
                for x in leaves(e.value)), e.value
 
 
+async def run_lookup_then_reuse_before_the_pin(tmp_path, seed: int = 1):
+    """The FUSE lookup's window: node a looks a file up (its locks go back
+    to the cache), and before a pins the inode's open lock for its
+    kernel, b deletes the file and makes a new one in its block.  The pin
+    must see that the inode is not the one looked up (ESTALE), not hand
+    a's kernel the new file under the old name; a pin of the new file
+    (its own generation) is fine."""
+    async def body(a, b):
+        d = await b.mkdir(b.root_ino, "d")
+        fh, old = await b.create(d.ino, "old")
+        await b.release(fh)
+        da = (await a.lookup(a.root_ino, "d")).ino
+        found = await a.lookup(da, "old")
+        assert found.ino == old.ino
+        await b.unlink(d.ino, "old")        # nobody pins it: b frees it
+        await b.sync()
+        b.alloc.hint = 0
+        for i in range(20):
+            fh, new = await b.create(d.ino, f"new{i}")
+            b.hold(new.ino)
+            await b.release(fh)
+            if new.ino == old.ino:
+                break
+        else:
+            pytest.fail("the freed block was never given to a new inode")
+        assert new.generation != found.generation
+        a.hold(found.ino)                   # the kernel reference of the lookup
+        with pytest.raises(OSError) as e:
+            await a.pin_open(found.ino, found.generation)
+        assert e.value.errno == C.errno.ESTALE
+        await a.unhold(found.ino)           # the reply is not sent: its reference goes
+        assert not a.locks.pinned(found.ino)
+        again = await a.lookup(da, f"new{i}")
+        a.hold(again.ino)
+        await a.pin_open(again.ino, again.generation)
+        assert a.locks.pinned(again.ino)
+        await a.unhold(again.ino)
+    await _two_nodes(tmp_path, seed, body, size=16 << 20)
+
+
+async def test_lookup_then_reuse_before_the_pin(tmp_path, autojump_clock):
+    await run_lookup_then_reuse_before_the_pin(tmp_path)
+
+
+async def test_mutant_pin_without_generation_check(tmp_path, autojump_clock, monkeypatch):
+    """A pin that does not check the generation fails the test above."""
+    real = Filesystem.pin_open
+
+    async def unchecked(self, ino, generation=None):
+        await real(self, ino)
+    monkeypatch.setattr(Filesystem, "pin_open", unchecked)
+    with pytest.raises(BaseException) as e:
+        await run_lookup_then_reuse_before_the_pin(tmp_path)
+    assert "DID NOT RAISE" in str(e.value) or any(
+        "DID NOT RAISE" in str(x) for x in getattr(e.value, "exceptions", ())), e.value
+
+
 async def run_dead_node_comes_back(tmp_path, seed: int = 1) -> None:
     """Node 0 holds the global bitmap's lock (cached EX) when node 1 dies;
     it recovers node 1's slot (the replay, then node 1's window back to
