@@ -45,6 +45,7 @@ import trio
 from replfs import fuse
 
 from replfs.blockdev import BlockDevice, BlockDeviceError, FileBlockDevice
+from replfs.blockflags import FUA, write_flagged
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,8 @@ class DeviceFileOps(fuse.Operations):
         self.gid = gid
         now = time.time_ns()
         self.atime_ns = self.mtime_ns = self.ctime_ns = now
-        self.counters = {"reads": 0, "writes": 0, "bytes_read": 0, "bytes_written": 0,
-                         "flushes": 0, "errors": 0}
+        self.counters = {"reads": 0, "writes": 0, "sync_writes": 0, "bytes_read": 0,
+                         "bytes_written": 0, "flushes": 0, "errors": 0}
 
     # -- helpers -------------------------------------------------------------
 
@@ -180,13 +181,28 @@ class DeviceFileOps(fuse.Operations):
         return data
 
     async def write(self, fh, off, buf):
+        return await self._write(off, buf, 0)
+
+    async def write_sync(self, fh, off, buf, datasync):
+        # O_DSYNC/O_SYNC: the write is durable when it completes -- a FUA
+        # write (a block device has no metadata for O_SYNC to add), one
+        # request where the device takes flags: on a replicated resource
+        # one round trip to the peer, not a write and then a flush.
+        n = await self._write(off, buf, FUA)
+        self.counters["sync_writes"] += 1
+        return n
+
+    async def _write(self, off, buf, flags: int) -> int:
         if self.readonly:
             raise fuse.FUSEError(errno.EROFS)
         if off >= self.dev.size:
             raise fuse.FUSEError(errno.ENOSPC)
         if off + len(buf) > self.dev.size:
             buf = buf[:self.dev.size - off]     # short write up to the end
-        await self._device_call("write", self.dev.write, off, bytes(buf))
+        if flags:
+            await self._device_call("write", write_flagged, self.dev, off, bytes(buf), flags)
+        else:
+            await self._device_call("write", self.dev.write, off, bytes(buf))
         self.counters["writes"] += 1
         self.counters["bytes_written"] += len(buf)
         self.mtime_ns = time.time_ns()

@@ -267,6 +267,17 @@ class Operations:
     async def write(self, fh, off, buf) -> int:
         _enosys()
 
+    async def write_sync(self, fh, off, buf, datasync) -> int:
+        """A write with O_DSYNC or O_SYNC (the open's flags or pwritev2's
+        RWF_DSYNC/RWF_SYNC) to a ``direct_io`` handle.  The kernel sends
+        no FSYNC after such a write (it does after a cached one), so it
+        must be durable when answered.  The default writes, then fsyncs
+        the handle; a device that can do both in one request overrides
+        it.  ``datasync``: O_DSYNC only (no metadata beyond the size)."""
+        n = await self.write(fh, off, buf)
+        await self.fsync(fh, datasync)
+        return n
+
     async def flush(self, fh) -> None:
         pass
 

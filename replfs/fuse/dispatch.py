@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextvars
 import errno
 import logging
+import os
 import time
 
 import trio
@@ -66,11 +67,15 @@ def _entry(req: Request, a: EntryAttributes) -> bytes:
     return payload
 
 
-def _open_payload(fi) -> bytes:
+def _open_payload(fi, s=None) -> bytes:
+    """open_out for ``fi``; ``s``: the session of a file open, which
+    counts its direct_io handles (their sync writes, see ``_write``)."""
     if isinstance(fi, int):
         return proto.open_out(fi, 0)
     if not isinstance(fi, FileInfo):
         raise FuseUsageError(f"expected FileInfo or a handle, got {type(fi).__name__}")
+    if s is not None and fi.direct_io:
+        s.direct_handles[fi.fh] += 1
     return proto.open_out(fi.fh, fi.open_flags())
 
 
@@ -168,7 +173,7 @@ async def _link(s, r):
 
 
 async def _open(s, r):
-    return _open_payload(await s.ops.open(r.nodeid, r.args.flags, r.ctx))
+    return _open_payload(await s.ops.open(r.nodeid, r.args.flags, r.ctx), s)
 
 
 async def _read(s, r):
@@ -178,8 +183,17 @@ async def _read(s, r):
     return data
 
 
+_O_SYNC_ONLY = os.O_SYNC & ~os.O_DSYNC     # __O_SYNC: O_SYNC sets both bits
+
+
 async def _write(s, r):
-    n = await s.ops.write(r.args.fh, r.args.offset, r.args.data)
+    a = r.args
+    # The kernel syncs a cached handle's O_DSYNC write with an FSYNC of its
+    # own; a direct_io handle's write only carries the flag.
+    if a.flags & os.O_DSYNC and s.direct_handles.get(a.fh):
+        n = await s.ops.write_sync(a.fh, a.offset, a.data, not a.flags & _O_SYNC_ONLY)
+    else:
+        n = await s.ops.write(a.fh, a.offset, a.data)
     return proto.write_out(n)
 
 
@@ -196,7 +210,16 @@ async def _release(s, r):
             r.ctx.lock_owner = a.lock_owner
             await s.ops.release_locks(r.nodeid, Kind.FLOCK, a.lock_owner, r.ctx)
     finally:
+        _forget_handle(s, a.fh)
         await s.ops.release(a.fh)
+
+
+def _forget_handle(s, fh: int) -> None:
+    left = s.direct_handles.get(fh, 0) - 1
+    if left > 0:
+        s.direct_handles[fh] = left
+    else:
+        s.direct_handles.pop(fh, None)
 
 
 async def _fsync(s, r):
@@ -308,7 +331,7 @@ async def _create(s, r):
     r.ctx.umask = a.umask
     fi, entry = await s.ops.create(r.nodeid, a.name, a.mode, a.flags, r.ctx)
     # entry_out first, then open_out: one reply, two structs.
-    return _entry(r, entry) + _open_payload(fi)
+    return _entry(r, entry) + _open_payload(fi, s)
 
 
 async def _destroy(s, r):

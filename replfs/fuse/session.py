@@ -149,6 +149,8 @@ class Session:
         self.max_write = max_write
         self.max_tasks = max_tasks
         self.max_lock_waiters = max_lock_waiters
+        # open direct_io handles (fh -> opens): their O_DSYNC writes are synced here
+        self.direct_handles: collections.Counter = collections.Counter()
         if task_opcodes is None:
             task_opcodes = getattr(ops, "task_opcodes", None)
         self.task_opcodes = frozenset(DEFAULT_TASK_OPCODES if task_opcodes is None

@@ -228,6 +228,64 @@ def test_fsync_reaches_device_flush(export):
 
 
 @fuse_required
+def test_sync_writes_are_durable_writes(export):
+    """O_DSYNC, O_SYNC and RWF_DSYNC writes to the (direct_io) device file
+    get no FSYNC from the kernel: each must reach the device as a FUA
+    write; a plain write must not."""
+    buf = mmap.mmap(-1, 4096)
+    buf.write(b"s" * 4096)
+    try:
+        for flags in (os.O_DSYNC, os.O_SYNC, os.O_DSYNC | os.O_DIRECT):
+            fd = os.open(export.path, os.O_RDWR | flags)
+            try:
+                assert os.pwritev(fd, [buf], 8192) == 4096
+            finally:
+                os.close(fd)
+        fd = os.open(export.path, os.O_RDWR)
+        try:
+            assert os.pwritev(fd, [buf], 0, os.RWF_DSYNC) == 4096
+            assert os.pwritev(fd, [buf], 4096) == 4096          # not synced
+        finally:
+            os.close(fd)
+    finally:
+        buf.close()
+    stats = export.stop()
+    assert stats["sync_writes"] == 4 and stats["writes"] == 5, stats
+    assert stats["flushes"] == 0 and stats["errors"] == 0, stats
+
+
+class RecordingDevice:
+    """Records the requests that reach it; ``write_flags``: takes
+    PREFLUSH/FUA in the write itself."""
+
+    def __init__(self, write_flags: bool):
+        self.size = 1 << 20
+        self.write_flags = write_flags
+        self.log = []
+
+    async def write(self, offset, data, flags=0):
+        self.log.append(("write", offset, len(data), flags))
+
+    async def flush(self):
+        self.log.append(("flush",))
+
+
+@pytest.mark.parametrize("write_flags", [True, False])
+async def test_a_sync_write_is_one_fua_request(write_flags):
+    from replfs.blockflags import FUA
+    dev = RecordingDevice(write_flags)
+    ops = DeviceFileOps(dev)
+    assert await ops.write_sync(1, 4096, b"x" * 512, True) == 512
+    assert await ops.write(1, 0, b"y") == 1
+    if write_flags:
+        want = [("write", 4096, 512, FUA), ("write", 0, 1, 0)]
+    else:
+        want = [("write", 4096, 512, 0), ("flush",), ("write", 0, 1, 0)]
+    assert dev.log == want
+    assert ops.counters["sync_writes"] == 1 and ops.counters["writes"] == 2
+
+
+@fuse_required
 @pytest.mark.skipif(shutil.which("mkfs.ext4") is None or shutil.which("e2fsck") is None,
                     reason="e2fsprogs (mkfs.ext4, e2fsck) not installed")
 def test_mkfs_ext4_on_the_device_file_then_fsck_backing(export):

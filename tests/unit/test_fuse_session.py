@@ -69,6 +69,7 @@ class Ops(Operations):
     def __init__(self):
         self.forgotten = []
         self.session = None
+        self.io = []
 
     def init(self, session):
         self.session = session
@@ -98,6 +99,20 @@ class Ops(Operations):
 
     async def getxattr(self, inode, name, ctx):
         return b"0123456789"
+
+    async def open(self, inode, flags, ctx):
+        # inode 20 opens direct_io (as a device file), any other cached
+        return FileInfo(fh=inode, direct_io=inode == 20)
+
+    async def write(self, fh, off, buf):
+        self.io.append(("write", fh))
+        return len(buf)
+
+    async def fsync(self, fh, datasync):
+        self.io.append(("fsync", fh, datasync))
+
+    async def release(self, fh):
+        pass
 
     async def flush(self, fh):
         raise FUSEError(errno.ENOSYS)
@@ -263,6 +278,38 @@ async def test_notify_from_a_handler_follows_its_reply(served):
     uniq, code, payload = await k.recv()
     assert code == proto.NotifyCode.INVAL_ENTRY and payload.endswith(b"name\0")
     assert s.stats["notify_ok"] == 2
+
+
+async def test_sync_writes_to_direct_io_handles_are_synced(served):
+    """The kernel sends no FSYNC after an O_DSYNC/O_SYNC write to a
+    direct_io handle (it does after a cached one): the session makes it
+    durable (write_sync: write then fsync by default)."""
+    import os
+    k, ops, s, _ = served
+
+    async def open_(ino):
+        u = await k.send(Opcode.OPEN, proto.Open(os.O_RDWR, 0), nodeid=ino)
+        assert (await k.recv())[:2] == (u, 0)
+
+    async def write(fh, flags):
+        ops.io.clear()
+        u = await k.send(Opcode.WRITE, proto.Write(fh, 0, 4, 0, 0, flags, b"data"))
+        assert (await k.recv())[:2] == (u, 0)
+        return list(ops.io)
+
+    await open_(20)
+    await open_(20)
+    await open_(21)
+    assert await write(20, os.O_RDWR) == [("write", 20)]
+    assert await write(20, os.O_RDWR | os.O_DSYNC) == [("write", 20), ("fsync", 20, True)]
+    assert await write(20, os.O_RDWR | os.O_SYNC) == [("write", 20), ("fsync", 20, False)]
+    # a cached handle: the kernel's own FSYNC follows, nothing added
+    assert await write(21, os.O_RDWR | os.O_DSYNC) == [("write", 21)]
+    # two opens of fh 20: still direct after one release, not after both
+    for left in ([("write", 20), ("fsync", 20, True)], [("write", 20)]):
+        u = await k.send(Opcode.RELEASE, proto.Release(20, 0, 0, 0), nodeid=20)
+        assert (await k.recv())[:2] == (u, 0)
+        assert await write(20, os.O_DSYNC) == left
 
 
 async def test_session_end_answers_pending_requests(nursery):
