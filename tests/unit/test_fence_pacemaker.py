@@ -57,3 +57,39 @@ def test_refuses_without_a_node_or_without_pacemaker(tmp_path):
     env = dict(os.environ, PATH=str(tmp_path), REPLFS_FENCE_NODE="beta")
     cp = subprocess.run(["/bin/sh", AGENT], capture_output=True, text=True, env=env)
     assert cp.returncode == 5 and "stonith_admin not found" in cp.stderr
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_prints_usage_and_fences_nothing(fake_pacemaker, flag):
+    bindir, log = fake_pacemaker
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", REPLFS_FENCE_NODE="beta")
+    cp = subprocess.run([AGENT, flag], capture_output=True, text=True, timeout=30, env=env)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.startswith("usage: replfs-fence-pacemaker") and "REPLFS_FENCE_NODE" in cp.stdout
+    assert not log.exists()
+
+
+@pytest.mark.parametrize("args", [["--node", "beta"], ["beta"], ["-x"]])
+def test_unknown_arguments_are_refused_before_fencing(fake_pacemaker, args):
+    bindir, log = fake_pacemaker
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", REPLFS_FENCE_NODE="beta")
+    cp = subprocess.run([AGENT] + args, capture_output=True, text=True, timeout=30, env=env)
+    assert cp.returncode == 2 and "unexpected argument" in cp.stderr, cp.stderr
+    assert "Traceback" not in cp.stderr and not log.exists()
+
+
+def test_a_terminal_on_standard_input_is_not_waited_for(fake_pacemaker):
+    """Run by hand without REPLFS_FENCE_NODE, it must not sit waiting for
+    fence-agent lines typed on the terminal."""
+    bindir, log = fake_pacemaker
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
+    env.pop("REPLFS_FENCE_NODE", None)
+    master, slave = os.openpty()
+    try:
+        cp = subprocess.run([AGENT], stdin=slave, capture_output=True, text=True, timeout=10,
+                            env=env)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert cp.returncode == 2 and "standard input is a terminal" in cp.stderr, cp.stderr
+    assert not log.exists()
