@@ -2,8 +2,10 @@
 ocf-tester runs every action of each agent against real daemons, real
 mounts and a real NFS-Ganesha, and crm_resource drives the promotable
 agent through a start/promote/demote/stop cycle from a CIB file, as a
-cluster would.  A monitor of a frozen mount fails within its timeout
-instead of hanging."""
+cluster would: on one node, then dual-primary (promoted-max=2,
+notify=true) on both, with the post-demote notification reconnecting a
+StandAlone resource.  A monitor of a frozen mount, and a start against a
+frozen replfsd, fail within their timeout instead of hanging."""
 from __future__ import annotations
 
 import os
@@ -48,27 +50,29 @@ def agent(agent: str, action: str, timeout_ms: int = 60000, check_level: int = 0
                           text=True, timeout=120, env=env)
 
 
+def clone(rid: str, node, provider: str, meta: str = "") -> str:
+    """A promotable clone of ocf:PROVIDER:replfs for resource r0 on ``node``
+    (each node its own clone: crm_resource runs the agent here, with the
+    primitive's parameters, so the node and its rundir are parameters)."""
+    params = dict(resource="r0", config=node.conf, node=node.name, rundir=node.rundir,
+                  replfsadm=ADM)
+    nvpairs = "".join(f'<nvpair id="{rid}-p-{k}" name="{k}" value="{v}"/>'
+                      for k, v in params.items())
+    metas = "".join(f'<nvpair id="{rid}-m-{k}" name="{k}" value="{v}"/>'
+                    for k, v in [("promotable", "true")] + [
+                        tuple(kv.split("=")) for kv in meta.split()])
+    return (f'<clone id="{rid}-clone"><meta_attributes id="{rid}-clone-meta">{metas}'
+            f'</meta_attributes><primitive id="{rid}" class="ocf" provider="{provider}" '
+            f'type="replfs"><instance_attributes id="{rid}-params">{nvpairs}'
+            f'</instance_attributes></primitive></clone>')
+
+
 CIB = """<cib crm_feature_set="3.16.2" validate-with="pacemaker-3.9" epoch="1" num_updates="0"
      admin_epoch="0">
  <configuration>
   <crm_config/>
-  <nodes><node id="1" uname="alpha"/></nodes>
-  <resources>
-   <clone id="r0-clone">
-    <meta_attributes id="r0-clone-meta">
-     <nvpair id="r0-clone-promotable" name="promotable" value="true"/>
-    </meta_attributes>
-    <primitive id="r0" class="ocf" provider="replfs" type="replfs">
-     <instance_attributes id="r0-params">
-      <nvpair id="r0-p1" name="resource" value="r0"/>
-      <nvpair id="r0-p2" name="config" value="{conf}"/>
-      <nvpair id="r0-p3" name="node" value="alpha"/>
-      <nvpair id="r0-p4" name="rundir" value="{rundir}"/>
-      <nvpair id="r0-p5" name="replfsadm" value="{adm}"/>
-     </instance_attributes>
-    </primitive>
-   </clone>
-  </resources>
+  <nodes><node id="1" uname="alpha"/><node id="2" uname="beta"/></nodes>
+  <resources>{resources}</resources>
   <constraints/>
  </configuration>
  <status/>
@@ -76,11 +80,61 @@ CIB = """<cib crm_feature_set="3.16.2" validate-with="pacemaker-3.9" epoch="1" n
 """
 
 
-def test_resource_agent_with_ocf_tester_and_crm_resource(tmp_path):
-    pair = LocalPair(tmp_path)
+@pytest.fixture
+def provider():
+    """An OCF provider directory naming this tree's agents, so that
+    crm_resource (which finds agents only under /usr/lib/ocf/resource.d)
+    runs the agents under test, not whatever copy set-up installed there
+    (its links may point into another checkout)."""
+    base = os.path.dirname(INSTALLED)
+    name = f"replfs-test-{os.getpid()}"
+    link = os.path.join(base, name)
+    if shutil.which("crm_resource") is None:
+        pytest.skip("crm_resource is missing (Debian pacemaker-cli-utils; scripts/setup.sh)")
+    try:
+        os.symlink(os.path.realpath(AGENTS), link)
+    except OSError as e:
+        inst = os.path.join(INSTALLED, "replfs")
+        if os.path.realpath(inst) == os.path.realpath(os.path.join(AGENTS, "replfs")):
+            yield "replfs"
+            return
+        pytest.skip(f"cannot add an OCF provider in {base} ({e.strerror}) and the installed "
+                    f"agents are not this tree's (scripts/setup.sh)")
+    try:
+        yield name
+    finally:
+        os.unlink(link)
+
+
+def crm(cib, rid: str, action: str) -> int:
+    cp = subprocess.run(["crm_resource", "-r", rid, action], capture_output=True, text=True,
+                        env=dict(ENV, CIB_file=str(cib)), timeout=120)
+    assert "Traceback" not in cp.stdout + cp.stderr, cp.stdout + cp.stderr
+    return cp.returncode
+
+
+def wait_cstate(node, cstate: str, timeout: float = 20):
+    deadline = time.monotonic() + timeout
+    while node.adm("cstate", "r0").stdout.strip() != cstate:
+        assert time.monotonic() < deadline, f"{node.name}: not {cstate}"
+        time.sleep(0.05)
+
+
+def wait_roles(a, b, ra: str, rb: str, timeout: float = 10):
+    """Both nodes' ``replfsadm role`` (each learns the other's role from a
+    state message, a moment after the agent's action returns)."""
+    deadline = time.monotonic() + timeout
+    while (got := (a.adm("role", "r0").stdout.strip(), b.adm("role", "r0").stdout.strip())) \
+            != (ra, rb):
+        assert time.monotonic() < deadline, got
+        time.sleep(0.05)
+
+
+def test_resource_agent_with_ocf_tester_and_crm_resource(tmp_path, provider):
+    pair = LocalPair(tmp_path, extra_net="allow-two-primaries;")
     try:
         pair.up_fresh()
-        a = pair.alpha
+        a, b = pair.alpha, pair.beta
         a.adm("secondary", "r0")
         a.adm("down", "r0")
         params = dict(resource="r0", config=a.conf, node="alpha", rundir=a.rundir,
@@ -93,23 +147,68 @@ def test_resource_agent_with_ocf_tester_and_crm_resource(tmp_path):
         assert agent("replfs", "stop", **bad).returncode == 0
         assert agent("replfs", "monitor", **bad).returncode == 7
 
-        if shutil.which("crm_resource") is None or \
-                not os.path.exists(os.path.join(INSTALLED, "replfs")):
-            pytest.skip("crm_resource or the installed agent is missing (scripts/setup.sh)")
+        # a frozen replfsd: start (status, up, status: three calls) fails
+        # within its timeout, all its calls sharing it
+        a.proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            cp = agent("replfs", "start", timeout_ms=8000, **params)
+            took = time.monotonic() - t0
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
+        assert cp.returncode == 1 and "the action's 8000 ms" in cp.stderr, cp.stderr
+        assert took < 8, took
+        assert "Traceback" not in cp.stderr
+
+        # one node: start, promote, demote, stop from a CIB, as a cluster would
         cib = tmp_path / "cib.xml"
-        cib.write_text(CIB.format(conf=a.conf, rundir=a.rundir, adm=ADM))
-        env = dict(ENV, CIB_file=str(cib))
+        cib.write_text(CIB.format(resources=clone("r0", a, provider)))
         roles = []
         for action, rc in (("--force-check", 7), ("--force-start", 0), ("--force-check", 0),
                            ("--force-promote", 0), ("--force-check", 8),
                            ("--force-demote", 0), ("--force-stop", 0), ("--force-check", 7)):
-            cp = subprocess.run(["crm_resource", "-r", "r0", action], capture_output=True,
-                                text=True, env=env, timeout=300)
-            assert cp.returncode == rc, (action, cp.stdout, cp.stderr)
+            assert crm(cib, "r0", action) == rc, action
             roles.append(a.adm("role", "r0").stdout.strip())
         assert roles == ["Unconfigured", "Secondary/Secondary", "Secondary/Secondary",
                          "Primary/Secondary", "Primary/Secondary", "Secondary/Secondary",
                          "Unconfigured", "Unconfigured"], roles
+
+        # dual-primary (promoted-max=2, notify=true), both nodes: each
+        # node's instance from its own clone (crm_resource runs agents here)
+        b.adm("secondary", "r0", check=False)
+        b.adm("down", "r0")
+        meta = "promoted-max=2 promoted-node-max=1 clone-max=2 notify=true"
+        cib.write_text(CIB.format(resources=clone("ra", a, provider, meta)
+                                  + clone("rb", b, provider, meta)))
+        assert crm(cib, "ra", "--force-start") == 0 and crm(cib, "rb", "--force-start") == 0
+        wait_cstate(a, "Connected")
+        assert crm(cib, "ra", "--force-promote") == 0
+        assert crm(cib, "rb", "--force-promote") == 0
+        wait_roles(a, b, "Primary/Primary", "Primary/Primary")
+        assert crm(cib, "ra", "--force-check") == 8 and crm(cib, "rb", "--force-check") == 8
+        assert crm(cib, "rb", "--force-demote") == 0
+        wait_roles(a, b, "Primary/Secondary", "Secondary/Primary")
+        assert crm(cib, "ra", "--force-demote") == 0
+        wait_roles(a, b, "Secondary/Secondary", "Secondary/Secondary")
+
+        # notify: alpha was left StandAlone; the post-demote notification
+        # (as Pacemaker sends it to the clone's instances) reconnects it
+        a.adm("disconnect", "r0")
+        wait_cstate(a, "StandAlone")
+        env = {"CRM_meta_notify": "true", "CRM_meta_notify_type": "post",
+               "CRM_meta_notify_operation": "demote", "CRM_meta_notify_demote_uname": "alpha ",
+               "CRM_meta_notify_active_uname": "alpha beta ",
+               "CRM_meta_notify_unpromoted_uname": "alpha beta ",
+               "CRM_meta_notify_promoted_uname": " ", "CRM_meta_promoted_max": "2"}
+        pre = agent("replfs", "notify", **dict(params, **dict(env, CRM_meta_notify_type="pre")))
+        assert pre.returncode == 0 and a.adm("cstate", "r0").stdout.strip() == "StandAlone"
+        cp = agent("replfs", "notify", **params, **env)
+        assert cp.returncode == 0, cp.stderr
+        wait_cstate(a, "Connected")
+        wait_cstate(b, "Connected")
+
+        assert crm(cib, "rb", "--force-stop") == 0 and crm(cib, "ra", "--force-stop") == 0
+        wait_roles(a, b, "Unconfigured", "Unconfigured")
     finally:
         pair.teardown()
 
