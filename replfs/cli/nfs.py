@@ -8,16 +8,26 @@ NFS-Ganesha (replfs/nfs/ganesha.py), one server per exported resource.
     replfsadm nfs status [RESOURCE|MOUNTPOINT]   0 running, 3 not running
 
 The mount is looked up in this node's replfsd (request ``mounts``), which
-knows its resource and volume UUID.  ``main(argv, out, err) -> int`` so
-tests can run it in-process.
+knows its resource and volume UUID.  ``stop`` and ``status`` also work
+when replfsd or the mount is gone (the HA stop path): the server's files
+in RUNDIR/nfs/RESOURCE (or --dir) say what it serves.
+
+Before ``start``, the dead peer's state must be back: the server's NFSv4
+grace period starts with it, and must not end before the filesystem has
+recovered the dead node's journal slot and locks.  ``start`` waits (up to
+--wait-recovery) while the mount recovers a slot, and also while a peer
+is unreachable but not yet declared dead by the cluster stack (it is
+still a member of the volume's lock domain): its recovery has not even
+begun.  ``main(argv, out, err) -> int`` so tests can run it in-process.
 """
 from __future__ import annotations
 
 import os
 import sys
 
-from replfs.errors import EXIT_CONFIG, EXIT_EXEC, EXIT_USAGE, ReplfsError
-from replfs.ipc.client import DaemonNotRunning, SyncClient, rundir_from_env, socket_path
+from replfs.errors import EXIT_CONFIG, EXIT_EXEC, EXIT_TIMEOUT, EXIT_USAGE, ReplfsError
+from replfs.ipc.client import (DaemonNotRunning, SyncClient, node_name, rundir_from_env,
+                               socket_path)
 
 EXIT_NOT_RUNNING = 3              # LSB status: program is not running
 
@@ -36,8 +46,14 @@ _VALUED = {
     "--export-id": "export_id", "--pseudo": "pseudo", "--access": "access",
     "--clients": "clients", "--protocols": "protocols", "--grace": "grace",
     "--lease": "lease", "--squash": "squash", "--log-level": "log_level",
-    "--dir": "dir", "--timeout": "timeout",
+    "--dir": "dir", "--timeout": "timeout", "--wait-recovery": "wait_recovery",
 }
+# options that are no ExportSpec field
+_OWN = ("dir", "timeout", "wait_recovery")
+# what a running Ganesha does not re-read on SIGHUP (only its EXPORT and
+# LOG blocks; ganesha-config(8), "Reloading Config"): these need a restart
+_RESTART_ONLY = ("address", "port", "mount_port", "grace", "lease", "protocols",
+                 "log_level")
 _INTS = {"port", "mount_port", "export_id", "grace", "lease"}
 
 
@@ -63,7 +79,10 @@ def usage() -> str:
               "  --dir DIR           the server's files: configuration, pid, log",
               "                      (default RUNDIR/nfs/RESOURCE)",
               "  --timeout SECONDS   (start) wait for the server; (stop) SIGKILL after (30)",
-              "", "Exit codes: 0 ok, 1 usage, 3 not running (status), 10 config, 20 exec.",
+              "  --wait-recovery SECONDS  (start) wait this long for the filesystem to",
+              "                      recover a dead peer's slot first (default: --timeout)",
+              "", "Exit codes: 0 ok, 1 usage, 3 not running (status), 5 a dead peer's slot",
+              "not recovered in time (start), 10 config, 20 exec.",
               "See replfsadm-nfs(8)."]
     return "\n".join(lines)
 
@@ -102,10 +121,10 @@ def _parse(argv: list[str]):
     return g, pos, opts
 
 
-def _mounts(g) -> list[dict]:
+def _call(g, op: str, **args) -> dict:
     try:
         with SyncClient(socket_path(rundir_from_env(g["rundir"])), timeout=30) as c:
-            return c.call("mounts")[0]["mounts"]
+            return c.call(op, **args)[0]
     except DaemonNotRunning:
         raise ReplfsError("replfsd is not running on this node: nothing is mounted through it",
                           EXIT_EXEC) from None
@@ -113,7 +132,7 @@ def _mounts(g) -> list[dict]:
 
 def _find(g, arg: str) -> dict:
     """The replfsd mount record of a mountpoint or resource name."""
-    mounts = _mounts(g)
+    mounts = _call(g, "mounts")["mounts"]
     real = os.path.realpath(arg) if os.path.isabs(arg) or os.path.exists(arg) else None
     for m in mounts:
         if (real and os.path.realpath(m["mountpoint"]) == real) or m["resource"] == arg:
@@ -135,7 +154,7 @@ def _paths(g, opts, resource: str):
 
 def _apply(spec, opts) -> None:
     for key, val in opts.items():
-        if key in ("dir", "timeout"):
+        if key in _OWN:
             continue
         if key in _INTS:
             if not val.isdigit():
@@ -151,23 +170,32 @@ def _apply(spec, opts) -> None:
         setattr(spec, key, val)
 
 
-def _timeout(opts, default=30.0) -> float:
-    val = opts.get("timeout")
+def _timeout(opts, default=30.0, key="timeout", zero=False) -> float:
+    val = opts.get(key)
     if val is None:
         return default
     try:
         t = float(val)
     except ValueError:
         t = -1
-    if not 0 < t <= 3600:
-        raise ReplfsError(f"--timeout: '{val}' (seconds, up to 3600)", EXIT_USAGE)
+    if not (0 <= t if zero else 0 < t) or t > 3600:
+        raise ReplfsError(f"--{key.replace('_', '-')}: '{val}' (seconds, up to 3600)",
+                          EXIT_USAGE)
     return t
 
 
-def _spec_for(g, arg, opts):
+def _node_of(g, m: dict) -> str:
+    """The node's name for its NFSv4 recovery directory: the cluster's
+    name of this node for a shared mount, else --node / $REPLFS_NODE /
+    uname -n."""
+    return m.get("node") or node_name(g["node"])
+
+
+def _spec_for(g, arg, opts, m=None):
     from replfs.nfs import ganesha as G
-    m = _find(g, arg)
-    spec = G.ExportSpec(resource=m["resource"], mountpoint=m["mountpoint"], uuid=m["uuid"])
+    m = m or _find(g, arg)
+    spec = G.ExportSpec(resource=m["resource"], mountpoint=m["mountpoint"], uuid=m["uuid"],
+                        node=_node_of(g, m))
     _apply(spec, opts)
     G.check_spec(spec)
     return spec
@@ -183,10 +211,13 @@ def cmd_config(g, args, opts, out):
 def cmd_start(g, args, opts, out):
     from replfs.nfs import ganesha as G
     _nargs(args, 1, 1, "start MOUNTPOINT [OPTIONS]")
-    spec = _spec_for(g, args[0], opts)
+    timeout = _timeout(opts)
+    wait = _timeout(opts, timeout, "wait_recovery", zero=True)
+    _spec_for(g, args[0], opts)                     # refuse bad options before waiting
+    m = wait_recovered(_Daemon(g), args[0], wait, out)
+    spec = _spec_for(g, args[0], opts, m)
     paths = _paths(g, opts, spec.resource)
-    _wait_recovered(g, args[0], _timeout(opts), out)
-    pid = G.start(spec, paths, timeout=_timeout(opts))
+    pid = G.start(spec, paths, timeout=timeout)
     hi, lo, derived = G.derive_ids(spec.uuid)
     where = f"{spec.address or '*'}:{spec.port}"
     out(f"{spec.resource}: NFS-Ganesha pid {pid} serves {spec.mountpoint} on {where} as "
@@ -194,26 +225,88 @@ def cmd_start(g, args, opts, out):
         f"fsid {hi:#x}.{lo:#x}, NFSv{'+v'.join(spec.protocols)}); log {paths.log}")
 
 
-def _wait_recovered(g, arg: str, timeout: float, out) -> None:
-    """Wait until the mount has recovered the slots of every dead node:
-    the server's grace period starts when it starts, and must not end
-    before the dead node's state is back (its locks, its journal)."""
+class _Daemon:
+    """The questions ``start`` asks this node's replfsd before it starts a
+    server (a stand-in answers them in the unit tests)."""
+
+    def __init__(self, g):
+        self.g = g
+
+    def mount(self, arg: str) -> dict:
+        return _find(self.g, arg)
+
+    def cluster_status(self) -> dict:
+        return _call(self.g, "cluster-status")
+
+    def domain_members(self, domain: str) -> list[int] | None:
+        """The live members of a lock domain as this node's lock manager
+        has them: a node leaves them only when the cluster stack declared
+        it dead (or it left cleanly)."""
+        reply = _call(self.g, "dlm-locks", domain=domain, mastered=True)
+        info = (reply.get("mastered") or {}).get(domain)
+        return None if info is None else list(info.get("members") or [])
+
+
+def pending_recovery(m: dict, status: dict | None, members_of) -> list[str]:
+    """Why a server in front of mount record ``m`` must not start yet: []
+    when every other node's state is back.  ``status``: the cluster
+    stack's cluster-status; ``members_of(uuid)``: the live members of the
+    volume's lock domain (asked only when a node is unreachable).
+
+    A node that died is, in turn: unreachable but still a member of the
+    lock domain (the cluster stack has not declared it dead: it waits for
+    the node to fence itself, or for the fence agent); then recovering in
+    the mount's record (from the declaration until its journal slot is
+    replayed).  A node that was never up, or left cleanly, is in neither."""
+    if "recovering" not in m:
+        return []                       # not a shared mount: no other node writes
+    if status and status.get("fenced"):
+        raise ReplfsError(f"{m['mountpoint']}: this node is fenced ({status['fenced']}); "
+                          f"its mount answers EIO: not starting the NFS server", EXIT_EXEC)
+    why = []
+    if m["recovering"]:
+        why.append(f"the mount is recovering the journal slots of dead node(s) "
+                   f"{', '.join(map(str, m['recovering']))}")
+    if status and status.get("online"):
+        up = set(status.get("connected") or []) | {status.get("number")}
+        gone = [n for n in status.get("members") or []
+                if n not in up and n not in (status.get("dead") or [])
+                and n not in m["recovering"]]
+        if gone:
+            members = set(members_of(m["uuid"]) or [])
+            undeclared = [n for n in gone if n in members]
+            if undeclared:
+                why.append(f"node(s) {', '.join(map(str, undeclared))} unreachable but not "
+                           f"yet declared dead by the cluster stack (their journal slots "
+                           f"and locks are not recovered yet)")
+    return why
+
+
+def wait_recovered(daemon, arg: str, limit: float, out, *, clock=None, sleep=None) -> dict:
+    """Wait until no other node's state is missing from the mount
+    (``pending_recovery``); return the mount record.  The server's grace
+    period starts when it starts, and must not end before the dead node's
+    journal and locks are back.  Refuses (exit 5) after ``limit`` seconds."""
     import time
-    deadline = time.monotonic() + timeout
-    said = False
+    clock = clock or time.monotonic
+    sleep = sleep or time.sleep
+    deadline = clock() + limit
+    said = None
     while True:
-        pending = _find(g, arg).get("recovering") or []
-        if not pending:
-            return
-        if not said:
-            out(f"waiting for the mount to recover the slots of dead node(s) "
-                f"{', '.join(map(str, pending))}")
-            said = True
-        if time.monotonic() > deadline:
-            raise ReplfsError(f"{arg}: the slots of dead node(s) {pending} are still not "
-                              f"recovered after {timeout:g} s; not starting the NFS server",
-                              EXIT_EXEC)
-        time.sleep(0.1)
+        m = daemon.mount(arg)
+        why = pending_recovery(m, daemon.cluster_status() if "recovering" in m else None,
+                               daemon.domain_members)
+        if not why:
+            return m
+        if why != said:
+            out(f"waiting before the NFS server starts: {'; '.join(why)}")
+            said = why
+        if clock() >= deadline:
+            raise ReplfsError(f"{arg}: not starting the NFS server: {'; '.join(why)}, still "
+                              f"after {limit:g} s (--wait-recovery); its grace period could "
+                              f"end before the dead node's state is back. Check "
+                              f"'replfsadm cluster status' and replfsd's log", EXIT_TIMEOUT)
+        sleep(0.2)
 
 
 def cmd_reload(g, args, opts, out):
@@ -225,11 +318,13 @@ def cmd_reload(g, args, opts, out):
     if spec is None:
         raise ReplfsError(f"resource {m['resource']}: no export started in {paths.dir}",
                           EXIT_EXEC)
-    core = {k for k in opts if k in ("address", "port", "mount_port")}
+    core = [k for k in _RESTART_ONLY if k in opts]
     if core:
-        raise ReplfsError(f"--{sorted(core)[0].replace('_', '-')} needs a restart "
-                          f"(replfsadm nfs stop, then start): Ganesha reads it only at start",
+        raise ReplfsError(f"--{core[0].replace('_', '-')} needs a restart (replfsadm nfs "
+                          f"stop, then start): Ganesha re-reads only its exports on reload",
                           EXIT_USAGE)
+    if not spec.node:
+        spec.node = _node_of(g, m)      # (an export file written before 'node' was kept)
     _apply(spec, opts)
     pid = G.reload(spec, paths)
     out(f"{spec.resource}: NFS-Ganesha pid {pid} re-reads its exports")
@@ -238,9 +333,16 @@ def cmd_reload(g, args, opts, out):
 def cmd_stop(g, args, opts, out):
     from replfs.nfs import ganesha as G
     _nargs(args, 1, 1, "stop RESOURCE|MOUNTPOINT")
-    resource = _resource_of(g, args[0])
-    paths = _paths(g, opts, resource)
     timeout = _timeout(opts)
+    if opts.get("dir"):
+        # the server's own files say everything: no replfsd, no mount needed
+        paths = G.Paths(os.path.abspath(opts["dir"]))
+        spec = G.load_spec(paths)
+        resource = spec.resource if spec else (args[0] if not os.path.isabs(args[0])
+                                               else os.path.basename(paths.dir))
+    else:
+        resource = _resource_of(g, args[0])
+        paths = _paths(g, opts, resource)
     pid, killed = G.stop(paths, timeout=timeout)
     if pid is None:
         out(f"{resource}: NFS-Ganesha is not running")
@@ -252,11 +354,29 @@ def cmd_stop(g, args, opts, out):
 
 
 def _resource_of(g, arg: str) -> str:
-    """A resource name from a resource or mountpoint argument; a stopped
-    export's mount may already be gone, so a plain name is taken as is."""
-    if os.path.isabs(arg):
+    """A resource name from a resource or mountpoint argument.  A stopped
+    export's mount (or replfsd) may already be gone: a plain name is taken
+    as is, and a mountpoint replfsd does not know is looked up in the
+    export files of RUNDIR/nfs."""
+    if not os.path.isabs(arg):
+        return arg
+    try:
         return _find(g, arg)["resource"]
-    return arg
+    except ReplfsError as e:
+        from replfs.nfs import ganesha as G
+        base = os.path.join(rundir_from_env(g["rundir"]), "nfs")
+        want = {os.path.normpath(arg), os.path.realpath(arg)}
+        try:
+            names = sorted(os.listdir(base))
+        except OSError:
+            names = []
+        for res in names:
+            spec = G.load_spec(G.Paths(os.path.join(base, res)))
+            if spec is not None and (os.path.normpath(spec.mountpoint) in want
+                                     or os.path.realpath(spec.mountpoint) in want):
+                return res
+        raise ReplfsError(f"{e.message}\n(no export in {base} serves {arg} either; name the "
+                          f"resource, or give --dir)", e.exit_code) from None
 
 
 def cmd_status(g, args, opts, out):
@@ -326,20 +446,24 @@ def main(argv: list[str], *, out=None, err=None) -> int:
             (out if g["help"] else err)(usage())
             return 0 if g["help"] else EXIT_USAGE
         verb, args = pos[0], pos[1:]
-        ignored = [o for o, k in (("--node", "node"), ("-c", "config")) if g.get(k)]
-        if ignored:
+        if g.get("config"):
             # the export is found through replfsd's socket (--rundir) and
             # the mount; say so rather than take the option silently
-            err(f"replfsadm nfs: {' and '.join(ignored)} not used (the mount is found "
-                f"through replfsd in --rundir)")
+            err("replfsadm nfs: -c not used (the mount is found through replfsd in "
+                "--rundir)")
         fn = _HANDLERS.get(verb)
         if fn is None:
             raise ReplfsError(f"Unknown nfs command '{verb}'\n{usage()}", EXIT_USAGE)
         if verb in ("stop", "status"):
-            extra = set(opts) - {"dir", "timeout"}
-            if extra:
-                raise ReplfsError(f"'nfs {verb}' does not take "
-                                  f"--{sorted(extra)[0].replace('_', '-')}", EXIT_USAGE)
+            allowed = {"dir", "timeout"}
+        elif verb == "start":
+            allowed = set(_VALUED.values())
+        else:
+            allowed = set(_VALUED.values()) - {"wait_recovery"}
+        extra = set(opts) - allowed
+        if extra:
+            raise ReplfsError(f"'nfs {verb}' does not take "
+                              f"--{sorted(extra)[0].replace('_', '-')}", EXIT_USAGE)
         return fn(g, args, opts, out) or 0
     except ReplfsError as e:
         err(e.message)

@@ -18,7 +18,12 @@ What makes it safe to fail over:
   ``start`` checks that the root handle Ganesha hands out carries it.
 * NFSv4 state lives on the shared volume (``.nfs-ganesha/ADDRESS``), so
   the node that takes over an address finds the clients of the node that
-  had it and gives them a grace period to reclaim.
+  had it and gives them a grace period to reclaim.  A server bound to
+  every address has one of its own per node (``.nfs-ganesha/node-NAME``):
+  two servers must never share one, or each would count the other's
+  clients as its own.  The directory is mode 0700, root's: with
+  root_squash no client can enter it (NFS has no way to leave a name of
+  the exported tree out, so clients do see the name).
 * No delegations and no NLM: locks are not shared between the two
   servers, so the supported mode is one active server per address.
 
@@ -64,6 +69,8 @@ class ExportSpec:
     lease: int = 60
     squash: str = "root_squash"
     log_level: str = "NIV_EVENT"
+    node: str = ""                 # this node's name: the recovery directory
+                                   # of a server without an address
 
 
 def derive_ids(uuid_hex: str) -> tuple[int, int, int]:
@@ -81,12 +88,22 @@ def derive_ids(uuid_hex: str) -> tuple[int, int, int]:
 
 def recovery_root(spec: ExportSpec) -> str:
     """Where Ganesha keeps the NFSv4 clients of this export's address: on
-    the shared volume, so the node that takes the address over finds them."""
-    return os.path.join(spec.mountpoint, RECOVERY_DIR, spec.address or "any")
+    the shared volume, so the node that takes the address over finds them.
+    Without an address (every address of the node) there is nothing to
+    take over: the node's own directory, never one two servers share."""
+    if spec.address:
+        return os.path.join(spec.mountpoint, RECOVERY_DIR, spec.address)
+    if not spec.node:
+        raise ReplfsError("a server without --address needs the node's name for its NFSv4 "
+                          "recovery directory (--node)", EXIT_USAGE)
+    return os.path.join(spec.mountpoint, RECOVERY_DIR, f"node-{spec.node}")
 
 
 def check_spec(spec: ExportSpec) -> None:
     """Refuse what Ganesha would refuse later, or misread, with the option's name."""
+    if spec.node and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", spec.node):
+        raise ReplfsError(f"--node: '{spec.node}' is not a node name (letters, digits, "
+                          f"'.', '_', '-')", EXIT_USAGE)
     if spec.address:
         try:
             ipaddress.ip_address(spec.address)
@@ -321,7 +338,9 @@ def start(spec: ExportSpec, paths: Paths, *, timeout: float = 30.0, log=print) -
     hi, lo, _ = derive_ids(spec.uuid)
     shim = shim_path()
     os.makedirs(paths.dir, mode=0o755, exist_ok=True)
-    os.makedirs(recovery_root(spec), exist_ok=True)
+    os.makedirs(recovery_root(spec), mode=0o700, exist_ok=True)
+    # the clients' records: out of reach of (root-squashed) NFS clients
+    os.chmod(os.path.join(spec.mountpoint, RECOVERY_DIR), 0o700)
     _write(paths.conf, text)
     _write(paths.fsids, f"{os.path.realpath(spec.mountpoint)}\t{hi:08x}\t{lo:08x}\n")
     _write(paths.spec, _spec_text(spec))
@@ -400,7 +419,10 @@ def stop(paths: Paths, *, timeout: float = 30.0) -> tuple[int | None, bool]:
 
 def reload(spec: ExportSpec, paths: Paths) -> int:
     """Write the new configuration and have the running Ganesha re-read its
-    exports (SIGHUP).  Core options (address, ports) need a restart."""
+    exports (SIGHUP).  Ganesha 4.3 re-reads only its EXPORT, EXPORT_DEFAULTS
+    and LOG blocks (ganesha-config(8)): NFS_CORE_PARAM (address, ports,
+    protocols) and NFSV4 (grace, lease) need a restart, and the caller
+    refuses them (replfs/cli/nfs.py)."""
     pid = read_pid(paths)
     if pid is None:
         raise ReplfsError(f"resource {spec.resource}: NFS-Ganesha is not running", EXIT_EXEC)

@@ -49,11 +49,16 @@ def test_config_has_what_failover_needs():
 
 def test_config_options():
     text = G.render_config(spec(export_id=7, pseudo="/exports/home", access="RO",
-                                clients=["192.168.1.0/24", "host1"], protocols=("4",)))
+                                clients=["192.168.1.0/24", "host1"], protocols=("4",),
+                                node="alpha"))
     assert "Export_Id = 7;" in text and "Pseudo = /exports/home;" in text
     assert "Access_Type = RO;" in text and "Clients = 192.168.1.0/24, host1;" in text
     assert "Protocols = 4;" in text and "Bind_addr" not in text
-    assert "RecoveryRoot = /srv/r0/.nfs-ganesha/any;" in text
+    # no address: the node's own NFSv4 recovery directory, never a shared one
+    assert "RecoveryRoot = /srv/r0/.nfs-ganesha/node-alpha;" in text
+    assert "node-beta;" in G.render_config(spec(node="beta"))
+    with pytest.raises(ReplfsError, match="needs the node's name"):
+        G.render_config(spec())
 
 
 @pytest.mark.parametrize("kw", [
