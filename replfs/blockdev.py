@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
+import threading
 from typing import Protocol, runtime_checkable
 
 import trio
 
+
+from outcome import Value as _Value
 
 from replfs.errors import BlockDeviceError  # noqa: E402,F401  (defined there, named here)
 
@@ -43,6 +47,38 @@ class BlockDevice(Protocol):
     async def discard(self, offset: int, length: int) -> None: ...
 
     async def close(self) -> None: ...
+
+
+class _SyncThread:
+    """One thread that runs a device's fdatasync calls, one after another.
+
+    A flush is on the path of every synchronous write, and a call through
+    trio.to_thread costs about as much CPU as the fdatasync itself here
+    (a limiter, a context copy, naming the thread twice): a job here is a
+    queue put, the call, and a wake-up of trio's loop with the result."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            job()
 
 
 class FileBlockDevice:
@@ -69,6 +105,7 @@ class FileBlockDevice:
         self._size = real if size is None else min(size, real)
         self.readonly = readonly
         self._limiter = trio.CapacityLimiter(threads)
+        self._sync = _SyncThread(f"fdatasync {os.path.basename(path)}"[:15])
 
     @property
     def size(self) -> int:
@@ -121,8 +158,33 @@ class FileBlockDevice:
             return
         await trio.to_thread.run_sync(self.write_now, offset, data, limiter=self._limiter)
 
+    def flush_soon(self, callback) -> None:
+        """Start an fdatasync and return: ``callback(err)`` (0, or the
+        errno) runs later in trio's thread, from no task (the mirror's
+        driver needs none).  Flushes run one after another, in order."""
+        token = trio.lowlevel.current_trio_token()
+        fd = self._fd
+
+        def job():
+            try:
+                os.fdatasync(fd)
+                err = 0
+            except OSError as e:
+                err = e.errno or errno.EIO
+            try:
+                token.run_sync_soon(callback, err)
+            except trio.RunFinishedError:
+                pass
+        self._sync.submit(job)
+
     async def flush(self) -> None:
-        await trio.to_thread.run_sync(os.fdatasync, self._fd, limiter=self._limiter)
+        task = trio.lowlevel.current_task()
+        self.flush_soon(lambda err: trio.lowlevel.reschedule(task, _Value(err)))
+        # (not cancellable: an fdatasync under way is waited for, as
+        # trio.to_thread waits for it)
+        err = await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+        if err:
+            raise OSError(err, os.strerror(err))
 
     async def discard(self, offset: int, length: int) -> None:
         # Zeroing keeps the contract "discarded blocks read back as zeros"
@@ -132,5 +194,15 @@ class FileBlockDevice:
 
     async def close(self) -> None:
         if self._fd >= 0:
+            if self._sync._thread is not None:
+                # the flushes queued before go first: the descriptor must
+                # not close (and be reused) under them
+                task = trio.lowlevel.current_task()
+                token = trio.lowlevel.current_trio_token()
+                self._sync.submit(lambda: token.run_sync_soon(
+                    trio.lowlevel.reschedule, task, _Value(None)))
+                await trio.lowlevel.wait_task_rescheduled(
+                    lambda _: trio.lowlevel.Abort.FAILED)
+                self._sync.stop()
             os.close(self._fd)
             self._fd = -1

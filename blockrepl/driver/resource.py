@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import logging
-import math
 import os
 import secrets
 import time
@@ -51,6 +51,7 @@ log = logging.getLogger("replfs.blockrepl")
 _LOG_LEVELS = {"info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 _SEND_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _INLINE_IO = 64 * 1024      # disk requests up to this size are done in _feed, at once
+_IOV_MAX = 1024             # buffers one writev takes
 
 
 class _Channel:
@@ -90,6 +91,23 @@ class _Channel:
             await self.stream.send_all(data)
         self.bytes_sent += len(data)
 
+    async def send_buffers(self, bufs: list) -> None:
+        """Encoded packets, in order (small ones joined into one send)."""
+        async with self.send_lock:
+            if sum(len(b) for b in bufs) <= 65536:
+                bufs = [b"".join(bufs)]
+            for b in bufs:
+                await self.stream.send_all(b)
+                self.bytes_sent += len(b)
+
+    def fileno(self) -> int | None:
+        """The plain TCP socket's descriptor, for sends that need no task
+        (``_Session.push``); None with TLS (its stream must encrypt)."""
+        sock = getattr(self.stream, "socket", None)
+        if self.tls is not None or sock is None:
+            return None
+        return sock.fileno()
+
     async def recv(self) -> P.Packet:
         while True:
             pkt = self.decoder.next_packet()
@@ -111,20 +129,69 @@ class _Channel:
 
 
 class _Session:
-    """The driver's side of one engine session: its channel, the queue of
-    packets to send, and the scope that ends it."""
+    """The driver's side of one engine session: its channel, the packets
+    to send, and the scope that ends it.
+
+    The engine's packets go out from ``Resource._feed`` itself: each batch
+    of actions is one vectored, non-blocking write to the socket
+    (``push``), with no task in between, while nothing waits before it.
+    What the socket does not take waits in ``backlog``, in order, for the
+    sender task; so does everything with TLS.  The backlog is unbounded
+    (the engine's sends cannot wait), bounded in bytes by Resource.write,
+    which waits while ``queued`` is over the limit: a peer that stops
+    reading cannot make this node's memory grow."""
 
     def __init__(self, number: int, chan: _Channel):
         self.number = number
         self.chan = chan
         self.scope = trio.CancelScope()
-        # Unbounded as a channel (the engine's sends cannot wait), bounded in
-        # bytes by Resource.write, which waits while ``queued`` is over the
-        # limit: a peer that stops reading cannot make this node's memory grow.
-        self.queue_send, self.queue_recv = trio.open_memory_channel(math.inf)
-        self.queued = 0                 # bytes of data in packets not yet sent
+        self.fd = chan.fileno()
+        self.out: list = []             # this batch's encoded packets, not yet pushed
+        self.out_data = 0               # ... of which packet data (for ``queued``)
+        self.backlog: collections.deque = collections.deque()    # (buffers, data bytes)
+        self.queued = 0                 # bytes of data in the backlog
         self.room = trio.Event()        # set when ``queued`` falls under the limit
+        self.wake = trio.Event()        # the backlog grew, or the session closes
+        self.closed = False             # no more packets go out
         self.closed_by_engine = False
+
+    def put(self, pkt: P.Packet) -> None:
+        if self.closed:
+            return
+        head, tail = P.encode_parts(pkt)
+        self.out.append(head)
+        if tail:
+            self.out.append(tail)
+        self.out_data += len(getattr(pkt, "data", b""))
+
+    def push(self) -> None:
+        """Send this batch's packets: at once if nothing waits before
+        them, else (and whatever the socket does not take) by the sender."""
+        bufs, data = self.out, self.out_data
+        if not bufs:
+            return
+        self.out, self.out_data = [], 0
+        if self.fd is not None and not self.backlog:
+            try:
+                n = os.writev(self.fd, bufs[:_IOV_MAX])
+            except OSError:
+                n = 0       # (EAGAIN; or an error the sender meets and reports)
+            self.chan.bytes_sent += n
+            while bufs and n >= len(bufs[0]):
+                n -= len(bufs[0])
+                bufs.pop(0)
+            if not bufs:
+                return
+            if n:
+                bufs[0] = memoryview(bufs[0])[n:]
+        self.backlog.append((bufs, data))
+        self.queued += data
+        self.wake.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.out, self.out_data = [], 0
+        self.wake.set()
 
 
 class Resource:
@@ -151,6 +218,7 @@ class Resource:
         # log: replfsadm events2); must be cheap and must not raise
         self.state_hook = None
         self._tick_wake = trio.Event()
+        self._tick_at = 0.0         # when the ticker wakes next by itself
         self._results: dict[int, object] = {}
         self._done_events: dict[int, trio.Event] = {}
         self._next_req = 0
@@ -269,6 +337,9 @@ class Resource:
             a = todo.popleft()
             t = type(a)
             if t is A.DiskWrite or t is A.DiskRead:
+                s = self._session
+                if s is not None and s.out:
+                    s.push()        # (the packets before it go out first)
                 # Small disk I/O is done here and now (a pwrite or pread of
                 # up to 64 KiB into the page cache costs microseconds; a
                 # task per request costs more than the I/O), its completion
@@ -283,11 +354,7 @@ class Resource:
             if t is A.Send:
                 s = self._session
                 if s is not None and s.number == a.session:
-                    try:
-                        s.queue_send.send_nowait(a.pkt)
-                        s.queued += len(getattr(a.pkt, "data", b""))
-                    except (trio.ClosedResourceError, trio.BrokenResourceError):
-                        pass
+                    s.put(a.pkt)
             elif t is A.Log:
                 log.log(_LOG_LEVELS.get(a.level, logging.INFO), "%s", a.text)
             elif t in (A.Complete, A.OpDone):
@@ -303,7 +370,9 @@ class Resource:
                     # peer must see our Params, or the Goodbye), then the
                     # sender ends the session -- within a second.
                     s.closed_by_engine = True
-                    s.queue_send.close()
+                    s.push()
+                    s.closed = True
+                    s.wake.set()
                     s.scope.deadline = min(s.scope.deadline, trio.current_time() + 1)
             elif t is A.PriLost:
                 if self.pri_lost_hook is not None:
@@ -324,7 +393,13 @@ class Resource:
                                    a.length)
             elif t is A.DiskFlush:
                 self._io_begin()
-                nursery.start_soon(self._disk_io, self.disk, a.token, "flush", 0, 0)
+                disk = self.disk
+                soon = getattr(disk.data, "flush_soon", None) if disk is not None else None
+                if soon is not None:
+                    # no task: the device's flush thread calls back
+                    soon(functools.partial(self._flushed, a.token))
+                else:
+                    nursery.start_soon(self._disk_io, disk, a.token, "flush", 0, 0)
             elif t is A.PersistMeta:
                 self._io_begin()
                 nursery.start_soon(self._persist, self.disk, a)
@@ -341,11 +416,17 @@ class Resource:
                     nursery.start_soon(self._release, disk)
             else:
                 log.error("%s: unknown engine action %r", self.conf.name, a)
+        s = self._session
+        if s is not None and s.out:
+            s.push()
         self._state_changed.set()
         self._state_changed = trio.Event()
         if self.state_hook is not None:
             self.state_hook(self)
-        self._tick_wake.set()
+        if self.engine.deadline < self._tick_at:
+            # (woken only when the engine wants it sooner than it sleeps
+            # for: a wake-up per engine call is a task switch per packet)
+            self._tick_wake.set()
 
     def _disk_io_now(self, a) -> object | None:
         """A small DiskWrite or DiskRead done at once: its result (0, the
@@ -368,6 +449,15 @@ class Resource:
             return dev.read_now(a.offset, a.length)
         except OSError as e:
             return e.errno or errno.EIO
+
+    def _flushed(self, token: int, err: int) -> None:
+        """A DiskFlush's end (called back by the device, in trio's thread,
+        outside any task): must not raise."""
+        try:
+            self._io_end()
+            self._call(self.engine.done, token, err)
+        except Exception:
+            log.exception("%s: completing a disk flush failed", self.conf.name)
 
     def _io_begin(self) -> None:
         self._io_inflight += 1
@@ -513,10 +603,12 @@ class Resource:
 
     async def _ticker(self) -> None:
         while True:
-            wait = max(0.0, min(self.engine.deadline - time.monotonic(), 1.0))
-            with trio.move_on_after(wait):
+            now = time.monotonic()
+            self._tick_at = min(self.engine.deadline, now + 1.0)
+            with trio.move_on_after(max(0.0, self._tick_at - now)):
                 await self._tick_wake.wait()
             self._tick_wake = trio.Event()
+            self._tick_at = 0.0     # (running: any change wakes it again)
             if time.monotonic() >= self.engine.deadline:
                 self._call(self.engine.tick, time.monotonic())
 
@@ -908,7 +1000,8 @@ class Resource:
                         state, why = ConnState.NetworkFailure, f"connection lost: {e}"
                     n.cancel_scope.cancel()
         finally:
-            s.queue_send.close()
+            s.close()
+            s.backlog.clear()
             s.queued = 0
             s.room.set()            # (writers waiting for room go on without the peer)
             with trio.CancelScope(shield=True):
@@ -919,14 +1012,23 @@ class Resource:
                 self._session = None
 
     async def _sender(self, s: _Session) -> None:
+        """Send the backlog (see _Session), oldest first; an entry leaves
+        it only once sent, so nothing overtakes it meanwhile."""
         try:
-            async for pkt in s.queue_recv:
-                await s.chan.send(pkt)
-                n = len(getattr(pkt, "data", b""))
-                if n:
-                    s.queued -= n
-                    if s.queued <= self._buffer_limit:
-                        s.room.set()
+            while True:
+                if s.backlog:
+                    bufs, n = s.backlog[0]
+                    await s.chan.send_buffers(bufs)
+                    s.backlog.popleft()
+                    if n:
+                        s.queued -= n
+                        if s.queued <= self._buffer_limit:
+                            s.room.set()
+                elif s.closed:
+                    break
+                else:
+                    s.wake = trio.Event()
+                    await s.wake.wait()
             s.scope.cancel()        # closed by the engine, and all sent
         except _SEND_ERRORS as e:
             if not s.closed_by_engine:

@@ -82,6 +82,30 @@ def encode(pkt: Packet) -> bytes:
     return HEADER.pack(MAGIC, pkt.TYPE, 0, len(body)) + body
 
 
+_FIXED_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def encode_parts(pkt: Packet) -> tuple[bytes, bytes]:
+    """``encode(pkt)`` as (head, tail) for a vectored send: the frame
+    header and the fixed fields, then the trailing bytes field as it is
+    (not copied; b"" for a packet without one)."""
+    cls = type(pkt)
+    names = _FIXED_NAMES.get(cls)
+    if names is None:
+        names = _FIXED_NAMES[cls] = tuple(f.name for f in fields(cls) if f.name != cls.TAIL)
+    try:
+        fixed = cls._fixed.pack(*(getattr(pkt, n) for n in names))
+    except struct.error as e:
+        raise LocalProtocolError(f"cannot encode {cls.__name__}: {e}") from None
+    tail = getattr(pkt, cls.TAIL) if cls.TAIL else b""
+    if not isinstance(tail, (bytes, bytearray, memoryview)):
+        tail = bytes(tail)
+    n = len(fixed) + len(tail)
+    if n > MAX_PAYLOAD:
+        raise LocalProtocolError(f"packet payload too large ({n} bytes)")
+    return HEADER.pack(MAGIC, cls.TYPE, 0, n) + fixed, tail
+
+
 class Decoder:
     """Incremental frame decoder: feed bytes, take packets."""
 
