@@ -584,6 +584,18 @@ class NFS41Client(RPCClient):
         self.compound(self._path_ops(directory) + [(OP_OPEN, p.bytes()), (OP_GETFH, b"")])
         return Open4(self._last_fh, self._last_stateid, name)
 
+    def lookup(self, path: str) -> bytes:
+        """The file handle of ``path`` in the server's pseudo filesystem
+        (PUTROOTFH, LOOKUP..., GETFH: no state, allowed in grace)."""
+        self.compound(self._path_ops(path) + [(OP_GETFH, b"")])
+        return self._last_fh
+
+    @staticmethod
+    def stateless(fh: bytes, name: str = "") -> Open4:
+        """A handle with the anonymous stateid (all zeros): READ and GETATTR
+        without an OPEN, as a client does with a handle it kept."""
+        return Open4(fh, bytes(16), name)
+
     def reclaim(self, fh: bytes, name: str = "") -> Open4:
         """OPEN with CLAIM_PREVIOUS: take back an open the old server granted."""
         p = _Packer()

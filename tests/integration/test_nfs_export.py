@@ -27,8 +27,7 @@ from replfs.nfs import rpc
 
 from .test_fs_handles import drop_caches
 from .test_fs_mount import ENV, VENV_BIN, force_unmount, fuse_usable, run
-from .test_fs_shared import (FENCING, call, fsck_clean, mount, shared_pair, wait_closed,
-                              wait_log)
+from .test_fs_shared import FENCING, call, fsck_clean, mount, shared_pair, wait_closed
 
 _missing = [t for t in ("ganesha.nfsd", "nfs-cp", "nfs-cat", "rpcbind")
             if shutil.which(t) is None and not os.path.exists(f"/usr/sbin/{t}")]
@@ -72,12 +71,14 @@ def nfs_cat(source: str) -> bytes:
 class Server:
     """One node's export, as a client addresses it."""
 
-    def __init__(self, node, mnt, addr):
+    def __init__(self, node, mnt, addr, *, bind=True):
         self.node, self.mnt, self.addr = node, mnt, addr
+        self.bind = bind                # False: every address of the node
         self.port, self.mport = free_port(addr), free_port(addr)
 
     def start(self, *extra, check=True):
-        return adm_nfs(self.node, "start", str(self.mnt), "--address", self.addr,
+        where = ("--address", self.addr) if self.bind else ()
+        return adm_nfs(self.node, "start", str(self.mnt), *where,
                        "--port", str(self.port), "--mount-port", str(self.mport),
                        "--grace", "3", "--lease", "3", "--squash", "no_root_squash", *extra,
                        check=check)
@@ -121,14 +122,15 @@ def stop_all(*servers):
 
 @contextlib.contextmanager
 def two_servers(tmp_path):
-    """Both nodes mount the volume and serve it, alpha on 127.0.0.1 and beta
-    on 127.0.0.2.  Yields (pair, ma, mb, sa, sb); afterwards both servers
-    are stopped, both mounts unmounted, and fsck must find the volume clean."""
+    """Both nodes mount the volume and serve it, alpha on every address (its
+    clients use 127.0.0.1) and beta on 127.0.0.2.  Yields (pair, ma, mb,
+    sa, sb); afterwards both servers are stopped, both mounts unmounted,
+    and fsck must find the volume clean."""
     with shared_pair(tmp_path) as (pair, ma, mb, _):
         a, b = pair.alpha, pair.beta
         mount(a, ma)
         mount(b, mb)
-        sa, sb = Server(a, ma, "127.0.0.1"), Server(b, mb, "127.0.0.2")
+        sa, sb = Server(a, ma, "127.0.0.1", bind=False), Server(b, mb, "127.0.0.2")
         try:
             out = sa.start().stdout
             assert "NFS-Ganesha pid" in out and "fsid 0x" in out, out
@@ -148,6 +150,12 @@ def test_both_nodes_export_one_volume(tmp_path, rpcbind):
         a = pair.alpha
         st = adm_nfs(a, "status", "r0")
         assert "running" in st.stdout and st.returncode == 0, st.stdout
+        # each server its own NFSv4 recovery directory: alpha's, bound to
+        # every address, is its node's; no client can enter them (0700,
+        # root's; the clients' root is squashed by default)
+        top = ma / ".nfs-ganesha"
+        assert sorted(os.listdir(top)) == ["127.0.0.2", "node-alpha"]
+        assert os.stat(top).st_mode & 0o777 == 0o700
 
         # both directions through libnfs: written over NFSv3 through one
         # node's server, read over NFSv3 and NFSv4 through the other's
@@ -241,8 +249,7 @@ def test_both_nodes_export_one_volume(tmp_path, rpcbind):
         # the running server: read-only now, then read-write again
         again = sa.start(check=False)
         assert again.returncode == 20 and "already running" in again.stderr, again
-        cfg = adm_nfs(a, "config", str(ma), "--address", "127.0.0.1", "--port",
-                      str(sa.port), "--mount-port", str(sa.mport), "--grace", "3",
+        cfg = adm_nfs(a, "config", str(ma), "--port", str(sa.port), "--mount-port", str(sa.mport), "--grace", "3",
                       "--lease", "3", "--squash", "no_root_squash").stdout
         with open(os.path.join(a.rundir, "nfs", "r0", "ganesha.conf")) as f:
             assert f.read().strip() == cfg.strip()
@@ -310,10 +317,14 @@ def beta_dies(pair, mb) -> float:
 
 def test_client_keeps_its_handles_across_remount_and_failover(tmp_path, rpcbind):
     """Active/passive with a floating address: beta serves it and dies (its
-    replfsd and its Ganesha killed -9); alpha takes the address over with
-    the same handles; then alpha's mount is remounted under the client.
-    (beta dies, not alpha: with network heartbeat only, the quorum rule of
-    a two-node cluster keeps node 0 -- see docs/nfs-pair.md.)"""
+    replfsd and its Ganesha killed -9) while a client has UNSTABLE writes
+    it has not committed; alpha takes the address over with the same
+    handles; the client's COMMIT gets a new write verifier, so it sends
+    those writes again, and the file is what the client wrote.  Then
+    alpha's mount is remounted under an NFSv3 and an NFSv4.1 client that
+    keep their handles.  (beta dies, not alpha: with network heartbeat
+    only, the quorum rule of a two-node cluster keeps node 0 -- see
+    docs/nfs-pair.md.)"""
     with floating(tmp_path) as (pair, ma, mb, sa, sb):
         a = pair.alpha
         sb.start()
@@ -322,52 +333,89 @@ def test_client_keeps_its_handles_across_remount_and_failover(tmp_path, rpcbind)
         fh = c.create(root, "kept")
         synced = os.urandom(64 * 1024)
         c.write(fh, 0, synced, rpc.FILE_SYNC)
-        # an UNSTABLE write, committed later: the verifier tells the
-        # client whether the server kept it
+        # an UNSTABLE write, committed: the verifier tells the client
+        # whether the server kept it
         _, how, verf1 = c.write(fh, len(synced), b"unstable tail", rpc.UNSTABLE)
         assert c.commit(fh) == verf1
         attr = c.getattr(fh)
+        # UNSTABLE writes that are never committed before the server dies:
+        # a real client keeps them until a COMMIT answers with the
+        # verifier they were written under
+        uncommitted = [(4096, os.urandom(4096)), (len(synced) + 13, os.urandom(8192))]
+        for off, data in uncommitted:
+            assert c.write(fh, off, data, rpc.UNSTABLE)[2] == verf1
         c.close()
+        want = bytearray(synced + b"unstable tail")
+        for off, data in uncommitted:
+            want[off:off + len(data)] = data
+        want = bytes(want)
 
         t0 = beta_dies(pair, mb)
-        # the HA stack on alpha: once beta is fenced and its slot recovered
-        # (replfsadm nfs start also waits for a recovery under way), the
-        # address moves and the server starts
-        wait_log(a, "recovered the slot(s) 1 of dead node 1")
-        assert call(a, "mounts")["mounts"][0]["recovering"] == []
-        sa.start()
+        # the HA stack on alpha moves the address and starts the server at
+        # once: replfsadm nfs start itself waits until the cluster stack
+        # declared beta dead and the mount recovered its slot (the grace
+        # period must not run out before)
+        launched = time.time()
+        out = sa.start().stdout
+        recovered = logged_at(a.log(), "recovered the slot(s) 1 of dead node 1")
+        assert recovered <= started_at(sa) + 0.02, "Ganesha started before the recovery"
+        waited = "waiting before the NFS server starts" in out
+        # (the command asks replfsd within 0.1 s of its launch; the stack
+        # declares beta dead 1.3 s after the death, and recovers it then)
+        assert waited or recovered < launched + 1.0, out
         first = None
         while first is None:
             try:
                 with sa.v3() as ca:
-                    first = ca.read(fh, 0, len(synced))[0]
+                    first = ca.read(fh, 0, 4096)[0]
             except (rpc.RPCError, rpc.NFSError):
                 assert time.monotonic() - t0 < 60, "no I/O through alpha within 60 s"
                 time.sleep(0.1)
         failover = time.monotonic() - t0
-        assert first == synced
+        assert first == synced[:4096]
         print(f"failover: beta killed -> first read through alpha's server: "
-              f"{failover:.2f} s")
+              f"{failover:.2f} s (start waited for the recovery: {waited})")
         with sa.v3() as ca:
             assert ca.getattr(fh).fileid == attr.fileid
-            assert ca.read(fh, len(synced), 64)[0] == b"unstable tail"
-            # a new server instance: a new write verifier, so a client
-            # holding uncommitted writes resends them
-            _, _, verf2 = ca.write(fh, 0, synced[:10], rpc.UNSTABLE)
+            assert ca.read(fh, len(synced), 13)[0] == b"unstable tail"     # committed
+            # the client's COMMIT: a new server instance, a new verifier,
+            # so the client sends its uncommitted writes again
+            verf2 = ca.commit(fh)
             assert verf2 != verf1
+            before = read_all(ca, fh)
+            for off, data in uncommitted:
+                assert ca.write(fh, off, data, rpc.UNSTABLE)[2] == verf2
             assert ca.commit(fh) == verf2
+            assert read_all(ca, fh) == want
+        print(f"uncommitted UNSTABLE writes {'survived' if before == want else 'were lost in'}"
+              f" beta's death; resent after the verifier changed")
+        assert (ma / "kept").read_bytes() == want
+        # the NFSv4 handle of the same file, through alpha's server
+        c4 = rpc.NFS41Client(FLOATING, sa.port)
+        c4.establish()
+        fh4 = c4.lookup("/r0/kept")
+        c4.destroy()
+        c4.close()
 
-        # remount under the client: stop the server, umount, mount, start
+        # remount under the clients: stop the server, umount, mount, start
         sa.stop()
         run("umount", ma)
         wait_closed(a)
         mount(a, ma)
         sa.start()
+        assert (ma / "kept").read_bytes() == want               # the new mount
         with sa.v3() as ca:
-            assert ca.read(fh, 0, len(synced))[0] == synced
+            assert read_all(ca, fh) == want
             assert sa.root() == root
+        c4 = rpc.NFS41Client(FLOATING, sa.port)
+        c4.establish()
+        f4 = rpc.NFS41Client.stateless(fh4, "kept")
+        assert c4.getattr_size(f4) == len(want)
+        assert v4_read_in_grace(c4, f4, 8192) == want[:8192]
+        c4.destroy()
+        c4.close()
         # deleted through the mount: once no server holds it, the kept
-        # handle is stale
+        # handles are stale, over NFSv3 and NFSv4
         os.unlink(ma / "kept")
         sa.stop()
         drop_caches()
@@ -377,6 +425,51 @@ def test_client_keeps_its_handles_across_remount_and_failover(tmp_path, rpcbind)
             with pytest.raises(rpc.NFSError) as e:
                 ca.getattr(fh)
             assert e.value.status == rpc.NFS3ERR_STALE
+        c4 = rpc.NFS41Client(FLOATING, sa.port)
+        c4.establish()
+        with pytest.raises(rpc.NFS4Error) as e4:
+            c4.getattr_size(f4)
+        assert e4.value.status == rpc.NFS4ERR_STALE, e4.value
+        c4.destroy()
+        c4.close()
+
+
+def logged_at(log: str, text: str) -> float:
+    """When replfsd logged the line with ``text`` (its timestamp, ms)."""
+    import datetime
+    line = next((x for x in log.splitlines() if text in x), None)
+    assert line is not None, f"no {text!r} in the log"
+    return datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def started_at(server) -> float:
+    """When the server's Ganesha process started (wall clock; 10 ms ticks)."""
+    pid = G.read_pid(G.Paths(os.path.join(server.node.rundir, "nfs", "r0")))
+    with open(f"/proc/{pid}/stat") as f:
+        ticks = int(f.read().rsplit(")", 1)[1].split()[19])      # field 22, starttime
+    age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    return time.time() - age
+
+
+def read_all(c, fh) -> bytes:
+    got = b""
+    while True:
+        chunk, eof = c.read(fh, len(got), 65536)
+        got += chunk
+        if eof or not chunk:
+            return got
+
+
+def v4_read_in_grace(c, f, count, timeout=15.0) -> bytes:
+    """READ with the anonymous stateid: refused with NFS4ERR_GRACE while the
+    new server's grace period lasts, then served."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return c.read(f, 0, count)[0]
+        except rpc.NFS4Error as e:
+            assert e.status == rpc.NFS4ERR_GRACE and time.monotonic() < deadline, e
+            time.sleep(0.2)
 
 
 class NFSWorker:
@@ -504,10 +597,22 @@ def test_nfsv41_client_reclaims_its_open_after_failover(tmp_path, rpcbind):
         st = os.stat(ma / "allocated")
         assert st.st_size == 1 << 20 and st.st_blocks * 512 >= 1 << 20, st
 
-        t0 = beta_dies(pair, mb)
+        # beta's replfsd dies (and its mount with it) first; then the HA
+        # stack on beta stops beta's server -- with --dir, it needs neither
+        # replfsd nor the mount
+        t0 = time.monotonic()
+        pair.beta.kill9()
+        force_unmount(mb)
+        bdir = os.path.join(pair.beta.rundir, "nfs", "r0")
+        st = adm_nfs(pair.beta, "stop", str(mb), "--dir", bdir, "--timeout", "10")
+        assert "NFS-Ganesha pid" in st.stdout and "stopped" in st.stdout, st.stdout
+        assert G.read_pid(G.Paths(bdir)) is None
+        st = adm_nfs(pair.beta, "status", "--dir", bdir, check=False)
+        assert st.returncode == 3 and "not running" in st.stdout, st.stdout
         old.close()
-        wait_log(a, "recovered the slot(s) 1 of dead node 1")
         sa.start(*grace)
+        assert logged_at(a.log(), "recovered the slot(s) 1 of dead node 1") \
+            <= started_at(sa) + 0.02
         log = open(os.path.join(a.rundir, "nfs", "r0", "ganesha.log")).read()
         assert "IN GRACE" in log, log[-2000:]
 
