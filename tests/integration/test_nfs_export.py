@@ -7,9 +7,14 @@ kernel client does.
 What a user does and sees: ``replfsadm nfs start`` on each node; a file
 written through one node's export is read through the other's at once;
 both servers hand out the same handle bytes for the same file; a client
-keeps its handles across a remount and across a failover of the floating
-address to the other node after the first one died; a handle of a file
-deleted on the other node answers ESTALE; fsck clean after.
+keeps its handles (NFSv3 and NFSv4) across a remount and across a
+failover of the floating address to the other node after the first one
+died, resends the UNSTABLE writes the dead server never committed when
+the new server's verifier differs, and reclaims its NFSv4.1 open in the
+new server's grace period, which starts only after the dead node's slot
+is recovered; the dead node's server is stopped after its mount died; a
+handle of a file deleted on the other node answers ESTALE; fsck clean
+after.
 """
 from __future__ import annotations
 
