@@ -1,9 +1,12 @@
 """A minimal FUSE passthrough of a local directory, the FUSE baseline.
 
-It forwards every request to the directory below with plain os calls, in
-the same pyfuse3 + trio stack the replfs mount uses, so the ratio of
-replfs to this mount is the cost of replfs itself and the ratio of this
-mount to the plain directory is the cost of FUSE and Python.
+It forwards every request to the directory below with plain os calls on
+pyfuse3 + trio ("what a user would write"), so the ratio of replfs to this
+mount is the cost of replfs itself and the ratio of this mount to the
+plain directory is the cost of FUSE and Python.  It runs real trees: files,
+directories, symlinks, hard links, fifos and device nodes, renames,
+timestamps (never following a symlink), so `tar x` of a source tree, `du`
+and `rm -rf` work on it (tests/integration/test_bench_passthrough.py).
 
     python -m bench.passthrough SOURCE_DIR MOUNTPOINT      (foreground)
 """
@@ -45,6 +48,8 @@ class Passthrough(pyfuse3.Operations):
         return a
 
     def _remember(self, path: str, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        """One more lookup of ``path``'s inode (LOOKUP, CREATE, MKDIR,
+        SYMLINK, LINK, MKNOD and each READDIRPLUS entry count one)."""
         if st.st_ino == pyfuse3.ROOT_INODE:
             raise pyfuse3.FUSEError(errno.EIO)   # would collide with our root
         self.paths[st.st_ino] = path
@@ -52,7 +57,23 @@ class Passthrough(pyfuse3.Operations):
         return self._attr(st)
 
     @staticmethod
+    def _own(where, ctx) -> None:
+        """Give a new entry to the caller, as a kernel filesystem does
+        (possible only when the server runs as root)."""
+        try:
+            if isinstance(where, int):
+                os.fchown(where, ctx.uid, ctx.gid)
+            else:
+                os.lchown(where, ctx.uid, ctx.gid)
+        except OSError:
+            pass
+
+    def _child(self, parent: int, name: bytes) -> str:
+        return os.path.join(self._path(parent), os.fsdecode(name))
+
+    @staticmethod
     def _os(fn, *args):
+        """Call ``fn``; an OSError becomes the FUSE error with its errno."""
         try:
             return fn(*args)
         except OSError as e:
@@ -79,18 +100,43 @@ class Passthrough(pyfuse3.Operations):
     async def setattr(self, ino, attr, fields, fh, ctx):
         path = self._path(ino)
         if fields.update_size:
-            self._os(os.truncate, path, attr.st_size)
+            if fh is not None:
+                self._os(os.ftruncate, fh, attr.st_size)
+            else:
+                self._os(os.truncate, path, attr.st_size)
         if fields.update_mode:
-            self._os(os.chmod, path, stat.S_IMODE(attr.st_mode))
+            # Linux has no lchmod: a symlink's mode is never changed.
+            if not stat.S_ISLNK(self._os(os.lstat, path).st_mode):
+                self._os(os.chmod, path, stat.S_IMODE(attr.st_mode))
         if fields.update_uid or fields.update_gid:
             self._os(os.lchown, path, attr.st_uid if fields.update_uid else -1,
                      attr.st_gid if fields.update_gid else -1)
         if fields.update_atime or fields.update_mtime:
             st = self._os(os.lstat, path)
-            self._os(os.utime, path, None, (
-                attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
-                attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns))
+            ns = (attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
+                  attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns)
+            self._os(lambda: os.utime(path, ns=ns, follow_symlinks=False))
         return await self.getattr(ino)
+
+    async def readlink(self, ino, ctx):
+        return os.fsencode(self._os(os.readlink, self._path(ino)))
+
+    async def symlink(self, parent, name, target, ctx):
+        path = self._child(parent, name)
+        self._os(os.symlink, os.fsdecode(target), path)
+        self._own(path, ctx)
+        return self._remember(path, self._os(os.lstat, path))
+
+    async def link(self, ino, new_parent, new_name, ctx):
+        path = self._child(new_parent, new_name)
+        self._os(lambda: os.link(self._path(ino), path, follow_symlinks=False))
+        return self._remember(path, self._os(os.lstat, path))
+
+    async def mknod(self, parent, name, mode, rdev, ctx):
+        path = self._child(parent, name)
+        self._os(os.mknod, path, mode, rdev)
+        self._own(path, ctx)
+        return self._remember(path, self._os(os.lstat, path))
 
     async def opendir(self, ino, ctx):
         # One listing per open directory, so that a big directory read in
@@ -103,37 +149,72 @@ class Passthrough(pyfuse3.Operations):
     async def readdir(self, fh, start_id, token):
         path, names = self.dirs[fh]
         for i in range(start_id, len(names)):
-            st = self._os(os.lstat, os.path.join(path, names[i]))
+            child = os.path.join(path, names[i])
+            try:
+                st = os.lstat(child)
+            except OSError:
+                continue                 # removed since opendir (rm -rf does that)
+            if st.st_ino == pyfuse3.ROOT_INODE:
+                continue
             if not pyfuse3.readdir_reply(token, os.fsencode(names[i]), self._attr(st), i + 1):
                 break
+            # READDIRPLUS: the kernel now holds a reference to the entry
+            self._remember(child, st)
 
     async def releasedir(self, fh):
         self.dirs.pop(fh, None)
 
     async def mkdir(self, parent, name, mode, ctx):
-        path = os.path.join(self._path(parent), os.fsdecode(name))
+        path = self._child(parent, name)
         self._os(os.mkdir, path, mode)
+        self._own(path, ctx)
         return self._remember(path, self._os(os.lstat, path))
 
     async def rmdir(self, parent, name, ctx):
-        self._os(os.rmdir, os.path.join(self._path(parent), os.fsdecode(name)))
+        self._os(os.rmdir, self._child(parent, name))
 
     async def unlink(self, parent, name, ctx):
-        self._os(os.unlink, os.path.join(self._path(parent), os.fsdecode(name)))
+        path = self._child(parent, name)
+        st = self._os(os.lstat, path)
+        self._os(os.unlink, path)
+        if st.st_nlink > 1 and self.paths.get(st.st_ino) == path:
+            # a hard link goes: the inode stays reachable by another name
+            self._relink(st)
+
+    def _relink(self, st: os.stat_result) -> None:
+        """Point a hard-linked inode at a name it still has (a scan of the
+        directories we know; the baseline need not be fast at this)."""
+        for d in set(os.path.dirname(p) for p in self.paths.values()):
+            try:
+                with os.scandir(d) as it:
+                    for e in it:
+                        if e.inode() == st.st_ino:
+                            self.paths[st.st_ino] = e.path
+                            return
+            except OSError:
+                pass
 
     async def rename(self, p_old, n_old, p_new, n_new, flags, ctx):
         if flags:
             raise pyfuse3.FUSEError(errno.EINVAL)
-        self._os(os.rename, os.path.join(self._path(p_old), os.fsdecode(n_old)),
-                 os.path.join(self._path(p_new), os.fsdecode(n_new)))
+        old, new = self._child(p_old, n_old), self._child(p_new, n_new)
+        self._os(os.rename, old, new)
+        # every inode we know under the old name now lives under the new one
+        prefix = old + os.sep
+        for ino, p in list(self.paths.items()):
+            if p == old:
+                self.paths[ino] = new
+            elif p.startswith(prefix):
+                self.paths[ino] = new + p[len(old):]
 
     async def open(self, ino, flags, ctx):
         fd = self._os(os.open, self._path(ino), flags & ~os.O_CREAT)
         return pyfuse3.FileInfo(fh=fd)
 
     async def create(self, parent, name, mode, flags, ctx):
-        path = os.path.join(self._path(parent), os.fsdecode(name))
+        path = self._child(parent, name)
         fd = self._os(os.open, path, flags | os.O_CREAT | os.O_TRUNC, mode)
+        self._own(fd, ctx)
         return pyfuse3.FileInfo(fh=fd), self._remember(path, self._os(os.fstat, fd))
 
     async def read(self, fh, off, size):
@@ -159,15 +240,29 @@ class Passthrough(pyfuse3.Operations):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
     if len(argv) != 2:
         print(__doc__, file=sys.stderr)
+        print("bench.passthrough: error: expected SOURCE_DIR MOUNTPOINT", file=sys.stderr)
         return 2
     source, mnt = argv
+    for what, d in (("source", source), ("mountpoint", mnt)):
+        if not os.path.isdir(d):
+            print(f"bench.passthrough: error: {what} {d} is not a directory", file=sys.stderr)
+            return 2
     ops = Passthrough(os.path.abspath(source))
     opts = set(pyfuse3.default_options) | {"fsname=passthrough", "default_permissions"}
-    pyfuse3.init(ops, mnt, opts)
+    try:
+        pyfuse3.init(ops, mnt, opts)
+    except RuntimeError as e:
+        print(f"bench.passthrough: cannot mount {mnt}: {e}", file=sys.stderr)
+        return 1
     try:
         trio.run(pyfuse3.main)
+    except KeyboardInterrupt:
+        pass
     finally:
         pyfuse3.close(unmount=True)
     return 0
