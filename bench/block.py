@@ -20,11 +20,19 @@ Workloads: sequential 1 MiB writes (MB/s); 4 KiB writes at queue depth 1
 (latency); 4 KiB synchronous writes, each followed by a flush (IOPS and
 latency).  The loopback TCP round trip is measured too, since protocol C
 should cost "about one round trip" over the standalone row.
+
+Output: one table per section (daemon API rows, device file, TLS) with the
+candidate's speed ratio to its baselines, JSON and PNG charts in
+bench/results/: bars per target, p50/p99/p99.9 of the 4 KiB writes, and
+fio's latency histogram of the device file's 4 KiB O_DSYNC writes.
+
+    python -m bench.block [--quick] [--only-devfile | --only-tls]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -37,7 +45,7 @@ from replfs.blockdev import FileBlockDevice
 from replfs.ipc.client import DaemonBlockDevice
 from replfs.localpair import LocalPair
 
-from .common import Timer, lat_summary, table, write_json
+from .common import (Report, Timer, add_cli_common, histogram_from_fio_bins, lat_summary)
 
 MiB = 1024 * 1024
 
@@ -72,7 +80,8 @@ async def run_workloads(dev, seq_mib: int, n_small: int, n_sync: int) -> dict:
             await dev.flush()
             sync_lat.append(time.perf_counter() - t0)
     return {"seq_write_MBps": seq, "write4k_qd1": lat_summary(lat),
-            "sync4k": {**lat_summary(sync_lat), "iops": n_sync / ts.elapsed}}
+            "sync4k": {**lat_summary(sync_lat), "iops": n_sync / ts.elapsed},
+            "sync4k_samples_s": sync_lat}
 
 
 def tcp_rtt(n: int = 2000) -> dict:
@@ -180,8 +189,9 @@ def _fio(jobs: list[tuple[str, str]], rw: str, bs: str, size: str, *, runtime: i
     depth 1 (psync); ``sync``: O_DSYNC writes.  fio's JSON per job."""
     import json
     import subprocess
-    cmd = ["fio", "--output-format=json", f"--rw={rw}", f"--bs={bs}", f"--size={size}",
-           "--direct=1", "--ioengine=psync", "--iodepth=1", "--randrepeat=0"]
+    cmd = ["fio", "--output-format=json+", f"--rw={rw}", f"--bs={bs}", f"--size={size}",
+           "--direct=1", "--ioengine=psync", "--iodepth=1", "--randrepeat=0",
+           "--percentile_list=50:99:99.9"]
     if sync:
         cmd.append("--sync=dsync")
     if runtime:
@@ -198,13 +208,21 @@ def _devfile_round(dev: str, files: tuple[str, str], raw: str, mib: int, runtime
     """The three workloads on the device file and on their baselines."""
     def p50_us(job, kind="write"):
         return job[kind]["clat_ns"]["percentile"]["50.000000"] / 1000
+
+    def clat(job):
+        c = job["write"]["clat_ns"]
+        p = c["percentile"]
+        return {"p50_us": p["50.000000"] / 1000, "p99_us": p["99.000000"] / 1000,
+                "p99_9_us": p["99.900000"] / 1000, "bins_ns": c.get("bins", {})}
     out = {}
     # 4 KiB O_DIRECT|O_DSYNC writes at queue depth 1
     j = _fio([("dev", dev)], "randwrite", "4k", f"{mib}M", runtime=runtime, sync=True)
     out["sync4k_p50_us"] = p50_us(j[0])
+    out["clat_device"] = clat(j[0])
     j = _fio([("f1", files[0]), ("f2", files[1])], "randwrite", "4k", f"{mib}M",
              runtime=runtime, sync=True)
     out["sync4k_two_files_p50_us"] = max(p50_us(x) for x in j)
+    out["clat_two_files"] = max((clat(x) for x in j), key=lambda c: c["p50_us"])
     # 1 MiB sequential writes: the device against both backing files at once
     j = _fio([("dev", dev)], "write", "1M", f"{mib}M")
     out["seq_MBps"] = j[0]["write"]["bw_bytes"] / MiB
@@ -243,40 +261,109 @@ def bench_devfile(root: str, args, rtt_p50_us: float) -> dict:
                   for _ in range(args.devfile_rounds)]
     finally:
         pair.teardown()
-    out = {k: _median([r[k] for r in rounds]) for k in rounds[0]}
+    out = {k: _median([r[k] for r in rounds]) for k in rounds[0] if not k.startswith("clat_")}
+    for k in ("clat_device", "clat_two_files"):
+        bins: dict = {}
+        for r in rounds:
+            for ns, c in r[k]["bins_ns"].items():
+                bins[ns] = bins.get(ns, 0) + c
+        out[k] = {**{p: _median([r[k][p] for r in rounds])
+                     for p in ("p50_us", "p99_us", "p99_9_us")}, "bins_ns": bins}
+        for r in rounds:
+            r[k].pop("bins_ns", None)
     out["rounds"] = rounds
     out["rtt_p50_us"] = rtt_p50_us
     return out
 
 
-def _report_devfile(d: dict) -> None:
+def _report_devfile(rep: Report, d: dict) -> None:
+    """The device-file section: protocol C's device file against local files."""
     if not d:
         return
     budget = d["sync4k_two_files_p50_us"] + d["rtt_p50_us"] + 150
-    rows = [["4k O_DSYNC write p50 us", d["sync4k_p50_us"], d["sync4k_two_files_p50_us"],
-             d["sync4k_p50_us"] / d["sync4k_two_files_p50_us"],
-             f"<= {budget:.0f} us (two files + 1 RTT + 150 us): "
-             f"{'met' if d['sync4k_p50_us'] <= budget else 'NOT met'}"],
-            ["1M sequential write MB/s", d["seq_MBps"], d["seq_two_files_MBps"],
-             d["seq_MBps"] / d["seq_two_files_MBps"],
-             f">= 0.5x: {'met' if d['seq_MBps'] >= 0.5 * d['seq_two_files_MBps'] else 'NOT met'}"],
-            ["4k random read IOPS", d["randread_iops"], d["randread_raw_iops"],
-             d["randread_iops"] / d["randread_raw_iops"],
-             f">= 0.8x: {'met' if d['randread_iops'] >= 0.8 * d['randread_raw_iops'] else 'NOT met'}"]]
-    print()
-    print(table(rows, ["device file, protocol C (fio)", "device", "baseline", "ratio",
-                       "target"]))
-    print(f"(baselines: the 4k and 1M jobs on two local files at once, the reads on a "
-          f"local file; medians of {len(d['rounds'])} rounds in turns)")
+    dev, two, raw = "device file (C)", "two local files", "raw file"
+    met = ["met" if d["sync4k_p50_us"] <= budget else "NOT met",
+           "met" if d["seq_MBps"] >= 0.5 * d["seq_two_files_MBps"] else "NOT met",
+           "met" if d["randread_iops"] >= 0.8 * d["randread_raw_iops"] else "NOT met"]
+    sec = rep.section(
+        "devfile", "Block: fio through the protocol C device file against local files",
+        [dev, two, raw], dev, [two],
+        note=(f"targets of issue 8: 4k O_DSYNC p50 <= {budget:.0f} us (two files + 1 RTT + "
+              f"150 us): {met[0]}; 1M sequential >= 0.5x two files: {met[1]}; 4k random "
+              f"read >= 0.8x raw file: {met[2]}.  Baselines: the 4k and 1M jobs on two local "
+              f"files at once, the reads on one local file; medians of {len(d['rounds'])} "
+              f"rounds in turns"))
+    sec.add("4k O_DIRECT|O_DSYNC write p50", "µs",
+            {dev: d["sync4k_p50_us"], two: d["sync4k_two_files_p50_us"]},
+            higher_is_better=False, baseline=two)
+    sec.add("1M sequential write", "MB/s", {dev: d["seq_MBps"], two: d["seq_two_files_MBps"]},
+            baseline=two)
+    sec.add("4k random read", "IOPS", {dev: d["randread_iops"], raw: d["randread_raw_iops"]},
+            baseline=raw)
+    label = "4 KiB O_DIRECT|O_DSYNC writes, queue depth 1 (fio clat)"
+    for name, key in ((dev, "clat_device"), (two, "clat_two_files")):
+        c = d[key]
+        rep.add_latency(label, name, p50_us=c["p50_us"], p99_us=c["p99_us"],
+                        p99_9_us=c["p99_9_us"])
+        if c.get("bins_ns"):
+            rep.add_histogram(label, name, *histogram_from_fio_bins(c["bins_ns"]))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.block")
-    ap.add_argument("--seq-mib", type=int, default=128)
-    ap.add_argument("--small", type=int, default=2000)
-    ap.add_argument("--sync", type=int, default=500)
-    ap.add_argument("--size-mib", type=int, default=256)
-    ap.add_argument("--tls-rounds", type=int, default=3)
+def _report_tls(rep: Report, results: dict, args) -> None:
+    if "tls" not in results:
+        return
+    sec = rep.section("tls", "Block: protocol C with and without TLS (daemon API)",
+                      ["C", "C+TLS"], "C+TLS", ["C"],
+                      note=f"medians of {args.tls_rounds} rounds in turns")
+    plain, tls = results["tls"]["C"], results["tls"]["C+TLS"]
+    sec.add("seq write 1M", "MB/s", {"C": plain["seq_write_MBps"], "C+TLS": tls["seq_write_MBps"]})
+    sec.add("4k write p50", "µs", {"C": plain["write4k_p50_us"], "C+TLS": tls["write4k_p50_us"]},
+            higher_is_better=False)
+    sec.add("4k write+flush", "IOPS", {"C": plain["sync4k_iops"], "C+TLS": tls["sync4k_iops"]})
+
+
+MODES = ("raw", "standalone", "A", "B", "C")
+
+
+def _report_main(rep: Report, results: dict) -> None:
+    present = [m for m in MODES if m in results]
+    if not present:
+        return
+    sec = rep.section(
+        "daemon", "Block: 4 KiB and 1 MiB writes through replfsd's block API",
+        list(present), "C", [b for b in ("raw", "standalone") if b in present],
+        note=f"loopback TCP round trip p50 {results['tcp_rtt']['p50_us']:.1f} us; raw: a plain "
+             f"file from Python threads; standalone: the daemon, no peer")
+    ok = {m: results[m] for m in present if "error" not in results[m]}
+    errs = {m: results[m]["error"] for m in present if "error" in results[m]}
+    for m, e in errs.items():
+        sec.fail_target(m, e)
+    sec.add("seq write 1M", "MB/s", {m: r["seq_write_MBps"] for m, r in ok.items()})
+    sec.add("4k write p50 (qd 1)", "µs", {m: r["write4k_qd1"]["p50_us"] for m, r in ok.items()},
+            higher_is_better=False)
+    sec.add("4k write p99 (qd 1)", "µs", {m: r["write4k_qd1"]["p99_us"] for m, r in ok.items()},
+            higher_is_better=False)
+    sec.add("4k write+flush", "IOPS", {m: r["sync4k"]["iops"] for m, r in ok.items()})
+    sec.add("4k write+flush p50", "µs", {m: r["sync4k"]["p50_us"] for m, r in ok.items()},
+            higher_is_better=False)
+    for m, r in ok.items():
+        rep.add_latency_samples("4 KiB write + flush (daemon API)", m,
+                                r.pop("sync4k_samples_s", []))
+    if "C" in ok and "standalone" in ok:
+        c, s = ok["C"]["write4k_qd1"]["p50_us"], ok["standalone"]["write4k_qd1"]["p50_us"]
+        rtt = results["tcp_rtt"]["p50_us"]
+        sec.note += (f"; protocol C adds {c - s:.1f} us p50 per 4 KiB write over standalone "
+                     f"({(c - s) / rtt:.1f} round trips)")
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m bench.block",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("--seq-mib", type=int, default=128, help="MiB of sequential writes")
+    ap.add_argument("--small", type=int, default=2000, help="4 KiB writes at queue depth 1")
+    ap.add_argument("--sync", type=int, default=500, help="4 KiB write+flush pairs")
+    ap.add_argument("--size-mib", type=int, default=256, help="resource size")
+    ap.add_argument("--tls-rounds", type=int, default=3, help="rounds of C vs C+TLS (0: none)")
     ap.add_argument("--tls-seq-mib", type=int, default=64)
     ap.add_argument("--only-tls", action="store_true", help="only the C vs C+TLS rows")
     ap.add_argument("--devfile-rounds", type=int, default=3,
@@ -286,90 +373,97 @@ def main(argv=None) -> int:
                     help="seconds per timed fio job")
     ap.add_argument("--only-devfile", action="store_true",
                     help="only the device-file rows (and the round trip they use)")
+    ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    add_cli_common(ap)
     args = ap.parse_args(argv)
+    if args.quick:
+        args.seq_mib, args.small, args.sync, args.size_mib = 16, 200, 100, 64
+        args.tls_rounds, args.tls_seq_mib = 1, 16
+        args.devfile_rounds, args.devfile_mib, args.devfile_runtime = 1, 16, 2
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     results: dict = {"params": vars(args)}
     root = tempfile.mkdtemp(prefix="replfs-bench-")
+    rep = Report("block", "Block layer")
+    rc = 0
+    try:
+        rc = _run(root, args, results, rep)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    name = "block-tls" if args.only_tls else "block-devfile" if args.only_devfile else "block"
+    rep.finish(results, json_out=not args.no_json, charts=not args.no_charts, name=name)
+    return rc
+
+
+def _run(root: str, args, results: dict, rep: Report) -> int:
+    """Every measurement; a part that fails is reported and the rest runs."""
+    rc = 0
     raw = os.path.join(root, "raw.img")
     with open(raw, "wb") as f:
         f.truncate(args.size_mib * MiB)
-    if args.only_tls:
-        results["tls"] = bench_tls(root, args)
-        args.tls_rounds = max(args.tls_rounds, 1)
-        return _report_tls(results, args, write_json("block-tls", results))
     print("measuring: loopback TCP round trip", flush=True)
     results["tcp_rtt"] = tcp_rtt()
+    if not args.only_tls and not args.only_devfile:
+        print("measuring: raw file", flush=True)
+        results["raw"] = trio.run(bench_raw, raw, args)
+        for mode in ("standalone", "A", "B", "C"):
+            print(f"measuring: {mode}", flush=True)
+            try:
+                results[mode] = _bench_mode(root, mode, args)
+            except Exception as e:
+                print(f"  {mode} failed: {type(e).__name__}: {e}", flush=True)
+                results[mode] = {"error": f"{type(e).__name__}: {e}"}
+                rc = 1
+        _report_main(rep, results)
     if args.only_devfile:
         args.devfile_rounds = max(args.devfile_rounds, 1)
+    if args.devfile_rounds > 0 and not args.only_tls:
         print(f"measuring: device file ({args.devfile_rounds} rounds in turns)", flush=True)
-        results["devfile"] = bench_devfile(root, args, results["tcp_rtt"]["p50_us"])
-        path = write_json("block-devfile", results)
-        _report_devfile(results["devfile"])
-        print(f"results: {path}")
-        return 0
-    print("measuring: raw file", flush=True)
-    results["raw"] = trio.run(bench_raw, raw, args)
-    for mode in ("standalone", "A", "B", "C"):
-        print(f"measuring: {mode}", flush=True)
-        pair = LocalPair(os.path.join(root, mode), protocol="C" if mode == "standalone" else mode,
-                         size=args.size_mib * MiB)
         try:
-            for n in pair.nodes:
-                n.adm("create-md", "r0")
-                n.start()
-            if mode == "standalone":
-                pair.alpha.adm("attach", "r0")
-                pair.alpha.adm("primary", "--force", "r0")
-            else:
-                for n in pair.nodes:
-                    n.adm("up", "r0")
-                pair.alpha.wait(lambda s: s["cstate"] == "Connected", what="connection")
-                pair.alpha.adm("primary", "--force", "r0")
-                pair.wait_synced(timeout=300)
-            results[mode] = trio.run(bench_daemon, pair.alpha.rundir, args)
-        finally:
-            pair.teardown()
-    if args.tls_rounds > 0:
+            results["devfile"] = bench_devfile(root, args, results["tcp_rtt"]["p50_us"])
+            _report_devfile(rep, results["devfile"])
+        except Exception as e:
+            print(f"  device file failed: {type(e).__name__}: {e}", flush=True)
+            results["devfile"] = {"error": str(e)}
+            rep.section("devfile", "Block: device file", ["device file (C)"],
+                        "device file (C)", []).fail_target("device file (C)", str(e))
+            rc = 1
+    if args.only_tls:
+        args.tls_rounds = max(args.tls_rounds, 1)
+    if args.tls_rounds > 0 and not args.only_devfile:
         print(f"measuring: C vs C+TLS ({args.tls_rounds} rounds in turns)", flush=True)
-        results["tls"] = bench_tls(root, args)
-    if args.devfile_rounds > 0:
-        print(f"measuring: device file ({args.devfile_rounds} rounds in turns)", flush=True)
-        results["devfile"] = bench_devfile(root, args, results["tcp_rtt"]["p50_us"])
-    path = write_json("block", results)
-    raw_r = results["raw"]
-    rows = []
-    for name in ("raw", "standalone", "A", "B", "C"):
-        r = results[name]
-        rows.append([name, r["seq_write_MBps"], r["seq_write_MBps"] / raw_r["seq_write_MBps"],
-                     r["write4k_qd1"]["p50_us"], r["write4k_qd1"]["p99_us"],
-                     r["sync4k"]["iops"], r["sync4k"]["iops"] / raw_r["sync4k"]["iops"],
-                     r["sync4k"]["p50_us"], r["sync4k"]["p99_us"]])
-    print()
-    print(table(rows, ["target", "seq MB/s", "x raw", "4k p50 us", "4k p99 us",
-                       "sync IOPS", "x raw", "sync p50 us", "sync p99 us"]))
-    rtt = results["tcp_rtt"]
-    c, s = results["C"]["write4k_qd1"]["p50_us"], results["standalone"]["write4k_qd1"]["p50_us"]
-    print(f"\nloopback TCP round trip p50 {rtt['p50_us']:.1f} us; protocol C adds "
-          f"{c - s:.1f} us p50 per 4 KiB write over standalone "
-          f"({(c - s) / rtt['p50_us']:.1f} round trips)")
-    _report_devfile(results.get("devfile", {}))
-    return _report_tls(results, args, path)
+        try:
+            results["tls"] = bench_tls(root, args)
+            _report_tls(rep, results, args)
+        except Exception as e:
+            print(f"  TLS failed: {type(e).__name__}: {e}", flush=True)
+            results["tls"] = {"error": str(e)}
+            rc = 1
+    return rc
 
 
-def _report_tls(results: dict, args, path: str) -> int:
-    if "tls" in results:
-        plain, tls = results["tls"]["C"], results["tls"]["C+TLS"]
-        print()
-        print(table([[name, r["seq_write_MBps"], r["seq_write_MBps"] / plain["seq_write_MBps"],
-                      r["write4k_p50_us"], r["sync4k_iops"],
-                      r["sync4k_iops"] / plain["sync4k_iops"]]
-                     for name, r in (("C", plain), ("C+TLS", tls))],
-                    ["protocol C", "seq MB/s", "x plain", "4k p50 us", "sync IOPS",
-                     "x plain"]))
-        print(f"TLS costs {tls['write4k_p50_us'] - plain['write4k_p50_us']:.0f} us p50 per "
-              f"4 KiB write and {100 * (1 - tls['seq_write_MBps'] / plain['seq_write_MBps']):.0f}"
-              f"% of sequential throughput (medians of {args.tls_rounds} rounds in turns)")
-    print(f"results: {path}")
-    return 0
+def _bench_mode(root: str, mode: str, args) -> dict:
+    pair = LocalPair(os.path.join(root, mode), protocol="C" if mode == "standalone" else mode,
+                     size=args.size_mib * MiB)
+    try:
+        for n in pair.nodes:
+            n.adm("create-md", "r0")
+            n.start()
+        if mode == "standalone":
+            pair.alpha.adm("attach", "r0")
+            pair.alpha.adm("primary", "--force", "r0")
+        else:
+            for n in pair.nodes:
+                n.adm("up", "r0")
+            pair.alpha.wait(lambda s: s["cstate"] == "Connected", what="connection")
+            pair.alpha.adm("primary", "--force", "r0")
+            pair.wait_synced(timeout=300)
+        return trio.run(bench_daemon, pair.alpha.rundir, args)
+    finally:
+        pair.teardown()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ def pct(values: list[float], p: float) -> float:
 
 def lat_summary(samples_s: list[float]) -> dict:
     return {"p50_us": pct(samples_s, 50) * 1e6, "p99_us": pct(samples_s, 99) * 1e6,
+            "p99_9_us": pct(samples_s, 99.9) * 1e6,
             "mean_us": statistics.fmean(samples_s) * 1e6 if samples_s else float("nan"),
             "ops": len(samples_s)}
 
@@ -120,7 +121,7 @@ def _fmt(v) -> str:
         if v != v:
             return "nan"
         a = abs(v)
-        return "%.0f" % v if a >= 1000 else "%.1f" % v if a >= 10 else "%.2f" % v
+        return "%.0f" % v if a >= 1000 else "%.1f" % v if a >= 10 else "%.3g" % v
     return str(v)
 
 

@@ -56,7 +56,7 @@ import time
 from replfs.ipc.client import SyncClient, socket_path
 from replfs.localpair import LocalPair, cluster_conf, free_port
 
-from .common import pct, table, write_json
+from .common import Report, add_cli_common, pct
 
 PY = sys.executable
 BIN = os.path.dirname(PY)
@@ -328,14 +328,14 @@ VARIANTS = ["one", "two"]
 # ---------------------------------------------------------------- main
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="bench.dual", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.dual", description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--files", type=int, default=400, help="files created per row (in total)")
     ap.add_argument("--fsyncs", type=int, default=400, help="4 KiB write+fsync per row (in total)")
     ap.add_argument("--pings", type=int, default=200, help="hand-over round trips per round")
     ap.add_argument("--mib", type=int, default=64, help="MiB per streaming writer")
     ap.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
-    ap.add_argument("--no-json", action="store_true")
+    add_cli_common(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.files, args.fsyncs, args.pings, args.mib = 1, 40, 40, 20, 8
@@ -364,18 +364,18 @@ def main(argv=None) -> int:
         return 1
     total_s = time.monotonic() - t_start
 
-    table_rows, result = [], {}
+    result = {}
+    rep = Report("dual", "Dual-primary: both nodes at once against one node")
+    stale = sum(s["stale_reads"] for v in VARIANTS for s in per_round[("hand_over", v)])
+    sec = rep.section("dual", "Dual-primary: one shared mount on each node",
+                      ["one node", "two nodes"], "two nodes", ["one node"],
+                      note=f"one node = alpha alone, beta mounted and idle; medians of "
+                           f"{args.rounds} interleaved rounds; hand-over reads that missed the "
+                           f"write: {stale}; total {total_s:.0f}s")
     for key, label, unit, higher in ROWS:
         med = {v: statistics.median(s["value"] for s in per_round[(key, v)]) for v in VARIANTS}
         ratio = med["two"] / med["one"] if med["one"] else float("nan")
-        split = ""
         two = per_round[(key, "two")]
-        if key == "hand_over":      # alpha's write / beta's read, µs
-            split = "%.0f / %.0f" % (statistics.median(s["write_p50_us"] for s in two),
-                                     statistics.median(s["read_p50_us"] for s in two))
-        else:
-            split = "%.1f / %.1f" % (statistics.median(s["nodes"]["alpha"] for s in two),
-                                     statistics.median(s["nodes"]["beta"] for s in two))
         entry = {"unit": unit, "higher_is_better": higher, "ratio_two_over_one": ratio}
         for v in VARIANTS:
             rs = per_round[(key, v)]
@@ -388,19 +388,20 @@ def main(argv=None) -> int:
                     "stale_reads": sum(s["stale_reads"] for s in rs)}
                    if key == "hand_over" else {})}
         result[label] = entry
-        table_rows.append([label, unit, med["one"], med["two"], "%.2f" % ratio, split])
-    print()
-    print(table(table_rows, ["workload", "unit", "one node", "two nodes", "two / one",
-                             "alpha / beta (two)"]))
-    stale = sum(s["stale_reads"] for v in VARIANTS for s in per_round[("hand_over", v)])
-    print(f"\none node = alpha alone, beta mounted and idle; medians of {args.rounds} "
-          f"interleaved rounds; hand-over reads that missed the write: {stale}; "
-          f"total {total_s:.0f}s")
-    if not args.no_json:
-        print("wrote", write_json("dual", {
-            "args": vars(args), "baseline": "alpha alone, beta mounted and idle",
-            "volume_mb": size_mb, "setup_s": t_setup, "total_s": total_s,
-            "results": result}))
+        sec.add(label, unit, {"one node": med["one"], "two nodes": med["two"]},
+                higher_is_better=higher)
+        if key == "hand_over":   # alpha's write / beta's read, µs
+            sec.add("hand-over: alpha's write p50", "µs", {"two nodes": statistics.median(
+                s["write_p50_us"] for s in two)}, higher_is_better=False)
+            sec.add("hand-over: beta's read p50", "µs", {"two nodes": statistics.median(
+                s["read_p50_us"] for s in two)}, higher_is_better=False)
+        else:
+            sec.note += "; %s, two nodes, alpha / beta: %.1f / %.1f %s" % (
+                label, statistics.median(s["nodes"]["alpha"] for s in two),
+                statistics.median(s["nodes"]["beta"] for s in two), unit)
+    rep.finish({"args": vars(args), "baseline": "alpha alone, beta mounted and idle",
+                "volume_mb": size_mb, "setup_s": t_setup, "total_s": total_s,
+                "results": result}, json_out=not args.no_json, charts=not args.no_charts)
     return 1 if stale else 0
 
 

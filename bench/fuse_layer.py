@@ -35,7 +35,7 @@ import time
 
 from replfs.fuse.mount import find_mount
 
-from .common import lat_summary, table, write_json
+from .common import Report, add_cli_common, lat_summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -300,10 +300,12 @@ WORKLOADS = [("stat", run_stat, 5000), ("4k write+fsync", run_write, 2000),
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.fuse_layer",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--serve", nargs=2, metavar=("KIND", "MNT"), help=argparse.SUPPRESS)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument("--quick", action="store_true", help="a tenth of the operations")
+    add_cli_common(p)
     args = p.parse_args(argv)
     if args.serve:
         kind, mnt = args.serve
@@ -321,6 +323,7 @@ def main(argv=None) -> int:
     shm = tempfile.mkdtemp(prefix="bench-fuse-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     targets: dict[str, Target] = {}
     procs = []
+    per_round: dict[tuple[str, str], list[dict]] = {}
     try:
         for k in kinds:
             mnt = os.path.join(tmp, k)
@@ -332,7 +335,6 @@ def main(argv=None) -> int:
         for t in targets.values():
             prepare(t.root)
         order = list(targets)
-        per_round: dict[tuple[str, str], list[dict]] = {}
         for r in range(args.rounds):
             seq = order if r % 2 == 0 else order[::-1]
             for wname, fn, n in WORKLOADS:
@@ -346,6 +348,9 @@ def main(argv=None) -> int:
                     s["server_cpu_us"] = cpu
                     per_round.setdefault((wname, name), []).append(s)
             print(f"round {r + 1}/{args.rounds} done", flush=True)
+    except Exception as e:
+        print(f"bench.fuse_layer failed: {type(e).__name__}: {e}", flush=True)
+        return 1
     finally:
         for proc, mnt in procs:
             stop_server(proc, mnt)
@@ -356,25 +361,33 @@ def main(argv=None) -> int:
         if not any(find_mount(m) for _, m in procs):
             os.rmdir(tmp)
 
-    rows = []
     result = {}
+    rep = Report("fuse_layer", "FUSE layer: replfs.fuse against pyfuse3")
+    names = list(targets)
+    sec = rep.section("fuse_layer", "FUSE layer: per-request latency, in-memory filesystem",
+                      names, "ours", ["pyfuse3"],
+                      note=f"medians over {args.rounds} interleaved rounds of each round's "
+                           f"percentile; ours: inline dispatch, ours-tasks: a task per write "
+                           f"and fsync; tmpfs: the kernel floor")
     for wname, _, _ in WORKLOADS:
-        base = statistics.median(s["p50_us"] for s in per_round[(wname, "pyfuse3")])
-        for name in targets:
+        med = {}
+        for name in names:
             rs = per_round[(wname, name)]
-            p50 = statistics.median(s["p50_us"] for s in rs)
-            p99 = statistics.median(s["p99_us"] for s in rs)
-            cpu = statistics.median(s["server_cpu_us"] for s in rs)
-            rows.append([wname, name, p50, p99, cpu if name != "tmpfs" else "-",
-                         "%.2f" % (p50 / base)])
-            result.setdefault(wname, {})[name] = {"p50_us": p50, "p99_us": p99,
-                                                  "server_cpu_us": cpu,
-                                                  "rounds_p50_us": [s["p50_us"] for s in rs]}
-    print()
-    print(table(rows, ["workload", "target", "p50 µs", "p99 µs", "server CPU µs/op",
-                       "p50 / pyfuse3"]))
-    path = write_json("fuse_layer", {"rounds": args.rounds, "scale": scale, "results": result})
-    print(f"\nJSON: {path}")
+            med[name] = {k: statistics.median(s[k] for s in rs)
+                         for k in ("p50_us", "p99_us", "p99_9_us", "server_cpu_us")}
+            result.setdefault(wname, {})[name] = {
+                **med[name], "rounds_p50_us": [s["p50_us"] for s in rs]}
+            rep.add_latency(wname, name, p50_us=med[name]["p50_us"],
+                            p99_us=med[name]["p99_us"], p99_9_us=med[name]["p99_9_us"])
+        sec.add(f"{wname} p50", "µs", {n: m["p50_us"] for n, m in med.items()},
+                higher_is_better=False)
+        sec.add(f"{wname} p99", "µs", {n: m["p99_us"] for n, m in med.items()},
+                higher_is_better=False)
+        sec.add(f"{wname} server CPU", "µs/op",
+                {n: m["server_cpu_us"] for n, m in med.items() if n != "tmpfs"},
+                higher_is_better=False)
+    rep.finish({"rounds": args.rounds, "scale": scale, "results": result},
+               json_out=not args.no_json, charts=not args.no_charts)
     return 0
 
 

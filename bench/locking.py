@@ -13,6 +13,12 @@ Rows, measured in this one run:
                    the other node (one round trip each for lock and unlock);
 * EX ping-pong   — both nodes take turns: each lock needs the other node's
                    unlock first (time per hand-over).
+
+The table has a column per row above and p50/p99/p99.9 latency and ops/s
+as its rows; the ratio compares the remote-master lock with the raw TCP
+round trip (its floor).  JSON and charts go to bench/results/.
+
+    python -m bench.locking [-n OPS] [--quick]
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ from replfs.locking.client import DlmClient
 from replfs.locking.dlm.core import master_of
 from replfs.locking.dlm.modes import Mode
 
-from .common import lat_summary, table, write_json
+from .common import Report, add_cli_common, lat_summary
 
 
 
@@ -129,10 +135,17 @@ async def run(nodes, n: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="bench.locking", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.locking",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("-n", type=int, default=500, help="operations per row (default 500)")
-    ap.add_argument("--no-json", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="100 operations per row")
+    add_cli_common(ap)
     args = ap.parse_args(argv)
+    if args.quick:
+        args.n = 100
+    rep = Report("locking", "Cluster lock manager")
+    error = None
+    res: dict = {}
     with tempfile.TemporaryDirectory(prefix="replfs-bench-lock-") as tmp:
         conf = os.path.join(tmp, "cluster.conf")
         with open(conf, "w") as f:
@@ -146,20 +159,37 @@ def main(argv=None) -> int:
                 with SyncClient(socket_path(nd.rundir), timeout=10) as c:
                     c.call("cluster-online", cluster="bench", conf=conf)
             res = trio.run(run, nodes, args.n)
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+            print(f"bench.locking failed: {error}", flush=True)
         finally:
             for nd in nodes:
-                nd.kill9()
-    base = lat_summary(res["tcp rtt"])["p50_us"]
-    rows, out = [], {}
+                try:
+                    nd.kill9()
+                except Exception:
+                    pass
+    out = {}
     for label, samples in res.items():
         s = lat_summary(samples)
         s["ops_per_s"] = len(samples) / sum(samples) if samples else 0.0
         out[label] = s
-        rows.append([label, s["p50_us"], s["p99_us"], s["ops_per_s"], s["p50_us"] / base])
-    print(table(rows, ["row", "p50 us", "p99 us", "ops/s", "p50 x tcp rtt"]))
-    if not args.no_json:
-        print("wrote", write_json("locking", {"n": args.n, "rows": out}))
-    return 0
+        rep.add_latency(label, "replfs DLM" if label != "tcp rtt" else "TCP", p50_us=s["p50_us"],
+                        p99_us=s["p99_us"], p99_9_us=s["p99_9_us"])
+    labels = list(out) or ["tcp rtt", "remote master lock+unlock"]
+    sec = rep.section("locking", "Cluster locks: one operation at a time, two daemons",
+                      labels, "remote master lock+unlock", ["tcp rtt"],
+                      note=f"{args.n} operations per column; the ratio: the raw TCP round "
+                           f"trip is the floor of a remote lock")
+    if error:
+        for lb in labels:
+            sec.fail_target(lb, error)
+    for key, unit, higher in (("p50_us", "µs", False), ("p99_us", "µs", False),
+                              ("p99_9_us", "µs", False), ("ops_per_s", "ops/s", True)):
+        sec.add(key.replace("_us", "").replace("_9", ".9").replace("ops_per_s", "rate"), unit,
+                {lb: r[key] for lb, r in out.items()}, higher_is_better=higher)
+    rep.finish({"n": args.n, "rows": out}, json_out=not args.no_json,
+               charts=not args.no_charts)
+    return 1 if error else 0
 
 
 if __name__ == "__main__":
