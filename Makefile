@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: setup demo test soak soak-smoke bench clean
+.PHONY: setup demo test soak soak-smoke bench bench-peer clean
 
 setup:
 	@bash scripts/setup.sh
@@ -24,8 +24,16 @@ soak: setup
 soak-smoke: setup
 	$(PYTEST) -q -p no:cacheprovider -m soak --soak-smoke
 
+# Every benchmark layer: tables, JSON and PNG charts in bench/results/
+# (docs/benchmarks.md).  A subset or options: make bench BENCH_ARGS="fs --quick"
 bench: setup
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
+
+# replfs against a GlusterFS replica-2 volume on this machine, same
+# filesystem workloads; installs GlusterFS from Debian's packages first.
+bench-peer: setup
+	@bash scripts/setup-bench-peer.sh
+	$(PY) -m bench.peer $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info bench/results

@@ -8,7 +8,7 @@ directories, symlinks, hard links, fifos and device nodes, renames,
 timestamps (never following a symlink), so `tar x` of a source tree, `du`
 and `rm -rf` work on it (tests/integration/test_bench_passthrough.py).
 
-    python -m bench.passthrough SOURCE_DIR MOUNTPOINT      (foreground)
+usage: python -m bench.passthrough SOURCE_DIR MOUNTPOINT      (foreground)
 """
 from __future__ import annotations
 
