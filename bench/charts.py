@@ -47,6 +47,10 @@ def _colours(targets: list[str], candidate: str) -> dict:
     return out
 
 
+def _label(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+
 def _grid(n: int, ncols: int = 3) -> tuple[int, int]:
     ncols = max(1, min(ncols, n))
     return math.ceil(n / ncols), ncols
@@ -77,7 +81,7 @@ def draw_section(sec: dict, path: str, subtitle: str = "") -> str | None:
         top = max(vals) if any(vals) else 1
         for i, (v, bad) in enumerate(zip(vals, failed)):
             label = "FAILED" if bad else ("-" if row["values"].get(names[i]) is None
-                                          else f"{v:,.1f}" if v < 100 else f"{v:,.0f}")
+                                          else _label(v))
             ax.text(v + top * 0.01, i, label, va="center", fontsize=7,
                     color="red" if bad else "black")
         ax.set_xlim(0, top * 1.25)
@@ -111,13 +115,18 @@ def draw_latency(lat: list[dict], path: str, title: str) -> str | None:
     for ax, label in zip(axes.flat, labels):
         items = [x for x in lat if x["label"] == label]
         w = 0.8 / len(pcts)
+        lowest = float("inf")
         for j, (key, name, col) in enumerate(pcts):
             xs = [i + (j - 1) * w for i in range(len(items))]
             vals = [max(float(x.get(key) or 0), 1e-3) for x in items]
+            lowest = min(lowest, *vals)
             ax.bar(xs, vals, width=w, color=col, label=name)
+            for x, v in zip(xs, vals):
+                ax.text(x, v, _label(v), ha="center", va="bottom", fontsize=6)
         ax.set_xticks(range(len(items)))
         ax.set_xticklabels([x["target"] for x in items], fontsize=8, rotation=15)
         ax.set_yscale("log")
+        ax.set_ylim(bottom=lowest / 3)
         ax.set_ylabel("latency (µs, log scale)", fontsize=8)
         ax.set_title(label, fontsize=9)
         ax.legend(fontsize=7)
