@@ -146,6 +146,27 @@ async def read_superblock(dev) -> F.Superblock:
     raise OSError(errno.EINVAL, "no replfs superblock found (not formatted with mkfs.replfs?)")
 
 
+async def _together(*aws) -> None:
+    """Await ``aws`` concurrently; the first error is raised as it is
+    (not in a group: a device's own exception types reach the caller)."""
+    if len(aws) == 1:
+        await aws[0]
+        return
+    try:
+        async with trio.open_nursery() as n:
+            for aw in aws:
+                n.start_soon(_await, aw)
+    except BaseExceptionGroup as g:
+        first = g.exceptions[0]
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+
+
+async def _await(aw) -> None:
+    await aw
+
+
 def _now() -> int:
     return time.time_ns()
 
@@ -202,6 +223,13 @@ class Filesystem:
         self._closing = 0         # a commit is draining or writing the journal
         self._tx_lot = trio.lowlevel.ParkingLot()
         self._commit_lock = trio.Lock()
+        # The last transaction's home writes, owed: the journal holds them,
+        # so they go out with the next commit's journal write (one round
+        # trip on a replicated resource, not two per fsync), or before
+        # anything that needs the home blocks current -- a checkpoint, a
+        # lock going to another node, unmount (``pay_home``).
+        self._owed: dict[int, bytes] = {}
+        self.defer_home = True
         self._live: set[_Op] = set()
         # read-only remount: writers finish before the slot is given back
         self._writers = 0
@@ -611,6 +639,7 @@ class Filesystem:
             await self._mark_slot(self.slot, in_use=False)
         await self._commit()
         async with self._commit_lock:
+            await self._pay_home_locked()
             await self.journal.close()
 
     # ------------------------------------------------------------ plumbing
@@ -925,52 +954,38 @@ class Filesystem:
             for o in self._live:
                 o.dirtied = False
             self.cache.homing.update(images)
+            # The home writes the last commit owes, but for blocks this
+            # one logs again (its own home write replaces them).
+            owed = {b: img for b, img in self._owed.items() if b not in images}
+            self._owed = {}
+            if owed and not self.journal.fits(len(images), len(revokes)):
+                await self._write_home(owed)    # the log wraps: they land first
+                owed = {}
             # Operations may reserve (and allocate) again while the journal
             # and home writes go on -- unless this commit frees clusters:
             # those must not be handed out before the free is durable, nor
             # before the last home write of a freed block (an inode's
-            # tombstone) has landed, or it would land on the new data.
+            # tombstone) has landed, or it would land on the new data; so
+            # such a commit also writes its own home blocks before it ends.
             reopen = not frees
             if reopen:
                 self._closing -= 1
                 self._tx_lot.unpark_all()
             try:
-                await self.journal.commit(images, revokes)
-                try:
-                    # Home writes, coalescing runs of adjacent blocks, all
-                    # in flight at once (the journal holds them: their
-                    # order does not matter, and on a replicated resource
-                    # each one is a network round trip).
-                    blks = sorted(images)
-                    runs = []
-                    i = 0
-                    while i < len(blks):
-                        j = i + 1
-                        while j < len(blks) and blks[j] == blks[j - 1] + 1 and j - i < 256:
-                            j += 1
-                        runs.append((blks[i] * self.bs, b"".join(images[b] for b in blks[i:j])))
-                        i = j
-                    if len(runs) == 1:
-                        await self.dev.write(*runs[0])
-                    elif runs:
-                        try:
-                            async with trio.open_nursery() as n:
-                                for off, data in runs:
-                                    n.start_soon(self.dev.write, off, data)
-                        except BaseExceptionGroup as g:
-                            # one error is enough to say (and a device's own
-                            # exception types reach the caller unwrapped)
-                            first = g.exceptions[0]
-                            while isinstance(first, BaseExceptionGroup):
-                                first = first.exceptions[0]
-                            raise first from None
-                finally:
-                    if reopen:
-                        self._closing += 1
+                if owed:
+                    # (the older images are in the log already: they may
+                    # land in any order with this record)
+                    await _together(self.journal.commit(images, revokes),
+                                    self._write_home(owed))
+                else:
+                    await self.journal.commit(images, revokes)
+                if frees or not self.defer_home:
+                    await self._write_home(images)
+                else:
+                    self._owed = images
             finally:
-                for b, img in images.items():
-                    if self.cache.homing.get(b) is img:
-                        del self.cache.homing[b]
+                if reopen:
+                    self._closing += 1
         except BaseException as e:
             # Memory and disk no longer agree (the transaction may or may
             # not have reached the journal; or a block could not even be
@@ -983,9 +998,54 @@ class Filesystem:
                 raise               # cancellation and the like
             raise OSError(errno.EIO, f"journal commit failed: {e}") from e
 
+    async def _write_home(self, images: dict[int, bytes]) -> None:
+        """Write committed images to their home blocks, runs of adjacent
+        blocks coalesced, all in flight at once (the journal holds them:
+        their order does not matter, and on a replicated resource each
+        one is a network round trip)."""
+        try:
+            blks = sorted(images)
+            runs = []
+            i = 0
+            while i < len(blks):
+                j = i + 1
+                while j < len(blks) and blks[j] == blks[j - 1] + 1 and j - i < 256:
+                    j += 1
+                runs.append((blks[i] * self.bs, b"".join(images[b] for b in blks[i:j])))
+                i = j
+            await _together(*(self.dev.write(off, data) for off, data in runs))
+        finally:
+            for b, img in images.items():
+                if self.cache.homing.get(b) is img:
+                    del self.cache.homing[b]
+
+    async def _pay_home_locked(self) -> None:
+        """The owed home writes, now (the commit lock held): before a
+        checkpoint retires the log, before the journal closes, before a
+        lock goes to a node that reads the blocks from their homes."""
+        owed, self._owed = self._owed, {}
+        if not owed or self.failed is not None:
+            return      # (failed: the next mount's replay writes them)
+        try:
+            with trio.CancelScope(shield=True):
+                await self._write_home(owed)
+        except Exception as e:
+            self._fail(f"home write failed: {type(e).__name__}: {e}")
+            raise OSError(errno.EIO, f"home write failed: {e}") from e
+
+    async def pay_home(self) -> None:
+        """Write the owed home blocks now (``sync`` does, and so the
+        periodic commit: an idle mount's homes lack nothing of its log)."""
+        if self._owed:
+            async with self._commit_lock:
+                await self._pay_home_locked()
+
     async def sync(self) -> None:
+        """Commit, and write the home blocks (fsync does not wait for
+        those: the journal holds them)."""
         async with self._op(internal=True):
             await self._commit()
+        await self.pay_home()
 
     async def checkpoint(self) -> None:
         if self.readonly:
@@ -993,6 +1053,7 @@ class Filesystem:
         async with self._op():
             await self._commit()
             async with self._commit_lock:
+                await self._pay_home_locked()
                 await self.journal.checkpoint()
 
     async def commit_loop(self, interval: float = 5.0, *, task_status=trio.TASK_STATUS_IGNORED):
@@ -1045,8 +1106,11 @@ class Filesystem:
             if self.mounted and not self.readonly:
                 if old == EX:
                     await self._commit()
+                    # the next holder reads these blocks from their homes
+                    await self.pay_home()
                 if new == NL:
                     async with self._commit_lock:
+                        await self._pay_home_locked()
                         await self.journal.checkpoint()
             if new == NL:
                 self._forget(res)

@@ -85,6 +85,11 @@ class Journal:
         rcap = F.journal_revoke_capacity(bs)
         return (nimages + (nimages + dcap - 1) // dcap + (nrevokes + rcap - 1) // rcap + 1)
 
+    def fits(self, nimages: int, nrevokes: int) -> bool:
+        """Whether a transaction of this size goes in without a checkpoint
+        first (``commit`` checkpoints when the log would wrap)."""
+        return self.head + self.blocks_needed(self.bs, nimages, nrevokes) <= self.nblocks
+
     async def checkpoint(self) -> None:
         """Make every home write durable and retire the log.  Cheap when
         nothing was logged since the last checkpoint (so it can be called

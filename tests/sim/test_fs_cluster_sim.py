@@ -532,6 +532,9 @@ async def run_handover_then_death(tmp_path, seed: int = 1) -> None:
                 await a.write(fh, 0, b"NODE 0 REWROTE IT, LONGER")
                 await a.release(fh)
                 await a.fsync()
+                # and in its home block (fsync leaves home writes owed,
+                # and a later one would hide a replay that undid it)
+                await a.sync()
                 b.dev.dead = True
                 cut.add(1)
                 await doms[1].fence("node died")
@@ -563,8 +566,10 @@ async def test_mutant_log_kept_past_a_handover_to_nl(tmp_path, autojump_clock, m
         try:
             if old == C.EX and self.mounted and not self.readonly:
                 await self._commit()
+                await self.pay_home()
                 if new == C.NL:
                     async with self._commit_lock:
+                        await self._pay_home_locked()
                         await self.journal.checkpoint()
             if new == C.NL:
                 self._forget(res)
@@ -885,6 +890,51 @@ async def test_mutant_pin_without_generation_check(tmp_path, autojump_clock, mon
         await run_lookup_then_reuse_before_the_pin(tmp_path)
     assert "DID NOT RAISE" in str(e.value) or any(
         "DID NOT RAISE" in str(x) for x in getattr(e.value, "exceptions", ())), e.value
+
+
+async def run_owed_home_writes_reach_the_other_node(tmp_path, seed: int = 1):
+    """A commit leaves its home writes owed (the journal holds them; they
+    go out with the next commit).  The other node reads homes: every lock
+    this node gives up from EX must have paid them first -- a directory
+    entry, an inode, file data sizes, a rename -- whichever node asks."""
+    async def body(a, b):
+        d = await a.mkdir(a.root_ino, "d")
+        fh, f = await a.create(d.ino, "f")
+        await a.write(fh, 0, b"payload" * 100)
+        await a.release(fh)
+        await a.fsync()
+        assert a._owed, "the commit left no home writes owed"
+        db = (await b.lookup(b.root_ino, "d")).ino
+        fb = await b.lookup(db, "f")
+        assert fb.size == 700
+        fh, _ = await b.create(db, "g")
+        await b.release(fh)
+        await b.rename(db, "f", db, "h")
+        await b.fsync()
+        names = sorted(n for n, _, _ in await a.readdir(d.ino))
+        assert names == [b"g", b"h"], names
+        fh = await a.open((await a.lookup(d.ino, "h")).ino)
+        assert await a.read(fh, 0, 700) == b"payload" * 100
+        await a.release(fh)
+    await _two_nodes(tmp_path, seed, body, size=16 << 20)
+
+
+async def test_owed_home_writes_reach_the_other_node(tmp_path, autojump_clock):
+    await run_owed_home_writes_reach_the_other_node(tmp_path)
+
+
+async def test_mutant_hand_over_without_paying_home(tmp_path, autojump_clock, monkeypatch):
+    """Giving a lock up without writing the owed homes first fails the
+    test above (the other node reads the old blocks)."""
+    async def unpaid(self):
+        pass
+
+    async def unpaid_locked(self):
+        pass
+    monkeypatch.setattr(Filesystem, "pay_home", unpaid)
+    monkeypatch.setattr(Filesystem, "_pay_home_locked", unpaid_locked)
+    with pytest.raises(BaseException):
+        await run_owed_home_writes_reach_the_other_node(tmp_path)
 
 
 async def run_dead_node_comes_back(tmp_path, seed: int = 1) -> None:
