@@ -125,6 +125,15 @@ class Node:
                                  f"({cp.returncode}):\n{cp.stdout}{cp.stderr}")
         return cp
 
+    def events2(self, *args: str) -> subprocess.Popen:
+        """``replfsadm events2 ARGS`` on this node, left running: its lines
+        on the Popen's stdout (text, line-buffered), its errors on stderr.
+        The caller stops it (terminate, wait)."""
+        cmd = [PY, "-u", "-m", "replfs.cli.main", "-c", self.conf, "--node", self.name,
+               "--rundir", self.rundir, "events2", *args]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, bufsize=1, env=self.env)
+
     def start(self) -> None:
         """Start replfsd in the foreground as a child (so kill9 can reach it)."""
         self.spawn()

@@ -54,7 +54,39 @@ def fail_writes(dev, err: int = 5) -> None:
     dev.write, dev.write_now = failing, failing_now
 
 
+class _Changes:
+    """The resources' state-change notifications (Resource.state_hook, the
+    hook replfsd's events2 log hangs on): ``wait_for`` wakes on them
+    instead of polling."""
+
+    def __init__(self):
+        self.event = None
+
+    def hook(self, res) -> None:
+        if self.event is not None:
+            self.event.set()
+
+
+CHANGES = _Changes()
+
+
 async def wait_for(pred, timeout=20):
+    """Until ``pred()`` (of the resources' state) holds: looked at again
+    after every state change of a Pair's resources (and, should a change
+    come by another way, at least every 0.2 s)."""
+    with trio.fail_after(timeout):
+        while True:
+            # (a fresh event before the check: no task runs in between, so
+            # a change after the check is never missed)
+            CHANGES.event = trio.Event()
+            if pred():
+                return
+            with trio.move_on_after(0.2):
+                await CHANGES.event.wait()
+
+
+async def poll_for(pred, timeout=20):
+    """Until ``pred()`` holds, for what is not a resource's state."""
     with trio.fail_after(timeout):
         while not pred():
             await trio.sleep(0.02)
@@ -65,6 +97,8 @@ class Pair:
         self.conf = conf
         self.a = Resource(conf, "alpha")
         self.b = Resource(conf, "beta")
+        for r in (self.a, self.b):
+            r.state_hook = CHANGES.hook
 
     async def start(self, nursery):
         for h in self.conf.hosts:
@@ -311,7 +345,7 @@ async def test_call_pri_lost_after_sb_primary_in_use_stops_its_mounts_and_runs_t
     await wait_for(lambda: a.cstate is ConnState.StandAlone and a.split_brain)
     assert a.role is Role.Primary
     assert len(stopped) == 1 and "call-pri-lost-after-sb" in stopped[0]
-    await wait_for(lambda: marker.exists())
+    await poll_for(lambda: marker.exists())
     assert a.last_event == "Split-Brain detected but unresolved, dropping connection!"
     with open(a.me.disk, "rb") as f:
         assert f.read(4096) == b"A" * 4096          # nothing was overwritten

@@ -1,4 +1,6 @@
-"""The block mirror through real replfsd daemons and replfsadm, on loopback."""
+"""The block mirror through real replfsd daemons and replfsadm, on loopback.
+The tests wait for states on ``replfsadm events2`` (tests/harness/events.py),
+not by polling ``status``."""
 import errno
 import hashlib
 import os
@@ -11,17 +13,25 @@ from replfs.blockdev import BlockDeviceError
 from replfs.ipc.client import SyncClient, socket_path
 
 from replfs.localpair import read_data
+from tests.harness.events import PairEvents, connected
+
+
+@pytest.fixture
+def events(cluster):
+    with PairEvents(cluster) as ev:
+        yield ev
 
 
 def data_md5(node, size):
     return hashlib.md5(read_data(node.disk, size)).hexdigest()
 
 
-def test_full_sync_makes_backing_disks_identical(cluster):
+def test_full_sync_makes_backing_disks_identical(cluster, events):
     a, b = cluster.alpha, cluster.beta
     for n in cluster.nodes:
         n.adm("create-md", "r0")
         n.start()
+    events.start()
     # Fill alpha's disk with data that must travel.
     with open(a.disk, "r+b") as f:
         for i in range(0, 24 * 1024 * 1024, 1024 * 1024):
@@ -29,15 +39,15 @@ def test_full_sync_makes_backing_disks_identical(cluster):
             f.write(os.urandom(64 * 1024))
     for n in cluster.nodes:
         n.adm("up", "r0")
-    st = a.wait(lambda s: s["cstate"] == "Connected", what="connection")
-    assert st["dstate"] == "Inconsistent" and st["pdsk"] == "Inconsistent"
+    st = events[a].wait(connected, what="connection")
+    assert st["disk"] == "Inconsistent" and st["peer_disk"] == "Inconsistent", st
     # The walkthrough's refusal, word for word, with exit code 17.
     cp = a.adm("primary", "r0", check=False)
     assert cp.returncode == 17
     assert "State change failed: (-2) Need access to UpToDate data" in cp.stderr
     # The DRBD 8 spelling of the override.
     a.adm("--", "--overwrite-data-of-peer", "primary", "r0")
-    cluster.wait_synced()
+    events.wait_synced()
     size = a.status()["size"]
     assert data_md5(a, size) == data_md5(b, size)
     assert a.adm("role", "r0").stdout.strip() == "Primary/Secondary"
@@ -51,8 +61,8 @@ def test_full_sync_makes_backing_disks_identical(cluster):
     assert ns >= size // 1024   # the full sync went over the wire
 
 
-def test_refusals(cluster):
-    cluster.up_fresh()
+def test_refusals(cluster, events):
+    events.up_fresh()
     a, b = cluster.alpha, cluster.beta
     # A second Primary without allow-two-primaries.
     cp = b.adm("primary", "r0", check=False)
@@ -106,11 +116,11 @@ def _kill9_primary_mid_stream(cluster, blocks: int, at_least: int) -> list[int]:
     return acked
 
 
-def test_protocol_c_kill9_primary_loses_no_acknowledged_write(cluster):
-    cluster.up_fresh()
+def test_protocol_c_kill9_primary_loses_no_acknowledged_write(cluster, events):
+    events.up_fresh()
     a, b = cluster.alpha, cluster.beta
     acked = _kill9_primary_mid_stream(cluster, 4000, 300)
-    b.wait(lambda s: s["cstate"] != "Connected", what="beta noticing the loss")
+    events[b].wait(lambda s: s["connection"] != "Connected", what="beta noticing the loss")
     b.adm("primary", "r0")
     with SyncClient(socket_path(b.rundir)) as c:
         for i in acked:
@@ -118,11 +128,11 @@ def test_protocol_c_kill9_primary_loses_no_acknowledged_write(cluster):
             assert data == (b"%08d" % i) * 512, f"acknowledged block {i} lost"
 
 
-def test_bitmap_resync_after_disconnect_moves_only_dirty_blocks(cluster):
-    cluster.up_fresh()
+def test_bitmap_resync_after_disconnect_moves_only_dirty_blocks(cluster, events):
+    events.up_fresh()
     a, b = cluster.alpha, cluster.beta
     b.adm("disconnect", "r0")
-    a.wait(lambda s: s["cstate"] != "Connected", what="alpha disconnected")
+    events[a].wait(lambda s: s["connection"] != "Connected", what="alpha disconnected")
     with SyncClient(socket_path(a.rundir)) as c:
         for i in range(7):
             c.call("write", os.urandom(4096), res="r0", off=i * 2 * 1024 * 1024)
@@ -130,7 +140,7 @@ def test_bitmap_resync_after_disconnect_moves_only_dirty_blocks(cluster):
     assert st["counters"]["oos"] == 7 * 4
     ns_before = st["counters"]["ns"]
     b.adm("connect", "r0")
-    cluster.wait_synced()
+    events.wait_synced()
     st = a.status()
     assert st["counters"]["oos"] == 0
     assert st["counters"]["ns"] - ns_before == 7 * 4  # KiB: only the dirty blocks
@@ -138,8 +148,8 @@ def test_bitmap_resync_after_disconnect_moves_only_dirty_blocks(cluster):
     assert data_md5(a, size) == data_md5(b, size)
 
 
-def test_split_brain_detected_and_manual_recovery(cluster):
-    cluster.up_fresh()
+def test_split_brain_detected_and_manual_recovery(cluster, events):
+    events.up_fresh()
     a, b = cluster.alpha, cluster.beta
     a.adm("disconnect", "r0")
     b.adm("disconnect", "r0")
@@ -149,10 +159,13 @@ def test_split_brain_detected_and_manual_recovery(cluster):
     with SyncClient(socket_path(b.rundir)) as c:
         c.call("write", b"b" * 4096, res="r0", off=4096)
     b.adm("secondary", "r0")
+    mark = events.mark()            # (StandAlone already: wait for the one after connect)
     a.adm("connect", "r0")
     b.adm("connect", "r0")
     for n in cluster.nodes:
-        n.wait(lambda s: s["cstate"] == "StandAlone" and s["split_brain"], what="split brain")
+        events[n].wait(lambda s: s["connection"] == "StandAlone", since=mark[n.name],
+                       what="split brain")
+        assert n.status()["split_brain"]
         assert "Split-Brain detected but unresolved, dropping connection!" in n.log()
     # Nothing was overwritten on either side.
     assert read_data(a.disk, 4096) == b"a" * 4096
@@ -161,14 +174,14 @@ def test_split_brain_detected_and_manual_recovery(cluster):
     b.adm("secondary", "r0")
     b.adm("--", "--discard-my-data", "connect", "r0")
     a.adm("connect", "r0")
-    cluster.wait_synced()
+    events.wait_synced()
     size = a.status()["size"]
     assert data_md5(a, size) == data_md5(b, size)
     assert read_data(b.disk, 8192)[4096:] == bytes(4096)
 
 
-def test_status_views(cluster):
-    cluster.up_fresh()
+def test_status_views(cluster, events):
+    events.up_fresh()
     a = cluster.alpha
     out = a.adm("status", "r0").stdout
     assert out.startswith("r0 role:Primary\n  disk:UpToDate\n  beta connection:Connected role:Secondary\n")
@@ -181,8 +194,8 @@ def test_status_views(cluster):
     assert "Current data generation UUID" in gi
 
 
-def test_crashed_primary_restarts_and_resyncs_its_activity_log(cluster):
-    cluster.up_fresh()
+def test_crashed_primary_restarts_and_resyncs_its_activity_log(cluster, events):
+    events.up_fresh()
     a, b = cluster.alpha, cluster.beta
     acked = _kill9_primary_mid_stream(cluster, 3000, 200)
     # alpha comes back (beta was never promoted): alpha's hot extents are
@@ -191,7 +204,7 @@ def test_crashed_primary_restarts_and_resyncs_its_activity_log(cluster):
     a.adm("up", "r0")
     log_text = a.log()
     assert "was Primary when it went down" in log_text
-    cluster.wait_synced()
+    events.wait_synced()        # (alpha's watcher: started again for the new replfsd)
     size = a.status()["size"]
     assert data_md5(a, size) == data_md5(b, size)
     b.adm("primary", "r0")
@@ -201,8 +214,8 @@ def test_crashed_primary_restarts_and_resyncs_its_activity_log(cluster):
             assert data == (b"%08d" % i) * 512
 
 
-def test_outdate_invalidate_and_verify_verbs(cluster):
-    cluster.up_fresh()
+def test_outdate_invalidate_and_verify_verbs(cluster, events):
+    events.up_fresh()
     a, b = cluster.alpha, cluster.beta
     # outdate: only on a disconnected Secondary; an Outdated disk may not be promoted.
     cp = b.adm("outdate", "r0", check=False)
@@ -214,14 +227,15 @@ def test_outdate_invalidate_and_verify_verbs(cluster):
     assert cp.returncode == 17
     assert "State change failed: (-2) Need access to UpToDate data" in cp.stderr
     b.adm("connect", "r0")
-    cluster.wait_synced()
+    events.wait_synced()
     # invalidate: beta throws its data away and gets all of it again.
     with open(b.disk, "r+b") as f:
         f.seek(3 * 4096)
         f.write(b"garbage!")
     ns_before = a.status()["counters"]["ns"]
+    mark = events.mark()                    # (in sync before it too)
     b.adm("invalidate", "r0")
-    cluster.wait_synced()
+    events.wait_synced(since=mark)
     size = a.status()["size"]
     assert a.status()["counters"]["ns"] - ns_before >= size // 1024
     assert data_md5(a, size) == data_md5(b, size)
@@ -229,9 +243,12 @@ def test_outdate_invalidate_and_verify_verbs(cluster):
     with open(b.disk, "r+b") as f:
         f.seek(7 * 4096)
         f.write(b"bitrot")
+    mark = events.mark()
     a.adm("verify", "r0")
-    a.wait(lambda s: s["cstate"] == "Connected" and "online verify found" in s["last_event"],
-           what="verify to finish")
+    events[a].wait(lambda s: s["replication"] == "VerifyS", since=mark[a.name],
+                   what="verify to start")
+    events[a].wait(connected, what="verify to finish")
+    assert "online verify found" in a.status()["last_event"]
     assert "Out of sync: start=56, size=" in a.log()
     assert a.status()["counters"]["oos"] == 4   # exactly the one 4 KiB block
 
@@ -242,12 +259,12 @@ def _pair_with(tmp_path, net: str):
                                                  if line.strip()))
 
 
-def _split_brain_alpha_older(pair, *, alpha_blocks: int, beta_blocks: int) -> None:
+def _split_brain_alpha_older(pair, events, *, alpha_blocks: int, beta_blocks: int) -> None:
     """The link is cut while alpha is Primary; beta is promoted during the
     split; each writes its own blocks (alpha from 0, beta from 1 MiB);
     beta is demoted again (alpha stays Primary)."""
     a, b = pair.alpha, pair.beta
-    pair.up_fresh()
+    events.up_fresh()
     a.adm("disconnect", "r0")
     b.adm("disconnect", "r0")
     b.adm("primary", "r0")
@@ -267,11 +284,12 @@ def test_split_brain_0pri_discard_younger_primary(tmp_path):
     pair = _pair_with(tmp_path, "after-sb-0pri discard-younger-primary")
     try:
         a, b = pair.alpha, pair.beta
-        _split_brain_alpha_older(pair, alpha_blocks=1, beta_blocks=3)
+        events = PairEvents(pair)
+        _split_brain_alpha_older(pair, events, alpha_blocks=1, beta_blocks=3)
         a.adm("secondary", "r0")
         a.adm("connect", "r0")
         b.adm("connect", "r0")
-        pair.wait_synced()
+        events.wait_synced()
         assert ("Split-Brain detected, 0 primaries, automatically solved. Sync from this node"
                 in a.log())
         assert ("Split-Brain detected, 0 primaries, automatically solved. Sync from peer node"
@@ -283,6 +301,7 @@ def test_split_brain_0pri_discard_younger_primary(tmp_path):
         assert data[1024 * 1024:] == bytes(1024 * 1024)    # beta's changes are gone
         assert not a.status()["split_brain"] and not b.status()["split_brain"]
     finally:
+        events.close()
         pair.teardown()
 
 
@@ -293,10 +312,11 @@ def test_split_brain_1pri_discard_secondary(tmp_path):
     pair = _pair_with(tmp_path, "after-sb-1pri discard-secondary")
     try:
         a, b = pair.alpha, pair.beta
-        _split_brain_alpha_older(pair, alpha_blocks=1, beta_blocks=3)
+        events = PairEvents(pair)
+        _split_brain_alpha_older(pair, events, alpha_blocks=1, beta_blocks=3)
         a.adm("connect", "r0")
         b.adm("connect", "r0")
-        pair.wait_synced()
+        events.wait_synced()
         assert ("Split-Brain detected, 1 primaries, automatically solved. Sync from this node"
                 in a.log())
         assert ("Split-Brain detected, 1 primaries, automatically solved. Sync from peer node"
@@ -306,6 +326,7 @@ def test_split_brain_1pri_discard_secondary(tmp_path):
         assert data_md5(a, size) == data_md5(b, size)
         assert read_data(b.disk, 2 * 1024 * 1024)[1024 * 1024:] == bytes(1024 * 1024)
     finally:
+        events.close()
         pair.teardown()
 
 
@@ -317,20 +338,21 @@ def test_pause_sync_and_resume_sync_verbs(tmp_path):
     from replfs.localpair import LocalPair
     pair = LocalPair(tmp_path, size=8 << 20,
                      extra_res="disk { c-plan-ahead 0; resync-rate 2M; }")
+    events = PairEvents(pair)
     try:
         a, b = pair.alpha, pair.beta
         for n in pair.nodes:
             n.adm("create-md", "r0")
             n.start()
             n.adm("up", "r0")
-        a.wait(lambda s: s["cstate"] == "Connected", what="connection")
+        events[a].wait(connected, what="connection")
         b.adm("pause-sync", "r0")
         cp = b.adm("pause-sync", "r0", check=False)
         assert cp.returncode == 10 and "Failure: (134) Sync-pause flag is already set" \
             in cp.stderr
         a.adm("primary", "--force", "r0")
-        a.wait(lambda s: s["cstate"] == "PausedSyncS", what="PausedSyncS")
-        b.wait(lambda s: s["cstate"] == "PausedSyncT", what="PausedSyncT")
+        events[a].wait(lambda s: s["replication"] == "PausedSyncS", what="PausedSyncS")
+        events[b].wait(lambda s: s["replication"] == "PausedSyncT", what="PausedSyncT")
         assert " C r--u--" in b.adm("proc").stdout
         assert " C r-p---" in a.adm("proc").stdout
         assert "resync-suspended:user" in b.adm("status", "r0").stdout
@@ -342,8 +364,9 @@ def test_pause_sync_and_resume_sync_verbs(tmp_path):
         cp = b.adm("resume-sync", "r0", check=False)
         assert cp.returncode == 10 and "Failure: (135) Sync-pause flag is already cleared" \
             in cp.stderr
-        pair.wait_synced()
+        events.wait_synced()
         size = a.status()["size"]
         assert data_md5(a, size) == data_md5(b, size)
     finally:
+        events.close()
         pair.teardown()
