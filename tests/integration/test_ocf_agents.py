@@ -17,6 +17,7 @@ import time
 import pytest
 
 from replfs.localpair import LocalPair, free_port
+from tests.harness.events import PairEvents, connected
 
 from .test_fs_mount import ENV, VENV_BIN, fuse_usable
 from .test_fs_shared import call, mount, shared_pair, wait_closed
@@ -113,27 +114,39 @@ def crm(cib, rid: str, action: str) -> int:
     return cp.returncode
 
 
-def wait_cstate(node, cstate: str, timeout: float = 20):
-    deadline = time.monotonic() + timeout
-    while node.adm("cstate", "r0").stdout.strip() != cstate:
-        assert time.monotonic() < deadline, f"{node.name}: not {cstate}"
-        time.sleep(0.05)
+def wait_cstate(events, node, cstate: str, timeout: float = 20):
+    """``replfsadm cstate`` is ``cstate`` (Connected: and no resync), on
+    the node's events2 (tests/harness/events.py)."""
+    events[node].wait(connected if cstate == "Connected"
+                      else lambda s: s.get("connection") == cstate,
+                      timeout=timeout, what=f"cstate {cstate}")
+    assert node.adm("cstate", "r0").stdout.strip() == cstate
 
 
-def wait_roles(a, b, ra: str, rb: str, timeout: float = 10):
+def _role_is(role: str):
+    """A predicate on events2's state for a ``replfsadm role`` answer:
+    LOCAL/PEER, or Unconfigured (the resource is not up)."""
+    if role == "Unconfigured":
+        return lambda s: not s
+    mine, peer = role.split("/")
+    return lambda s: s.get("role") == mine and s.get("peer_role") == peer
+
+
+def wait_roles(events, a, b, ra: str, rb: str, timeout: float = 10):
     """Both nodes' ``replfsadm role`` (each learns the other's role from a
-    state message, a moment after the agent's action returns)."""
-    deadline = time.monotonic() + timeout
-    while (got := (a.adm("role", "r0").stdout.strip(), b.adm("role", "r0").stdout.strip())) \
-            != (ra, rb):
-        assert time.monotonic() < deadline, got
-        time.sleep(0.05)
+    state message, a moment after the agent's action returns), waited for
+    on each node's events2."""
+    for node, role in ((a, ra), (b, rb)):
+        events[node].wait(_role_is(role), timeout=timeout, what=f"role {role}")
+    got = (a.adm("role", "r0").stdout.strip(), b.adm("role", "r0").stdout.strip())
+    assert got == (ra, rb), got
 
 
 def test_resource_agent_with_ocf_tester_and_crm_resource(tmp_path, provider):
     pair = LocalPair(tmp_path, extra_net="allow-two-primaries;")
+    events = PairEvents(pair)
     try:
-        pair.up_fresh()
+        events.up_fresh()
         a, b = pair.alpha, pair.beta
         a.adm("secondary", "r0")
         a.adm("down", "r0")
@@ -181,20 +194,20 @@ def test_resource_agent_with_ocf_tester_and_crm_resource(tmp_path, provider):
         cib.write_text(CIB.format(resources=clone("ra", a, provider, meta)
                                   + clone("rb", b, provider, meta)))
         assert crm(cib, "ra", "--force-start") == 0 and crm(cib, "rb", "--force-start") == 0
-        wait_cstate(a, "Connected")
+        wait_cstate(events, a, "Connected")
         assert crm(cib, "ra", "--force-promote") == 0
         assert crm(cib, "rb", "--force-promote") == 0
-        wait_roles(a, b, "Primary/Primary", "Primary/Primary")
+        wait_roles(events, a, b, "Primary/Primary", "Primary/Primary")
         assert crm(cib, "ra", "--force-check") == 8 and crm(cib, "rb", "--force-check") == 8
         assert crm(cib, "rb", "--force-demote") == 0
-        wait_roles(a, b, "Primary/Secondary", "Secondary/Primary")
+        wait_roles(events, a, b, "Primary/Secondary", "Secondary/Primary")
         assert crm(cib, "ra", "--force-demote") == 0
-        wait_roles(a, b, "Secondary/Secondary", "Secondary/Secondary")
+        wait_roles(events, a, b, "Secondary/Secondary", "Secondary/Secondary")
 
         # notify: alpha was left StandAlone; the post-demote notification
         # (as Pacemaker sends it to the clone's instances) reconnects it
         a.adm("disconnect", "r0")
-        wait_cstate(a, "StandAlone")
+        wait_cstate(events, a, "StandAlone")
         env = {"CRM_meta_notify": "true", "CRM_meta_notify_type": "post",
                "CRM_meta_notify_operation": "demote", "CRM_meta_notify_demote_uname": "alpha ",
                "CRM_meta_notify_active_uname": "alpha beta ",
@@ -204,12 +217,13 @@ def test_resource_agent_with_ocf_tester_and_crm_resource(tmp_path, provider):
         assert pre.returncode == 0 and a.adm("cstate", "r0").stdout.strip() == "StandAlone"
         cp = agent("replfs", "notify", **params, **env)
         assert cp.returncode == 0, cp.stderr
-        wait_cstate(a, "Connected")
-        wait_cstate(b, "Connected")
+        wait_cstate(events, a, "Connected")
+        wait_cstate(events, b, "Connected")
 
         assert crm(cib, "rb", "--force-stop") == 0 and crm(cib, "ra", "--force-stop") == 0
-        wait_roles(a, b, "Unconfigured", "Unconfigured")
+        wait_roles(events, a, b, "Unconfigured", "Unconfigured")
     finally:
+        events.close()
         pair.teardown()
 
 
