@@ -97,7 +97,7 @@ def draw_section(sec: dict, path: str, subtitle: str = "") -> str | None:
     fig.suptitle(f"{sec['title']}{(' - ' + subtitle) if subtitle else ''}\n"
                  f"red: {sec['candidate']}; ratios are speed ratios (>1: candidate faster)",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / fig.get_figheight()))
     fig.savefig(path, dpi=72)
     plt.close(fig)
     return path
@@ -134,7 +134,7 @@ def draw_latency(lat: list[dict], path: str, title: str) -> str | None:
     for ax in list(axes.flat)[len(labels):]:
         ax.axis("off")
     fig.suptitle(f"{title}: latency percentiles (lower is better)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
     fig.savefig(path, dpi=72)
     plt.close(fig)
     return path
@@ -161,7 +161,7 @@ def draw_histograms(hists: list[dict], path: str, title: str) -> str | None:
     for ax in list(axes.flat)[len(labels):]:
         ax.axis("off")
     fig.suptitle(f"{title}: latency histogram", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
     fig.savefig(path, dpi=72)
     plt.close(fig)
     return path
