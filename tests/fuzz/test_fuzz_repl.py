@@ -129,6 +129,26 @@ def test_round_trip_any_split(pkts, data):
     assert err is None and got == pkts
 
 
+@F.quick(100)
+@given(st.lists(st.one_of(PACKETS, st.builds(
+    P.Data, st.integers(0, 2**63), st.integers(0, 2**63), st.integers(0, 2**40),
+    st.integers(60_000, 300_000).map(lambda n: bytes([n % 251]) * n))), min_size=1, max_size=4),
+    st.lists(st.integers(1, 200_000), min_size=1, max_size=12))
+def test_round_trip_of_large_packets_in_any_pieces(pkts, cuts):
+    """Large packets (gathered chunk by chunk, not in the buffer) come out
+    whole, as bytes, between small ones, however the stream is cut."""
+    stream = b"".join(P.encode(p) for p in pkts)
+    chunks, pos, i = [], 0, 0
+    while pos < len(stream):
+        n = cuts[i % len(cuts)]
+        chunks.append(stream[pos:pos + n])
+        pos += n
+        i += 1
+    got, err = _decode_all(chunks, close=True)
+    assert err is None and got == pkts
+    assert all(type(g.data) is bytes for g in got if isinstance(g, P.Data))
+
+
 @given(st.text(max_size=30).filter(lambda s: "\0" not in s),
        st.text(max_size=30).filter(lambda s: "\0" not in s))
 def test_hello_names_round_trip(res, node):
