@@ -60,3 +60,33 @@ def test_selection_runs_only_the_named_layers(monkeypatch, capsys):
 def test_fs_targets_are_checked():
     r = run("bench.fs", "--targets", "local,zzz")
     assert r.returncode == 2 and "unknown target(s) zzz" in r.stderr
+
+
+def test_peer_without_glusterfs_says_so(monkeypatch, capsys):
+    from bench import peer
+    monkeypatch.setattr(peer, "_tool", lambda name: None)
+    assert peer.main([]) == 1
+    err = capsys.readouterr().err
+    assert "GlusterFS is not installed" in err and "setup-bench-peer.sh" in err
+
+
+def test_a_failing_workload_is_reported_and_the_rest_runs(tmp_path):
+    from bench import common, fs
+    cfg = fs.Config(size_mb=1, runtime=0.2, files=20, small_files=5, bigdir=0,
+                    tree_tar=str(tmp_path / "no-such.tar"))
+    cfg.tree_entries = 1
+    work = tmp_path / "work"
+    work.mkdir()
+    res = fs.run_workloads(str(work), cfg)
+    assert "tar x (source tree)" in res["errors"]
+    assert res["values"]["create"] > 0 and res["values"]["small files read"] > 0
+    assert res["values"]["fsync'd 4k writes"] > 0 and len(res["sync"]["samples_s"]) > 0
+
+    class T:
+        name, error = "t", None
+    rep = common.Report("fs", "t")
+    sec = rep.section("fs", "t", ["t"], "t", [])
+    fs.add_results(rep, sec, {"t": [res]}, [T()], 1)
+    text = common.render_section(sec.to_json())
+    assert next(ln for ln in text.splitlines() if ln.startswith("tar x")).split()[-1] == "FAILED"
+    assert rep.histograms and rep.histograms[0]["label"] == fs.SYNC_LABEL
