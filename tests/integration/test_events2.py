@@ -105,3 +105,43 @@ def test_events2_usage_and_errors(cluster):
     a.start()
     cp = a.adm("events2", "--now")
     assert cp.stdout.strip() == "exists -"
+
+
+def test_the_tests_event_watcher(cluster):
+    """tests/harness/events.py, which the tests wait on instead of polling:
+    a state reached before the watcher started counts (the exists lines), a
+    wait ``since`` a mark only counts what came after it, a change's lines
+    are judged together, a timeout says what was seen, and a watcher whose
+    replfsd went away says so instead of waiting out its time."""
+    from replfs.localpair import PairError
+    from tests.harness.events import Events, PairEvents, synced
+    a, b = cluster.alpha, cluster.beta
+    with PairEvents(cluster) as ev:
+        ev.up_fresh()
+    with Events(a) as w:
+        t0 = time.monotonic()
+        st = w.wait(synced, what="in sync")        # reached before: from the exists lines
+        assert time.monotonic() - t0 < 5
+        assert st == {"role": "Primary", "suspended": "no", "connection": "Connected",
+                      "peer_role": "Secondary", "disk": "UpToDate", "minor": "0",
+                      "replication": "Established", "peer_disk": "UpToDate",
+                      "resync_suspended": "no"}, st
+        mark = w.mark()
+        try:
+            w.wait(synced, since=mark, timeout=0.5, what="a change")
+        except PairError as e:
+            assert "timed out after 0.5 s waiting for a change" in str(e)
+            assert "exists -" in str(e) and "exists resource name:r0" in str(e), e
+        else:
+            raise AssertionError("a wait since a mark took the state from before it")
+        b.adm("disconnect", "r0")
+        # one change: connection, peer role and peer disk together
+        st = w.wait(lambda s: s["connection"] != "Connected", since=mark)
+        assert st["peer_role"] == "Unknown" and st["peer_disk"] == "DUnknown", st
+        a.kill9()
+        t0 = time.monotonic()
+        try:
+            w.wait(lambda s: False, timeout=20, what="nothing")
+        except PairError as e:
+            assert "events2 ended" in str(e), e
+        assert time.monotonic() - t0 < 10
