@@ -146,6 +146,11 @@ async def read_superblock(dev) -> F.Superblock:
     raise OSError(errno.EINVAL, "no replfs superblock found (not formatted with mkfs.replfs?)")
 
 
+def _layout(inode: F.Inode) -> tuple:
+    """What reaching an inode's data needs (fdatasync's concern)."""
+    return (inode.size, inode.clusters, inode.flags, inode.ext_depth, tuple(inode.root))
+
+
 async def _together(*aws) -> None:
     """Await ``aws`` concurrently; the first error is raised as it is
     (not in a group: a device's own exception types reach the caller)."""
@@ -230,6 +235,11 @@ class Filesystem:
         # lock going to another node, unmount (``pay_home``).
         self._owed: dict[int, bytes] = {}
         self.defer_home = True
+        # The layout (what reaching the data needs: size, clusters, extent
+        # root, flags) of each inode as last committed: an fdatasync that
+        # finds it unchanged needs a flush, not a commit (ext4's fdatasync
+        # after an overwrite that moved only the timestamps).
+        self._committed_layout: dict[int, tuple] = {}
         self._live: set[_Op] = set()
         # read-only remount: writers finish before the slot is given back
         self._writers = 0
@@ -945,6 +955,8 @@ class Filesystem:
         try:
             frees = bool(self.alloc.pending)
             self.alloc.apply_pending()
+            layouts = {b: _layout(o) for b, o in self.cache.dirty.items()
+                       if type(o) is F.Inode}
             images, revokes = self.cache.take_transaction()
             # What the operations changed so far leaves with this
             # transaction (and a commit that fails latches by itself): an
@@ -979,6 +991,9 @@ class Filesystem:
                                     self._write_home(owed))
                 else:
                     await self.journal.commit(images, revokes)
+                if len(self._committed_layout) > 65536:
+                    self._committed_layout.clear()      # (bounded; a miss only commits)
+                self._committed_layout.update(layouts)
                 if frees or not self.defer_home:
                     await self._write_home(images)
                 else:
@@ -2103,7 +2118,13 @@ class Filesystem:
 
     async def fsync(self, fh: int | None = None, datasync: bool = False) -> None:
         if fh is not None:
-            self._handle(fh)
+            h = self._handle(fh)
+            if datasync and self._layout_durable(h.ino):
+                # fdatasync, and nothing that reaching the data needs has
+                # changed since it was committed (an overwrite, timestamps
+                # only): the data written in place wants a flush, no commit
+                await self.dev.flush()
+                return
         async with self._op():
             committed = await self._commit()
         if not committed:
@@ -2114,6 +2135,26 @@ class Filesystem:
             # home writes after it are the journal's to replay -- so a
             # fsync'd write costs two flushes, not three.
             await self.dev.flush()
+
+    def _layout_durable(self, ino: int) -> bool:
+        """Whether ``ino``'s layout as in memory is committed: no commit
+        under way (it may be writing the change), the inode clean or its
+        layout the one last committed, and no extent leaf of it dirty."""
+        if self._commit_lock.locked() or self._closing or self.failed is not None:
+            return False
+        inode = self.cache.dirty.get(ino)
+        if inode is None:
+            if ino in self.cache.objs or ino in self.cache.evicted:
+                inode = self.cache.objs.get(ino)
+            else:
+                return False    # (not known here: commit, as before)
+        elif _layout(inode) != self._committed_layout.get(ino):
+            return False
+        if type(inode) is not F.Inode:
+            return False
+        if inode.ext_depth:
+            return not any(blk in self.cache.dirty for _, blk, _ in inode.root)
+        return True
 
     async def statfs(self) -> StatFs:
         async with self._op(reading=True):

@@ -227,3 +227,47 @@ async def test_fsync_flushes_twice_and_still_flushes_with_nothing_to_commit(tmp_
     await fs.unmount()
     assert not await check_volume(dev)
     await dev.close()
+
+
+async def test_fdatasync_of_an_overwrite_is_one_flush(tmp_path):
+    """fdatasync after writes that moved only the timestamps (the size and
+    the clusters as committed) flushes, writes no journal record, and the
+    data survives a power cut; after a write that grows the file it
+    commits (the new size is what reaching the data needs)."""
+    path = str(tmp_path / "v.img")
+    make_image(path, 64 << 20)
+    await format_image(path, slots=2)
+    dev = CrashDevice(path)
+    fs = await Filesystem.mount(dev)
+    fh, a = await fs.create(fs.root_ino, "f")
+    await fs.write(fh, 0, b"a" * 8192)
+    await fs.fsync(fh, datasync=True)         # allocates: commits
+    await fs.write(fh, 100, b"b" * 4000)
+    writes, flushes = dev.writes, dev.flushes
+    await fs.fsync(fh, datasync=True)
+    assert (dev.writes - writes, dev.flushes - flushes) == (0, 1)
+    await fs.write(fh, 8192, b"c" * 10)       # grows: the size must be committed
+    writes = dev.writes
+    await fs.fsync(fh, datasync=True)
+    assert dev.writes - writes >= 1, "an fdatasync after a size change wrote no record"
+    await fs.write(fh, 0, b"d" * 10)
+    flushes = dev.flushes
+    await fs.fsync(fh, datasync=False)        # fsync commits the timestamps too
+    assert dev.flushes - flushes == 2
+    await fs.write(fh, 20, b"e" * 10)
+    await fs.fsync(fh, datasync=True)
+    await fs.release(fh)
+    await dev.settle(random.Random(2))        # the power goes
+    await dev.inner.close()
+    dev = FileBlockDevice(path)
+    fs = await Filesystem.mount(dev)
+    fh = await fs.open(a.ino)
+    want = bytearray(b"a" * 8192 + b"c" * 10)
+    want[100:4100] = b"b" * 4000
+    want[0:10] = b"d" * 10
+    want[20:30] = b"e" * 10
+    assert await fs.read(fh, 0, 9000) == bytes(want)
+    await fs.release(fh)
+    await fs.unmount()
+    assert not await check_volume(dev)
+    await dev.close()
