@@ -967,11 +967,14 @@ class Filesystem:
                 o.dirtied = False
             self.cache.homing.update(images)
             # The home writes the last commit owes, but for blocks this
-            # one logs again (its own home write replaces them).
-            owed = {b: img for b, img in self._owed.items() if b not in images}
-            self._owed = {}
-            if owed and not self.journal.fits(len(images), len(revokes)):
-                await self._write_home(owed)    # the log wraps: they land first
+            # one logs again (its own home write replaces them) -- unless
+            # the log wraps: then the checkpoint retires the record that
+            # holds them before this one is durable, so every one of them
+            # lands first, those logged again included.
+            prev, self._owed = self._owed, {}
+            owed = {b: img for b, img in prev.items() if b not in images}
+            if prev and not self.journal.fits(len(images), len(revokes)):
+                await self._write_home(prev)
                 owed = {}
             # Operations may reserve (and allocate) again while the journal
             # and home writes go on -- unless this commit frees clusters:
@@ -1018,21 +1021,21 @@ class Filesystem:
         blocks coalesced, all in flight at once (the journal holds them:
         their order does not matter, and on a replicated resource each
         one is a network round trip)."""
-        try:
-            blks = sorted(images)
-            runs = []
-            i = 0
-            while i < len(blks):
-                j = i + 1
-                while j < len(blks) and blks[j] == blks[j - 1] + 1 and j - i < 256:
-                    j += 1
-                runs.append((blks[i] * self.bs, b"".join(images[b] for b in blks[i:j])))
-                i = j
-            await _together(*(self.dev.write(off, data) for off, data in runs))
-        finally:
-            for b, img in images.items():
-                if self.cache.homing.get(b) is img:
-                    del self.cache.homing[b]
+        blks = sorted(images)
+        runs = []
+        i = 0
+        while i < len(blks):
+            j = i + 1
+            while j < len(blks) and blks[j] == blks[j - 1] + 1 and j - i < 256:
+                j += 1
+            runs.append((blks[i] * self.bs, b"".join(images[b] for b in blks[i:j])))
+            i = j
+        await _together(*(self.dev.write(off, data) for off, data in runs))
+        # (only once written: after a failure, reads keep being served
+        # the committed images, not the older homes)
+        for b, img in images.items():
+            if self.cache.homing.get(b) is img:
+                del self.cache.homing[b]
 
     async def _pay_home_locked(self) -> None:
         """The owed home writes, now (the commit lock held): before a
@@ -1945,18 +1948,21 @@ class Filesystem:
 
         The lookup that found ``ino`` let its locks go before this pin, so
         the other node may have freed the inode meanwhile, and even made a
-        new one in its block: with ``generation`` (the lookup's), a pin
-        taken now checks that the inode is still the one found, and
+        new one in its block: with ``generation`` (the lookup's), the pin
+        in place, it checks that the inode is still the one found, and
         answers ESTALE if not (the caller drops its reference, which
-        unpins)."""
-        if self.clustered and not self.locks.pinned(ino):
+        unpins with the last one).  Every lookup checks, not only the one
+        that pins: another may have read the inode before the pin."""
+        if not self.clustered:
+            return
+        if not self.locks.pinned(ino):
             await self.locks.open_pin(ino)
-            if generation is not None:
-                async with self._op(reading=True), self._locked(ino, shared=True):
-                    inode = await self._inode(ino)      # ESTALE if freed
-                    if inode.generation != generation:
-                        raise OSError(errno.ESTALE, f"inode {ino} was freed and used "
-                                      f"again since it was looked up")
+        if generation is not None:
+            async with self._op(reading=True), self._locked(ino, shared=True):
+                inode = await self._inode(ino)      # ESTALE if freed
+                if inode.generation != generation:
+                    raise OSError(errno.ESTALE, f"inode {ino} was freed and used "
+                                  f"again since it was looked up")
 
     async def unhold(self, ino: int) -> None:
         """Drop a ``hold``; frees the inode if that was its last reference

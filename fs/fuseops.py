@@ -123,12 +123,15 @@ class ReplfsOperations(fuse.LocalLocks, fuse.Operations):
         # so fstat of an O_PATH descriptor or stat of a removed current
         # directory sees nlink 0 rather than ESTALE.  On a shared mount the
         # first reference also pins the inode's open lock (OCFS2 takes it
-        # at iget), so the other node does not free it meanwhile either.
+        # at iget), so the other node does not free it meanwhile either;
+        # and every reply's generation is checked with the pin in place
+        # (a lookup that read the inode while another's pin was still on
+        # its way could otherwise hand out a freed and reused number).
         n = self.lookup_counts.get(e.st_ino, 0)
         if n == 0 and e.st_ino != ROOT:
             self.fs.hold(e.st_ino)
         self.lookup_counts[e.st_ino] = n + 1
-        if self.shared and n == 0 and e.st_ino != ROOT:
+        if self.shared and e.st_ino != ROOT:
             try:
                 await self._call("lookup", self.fs.pin_open, e.st_ino, e.generation)
             except BaseException:

@@ -106,6 +106,7 @@ class FileBlockDevice:
         self.readonly = readonly
         self._limiter = trio.CapacityLimiter(threads)
         self._sync = _SyncThread(f"fdatasync {os.path.basename(path)}"[:15])
+        self._closing = False
 
     @property
     def size(self) -> int:
@@ -164,6 +165,11 @@ class FileBlockDevice:
         driver needs none).  Flushes run one after another, in order."""
         token = trio.lowlevel.current_trio_token()
         fd = self._fd
+        if self._closing:
+            # (the descriptor may be closed, and its number reused, before
+            # a flush queued now would run)
+            token.run_sync_soon(callback, errno.EBADF)
+            return
 
         def job():
             try:
@@ -194,6 +200,7 @@ class FileBlockDevice:
 
     async def close(self) -> None:
         if self._fd >= 0:
+            self._closing = True
             if self._sync._thread is not None:
                 # the flushes queued before go first: the descriptor must
                 # not close (and be reused) under them

@@ -54,6 +54,10 @@ _INLINE_IO = 64 * 1024      # disk requests up to this size are done in _feed, a
 _IOV_MAX = 1024             # buffers one writev takes
 
 
+async def _reraise(exc: BaseException) -> None:
+    raise exc
+
+
 class _Channel:
     """A connected stream with framing and a send lock."""
 
@@ -456,8 +460,13 @@ class Resource:
         try:
             self._io_end()
             self._call(self.engine.done, token, err)
-        except Exception:
-            log.exception("%s: completing a disk flush failed", self.conf.name)
+        except Exception as e:
+            # a bug: fail the resource with it, as in any of its tasks
+            # (logged and dropped, the rest of the batch would be lost)
+            if self._nursery is None:
+                log.exception("%s: completing a disk flush failed", self.conf.name)
+            else:
+                self._nursery.start_soon(_reraise, e)
 
     def _io_begin(self) -> None:
         self._io_inflight += 1

@@ -13,7 +13,7 @@ from replfs.blockdev import FileBlockDevice
 from replfs.fs.core import Filesystem
 from tests import soak
 
-from .conftest import CrashDevice, PowerCut, check_volume, format_image, make_image
+from .conftest import CrashDevice, PowerCut, check_volume, format_image, make_image  # noqa: F401
 
 
 async def workload(fs: Filesystem, rng: random.Random, durable: dict, log: list):
@@ -271,3 +271,53 @@ async def test_fdatasync_of_an_overwrite_is_one_flush(tmp_path):
     await fs.unmount()
     assert not await check_volume(dev)
     await dev.close()
+
+
+async def test_power_cut_right_after_a_journal_wrap_keeps_fsynced_appends(tmp_path):
+    """fsync'd appends log the same inode (and allocation) blocks again in
+    every transaction, their home writes owed from one commit to the next.
+    When a commit wraps the log, its checkpoint retires the record that
+    holds the last committed images before the new record is durable: the
+    owed home writes -- all of them, those the new record logs again
+    included -- must have landed first.  The power goes right after that
+    checkpoint, before the new record lands."""
+    path = str(tmp_path / "v.img")
+    make_image(path, 64 << 20)
+    from replfs.fs.mkfs import MIN_JOURNAL_BLOCKS
+    await format_image(path, slots=2, journal_size=MIN_JOURNAL_BLOCKS * 4096)
+    dev = CrashDevice(path)
+    fs = await Filesystem.mount(dev)
+    fh, a = await fs.create(fs.root_ino, "f")
+    await fs.fsync(fh)
+    real_checkpoint = fs.journal.checkpoint
+    wraps = []
+
+    async def checkpoint_then_power_cut():
+        await real_checkpoint()
+        wraps.append(dev.writes)
+        dev.crash_after = dev.writes        # the next write -- the record -- never lands
+    fs.journal.checkpoint = checkpoint_then_power_cut
+    durable = 0
+    with pytest.raises(PowerCut):
+        for i in range(10_000):
+            await fs.write(fh, durable, bytes([i % 251 + 1]) * 4096)
+            await fs.fsync(fh)
+            durable += 4096
+    assert wraps and durable > 0
+    fs2 = await Filesystem.mount(await _crashed_device(dev))
+    got = await fs2.getattr(a.ino)
+    assert got.size >= durable, (got.size, durable)
+    fh2 = await fs2.open(a.ino)
+    data = await fs2.read(fh2, 0, durable)
+    assert data == b"".join(bytes([i % 251 + 1]) * 4096 for i in range(durable // 4096))
+    await fs2.release(fh2)
+    await fs2.unmount()
+    assert not await check_volume(fs2.dev)
+    await fs2.dev.close()
+
+
+async def _crashed_device(dev: CrashDevice) -> FileBlockDevice:
+    """The power is cut: only what was flushed is kept."""
+    await dev.settle(None)
+    await dev.inner.close()
+    return FileBlockDevice(dev.inner.path)

@@ -892,6 +892,84 @@ async def test_mutant_pin_without_generation_check(tmp_path, autojump_clock, mon
         "DID NOT RAISE" in str(x) for x in getattr(e.value, "exceptions", ())), e.value
 
 
+async def run_two_lookups_racing_a_reuse(tmp_path, seed: int = 1):
+    """Two FUSE lookups of one name on node a read the inode before either
+    has pinned its open lock (the first one's pin is held up); meanwhile b
+    deletes the file and makes a new one in its block.  Neither lookup may
+    hand the kernel the old name with the reused number: both ask again
+    and find nothing."""
+    from replfs.fs.fuseops import SharedReplfsOperations
+    from replfs.fuse import FUSEError
+
+    async def body(a, b):
+        ops = SharedReplfsOperations(a, shared=True)
+        d = await b.mkdir(b.root_ino, "d")
+        fh, old = await b.create(d.ino, "old")
+        await b.release(fh)
+        da = (await a.lookup(a.root_ino, "d")).ino
+        real_pin = a.locks.open_pin
+        gate, pinning = trio.Event(), []
+
+        async def held_pin(ino):
+            pinning.append(ino)
+            await gate.wait()
+            await real_pin(ino)
+        a.locks.open_pin = held_pin
+        out = {}
+
+        async def look(i):
+            try:
+                out[i] = await ops.lookup(da, b"old")
+            except FUSEError as e:
+                out[i] = e.errno
+        async with trio.open_nursery() as n:
+            n.start_soon(look, 0)
+            while not pinning:
+                await trio.sleep(0.01)
+            n.start_soon(look, 1)
+            while ops.lookup_counts.get(old.ino, 0) < 2:
+                await trio.sleep(0.01)
+            await trio.sleep(0.1)           # (an unchecked reply goes out now)
+            await b.unlink(d.ino, "old")
+            await b.sync()
+            b.alloc.hint = 0
+            for i in range(20):
+                fh, new = await b.create(d.ino, f"new{i}")
+                b.hold(new.ino)
+                await b.release(fh)
+                if new.ino == old.ino:
+                    break
+            else:
+                pytest.fail("the freed block was never given to a new inode")
+            gate.set()
+        a.locks.open_pin = real_pin
+        assert out == {0: C.errno.ENOENT, 1: C.errno.ENOENT}, out
+        assert ops.lookup_counts.get(old.ino, 0) == 0
+    await _two_nodes(tmp_path, seed, body, size=16 << 20)
+
+
+async def test_two_lookups_racing_a_reuse(tmp_path, autojump_clock):
+    await run_two_lookups_racing_a_reuse(tmp_path)
+
+
+async def test_mutant_only_the_pinning_lookup_checks(tmp_path, autojump_clock, monkeypatch):
+    """Checking the generation only in the lookup that pins fails the test
+    above (the second lookup's reply carries the reused number)."""
+    from replfs.fs import fuseops as ops_mod
+    real = ops_mod.ReplfsOperations._looked_up
+
+    async def first_only(self, e):
+        if self.lookup_counts.get(e.st_ino, 0) == 0:
+            return await real(self, e)
+        self.lookup_counts[e.st_ino] += 1
+        return e
+    monkeypatch.setattr(ops_mod.ReplfsOperations, "_looked_up", first_only)
+    with pytest.raises(BaseException) as caught:
+        await run_two_lookups_racing_a_reuse(tmp_path)
+    # (the second lookup answered with an entry: the reused inode)
+    assert "EntryAttributes(ino=" in repr(caught.value), caught.value
+
+
 async def run_owed_home_writes_reach_the_other_node(tmp_path, seed: int = 1):
     """A commit leaves its home writes owed (the journal holds them; they
     go out with the next commit).  The other node reads homes: every lock
