@@ -2150,10 +2150,7 @@ class Filesystem:
             return False
         inode = self.cache.dirty.get(ino)
         if inode is None:
-            if ino in self.cache.objs or ino in self.cache.evicted:
-                inode = self.cache.objs.get(ino)
-            else:
-                return False    # (not known here: commit, as before)
+            inode = self.cache.objs.get(ino)    # clean: as committed (None: commit)
         elif _layout(inode) != self._committed_layout.get(ino):
             return False
         if type(inode) is not F.Inode:

@@ -196,6 +196,18 @@ async def test_power_cut_soak(tmp_path, seed):
 
 
 
+async def _one_file(tmp_path, **fmt):
+    """A fresh two-slot volume on a CrashDevice, mounted, with one file
+    "f" created and open: (device, filesystem, handle, attributes)."""
+    path = str(tmp_path / "v.img")
+    make_image(path, 64 << 20)
+    await format_image(path, slots=2, **fmt)
+    dev = CrashDevice(path)
+    fs = await Filesystem.mount(dev)
+    fh, a = await fs.create(fs.root_ino, "f")
+    return dev, fs, fh, a
+
+
 async def test_fsync_flushes_twice_and_still_flushes_with_nothing_to_commit(tmp_path):
     """A fsync that commits the file's changes relies on the journal
     commit's two flushes (data written before the first; the home writes
@@ -203,12 +215,7 @@ async def test_fsync_flushes_twice_and_still_flushes_with_nothing_to_commit(tmp_
     three, and the data survives a power cut.  A fsync that finds nothing
     to commit (another commit took the metadata, possibly before data
     written in place was flushed) must flush itself."""
-    path = str(tmp_path / "v.img")
-    make_image(path, 64 << 20)
-    await format_image(path, slots=2)
-    dev = CrashDevice(path)
-    fs = await Filesystem.mount(dev)
-    fh, a = await fs.create(fs.root_ino, "f")
+    dev, fs, fh, a = await _one_file(tmp_path)
     await fs.write(fh, 0, b"a" * 8192)
     before = dev.flushes
     await fs.fsync(fh)
@@ -219,7 +226,7 @@ async def test_fsync_flushes_twice_and_still_flushes_with_nothing_to_commit(tmp_
     await fs.release(fh)
     await dev.settle(random.Random(1))       # the power goes: unflushed writes may vanish
     await dev.inner.close()
-    dev = FileBlockDevice(path)
+    dev = FileBlockDevice(dev.inner.path)
     fs = await Filesystem.mount(dev)
     fh = await fs.open(a.ino)
     assert await fs.read(fh, 0, 8193) == b"a" * 8192
@@ -234,12 +241,7 @@ async def test_fdatasync_of_an_overwrite_is_one_flush(tmp_path):
     the clusters as committed) flushes, writes no journal record, and the
     data survives a power cut; after a write that grows the file it
     commits (the new size is what reaching the data needs)."""
-    path = str(tmp_path / "v.img")
-    make_image(path, 64 << 20)
-    await format_image(path, slots=2)
-    dev = CrashDevice(path)
-    fs = await Filesystem.mount(dev)
-    fh, a = await fs.create(fs.root_ino, "f")
+    dev, fs, fh, a = await _one_file(tmp_path)
     await fs.write(fh, 0, b"a" * 8192)
     await fs.fsync(fh, datasync=True)         # allocates: commits
     await fs.write(fh, 100, b"b" * 4000)
@@ -259,7 +261,7 @@ async def test_fdatasync_of_an_overwrite_is_one_flush(tmp_path):
     await fs.release(fh)
     await dev.settle(random.Random(2))        # the power goes
     await dev.inner.close()
-    dev = FileBlockDevice(path)
+    dev = FileBlockDevice(dev.inner.path)
     fs = await Filesystem.mount(dev)
     fh = await fs.open(a.ino)
     want = bytearray(b"a" * 8192 + b"c" * 10)
@@ -281,13 +283,8 @@ async def test_power_cut_right_after_a_journal_wrap_keeps_fsynced_appends(tmp_pa
     owed home writes -- all of them, those the new record logs again
     included -- must have landed first.  The power goes right after that
     checkpoint, before the new record lands."""
-    path = str(tmp_path / "v.img")
-    make_image(path, 64 << 20)
     from replfs.fs.mkfs import MIN_JOURNAL_BLOCKS
-    await format_image(path, slots=2, journal_size=MIN_JOURNAL_BLOCKS * 4096)
-    dev = CrashDevice(path)
-    fs = await Filesystem.mount(dev)
-    fh, a = await fs.create(fs.root_ino, "f")
+    dev, fs, fh, a = await _one_file(tmp_path, journal_size=MIN_JOURNAL_BLOCKS * 4096)
     await fs.fsync(fh)
     real_checkpoint = fs.journal.checkpoint
     wraps = []

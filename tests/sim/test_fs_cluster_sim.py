@@ -772,6 +772,24 @@ async def test_crossed_directory_renames_on_both_nodes(tmp_path, autojump_clock,
     await _two_nodes(tmp_path, seed, body)
 
 
+async def _reuse_block(b, dir_ino: int, ino: int):
+    """Node b makes empty files in ``dir_ino`` until one lands in the
+    freed block ``ino`` (after b's sync, so the free is in its window):
+    (its name, its attributes).  Each stays known to b's "kernel" (held),
+    so its close frees nothing and locks nothing."""
+    # b's next search of its window starts at the window's beginning, as
+    # once it has wrapped (its refills, which give back a window's last
+    # free clusters, would otherwise keep the block away for long)
+    b.alloc.hint = 0
+    for i in range(20):
+        fh, new = await b.create(dir_ino, f"new{i}")
+        b.hold(new.ino)
+        await b.release(fh)
+        if new.ino == ino:
+            return f"new{i}", new
+    pytest.fail("the freed block was never given to a new inode")
+
+
 async def run_new_inode_in_a_block_the_other_node_saw_freed(tmp_path, seed: int = 1):
     """Node a looks a file of node b's up (caching its inode and lock),
     b deletes it, a asks for the stale number (and caches the tombstone
@@ -790,19 +808,7 @@ async def run_new_inode_in_a_block_the_other_node_saw_freed(tmp_path, seed: int 
             await a.getattr(old.ino)
         assert e.value.errno == C.errno.ESTALE
         await b.sync()                      # the free reaches b's window
-        # b's next search of its window starts at the window's beginning,
-        # as once it has wrapped (its refills, which give back a window's
-        # last free clusters, would otherwise keep the block away for long)
-        b.alloc.hint = 0
-        for i in range(20):
-            fh, new = await b.create(d.ino, f"new{i}")
-            b.hold(new.ino)                 # b's kernel knows it (as after a FUSE create)
-            await b.release(fh)             # so the close frees nothing and locks nothing
-            if new.ino == old.ino:
-                break
-        else:
-            pytest.fail("the freed block was never given to a new inode")
-        name = f"new{i}"
+        name, new = await _reuse_block(b, d.ino, old.ino)
         assert (await a.lookup(da, name)).ino == old.ino
         assert (await a.getattr(old.ino)).nlink == 1
         listed = [n for n, _, _ in await a.readdir(da)]
@@ -851,15 +857,7 @@ async def run_lookup_then_reuse_before_the_pin(tmp_path, seed: int = 1):
         assert found.ino == old.ino
         await b.unlink(d.ino, "old")        # nobody pins it: b frees it
         await b.sync()
-        b.alloc.hint = 0
-        for i in range(20):
-            fh, new = await b.create(d.ino, f"new{i}")
-            b.hold(new.ino)
-            await b.release(fh)
-            if new.ino == old.ino:
-                break
-        else:
-            pytest.fail("the freed block was never given to a new inode")
+        name, new = await _reuse_block(b, d.ino, old.ino)
         assert new.generation != found.generation
         a.hold(found.ino)                   # the kernel reference of the lookup
         with pytest.raises(OSError) as e:
@@ -867,7 +865,7 @@ async def run_lookup_then_reuse_before_the_pin(tmp_path, seed: int = 1):
         assert e.value.errno == C.errno.ESTALE
         await a.unhold(found.ino)           # the reply is not sent: its reference goes
         assert not a.locks.pinned(found.ino)
-        again = await a.lookup(da, f"new{i}")
+        again = await a.lookup(da, name)
         a.hold(again.ino)
         await a.pin_open(again.ino, again.generation)
         assert a.locks.pinned(again.ino)
@@ -932,15 +930,7 @@ async def run_two_lookups_racing_a_reuse(tmp_path, seed: int = 1):
             await trio.sleep(0.1)           # (an unchecked reply goes out now)
             await b.unlink(d.ino, "old")
             await b.sync()
-            b.alloc.hint = 0
-            for i in range(20):
-                fh, new = await b.create(d.ino, f"new{i}")
-                b.hold(new.ino)
-                await b.release(fh)
-                if new.ino == old.ino:
-                    break
-            else:
-                pytest.fail("the freed block was never given to a new inode")
+            await _reuse_block(b, d.ino, old.ino)
             gate.set()
         a.locks.open_pin = real_pin
         assert out == {0: C.errno.ENOENT, 1: C.errno.ENOENT}, out
