@@ -258,36 +258,34 @@ def wl_meta(path: str, cfg: Config, out: dict, extra: dict) -> None:
     out["create"], out["stat"], out["readdir"], out["unlink"] = create, stat, readdir, unlink
 
 
+def _timed_command(cmd: list[str], what: str, timeout: float) -> float:
+    """Seconds ``cmd`` took; RuntimeError naming ``what`` if it failed."""
+    t0 = time.perf_counter()
+    cp = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    el = time.perf_counter() - t0
+    if cp.returncode != 0:
+        raise RuntimeError(f"{what}: {cp.stderr.strip()[-200:]}")
+    return el
+
+
 def wl_tree(path: str, cfg: Config, out: dict, extra: dict) -> None:
     dest = os.path.join(path, "tree")
 
     def tar_x():
         os.mkdir(dest)
-        t0 = time.perf_counter()
-        cp = subprocess.run(["tar", "xf", cfg.tree_tar, "-C", dest], capture_output=True,
-                            text=True, timeout=1800)
-        el = time.perf_counter() - t0
-        if cp.returncode != 0:
-            raise RuntimeError(f"tar x: {cp.stderr.strip()[-200:]}")
+        el = _timed_command(["tar", "xf", cfg.tree_tar, "-C", dest], "tar x", 1800)
         n = sum(len(ds) + len(fs) for _, ds, fs in os.walk(dest))
         if n != cfg.tree_entries:
             raise RuntimeError(f"tar x left {n} entries, the archive has {cfg.tree_entries}")
         return el
 
     def du():
-        t0 = time.perf_counter()
-        cp = subprocess.run(["du", "-s", dest], capture_output=True, text=True, timeout=600)
-        el = time.perf_counter() - t0
-        if cp.returncode != 0:
-            raise RuntimeError(f"du: {cp.stderr.strip()[-200:]}")
-        return el
+        return _timed_command(["du", "-s", dest], "du", 600)
 
     def rm_rf():
-        t0 = time.perf_counter()
-        cp = subprocess.run(["rm", "-rf", dest], capture_output=True, text=True, timeout=1800)
-        el = time.perf_counter() - t0
-        if cp.returncode != 0 or os.path.exists(dest):
-            raise RuntimeError(f"rm -rf: {cp.stderr.strip()[-200:] or 'the tree is still there'}")
+        el = _timed_command(["rm", "-rf", dest], "rm -rf", 1800)
+        if os.path.exists(dest):
+            raise RuntimeError("rm -rf: the tree is still there")
         return el
     out["tar x (source tree)"], out["du -s"], out["rm -rf"] = tar_x, du, rm_rf
 
