@@ -29,7 +29,6 @@ by one node; this one when both nodes mount it.
 from __future__ import annotations
 
 import errno
-from contextlib import asynccontextmanager
 
 from replfs.blockdev import BlockDeviceError
 from replfs.locking.cache import LockCache
@@ -72,12 +71,11 @@ class ClusterLockManager:
         lock is granted again after NL)."""
         self.forget = forget
 
-    @asynccontextmanager
-    async def hold(self, res: Res, mode: Mode):
+    def hold(self, res: Res, mode: Mode):
+        """The lock cache's own context manager (no wrapper around it)."""
         if mode not in (PR, EX):
             raise ValueError(f"the filesystem takes PR or EX locks, not {Mode(mode).name}")
-        async with self.cache.hold(lock_name(res), mode):
-            yield
+        return self.cache.hold(lock_name(res), mode)
 
     async def _downconvert(self, name: str, old: Mode, new: Mode) -> None:
         if self.hook is not None:

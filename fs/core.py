@@ -44,7 +44,7 @@ from .alloc import Allocator
 from .cache import MetaCache
 from .dirs import Directories
 from .extents import ExtentMaps, cut_extents, insert_extent
-from .locks import EX, NL, PR, LocalLockManager, LockOrderError, Mode, OrderChecker, Res, _RWLock
+from .locks import EX, NL, PR, LocalLockManager, LockOrderError, Mode, OrderChecker, Res
 
 log = logging.getLogger("replfs.fs")
 
@@ -104,7 +104,7 @@ class FilesystemFailed(OSError):
 class _Op:
     """One operation's context."""
     __slots__ = ("fs", "reading", "dirtied", "active", "reserved", "reserving",
-                 "held", "order", "stack", "recovery", "after", "scope")
+                 "held", "order", "stack", "recovery", "after", "scope", "lean")
 
     def __init__(self, fs: "Filesystem", reading: bool):
         self.fs = fs
@@ -123,6 +123,7 @@ class _Op:
         # shielded and the operation finishes (a half-done change would
         # have to latch the filesystem read-only).
         self.scope: trio.CancelScope | None = None
+        self.lean = False         # reads only, runs without a scope (Filesystem._op)
 
 
 _current_op: ContextVar["_Op | None"] = ContextVar("replfs_fs_op", default=None)
@@ -672,14 +673,16 @@ class Filesystem:
         op = _current_op.get()
         if op is None or op.fs is not self:
             return      # mount, recovery and commit work outside operations
+        if op.lean and self.strict:
+            raise LockOrderError("a lean (read-only) operation changed a cached block")
         op.dirtied = True
         self._enter(op)
 
     def _enter(self, op: _Op) -> None:
         """``op`` is in the running transaction: a commit waits for it, and
         cancellation no longer reaches it."""
-        if op.scope is not None:
-            op.scope.shield = True
+        if op.scope is not None and not op.scope.shield:
+            op.scope.shield = True      # (a set recalculates every task's cancel state)
         if not op.active:
             op.active = True
             self._active += 1
@@ -770,11 +773,17 @@ class Filesystem:
             raise OSError(errno.ENOSPC, "no space left on device")
 
     @asynccontextmanager
-    async def _op(self, *, reading: bool = False, internal: bool = False):
+    async def _op(self, *, reading: bool = False, internal: bool = False, lean: bool = False):
         """One operation.  ``reading`` operations go on after the
         filesystem latched read-only: they see what is committed (the
         latch dropped everything uncommitted from memory).  Nested calls
-        join the operation already running in this task."""
+        join the operation already running in this task.
+
+        ``lean``: a reading operation that never changes anything (getattr,
+        read, lookup, ...): it runs without a cancel scope of its own,
+        which only an operation that may join the transaction needs (to
+        shield itself from then on); REPLFS_FS_STRICT makes a lean
+        operation that changes something fail loudly."""
         cur = _current_op.get()
         if cur is not None and cur.fs is self:
             yield cur
@@ -789,9 +798,17 @@ class Filesystem:
                 raise OSError(errno.EROFS, "read-only mount")
             self._writers += 1
         op = _Op(self, reading)
+        op.lean = lean
         token = _current_op.set(op)
         self._live.add(op)
         try:
+            if lean:
+                try:
+                    async with op.stack:
+                        yield op
+                finally:
+                    self._settle(op)
+                return
             with trio.CancelScope() as op.scope:
                 async with op.stack:
                     try:
@@ -824,7 +841,12 @@ class Filesystem:
                 if not self._writers:
                     self._tx_lot.unpark_all()
         # what the operation leaves behind runs under its shield too
-        with trio.CancelScope(shield=op.scope.shield):
+        if op.after or (len(self.cache.dirty) >= self.commit_threshold
+                        and self.failed is None):
+            await self._after_op(op)
+
+    async def _after_op(self, op: _Op) -> None:
+        with trio.CancelScope(shield=op.scope is not None and op.scope.shield):
             if len(self.cache.dirty) >= self.commit_threshold and self.failed is None:
                 await self._commit()
             for ino in op.after:
@@ -893,9 +915,26 @@ class Filesystem:
             yield
             return
         op.order.check(level, in_transaction=op.active)
+        waits = ("super", 0) not in op.held
+        if len(todo) == 1:
+            # one lock (most operations): no exit stack
+            res = ("inode", todo[0])
+            try:
+                if waits:
+                    await self._wait_recovery(op)
+                async with self.locks.hold(res, mode):
+                    op.held[res] = mode
+                    try:
+                        if waits:
+                            await self._wait_recovery(op)
+                        yield
+                    finally:
+                        op.held.pop(res, None)
+            finally:
+                op.order.release(level)
+            return
         try:
             async with AsyncExitStack() as stack:
-                waits = ("super", 0) not in op.held
                 if waits:
                     await self._wait_recovery(op)
                 for ino in todo:
@@ -1372,7 +1411,7 @@ class Filesystem:
         name = _check_name(name)
         if name == b"..":
             return await self.lookup_dotdot(parent)
-        async with self._op(reading=True), self._locked(parent, shared=True, level="dir"):
+        async with self._op(reading=True, lean=True), self._locked(parent, shared=True, level="dir"):
             if name == b".":
                 # any inode, not only a directory: the kernel asks this to
                 # turn a file handle (NFS export) back into an inode
@@ -1385,7 +1424,7 @@ class Filesystem:
                 return self._attr(await self._inode(e.ino))
 
     async def getattr(self, ino: int) -> Attr:
-        async with self._op(reading=True), self._locked(ino, shared=True):
+        async with self._op(reading=True, lean=True), self._locked(ino, shared=True):
             return self._attr(await self._inode(ino))
 
     async def _make(self, parent: int, name, mode: int, uid: int, gid: int,
@@ -1452,7 +1491,7 @@ class Filesystem:
                                                data=target))
 
     async def readlink(self, ino: int) -> bytes:
-        async with self._op(reading=True), self._locked(ino, shared=True):
+        async with self._op(reading=True, lean=True), self._locked(ino, shared=True):
             inode = await self._inode(ino)
             if not stat.S_ISLNK(inode.mode):
                 raise OSError(errno.EINVAL, "not a symbolic link")
@@ -1461,7 +1500,7 @@ class Filesystem:
                 raise OSError(errno.EIO, f"symbolic link {ino} of {inode.size} bytes")
             target = await self._read_data(inode, 0, inode.size)
         await self._touch_atime(ino)
-        return target
+        return bytes(target)
 
     async def link(self, ino: int, new_parent: int, new_name) -> Attr:
         new_name = _check_name(new_name)
@@ -1720,7 +1759,7 @@ class Filesystem:
         """Entries after cookie ``start_id`` as (name, inode, next cookie);
         '.' and '..' are not included.  Cookies are name hashes, stable
         across inserts and removals."""
-        async with self._op(reading=True), self._locked(ino, shared=True):
+        async with self._op(reading=True, lean=True), self._locked(ino, shared=True):
             d = await self._dir(ino)
             out = []
             async for e in self.dirs.entries(d, start_id):
@@ -2003,7 +2042,7 @@ class Filesystem:
             raise OSError(errno.EBADF, "not open for reading")
         if offset < 0 or size < 0:
             raise OSError(errno.EINVAL, "negative offset or size")
-        async with self._op(reading=True), self._locked(h.ino, shared=True):
+        async with self._op(reading=True, lean=True), self._locked(h.ino, shared=True):
             inode = await self._inode(h.ino)
             if inode.is_dir:
                 raise OSError(errno.EISDIR, "is a directory")
@@ -2015,18 +2054,21 @@ class Filesystem:
         end = min(inode.size, offset + size)
         if offset >= end:
             return b""
-        out = bytearray()
+        out = None
         pos = offset
         while pos < end:
             lcl, within = divmod(pos, self.cs)
             pcl, run = await self.ext.lookup(inode, lcl)
             avail = end - pos if run < 0 else min(end - pos, run * self.cs - within)
-            if pcl is None:
-                out += bytes(avail)
-            else:
-                out += await self.dev.read(pcl * self.cs + within, avail)
+            part = bytes(avail) if pcl is None else await self.dev.read(pcl * self.cs + within,
+                                                                         avail)
+            if out is None and pos + avail >= end:
+                return part             # one extent (or hole): no copy
+            if out is None:
+                out = bytearray()
+            out += part
             pos += avail
-        return bytes(out)
+        return out
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
         h = self._handle(fh)
@@ -2160,7 +2202,7 @@ class Filesystem:
         return True
 
     async def statfs(self) -> StatFs:
-        async with self._op(reading=True):
+        async with self._op(reading=True, lean=True):
             if self.clustered:
                 await self._take(("bitmap", 0), PR, "bitmap")
             free = self.alloc.free_clusters()
@@ -2184,14 +2226,14 @@ class Filesystem:
 
     async def getxattr(self, ino: int, name) -> bytes:
         name = self._xname(name)
-        async with self._op(reading=True), self._locked(ino, shared=True):
+        async with self._op(reading=True, lean=True), self._locked(ino, shared=True):
             xb = await self._xattrs(await self._inode(ino))
             if xb is None or name not in xb.attrs:
                 raise OSError(errno.ENODATA, "no such attribute")
             return xb.attrs[name]
 
     async def listxattr(self, ino: int) -> list[bytes]:
-        async with self._op(reading=True), self._locked(ino, shared=True):
+        async with self._op(reading=True, lean=True), self._locked(ino, shared=True):
             xb = await self._xattrs(await self._inode(ino))
             return sorted(xb.attrs) if xb else []
 
@@ -2248,7 +2290,7 @@ class Filesystem:
         this with nothing but a directory's handle).  The parent is locked
         after the directory's lock is given up (it comes first in the
         lock order); if the directory moved meanwhile, ask again."""
-        async with self._op(reading=True):
+        async with self._op(reading=True, lean=True):
             for _ in range(100):
                 async with self._locked(ino, shared=True):
                     parent = (await self._dir(ino)).parent
@@ -2305,7 +2347,7 @@ class Filesystem:
         h = self._handle(fh)
         if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
             raise OSError(errno.EINVAL, "only SEEK_DATA and SEEK_HOLE")
-        async with self._op(reading=True), self._locked(h.ino, shared=True):
+        async with self._op(reading=True, lean=True), self._locked(h.ino, shared=True):
             inode = await self._inode(h.ino)
             size = inode.size
             if offset < 0 or offset >= size:

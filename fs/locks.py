@@ -37,7 +37,6 @@ call; it never holds a lock while it takes one of a lower level.
 """
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
 from typing import Awaitable, Callable, Protocol
 
 import trio
@@ -115,6 +114,37 @@ class _RWLock:
             self.lot.unpark_all()
 
 
+class _Held:
+    """``async with`` one lock of a LocalLockManager (a class rather than a
+    generator: every operation takes one or more, and a generator-based
+    context manager costs several times as much)."""
+    __slots__ = ("mgr", "res", "shared", "lock")
+
+    def __init__(self, mgr: "LocalLockManager", res: Res, shared: bool):
+        self.mgr, self.res, self.shared = mgr, res, shared
+        self.lock = None
+
+    async def __aenter__(self) -> None:
+        mgr, res = self.mgr, self.res
+        lock = mgr._locks.get(res)
+        if lock is None:
+            lock = mgr._locks[res] = _RWLock()
+        mgr._users[res] = mgr._users.get(res, 0) + 1
+        try:
+            await lock.acquire(self.shared)
+        except BaseException:
+            mgr._unuse(res)
+            raise
+        self.lock = lock
+
+    async def __aexit__(self, *exc) -> bool:
+        try:
+            self.lock.release(self.shared)
+        finally:
+            self.mgr._unuse(self.res)
+        return False
+
+
 class LocalLockManager:
     """Locks between the tasks of one process (one node, one mount)."""
 
@@ -126,26 +156,16 @@ class LocalLockManager:
     def set_downconvert_hook(self, hook: DownconvertHook) -> None:
         self.hook = hook
 
-    @asynccontextmanager
-    async def hold(self, res: Res, mode: Mode):
+    def hold(self, res: Res, mode: Mode) -> "_Held":
         if mode not in (PR, EX):
             raise ValueError(f"the filesystem takes PR or EX locks, not {Mode(mode).name}")
-        shared = mode != EX
-        lock = self._locks.get(res)
-        if lock is None:
-            lock = self._locks[res] = _RWLock()
-        self._users[res] = self._users.get(res, 0) + 1
-        try:
-            await lock.acquire(shared)
-            try:
-                yield
-            finally:
-                lock.release(shared)
-        finally:
-            self._users[res] -= 1
-            if not self._users[res]:
-                del self._users[res]
-                del self._locks[res]
+        return _Held(self, res, mode != EX)
+
+    def _unuse(self, res: Res) -> None:
+        self._users[res] -= 1
+        if not self._users[res]:
+            del self._users[res]
+            del self._locks[res]
 
     async def downconvert(self, res: Res, old: Mode = EX, new: Mode = NL) -> None:
         """What the cluster manager does when another node wants ``res``

@@ -76,7 +76,9 @@ _ATIME = {"noatime": "noatime", "relatime": "relatime", "atime": "relatime",
 _IGNORED = {"lazytime", "nolazytime", "default_permissions"}
 # Options that a remount may change; everything else must keep its value.
 _REMOUNTABLE = {"readonly", "commit", "atime", "nodiratime", "atime_quantum", "kernel",
-                "timeout"}
+                "timeout", "readahead_kb"}
+# The largest read-ahead window readahead= takes, in KiB.
+READAHEAD_MAX_KIB = 65536
 
 
 class MountError(Exception):
@@ -105,6 +107,7 @@ class Options:
     atime: str = "relatime"
     nodiratime: bool = False
     atime_quantum: int = 60
+    readahead_kb: int = 1024              # the kernel's read-ahead window
     remount: bool = False
     explicit: set = field(default_factory=set)   # fields the options named
 
@@ -135,6 +138,14 @@ def _number(key: str, value: str, kind=float, minimum=0):
     return v
 
 
+def _readahead(key: str, value: str) -> int:
+    v = _number(key, value, int)
+    if v > READAHEAD_MAX_KIB:
+        raise MountError(f"bad value for mount option {key}: at most {READAHEAD_MAX_KIB} (KiB)",
+                         EXIT_USAGE)
+    return v
+
+
 # Options that take a value: key -> (Options field, converter or None).
 _VALUED = {
     "fsname": ("fsname", None), "subtype": ("subtype", None), "conf": ("conf", None),
@@ -144,6 +155,7 @@ _VALUED = {
     "cache_size": ("cache_mb", lambda k, v: _number(k, v, int, 1)),
     "timeout": ("timeout", _number),
     "atime_quantum": ("atime_quantum", lambda k, v: _number(k, v, int)),
+    "readahead": ("readahead_kb", _readahead),
     # The kernel's record of the FUSE connection; mount(8) hands them back
     # at a remount (from /proc/mounts).  Nothing to act on.
     "user_id": (None, None), "group_id": (None, None),
@@ -487,6 +499,13 @@ class MountControl:
             if name in new.explicit and getattr(new, name) != getattr(self.o, name):
                 setattr(self.o, name, getattr(new, name))
                 changes.append(f"{name}={getattr(new, name)}")
+        if "readahead_kb" in new.explicit and new.readahead_kb != self.o.readahead_kb:
+            session = getattr(self.ops, "session", None)
+            if session is None or not session.set_readahead(new.readahead_kb):
+                raise MountError(f"cannot set the read-ahead window to {new.readahead_kb} KiB "
+                                 f"(see replfsd's or the mount's log)")
+            self.o.readahead_kb = new.readahead_kb
+            changes.append(f"readahead={new.readahead_kb}")
         self.o.readonly = self.fs.readonly
         apply_atime(self.fs, self.o)
         if self.o.timeout is not None:
@@ -627,7 +646,8 @@ async def serve(src: Source, mountpoint: str, o: Options, ready, *, dev=None,
             ops = ops_class(fs, readonly=o.readonly, op_timeout=timeout or None,
                             lock_service=lock_service, shared=cluster is not None)
             session = fuse.Session(ops, mountpoint, subtype="replfs",
-                                   fsname=o.fsname or src.name, options=fuse_options(src, o))
+                                   fsname=o.fsname or src.name, options=fuse_options(src, o),
+                                   readahead_kb=o.readahead_kb)
             ops.session = session
             if session_hook is not None:
                 session_hook(session)
@@ -729,6 +749,8 @@ SOURCE      an image file made by mkfs.replfs (served by this program),
                                       else the first free slot)
               commit=SECONDS          journal commit interval (default 5)
               cache_size=MB           metadata cache limit
+              readahead=KIB           the kernel's read-ahead window
+                                      (default 1024; 0 = none)
               timeout=SECONDS         answer EIO when an operation waits
                                       longer (0 = never; default 120 for
                                       resources, 0 for images)

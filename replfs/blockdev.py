@@ -107,6 +107,8 @@ class FileBlockDevice:
         self._limiter = trio.CapacityLimiter(threads)
         self._sync = _SyncThread(f"fdatasync {os.path.basename(path)}"[:15])
         self._closing = False
+        # preadv2(RWF_NOWAIT) for large reads, until the file refuses it
+        self._nowait = hasattr(os, "RWF_NOWAIT") and hasattr(os, "preadv")
 
     @property
     def size(self) -> int:
@@ -129,8 +131,39 @@ class FileBlockDevice:
         if length <= self.INLINE_MAX:
             await trio.lowlevel.checkpoint()
             return self.read_now(offset, length)
+        if self._nowait:
+            # What the page cache holds is copied at once (RWF_NOWAIT: no
+            # wait for the disk); only the rest needs a worker thread.
+            await trio.lowlevel.checkpoint()
+            data = self._read_cached(offset, length)
+            if data is not None:
+                return data
         return await trio.to_thread.run_sync(self.read_now, offset, length,
                                              limiter=self._limiter)
+
+    def _read_cached(self, offset: int, length: int) -> bytes | None:
+        """All of a read from the page cache, or None if any of it would
+        wait for the disk (then nothing is lost: the caller reads it all
+        in a thread)."""
+        self._check(offset, length, write=False)
+        length = max(0, min(length, self._size - offset))
+        buf = bytearray(length)
+        view = memoryview(buf)
+        got = 0
+        try:
+            while got < length:
+                n = os.preadv(self._fd, [view[got:]], offset + got, os.RWF_NOWAIT)
+                if n <= 0:
+                    break
+                got += n
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._nowait = False        # this file cannot: threads from now on
+                return None
+            raise
+        return buf if got == length else None
 
     def read_now(self, offset: int, length: int) -> bytes:
         """read() done at once (no await): for up to INLINE_MAX bytes, or

@@ -184,6 +184,19 @@ def connection_id(mountpoint: str) -> int | None:
     return m.connection
 
 
+def set_readahead(mountpoint: str, kib: int) -> None:
+    """Set the read-ahead window of the FUSE mount at ``mountpoint`` (its
+    backing device's read_ahead_kb in sysfs; root only).  The kernel takes
+    the size its INIT offered (128 KiB) unless told otherwise; with a
+    larger window it asks for up to max_write bytes per READ and keeps
+    several READs in flight.  OSError when it cannot be set."""
+    m = find_mount(mountpoint)
+    if m is None or not (m.fstype == "fuse" or m.fstype.startswith("fuse.")):
+        raise OSError(errno.ENOENT, f"no FUSE mount at {mountpoint}")
+    with open(f"/sys/class/bdi/{m.major}:{m.minor}/read_ahead_kb", "w") as f:
+        f.write(f"{int(kib)}\n")
+
+
 # --------------------------------------------------------------------- unmount
 
 def unmount(mountpoint: str, *, lazy_on_busy: bool = True) -> str:

@@ -137,7 +137,7 @@ class Session:
                  fsname: str | None = None, options=(), max_write: int = 1 << 20,
                  max_tasks: int = 64, max_lock_waiters: int = 1024,
                  task_opcodes=None, debug: bool | None = None, name: str | None = None,
-                 rootmode: int = stat.S_IFDIR):
+                 rootmode: int = stat.S_IFDIR, readahead_kb: int | None = None):
         Session._ids += 1
         self.id = Session._ids
         self.ops = ops
@@ -146,6 +146,8 @@ class Session:
         self.fsname = fsname or subtype
         self.options = tuple(options)
         self.rootmode = rootmode      # S_IFREG: a single-file mount (device files)
+        # the mount's read-ahead window (None: the kernel's 128 KiB)
+        self.readahead_kb = readahead_kb
         self.max_write = max_write
         self.max_tasks = max_tasks
         self.max_lock_waiters = max_lock_waiters
@@ -211,6 +213,8 @@ class Session:
                 self.mounted = True
                 self.connection = fmount.connection_id(self.mountpoint)
             await self._handshake()
+            if own_mount and self.readahead_kb is not None:
+                self.set_readahead(self.readahead_kb)
             self.ops.init(self)
             initialized = True
             self._trace = log.isEnabledFor(logging.DEBUG)
@@ -237,6 +241,17 @@ class Session:
                     log.error("%s: %d requests were never answered", self.name,
                               len(self._inflight))
                 self._ended.set()
+
+    def set_readahead(self, kib: int) -> bool:
+        """Set the mount's read-ahead window; False (and a warning) if the
+        kernel would not take it: the mount works on with what it had."""
+        try:
+            fmount.set_readahead(self.mountpoint, kib)
+        except (OSError, ValueError) as exc:
+            log.warning("%s: cannot set read-ahead to %d KiB: %s", self.name, kib, exc)
+            return False
+        self.readahead_kb = kib
+        return True
 
     async def _handshake(self) -> None:
         buf = bytearray(max(proto.MIN_READ_BUFFER, self.max_write + 4096))

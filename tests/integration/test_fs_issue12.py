@@ -290,3 +290,37 @@ def _open_by_handle(mnt, fh):
         os.close(fd)
     finally:
         os.close(mfd)
+
+
+def _readahead_kb(mnt):
+    e = mount_entry(mnt)
+    with open(f"/sys/class/bdi/{e['dev']}/read_ahead_kb") as f:
+        return int(f.read())
+
+
+def test_readahead_option_sets_the_mounts_window_and_a_remount_changes_it(vol):
+    """readahead= reaches the kernel (the mount's read_ahead_kb), 1 MiB by
+    default; a sequential read over the larger window still reads right."""
+    img, mnt, logf = vol
+    mount(img, mnt, logf)
+    assert _readahead_kb(mnt) == 1024
+    data = os.urandom(3 << 20)
+    p = os.path.join(mnt, "big")
+    with open(p, "wb") as f:
+        f.write(data)
+    run("mount", "-o", "remount,readahead=256", mnt)
+    assert _readahead_kb(mnt) == 256
+    with open(p, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        assert f.read() == data
+    cp = run("mount", "-o", "remount,readahead=70000", mnt, check=False)
+    assert cp.returncode != 0 and "at most 65536" in cp.stderr
+    assert _readahead_kb(mnt) == 256
+    umount(mnt, img)
+    mount(img, mnt, logf, "readahead=0")
+    assert _readahead_kb(mnt) == 0
+    with open(p, "rb") as f:
+        assert f.read() == data
+    umount(mnt, img)
+    assert "remounted (readahead=256)" in log_of(logf)
+    assert_clean_log(logf)

@@ -51,6 +51,7 @@ def mount_entry(path) -> dict | None:
             fields, rest = left.split(), right.split()
             if fields[4] == path:
                 found = {"fstype": rest[0], "source": rest[1], "options": fields[5],
+                         "dev": fields[2],
                          "super": rest[2] if len(rest) > 2 else ""}
     return found
 
