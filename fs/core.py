@@ -2082,7 +2082,10 @@ class Filesystem:
                 offset = inode.size
             if offset + len(data) > MAX_FILE_SIZE:
                 raise OSError(errno.EFBIG, "file too large")
-            n = await self._write_data(inode, offset, bytes(data))
+            if not (isinstance(data, bytes) or (isinstance(data, memoryview)
+                                                and isinstance(data.obj, bytes))):
+                data = bytes(data)      # a buffer the caller may change later
+            n = await self._write_data(inode, offset, data)
             inode.mtime_ns = inode.ctime_ns = self._now()
             self._dirty(inode)
             return n
@@ -2100,6 +2103,7 @@ class Filesystem:
 
     async def _write_data(self, inode: F.Inode, offset: int, data: bytes) -> int:
         """Write data in chunks; returns bytes written (short on ENOSPC)."""
+        data = memoryview(data)         # chunks are views, not copies
         done = 0
         cs = self.cs
         while done < len(data):
@@ -2151,7 +2155,11 @@ class Filesystem:
                 # A fresh cluster is written whole: zeros around the data.
                 lo = max(pos, lcl * cs)
                 hi = min(end, (lcl + step) * cs)
-                buf = bytes(lo - lcl * cs) + data[lo - pos:hi - pos] + bytes((lcl + step) * cs - hi)
+                if lo == lcl * cs and hi == (lcl + step) * cs:
+                    buf = data[lo - pos:hi - pos]       # whole clusters: as it is
+                else:
+                    buf = b"".join((bytes(lo - lcl * cs), data[lo - pos:hi - pos],
+                                    bytes((lcl + step) * cs - hi)))
                 await self.dev.write(pcl * cs, buf)
             else:
                 lo = max(pos, lcl * cs)

@@ -761,7 +761,10 @@ class Resource:
         t0 = time.perf_counter()
         try:
             await self._send_room()
-            await self._io(self.engine.write, offset, bytes(data), flags)
+            if not (isinstance(data, bytes) or (isinstance(data, memoryview)
+                                                and isinstance(data.obj, bytes))):
+                data = bytes(data)      # a buffer the caller could change later
+            await self._io(self.engine.write, offset, data, flags)
         finally:
             self.latency.observe("write", time.perf_counter() - t0)
 

@@ -265,6 +265,9 @@ class Operations:
         _enosys()
 
     async def write(self, fh, off, buf) -> int:
+        """``buf`` is bytes-like: bytes, or a read-only memoryview of the
+        request's own immutable body (a WRITE handled in a task; no copy
+        is made).  Keep it as long as needed; it never changes."""
         _enosys()
 
     async def write_sync(self, fh, off, buf, datasync) -> int:

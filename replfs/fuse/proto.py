@@ -431,7 +431,7 @@ class Write:
     write_flags: int
     lock_owner: int
     flags: int
-    data: bytes
+    data: bytes | memoryview      # a view of a task's own request body
 
 
 @dataclass(frozen=True, slots=True)
@@ -626,10 +626,16 @@ def _d_read(body):
 
 def _d_write(body):
     fh, off, size, write_flags, lock_owner, flags, _ = _fixed(WRITE_IN, body, "write")
-    data = body[WRITE_IN.size:WRITE_IN.size + size]
+    if isinstance(body, bytes):
+        # a request body of its own (a task's): its data is a view of it,
+        # not a copy -- a MiB copy costs about 250 us here
+        data = memoryview(body)[WRITE_IN.size:WRITE_IN.size + size]
+    else:
+        # a view of the reader's buffer, which the next request overwrites
+        data = bytes(body[WRITE_IN.size:WRITE_IN.size + size])
     if len(data) != size:
         raise KernelProtocolError(f"write: header says {size} bytes of data, got {len(data)}")
-    return Write(fh, off, size, write_flags, lock_owner, flags, bytes(data))
+    return Write(fh, off, size, write_flags, lock_owner, flags, data)
 
 
 def _d_release(body):
