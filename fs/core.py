@@ -53,6 +53,8 @@ RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
+XATTR_CAPS = b"security.capability"     # file capabilities: killed on write
+_SETID = stat.S_ISUID | stat.S_ISGID
 MAX_LINKS = 65000
 MAX_FILE_SIZE = 1 << 60
 MAX_SYMLINK = 4095
@@ -1816,7 +1818,10 @@ class Filesystem:
     async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
                       gid: int | None = None, size: int | None = None,
                       atime_ns: int | None = None, mtime_ns: int | None = None,
-                      ctime_ns: int | None = None) -> Attr:
+                      ctime_ns: int | None = None, kill_suidgid: bool = False) -> Attr:
+        """``kill_suidgid`` (FUSE's FATTR_KILL_SUIDGID: a chown, or a
+        truncate by a caller without CAP_FSETID): setuid, and setgid with
+        group execute, go, after any mode given here."""
         # Everything is checked before anything changes: a value the
         # on-disk format cannot hold must be refused here, not found by
         # the commit (which would then lose the whole transaction).
@@ -1841,11 +1846,18 @@ class Filesystem:
                     raise OSError(errno.EFBIG, "file too large")
                 if size < inode.size:
                     await self._lock_for_frees()
+            if (size is not None or uid is not None or gid is not None or kill_suidgid) and (
+                    inode.xattr_blk or (kill_suidgid and inode.mode & _SETID)):
+                # (before the transaction's first change: it may lock)
+                await self._kill_privs(inode, kill_suidgid and mode is None)
+            if size is not None:
                 await self._reserve(4)
                 await self._truncate(inode, size)
                 inode.mtime_ns = now
             if mode is not None:
                 inode.mode = (inode.mode & F.S_IFMT) | stat.S_IMODE(mode)
+                if kill_suidgid:
+                    inode.mode &= ~self._setid_lost(inode.mode)
             if uid is not None:
                 inode.uid = uid
             if gid is not None:
@@ -1947,7 +1959,8 @@ class Filesystem:
                 raise
         return fh
 
-    async def open(self, ino: int, flags: int = os.O_RDONLY) -> int:
+    async def open(self, ino: int, flags: int = os.O_RDONLY, *,
+                   kill_suidgid: bool = False) -> int:
         reading = flags & os.O_ACCMODE == os.O_RDONLY and not flags & os.O_TRUNC
         # a read-only open changes nothing: PR (the open lock it pins needs
         # only that a node freeing the inode holds the inode's lock EX)
@@ -1961,6 +1974,8 @@ class Filesystem:
             if flags & os.O_TRUNC and stat.S_ISREG(inode.mode):
                 if inode.size:
                     await self._lock_for_frees()
+                if inode.xattr_blk or (kill_suidgid and inode.mode & _SETID):
+                    await self._kill_privs(inode, kill_suidgid)
                 await self._reserve(4)
                 await self._truncate(inode, 0)
                 inode.mtime_ns = inode.ctime_ns = self._now()
@@ -2070,7 +2085,10 @@ class Filesystem:
             pos += avail
         return out
 
-    async def write(self, fh: int, offset: int, data: bytes) -> int:
+    async def write(self, fh: int, offset: int, data: bytes, *,
+                    kill_suidgid: bool = False) -> int:
+        """``kill_suidgid``: the writer lacks CAP_FSETID (FUSE's
+        WRITE_KILL_SUIDGID): setuid, and setgid with group execute, go."""
         h = self._handle(fh)
         if h.flags & os.O_ACCMODE == os.O_RDONLY:
             raise OSError(errno.EBADF, "not open for writing")
@@ -2082,6 +2100,8 @@ class Filesystem:
                 offset = inode.size
             if offset + len(data) > MAX_FILE_SIZE:
                 raise OSError(errno.EFBIG, "file too large")
+            if inode.xattr_blk or (kill_suidgid and inode.mode & _SETID):
+                await self._kill_privs(inode, kill_suidgid)
             if not (isinstance(data, bytes) or (isinstance(data, memoryview)
                                                 and isinstance(data.obj, bytes))):
                 data = bytes(data)      # a buffer the caller may change later
@@ -2279,17 +2299,46 @@ class Filesystem:
             xb = await self._xattrs(inode)
             if xb is None or name not in xb.attrs:
                 raise OSError(errno.ENODATA, "no such attribute")
-            if len(xb.attrs) == 1:
-                await self._lock_for_frees()
-            del xb.attrs[name]
-            if xb.attrs:
-                self.cache.mark(xb.blkno, xb)
-            else:
-                self.alloc.free(xb.blkno >> self.shift, 1)
-                self.cache.forget(xb.blkno)
-                inode.xattr_blk = 0
+            await self._drop_xattr(inode, xb, name)
             inode.ctime_ns = self._now()
             self._dirty(inode)
+
+    async def _drop_xattr(self, inode: F.Inode, xb: F.XattrBlock, name: bytes) -> None:
+        if len(xb.attrs) == 1:
+            await self._lock_for_frees()
+        del xb.attrs[name]
+        if xb.attrs:
+            self.cache.mark(xb.blkno, xb)
+        else:
+            self.alloc.free(xb.blkno >> self.shift, 1)
+            self.cache.forget(xb.blkno)
+            inode.xattr_blk = 0
+
+    @staticmethod
+    def _setid_lost(mode: int) -> int:
+        """The set-id bits a write or truncate without CAP_FSETID clears
+        (as Linux: setuid; setgid only with group execute -- without it,
+        setgid marks mandatory locking, not privilege)."""
+        lost = mode & stat.S_ISUID
+        if mode & stat.S_ISGID and mode & stat.S_IXGRP:
+            lost |= stat.S_ISGID
+        return lost
+
+    async def _kill_privs(self, inode: F.Inode, suidgid: bool) -> None:
+        """What the kernel leaves to the filesystem under FUSE's
+        HANDLE_KILLPRIV_V2 when a regular file is written, truncated or
+        chowned: its file capabilities (security.capability) go, whoever
+        writes; its set-id bits (``suidgid``) as ``_setid_lost`` says.
+        The caller dirties the inode and sets its ctime.  Call it before
+        the operation's first change: dropping the last xattr may lock."""
+        if not stat.S_ISREG(inode.mode):
+            return
+        if inode.xattr_blk:
+            xb = await self._xattrs(inode)
+            if xb is not None and XATTR_CAPS in xb.attrs:
+                await self._drop_xattr(inode, xb, XATTR_CAPS)
+        if suidgid:
+            inode.mode &= ~self._setid_lost(inode.mode)
 
     # ------------------------------------------------------------ additions
 

@@ -53,6 +53,10 @@ class ReplfsOperations(fuse.LocalLocks, fuse.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
+    # set-id bits and file capabilities are cleared here, on write, truncate
+    # and chown (Filesystem._kill_privs): the kernel stops asking GETXATTR
+    # security.capability before every write
+    handle_killpriv_v2 = True
     # Nearly every handler awaits device I/O: all of them run in workers.
     task_opcodes = fuse.ALL_TASKS
 
@@ -308,6 +312,11 @@ class ReplfsOperations(fuse.LocalLocks, fuse.Operations):
             kw["mtime_ns"] = attr.st_mtime_ns
         if fields.update_ctime:
             kw["ctime_ns"] = attr.st_ctime_ns
+        if fields.kill_suidgid or not kw:
+            # (an empty SETATTR is a chown(f, -1, -1): Linux clears the
+            # set-id bits of a file then, and under HANDLE_KILLPRIV_V2 the
+            # kernel leaves that to us without a flag)
+            kw["kill_suidgid"] = True
         a = await self._call("setattr", self.fs.setattr, self._disk(inode), changes=True, **kw)
         return self._entry(a)
 
@@ -345,7 +354,7 @@ class ReplfsOperations(fuse.LocalLocks, fuse.Operations):
         changes = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         core_flags = flags & ~os.O_DIRECT
         fh = await self._call("open", self.fs.open, self._disk(inode), core_flags,
-                              changes=changes)
+                              kill_suidgid=getattr(ctx, "kill_suidgid", False), changes=changes)
         return self._file_info(fh, flags)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -359,8 +368,9 @@ class ReplfsOperations(fuse.LocalLocks, fuse.Operations):
     async def read(self, fh, off, size):
         return await self._call("read", self.fs.read, fh, off, size)
 
-    async def write(self, fh, off, buf):
-        return await self._call("write", self.fs.write, fh, off, buf, changes=True)
+    async def write(self, fh, off, buf, kill_suidgid=False):
+        return await self._call("write", self.fs.write, fh, off, buf, changes=True,
+                                kill_suidgid=kill_suidgid)
 
     async def flush(self, fh):
         # close(2): nothing to do; data is written through and metadata

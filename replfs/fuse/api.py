@@ -130,6 +130,9 @@ class RequestContext:
     nodeid: int = 0
     fh: int | None = None        # GETATTR with FUSE_GETATTR_FH
     lock_owner: int | None = None
+    # OPEN with O_TRUNC by a caller without CAP_FSETID (HANDLE_KILLPRIV_V2):
+    # the truncation clears setuid/setgid as a truncate(2) would
+    kill_suidgid: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +196,12 @@ class Operations:
     enable_acl = False               # POSIX_ACL is never negotiated (see docs)
     enable_readdirplus = True        # DO_READDIRPLUS (always plus, never AUTO)
     handle_killpriv = False          # HANDLE_KILLPRIV: we clear suid/sgid on write/chown/truncate
+    # HANDLE_KILLPRIV_V2: the filesystem clears setuid/setgid (and file
+    # capabilities) on write, truncate and chown itself, told per request
+    # (write(..., kill_suidgid=True), SetattrFields.kill_suidgid,
+    # ctx.kill_suidgid at open).  The kernel then no longer asks GETXATTR
+    # security.capability before every WRITE: one request per write, not two.
+    handle_killpriv_v2 = False
     atomic_o_trunc = True            # ATOMIC_O_TRUNC: open() gets O_TRUNC and truncates
     # DONT_MASK: the kernel passes modes without applying the umask (FUSE
     # mounts are SB_POSIXACL, so the VFS does not apply it either) and the
@@ -267,17 +276,19 @@ class Operations:
     async def write(self, fh, off, buf) -> int:
         """``buf`` is bytes-like: bytes, or a read-only memoryview of the
         request's own immutable body (a WRITE handled in a task; no copy
-        is made).  Keep it as long as needed; it never changes."""
+        is made).  Keep it as long as needed; it never changes.  With
+        ``handle_killpriv_v2`` a write by a caller without CAP_FSETID comes
+        as ``write(fh, off, buf, kill_suidgid=True)``."""
         _enosys()
 
-    async def write_sync(self, fh, off, buf, datasync) -> int:
+    async def write_sync(self, fh, off, buf, datasync, **kw) -> int:
         """A write with O_DSYNC or O_SYNC (the open's flags or pwritev2's
         RWF_DSYNC/RWF_SYNC) to a ``direct_io`` handle.  The kernel sends
         no FSYNC after such a write (it does after a cached one), so it
         must be durable when answered.  The default writes, then fsyncs
         the handle; a device that can do both in one request overrides
         it.  ``datasync``: O_DSYNC only (no metadata beyond the size)."""
-        n = await self.write(fh, off, buf)
+        n = await self.write(fh, off, buf, **kw)
         await self.fsync(fh, datasync)
         return n
 
@@ -370,6 +381,8 @@ class Operations:
             flags |= proto.DO_READDIRPLUS
         if cls.handle_killpriv:
             flags |= proto.HANDLE_KILLPRIV
+        if cls.handle_killpriv_v2:
+            flags |= proto.HANDLE_KILLPRIV_V2
         if all(cls._overrides(n) for n in ("getlk", "setlk", "setlkw")):
             flags |= proto.POSIX_LOCKS
         if cls._overrides("flock"):

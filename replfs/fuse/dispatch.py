@@ -173,6 +173,8 @@ async def _link(s, r):
 
 
 async def _open(s, r):
+    if r.args.open_flags & proto.OPEN_KILL_SUIDGID and s.ops.handle_killpriv_v2:
+        r.ctx.kill_suidgid = True
     return _open_payload(await s.ops.open(r.nodeid, r.args.flags, r.ctx), s)
 
 
@@ -184,16 +186,19 @@ async def _read(s, r):
 
 
 _O_SYNC_ONLY = os.O_SYNC & ~os.O_DSYNC     # __O_SYNC: O_SYNC sets both bits
+_KILL = {"kill_suidgid": True}
 
 
 async def _write(s, r):
     a = r.args
     # The kernel syncs a cached handle's O_DSYNC write with an FSYNC of its
     # own; a direct_io handle's write only carries the flag.
+    # (HANDLE_KILLPRIV_V2: the writer lacks CAP_FSETID, set-id bits go)
+    kw = _KILL if a.write_flags & proto.WRITE_KILL_SUIDGID and s.ops.handle_killpriv_v2 else {}
     if a.flags & os.O_DSYNC and s.direct_handles.get(a.fh):
-        n = await s.ops.write_sync(a.fh, a.offset, a.data, not a.flags & _O_SYNC_ONLY)
+        n = await s.ops.write_sync(a.fh, a.offset, a.data, not a.flags & _O_SYNC_ONLY, **kw)
     else:
-        n = await s.ops.write(a.fh, a.offset, a.data)
+        n = await s.ops.write(a.fh, a.offset, a.data, **kw)
     return proto.write_out(n)
 
 

@@ -31,6 +31,7 @@ import os
 import pathlib
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
@@ -553,6 +554,65 @@ def test_setid_bits(pair):
     assert int(r["chown_file"][0], 8) & 0o7777 == 0o755
     assert r["sgid_dir/f"][2] == OTHER_GID
     assert int(r["sgid_dir/d/e"][0], 8) & stat.S_ISGID
+
+
+# A file capability set (VFS_CAP_REVISION_2, effective; CAP_NET_BIND_SERVICE
+# permitted): what setcap writes.
+_CAPS = struct.pack("<5I", 0x02000001, 1 << 10, 0, 0, 0)
+
+_KILLPRIV_PROBE = r"""
+fd = os.open(P("otrunc_both"), os.O_WRONLY | os.O_TRUNC)
+os.close(fd)
+def w(name):
+    fd = os.open(P(name), os.O_WRONLY)
+    os.pwrite(fd, b"x", 0)
+    os.close(fd)
+w("nobody_caps_w")
+"""
+
+
+def _killpriv_result(b):
+    """What a write, truncate, O_TRUNC open and chown leave of set-id bits
+    and file capabilities (replfs clears them itself: HANDLE_KILLPRIV_V2)."""
+    p = lambda *n: os.path.join(b, *n)       # noqa: E731
+    touch(p("otrunc_both"), b"0123")
+    os.chown(p("otrunc_both"), NOBODY, NOBODY)
+    os.chmod(p("otrunc_both"), 0o6777)
+    names = ("caps_w", "caps_t", "caps_otrunc", "caps_chown", "caps_read", "caps_chmod",
+             "nobody_caps_w", "caps_keep_other")
+    for name in names:
+        touch(p(name), b"0123456789")
+        os.setxattr(p(name), "security.capability", _CAPS)
+    os.setxattr(p("caps_keep_other"), "user.other", b"v")
+    os.chmod(p("nobody_caps_w"), 0o666)
+    with open(p("caps_w"), "r+b") as f:
+        f.write(b"y")
+    with open(p("caps_keep_other"), "r+b") as f:
+        f.write(b"y")
+    os.truncate(p("caps_t"), 3)
+    os.close(os.open(p("caps_otrunc"), os.O_WRONLY | os.O_TRUNC))
+    os.chown(p("caps_chown"), NOBODY, NOBODY)
+    read(p("caps_read"))
+    os.chmod(p("caps_chmod"), 0o600)
+    r = as_nobody(_KILLPRIV_PROBE, b)
+    for name in names + ("otrunc_both",):
+        st = os.lstat(p(name))
+        try:
+            caps = os.getxattr(p(name), "security.capability") == _CAPS
+        except OSError as e:
+            caps = errno.errorcode[e.errno]
+        others = sorted(x for x in os.listxattr(p(name)) if x != "security.capability")
+        r[name] = [oct(st.st_mode), st.st_size, caps, others]
+    return r
+
+
+def test_writes_truncates_and_chown_kill_privileges_as_linux(pair):
+    r = same_as_linux(_killpriv_result, pair)
+    for name in ("caps_w", "caps_t", "caps_otrunc", "caps_chown", "nobody_caps_w"):
+        assert r[name][2] == "ENODATA", name
+    assert r["caps_read"][2] is True and r["caps_chmod"][2] is True
+    assert r["caps_keep_other"][2:] == ["ENODATA", ["user.other"]]
+    assert int(r["otrunc_both"][0], 8) & 0o7777 == 0o777 and r["otrunc_both"][1] == 0
 
 
 # ---------------------------------------------------------------- timestamps

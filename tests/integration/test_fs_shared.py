@@ -12,7 +12,9 @@ everything the dead node had fsync'd; fsck clean at the end.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import struct
 import time
 
 import pytest
@@ -226,6 +228,22 @@ def test_both_nodes_mount_and_see_each_others_changes(tmp_path):
         os.close(fa)
         os.close(fb)
         assert (mb / "log").read_bytes() == b"".join(want)
+
+        # file capabilities set on beta go when alpha writes the file, though
+        # alpha's kernel saw it without them (and stopped checking): the
+        # filesystem drops them itself on every write
+        caps = struct.pack("<5I", 0x02000001, 1 << 10, 0, 0, 0)
+        with open(ma / "capfile", "wb") as f:
+            f.write(b"one")
+            f.flush()
+            os.setxattr(mb / "capfile", "security.capability", caps)
+            assert os.getxattr(ma / "capfile", "security.capability") == caps
+            f.write(b"two")
+            f.flush()
+        for m in (ma, mb):
+            with pytest.raises(OSError) as e:
+                os.getxattr(m / "capfile", "security.capability")
+            assert e.value.errno == errno.ENODATA
 
         # beta remounts read-only (its slot given back, journal clean) and
         # still reads what alpha changes; then read-write again
