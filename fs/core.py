@@ -1429,6 +1429,22 @@ class Filesystem:
         async with self._op(reading=True, lean=True), self._locked(ino, shared=True):
             return self._attr(await self._inode(ino))
 
+    async def getattr_many(self, inos) -> list[Attr | None]:
+        """getattr of each of ``inos`` in one operation (a readdir batch):
+        each inode's lock is taken and given back in turn, as separate
+        getattrs would; None for an inode gone meanwhile (ENOENT, ESTALE)."""
+        out: list[Attr | None] = []
+        async with self._op(reading=True, lean=True):
+            for ino in inos:
+                try:
+                    async with self._locked(ino, shared=True):
+                        out.append(self._attr(await self._inode(ino)))
+                except OSError as e:
+                    if e.errno not in (errno.ENOENT, errno.ESTALE):
+                        raise
+                    out.append(None)
+        return out
+
     async def _make(self, parent: int, name, mode: int, uid: int, gid: int,
                     rdev: int = 0, data: bytes | None = None) -> F.Inode:
         name = _check_name(name)

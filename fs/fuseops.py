@@ -429,23 +429,25 @@ class ReplfsOperations(fuse.LocalLocks, fuse.Operations):
                 return
             start_id = _DOTDOT_COOKIE
         cookie = 0 if start_id == _DOTDOT_COOKIE else start_id
+        # About as many entries as the reply holds (names of ~20 bytes):
+        # what does not fit would be read again by the next READDIR.
+        size = (fuse.proto.direntplus_size if token.plus else fuse.proto.dirent_size)(b"x" * 20)
+        want = max(8, min(_READDIR_BATCH, token.size // size + 1))
         while True:
-            batch = await self._call("readdir", self.fs.readdir, ino, cookie, _READDIR_BATCH)
+            batch = await self._call("readdir", self.fs.readdir, ino, cookie, want)
             await self._call("readdir", self.fs.prefetch_inodes, [c for _, c, _ in batch])
-            for name, child, key in batch:
-                try:
-                    a = await self._call("readdir", self.fs.getattr, child)
-                except fuse.FUSEError as exc:
-                    if exc.errno in (errno.ENOENT, errno.ESTALE):
-                        continue        # removed since the batch was read
-                    raise
+            # every entry's attributes in one operation
+            attrs = await self._call("readdir", self.fs.getattr_many, [c for _, c, _ in batch])
+            for (name, child, key), a in zip(batch, attrs):
+                if a is None:
+                    continue            # removed since the batch was read
                 entry = self._entry(a)
                 if not fuse.readdir_reply(token, name, entry, key):
                     return
                 if token.plus:          # (only READDIRPLUS entries are references)
                     await self._looked_up(entry)
                 cookie = key
-            if len(batch) < _READDIR_BATCH:
+            if len(batch) < want:
                 return
 
     async def releasedir(self, fh):

@@ -864,3 +864,13 @@ async def test_a_block_dropped_by_drop_clean_keeps_its_owner(fs):
     async with fs._op(internal=True):
         fs.alloc._mark_global(cl, 1, False)
     await fs.sync()
+
+
+async def test_getattr_many_in_order_and_none_for_a_removed_inode(fs):
+    a = await mkfile(fs, b"a", b"1")
+    b = await mkfile(fs, b"b", b"22")
+    c = await mkfile(fs, b"c", b"333")
+    await fs.unlink(fs.root_ino, b"b")
+    got = await fs.getattr_many([c, b, a])
+    assert [g.size if g else None for g in got] == [3, None, 1]
+    assert [g.ino for g in got if g] == [c, a]
