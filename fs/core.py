@@ -54,7 +54,6 @@ RENAME_WHITEOUT = 4
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
 XATTR_CAPS = b"security.capability"     # file capabilities: killed on write
-_SETID = stat.S_ISUID | stat.S_ISGID
 MAX_LINKS = 65000
 MAX_FILE_SIZE = 1 << 60
 MAX_SYMLINK = 4095
@@ -1862,18 +1861,17 @@ class Filesystem:
                     raise OSError(errno.EFBIG, "file too large")
                 if size < inode.size:
                     await self._lock_for_frees()
-            if (size is not None or uid is not None or gid is not None or kill_suidgid) and (
-                    inode.xattr_blk or (kill_suidgid and inode.mode & _SETID)):
-                # (before the transaction's first change: it may lock)
-                await self._kill_privs(inode, kill_suidgid and mode is None)
+            if (size is not None or uid is not None or gid is not None or kill_suidgid) \
+                    and inode.xattr_blk:
+                await self._kill_caps(inode)
             if size is not None:
                 await self._reserve(4)
                 await self._truncate(inode, size)
                 inode.mtime_ns = now
             if mode is not None:
                 inode.mode = (inode.mode & F.S_IFMT) | stat.S_IMODE(mode)
-                if kill_suidgid:
-                    inode.mode &= ~self._setid_lost(inode.mode)
+            if kill_suidgid:
+                self._kill_setid(inode)
             if uid is not None:
                 inode.uid = uid
             if gid is not None:
@@ -1990,10 +1988,12 @@ class Filesystem:
             if flags & os.O_TRUNC and stat.S_ISREG(inode.mode):
                 if inode.size:
                     await self._lock_for_frees()
-                if inode.xattr_blk or (kill_suidgid and inode.mode & _SETID):
-                    await self._kill_privs(inode, kill_suidgid)
+                if inode.xattr_blk:
+                    await self._kill_caps(inode)
                 await self._reserve(4)
                 await self._truncate(inode, 0)
+                if kill_suidgid:
+                    self._kill_setid(inode)
                 inode.mtime_ns = inode.ctime_ns = self._now()
             return await self._open_handle(inode, flags)
 
@@ -2116,12 +2116,14 @@ class Filesystem:
                 offset = inode.size
             if offset + len(data) > MAX_FILE_SIZE:
                 raise OSError(errno.EFBIG, "file too large")
-            if inode.xattr_blk or (kill_suidgid and inode.mode & _SETID):
-                await self._kill_privs(inode, kill_suidgid)
+            if inode.xattr_blk:
+                await self._kill_caps(inode)
             if not (isinstance(data, bytes) or (isinstance(data, memoryview)
                                                 and isinstance(data.obj, bytes))):
                 data = bytes(data)      # a buffer the caller may change later
             n = await self._write_data(inode, offset, data)
+            if kill_suidgid:
+                self._kill_setid(inode)
             inode.mtime_ns = inode.ctime_ns = self._now()
             self._dirty(inode)
             return n
@@ -2340,20 +2342,22 @@ class Filesystem:
             lost |= stat.S_ISGID
         return lost
 
-    async def _kill_privs(self, inode: F.Inode, suidgid: bool) -> None:
-        """What the kernel leaves to the filesystem under FUSE's
-        HANDLE_KILLPRIV_V2 when a regular file is written, truncated or
-        chowned: its file capabilities (security.capability) go, whoever
-        writes; its set-id bits (``suidgid``) as ``_setid_lost`` says.
-        The caller dirties the inode and sets its ctime.  Call it before
-        the operation's first change: dropping the last xattr may lock."""
-        if not stat.S_ISREG(inode.mode):
-            return
-        if inode.xattr_blk:
+    # What the kernel leaves to the filesystem under FUSE's
+    # HANDLE_KILLPRIV_V2 when a regular file is written, truncated or
+    # chowned: its file capabilities (security.capability) go, whoever
+    # writes (_kill_caps: before the operation's first change, since
+    # dropping the last xattr may lock); its set-id bits go as
+    # _setid_lost says (_kill_setid: with the operation's other inode
+    # changes, before it dirties the inode).
+
+    async def _kill_caps(self, inode: F.Inode) -> None:
+        if stat.S_ISREG(inode.mode) and inode.xattr_blk:
             xb = await self._xattrs(inode)
             if xb is not None and XATTR_CAPS in xb.attrs:
                 await self._drop_xattr(inode, xb, XATTR_CAPS)
-        if suidgid:
+
+    def _kill_setid(self, inode: F.Inode) -> None:
+        if stat.S_ISREG(inode.mode):
             inode.mode &= ~self._setid_lost(inode.mode)
 
     # ------------------------------------------------------------ additions
