@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import trio
 
+from replfs.blockdev import frozen
+
 from . import format as F
 from . import journal as J
 from .alloc import Allocator
@@ -2118,10 +2120,7 @@ class Filesystem:
                 raise OSError(errno.EFBIG, "file too large")
             if inode.xattr_blk:
                 await self._kill_caps(inode)
-            if not (isinstance(data, bytes) or (isinstance(data, memoryview)
-                                                and isinstance(data.obj, bytes))):
-                data = bytes(data)      # a buffer the caller may change later
-            n = await self._write_data(inode, offset, data)
+            n = await self._write_data(inode, offset, frozen(data))
             if kill_suidgid:
                 self._kill_setid(inode)
             inode.mtime_ns = inode.ctime_ns = self._now()

@@ -54,7 +54,7 @@ class ReplfsOperations(fuse.LocalLocks, fuse.Operations):
     enable_writeback_cache = False
     enable_acl = False
     # set-id bits and file capabilities are cleared here, on write, truncate
-    # and chown (Filesystem._kill_privs): the kernel stops asking GETXATTR
+    # and chown (Filesystem._kill_caps, _kill_setid): the kernel stops asking GETXATTR
     # security.capability before every write
     handle_killpriv_v2 = True
     # Nearly every handler awaits device I/O: all of them run in workers.

@@ -31,6 +31,16 @@ from outcome import Value as _Value
 from replfs.errors import BlockDeviceError  # noqa: E402,F401  (defined there, named here)
 
 
+def frozen(data):
+    """``data`` as something that cannot change while a write holds it:
+    bytes, or a view of bytes (a FUSE WRITE's data is a view of its own
+    request), as they are -- a MiB copy costs about 250 us here; any other
+    buffer (a bytearray the caller may reuse) copied."""
+    if isinstance(data, bytes) or (isinstance(data, memoryview) and isinstance(data.obj, bytes)):
+        return data
+    return bytes(data)
+
+
 @runtime_checkable
 class BlockDevice(Protocol):
     @property

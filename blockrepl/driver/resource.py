@@ -30,7 +30,7 @@ import time
 
 import trio
 
-from replfs.blockdev import BlockDeviceError
+from replfs.blockdev import BlockDeviceError, frozen
 from replfs import tls
 from replfs.errors import EXIT_CONFIG, ReplfsError
 from replfs.metrics import HistogramSet
@@ -761,10 +761,7 @@ class Resource:
         t0 = time.perf_counter()
         try:
             await self._send_room()
-            if not (isinstance(data, bytes) or (isinstance(data, memoryview)
-                                                and isinstance(data.obj, bytes))):
-                data = bytes(data)      # a buffer the caller could change later
-            await self._io(self.engine.write, offset, data, flags)
+            await self._io(self.engine.write, offset, frozen(data), flags)
         finally:
             self.latency.observe("write", time.perf_counter() - t0)
 

@@ -91,3 +91,18 @@ def test_a_file_that_refuses_nowait_falls_back_for_good(backing, monkeypatch):
         finally:
             await dev.close()
     trio.run(main)
+
+
+def test_frozen_keeps_immutable_data_and_copies_the_rest():
+    from replfs.blockdev import frozen
+    b = b"abc" * 1000
+    assert frozen(b) is b
+    v = memoryview(b)[3:9]
+    assert frozen(v) is v
+    ba = bytearray(b)
+    got = frozen(ba)
+    assert type(got) is bytes and got == b
+    ba[0] = 0
+    assert got[0] == ord("a")
+    mv = memoryview(ba)[:3]
+    assert type(frozen(mv)) is bytes
