@@ -18,8 +18,12 @@ demo: setup
 test: setup
 	$(PYTEST) -q -p no:cacheprovider -m "soak or not soak" --soak-smoke --durations=30
 
+# Every soak test at full size (hours), in SHARDS pytest processes at
+# once (default: one per core; logs in soak-logs/).  Part of it:
+# make soak SOAK_ARGS="tests/sim"
+SHARDS ?=
 soak: setup
-	$(PYTEST) -q -p no:cacheprovider -m soak -o addopts=""
+	@SHARDS="$(SHARDS)" bash scripts/soak.sh $(SOAK_ARGS)
 
 # Only the soak tests, each once at its smallest size (a few minutes).
 soak-smoke: setup

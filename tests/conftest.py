@@ -40,6 +40,9 @@ def pytest_addoption(parser):
                      help="run soak tests once each at their smallest size (with -m soak)")
     parser.addoption("--no-leak-check", action="store_true", default=False,
                      help="do not check for mounts and processes left behind by tests")
+    parser.addoption("--shard", default="", metavar="K/N",
+                     help="run only the K-th of N round-robin shards of the selected "
+                          "tests (K from 1); make soak SHARDS=N runs N at once")
 
 
 def pytest_configure(config):
@@ -61,7 +64,32 @@ def pytest_configure(config):
         atexit.register(shutil.rmtree, state, True)
 
 
+def _shard(config, items) -> None:
+    """--shard K/N: keep every N-th test from the K-th on.  Round robin
+    over the collection order, so each shard gets its share of every
+    parametrized family (the seeds of one simulator are adjacent)."""
+    spec = config.getoption("--shard")
+    if not spec:
+        return
+    try:
+        k, n = (int(x) for x in spec.split("/"))
+        if not 1 <= k <= n:
+            raise ValueError
+    except ValueError:
+        raise pytest.UsageError(f"--shard {spec!r}: expected K/N with 1 <= K <= N") from None
+    keep = items[k - 1::n]
+    drop = [it for i, it in enumerate(items) if i % n != k - 1]
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 def pytest_collection_modifyitems(config, items):
+    _smoke(config, items)
+    _shard(config, items)
+
+
+def _smoke(config, items) -> None:
     if not soak.smoke():
         return
     seen = set()
