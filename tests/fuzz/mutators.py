@@ -16,7 +16,8 @@ printed small) or from a seeded ``random.Random`` (``RandDraws``, in
 failure names the seed and the input, and REPLFS_FUZZ_SEED replays it).
 
 Sizes: ``HYP`` hypothesis inputs plus ``RANDOM`` seeded-random ones per
-decoder in ``make test``; ``SOAK`` seeded-random ones under ``make soak``
+decoder in ``make test``; ``SOAK`` seeded-random ones (and, for the
+on-disk decoders, ``HYP_SOAK`` hypothesis ones) under ``make soak``
 (``make soak-smoke`` and ``make test`` run the soak variants once, at
 their smallest size).
 """
@@ -34,7 +35,8 @@ from hypothesis import strategies as st
 
 from tests import soak
 
-HYP = 500                          # hypothesis inputs per decoder, make test
+HYP = 200                          # hypothesis inputs per decoder, make test
+HYP_SOAK = soak.size(5000, 20)     # the same under make soak (about 4 ms each)
 RANDOM = 5000                      # seeded-random inputs per decoder, make test
 SOAK = soak.size(1_000_000, 200)   # seeded-random inputs per decoder, make soak
 

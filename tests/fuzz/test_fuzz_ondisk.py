@@ -32,7 +32,7 @@ from replfs.blockrepl.core.uuids import Uuids
 from replfs.blockrepl.meta import format as md
 from replfs.fs import format as F
 
-from .mutators import (HYP, RANDOM, SIZES, fuzz_settings, hyp, mutate_block, soak_run,
+from .mutators import (HYP, HYP_SOAK, RANDOM, SIZES, fuzz_settings, hyp, mutate_block, soak_run,
                        struct_fields, weight)
 
 VOLID = 0x5EED_F00D
@@ -398,11 +398,13 @@ def _drive(name):
     return lambda buf: check(DECODERS[name], buf)
 
 
+@pytest.mark.parametrize("n", [pytest.param(HYP, id="hyp"),
+                               pytest.param(HYP_SOAK, id="soak", marks=pytest.mark.soak)])
 @pytest.mark.parametrize("name", list(DECODERS))
-def test_decoder(name):
+def test_decoder(name, n):
     dec = DECODERS[name]
 
-    @fuzz_settings(HYP)
+    @fuzz_settings(n)
     @given(buf=hyp(mutated, dec))
     def run(buf):
         check(dec, buf)

@@ -168,7 +168,7 @@ def _fsx(seed: int, nops: int, remounts: int) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [1])
 def test_fsx_random_io_matches_the_model(seed):
     _fsx(seed, nops=1500, remounts=2)
 

@@ -223,7 +223,7 @@ async def run_seed(seed, tmp_path, steps):
         nursery.cancel_scope.cancel()
 
 
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("seed", [1])
 async def test_random_faults(seed, tmp_path):
     await run_seed(seed, tmp_path, steps=12)
 

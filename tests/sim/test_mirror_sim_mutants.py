@@ -113,10 +113,23 @@ MUTANTS = [
 ]
 
 
+# The seed that caught each slow-to-catch mutant when last looked at (the
+# simulation is deterministic): tried first, then all 600 in order, so a
+# change that moves the catch costs time, not the check.  (Without the
+# hints these three took 40 s of make test's budget.)
+FIRST = {
+    "mutant_no_epoch_barrier": 437,
+    "mutant_peer_disk_failure_not_acted_on": 428,
+    "mutant_no_transfer_log": 191,
+}
+
+
 @pytest.mark.parametrize("mutant,kw", MUTANTS, ids=lambda m: getattr(m, "__name__", "")[7:])
 def test_simulation_catches(mutant, kw, monkeypatch):
     mutant(monkeypatch)
+    first = FIRST.get(mutant.__name__)
+    seeds = ([first] if first is not None else []) + [s for s in range(600) if s != first]
     with pytest.raises(InvariantError) as info:
-        for seed in range(600):
+        for seed in seeds:
             Sim(seed, **kw).run()
     print(f"caught by seed {seed}:", str(info.value).splitlines()[0])

@@ -12,6 +12,20 @@ from replfs.blockrepl.core import splitbrain as SB
 from replfs.blockrepl.core.splitbrain import (AUTO_LINE, MANUAL_LINE, SOURCE, TARGET,
                                               UNRESOLVED, UNRESOLVED_LINE, Policies, resolve)
 from replfs.blockrepl.core.uuids import PRIMARY_BIT, Side, Uuids, compare, Decision
+from tests import soak
+
+
+def quick_and_soak(quick: int, full: int, *strategies):
+    """The property as two tests: ``quick`` examples in every run, and a
+    soak twin (name ending in _soak) with ``full`` examples under make
+    soak, a handful under its smoke run."""
+    def wrap(fn):
+        fast = settings(max_examples=quick)(given(*strategies)(fn))
+        slow = settings(max_examples=soak.size(full, 20))(given(*strategies)(fn))
+        slow.__name__ = fn.__name__ + "_soak"
+        globals()[slow.__name__] = pytest.mark.soak(slow)
+        return fast
+    return wrap
 
 COMMON = 0x5000            # the generation both had when the link broke
 A_NOW, B_NOW = 0x7000, 0x9000
@@ -75,8 +89,7 @@ def mirrored_line(line: str) -> str:
     return line
 
 
-@settings(max_examples=3000)
-@given(pairs(), policies, st.booleans(), st.booleans())
+@quick_and_soak(600, 30000, pairs(), policies, st.booleans(), st.booleans())
 def test_both_nodes_reach_mirror_image_outcomes(pair, p, dm_a, dm_b):
     a, b = pair
     ra = resolve(a, b, p, discard_mine=dm_a, discard_peer=dm_b)
@@ -93,8 +106,7 @@ def test_both_nodes_reach_mirror_image_outcomes(pair, p, dm_a, dm_b):
             assert me.primary and r.decision is TARGET
 
 
-@settings(max_examples=1500)
-@given(pairs(), policies, st.booleans(), st.booleans())
+@quick_and_soak(400, 15000, pairs(), policies, st.booleans(), st.booleans())
 def test_disconnect_never_resolves_by_policy(pair, p, dm_a, dm_b):
     a, b = pair
     applicable = (p.after_sb_0pri, p.after_sb_1pri, p.after_sb_2pri)[a.primary + b.primary]
@@ -105,8 +117,7 @@ def test_disconnect_never_resolves_by_policy(pair, p, dm_a, dm_b):
         assert not r.pri_lost
 
 
-@settings(max_examples=1500)
-@given(pairs(), policies)
+@quick_and_soak(400, 15000, pairs(), policies)
 def test_a_primarys_data_is_discarded_only_where_the_policy_says_it_may(pair, p):
     a, b = pair
     r = resolve(a, b, p)
