@@ -19,11 +19,10 @@ test: setup
 	$(PYTEST) -q -p no:cacheprovider -m "soak or not soak" --soak-smoke --durations=30
 
 # Every soak test at full size (hours), in SHARDS pytest processes at
-# once (default: one per core; logs in soak-logs/).  Part of it:
-# make soak SOAK_ARGS="tests/sim"
-SHARDS ?=
+# once (default: one per core; logs in soak-logs/; scripts/shards.sh).
+# Part of it: make soak SOAK_ARGS="tests/sim"
 soak: setup
-	@SHARDS="$(SHARDS)" bash scripts/soak.sh $(SOAK_ARGS)
+	@SHARDS="$(SHARDS)" LOGS=soak-logs bash scripts/shards.sh -q -p no:cacheprovider -m soak -o addopts="" $(SOAK_ARGS)
 
 # Only the soak tests, each once at its smallest size (a few minutes).
 soak-smoke: setup
