@@ -692,6 +692,7 @@ async def test_mutant_unlink_without_the_open_lock(tmp_path, autojump_clock, mon
 
 async def _two_nodes(tmp_path, seed, body, size: int = 64 << 20) -> None:
     path = make_image(tmp_path / f"race{seed}.img", size)
+    seed_scheduler(seed)
     await format_image(path, slots=2)
     with open(path, "rb") as f:
         disk = SharedDisk(f.read())
