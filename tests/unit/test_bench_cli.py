@@ -90,3 +90,13 @@ def test_a_failing_workload_is_reported_and_the_rest_runs(tmp_path):
     text = common.render_section(sec.to_json())
     assert next(ln for ln in text.splitlines() if ln.startswith("tar x")).split()[-1] == "FAILED"
     assert rep.histograms and rep.histograms[0]["label"] == fs.SYNC_LABEL
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--only-tls", "--only-slow-peer"], "exclude each other"),
+    (["--only-devfile", "--only-tls"], "exclude each other"),
+    (["--slow-peer-ms", "0"], "--slow-peer-ms must be above 0"),
+])
+def test_block_options_that_contradict_are_usage_errors(argv, words):
+    r = run("bench.block", *argv)
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
