@@ -13,10 +13,13 @@ demo: setup
 
 # The whole suite, with every soak test once at its smallest size (see
 # tests/soak.py): a soak test that breaks shows up on the next CI run.
-# -m overrides pyproject's "-m 'not soak'".  The 30 slowest tests are
-# listed at the end: the suite must stay under 15 minutes on 2 cores.
+# -m overrides pyproject's "-m 'not soak'".  It runs as SHARDS pytest
+# processes at once (default: one per core; scripts/shards.sh, logs in
+# test-logs/; SHARDS=1: one process on the terminal).  Each lists its 30
+# slowest tests: the suite must stay under 15 minutes on 2 cores.
+SHARDS ?=
 test: setup
-	$(PYTEST) -q -p no:cacheprovider -m "soak or not soak" --soak-smoke --durations=30
+	@SHARDS="$(SHARDS)" LOGS=test-logs bash scripts/shards.sh -q -p no:cacheprovider -m "soak or not soak" --soak-smoke --durations=30 $(TEST_ARGS)
 
 # Every soak test at full size (hours), in SHARDS pytest processes at
 # once (default: one per core; logs in soak-logs/; scripts/shards.sh).

@@ -29,7 +29,21 @@ for k in $(seq 1 "$N"); do
     pids+=($!)
     echo "shard $k/$N: pid $!, log $LOGS/shard-$k.log"
 done
-trap 'kill "${pids[@]}" 2>/dev/null; wait; exit 130' INT TERM
+# a line a minute, so a long run shows it is alive
+(
+    trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+    while :; do
+        sleep 60 & nap=$!
+        wait "$nap"
+        line=""
+        for k in $(seq 1 "$N"); do
+            line+="  shard $k: $(tr -cd '.FEsxX' < "$LOGS/shard-$k.log" 2>/dev/null | wc -c) done"
+        done
+        echo "$(date +%H:%M:%S)$line"
+    done
+) &
+ticker=$!
+trap 'kill "${pids[@]}" "$ticker" 2>/dev/null; wait; exit 130' INT TERM
 rc=0
 status=()
 for k in $(seq 1 "$N"); do
@@ -38,6 +52,8 @@ for k in $(seq 1 "$N"); do
     [ "$st" -eq 0 ] || [ "$st" -eq 5 ] || rc=1
     status+=("$st")
 done
+kill "$ticker" 2>/dev/null
+wait "$ticker" 2>/dev/null
 for k in $(seq 1 "$N"); do
     echo "=================== shard $k/$N ($LOGS/shard-$k.log) ==================="
     cat "$LOGS/shard-$k.log"

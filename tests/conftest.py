@@ -3,7 +3,8 @@
 Soak smoke (``--soak-smoke`` or REPLFS_SOAK_SMOKE=1; ``make soak-smoke``,
 and part of ``make test``): every ``@pytest.mark.soak`` test runs once at
 its smallest size -- tests/soak.py gives the sizes, and here only the
-first parameter set of each soak test is kept.
+first parameter set of each soak test is kept; a soak test with a quick
+twin in the run (``@pytest.mark.soak(twin="test_x")``) is left to it.
 
 Leak check: nothing a test starts may outlive it.  After each test, FUSE
 mounts and processes of this run that appeared during the test (replfsd,
@@ -84,20 +85,36 @@ def _shard(config, items) -> None:
         items[:] = keep
 
 
+@pytest.hookimpl(trylast=True)          # after -m and -k have deselected
 def pytest_collection_modifyitems(config, items):
     _smoke(config, items)
     _shard(config, items)
 
 
 def _smoke(config, items) -> None:
+    """Soak smoke: the first parameter set of each soak test; none of a
+    soak test marked ``@pytest.mark.soak(twin="test_x")`` when its quick
+    twin ``test_x`` of the same module (the same code at make test's
+    size) is in the run too: the smoke would run that code a second
+    time."""
     if not soak.smoke():
         return
+    selected = {(str(it.path), it.name.partition("[")[0]) for it in items}
     seen = set()
     keep, drop = [], []
     for item in items:
-        if item.get_closest_marker("soak") is None:
+        mark = item.get_closest_marker("soak")
+        if mark is None:
             keep.append(item)
             continue
+        twin = mark.kwargs.get("twin")
+        if twin is not None:
+            if not callable(getattr(item.module, twin, None)):
+                raise pytest.UsageError(f"{item.nodeid}: its soak twin {twin!r} is not a "
+                                        f"test of {item.path.name}")
+            if (str(item.path), twin) in selected:
+                drop.append(item)
+                continue
         fn = getattr(item, "function", None)
         key = (str(item.path), getattr(fn, "__qualname__", item.name.partition("[")[0]))
         (drop if key in seen else keep).append(item)

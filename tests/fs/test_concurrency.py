@@ -216,7 +216,7 @@ async def test_concurrent_workers(tmp_path, autojump_clock, seed):
     await _one_run(tmp_path, seed)
 
 
-@pytest.mark.soak
+@pytest.mark.soak(twin="test_concurrent_workers")
 @pytest.mark.parametrize("seed", soak.seeds(range(100, 160)))
 async def test_concurrent_workers_soak(tmp_path, autojump_clock, seed):
     await _one_run(tmp_path, seed, workers=6, steps=150)
@@ -282,7 +282,7 @@ async def test_concurrent_power_cuts(tmp_path, autojump_clock, seed):
     await _crash_case(tmp_path, seed, 12)
 
 
-@pytest.mark.soak
+@pytest.mark.soak(twin="test_concurrent_power_cuts")
 @pytest.mark.parametrize("seed", soak.seeds(range(200, 240)))
 async def test_concurrent_power_cuts_soak(tmp_path, autojump_clock, seed):
     await _crash_case(tmp_path, seed, 40, workers=5)

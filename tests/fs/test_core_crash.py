@@ -188,7 +188,7 @@ async def test_replay_of_other_slot(tmp_path):
     del fh, fh2
 
 
-@pytest.mark.soak
+@pytest.mark.soak(twin="test_power_cut_at_random_writes")
 @pytest.mark.parametrize("seed", soak.seeds(range(3, 23)))
 async def test_power_cut_soak(tmp_path, seed):
     # full: a power cut at every write of the run; smoke: 20 of them

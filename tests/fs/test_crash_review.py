@@ -425,7 +425,7 @@ async def test_power_cuts_on_a_full_small_volume(tmp_path, seed):
         await _small_crash_run(path, seed, n)
 
 
-@pytest.mark.soak
+@pytest.mark.soak(twin="test_power_cuts_on_a_full_small_volume")
 @pytest.mark.parametrize("seed", soak.seeds(range(2, 12)))
 async def test_power_cuts_on_a_full_small_volume_soak(tmp_path, seed):
     path = str(tmp_path / "s.img")

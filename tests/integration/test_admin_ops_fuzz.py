@@ -89,7 +89,7 @@ def test_random_admin_verb_orders(tmp_path, seed):
     run(tmp_path, seed, 30)
 
 
-@pytest.mark.soak
+@pytest.mark.soak(twin="test_random_admin_verb_orders")
 @pytest.mark.parametrize("seed", soak.seeds(range(100, 130)))
 def test_random_admin_verb_orders_soak(tmp_path, seed):
     run(tmp_path, seed, soak.size(150, 20))

@@ -158,7 +158,7 @@ def test_kill9_of_the_mount_process_mid_workload(seed):
     crash_image(seed)
 
 
-@pytest.mark.soak
+@pytest.mark.soak(twin="test_kill9_of_the_mount_process_mid_workload")
 @pytest.mark.parametrize("seed", soak.seeds(range(1000, 1030)))
 def test_kill9_of_the_mount_process_soak(seed):
     crash_image(seed)
@@ -218,7 +218,7 @@ def test_kill9_of_the_node_daemon_then_failover(seed, tmp_path):
     crash_daemon_failover(seed, tmp_path)
 
 
-@pytest.mark.soak
+@pytest.mark.soak(twin="test_kill9_of_the_node_daemon_then_failover")
 @pytest.mark.parametrize("seed", soak.seeds(range(2000, 2010)))
 def test_kill9_of_the_node_daemon_then_failover_soak(seed, tmp_path):
     crash_daemon_failover(seed, tmp_path)

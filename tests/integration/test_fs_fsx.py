@@ -173,7 +173,7 @@ def test_fsx_random_io_matches_the_model(seed):
     _fsx(seed, nops=1500, remounts=2)
 
 
-@pytest.mark.soak
+@pytest.mark.soak(twin="test_fsx_random_io_matches_the_model")
 @pytest.mark.parametrize("seed", soak.seeds(range(100, 110)))
 def test_fsx_soak(seed):
     _fsx(seed, nops=soak.size(20000, 1500), remounts=soak.size(10, 2))

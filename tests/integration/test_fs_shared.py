@@ -331,7 +331,7 @@ def test_both_nodes_run_a_workload_in_shared_and_private_directories(tmp_path):
     two_node_workload(tmp_path, 1000, 60)
 
 
-@pytest.mark.soak
+@pytest.mark.soak(twin="test_both_nodes_run_a_workload_in_shared_and_private_directories")
 @pytest.mark.parametrize("seed", soak.seeds(range(2000, 2010)))
 def test_two_node_workload_soak(tmp_path, seed):
     two_node_workload(tmp_path, seed * 10, soak.size(600, 30))
@@ -381,7 +381,7 @@ def test_read_after_write_across_nodes_is_never_stale(tmp_path):
     read_after_write(tmp_path, 200)
 
 
-@pytest.mark.soak
+@pytest.mark.soak(twin="test_read_after_write_across_nodes_is_never_stale")
 def test_read_after_write_soak(tmp_path):
     read_after_write(tmp_path, soak.size(5000, 100))
 
@@ -448,7 +448,7 @@ def test_fsx_alternating_through_both_mounts(tmp_path, seed):
     dual_fsx(tmp_path, seed, 800)
 
 
-@pytest.mark.soak
+@pytest.mark.soak(twin="test_fsx_alternating_through_both_mounts")
 @pytest.mark.parametrize("seed", soak.seeds(range(300, 310)))
 def test_fsx_alternating_soak(tmp_path, seed):
     dual_fsx(tmp_path, seed, soak.size(8000, 300))
@@ -546,7 +546,7 @@ def test_node_death_under_load(tmp_path, seed):
     node_death_under_load(tmp_path, seed)
 
 
-@pytest.mark.soak
+@pytest.mark.soak(twin="test_node_death_under_load")
 @pytest.mark.parametrize("seed", soak.seeds(range(100, 120)))
 def test_node_death_under_load_soak(tmp_path, seed):
     node_death_under_load(tmp_path, seed)

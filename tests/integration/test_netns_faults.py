@@ -1165,7 +1165,7 @@ def test_netns_faults(tmp_path, seed):
     run_seed(tmp_path, seed, 1)
 
 
-@pytest.mark.soak
+@pytest.mark.soak(twin="test_netns_faults")
 @pytest.mark.parametrize("seed", soak.seeds(range(1000, 1120)))
 def test_netns_faults_soak(tmp_path, seed):
     run_seed(tmp_path, seed, soak.size(2, 1))

@@ -228,7 +228,7 @@ async def test_random_faults(seed, tmp_path):
     await run_seed(seed, tmp_path, steps=12)
 
 
-@pytest.mark.soak
+@pytest.mark.soak(twin="test_random_faults")
 @pytest.mark.parametrize("seed", soak.seeds(range(100, 160)))
 async def test_random_faults_soak(seed, tmp_path):
     await run_seed(seed, tmp_path, steps=soak.size(40, 12))

@@ -18,7 +18,7 @@ def test_random_cluster(seed):
     Sim(seed, n_nodes=n, steps=300).run()
 
 
-@pytest.mark.soak
+@pytest.mark.soak(twin="test_random_cluster")
 @pytest.mark.parametrize("seed", soak.seeds(range(1000, 3000)))
 def test_random_cluster_soak(seed):
     Sim(seed, n_nodes=2 + seed % 4, n_resources=2 + seed % 3, steps=soak.size(2000, 300),
@@ -31,7 +31,7 @@ def test_crash_heavy_cluster(seed):
     Sim(seed, n_nodes=2 + seed % 3, steps=300, crash_rate=0.03, max_crashes=8).run()
 
 
-@pytest.mark.soak
+@pytest.mark.soak(twin="test_crash_heavy_cluster")
 @pytest.mark.parametrize("seed", soak.seeds(range(20_000, 21_000)))
 def test_crash_heavy_cluster_soak(seed):
     Sim(seed, n_nodes=2 + seed % 4, steps=soak.size(1500, 300), crash_rate=0.02,

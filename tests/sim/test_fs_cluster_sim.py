@@ -230,7 +230,7 @@ async def test_two_nodes_share_one_volume(tmp_path, autojump_clock, seed):
     await run_cluster(tmp_path, seed)
 
 
-@pytest.mark.soak
+@pytest.mark.soak(twin="test_two_nodes_share_one_volume")
 @pytest.mark.parametrize("seed", soak.seeds(range(1000, 1300)))
 async def test_two_nodes_share_one_volume_soak(tmp_path, autojump_clock, seed):
     await run_cluster(tmp_path, seed, workers=6, steps=120)
@@ -397,7 +397,7 @@ async def test_node_dies_and_the_other_recovers_while_mounted(tmp_path, autojump
     await run_node_death(tmp_path, seed)
 
 
-@pytest.mark.soak
+@pytest.mark.soak(twin="test_node_dies_and_the_other_recovers_while_mounted")
 @pytest.mark.parametrize("seed", soak.seeds(range(2000, 2200)))
 async def test_node_death_soak(tmp_path, autojump_clock, seed):
     await run_node_death(tmp_path, seed, workers=6, steps=100)

@@ -24,7 +24,7 @@ def test_long_fault_heavy_pair(seed):
     Sim(seed, steps=1200, crash_rate=0.02, cut_rate=0.04, max_faults=12).run()
 
 
-@pytest.mark.soak
+@pytest.mark.soak(twin="test_random_pair")
 @pytest.mark.parametrize("seed", soak.seeds(range(100_000, 110_000)))
 def test_random_pair_soak(seed):
     Sim(seed, steps=soak.size(600, 200), max_faults=6).run()
