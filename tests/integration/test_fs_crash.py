@@ -88,6 +88,18 @@ def start_workload(mnt: str, seed: int):
     return proc, synced, t
 
 
+def wait_first_fsync(proc, synced, timeout: float = 60) -> None:
+    """The kill comes a random time after the workload's first fsync, not
+    after its start: on a loaded machine the interpreter alone may take
+    longer than the shortest delay, and a run with nothing fsync'd checks
+    nothing."""
+    deadline = time.monotonic() + timeout
+    while not synced:
+        assert proc.poll() is None, f"the workload exited with {proc.returncode}"
+        assert time.monotonic() < deadline, "the workload got no fsync through in 60 s"
+        time.sleep(0.01)
+
+
 def stop_workload(proc, t) -> None:
     try:
         proc.wait(30)     # it dies of its own errors once the mount is gone
@@ -141,6 +153,7 @@ def crash_image(seed: int) -> None:
         wait_mounted(mnt, mproc)
         wproc, synced, t = start_workload(mnt, seed)
         cleanup.callback(stop_workload, wproc, t)
+        wait_first_fsync(wproc, synced)
         time.sleep(rng.uniform(0.5, 3.0))
         mproc.send_signal(signal.SIGKILL)
         mproc.wait(10)
@@ -191,6 +204,7 @@ def crash_daemon_failover(seed: int, tmp_path) -> None:
         wait_mounted(amnt, mproc)
         wproc, synced, t = start_workload(amnt, seed)
         cleanup.callback(stop_workload, wproc, t)
+        wait_first_fsync(wproc, synced)
         time.sleep(rng.uniform(0.8, 3.0))
         a.kill9()                           # the node daemon dies under the mount
         stop_workload(wproc, t)
