@@ -751,18 +751,25 @@ class Filesystem:
         op = _current_op.get()
         if op is None or op.fs is not self:
             return self.alloc.free_clusters() >= n
-        if self.clustered and ("bitmap", 0) not in op.held and self._avail() < n:
-            # The window is short: the global bitmap's lock, taken at a
-            # consistent point of the operation and before it joins the
-            # transaction again (it is the last lock in the order).
-            if op.active:
+        while True:
+            if self.clustered and ("bitmap", 0) not in op.held and self._avail() < n:
+                # The window is short: the global bitmap's lock, taken at a
+                # consistent point of the operation and before it joins the
+                # transaction again (it is the last lock in the order).
+                if op.active:
+                    await self._commit()
+                await self._take(("bitmap", 0), EX, "bitmap")
+            if not op.active:
+                await self._join(op)
+            if self._avail() < n and self.alloc.pending:
                 await self._commit()
-            await self._take(("bitmap", 0), EX, "bitmap")
-        if not op.active:
-            await self._join(op)
-        if self._avail() < n and self.alloc.pending:
-            await self._commit()
-            await self._join(op)
+                await self._join(op)
+            if self._avail() >= n or not self.clustered or ("bitmap", 0) in op.held:
+                break
+            # Joining (or committing) waited, and other operations of this
+            # node took the window meanwhile: the window alone is short
+            # again, so the global bitmap's lock after all (found by the
+            # soak: ENOSPC on a volume 43 % free).
         if self._avail() < n:
             return False
         if n > op.reserved:
