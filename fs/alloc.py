@@ -83,6 +83,13 @@ class Allocator:
         # enough for the commit to apply frees (a hand-over of the lock
         # commits first, with the lock still EX).
         self.global_cached = lambda: True
+        # ``others_reserved()``: clusters other running operations have
+        # reserved and not yet allocated.  Those without the global lock
+        # counted on the window alone, so an operation holding the lock
+        # leaves the window that much (it refills first): otherwise it took
+        # their clusters, and their next allocation needed a refill they
+        # may not do.
+        self.others_reserved = lambda: 0
         self.deferred: list[tuple[int, int]] = []
         self.deferred_total = 0      # clusters that ever had to wait (tests)
         if window is None:
@@ -161,11 +168,12 @@ class Allocator:
         la.bitmap = bytearray()
         self.cache.mark(la.blkno, la)
 
-    def _refill(self) -> None:
+    def _refill(self, at_least: int = 0) -> None:
         if not self.global_locked(True):
             raise OSError(errno.EIO, "window refill without the global bitmap lock")
         self.release_window()
-        start, n = self._find_global_run(self.window)
+        size = min(max(self.window, at_least), F.local_window_max(self.sb.block_size))
+        start, n = self._find_global_run(size)
         if n == 0:
             raise OSError(errno.ENOSPC, "no free clusters")
         self._mark_global(start, n, True)
@@ -178,8 +186,13 @@ class Allocator:
     def alloc(self, want: int, goal: int | None = None) -> tuple[int, int]:
         """Allocate up to ``want`` contiguous clusters, preferring ``goal``."""
         la = self.local
-        if self.window_free() == 0:
+        free = self.window_free()
+        if free == 0:
             self._refill()
+        elif self.global_locked(True):
+            keep = self.others_reserved()
+            if keep and free - min(want, free) < keep:
+                self._refill(keep + want)
         if goal is not None and la.start <= goal < la.start + la.length and not la.test(goal - la.start):
             first = goal - la.start
         else:

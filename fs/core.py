@@ -256,6 +256,7 @@ class Filesystem:
         # its lock, the journal lock held for the mount's life.
         self.clustered = bool(getattr(locks, "clustered", False))
         self.alloc.global_locked = self._global_locked
+        self.alloc.others_reserved = self._others_reserved
         if self.clustered:
             self.alloc.global_cached = lambda: self.locks.cached_ex(("bitmap", 0))
         self._life = AsyncExitStack()
@@ -689,6 +690,13 @@ class Filesystem:
         if not op.active:
             op.active = True
             self._active += 1
+
+    def _others_reserved(self) -> int:
+        if not self.clustered:
+            return 0            # a single node refills its window whenever it must
+        op = _current_op.get()
+        mine = op.reserved if op is not None and op.fs is self else 0
+        return self.alloc.reserved - mine
 
     def _on_alloc(self, n: int) -> None:
         op = _current_op.get()
