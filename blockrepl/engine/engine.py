@@ -1278,9 +1278,13 @@ class Engine:
         if offset < 0 or length < 0:
             raise IOFailure(errno.EINVAL, "negative offset or length")
         length = max(0, min(length, self.size - offset))
-        if disk is not None and self._joined_unmerged:
+        if disk is not None and (self._joined_unmerged or (
+                disk.full_if_target and self.dstate is not DiskState.UpToDate)):
             # (joined under the live connection: until the peer's bitmap is
-            # merged, this one does not say which blocks are stale)
+            # merged, this one does not say which blocks are stale; a disk
+            # that failed under this node and waits for its full resync:
+            # none of its blocks is known good -- its bitmap says nothing
+            # until the SyncStart marks it all)
             return (yield from self._remote_read(offset, length))
         if disk is not None and self.dstate is DiskState.Inconsistent:
             first, count = blocks_of(offset, length)
