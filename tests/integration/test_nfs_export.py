@@ -365,9 +365,12 @@ def test_client_keeps_its_handles_across_remount_and_failover(tmp_path, rpcbind)
         recovered = logged_at(a.log(), "recovered the slot(s) 1 of dead node 1")
         assert recovered <= started_at(sa) + 0.02, "Ganesha started before the recovery"
         waited = "waiting before the NFS server starts" in out
-        # (the command asks replfsd within 0.1 s of its launch; the stack
-        # declares beta dead 1.3 s after the death, and recovers it then)
-        assert waited or recovered < launched + 1.0, out
+        # (the command asks replfsd within 0.1 s of its launch on a quiet
+        # machine -- over a second when make test's shards load both
+        # cores; the stack declares beta dead 1.3 s after the death, and
+        # recovers it then: without a wait, the recovery came first.  The
+        # order itself is the assertion above.)
+        assert waited or recovered < launched + 5.0, out
         first = None
         while first is None:
             try:

@@ -10,13 +10,17 @@ import sys
 
 import pytest
 
+from tests import soak
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def collect(*argv) -> tuple[int, list[str], str]:
+    env = dict(os.environ)
+    env.pop(soak.ENV, None)         # (make test runs in soak smoke mode: not inherited)
     cp = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                          "--collect-only", *argv], cwd=REPO, capture_output=True, text=True,
-                        timeout=120)
+                        timeout=120, env=env)
     ids = [line for line in cp.stdout.splitlines() if "::" in line]
     return cp.returncode, ids, cp.stdout + cp.stderr
 
