@@ -178,19 +178,27 @@ def bench_tls(root: str, args) -> dict:
             pairs[name] = _up_pair(os.path.join(root, f"tls-{name}"), args, tls=on,
                                    size_mib=size)
         assert pairs["C+TLS"].alpha.status()["tls"], "the TLS pair is not using TLS"
-        runs: dict[str, list[dict]] = {"C": [], "C+TLS": []}
-        for _ in range(args.tls_rounds):
-            for name, pair in pairs.items():
-                runs[name].append(trio.run(bench_daemon, pair.alpha.rundir, small))
+        return _in_turns(pairs, args.tls_rounds, small)
     finally:
         for pair in pairs.values():
             pair.teardown()
+
+
+def _in_turns(pairs: dict[str, LocalPair], rounds: int, small) -> dict:
+    """The daemon-API workloads on each pair in turn, ``rounds`` times;
+    per pair the medians of the rows the sections show, and every round."""
+    runs: dict[str, list[dict]] = {name: [] for name in pairs}
+    for _ in range(rounds):
+        for name, pair in pairs.items():
+            runs[name].append(trio.run(bench_daemon, pair.alpha.rundir, small))
     out = {}
     for name, rs in runs.items():
         out[name] = {"seq_write_MBps": _median([r["seq_write_MBps"] for r in rs]),
                      "write4k_p50_us": _median([r["write4k_qd1"]["p50_us"] for r in rs]),
+                     "write4k_p99_us": _median([r["write4k_qd1"]["p99_us"] for r in rs]),
                      "sync4k_iops": _median([r["sync4k"]["iops"] for r in rs]),
-                     "runs": rs}
+                     "runs": [{k: v for k, v in r.items() if k != "sync4k_samples_s"}
+                              for r in rs]}
     return out
 
 
@@ -216,25 +224,13 @@ def bench_slow_peer(root: str, args) -> dict:
         # delayed only once both are in sync (the initial resync is not measured)
         for _, ctl in proxies:
             ctl.delay("both", args.slow_peer_ms)
-        runs: dict[str, list[dict]] = {"A": [], "C": []}
-        for _ in range(args.slow_peer_rounds):
-            for mode, pair in pairs.items():
-                runs[mode].append(trio.run(bench_daemon, pair.alpha.rundir, small))
+        return {"delay_ms": args.slow_peer_ms, **_in_turns(pairs, args.slow_peer_rounds, small)}
     finally:
         for pair in pairs.values():
             pair.teardown()
         for proc, _ in proxies:
             proc.kill()
             proc.wait()
-    out: dict = {"delay_ms": args.slow_peer_ms}
-    for mode, rs in runs.items():
-        out[mode] = {"seq_write_MBps": _median([r["seq_write_MBps"] for r in rs]),
-                     "write4k_p50_us": _median([r["write4k_qd1"]["p50_us"] for r in rs]),
-                     "write4k_p99_us": _median([r["write4k_qd1"]["p99_us"] for r in rs]),
-                     "sync4k_iops": _median([r["sync4k"]["iops"] for r in rs]),
-                     "runs": [{k: v for k, v in r.items() if k != "sync4k_samples_s"}
-                              for r in rs]}
-    return out
 
 
 def _report_slow_peer(rep: Report, d: dict, rounds: int) -> None:
